@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need on Debian/Ubuntu: a Vulkan loader and Mesa's lavapipe
+# (a CPU Vulkan driver, so no GPU is needed), Chromium for its SwiftShader Vulkan driver (a second
+# CPU adapter the tests also run on), and rustfmt/clippy. Skips what is already there.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+need=()
+for pkg in mesa-vulkan-drivers libvulkan1 ${WGPU_ATTENTION_EXTRA_PKGS:-}; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ "${1:-}" = "--swiftshader" ] && [ ! -e /usr/lib/chromium/vk_swiftshader_icd.json ]; then
+  need+=(chromium)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+fi

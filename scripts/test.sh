@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test suite: every test on lavapipe, then the GPU tests again on SwiftShader (Chromium's
+# Vulkan driver: subgroup size 4, no f16) so both CPU adapters are covered.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --swiftshader
+cargo build --all-targets --quiet
+echo "== tests on lavapipe"
+cargo test --all-targets -- --test-threads=2
+SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json
+if [ -e "$SWIFTSHADER" ]; then
+  echo "== GPU tests on SwiftShader"
+  VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader cargo test --test flash -- --test-threads=2
+else
+  echo "SwiftShader ICD missing at $SWIFTSHADER: install chromium" >&2
+  exit 1
+fi

@@ -1,0 +1,279 @@
+//! The one bench harness: a shape registry, GPU timing from timestamp queries (median of repeats
+//! after warm-up), and runners for the attention kernels and the baselines. Used by
+//! `cargo bench` and `wgpu-attention bench`.
+
+use crate::baseline::{encode_matmul, encode_naive_attention};
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::flash::{encode_flash_attention, AttnShape, FlashOptions, StrategyChoice};
+use crate::tensor::{DType, Tensor};
+
+/// How a time was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Clock {
+    /// GPU timestamp queries around the compute pass.
+    GpuTimestamps,
+    /// Wall clock around submit-and-wait (adapters without TIMESTAMP_QUERY).
+    WallClock,
+}
+
+/// Median and all samples, in milliseconds.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub samples_ms: Vec<f64>,
+    pub clock: Clock,
+}
+
+/// Times `record` (which records one pass, writing timestamps at the given query indices when
+/// asked) `repeats` times after `warmup` untimed runs.
+pub fn time_passes(
+    ctx: &GpuContext,
+    warmup: usize,
+    repeats: usize,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+) -> Result<Timing> {
+    let repeats = repeats.max(1);
+    for _ in 0..warmup {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        record(&mut enc, None)?;
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait()?;
+    }
+    let mut samples = Vec::with_capacity(repeats);
+    let clock = if ctx.caps.timestamps {
+        Clock::GpuTimestamps
+    } else {
+        Clock::WallClock
+    };
+    if clock == Clock::GpuTimestamps {
+        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamp resolve"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let period = ctx.queue.get_timestamp_period() as f64;
+        for _ in 0..repeats {
+            let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamp readback"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            record(&mut enc, Some((&set, 0)))?;
+            enc.resolve_query_set(&set, 0..2, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
+            ctx.queue.submit([enc.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            read.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+            ctx.wait()?;
+            rx.recv()
+                .map_err(|_| AttnError::Gpu("timestamp readback dropped".into()))?
+                .map_err(|e| AttnError::Gpu(format!("timestamp readback: {e}")))?;
+            let view = read
+                .get_mapped_range(..)
+                .map_err(|e| AttnError::Gpu(format!("timestamp mapping: {e:?}")))?;
+            let ts: &[u64] = bytemuck::cast_slice(&view);
+            samples.push(ts[1].wrapping_sub(ts[0]) as f64 * period / 1e6);
+        }
+    } else {
+        for _ in 0..repeats {
+            let start = std::time::Instant::now();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            record(&mut enc, None)?;
+            ctx.queue.submit([enc.finish()]);
+            ctx.wait()?;
+            samples.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut sorted = samples.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Timing {
+        median_ms: sorted[sorted.len() / 2],
+        samples_ms: samples,
+        clock,
+    })
+}
+
+/// One benchmark shape.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchCase {
+    pub name: String,
+    pub batch: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub causal: bool,
+    pub dtype: String,
+}
+
+impl BenchCase {
+    fn new(name: &str, (batch, l, h, d): (usize, usize, usize, usize), causal: bool) -> Self {
+        BenchCase {
+            name: name.into(),
+            batch,
+            lq: l,
+            lk: l,
+            hq: h,
+            hkv: h,
+            d,
+            causal,
+            dtype: "f32".into(),
+        }
+    }
+    pub fn shape(&self) -> AttnShape {
+        AttnShape {
+            batch: self.batch,
+            lq: self.lq,
+            lk: self.lk,
+            hq: self.hq,
+            hkv: self.hkv,
+            d: self.d,
+            dv: self.d,
+        }
+    }
+}
+
+/// The shared registry. `quick` keeps the sweep short enough for a CPU adapter.
+pub fn registry(quick: bool) -> Vec<BenchCase> {
+    let mut cases = vec![
+        BenchCase::new("L2048-D64", (1, 2048, 8, 64), false),
+        BenchCase::new("L2048-D64-causal", (1, 2048, 8, 64), true),
+        BenchCase::new("L1024-D128", (1, 1024, 8, 128), false),
+    ];
+    if !quick {
+        cases.push(BenchCase::new("L4096-D64", (1, 4096, 8, 64), false));
+        cases.push(BenchCase::new("L1024-D256", (1, 1024, 4, 256), false));
+        cases.push(BenchCase::new("L512-D512", (1, 512, 4, 512), false));
+    }
+    cases
+}
+
+/// Deterministic pseudo-random f32s in [-1, 1) (xorshift; the bench needs no rand state).
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// One measured row of a sweep.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchRow {
+    pub case: BenchCase,
+    pub kernel: String,
+    pub gpu_ms: f64,
+    pub gflops: f64,
+    pub clock: Clock,
+}
+
+/// Times flash attention (with the given strategy) on a case.
+pub fn bench_flash(
+    ctx: &GpuContext,
+    case: &BenchCase,
+    strategy: StrategyChoice,
+    warmup: usize,
+    repeats: usize,
+) -> Result<BenchRow> {
+    let s = case.shape();
+    let q = Tensor::from_f32(
+        ctx,
+        &pseudo_random(s.batch * s.lq * s.hq * s.d, 1),
+        &[s.batch, s.lq, s.hq, s.d],
+    )?;
+    let k = Tensor::from_f32(
+        ctx,
+        &pseudo_random(s.batch * s.lk * s.hkv * s.d, 2),
+        &[s.batch, s.lk, s.hkv, s.d],
+    )?;
+    let v = Tensor::from_f32(
+        ctx,
+        &pseudo_random(s.batch * s.lk * s.hkv * s.dv, 3),
+        &[s.batch, s.lk, s.hkv, s.dv],
+    )?;
+    let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], DType::F32, 0.0)?;
+    let opts = FlashOptions {
+        causal: case.causal,
+        strategy,
+        ..Default::default()
+    };
+    let mut label = String::new();
+    let t = time_passes(ctx, warmup, repeats, |enc, ts| {
+        let plan = encode_flash_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
+        label = format!("flash-{:?}", plan.key.strategy).to_lowercase();
+        Ok(())
+    })?;
+    Ok(row(case, label, &t, s.flops(case.causal)))
+}
+
+/// Times the naive attention baseline on a case.
+pub fn bench_naive(
+    ctx: &GpuContext,
+    case: &BenchCase,
+    warmup: usize,
+    repeats: usize,
+) -> Result<BenchRow> {
+    let s = case.shape();
+    let buf = |n: usize, seed| Tensor::from_f32(ctx, &pseudo_random(n, seed), &[n]);
+    let q = buf(s.batch * s.lq * s.hq * s.d, 1)?;
+    let k = buf(s.batch * s.lk * s.hkv * s.d, 2)?;
+    let v = buf(s.batch * s.lk * s.hkv * s.dv, 3)?;
+    let o = buf(s.batch * s.lq * s.hq * s.dv, 4)?;
+    let t = time_passes(ctx, warmup, repeats, |enc, ts| {
+        encode_naive_attention(
+            ctx,
+            enc,
+            &s,
+            case.causal,
+            q.buffer(),
+            k.buffer(),
+            v.buffer(),
+            o.buffer(),
+            ts,
+        )
+    })?;
+    Ok(row(case, "naive".into(), &t, s.flops(case.causal)))
+}
+
+/// Times the f32 matmul baseline at `n x n x n`.
+pub fn bench_matmul(ctx: &GpuContext, n: u32, warmup: usize, repeats: usize) -> Result<BenchRow> {
+    let len = (n * n) as usize;
+    let a = Tensor::from_f32(ctx, &pseudo_random(len, 5), &[len])?;
+    let b = Tensor::from_f32(ctx, &pseudo_random(len, 6), &[len])?;
+    let c = Tensor::from_f32(ctx, &vec![0.0; len], &[len])?;
+    let t = time_passes(ctx, warmup, repeats, |enc, ts| {
+        encode_matmul(ctx, enc, (n, n, n), a.buffer(), b.buffer(), c.buffer(), ts)
+    })?;
+    let case = BenchCase::new(
+        &format!("matmul-{n}"),
+        (1, n as usize, 1, n as usize),
+        false,
+    );
+    Ok(row(&case, "matmul".into(), &t, 2.0 * (n as f64).powi(3)))
+}
+
+fn row(case: &BenchCase, kernel: String, t: &Timing, flops: f64) -> BenchRow {
+    BenchRow {
+        case: case.clone(),
+        kernel,
+        gpu_ms: t.median_ms,
+        gflops: flops / (t.median_ms * 1e6),
+        clock: t.clock,
+    }
+}

@@ -1,0 +1,191 @@
+//! The GPU context: an adapter's device and queue, what it offers, and the pipeline cache.
+//!
+//! Open one with [`GpuContext::new`] (default adapter) or wrap a device you already own with
+//! [`GpuContext::from_device`]: every kernel then runs on your buffers, zero-copy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{AttnError, Result};
+
+/// What the device can do, as far as the kernels care.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    /// Smallest and largest subgroup size the adapter reports (0 when unknown).
+    pub subgroup_min: u32,
+    pub subgroup_max: u32,
+    /// A CPU adapter (lavapipe, SwiftShader, WARP): workgroup memory gains nothing there.
+    pub cpu: bool,
+    /// Mesa llvmpipe/lavapipe silently stops any loop after 65535 iterations per invocation
+    /// (counted over all its runs): plans must stay under this where it is `Some`.
+    pub loop_limit: Option<u64>,
+}
+
+/// A device, its queue, its limits and features, and the cache of built pipelines.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub caps: Capabilities,
+    pub(crate) pipelines: Mutex<HashMap<crate::pipeline::PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Stand-ins for optional bindings: one read-only, one read-write (a buffer may not be both
+    /// in one dispatch).
+    pub(crate) dummy: wgpu::Buffer,
+    pub(crate) dummy_rw: wgpu::Buffer,
+}
+
+/// Environment variable: a case-insensitive substring of the adapter name to pick
+/// (`WGPU_BACKEND=vulkan` picks the backend, as in wgpu).
+pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
+
+impl GpuContext {
+    /// Opens the default adapter (or the one named by `WGPU_ATTENTION_ADAPTER`), asking for
+    /// SHADER_F16, SUBGROUP and TIMESTAMP_QUERY where offered and for the adapter's own limits.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// Async form of [`GpuContext::new`] (the only one usable in a browser).
+    pub async fn new_async() -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+        let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
+        let adapter = match wanted {
+            Some(name) => {
+                let all = instance.enumerate_adapters(wgpu::Backends::all()).await;
+                let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+                all.into_iter()
+                    .find(|a| {
+                        a.get_info()
+                            .name
+                            .to_lowercase()
+                            .contains(&name.to_lowercase())
+                    })
+                    .ok_or_else(|| {
+                        AttnError::NoAdapter(format!(
+                            "{ADAPTER_ENV}={name} matches none of {names:?}"
+                        ))
+                    })?
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    // we want the adapter's real limits, not a bucketed subset
+                    apply_limit_buckets: false,
+                })
+                .await
+                .map_err(|e| {
+                    AttnError::NoAdapter(format!(
+                        "{e} (install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers`)"
+                    ))
+                })?,
+        };
+        let info = adapter.get_info();
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-attention"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| AttnError::RequestDevice {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::from_device(device, queue, info))
+    }
+
+    /// Wraps a device the caller already owns. Features and limits are read from the device.
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_info: wgpu::AdapterInfo,
+    ) -> Self {
+        let features = device.features();
+        let limits = device.limits();
+        let driver = format!("{} {}", adapter_info.driver, adapter_info.name).to_lowercase();
+        let cpu = adapter_info.device_type == wgpu::DeviceType::Cpu;
+        let caps = Capabilities {
+            f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            subgroup_min: adapter_info.subgroup_min_size,
+            subgroup_max: adapter_info.subgroup_max_size,
+            cpu,
+            loop_limit: if driver.contains("llvmpipe") || driver.contains("lavapipe") {
+                Some(65_535)
+            } else {
+                None
+            },
+        };
+        let dummy_buffer = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let dummy = dummy_buffer("wgpu-attention unused read binding");
+        let dummy_rw = dummy_buffer("wgpu-attention unused write binding");
+        GpuContext {
+            device,
+            queue,
+            adapter_info,
+            limits,
+            caps,
+            pipelines: Mutex::new(HashMap::new()),
+            dummy,
+            dummy_rw,
+        }
+    }
+
+    /// One line naming the adapter and backend.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            self.adapter_info.name,
+            self.adapter_info.backend,
+            self.adapter_info.device_type,
+            self.adapter_info.driver,
+            self.adapter_info.driver_info
+        )
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map(|_| ())
+            .map_err(|e| AttnError::Gpu(e.to_string()))
+    }
+
+    /// Fails with a typed error when `bytes` exceeds the storage binding or buffer size limits.
+    pub(crate) fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let limit = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        if bytes > limit {
+            return Err(AttnError::Limit {
+                what: format!("{what} binding ({bytes} bytes)"),
+                needed: bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+}

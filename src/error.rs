@@ -1,0 +1,92 @@
+//! One error type for everything a caller or a device can get wrong.
+
+/// Every failure the public API can report. Each variant says what was expected and what came.
+#[derive(Debug, thiserror::Error)]
+pub enum AttnError {
+    /// No adapter matched (none at all, or none matching `WGPU_ATTENTION_ADAPTER`).
+    #[error("no GPU adapter found: {0}")]
+    NoAdapter(String),
+    /// The adapter refused to open a device.
+    #[error("could not open a device on adapter '{adapter}': {reason}")]
+    RequestDevice { adapter: String, reason: String },
+    /// A tensor had the wrong shape.
+    #[error("shape mismatch for {what}: expected {expected}, got {actual}")]
+    Shape {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// A tensor had the wrong element type.
+    #[error("dtype mismatch for {what}: expected {expected}, got {actual}")]
+    DType {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// A head dimension that no kernel is built for.
+    #[error("unsupported head dim {what} = {got}: supported are 1..={max}")]
+    HeadDim {
+        what: &'static str,
+        got: usize,
+        max: usize,
+    },
+    /// The adapter lacks a feature this call needs.
+    #[error("feature {feature} is not available on adapter '{adapter}' (needed for {needed_for})")]
+    MissingFeature {
+        feature: &'static str,
+        adapter: String,
+        needed_for: String,
+    },
+    /// A size is over one of the adapter's limits.
+    #[error("adapter limit exceeded: {what} needs {needed}, the adapter allows {limit}")]
+    Limit {
+        what: String,
+        needed: u64,
+        limit: u64,
+    },
+    /// An option or argument with a value outside what it accepts.
+    #[error("invalid argument {what}: expected {expected}, got {actual}")]
+    Invalid {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// A generated shader that the device (or naga) rejected: a bug in this crate, reported with
+    /// the specialization that failed.
+    #[error("shader '{name}' failed to build: {message}")]
+    Shader { name: String, message: String },
+    /// The device reported an error (lost device, mapping failure, out of memory).
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// A file could not be read or written (CLI, .npy input).
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+}
+
+impl AttnError {
+    pub(crate) fn invalid(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        actual: impl std::fmt::Display,
+    ) -> Self {
+        AttnError::Invalid {
+            what: what.into(),
+            expected: expected.into(),
+            actual: actual.to_string(),
+        }
+    }
+
+    pub(crate) fn shape(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        actual: impl std::fmt::Debug,
+    ) -> Self {
+        AttnError::Shape {
+            what: what.into(),
+            expected: expected.into(),
+            actual: format!("{actual:?}"),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AttnError>;

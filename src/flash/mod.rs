@@ -1,0 +1,645 @@
+//! Tiled attention: the FlashAttention-2 forward pass.
+//!
+//! Layout `[batch, seq, heads, dim]`: Q `[B, Lq, Hq, D]`, K `[B, Lk, Hkv, D]`, V `[B, Lk, Hkv, Dv]`,
+//! O `[B, Lq, Hq, Dv]`, LSE `[B, Hq, Lq]` (f32, natural log). Any strides with a contiguous dim
+//! axis. `Hq` must be a multiple of `Hkv` (GQA/MQA).
+//!
+//! Semantics follow FlashAttention: causal masks are bottom-right aligned (query `i` sees key `j`
+//! iff `j <= i + Lk - Lq`), per-batch lengths align at each sequence's own lengths, a row that sees
+//! no key gives O = 0 and LSE = -inf.
+
+pub mod reference;
+pub mod shader;
+
+use wgpu::util::DeviceExt;
+
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::pipeline::PipelineKey;
+use crate::tensor::{DType, Tensor};
+use shader::{flags, FlashKey, FlashParams, Strategy};
+
+/// Head-dim buckets: D is rounded up to one of these and padded lanes read as zero.
+pub const HEAD_DIM_BUCKETS: [u32; 13] = [16, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512];
+/// The largest D or Dv the kernels are built for.
+pub const MAX_HEAD_DIM: usize = 512;
+/// Workgroup memory the tiled strategy plans for: the WebGPU default limit, so every adapter fits.
+pub const TILE_BUDGET_BYTES: u32 = 16 * 1024;
+
+/// Which strategy to use: chosen from the adapter unless forced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StrategyChoice {
+    /// Subgroup shuffles on CPU adapters that have subgroups; workgroup-memory tiles elsewhere.
+    #[default]
+    Auto,
+    Force(Strategy),
+}
+
+/// Optional knobs of a flash attention call. `Default` is plain softmax attention.
+#[derive(Clone, Debug, Default)]
+pub struct FlashOptions {
+    /// Bottom-right aligned causal mask.
+    pub causal: bool,
+    /// Softmax scale; `None` is `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Tanh softcap `c`: `s = c * tanh(s / c)` after scaling. Must be > 0.
+    pub softcap: Option<f32>,
+    /// ALiBi slopes, one per query head: adds `-slope * |i + Lk - Lq - j|`.
+    pub alibi_slopes: Option<Vec<f32>>,
+    /// Additive f32 bias `[B|1, Hq|1, Lq, Lk]` (size-1 axes broadcast); `-inf` masks.
+    pub bias: Option<Tensor>,
+    /// Valid query rows per batch (`<= Lq`); rows past it are written as 0.
+    pub q_lens: Option<Vec<u32>>,
+    /// Valid keys per batch (`<= Lk`).
+    pub kv_lens: Option<Vec<u32>>,
+    /// Sliding window `(left, right)`: query i sees key j iff
+    /// `i + Lk - Lq - left <= j <= i + Lk - Lq + right`; `None` on a side is unbounded.
+    pub window: (Option<u32>, Option<u32>),
+    /// The first `sinks` keys stay visible to every query, whatever the window (not past causality).
+    pub sinks: u32,
+    /// Also return the log-sum-exp `[B, Hq, Lq]`.
+    pub return_lse: bool,
+    pub strategy: StrategyChoice,
+}
+
+/// Problem sizes, read off the tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+impl AttnShape {
+    /// FLOPs of the dense problem: `4 * B * Hq * Lq * Lk * D` (for D = Dv; QK^T and PV).
+    pub fn flops(&self, causal: bool) -> f64 {
+        let f = 2.0 * (self.batch * self.hq * self.lq * self.lk) as f64 * (self.d + self.dv) as f64;
+        if causal {
+            f / 2.0
+        } else {
+            f
+        }
+    }
+}
+
+/// What a flash call returns: O and, when asked for, LSE.
+pub struct AttentionOutput {
+    pub out: Tensor,
+    pub lse: Option<Tensor>,
+}
+
+/// The decisions for one call: kernel specialization and grid.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashPlan {
+    pub key: FlashKey,
+    pub grid: [u32; 3],
+}
+
+/// The head-dim bucket for `d`, or `None` when `d` is 0 or over [`MAX_HEAD_DIM`].
+pub fn head_dim_bucket(d: usize) -> Option<u32> {
+    HEAD_DIM_BUCKETS
+        .iter()
+        .copied()
+        .find(|&b| d >= 1 && d <= b as usize)
+}
+
+/// The kernel specialization the plan picks for a strategy, dtype, head-dim buckets and (for the
+/// subgroup strategy) the adapter's subgroup size range. The only producer of `FlashKey`s.
+pub fn flash_key(
+    strategy: Strategy,
+    dtype: DType,
+    d_bucket: u32,
+    dv_bucket: u32,
+    subgroup: (u32, u32),
+) -> FlashKey {
+    let (d4, dv4) = (d_bucket / 4, dv_bucket / 4);
+    // Rows per invocation: more rows, fewer loads per FMA, more registers.
+    let rows = match d4 + dv4 {
+        0..=32 => 4,
+        33..=64 => 2,
+        _ => 1,
+    };
+    match strategy {
+        Strategy::Tiled => {
+            let fit = TILE_BUDGET_BYTES / (16 * (d4 + dv4));
+            let block = 1u32 << (31 - fit.min(32).leading_zeros());
+            FlashKey {
+                strategy,
+                dtype,
+                d4,
+                dv4,
+                rows,
+                block,
+                group: block.min(8),
+                wg: 64,
+            }
+        }
+        Strategy::Subgroup => {
+            let (min, max) = subgroup;
+            FlashKey {
+                strategy,
+                dtype,
+                d4,
+                dv4,
+                rows,
+                block: 0,
+                // the group must divide every subgroup size the adapter may pick
+                group: min.clamp(4, 8),
+                // a workgroup must fill whole subgroups of the largest size
+                wg: if max > 64 { 128 } else { 64 },
+            }
+        }
+    }
+}
+
+/// Every flash specialization the host can build, on any adapter (for naga tests).
+pub fn all_flash_keys() -> Vec<FlashKey> {
+    let sizes = [4u32, 8, 16, 32, 64, 128];
+    let mut sg_ranges = Vec::new();
+    for &lo in &sizes {
+        for &hi in sizes.iter().filter(|&&h| h >= lo) {
+            sg_ranges.push((lo, hi));
+        }
+    }
+    let mut keys = Vec::new();
+    for dtype in [DType::F32, DType::F16] {
+        for &d in &HEAD_DIM_BUCKETS {
+            for &dv in &HEAD_DIM_BUCKETS {
+                keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0)));
+                for &r in &sg_ranges {
+                    keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r));
+                }
+            }
+        }
+    }
+    keys.sort_by_key(|k| k.label());
+    keys.dedup();
+    keys
+}
+
+/// Picks the strategy and specialization for this adapter and problem.
+pub fn plan(
+    ctx: &GpuContext,
+    shape: &AttnShape,
+    dtype: DType,
+    choice: StrategyChoice,
+) -> Result<FlashPlan> {
+    let d_bucket = head_dim_bucket(shape.d).ok_or(AttnError::HeadDim {
+        what: "D (q/k head dim)",
+        got: shape.d,
+        max: MAX_HEAD_DIM,
+    })?;
+    let dv_bucket = head_dim_bucket(shape.dv).ok_or(AttnError::HeadDim {
+        what: "Dv (v head dim)",
+        got: shape.dv,
+        max: MAX_HEAD_DIM,
+    })?;
+    let caps = &ctx.caps;
+    let sg_ok = caps.subgroups
+        && caps.subgroup_min >= 4
+        && caps.subgroup_max <= 128
+        && caps.subgroup_min <= caps.subgroup_max;
+    let strategy = match choice {
+        StrategyChoice::Auto if caps.cpu && sg_ok => Strategy::Subgroup,
+        StrategyChoice::Auto => Strategy::Tiled,
+        StrategyChoice::Force(Strategy::Subgroup) if !sg_ok => {
+            return Err(AttnError::MissingFeature {
+                feature: "SUBGROUP (with subgroup sizes 4..=128)",
+                adapter: ctx.adapter_info.name.clone(),
+                needed_for: "the subgroup strategy".into(),
+            })
+        }
+        StrategyChoice::Force(s) => s,
+    };
+    let key = flash_key(
+        strategy,
+        dtype,
+        d_bucket,
+        dv_bucket,
+        (caps.subgroup_min, caps.subgroup_max),
+    );
+    if let Some(limit) = caps.loop_limit {
+        // Trip count of the key loops in one invocation (everything else is unrolled).
+        let (block, group) = match strategy {
+            Strategy::Tiled => (key.block as u64, key.group as u64),
+            Strategy::Subgroup => (caps.subgroup_min as u64, key.group as u64),
+        };
+        let blocks = (shape.lk as u64).div_ceil(block);
+        let trips = blocks * (1 + block / group);
+        if trips > limit - 64 {
+            return Err(AttnError::Limit {
+                what: format!(
+                    "loop iterations per invocation for Lk = {} ({} driver stops loops silently)",
+                    shape.lk, ctx.adapter_info.driver
+                ),
+                needed: trips,
+                limit: limit - 64,
+            });
+        }
+    }
+    let grid = [
+        (shape.lq as u32).div_ceil(key.rows_per_workgroup()),
+        shape.hq as u32,
+        shape.batch as u32,
+    ];
+    let max = ctx.limits.max_compute_workgroups_per_dimension;
+    if let Some(&g) = grid.iter().find(|&&g| g > max) {
+        return Err(AttnError::Limit {
+            what: "workgroups per dispatch dimension".into(),
+            needed: g as u64,
+            limit: max as u64,
+        });
+    }
+    Ok(FlashPlan { key, grid })
+}
+
+fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
+    t.shape()
+        .try_into()
+        .map_err(|_| AttnError::shape(what, "rank 4 [batch, seq, heads, dim]", t.shape()))
+}
+
+fn strides_u32(t: &Tensor) -> Result<[u32; 4]> {
+    let s = t.strides();
+    let conv = |x: usize| {
+        u32::try_from(x).map_err(|_| AttnError::Limit {
+            what: "tensor stride".into(),
+            needed: x as u64,
+            limit: u32::MAX as u64,
+        })
+    };
+    Ok([conv(t.offset())?, conv(s[0])?, conv(s[1])?, conv(s[2])?])
+}
+
+/// Checks shapes and dtypes and returns the problem sizes.
+pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnShape> {
+    let [b, lq, hq, d] = dims4(q, "q")?;
+    let [bk, lk, hkv, dk] = dims4(k, "k")?;
+    let [bv, lv, hv, dv] = dims4(v, "v")?;
+    if (bk, dk) != (b, d) {
+        return Err(AttnError::shape(
+            "k",
+            format!("[{b}, Lk, Hkv, {d}] (batch and head dim of q)"),
+            k.shape(),
+        ));
+    }
+    if (bv, lv, hv) != (b, lk, hkv) {
+        return Err(AttnError::shape(
+            "v",
+            format!("[{b}, {lk}, {hkv}, Dv] (batch, length and heads of k)"),
+            v.shape(),
+        ));
+    }
+    if [b, lq, hq, lk, hkv].contains(&0) {
+        return Err(AttnError::shape(
+            "q/k",
+            "non-zero batch, lengths and heads",
+            (q.shape(), k.shape()),
+        ));
+    }
+    if hq % hkv != 0 {
+        return Err(AttnError::invalid(
+            "heads",
+            format!("Hq a multiple of Hkv = {hkv}"),
+            format!("Hq = {hq}"),
+        ));
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Err(AttnError::DType {
+            what: "q, k, v".into(),
+            expected: format!("one dtype ({} as q)", q.dtype()),
+            actual: format!("q {}, k {}, v {}", q.dtype(), k.dtype(), v.dtype()),
+        });
+    }
+    Ok(AttnShape {
+        batch: b,
+        lq,
+        lk,
+        hq,
+        hkv,
+        d,
+        dv,
+    })
+}
+
+fn check_lens(lens: &Option<Vec<u32>>, what: &str, batch: usize, max: usize) -> Result<()> {
+    if let Some(l) = lens {
+        if l.len() != batch {
+            return Err(AttnError::shape(
+                what,
+                format!("[{batch}] (one per batch)"),
+                [l.len()],
+            ));
+        }
+        if let Some(&bad) = l.iter().find(|&&x| x as usize > max) {
+            return Err(AttnError::invalid(what, format!("lengths <= {max}"), bad));
+        }
+    }
+    Ok(())
+}
+
+/// Everything a dispatch needs, checked.
+struct Prepared {
+    plan: FlashPlan,
+    bind_group: wgpu::BindGroup,
+    pipeline: std::sync::Arc<wgpu::ComputePipeline>,
+}
+
+fn storage<'a>(binding: u32, buf: &'a wgpu::Buffer) -> wgpu::BindGroupEntry<'a> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: buf.as_entire_binding(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &FlashOptions,
+) -> Result<Prepared> {
+    let s = check_inputs(q, k, v)?;
+    let expect_o = [s.batch, s.lq, s.hq, s.dv];
+    if out.shape() != expect_o {
+        return Err(AttnError::shape(
+            "out",
+            format!("{expect_o:?}"),
+            out.shape(),
+        ));
+    }
+    if out.dtype() != q.dtype() {
+        return Err(AttnError::DType {
+            what: "out".into(),
+            expected: q.dtype().to_string(),
+            actual: out.dtype().to_string(),
+        });
+    }
+    if q.dtype() == DType::F16 && !ctx.caps.f16 {
+        return Err(AttnError::MissingFeature {
+            feature: "SHADER_F16",
+            adapter: ctx.adapter_info.name.clone(),
+            needed_for: "f16 attention".into(),
+        });
+    }
+    let mut fl = 0;
+    if let Some(l) = lse {
+        let expect = [s.batch, s.hq, s.lq];
+        if l.shape() != expect || l.dtype() != DType::F32 {
+            return Err(AttnError::shape(
+                "lse",
+                format!("{expect:?} f32"),
+                (l.shape(), l.dtype()),
+            ));
+        }
+        if l.offset() != 0 || l.strides() != [s.hq * s.lq, s.lq, 1] {
+            return Err(AttnError::invalid(
+                "lse",
+                "a contiguous tensor",
+                format!("strides {:?}", l.strides()),
+            ));
+        }
+        fl |= flags::LSE;
+    }
+    let scale = opts.scale.unwrap_or(1.0 / (s.d as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(AttnError::invalid("scale", "a finite number", scale));
+    }
+    if opts.causal {
+        fl |= flags::CAUSAL;
+    }
+    if let Some(c) = opts.softcap {
+        if !(c > 0.0 && c.is_finite()) {
+            return Err(AttnError::invalid("softcap", "a finite value > 0", c));
+        }
+        fl |= flags::SOFTCAP;
+    }
+    if let Some(a) = &opts.alibi_slopes {
+        if a.len() != s.hq {
+            return Err(AttnError::shape(
+                "alibi_slopes",
+                format!("[{}] (one per query head)", s.hq),
+                [a.len()],
+            ));
+        }
+        fl |= flags::ALIBI;
+    }
+    check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
+    check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
+    if opts.q_lens.is_some() {
+        fl |= flags::Q_LENS;
+    }
+    if opts.kv_lens.is_some() {
+        fl |= flags::KV_LENS;
+    }
+    let (wl, wr) = opts.window;
+    let to_i32 = |x: u32, what: &str| {
+        i32::try_from(x).map_err(|_| AttnError::invalid(what, "<= i32::MAX", x))
+    };
+    let win_left = match wl {
+        Some(x) => {
+            fl |= flags::WINDOW_LEFT;
+            to_i32(x, "window left")?
+        }
+        None => 0,
+    };
+    let win_right = match wr {
+        Some(x) => {
+            fl |= flags::WINDOW_RIGHT;
+            to_i32(x, "window right")?
+        }
+        None => 0,
+    };
+    if opts.sinks > 0 && (wl.is_some() || wr.is_some()) {
+        // sinks outside the window range need a second key range: not yet planned
+        return Err(AttnError::invalid(
+            "sinks",
+            "0 (attention sinks are not implemented yet)",
+            opts.sinks,
+        ));
+    }
+    let mut bias_strides = [0u32; 4];
+    if let Some(bias) = &opts.bias {
+        let sh = bias.shape();
+        let ok = sh.len() == 4
+            && (sh[0] == s.batch || sh[0] == 1)
+            && (sh[1] == s.hq || sh[1] == 1)
+            && sh[2] == s.lq
+            && sh[3] == s.lk;
+        if !ok || bias.dtype() != DType::F32 {
+            return Err(AttnError::shape(
+                "bias",
+                format!("[{}|1, {}|1, {}, {}] f32", s.batch, s.hq, s.lq, s.lk),
+                (sh, bias.dtype()),
+            ));
+        }
+        let st = strides_u32(bias)?;
+        let bcast = |n: usize, st: u32| if n == 1 { 0 } else { st };
+        bias_strides = [st[0], bcast(sh[0], st[1]), bcast(sh[1], st[2]), st[3]];
+        ctx.check_binding("bias", bias.buffer().size())?;
+        fl |= flags::BIAS;
+    }
+    for (t, what) in [(q, "q"), (k, "k"), (v, "v"), (out, "out")] {
+        ctx.check_binding(what, t.buffer().size())?;
+    }
+
+    let plan = plan(ctx, &s, q.dtype(), opts.strategy)?;
+    let params = FlashParams {
+        batch: s.batch as u32,
+        hq: s.hq as u32,
+        hkv: s.hkv as u32,
+        lq: s.lq as u32,
+        lk: s.lk as u32,
+        d: s.d as u32,
+        dv: s.dv as u32,
+        flags: fl,
+        q: strides_u32(q)?,
+        k: strides_u32(k)?,
+        v: strides_u32(v)?,
+        o: strides_u32(out)?,
+        bias: bias_strides,
+        scale,
+        softcap: opts.softcap.unwrap_or(1.0),
+        win_left,
+        win_right,
+        kv_start: 0,
+        kv_end: s.lk as u32,
+        sinks: opts.sinks,
+        _pad: 0,
+    };
+    let pipeline = ctx.pipeline(PipelineKey::Flash(plan.key))?;
+    let dev = &ctx.device;
+    let init = |label: &str, contents: &[u8], usage| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage,
+        })
+    };
+    let params_buf = init(
+        "flash params",
+        bytemuck::bytes_of(&params),
+        wgpu::BufferUsages::UNIFORM,
+    );
+    let alibi_buf = opts.alibi_slopes.as_ref().map(|a| {
+        init(
+            "alibi slopes",
+            bytemuck::cast_slice(a),
+            wgpu::BufferUsages::STORAGE,
+        )
+    });
+    let lens: Vec<u32> = match (&opts.q_lens, &opts.kv_lens) {
+        (None, None) => Vec::new(),
+        (ql, kl) => {
+            let mut v = ql.clone().unwrap_or_else(|| vec![s.lq as u32; s.batch]);
+            v.extend(kl.clone().unwrap_or_else(|| vec![s.lk as u32; s.batch]));
+            v
+        }
+    };
+    let lens_buf = (!lens.is_empty()).then(|| {
+        init(
+            "seq lens",
+            bytemuck::cast_slice(&lens),
+            wgpu::BufferUsages::STORAGE,
+        )
+    });
+    let dummy = &ctx.dummy;
+    let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("flash bind group"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            storage(0, &params_buf),
+            storage(1, q.buffer()),
+            storage(2, k.buffer()),
+            storage(3, v.buffer()),
+            storage(4, out.buffer()),
+            storage(5, lse.map(|l| l.buffer()).unwrap_or(&ctx.dummy_rw)),
+            storage(6, opts.bias.as_ref().map(|b| b.buffer()).unwrap_or(dummy)),
+            storage(7, alibi_buf.as_ref().unwrap_or(dummy)),
+            storage(8, lens_buf.as_ref().unwrap_or(dummy)),
+        ],
+    });
+    Ok(Prepared {
+        plan,
+        bind_group,
+        pipeline,
+    })
+}
+
+/// Records the attention into `encoder` (for embedders that batch their own work).
+/// `timestamps` writes the pass's begin and end into a query set (see `bench`).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_flash_attention(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &FlashOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<FlashPlan> {
+    let prep = prepare(ctx, q, k, v, out, lse, opts)?;
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("flash attention"),
+        timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: Some(i),
+            end_of_pass_write_index: Some(i + 1),
+        }),
+    });
+    pass.set_pipeline(&prep.pipeline);
+    pass.set_bind_group(0, &prep.bind_group, &[]);
+    let [x, y, z] = prep.plan.grid;
+    pass.dispatch_workgroups(x, y, z);
+    drop(pass);
+    Ok(prep.plan)
+}
+
+/// Runs attention into caller-provided output tensors and submits the work.
+pub fn flash_attention_into(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &FlashOptions,
+) -> Result<FlashPlan> {
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let plan = encode_flash_attention(ctx, &mut enc, q, k, v, out, lse, opts, None)?;
+    ctx.queue.submit([enc.finish()]);
+    Ok(plan)
+}
+
+/// Runs attention and returns new O (and LSE when `opts.return_lse`).
+pub fn flash_attention(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &FlashOptions,
+) -> Result<AttentionOutput> {
+    let s = check_inputs(q, k, v)?;
+    let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), 0.0)?;
+    let lse = if opts.return_lse {
+        Some(Tensor::filled(
+            ctx,
+            &[s.batch, s.hq, s.lq],
+            DType::F32,
+            0.0,
+        )?)
+    } else {
+        None
+    };
+    flash_attention_into(ctx, q, k, v, &out, lse.as_ref(), opts)?;
+    Ok(AttentionOutput { out, lse })
+}

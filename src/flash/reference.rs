@@ -1,0 +1,124 @@
+//! Plain f64 CPU reference of [`flash_attention`](super::flash_attention): every option, no
+//! tiling, no tricks. Tests and the CLI's `--check` compare the GPU against it.
+
+use super::{AttnShape, FlashOptions};
+
+/// Host-side data for the reference. Layouts are row-major `[B, L, H, D]`; `bias` is
+/// `[bb, bh, Lq, Lk]` with `bb` in {1, B} and `bh` in {1, Hq}.
+pub struct RefInputs<'a> {
+    pub shape: AttnShape,
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub bias: Option<(&'a [f32], [usize; 2])>,
+}
+
+/// Output of the reference: O `[B, Lq, Hq, Dv]` and LSE `[B, Hq, Lq]` (natural log).
+pub struct RefOutput {
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+}
+
+/// Whether query `i` sees key `j`, given the sequence's own lengths (FlashAttention alignment).
+pub fn visible(opts: &FlashOptions, i: usize, j: usize, qlen: usize, kvlen: usize) -> bool {
+    if i >= qlen || j >= kvlen {
+        return false;
+    }
+    let diag = i as i64 + kvlen as i64 - qlen as i64;
+    let j = j as i64;
+    if opts.causal && j > diag {
+        return false;
+    }
+    let (left, right) = opts.window;
+    let in_window =
+        left.is_none_or(|l| j >= diag - l as i64) && right.is_none_or(|r| j <= diag + r as i64);
+    in_window || j < opts.sinks as i64
+}
+
+/// Attention in f64, straight from the definition. `round_p` rounds the probabilities before
+/// `P V` (identity for the reference; f16 rounding for the "plain f16" error yardstick).
+pub fn attention_reference_with(
+    inp: &RefInputs,
+    opts: &FlashOptions,
+    round_p: impl Fn(f64) -> f64,
+) -> RefOutput {
+    let s = inp.shape;
+    let scale = opts
+        .scale
+        .map(f64::from)
+        .unwrap_or(1.0 / (s.d as f64).sqrt());
+    let group = s.hq / s.hkv;
+    let mut out = vec![0.0; s.batch * s.lq * s.hq * s.dv];
+    let mut lse = vec![f64::NEG_INFINITY; s.batch * s.hq * s.lq];
+    let mut scores = vec![0.0f64; s.lk];
+    for b in 0..s.batch {
+        let qlen = opts.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize);
+        let kvlen = opts.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize);
+        for h in 0..s.hq {
+            let hk = h / group;
+            for i in 0..s.lq {
+                let qrow = &inp.q[((b * s.lq + i) * s.hq + h) * s.d..][..s.d];
+                let mut max = f64::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc = f64::NEG_INFINITY;
+                    if !visible(opts, i, j, qlen, kvlen) {
+                        continue;
+                    }
+                    let krow = &inp.k[((b * s.lk + j) * s.hkv + hk) * s.d..][..s.d];
+                    let mut x: f64 = qrow
+                        .iter()
+                        .zip(krow)
+                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .sum::<f64>()
+                        * scale;
+                    if let Some(c) = opts.softcap {
+                        let c = c as f64;
+                        x = c * (x / c).tanh();
+                    }
+                    if let Some(sl) = &opts.alibi_slopes {
+                        let dist = (i as i64 + kvlen as i64 - qlen as i64 - j as i64).abs() as f64;
+                        x -= sl[h] as f64 * dist;
+                    }
+                    if let Some((bias, [bb, bh])) = inp.bias {
+                        let bi = if bb == 1 { 0 } else { b };
+                        let hi = if bh == 1 { 0 } else { h };
+                        x += bias[((bi * bh + hi) * s.lq + i) * s.lk + j] as f64;
+                    }
+                    *sc = x;
+                    max = max.max(x);
+                }
+                if max == f64::NEG_INFINITY {
+                    continue; // no visible key: O = 0, LSE = -inf
+                }
+                let sum: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
+                lse[(b * s.hq + h) * s.lq + i] = max + sum.ln();
+                let orow = &mut out[((b * s.lq + i) * s.hq + h) * s.dv..][..s.dv];
+                for (j, &x) in scores.iter().enumerate() {
+                    if x == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let p = round_p((x - max).exp() / sum);
+                    let vrow = &inp.v[((b * s.lk + j) * s.hkv + hk) * s.dv..][..s.dv];
+                    for (o, &vv) in orow.iter_mut().zip(vrow) {
+                        *o += p * vv as f64;
+                    }
+                }
+            }
+        }
+    }
+    RefOutput { out, lse }
+}
+
+/// The f64 reference.
+pub fn attention_reference(inp: &RefInputs, opts: &FlashOptions) -> RefOutput {
+    attention_reference_with(inp, opts, |p| p)
+}
+
+/// A plain f16 implementation of the same maths: scores in f32 (as the kernel keeps them),
+/// probabilities and output rounded to f16. Its error against the f64 reference is the yardstick
+/// for the f16 kernel (FlashAttention's test rule: at most twice this, plus a small atol).
+pub fn attention_plain_f16(inp: &RefInputs, opts: &FlashOptions) -> Vec<f64> {
+    let r16 = |x: f64| half::f16::from_f64(x).to_f64();
+    let o = attention_reference_with(inp, opts, r16);
+    o.out.into_iter().map(r16).collect()
+}

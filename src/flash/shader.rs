@@ -1,0 +1,444 @@
+//! WGSL generation for the tiled FlashAttention-2 forward kernel.
+//!
+//! One generator, two strategies (see ARCHITECTURE.md, "variant policy"):
+//! - [`Strategy::Tiled`]: FlashAttention-2 tiles. A workgroup owns `WG * R` query rows; K/V tiles
+//!   of `BC` keys stream through workgroup memory. No subgroup operations: runs everywhere,
+//!   the browser included.
+//! - [`Strategy::Subgroup`]: for CPU adapters (lavapipe, SwiftShader) where workgroup memory
+//!   is plain memory and what costs is loads per FMA. Each lane loads one K row and one V row
+//!   into registers and the subgroup hands them round with `subgroupShuffle`; every lane owns `R`
+//!   query rows, so each shuffled value feeds `R` FMAs.
+//!
+//! Everything inside a key group (`U` keys x head dim) is unrolled in the generated text: Mesa's
+//! llvmpipe stops any loop after 65535 iterations per invocation, so only the key-block loops may
+//! remain loops, and the plan bounds their trip count.
+//!
+//! Maths (FlashAttention-2, base 2): for each query row, running max `m`, running sum `l`,
+//! accumulator `acc`. For a group of keys with scores `s_u` (already times log2 e):
+//! `m' = max(m, s_u)`, `c = 2^(m - m')`, `p_u = 2^(s_u - m')`, `l = c l + sum p_u`,
+//! `acc = c acc + sum p_u v_u`. At the end `O = acc / l` and `LSE = (m + log2 l) ln 2`.
+
+use crate::tensor::DType;
+use crate::wgsl::Wgsl;
+
+/// How the kernel shares K/V between invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// K/V tiles in workgroup memory (FlashAttention-2). No subgroup operations.
+    Tiled,
+    /// K/V rows in registers, handed round the subgroup with shuffles. Needs SUBGROUP.
+    Subgroup,
+}
+
+/// Everything that is text specialization for the flash kernel. Shapes, scale, masks and
+/// lengths are uniforms, not part of the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashKey {
+    pub strategy: Strategy,
+    pub dtype: DType,
+    /// Head dim bucket of Q/K, in vec4s (`D <= 4 * d4`).
+    pub d4: u32,
+    /// Head dim bucket of V/O, in vec4s.
+    pub dv4: u32,
+    /// Query rows per invocation.
+    pub rows: u32,
+    /// Keys per workgroup-memory tile (Tiled only; 0 for Subgroup, whose block is the subgroup).
+    pub block: u32,
+    /// Keys per unrolled group.
+    pub group: u32,
+    /// Invocations per workgroup.
+    pub wg: u32,
+}
+
+impl FlashKey {
+    pub fn label(&self) -> String {
+        format!(
+            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}",
+            self.strategy,
+            self.dtype,
+            self.d4 * 4,
+            self.dv4 * 4,
+            self.rows,
+            self.block,
+            self.group,
+            self.wg
+        )
+        .to_lowercase()
+    }
+
+    /// Query rows covered by one workgroup.
+    pub fn rows_per_workgroup(&self) -> u32 {
+        self.wg * self.rows
+    }
+
+    /// Bytes of workgroup memory the kernel declares.
+    pub fn workgroup_bytes(&self) -> u32 {
+        match self.strategy {
+            Strategy::Tiled => self.block * (self.d4 + self.dv4) * 16,
+            Strategy::Subgroup => 0,
+        }
+    }
+}
+
+/// Bits of `Params::flags`.
+pub mod flags {
+    pub const CAUSAL: u32 = 1;
+    pub const SOFTCAP: u32 = 2;
+    pub const ALIBI: u32 = 4;
+    pub const BIAS: u32 = 8;
+    pub const LSE: u32 = 16;
+    pub const Q_LENS: u32 = 32;
+    pub const KV_LENS: u32 = 64;
+    pub const WINDOW_LEFT: u32 = 128;
+    pub const WINDOW_RIGHT: u32 = 256;
+}
+
+/// The uniform block, mirrored field for field by `Params` in WGSL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlashParams {
+    pub batch: u32,
+    pub hq: u32,
+    pub hkv: u32,
+    pub lq: u32,
+    pub lk: u32,
+    pub d: u32,
+    pub dv: u32,
+    pub flags: u32,
+    /// Offset and strides (batch, seq, head) in elements; the dim axis is contiguous.
+    pub q: [u32; 4],
+    pub k: [u32; 4],
+    pub v: [u32; 4],
+    pub o: [u32; 4],
+    /// Bias offset and strides (batch, head, query); 0 stride broadcasts. Key axis contiguous.
+    pub bias: [u32; 4],
+    pub scale: f32,
+    pub softcap: f32,
+    pub win_left: i32,
+    pub win_right: i32,
+    /// Only keys in `[kv_start, kv_end)` are visited by this dispatch.
+    pub kv_start: u32,
+    pub kv_end: u32,
+    pub sinks: u32,
+    pub _pad: u32,
+}
+
+const PARAMS_WGSL: &str = "struct Params {
+    batch: u32, hq: u32, hkv: u32, lq: u32,
+    lk: u32, d: u32, dv: u32, flags: u32,
+    q: vec4<u32>,    // offset, batch stride, seq stride, head stride (elements)
+    k: vec4<u32>,
+    v: vec4<u32>,
+    o: vec4<u32>,
+    bias: vec4<u32>, // offset, batch stride, head stride, query stride (0 broadcasts)
+    scale: f32, softcap: f32, win_left: i32, win_right: i32,
+    kv_start: u32, kv_end: u32, sinks: u32, pad: u32,
+}
+";
+
+/// Masking and score modification shared by both strategies.
+const COMMON_WGSL: &str = "
+const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
+const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
+const LN2: f32 = 0.6931471805599453;
+const F_CAUSAL: u32 = 1u;
+const F_SOFTCAP: u32 = 2u;
+const F_ALIBI: u32 = 4u;
+const F_BIAS: u32 = 8u;
+const F_LSE: u32 = 16u;
+const F_QLENS: u32 = 32u;
+const F_KVLENS: u32 = 64u;
+const F_WLEFT: u32 = 128u;
+const F_WRIGHT: u32 = 256u;
+
+fn has(f: u32) -> bool { return (p.flags & f) != 0u; }
+
+fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+
+// tanh that stays finite for any |x| (exp of a large argument never appears).
+fn tanh_safe(x: f32) -> f32 {
+    let e = exp(-2.0 * abs(x));
+    return sign(x) * (1.0 - e) / (1.0 + e);
+}
+
+// Does query row i see key j? FlashAttention alignment: the diagonal is j = i + kvlen - qlen.
+fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
+    let diag = i32(i) + i32(kvlen) - i32(qlen);
+    let jj = i32(j);
+    var ok = i < qlen && j < kvlen && j >= p.kv_start && j < p.kv_end;
+    if (has(F_CAUSAL)) { ok = ok && jj <= diag; }
+    var in_window = true;
+    if (has(F_WLEFT)) { in_window = in_window && jj >= diag - p.win_left; }
+    if (has(F_WRIGHT)) { in_window = in_window && jj <= diag + p.win_right; }
+    // attention sinks: the first `sinks` keys bypass the window, never causality
+    return ok && (in_window || j < p.sinks);
+}
+
+// Score modifications in FlashAttention's order: scale (folded into q), softcap, ALiBi, bias.
+// Returns the score in base 2, or MASKED.
+fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32) -> f32 {
+    if (!visible(i, j, qlen, kvlen)) { return MASKED; }
+    var s = raw;
+    if (has(F_SOFTCAP)) { s = p.softcap * tanh_safe(s / p.softcap); }
+    if (has(F_ALIBI)) {
+        let dist = f32(abs(i32(i) + i32(kvlen) - i32(qlen) - i32(j)));
+        s = s - alibi_buf[h] * dist;
+    }
+    if (has(F_BIAS)) {
+        s = s + bias_buf[p.bias.x + b * p.bias.y + h * p.bias.z + i * p.bias.w + j];
+    }
+    // -inf from an additive mask becomes MASKED; NaN stays NaN.
+    return select(s * LOG2E, MASKED, s * LOG2E <= MASKED);
+}
+";
+
+fn loaders(w: &mut Wgsl, t: &str) {
+    for (name, buf, dim) in [
+        ("q", "q_buf", "p.d"),
+        ("k", "k_buf", "p.d"),
+        ("v", "v_buf", "p.dv"),
+    ] {
+        w.raw(&format!(
+            "fn ld_{name}(base: u32, c: u32) -> vec4<f32> {{
+    // elements past the head dim read as 0 so padded lanes add nothing
+    return vec4<f32>(
+        select(0.0, f32({buf}[base + c]), c < {dim}),
+        select(0.0, f32({buf}[base + c + 1u]), c + 1u < {dim}),
+        select(0.0, f32({buf}[base + c + 2u]), c + 2u < {dim}),
+        select(0.0, f32({buf}[base + c + 3u]), c + 3u < {dim}));
+}}"
+        ));
+    }
+    w.raw(&format!(
+        "fn st_o(base: u32, c: u32, x: vec4<f32>) {{
+    if (c < p.dv) {{ o_buf[base + c] = {t}(x.x); }}
+    if (c + 1u < p.dv) {{ o_buf[base + c + 1u] = {t}(x.y); }}
+    if (c + 2u < p.dv) {{ o_buf[base + c + 2u] = {t}(x.z); }}
+    if (c + 3u < p.dv) {{ o_buf[base + c + 3u] = {t}(x.w); }}
+}}"
+    ));
+}
+
+/// Generates the WGSL source of one flash specialization.
+pub fn flash_source(key: &FlashKey) -> String {
+    let t = key.dtype.wgsl();
+    let (r_n, u_n, d4, dv4) = (key.rows, key.group, key.d4, key.dv4);
+    let mut w = Wgsl::new(&format!(
+        "Generated by wgpu-attention (src/flash/shader.rs) for {key:?}.\nDo not edit: change the generator."
+    ));
+    if key.dtype == DType::F16 {
+        w.line("enable f16;");
+    }
+    w.raw(PARAMS_WGSL);
+    w.line("@group(0) @binding(0) var<uniform> p: Params;");
+    w.line(&format!(
+        "@group(0) @binding(1) var<storage, read> q_buf: array<{t}>;        // [B, Lq, Hq, D]"
+    ));
+    w.line(&format!(
+        "@group(0) @binding(2) var<storage, read> k_buf: array<{t}>;        // [B, Lk, Hkv, D]"
+    ));
+    w.line(&format!(
+        "@group(0) @binding(3) var<storage, read> v_buf: array<{t}>;        // [B, Lk, Hkv, Dv]"
+    ));
+    w.line(&format!(
+        "@group(0) @binding(4) var<storage, read_write> o_buf: array<{t}>;  // [B, Lq, Hq, Dv]"
+    ));
+    w.line("@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>; // [B, Hq, Lq]");
+    w.line("@group(0) @binding(6) var<storage, read> bias_buf: array<f32>;      // [B|1, Hq|1, Lq, Lk]");
+    w.line("@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;     // [Hq]");
+    w.line("@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;      // [2B]: q lens, kv lens");
+    w.raw(COMMON_WGSL);
+    loaders(&mut w, t);
+    if key.strategy == Strategy::Tiled {
+        w.line(&format!(
+            "var<workgroup> k_tile: array<vec4<f32>, {}>; // [BC, D/4]",
+            key.block * d4
+        ));
+        w.line(&format!(
+            "var<workgroup> v_tile: array<vec4<f32>, {}>; // [BC, Dv/4]",
+            key.block * dv4
+        ));
+    }
+
+    w.line(&format!("@compute @workgroup_size({})", key.wg));
+    let sg_args = if key.strategy == Strategy::Subgroup {
+        ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) lane: u32"
+    } else {
+        ""
+    };
+    w.open(&format!(
+        "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32{sg_args}) {{"
+    ));
+    w.raw(&format!(
+        "    let b = wid.z;
+    let h = wid.y;
+    let hk = h / (p.hq / p.hkv);          // GQA: query head h reads kv head h / (Hq / Hkv)
+    var qlen = p.lq;
+    var kvlen = p.lk;
+    if (has(F_QLENS)) {{ qlen = min(lens_buf[b], p.lq); }}
+    if (has(F_KVLENS)) {{ kvlen = min(lens_buf[p.batch + b], p.lk); }}
+    let tile0 = wid.x * {rpw}u;            // first query row of this workgroup
+    let row0 = tile0 + lid * {r_n}u;       // this invocation's rows: row0 .. row0 + R
+    // Keys this workgroup can see (uniform over the workgroup): tiles outside are never loaded.
+    let first = i32(tile0);
+    let last = i32(min(tile0 + {rpw}u, qlen)) - 1;
+    let diag_off = i32(kvlen) - i32(qlen);
+    var hi = min(i32(kvlen), i32(p.kv_end));
+    var lo = i32(p.kv_start);
+    if (has(F_CAUSAL)) {{ hi = min(hi, last + diag_off + 1); }}
+    if (has(F_WRIGHT)) {{ hi = min(hi, last + diag_off + p.win_right + 1); }}
+    if (has(F_WLEFT)) {{ lo = max(lo, first + diag_off - p.win_left); }}
+    if (last < first) {{ hi = lo; }}
+    let kv_lo = u32(max(lo, 0));
+    let kv_hi = u32(max(hi, max(lo, 0)));
+    let k_head = p.k.x + b * p.k.y + hk * p.k.w;
+    let v_head = p.v.x + b * p.v.y + hk * p.v.w;
+",
+        rpw = key.rows_per_workgroup()
+    ));
+    // Query rows, pre-scaled; running max, sum, accumulator per row.
+    for r in 0..r_n {
+        w.line(&format!(
+            "let qb{r} = p.q.x + b * p.q.y + min(row0 + {r}u, p.lq - 1u) * p.q.z + h * p.q.w;"
+        ));
+        w.line(&format!("var q{r}: array<vec4<f32>, {d4}>;"));
+        for i in 0..d4 {
+            w.line(&format!("q{r}[{i}] = ld_q(qb{r}, {}u) * p.scale;", i * 4));
+        }
+        w.line(&format!("var m{r} = MASKED;"));
+        w.line(&format!("var l{r} = 0.0;"));
+        w.line(&format!("var acc{r}: array<vec4<f32>, {dv4}>;"));
+    }
+
+    match key.strategy {
+        Strategy::Subgroup => {
+            w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
+            w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
+            w.open("for (var kb = kv_lo; kb < kv_hi; kb += sg_size) {");
+            w.line("// each lane holds one K row and one V row of this block");
+            w.line("let kj = min(kb + lane, p.lk - 1u);");
+            for i in 0..d4 {
+                w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
+            }
+            for i in 0..dv4 {
+                w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
+            }
+            w.open(&format!("for (var g = 0u; g < sg_size; g += {u_n}u) {{"));
+            group_body(&mut w, key, |x, u, i| {
+                format!("subgroupShuffle({x}[{i}], g + {u}u)")
+            });
+            w.close();
+            w.close();
+        }
+        Strategy::Tiled => {
+            let bc = key.block;
+            w.open(&format!("for (var kb = kv_lo; kb < kv_hi; kb += {bc}u) {{"));
+            w.line("// cooperative load of a K/V tile into workgroup memory");
+            for (tile, n4, ld, head, stride) in [
+                ("k_tile", d4, "ld_k", "k_head", "p.k.z"),
+                ("v_tile", dv4, "ld_v", "v_head", "p.v.z"),
+            ] {
+                let total = bc * n4;
+                for step in 0..total.div_ceil(key.wg) {
+                    let guard = if (step + 1) * key.wg > total {
+                        format!("if (lid + {}u < {total}u) ", step * key.wg)
+                    } else {
+                        String::new()
+                    };
+                    w.line(&format!(
+                        "{guard}{{ let x = lid + {o}u; let kj = min(kb + x / {n4}u, p.lk - 1u); {tile}[x] = {ld}({head} + kj * {stride}, (x % {n4}u) * 4u); }}",
+                        o = step * key.wg
+                    ));
+                }
+            }
+            w.line("workgroupBarrier();");
+            if bc == u_n {
+                w.open("{");
+                w.line("let g = 0u;");
+            } else {
+                w.open(&format!("for (var g = 0u; g < {bc}u; g += {u_n}u) {{"));
+            }
+            group_body(&mut w, key, |x, u, i| {
+                let (tile, n4) = if x == "kr" {
+                    ("k_tile", d4)
+                } else {
+                    ("v_tile", dv4)
+                };
+                format!("{tile}[(g + {u}u) * {n4}u + {i}u]")
+            });
+            w.close();
+            w.line("workgroupBarrier();");
+            w.close();
+        }
+    }
+
+    // Epilogue: normalise and write; rows with no visible key give O = 0 and LSE = -inf.
+    for r in 0..r_n {
+        w.open(&format!("if (row0 + {r}u < p.lq) {{"));
+        w.line(&format!("let row = row0 + {r}u;"));
+        w.line(&format!("let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);"));
+        w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
+        for i in 0..dv4 {
+            w.line(&format!("st_o(ob, {}u, acc{r}[{i}] * inv);", i * 4));
+        }
+        w.open("if (has(F_LSE)) {");
+        w.line(&format!(
+            "lse_buf[(b * p.hq + h) * p.lq + row] = select(neg_inf(), (m{r} + log2(l{r})) * LN2, l{r} > 0.0);"
+        ));
+        w.close();
+        w.close();
+    }
+    w.close();
+    w.finish()
+}
+
+/// One group of `U` keys: scores, masking, online-softmax update, P·V. `fetch(x, u, i)` returns
+/// the expression for vec4 `i` of key (x = "kr") or value (x = "vr") number `g + u`.
+fn group_body(w: &mut Wgsl, key: &FlashKey, fetch: impl Fn(&str, u32, u32) -> String) {
+    let (r_n, u_n) = (key.rows, key.group);
+    for u in 0..u_n {
+        for r in 0..r_n {
+            w.line(&format!("var s{r}_{u} = 0.0;"));
+        }
+        for i in 0..key.d4 {
+            let e = fetch("kr", u, i);
+            w.line(&format!("let k{u}_{i} = {e};"));
+            for r in 0..r_n {
+                w.line(&format!("s{r}_{u} += dot(q{r}[{i}], k{u}_{i});"));
+            }
+        }
+    }
+    for r in 0..r_n {
+        for u in 0..u_n {
+            w.line(&format!(
+                "s{r}_{u} = modify(s{r}_{u}, b, h, row0 + {r}u, kb + g + {u}u, qlen, kvlen);"
+            ));
+        }
+        let maxes = (0..u_n).fold(format!("m{r}"), |acc, u| format!("max({acc}, s{r}_{u})"));
+        w.line(&format!("let mx{r} = {maxes};"));
+        w.line(&format!("let c{r} = exp2(m{r} - mx{r});"));
+        for u in 0..u_n {
+            w.line(&format!(
+                "let p{r}_{u} = select(0.0, exp2(s{r}_{u} - mx{r}), s{r}_{u} > MASKED);"
+            ));
+        }
+        let sum = (0..u_n)
+            .map(|u| format!("p{r}_{u}"))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        w.line(&format!("l{r} = l{r} * c{r} + {sum};"));
+        w.line(&format!("m{r} = mx{r};"));
+    }
+    for i in 0..key.dv4 {
+        for r in 0..r_n {
+            w.line(&format!("acc{r}[{i}] *= c{r};"));
+        }
+        for u in 0..u_n {
+            let e = fetch("vr", u, i);
+            w.line(&format!("let v{u}_{i} = {e};"));
+            for r in 0..r_n {
+                w.line(&format!("acc{r}[{i}] += p{r}_{u} * v{u}_{i};"));
+            }
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! # wgpu-attention
+//!
+//! Portable GPU attention in WGSL on `wgpu`: Vulkan, Metal, DX12 and WebGPU in the browser.
+//!
+//! ```no_run
+//! use wgpu_attention::{flash_attention, FlashOptions, GpuContext, Tensor};
+//! # fn main() -> wgpu_attention::Result<()> {
+//! let ctx = GpuContext::new()?;                       // default adapter (lavapipe without a GPU)
+//! let (b, l, h, d) = (1, 128, 4, 64);
+//! let x: Vec<f32> = (0..b * l * h * d).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let q = Tensor::from_f32(&ctx, &x, &[b, l, h, d])?;  // [batch, seq, heads, dim]
+//! let opts = FlashOptions { causal: true, return_lse: true, ..Default::default() };
+//! let res = flash_attention(&ctx, &q, &q, &q, &opts)?;
+//! let o: Vec<f32> = res.out.to_vec_f32(&ctx)?;         // [batch, seq, heads, dim]
+//! # Ok(()) }
+//! ```
+//!
+//! See ARCHITECTURE.md for the layers and where a new variant goes.
+
+pub mod baseline;
+pub mod bench;
+pub mod context;
+pub mod error;
+pub mod flash;
+pub mod pipeline;
+pub mod tensor;
+mod wgsl;
+
+pub use context::{Capabilities, GpuContext};
+pub use error::{AttnError, Result};
+pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, RefOutput};
+pub use flash::shader::Strategy;
+pub use flash::{
+    encode_flash_attention, flash_attention, flash_attention_into, AttentionOutput, AttnShape,
+    FlashOptions, FlashPlan, StrategyChoice,
+};
+pub use tensor::{DType, Tensor};

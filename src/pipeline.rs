@@ -1,0 +1,131 @@
+//! The pipeline key (every text specialization of every kernel) and the one pipeline cache.
+
+use std::sync::Arc;
+
+use crate::baseline::BaselineKey;
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::flash::shader::{flash_source, FlashKey, Strategy};
+use crate::tensor::DType;
+
+/// A hashable key naming one compiled kernel. Shapes are never part of it: they are uniforms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PipelineKey {
+    Flash(FlashKey),
+    Baseline(BaselineKey),
+}
+
+impl PipelineKey {
+    pub fn label(&self) -> String {
+        match self {
+            PipelineKey::Flash(k) => k.label(),
+            PipelineKey::Baseline(k) => k.label(),
+        }
+    }
+
+    /// The generated WGSL.
+    pub fn source(&self) -> String {
+        match self {
+            PipelineKey::Flash(k) => flash_source(k),
+            PipelineKey::Baseline(k) => k.source(),
+        }
+    }
+
+    /// The naga capabilities this specialization needs (and nothing more).
+    pub fn capabilities(&self) -> naga::valid::Capabilities {
+        use naga::valid::Capabilities as C;
+        let (dtype, subgroup) = match self {
+            PipelineKey::Flash(k) => (k.dtype, k.strategy == Strategy::Subgroup),
+            PipelineKey::Baseline(_) => (DType::F32, false),
+        };
+        let mut caps = C::empty();
+        if dtype == DType::F16 {
+            caps |= C::SHADER_FLOAT16;
+        }
+        if subgroup {
+            caps |= C::SUBGROUP;
+        }
+        caps
+    }
+
+    /// Workgroup memory the kernel declares, in bytes.
+    pub fn workgroup_bytes(&self) -> u32 {
+        match self {
+            PipelineKey::Flash(k) => k.workgroup_bytes(),
+            PipelineKey::Baseline(k) => k.workgroup_bytes(),
+        }
+    }
+}
+
+/// Parses and validates WGSL with naga; the error names the shader and the line.
+pub fn validate_wgsl(
+    name: &str,
+    source: &str,
+    caps: naga::valid::Capabilities,
+) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| AttnError::Shader {
+        name: name.to_string(),
+        message: e.emit_to_string(source),
+    })?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .map_err(|e| AttnError::Shader {
+            name: name.to_string(),
+            message: e.emit_to_string(source),
+        })?;
+    Ok((module, info))
+}
+
+impl GpuContext {
+    /// Returns the pipeline for `key`, building (and validating) it on first use.
+    pub(crate) fn pipeline(&self, key: PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| AttnError::Gpu("pipeline cache poisoned by an earlier panic".into()))?;
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let wg_bytes = key.workgroup_bytes() as u64;
+        let wg_limit = self.limits.max_compute_workgroup_storage_size as u64;
+        if wg_bytes > wg_limit {
+            // llvmpipe does not refuse an oversized declaration: check it here.
+            return Err(AttnError::Limit {
+                what: format!("workgroup memory of {}", key.label()),
+                needed: wg_bytes,
+                limit: wg_limit,
+            });
+        }
+        let label = key.label();
+        let source = key.source();
+        validate_wgsl(&label, &source, key.capabilities())?;
+        #[cfg(not(target_arch = "wasm32"))]
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(AttnError::Shader {
+                name: label,
+                message: err.to_string(),
+            });
+        }
+        let pipeline = Arc::new(pipeline);
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

@@ -1,0 +1,292 @@
+//! GPU tensors: a buffer with a shape, element strides and a dtype.
+//!
+//! The default layout is row-major (for attention `[batch, seq, heads, dim]`, as FlashAttention,
+//! NATTEN and fla use). Other layouts, such as `[batch, heads, seq, dim]`, are the same buffer
+//! with other strides: see [`Tensor::from_bhsd`]. The last axis must be contiguous.
+
+use std::fmt;
+
+use wgpu::util::DeviceExt;
+
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+    pub fn wgsl(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.wgsl())
+    }
+}
+
+/// A buffer viewed as a strided tensor. Cheap to clone (the buffer is reference counted).
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+    dtype: DType,
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+fn padded_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    v.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+    v
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl Tensor {
+    fn check_len(shape: &[usize], len: usize) -> Result<()> {
+        let n: usize = shape.iter().product();
+        if n != len {
+            return Err(AttnError::shape(
+                "tensor data",
+                format!("{n} elements for shape {shape:?}"),
+                format!("{len} elements"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn upload(ctx: &GpuContext, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Self> {
+        ctx.check_binding("tensor", bytes.len() as u64)?;
+        let buffer = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-attention tensor"),
+                contents: &padded_bytes(bytes),
+                usage: USAGE,
+            });
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset: 0,
+            dtype,
+        })
+    }
+
+    /// Uploads row-major f32 data.
+    pub fn from_f32(ctx: &GpuContext, data: &[f32], shape: &[usize]) -> Result<Self> {
+        Self::check_len(shape, data.len())?;
+        Self::upload(ctx, bytemuck::cast_slice(data), shape, DType::F32)
+    }
+
+    /// Uploads row-major f16 data.
+    pub fn from_f16(ctx: &GpuContext, data: &[half::f16], shape: &[usize]) -> Result<Self> {
+        Self::check_len(shape, data.len())?;
+        Self::upload(ctx, bytemuck::cast_slice(data), shape, DType::F16)
+    }
+
+    /// Uploads f32 data laid out `[batch, heads, seq, dim]` and returns it as a
+    /// `[batch, seq, heads, dim]` tensor (a strided view of the same buffer, no copy).
+    pub fn from_bhsd(ctx: &GpuContext, data: &[f32], bhsd: [usize; 4]) -> Result<Self> {
+        let [b, h, s, d] = bhsd;
+        let t = Self::from_f32(ctx, data, &bhsd)?;
+        t.with_layout(vec![b, s, h, d], vec![h * s * d, d, s * d, 1], 0)
+    }
+
+    /// A tensor of `shape` with every element equal to `value` (tests poison outputs with NaN).
+    pub fn filled(ctx: &GpuContext, shape: &[usize], dtype: DType, value: f32) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        match dtype {
+            DType::F32 => Self::from_f32(ctx, &vec![value; n], shape),
+            DType::F16 => Self::from_f16(ctx, &vec![half::f16::from_f32(value); n], shape),
+        }
+    }
+
+    /// Wraps a buffer the caller owns. `strides` and `offset` are in elements; the buffer needs
+    /// STORAGE usage (and COPY_SRC to be read back with [`Tensor::to_vec_f32`]).
+    pub fn from_buffer(
+        buffer: wgpu::Buffer,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let t = Tensor {
+            buffer,
+            shape: shape.clone(),
+            strides: contiguous_strides(&shape),
+            offset: 0,
+            dtype,
+        };
+        t.with_layout(shape, strides, offset)
+    }
+
+    /// The same buffer seen with another shape, strides and offset (checked to stay inside it).
+    pub fn with_layout(
+        &self,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+    ) -> Result<Self> {
+        if shape.len() != strides.len() {
+            return Err(AttnError::shape(
+                "strides",
+                format!("{} strides", shape.len()),
+                strides,
+            ));
+        }
+        if shape.last().is_some() && strides.last() != Some(&1) {
+            return Err(AttnError::invalid(
+                "strides",
+                "last axis contiguous (stride 1)",
+                format!("{strides:?}"),
+            ));
+        }
+        let last: usize = offset
+            + shape
+                .iter()
+                .zip(&strides)
+                .map(|(&n, &s)| n.saturating_sub(1) * s)
+                .sum::<usize>();
+        let elems = self.buffer.size() as usize / self.dtype.size();
+        if shape.iter().product::<usize>() > 0 && last >= elems {
+            return Err(AttnError::shape(
+                "tensor view",
+                format!("within a buffer of {elems} elements"),
+                format!(
+                    "shape {shape:?} strides {strides:?} offset {offset} reaching element {last}"
+                ),
+            ));
+        }
+        if last > u32::MAX as usize {
+            return Err(AttnError::Limit {
+                what: "tensor element index".into(),
+                needed: last as u64,
+                limit: u32::MAX as u64,
+            });
+        }
+        Ok(Tensor {
+            buffer: self.buffer.clone(),
+            shape,
+            strides,
+            offset,
+            dtype: self.dtype,
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Downloads the tensor in row-major order of its shape, as f32. Blocks.
+    pub fn to_vec_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let fut = self.to_vec_f32_async(ctx);
+        ctx.wait()?;
+        pollster::block_on(fut)
+    }
+
+    /// Downloads the tensor; the future resolves once the device has been polled (natively) or the
+    /// browser has finished the copy.
+    pub fn to_vec_f32_async(
+        &self,
+        ctx: &GpuContext,
+    ) -> impl std::future::Future<Output = Result<Vec<f32>>> {
+        let size = self.buffer.size();
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        ctx.queue.submit([enc.finish()]);
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        let this = self.clone();
+        async move {
+            rx.await
+                .map_err(|_| AttnError::Gpu("readback was cancelled".into()))?
+                .map_err(|e| AttnError::Gpu(format!("readback failed: {e}")))?;
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| AttnError::Gpu(format!("readback mapping failed: {e:?}")))?;
+            let raw: Vec<f32> = match this.dtype {
+                DType::F32 => bytemuck::cast_slice::<u8, f32>(&view).to_vec(),
+                DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&view)
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+            };
+            drop(view);
+            staging.unmap();
+            Ok(this.gather(&raw))
+        }
+    }
+
+    /// Picks this view's elements, row-major, out of the whole buffer's contents.
+    fn gather(&self, raw: &[f32]) -> Vec<f32> {
+        let n = self.numel();
+        let mut out = Vec::with_capacity(n);
+        let mut idx = vec![0usize; self.shape.len()];
+        for _ in 0..n {
+            let off = self.offset
+                + idx
+                    .iter()
+                    .zip(&self.strides)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
+            out.push(raw.get(off).copied().unwrap_or(f32::NAN));
+            for ax in (0..idx.len()).rev() {
+                idx[ax] += 1;
+                if idx[ax] < self.shape[ax] {
+                    break;
+                }
+                idx[ax] = 0;
+            }
+        }
+        out
+    }
+}
