@@ -15,7 +15,30 @@ pub enum PipelineKey {
     Baseline(BaselineKey),
 }
 
+/// One binding of a kernel's bind group 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
 impl PipelineKey {
+    /// The bind group layout, binding `i` at index `i`. Explicit (not derived from the shader)
+    /// so that a specialization that leaves an optional binding unused binds the same way.
+    pub fn bindings(&self) -> &'static [Binding] {
+        use Binding::*;
+        match self {
+            PipelineKey::Flash(_) => &[
+                Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read,
+            ],
+            PipelineKey::Baseline(BaselineKey::NaiveAttention { .. }) => {
+                &[Uniform, Read, Read, Read, ReadWrite]
+            }
+            PipelineKey::Baseline(BaselineKey::Matmul) => &[Uniform, Read, Read, ReadWrite],
+        }
+    }
+
     pub fn label(&self) -> String {
         match self {
             PipelineKey::Flash(k) => k.label(),
@@ -107,11 +130,43 @@ impl GpuContext {
                 label: Some(&label),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             });
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = key
+            .bindings()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b {
+                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                        Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let bgl = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&label),
+                entries: &entries,
+            });
+        let layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&label),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&label),
-                layout: None,
+                layout: Some(&layout),
                 module: &module,
                 entry_point: Some("main"),
                 compilation_options: Default::default(),

@@ -25,6 +25,10 @@ pub const HEAD_DIM_BUCKETS: [u32; 13] = [16, 32, 48, 64, 80, 96, 128, 160, 192, 
 pub const MAX_HEAD_DIM: usize = 512;
 /// Workgroup memory the tiled strategy plans for: the WebGPU default limit, so every adapter fits.
 pub const TILE_BUDGET_BYTES: u32 = 16 * 1024;
+/// Registers for q rows and accumulators per invocation, in vec4s (`rows * (D + Dv) / 4`).
+const REGISTER_BUDGET_VEC4: u32 = 128;
+/// Unrolled vec4 operations in one key group (`rows * group * (D + Dv) / 4`).
+const UNROLL_BUDGET_VEC4: u32 = 512;
 
 /// Which strategy to use: chosen from the adapter unless forced.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,18 +119,26 @@ pub fn flash_key(
     d_bucket: u32,
     dv_bucket: u32,
     subgroup: (u32, u32),
+    mods: bool,
 ) -> FlashKey {
     let (d4, dv4) = (d_bucket / 4, dv_bucket / 4);
-    // Rows per invocation: more rows, fewer loads per FMA, more registers.
-    let rows = match d4 + dv4 {
-        0..=32 => 4,
-        33..=64 => 2,
-        _ => 1,
-    };
+    let width = d4 + dv4;
+    // Rows per invocation: more rows, fewer loads per FMA, but R * (D + Dv) floats of registers
+    // (q and the accumulator). Measured on lavapipe at L2048 D64: R = 2 / 4 / 8 gives 6.7 / 10.9
+    // / 15.4 GFLOP/s, but R = 8 doubles the compile time, and at D = 256 R = 4 already takes a
+    // minute to compile: keep R * (D + Dv) <= 512 floats.
+    let fit_rows = (REGISTER_BUDGET_VEC4 / width).clamp(1, 4);
+    let rows = 1u32 << (31 - fit_rows.leading_zeros()); // a power of two
     match strategy {
         Strategy::Tiled => {
-            let fit = TILE_BUDGET_BYTES / (16 * (d4 + dv4));
+            let fit = TILE_BUDGET_BYTES / (16 * width);
             let block = 1u32 << (31 - fit.min(32).leading_zeros());
+            // Keys per unrolled group: the unrolled body is rows * group * (D + Dv) / 4 vec4
+            // operations; SwiftShader's compile time grows fast with it.
+            let mut group = block.min(8);
+            while group > 1 && rows * group * width > UNROLL_BUDGET_VEC4 {
+                group /= 2;
+            }
             FlashKey {
                 strategy,
                 dtype,
@@ -134,12 +146,13 @@ pub fn flash_key(
                 dv4,
                 rows,
                 block,
-                group: block.min(8),
+                group,
                 wg: 64,
+                mods,
             }
         }
         Strategy::Subgroup => {
-            let (min, max) = subgroup;
+            let (_min, max) = subgroup;
             FlashKey {
                 strategy,
                 dtype,
@@ -147,10 +160,12 @@ pub fn flash_key(
                 dv4,
                 rows,
                 block: 0,
-                // the group must divide every subgroup size the adapter may pick
-                group: min.clamp(4, 8),
+                // Two keys per shuffle round: divides every subgroup size >= 2, and measured on
+                // lavapipe (D64, R4) U = 2 / 4 / 8 gives 10.9 / 10.5 / 9.7 GFLOP/s.
+                group: 2,
                 // a workgroup must fill whole subgroups of the largest size
                 wg: if max > 64 { 128 } else { 64 },
+                mods,
             }
         }
     }
@@ -169,9 +184,11 @@ pub fn all_flash_keys() -> Vec<FlashKey> {
     for dtype in [DType::F32, DType::F16] {
         for &d in &HEAD_DIM_BUCKETS {
             for &dv in &HEAD_DIM_BUCKETS {
-                keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0)));
-                for &r in &sg_ranges {
-                    keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r));
+                for mods in [false, true] {
+                    keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0), mods));
+                    for &r in &sg_ranges {
+                        keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r, mods));
+                    }
                 }
             }
         }
@@ -187,6 +204,7 @@ pub fn plan(
     shape: &AttnShape,
     dtype: DType,
     choice: StrategyChoice,
+    mods: bool,
 ) -> Result<FlashPlan> {
     let d_bucket = head_dim_bucket(shape.d).ok_or(AttnError::HeadDim {
         what: "D (q/k head dim)",
@@ -200,7 +218,7 @@ pub fn plan(
     })?;
     let caps = &ctx.caps;
     let sg_ok = caps.subgroups
-        && caps.subgroup_min >= 4
+        && caps.subgroup_min >= 2
         && caps.subgroup_max <= 128
         && caps.subgroup_min <= caps.subgroup_max;
     let strategy = match choice {
@@ -208,7 +226,7 @@ pub fn plan(
         StrategyChoice::Auto => Strategy::Tiled,
         StrategyChoice::Force(Strategy::Subgroup) if !sg_ok => {
             return Err(AttnError::MissingFeature {
-                feature: "SUBGROUP (with subgroup sizes 4..=128)",
+                feature: "SUBGROUP (with subgroup sizes 2..=128)",
                 adapter: ctx.adapter_info.name.clone(),
                 needed_for: "the subgroup strategy".into(),
             })
@@ -221,6 +239,7 @@ pub fn plan(
         d_bucket,
         dv_bucket,
         (caps.subgroup_min, caps.subgroup_max),
+        mods,
     );
     if let Some(limit) = caps.loop_limit {
         // Trip count of the key loops in one invocation (everything else is unrolled).
@@ -490,7 +509,8 @@ fn prepare(
         ctx.check_binding(what, t.buffer().size())?;
     }
 
-    let plan = plan(ctx, &s, q.dtype(), opts.strategy)?;
+    let mods = fl & (flags::SOFTCAP | flags::ALIBI | flags::BIAS) != 0;
+    let plan = plan(ctx, &s, q.dtype(), opts.strategy, mods)?;
     let params = FlashParams {
         batch: s.batch as u32,
         hq: s.hq as u32,

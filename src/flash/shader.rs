@@ -48,12 +48,15 @@ pub struct FlashKey {
     pub group: u32,
     /// Invocations per workgroup.
     pub wg: u32,
+    /// Score modifications compiled in (softcap, ALiBi, bias; which of them apply is a uniform
+    /// flag). Off, the kernel has none of their code and loads.
+    pub mods: bool,
 }
 
 impl FlashKey {
     pub fn label(&self) -> String {
         format!(
-            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}",
+            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}",
             self.strategy,
             self.dtype,
             self.d4 * 4,
@@ -61,7 +64,8 @@ impl FlashKey {
             self.rows,
             self.block,
             self.group,
-            self.wg
+            self.wg,
+            if self.mods { "_mods" } else { "" }
         )
         .to_lowercase()
     }
@@ -162,35 +166,45 @@ fn tanh_safe(x: f32) -> f32 {
 }
 
 // Does query row i see key j? FlashAttention alignment: the diagonal is j = i + kvlen - qlen.
+// Branch-free on purpose (`&`, `|` and select, never `&&`, `||` or `if`): the function is
+// inlined R x U times per key group, and SwiftShader's compile time grows exponentially with
+// the number of branches in one block of straight-line code.
 fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
     let diag = i32(i) + i32(kvlen) - i32(qlen);
     let jj = i32(j);
-    var ok = i < qlen && j < kvlen && j >= p.kv_start && j < p.kv_end;
-    if (has(F_CAUSAL)) { ok = ok && jj <= diag; }
-    var in_window = true;
-    if (has(F_WLEFT)) { in_window = in_window && jj >= diag - p.win_left; }
-    if (has(F_WRIGHT)) { in_window = in_window && jj <= diag + p.win_right; }
+    let ok = (i < qlen) & (j < kvlen) & (j >= p.kv_start) & (j < p.kv_end)
+        & (!has(F_CAUSAL) | (jj <= diag));
+    let in_window = (!has(F_WLEFT) | (jj >= diag - p.win_left))
+        & (!has(F_WRIGHT) | (jj <= diag + p.win_right));
     // attention sinks: the first `sinks` keys bypass the window, never causality
-    return ok && (in_window || j < p.sinks);
-}
-
-// Score modifications in FlashAttention's order: scale (folded into q), softcap, ALiBi, bias.
-// Returns the score in base 2, or MASKED.
-fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32) -> f32 {
-    if (!visible(i, j, qlen, kvlen)) { return MASKED; }
-    var s = raw;
-    if (has(F_SOFTCAP)) { s = p.softcap * tanh_safe(s / p.softcap); }
-    if (has(F_ALIBI)) {
-        let dist = f32(abs(i32(i) + i32(kvlen) - i32(qlen) - i32(j)));
-        s = s - alibi_buf[h] * dist;
-    }
-    if (has(F_BIAS)) {
-        s = s + bias_buf[p.bias.x + b * p.bias.y + h * p.bias.z + i * p.bias.w + j];
-    }
-    // -inf from an additive mask becomes MASKED; NaN stays NaN.
-    return select(s * LOG2E, MASKED, s * LOG2E <= MASKED);
+    return ok & (in_window | (j < p.sinks));
 }
 ";
+
+/// `modify()`: masking and, when the key has `mods`, the score modifications in FlashAttention's
+/// order (scale is folded into q; then softcap, ALiBi, bias). Returns the score in base 2, or
+/// MASKED. Branch-free like `visible()`.
+fn modify_fn(w: &mut Wgsl, mods: bool) {
+    w.raw(
+        "fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32) -> f32 {
+    var s = raw;",
+    );
+    if mods {
+        w.raw(
+            "    s = select(s, p.softcap * tanh_safe(s / p.softcap), has(F_SOFTCAP));
+    let dist = f32(abs(i32(i) + i32(kvlen) - i32(qlen) - i32(j)));
+    s = s - select(0.0, alibi_buf[h], has(F_ALIBI)) * dist;
+    let bias_at = p.bias.x + b * p.bias.y + h * p.bias.z + i * p.bias.w + j;
+    s = s + select(0.0, bias_buf[bias_at], has(F_BIAS));",
+        );
+    }
+    w.raw(
+        "    let t = s * LOG2E;
+    // -inf from an additive mask becomes MASKED; NaN stays NaN.
+    return select(MASKED, select(t, MASKED, t <= MASKED), visible(i, j, qlen, kvlen));
+}",
+    );
+}
 
 fn loaders(w: &mut Wgsl, t: &str) {
     for (name, buf, dim) in [
@@ -248,6 +262,7 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.line("@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;     // [Hq]");
     w.line("@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;      // [2B]: q lens, kv lens");
     w.raw(COMMON_WGSL);
+    modify_fn(&mut w, key.mods);
     loaders(&mut w, t);
     if key.strategy == Strategy::Tiled {
         w.line(&format!(
