@@ -277,3 +277,33 @@ fn row(case: &BenchCase, kernel: String, t: &Timing, flops: f64) -> BenchRow {
         clock: t.clock,
     }
 }
+
+/// A text table of a sweep: time, GFLOP/s, and the ratios to the naive kernel on the same case
+/// and to the matmul baseline's GFLOP/s (both measured in the same run).
+pub fn table(rows: &[BenchRow]) -> String {
+    let matmul = rows.iter().find(|r| r.kernel == "matmul").map(|r| r.gflops);
+    let mut s = format!(
+        "{:<20} {:<16} {:>11} {:>9} {:>9} {:>9}\n",
+        "case", "kernel", "GPU ms", "GFLOP/s", "x naive", "x matmul"
+    );
+    for r in rows {
+        let naive = rows
+            .iter()
+            .find(|n| n.kernel == "naive" && n.case.name == r.case.name)
+            .map(|n| n.gflops);
+        let ratio = |base: Option<f64>| match base {
+            Some(b) if r.kernel != "matmul" && b > 0.0 => format!("{:.2}", r.gflops / b),
+            _ => "-".into(),
+        };
+        s += &format!(
+            "{:<20} {:<16} {:>11.3} {:>9.2} {:>9} {:>9}\n",
+            r.case.name,
+            r.kernel,
+            r.gpu_ms,
+            r.gflops,
+            ratio(naive),
+            ratio(matmul)
+        );
+    }
+    s
+}

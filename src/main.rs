@@ -1,1 +1,568 @@
-fn main() {}
+//! `wgpu-attention`: the command line. `info` shows the adapter and the plans, `run` runs one
+//! attention (from .npy files or random inputs) and can check it against the f64 reference,
+//! `bench` sweeps the benchmark registry against the baselines.
+//!
+//! Exit codes: 0 success, 1 a device failure or a `--check` over tolerance, 2 bad input
+//! (arguments, files, shapes, or a size the adapter cannot take).
+
+mod cli;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::{Rng, SeedableRng};
+use wgpu_attention::bench::{self, BenchRow};
+use wgpu_attention::flash::reference::{
+    attention_plain_f16, attention_reference, compare, Comparison, RefInputs,
+};
+use wgpu_attention::*;
+
+use cli::npy;
+
+type CliResult<T> = std::result::Result<T, Failure>;
+
+#[derive(Parser)]
+#[command(
+    name = "wgpu-attention",
+    version,
+    about = "Portable GPU attention (WGSL on wgpu)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Adapters, backend, features, limits, and the plan the kernels pick.
+    Info,
+    /// Runs one attention call; optionally checks it against the f64 reference.
+    Run(Box<RunArgs>),
+    /// Sweeps the benchmark registry: flash attention against the naive and matmul baselines.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StrategyArg {
+    Auto,
+    Tiled,
+    Subgroup,
+}
+
+impl StrategyArg {
+    fn choice(self) -> StrategyChoice {
+        match self {
+            StrategyArg::Auto => StrategyChoice::Auto,
+            StrategyArg::Tiled => StrategyChoice::Force(Strategy::Tiled),
+            StrategyArg::Subgroup => StrategyChoice::Force(Strategy::Subgroup),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Q as .npy [B, Lq, Hq, D] (f32 or f16); needs --k and --v.
+    #[arg(long)]
+    q: Option<PathBuf>,
+    /// K as .npy [B, Lk, Hkv, D].
+    #[arg(long)]
+    k: Option<PathBuf>,
+    /// V as .npy [B, Lk, Hkv, Dv].
+    #[arg(long)]
+    v: Option<PathBuf>,
+    /// Random inputs of this shape: B,LQ,LK,HQ,HKV,D[,DV].
+    #[arg(long)]
+    shape: Option<String>,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// dtype of random inputs (files keep their own).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Bottom-right aligned causal mask.
+    #[arg(long)]
+    causal: bool,
+    /// Softmax scale (default 1/sqrt(D)).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Tanh softcap c: s = c * tanh(s / c).
+    #[arg(long)]
+    softcap: Option<f32>,
+    /// ALiBi slopes, .npy [Hq] f32.
+    #[arg(long)]
+    alibi: Option<PathBuf>,
+    /// Additive bias, .npy [B|1, Hq|1, Lq, Lk] f32.
+    #[arg(long)]
+    bias: Option<PathBuf>,
+    /// Query lengths per batch, .npy [B] int32.
+    #[arg(long)]
+    q_lens: Option<PathBuf>,
+    /// Key lengths per batch, .npy [B] int32.
+    #[arg(long)]
+    kv_lens: Option<PathBuf>,
+    /// Sliding window: keys at most this far left of the diagonal.
+    #[arg(long)]
+    window_left: Option<u32>,
+    /// Sliding window: keys at most this far right of the diagonal.
+    #[arg(long)]
+    window_right: Option<u32>,
+    /// Kernel strategy.
+    #[arg(long, value_enum, default_value = "auto")]
+    strategy: StrategyArg,
+    /// Writes O here (.npy, dtype of the inputs).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Writes LSE [B, Hq, Lq] f32 here (.npy).
+    #[arg(long)]
+    lse: Option<PathBuf>,
+    /// Compares with the f64 reference; exits 1 over tolerance.
+    #[arg(long)]
+    check: bool,
+    /// Prints one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Timed runs after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Only the short sweep (the L2048 D64 target case and two more).
+    #[arg(long)]
+    quick: bool,
+    /// Timed runs per kernel after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Folder for results.json and results.svg.
+    #[arg(long, default_value = "bench-out")]
+    out_dir: PathBuf,
+    /// Skip the (slow) naive baseline.
+    #[arg(long)]
+    no_naive: bool,
+}
+
+enum Failure {
+    /// Bad input: exit code 2.
+    Input(String),
+    /// Device failure or check over tolerance: exit code 1.
+    Run(String),
+}
+
+impl From<AttnError> for Failure {
+    fn from(e: AttnError) -> Self {
+        match e {
+            AttnError::Shape { .. }
+            | AttnError::DType { .. }
+            | AttnError::HeadDim { .. }
+            | AttnError::Invalid { .. }
+            | AttnError::Io { .. }
+            | AttnError::Limit { .. }
+            | AttnError::MissingFeature { .. } => Failure::Input(e.to_string()),
+            _ => Failure::Run(e.to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Info => info(),
+        Cmd::Run(a) => run(&a),
+        Cmd::Bench(a) => bench_cmd(&a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn info() -> CliResult<()> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    println!("adapters:");
+    for a in &adapters {
+        let i = a.get_info();
+        println!(
+            "  {} ({:?}, {:?}, {})",
+            i.name, i.backend, i.device_type, i.driver
+        );
+    }
+    let ctx = GpuContext::new()?;
+    let c = &ctx.caps;
+    println!("using: {}", ctx.describe());
+    println!(
+        "features: SHADER_F16 {}, SUBGROUP {} (sizes {}..={}), TIMESTAMP_QUERY {}",
+        yes(c.f16),
+        yes(c.subgroups),
+        c.subgroup_min,
+        c.subgroup_max,
+        yes(c.timestamps)
+    );
+    let l = &ctx.limits;
+    println!(
+        "limits: workgroup memory {} B, invocations/workgroup {}, storage binding {} MiB, \
+         buffer {} MiB, workgroups/dim {}",
+        l.max_compute_workgroup_storage_size,
+        l.max_compute_invocations_per_workgroup,
+        l.max_storage_buffer_binding_size >> 20,
+        l.max_buffer_size >> 20,
+        l.max_compute_workgroups_per_dimension
+    );
+    if let Some(n) = c.loop_limit {
+        println!("driver quirk: loops stop after {n} iterations per invocation (plans stay under)");
+    }
+    println!("plans (B=1, H=8, L=2048):");
+    for (d, dtype) in [
+        (64, DType::F32),
+        (128, DType::F32),
+        (64, DType::F16),
+        (512, DType::F32),
+    ] {
+        let s = AttnShape {
+            batch: 1,
+            lq: 2048,
+            lk: 2048,
+            hq: 8,
+            hkv: 8,
+            d,
+            dv: d,
+        };
+        match flash::plan(&ctx, &s, dtype, StrategyChoice::Auto, false) {
+            Ok(p) => println!("  D={d} {dtype}: {} grid {:?}", p.key.label(), p.grid),
+            Err(e) => println!("  D={d} {dtype}: not available ({e})"),
+        }
+    }
+    Ok(())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Host copies of the inputs (f32 values; exact for f16) and their dtype.
+struct Inputs {
+    q: npy::Array,
+    k: npy::Array,
+    v: npy::Array,
+}
+
+fn parse_shape(s: &str) -> CliResult<[usize; 7]> {
+    let bad = || {
+        Failure::Input(format!(
+            "--shape: expected B,LQ,LK,HQ,HKV,D[,DV] (positive integers), got '{s}'"
+        ))
+    };
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<CliResult<_>>()?;
+    if !(v.len() == 6 || v.len() == 7) || v.contains(&0) {
+        return Err(bad());
+    }
+    Ok([
+        v[0],
+        v[1],
+        v[2],
+        v[3],
+        v[4],
+        v[5],
+        *v.get(6).unwrap_or(&v[5]),
+    ])
+}
+
+fn load_inputs(a: &RunArgs) -> CliResult<Inputs> {
+    match (&a.q, &a.k, &a.v, &a.shape) {
+        (Some(q), Some(k), Some(v), None) => {
+            let (q, k, v) = (
+                npy::read_float(q)?,
+                npy::read_float(k)?,
+                npy::read_float(v)?,
+            );
+            Ok(Inputs { q, k, v })
+        }
+        (None, None, None, Some(s)) => {
+            let [b, lq, lk, hq, hkv, d, dv] = parse_shape(s)?;
+            let dtype = match a.dtype {
+                DTypeArg::F32 => DType::F32,
+                DTypeArg::F16 => DType::F16,
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+            let mut gen = |shape: Vec<usize>| {
+                let n = shape.iter().product();
+                let data = (0..n)
+                    .map(|_| {
+                        let x: f32 = rng.random_range(-1.0..1.0);
+                        match dtype {
+                            DType::F32 => x,
+                            DType::F16 => half::f16::from_f32(x).to_f32(),
+                        }
+                    })
+                    .collect();
+                npy::Array { shape, dtype, data }
+            };
+            Ok(Inputs {
+                q: gen(vec![b, lq, hq, d]),
+                k: gen(vec![b, lk, hkv, d]),
+                v: gen(vec![b, lk, hkv, dv]),
+            })
+        }
+        _ => Err(Failure::Input(
+            "give either --q, --k and --v (.npy files) or --shape B,LQ,LK,HQ,HKV,D[,DV]".into(),
+        )),
+    }
+}
+
+fn upload(ctx: &GpuContext, a: &npy::Array) -> CliResult<Tensor> {
+    Ok(match a.dtype {
+        DType::F32 => Tensor::from_f32(ctx, &a.data, &a.shape)?,
+        DType::F16 => {
+            let h: Vec<half::f16> = a.data.iter().map(|&x| half::f16::from_f32(x)).collect();
+            Tensor::from_f16(ctx, &h, &a.shape)?
+        }
+    })
+}
+
+fn run(a: &RunArgs) -> CliResult<()> {
+    if a.repeat == 0 {
+        return Err(Failure::Input(
+            "--repeat: expected at least 1, got 0".into(),
+        ));
+    }
+    let inp = load_inputs(a)?;
+    let ctx = GpuContext::new()?;
+    let (q, k, v) = (
+        upload(&ctx, &inp.q)?,
+        upload(&ctx, &inp.k)?,
+        upload(&ctx, &inp.v)?,
+    );
+    let s = flash::check_inputs(&q, &k, &v)?;
+    let mut opts = FlashOptions {
+        causal: a.causal,
+        scale: a.scale,
+        softcap: a.softcap,
+        window: (a.window_left, a.window_right),
+        strategy: a.strategy.choice(),
+        ..Default::default()
+    };
+    if let Some(p) = &a.alibi {
+        let arr = npy::read_float(p)?;
+        if arr.shape != [s.hq] || arr.dtype != DType::F32 {
+            return Err(Failure::Input(format!(
+                "{}: expected [{}] f32 (one slope per query head), got {:?} {}",
+                p.display(),
+                s.hq,
+                arr.shape,
+                arr.dtype
+            )));
+        }
+        opts.alibi_slopes = Some(arr.data);
+    }
+    let bias_host = match &a.bias {
+        Some(p) => {
+            let arr = npy::read_float(p)?;
+            if arr.shape.len() != 4 || arr.dtype != DType::F32 {
+                return Err(Failure::Input(format!(
+                    "{}: expected [B|1, Hq|1, Lq, Lk] f32, got {:?} {}",
+                    p.display(),
+                    arr.shape,
+                    arr.dtype
+                )));
+            }
+            opts.bias = Some(Tensor::from_f32(&ctx, &arr.data, &arr.shape)?);
+            Some(arr)
+        }
+        None => None,
+    };
+    if let Some(p) = &a.q_lens {
+        opts.q_lens = Some(npy::read_lens(p, s.batch)?);
+    }
+    if let Some(p) = &a.kv_lens {
+        opts.kv_lens = Some(npy::read_lens(p, s.batch)?);
+    }
+    let out = Tensor::filled(&ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), f32::NAN)?;
+    let want_lse = a.lse.is_some() || a.check;
+    let lse = if want_lse {
+        Some(Tensor::filled(
+            &ctx,
+            &[s.batch, s.hq, s.lq],
+            DType::F32,
+            f32::NAN,
+        )?)
+    } else {
+        None
+    };
+    let mut label = String::new();
+    let t = bench::time_passes(&ctx, 1, a.repeat, |enc, ts| {
+        let plan =
+            flash::encode_flash_attention(&ctx, enc, &q, &k, &v, &out, lse.as_ref(), &opts, ts)?;
+        label = plan.key.label();
+        Ok(())
+    })?;
+    let got = out.to_vec_f32(&ctx)?;
+    let got_lse = match &lse {
+        Some(l) => Some(l.to_vec_f32(&ctx)?),
+        None => None,
+    };
+    if let Some(p) = &a.out {
+        npy::write(p, out.shape(), out.dtype(), &got)?;
+    }
+    if let (Some(p), Some(l)) = (&a.lse, &got_lse) {
+        npy::write(p, &[s.batch, s.hq, s.lq], DType::F32, l)?;
+    }
+    let flops = s.flops(a.causal);
+    let gflops = flops / (t.median_ms * 1e6);
+    let cmp = if a.check {
+        Some(check(
+            &inp,
+            &s,
+            bias_host.as_ref(),
+            &opts,
+            &got,
+            got_lse.as_deref(),
+        ))
+    } else {
+        None
+    };
+    if a.json {
+        let j = serde_json::json!({
+            "adapter": ctx.adapter_info.name,
+            "backend": format!("{:?}", ctx.adapter_info.backend),
+            "kernel": label,
+            "shape": [s.batch, s.lq, s.lk, s.hq, s.hkv, s.d, s.dv],
+            "dtype": q.dtype().to_string(),
+            "causal": a.causal,
+            "gpu_ms": t.median_ms,
+            "samples_ms": t.samples_ms,
+            "clock": t.clock,
+            "gflops": gflops,
+            "check": cmp,
+        });
+        println!("{j}");
+    } else {
+        println!("adapter: {}", ctx.describe());
+        println!(
+            "shape B={} Lq={} Lk={} Hq={} Hkv={} D={} Dv={} {}{}",
+            s.batch,
+            s.lq,
+            s.lk,
+            s.hq,
+            s.hkv,
+            s.d,
+            s.dv,
+            q.dtype(),
+            if a.causal { " causal" } else { "" }
+        );
+        println!("kernel: {label}");
+        println!(
+            "time: {:.3} ms ({:?}, median of {}), {:.2} GFLOP/s",
+            t.median_ms,
+            t.clock,
+            t.samples_ms.len(),
+            gflops
+        );
+        if let Some(c) = &cmp {
+            println!(
+                "check vs f64 reference: max abs err {:.3e}, max rel err {:.3e} (tolerance {:.3e}), \
+                 LSE rel err {:.3e}: {}",
+                c.max_abs,
+                c.max_rel,
+                c.tolerance_abs,
+                c.lse_max_rel,
+                if c.passed { "PASS" } else { "FAIL" }
+            );
+            if let Some(p) = &c.problem {
+                println!("  {p}");
+            }
+        }
+    }
+    match cmp {
+        Some(c) if !c.passed => Err(Failure::Run(
+            "check against the f64 reference failed".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check(
+    inp: &Inputs,
+    s: &AttnShape,
+    bias: Option<&npy::Array>,
+    opts: &FlashOptions,
+    got: &[f32],
+    got_lse: Option<&[f32]>,
+) -> Comparison {
+    let ri = RefInputs {
+        shape: *s,
+        q: &inp.q.data,
+        k: &inp.k.data,
+        v: &inp.v.data,
+        bias: bias.map(|b| (b.data.as_slice(), [b.shape[0], b.shape[1]])),
+    };
+    let r = attention_reference(&ri, opts);
+    let plain = (inp.q.dtype == DType::F16).then(|| attention_plain_f16(&ri, opts));
+    compare(got, got_lse, &r, plain.as_deref())
+}
+
+fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
+    let ctx = GpuContext::new()?;
+    println!("adapter: {}", ctx.describe());
+    let cases = bench::registry(a.quick);
+    let bar = indicatif::ProgressBar::new((cases.len() * 2 + 1) as u64);
+    let mut rows: Vec<BenchRow> = Vec::new();
+    bar.set_message("matmul baseline");
+    rows.push(bench::bench_matmul(&ctx, 1024, 1, a.repeat)?);
+    bar.inc(1);
+    for c in &cases {
+        bar.set_message(format!("{} flash", c.name));
+        rows.push(bench::bench_flash(
+            &ctx,
+            c,
+            StrategyChoice::Auto,
+            1,
+            a.repeat,
+        )?);
+        bar.inc(1);
+        if !a.no_naive {
+            bar.set_message(format!("{} naive", c.name));
+            rows.push(bench::bench_naive(&ctx, c, 1, a.repeat)?);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let table = bench::table(&rows);
+    println!("{table}");
+    write_results(&a.out_dir, &ctx, &rows)?;
+    Ok(())
+}
+
+fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<()> {
+    let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let json = serde_json::json!({ "adapter": ctx.describe(), "rows": rows });
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Run(e.to_string()))?;
+    std::fs::write(dir.join("results.json"), text).map_err(io)?;
+    let title = format!("wgpu-attention on {}", ctx.adapter_info.name);
+    std::fs::write(dir.join("results.svg"), cli::svg::bar_chart(&title, rows)).map_err(io)?;
+    println!("wrote {}/results.json and results.svg", dir.display());
+    Ok(())
+}

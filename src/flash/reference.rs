@@ -122,3 +122,82 @@ pub fn attention_plain_f16(inp: &RefInputs, opts: &FlashOptions) -> Vec<f64> {
     let o = attention_reference_with(inp, opts, r16);
     o.out.into_iter().map(r16).collect()
 }
+
+/// How a GPU result compares with the f64 reference, and whether it passes the crate's rule:
+/// f32 within `2e-5 * max|ref|` (far under 1e-4 relative); f16 within twice the error of
+/// [`attention_plain_f16`] plus `1e-4 * max|ref|` (FlashAttention's rule). LSE entries must
+/// match -inf exactly where the reference has it and be within 2e-5 (f32) / 1e-4 (f16)
+/// relative elsewhere. Any non-finite output fails (an unwritten, NaN-poisoned element).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Comparison {
+    pub max_abs: f64,
+    /// `max_abs / max|ref|`.
+    pub max_rel: f64,
+    pub max_ref: f64,
+    /// Error of the plain f16 implementation (f16 only, else 0).
+    pub plain_f16_abs: f64,
+    pub tolerance_abs: f64,
+    pub lse_max_rel: f64,
+    pub lse_tolerance: f64,
+    /// First problem found (non-finite element, wrong -inf), if any.
+    pub problem: Option<String>,
+    pub passed: bool,
+}
+
+/// Compares `got` (O) and optionally `got_lse` with the reference. `plain_f16` is the output of
+/// [`attention_plain_f16`] for f16 inputs, `None` for f32.
+pub fn compare(
+    got: &[f32],
+    got_lse: Option<&[f32]>,
+    r: &RefOutput,
+    plain_f16: Option<&[f64]>,
+) -> Comparison {
+    let mut problem = None;
+    let mut max_abs = 0.0f64;
+    let mut max_ref = 0.0f64;
+    if got.len() != r.out.len() {
+        problem = Some(format!("{} outputs, expected {}", got.len(), r.out.len()));
+    }
+    for (i, (&g, &e)) in got.iter().zip(&r.out).enumerate() {
+        if !g.is_finite() && problem.is_none() {
+            problem = Some(format!("out[{i}] = {g}, expected {e}"));
+        }
+        max_abs = max_abs.max((g as f64 - e).abs());
+        max_ref = max_ref.max(e.abs());
+    }
+    let mut lse_max_rel = 0.0f64;
+    for (i, (&g, &e)) in got_lse.unwrap_or(&[]).iter().zip(&r.lse).enumerate() {
+        let bad = if e == f64::NEG_INFINITY {
+            g != f32::NEG_INFINITY
+        } else {
+            lse_max_rel = lse_max_rel.max((g as f64 - e).abs() / e.abs().max(1.0));
+            !g.is_finite()
+        };
+        if bad && problem.is_none() {
+            problem = Some(format!("lse[{i}] = {g}, expected {e}"));
+        }
+    }
+    let scale = max_ref.max(1e-3);
+    let plain_f16_abs = plain_f16.map_or(0.0, |p| {
+        p.iter()
+            .zip(&r.out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    });
+    let (tolerance_abs, lse_tolerance) = match plain_f16 {
+        None => (2e-5 * scale, 2e-5),
+        Some(_) => (2.0 * plain_f16_abs + 1e-4 * scale, 1e-4),
+    };
+    let passed = problem.is_none() && max_abs <= tolerance_abs && lse_max_rel <= lse_tolerance;
+    Comparison {
+        max_abs,
+        max_rel: max_abs / scale,
+        max_ref,
+        plain_f16_abs,
+        tolerance_abs,
+        lse_max_rel,
+        lse_tolerance,
+        problem,
+        passed,
+    }
+}

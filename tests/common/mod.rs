@@ -5,7 +5,9 @@
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
-use wgpu_attention::flash::reference::{attention_plain_f16, attention_reference, RefInputs};
+use wgpu_attention::flash::reference::{
+    attention_plain_f16, attention_reference, compare, Comparison, RefInputs,
+};
 use wgpu_attention::*;
 
 pub fn ctx() -> &'static GpuContext {
@@ -84,15 +86,6 @@ impl Case {
     }
 }
 
-/// Errors of one run.
-#[derive(Debug)]
-pub struct Errors {
-    pub max_abs: f64,
-    pub max_ref: f64,
-    pub plain_f16_abs: f64,
-    pub lse_max_abs: f64,
-}
-
 fn to_bhsd(x: &[f32], [b, l, h, d]: [usize; 4]) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
     for bi in 0..b {
@@ -123,12 +116,12 @@ fn upload(ctx: &GpuContext, x: &[f32], dims: [usize; 4], dtype: DType, bhsd: boo
 }
 
 /// Runs the case on the GPU (outputs poisoned with NaN first) and against the reference.
-pub fn run(case: &Case) -> Errors {
+pub fn run(case: &Case) -> Comparison {
     let seed = fresh_seed();
     run_seeded(case, seed)
 }
 
-pub fn run_seeded(case: &Case, seed: u64) -> Errors {
+pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
     let ctx = ctx();
     let s = case.shape;
     let round = |v: Vec<f32>| -> Vec<f32> {
@@ -175,76 +168,16 @@ pub fn run_seeded(case: &Case, seed: u64) -> Errors {
         bias: bias_host.as_ref().map(|(x, d)| (x.as_slice(), *d)),
     };
     let r = attention_reference(&inp, &opts);
-    let mut max_abs = 0.0f64;
-    let mut max_ref = 0.0f64;
-    for (i, (&g, &e)) in got.iter().zip(&r.out).enumerate() {
-        assert!(
-            g.is_finite(),
-            "{case:?} seed {seed}: out[{i}] = {g} (not written or NaN), expected {e}"
-        );
-        max_abs = max_abs.max((g as f64 - e).abs());
-        max_ref = max_ref.max(e.abs());
-    }
-    let mut lse_max_abs = 0.0f64;
-    for (i, (&g, &e)) in got_lse.iter().zip(&r.lse).enumerate() {
-        if e == f64::NEG_INFINITY {
-            assert!(
-                g == f32::NEG_INFINITY,
-                "{case:?} seed {seed}: lse[{i}] = {g}, expected -inf"
-            );
-        } else {
-            assert!(
-                g.is_finite(),
-                "{case:?} seed {seed}: lse[{i}] = {g}, expected {e}"
-            );
-            lse_max_abs = lse_max_abs.max((g as f64 - e).abs() / e.abs().max(1.0));
-        }
-    }
-    let plain_f16_abs = if case.dtype == DType::F16 {
-        let plain = attention_plain_f16(&inp, &opts);
-        plain
-            .iter()
-            .zip(&r.out)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max)
-    } else {
-        0.0
-    };
-    Errors {
-        max_abs,
-        max_ref,
-        plain_f16_abs,
-        lse_max_abs,
-    }
+    let plain = (case.dtype == DType::F16).then(|| attention_plain_f16(&inp, &opts));
+    compare(&got, Some(&got_lse), &r, plain.as_deref())
 }
 
-/// Runs and asserts the crate's tolerances: f32 relative error under 2e-5 of the largest output
-/// (far under 1e-4); f16 at most twice the error of a plain f16 implementation plus a small atol.
-pub fn check(case: &Case) {
+/// Runs on fresh random inputs and asserts the crate's tolerances (see
+/// [`wgpu_attention::flash::reference::compare`]): f32 under 2e-5 of the largest output, f16 at
+/// most twice the error of a plain f16 implementation plus a small atol.
+pub fn check(case: &Case) -> Comparison {
     let seed = fresh_seed();
-    let e = run_seeded(case, seed);
-    let scale = e.max_ref.max(1e-3);
-    match case.dtype {
-        DType::F32 => {
-            assert!(
-                e.max_abs <= 2e-5 * scale,
-                "{case:?} seed {seed}: f32 error {e:?} over 2e-5 relative"
-            );
-            assert!(
-                e.lse_max_abs <= 2e-5,
-                "{case:?} seed {seed}: LSE error {e:?}"
-            );
-        }
-        DType::F16 => {
-            let atol = 1e-4 * scale;
-            assert!(
-                e.max_abs <= 2.0 * e.plain_f16_abs + atol,
-                "{case:?} seed {seed}: f16 error {e:?} over 2x plain f16 + {atol}"
-            );
-            assert!(
-                e.lse_max_abs <= 1e-4,
-                "{case:?} seed {seed}: LSE error {e:?}"
-            );
-        }
-    }
+    let c = run_seeded(case, seed);
+    assert!(c.passed, "{case:?} seed {seed}: {c:?}");
+    c
 }

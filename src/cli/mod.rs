@@ -1,0 +1,3 @@
+//! Helpers of the command-line binary (not part of the library API).
+pub mod npy;
+pub mod svg;
