@@ -210,7 +210,8 @@ fn dispatch(
     pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
 }
 
-/// Naive attention over contiguous f32 buffers `[B, L, H, D]`; D and Dv multiples of 4.
+/// Naive attention over contiguous f32 buffers `[B, L, H, D]`; D and Dv each one of the flash
+/// head-dim buckets (the baseline is a yardstick for benches, not a general kernel).
 #[allow(clippy::too_many_arguments)]
 pub fn encode_naive_attention(
     ctx: &GpuContext,
@@ -223,11 +224,11 @@ pub fn encode_naive_attention(
     o: &wgpu::Buffer,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<()> {
-    if !shape.d.is_multiple_of(4) || !shape.dv.is_multiple_of(4) || shape.d > 512 || shape.dv > 512
-    {
+    let buckets = crate::flash::HEAD_DIM_BUCKETS;
+    if !buckets.contains(&(shape.d as u32)) || !buckets.contains(&(shape.dv as u32)) {
         return Err(AttnError::invalid(
             "naive baseline head dims",
-            "multiples of 4 up to 512",
+            format!("one of {buckets:?}"),
             format!("{} / {}", shape.d, shape.dv),
         ));
     }

@@ -80,6 +80,25 @@ impl PipelineKey {
     }
 }
 
+/// Every kernel the host can build, on any adapter: what `cargo test` validates with naga and
+/// translates to SPIR-V, MSL and HLSL.
+pub fn all_keys() -> Vec<PipelineKey> {
+    let mut keys: Vec<PipelineKey> = crate::flash::all_flash_keys()
+        .into_iter()
+        .map(PipelineKey::Flash)
+        .collect();
+    for d in crate::flash::HEAD_DIM_BUCKETS {
+        for dv in crate::flash::HEAD_DIM_BUCKETS {
+            keys.push(PipelineKey::Baseline(BaselineKey::NaiveAttention {
+                d4: d / 4,
+                dv4: dv / 4,
+            }));
+        }
+    }
+    keys.push(PipelineKey::Baseline(BaselineKey::Matmul));
+    keys
+}
+
 /// Parses and validates WGSL with naga; the error names the shader and the line.
 pub fn validate_wgsl(
     name: &str,
@@ -102,13 +121,16 @@ pub fn validate_wgsl(
 impl GpuContext {
     /// Returns the pipeline for `key`, building (and validating) it on first use.
     pub(crate) fn pipeline(&self, key: PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
-        let mut cache = self
-            .pipelines
-            .lock()
-            .map_err(|_| AttnError::Gpu("pipeline cache poisoned by an earlier panic".into()))?;
-        if let Some(p) = cache.get(&key) {
+        let lock = || {
+            self.pipelines
+                .lock()
+                .map_err(|_| AttnError::Gpu("pipeline cache poisoned by an earlier panic".into()))
+        };
+        if let Some(p) = lock()?.get(&key) {
             return Ok(p.clone());
         }
+        // Built without holding the lock: driver compiles take seconds on CPU adapters and two
+        // threads may build different kernels at once (a rare duplicate build is harmless).
         let wg_bytes = key.workgroup_bytes() as u64;
         let wg_limit = self.limits.max_compute_workgroup_storage_size as u64;
         if wg_bytes > wg_limit {
@@ -180,7 +202,6 @@ impl GpuContext {
             });
         }
         let pipeline = Arc::new(pipeline);
-        cache.insert(key, pipeline.clone());
-        Ok(pipeline)
+        Ok(lock()?.entry(key).or_insert(pipeline).clone())
     }
 }

@@ -1,15 +1,140 @@
+//! Flash attention against the f64 reference: awkward shapes, head dims, GQA, every option alone
+//! and combined, f32 and f16, both strategies, on whatever adapter the tests run (lavapipe and
+//! SwiftShader in CI). Outputs are NaN-poisoned before each run (see common::run_seeded).
+
 mod common;
 use common::*;
 use wgpu_attention::*;
 
+/// B=2 (so per-batch options differ), 8 query heads over 2 kv heads, D=40 (a padded bucket).
+fn base(lq: usize, lk: usize) -> Case {
+    Case::new(2, lq, lk, 8, 2, 40, 40)
+}
+
 #[test]
-fn smoke_both_strategies() {
-    for s in [Strategy::Tiled, Strategy::Subgroup] {
-        let c = Case::new(1, 113, 203, 4, 2, 40, 40)
-            .strategy(s)
-            .with(|o| o.causal = true);
-        let e = run(&c);
-        eprintln!("{s:?}: {e:?}");
-        check(&c);
+fn awkward_lengths() {
+    for (lq, lk) in [(113, 203), (239, 1), (1, 239), (1, 1), (70, 65)] {
+        check_all(&base(lq, lk));
+        check_all(&base(lq, lk).with(|o| o.causal = true));
+    }
+}
+
+#[test]
+fn long_square_causal_and_not() {
+    check_all(&Case::new(1, 1023, 1024, 8, 2, 40, 40));
+    check_all(&Case::new(1, 1023, 1024, 8, 2, 40, 40).with(|o| o.causal = true));
+}
+
+#[test]
+fn head_dims() {
+    for (d, dv) in [(40, 40), (60, 60), (16, 96), (256, 256), (512, 512)] {
+        check_all(&Case::new(1, 37, 70, 2, 1, d, dv).with(|o| o.causal = true));
+    }
+}
+
+#[test]
+fn gqa_and_mqa() {
+    check_all(&Case::new(1, 50, 61, 8, 2, 40, 40));
+    check_all(&Case::new(1, 50, 61, 8, 1, 40, 40).with(|o| o.causal = true));
+    check_all(&Case::new(2, 20, 33, 3, 3, 40, 40));
+}
+
+#[test]
+fn causal_is_bottom_right_aligned() {
+    // Lq > Lk: the first Lq - Lk rows see no key (O = 0, LSE = -inf); Lq < Lk: all see some.
+    check_all(&base(90, 40).with(|o| o.causal = true));
+    check_all(&base(40, 90).with(|o| o.causal = true));
+}
+
+#[test]
+fn each_option_alone() {
+    check_all(&base(57, 83).with(|o| o.scale = Some(0.3)));
+    check_all(&base(57, 83).with(|o| o.softcap = Some(2.5)).amp_(3.0));
+    check_all(&base(57, 83).with(|o| o.alibi_slopes = Some(slopes(8))));
+    for (bb, bh) in [(1, 1), (2, 1), (1, 8), (2, 8)] {
+        check_all(&base(57, 83).bias(bb, bh));
+    }
+    check_all(&base(57, 83).with(|o| o.q_lens = Some(vec![57, 20])));
+    check_all(&base(57, 83).with(|o| o.kv_lens = Some(vec![9, 83])));
+    check_all(&base(57, 83).with(|o| o.window = (Some(7), None)));
+    check_all(&base(57, 83).with(|o| o.window = (None, Some(5))));
+    check_all(&base(57, 83).with(|o| o.window = (Some(0), Some(0))));
+}
+
+#[test]
+fn options_combined() {
+    let all = |o: &mut FlashOptions| {
+        o.causal = true;
+        o.scale = Some(0.2);
+        o.softcap = Some(3.0);
+        o.alibi_slopes = Some(slopes(8));
+        o.q_lens = Some(vec![40, 61]);
+        o.kv_lens = Some(vec![77, 30]);
+        o.window = (Some(11), Some(3));
+    };
+    check_all(&base(61, 77).bias(2, 1).with(all));
+    check_all(&base(61, 77).bias(1, 8).with(all).f16());
+    // varlen with causal: alignment at each sequence's own lengths
+    check_all(&base(64, 64).with(|o| {
+        o.causal = true;
+        o.q_lens = Some(vec![17, 64]);
+        o.kv_lens = Some(vec![40, 5]);
+    }));
+}
+
+#[test]
+fn fully_masked_rows_give_zero_and_neg_inf_lse() {
+    // batch 0 has no keys at all; a -inf bias row masks the rest
+    check_all(&base(30, 41).with(|o| o.kv_lens = Some(vec![0, 41])));
+    check_all(&base(30, 41).with(|o| o.q_lens = Some(vec![0, 30])));
+}
+
+#[test]
+fn f16_in_f16_out() {
+    check_all(&base(113, 203).f16());
+    check_all(&base(113, 203).f16().with(|o| o.causal = true));
+    check_all(
+        &Case::new(1, 33, 47, 2, 2, 60, 60)
+            .f16()
+            .with(|o| o.causal = true),
+    );
+}
+
+#[test]
+fn f16_logits_past_65504_do_not_overflow() {
+    let c = Case::new(1, 20, 31, 2, 1, 64, 64)
+        .f16()
+        .big_logits()
+        .with(|o| o.scale = Some(1.0));
+    check_all(&c);
+}
+
+#[test]
+fn bhsd_strided_views() {
+    check_all(&base(45, 66).bhsd());
+    check_all(&base(45, 66).bhsd().with(|o| o.causal = true));
+}
+
+#[test]
+fn lk_past_the_lavapipe_loop_limit() {
+    // 70000 keys: a kernel that loops once per key would stop early on llvmpipe.
+    check_all(&Case::new(1, 3, 70_000, 1, 1, 16, 16));
+    check_all(&Case::new(1, 3, 70_000, 1, 1, 16, 16).with(|o| o.causal = true));
+}
+
+fn slopes(h: usize) -> Vec<f32> {
+    // ALiBi's geometric slopes 2^(-8 i / h)
+    (1..=h)
+        .map(|i| 2f32.powf(-8.0 * i as f32 / h as f32))
+        .collect()
+}
+
+trait Amp {
+    fn amp_(self, a: f32) -> Self;
+}
+impl Amp for Case {
+    fn amp_(mut self, a: f32) -> Self {
+        self.amp = a;
+        self
     }
 }

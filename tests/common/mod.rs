@@ -43,6 +43,9 @@ pub struct Case {
     pub amp: f32,
     /// Lay Q, K, V out as [B, H, L, D] and pass them as strided views.
     pub bhsd: bool,
+    /// Make the first query row and first key row of batch 0 all 60: a logit of 3600 * D,
+    /// far past f16's 65504.
+    pub big_logits: bool,
 }
 
 impl Case {
@@ -70,6 +73,7 @@ impl Case {
             bias: None,
             amp: 1.0,
             bhsd: false,
+            big_logits: false,
         }
     }
     pub fn strategy(mut self, s: Strategy) -> Self {
@@ -78,6 +82,18 @@ impl Case {
     }
     pub fn f16(mut self) -> Self {
         self.dtype = DType::F16;
+        self
+    }
+    pub fn bias(mut self, bb: usize, bh: usize) -> Self {
+        self.bias = Some([bb, bh]);
+        self
+    }
+    pub fn bhsd(mut self) -> Self {
+        self.bhsd = true;
+        self
+    }
+    pub fn big_logits(mut self) -> Self {
+        self.big_logits = true;
         self
     }
     pub fn with(mut self, f: impl FnOnce(&mut FlashOptions)) -> Self {
@@ -133,8 +149,12 @@ pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
             v
         }
     };
-    let q = round(random(s.batch * s.lq * s.hq * s.d, case.amp, seed));
-    let k = round(random(s.batch * s.lk * s.hkv * s.d, case.amp, seed ^ 1));
+    let mut q = round(random(s.batch * s.lq * s.hq * s.d, case.amp, seed));
+    let mut k = round(random(s.batch * s.lk * s.hkv * s.d, case.amp, seed ^ 1));
+    if case.big_logits {
+        q[..s.d].fill(60.0);
+        k[..s.d].fill(60.0);
+    }
     let v = round(random(s.batch * s.lk * s.hkv * s.dv, 1.0, seed ^ 2));
     let mut opts = case.opts.clone();
     let bias_host = case.bias.map(|[bb, bh]| {
@@ -174,10 +194,59 @@ pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
 
 /// Runs on fresh random inputs and asserts the crate's tolerances (see
 /// [`wgpu_attention::flash::reference::compare`]): f32 under 2e-5 of the largest output, f16 at
-/// most twice the error of a plain f16 implementation plus a small atol.
-pub fn check(case: &Case) -> Comparison {
+/// most twice the error of a plain f16 implementation plus a small atol. An f16 case on an
+/// adapter without SHADER_F16 must instead fail with the typed error.
+pub fn check(case: &Case) -> Option<Comparison> {
     let seed = fresh_seed();
+    if case.dtype == DType::F16 && !ctx().caps.f16 {
+        expect_missing_f16(case);
+        return None;
+    }
     let c = run_seeded(case, seed);
     assert!(c.passed, "{case:?} seed {seed}: {c:?}");
-    c
+    Some(c)
+}
+
+fn expect_missing_f16(case: &Case) {
+    let ctx = ctx();
+    let s = case.shape;
+    let t = |l: usize, h: usize, d: usize| {
+        let x = vec![half::f16::from_f32(0.5); s.batch * l * h * d];
+        Tensor::from_f16(ctx, &x, &[s.batch, l, h, d]).unwrap()
+    };
+    let err = flash_attention(
+        ctx,
+        &t(s.lq, s.hq, s.d),
+        &t(s.lk, s.hkv, s.d),
+        &t(s.lk, s.hkv, s.dv),
+        &case.opts,
+    );
+    assert!(
+        matches!(
+            err,
+            Err(AttnError::MissingFeature {
+                feature: "SHADER_F16",
+                ..
+            })
+        ),
+        "f16 on an adapter without SHADER_F16 must be a typed error"
+    );
+}
+
+/// The strategies this adapter can run (both where it has subgroups).
+pub fn strategies() -> Vec<Strategy> {
+    let mut v = vec![Strategy::Tiled];
+    if ctx().caps.subgroups {
+        v.push(Strategy::Subgroup);
+    } else {
+        eprintln!("adapter has no SUBGROUP: the subgroup strategy is not tested here");
+    }
+    v
+}
+
+/// Checks the case with every strategy the adapter can run.
+pub fn check_all(case: &Case) {
+    for st in strategies() {
+        check(&case.clone().strategy(st));
+    }
 }
