@@ -663,3 +663,33 @@ pub fn flash_attention(
     flash_attention_into(ctx, q, k, v, &out, lse.as_ref(), opts)?;
     Ok(AttentionOutput { out, lse })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_fits_the_webgpu_default_workgroup_memory_and_budgets() {
+        for k in all_flash_keys() {
+            assert!(k.workgroup_bytes() <= TILE_BUDGET_BYTES, "{k:?}");
+            assert!(k.rows >= 1 && k.group >= 1, "{k:?}");
+            assert!(
+                k.rows * (k.d4 + k.dv4) <= REGISTER_BUDGET_VEC4 || k.rows == 1,
+                "{k:?}"
+            );
+            if k.strategy == Strategy::Tiled {
+                assert!(k.block.is_multiple_of(k.group), "{k:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn head_dim_buckets_cover_every_d_up_to_512() {
+        for d in 1..=MAX_HEAD_DIM {
+            let b = head_dim_bucket(d).unwrap() as usize;
+            assert!(b >= d && b.is_multiple_of(4), "{d} -> {b}");
+        }
+        assert_eq!(head_dim_bucket(0), None);
+        assert_eq!(head_dim_bucket(MAX_HEAD_DIM + 1), None);
+    }
+}
