@@ -1,1 +1,30 @@
-fn main() {}
+//! `cargo bench`: the same sweep as `wgpu-attention bench` (flash attention against the naive
+//! kernel and the matmul baseline, GPU time from timestamp queries, median after warm-up).
+//! `cargo bench -- --quick` runs the short registry; results also go to `bench-out/`.
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let ctx = match wgpu_attention::GpuContext::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench needs an adapter: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("adapter: {}", ctx.describe());
+    let rows = wgpu_attention::bench::sweep(&ctx, quick, 3, true, |m| eprintln!("measuring {m}"));
+    match rows {
+        Ok(rows) => {
+            println!("{}", wgpu_attention::bench::table(&rows));
+            let json = serde_json::json!({ "adapter": ctx.describe(), "rows": rows });
+            let _ = std::fs::create_dir_all("bench-out");
+            if let Err(e) = std::fs::write("bench-out/cargo-bench.json", json.to_string()) {
+                eprintln!("could not write bench-out/cargo-bench.json: {e}");
+            }
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -307,3 +307,27 @@ pub fn table(rows: &[BenchRow]) -> String {
     }
     s
 }
+
+/// The whole sweep over [`registry`]: the matmul baseline (1024^3), then per case flash attention
+/// (the plan's strategy) and, unless `naive` is false, the naive kernel. `progress` is called
+/// with a message before each measurement.
+pub fn sweep(
+    ctx: &GpuContext,
+    quick: bool,
+    repeats: usize,
+    naive: bool,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    progress("matmul baseline");
+    rows.push(bench_matmul(ctx, 1024, 1, repeats)?);
+    for c in registry(quick) {
+        progress(&format!("{} flash", c.name));
+        rows.push(bench_flash(ctx, &c, StrategyChoice::Auto, 1, repeats)?);
+        if naive {
+            progress(&format!("{} naive", c.name));
+            rows.push(bench_naive(ctx, &c, 1, repeats)?);
+        }
+    }
+    Ok(rows)
+}

@@ -482,11 +482,11 @@ fn run(a: &RunArgs) -> CliResult<()> {
         );
         if let Some(c) = &cmp {
             println!(
-                "check vs f64 reference: max abs err {:.3e}, max rel err {:.3e} (tolerance {:.3e}), \
+                "check vs f64 reference: max abs err {:.3e} (tolerance {:.3e}), relative to max|ref| {:.3e}, \
                  LSE rel err {:.3e}: {}",
                 c.max_abs,
-                c.max_rel,
                 c.tolerance_abs,
+                c.max_rel,
                 c.lse_max_rel,
                 if c.passed { "PASS" } else { "FAIL" }
             );
@@ -526,28 +526,20 @@ fn check(
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new()?;
     println!("adapter: {}", ctx.describe());
-    let cases = bench::registry(a.quick);
-    let bar = indicatif::ProgressBar::new((cases.len() * 2 + 1) as u64);
-    let mut rows: Vec<BenchRow> = Vec::new();
-    bar.set_message("matmul baseline");
-    rows.push(bench::bench_matmul(&ctx, 1024, 1, a.repeat)?);
-    bar.inc(1);
-    for c in &cases {
-        bar.set_message(format!("{} flash", c.name));
-        rows.push(bench::bench_flash(
-            &ctx,
-            c,
-            StrategyChoice::Auto,
-            1,
-            a.repeat,
-        )?);
-        bar.inc(1);
-        if !a.no_naive {
-            bar.set_message(format!("{} naive", c.name));
-            rows.push(bench::bench_naive(&ctx, c, 1, a.repeat)?);
+    let steps = bench::registry(a.quick).len() * if a.no_naive { 1 } else { 2 } + 1;
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut started = false;
+    let rows = bench::sweep(&ctx, a.quick, a.repeat, !a.no_naive, |m| {
+        if started {
+            bar.inc(1);
         }
-        bar.inc(1);
-    }
+        started = true;
+        bar.set_message(m.to_string());
+    })?;
     bar.finish_and_clear();
     let table = bench::table(&rows);
     println!("{table}");

@@ -25,8 +25,9 @@ pub const HEAD_DIM_BUCKETS: [u32; 13] = [16, 32, 48, 64, 80, 96, 128, 160, 192, 
 pub const MAX_HEAD_DIM: usize = 512;
 /// Workgroup memory the tiled strategy plans for: the WebGPU default limit, so every adapter fits.
 pub const TILE_BUDGET_BYTES: u32 = 16 * 1024;
-/// Registers for q rows and accumulators per invocation, in vec4s (`rows * (D + Dv) / 4`).
-const REGISTER_BUDGET_VEC4: u32 = 128;
+/// Registers for q rows and accumulators per invocation, in vec4s (`rows * (D + Dv) / 4`):
+/// CPU adapters (subgroup strategy) have registers to spare, GPUs (tiled) need occupancy.
+const REGISTER_BUDGET_VEC4: [u32; 2] = [128, 256];
 /// Unrolled vec4 operations in one key group (`rows * group * (D + Dv) / 4`).
 const UNROLL_BUDGET_VEC4: u32 = 512;
 
@@ -111,6 +112,13 @@ pub fn head_dim_bucket(d: usize) -> Option<u32> {
         .find(|&b| d >= 1 && d <= b as usize)
 }
 
+fn register_budget(strategy: Strategy) -> u32 {
+    match strategy {
+        Strategy::Tiled => REGISTER_BUDGET_VEC4[0],
+        Strategy::Subgroup => REGISTER_BUDGET_VEC4[1],
+    }
+}
+
 /// The kernel specialization the plan picks for a strategy, dtype, head-dim buckets and (for the
 /// subgroup strategy) the adapter's subgroup size range. The only producer of `FlashKey`s.
 pub fn flash_key(
@@ -125,9 +133,10 @@ pub fn flash_key(
     let width = d4 + dv4;
     // Rows per invocation: more rows, fewer loads per FMA, but R * (D + Dv) floats of registers
     // (q and the accumulator). Measured on lavapipe at L2048 D64: R = 2 / 4 / 8 gives 6.7 / 10.9
-    // / 15.4 GFLOP/s, but R = 8 doubles the compile time, and at D = 256 R = 4 already takes a
-    // minute to compile: keep R * (D + Dv) <= 512 floats.
-    let fit_rows = (REGISTER_BUDGET_VEC4 / width).clamp(1, 4);
+    // / 15.4 GFLOP/s; R = 16 gives 20.7 but triples the compile time, and at D = 256 R = 4
+    // already takes a minute to compile.
+    let budget = register_budget(strategy);
+    let fit_rows = (budget / width).clamp(1, 8);
     let rows = 1u32 << (31 - fit_rows.leading_zeros()); // a power of two
     match strategy {
         Strategy::Tiled => {
@@ -674,7 +683,7 @@ mod tests {
             assert!(k.workgroup_bytes() <= TILE_BUDGET_BYTES, "{k:?}");
             assert!(k.rows >= 1 && k.group >= 1, "{k:?}");
             assert!(
-                k.rows * (k.d4 + k.dv4) <= REGISTER_BUDGET_VEC4 || k.rows == 1,
+                k.rows * (k.d4 + k.dv4) <= register_budget(k.strategy) || k.rows == 1,
                 "{k:?}"
             );
             if k.strategy == Strategy::Tiled {

@@ -294,9 +294,7 @@ pub fn flash_source(key: &FlashKey) -> String {
     if (has(F_KVLENS)) {{ kvlen = min(lens_buf[p.batch + b], p.lk); }}
     let tile0 = wid.x * {rpw}u;            // first query row of this workgroup
     let row0 = tile0 + lid * {r_n}u;       // this invocation's rows: row0 .. row0 + R
-    // Keys this workgroup can see (uniform over the workgroup): tiles outside are never loaded.
-    let first = i32(tile0);
-    let last = i32(min(tile0 + {rpw}u, qlen)) - 1;
+{bounds}
     let diag_off = i32(kvlen) - i32(qlen);
     var hi = min(i32(kvlen), i32(p.kv_end));
     var lo = i32(p.kv_start);
@@ -309,7 +307,22 @@ pub fn flash_source(key: &FlashKey) -> String {
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
     let v_head = p.v.x + b * p.v.y + hk * p.v.w;
 ",
-        rpw = key.rows_per_workgroup()
+        rpw = key.rows_per_workgroup(),
+        bounds = match key.strategy {
+            // the key loop only has to be uniform over the subgroup: bound it by the subgroup's
+            // own rows, so causal work above the diagonal is skipped in steps of sg_size * R rows
+            Strategy::Subgroup => format!(
+                "    // Keys this subgroup can see (uniform over the subgroup): tiles outside are never loaded.
+    let first = i32(subgroupMin(row0));
+    let last = i32(min(subgroupMax(row0) + {r_n}u, qlen)) - 1;"
+            ),
+            Strategy::Tiled => format!(
+                "    // Keys this workgroup can see (uniform over the workgroup): tiles outside are never loaded.
+    let first = i32(tile0);
+    let last = i32(min(tile0 + {}u, qlen)) - 1;",
+                key.rows_per_workgroup()
+            ),
+        }
     ));
     // Query rows, pre-scaled; running max, sum, accumulator per row.
     for r in 0..r_n {
