@@ -243,7 +243,7 @@ fn info() -> CliResult<()> {
             d,
             dv: d,
         };
-        match flash::plan(&ctx, &s, dtype, StrategyChoice::Auto, false) {
+        match flash::plan(&ctx, &s, dtype, &FlashOptions::default()) {
             Ok(p) => println!("  D={d} {dtype}: {} grid {:?}", p.key.label(), p.grid),
             Err(e) => println!("  D={d} {dtype}: not available ({e})"),
         }

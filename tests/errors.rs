@@ -255,7 +255,11 @@ fn lk_over_the_loop_limit_is_refused_not_truncated() {
         dv: 512,
     };
     for st in strategies() {
-        let e = flash::plan(c, &s, DType::F32, StrategyChoice::Force(st), false).unwrap_err();
+        let o = FlashOptions {
+            strategy: StrategyChoice::Force(st),
+            ..Default::default()
+        };
+        let e = flash::plan(c, &s, DType::F32, &o).unwrap_err();
         assert!(matches!(e, AttnError::Limit { .. }), "{e}");
     }
 }

@@ -62,6 +62,34 @@ fn each_option_alone() {
 }
 
 #[test]
+fn attention_sinks_with_sliding_window() {
+    // StreamingLLM-style: the first `sinks` keys stay visible past the window's left edge
+    check_all(&base(120, 150).with(|o| {
+        o.window = (Some(9), None);
+        o.sinks = 4;
+    }));
+    check_all(&base(120, 150).with(|o| {
+        o.causal = true;
+        o.window = (Some(20), Some(0));
+        o.sinks = 13;
+    }));
+    // sinks wider than the window's left edge ever reaches, and sinks without a window
+    check_all(&base(40, 37).with(|o| {
+        o.window = (Some(2), Some(2));
+        o.sinks = 37;
+    }));
+    // sinks right of the window of the first rows (many workgroups / subgroups)
+    check_all(&Case::new(1, 600, 610, 2, 1, 40, 40).with(|o| {
+        o.window = (Some(2), Some(2));
+        o.sinks = 300;
+    }));
+    check_all(&base(40, 37).with(|o| {
+        o.causal = true;
+        o.sinks = 3;
+    }));
+}
+
+#[test]
 fn options_combined() {
     let all = |o: &mut FlashOptions| {
         o.causal = true;
@@ -71,6 +99,7 @@ fn options_combined() {
         o.q_lens = Some(vec![40, 61]);
         o.kv_lens = Some(vec![77, 30]);
         o.window = (Some(11), Some(3));
+        o.sinks = 2;
     };
     check_all(&base(61, 77).bias(2, 1).with(all));
     check_all(&base(61, 77).bias(1, 8).with(all).f16());

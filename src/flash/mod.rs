@@ -212,9 +212,11 @@ pub fn plan(
     ctx: &GpuContext,
     shape: &AttnShape,
     dtype: DType,
-    choice: StrategyChoice,
-    mods: bool,
+    opts: &FlashOptions,
 ) -> Result<FlashPlan> {
+    let choice = opts.strategy;
+    let mods = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.bias.is_some();
+    let sinks = opts.sinks;
     let d_bucket = head_dim_bucket(shape.d).ok_or(AttnError::HeadDim {
         what: "D (q/k head dim)",
         got: shape.d,
@@ -256,7 +258,8 @@ pub fn plan(
             Strategy::Tiled => (key.block as u64, key.group as u64),
             Strategy::Subgroup => (caps.subgroup_min as u64, key.group as u64),
         };
-        let blocks = (shape.lk as u64).div_ceil(block);
+        // the window pass, the sinks pass, and one partial block each
+        let blocks = (shape.lk as u64).div_ceil(block) + (sinks as u64).div_ceil(block) + 2;
         let trips = blocks * (1 + block / group);
         if trips > limit - 64 {
             return Err(AttnError::Limit {
@@ -485,14 +488,6 @@ fn prepare(
         }
         None => 0,
     };
-    if opts.sinks > 0 && (wl.is_some() || wr.is_some()) {
-        // sinks outside the window range need a second key range: not yet planned
-        return Err(AttnError::invalid(
-            "sinks",
-            "0 (attention sinks are not implemented yet)",
-            opts.sinks,
-        ));
-    }
     let mut bias_strides = [0u32; 4];
     if let Some(bias) = &opts.bias {
         let sh = bias.shape();
@@ -518,8 +513,7 @@ fn prepare(
         ctx.check_binding(what, t.buffer().size())?;
     }
 
-    let mods = fl & (flags::SOFTCAP | flags::ALIBI | flags::BIAS) != 0;
-    let plan = plan(ctx, &s, q.dtype(), opts.strategy, mods)?;
+    let plan = plan(ctx, &s, q.dtype(), opts)?;
     let params = FlashParams {
         batch: s.batch as u32,
         hq: s.hq as u32,

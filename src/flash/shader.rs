@@ -155,6 +155,11 @@ const F_KVLENS: u32 = 64u;
 const F_WLEFT: u32 = 128u;
 const F_WRIGHT: u32 = 256u;
 
+// The key range of the current pass (sinks, then the window): a block that overhangs its range
+// must not count keys that the other pass visits.
+var<private> range_lo: u32;
+var<private> range_hi: u32;
+
 fn has(f: u32) -> bool { return (p.flags & f) != 0u; }
 
 fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
@@ -172,7 +177,7 @@ fn tanh_safe(x: f32) -> f32 {
 fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
     let diag = i32(i) + i32(kvlen) - i32(qlen);
     let jj = i32(j);
-    let ok = (i < qlen) & (j < kvlen) & (j >= p.kv_start) & (j < p.kv_end)
+    let ok = (i < qlen) & (j < kvlen) & (j >= range_lo) & (j < range_hi)
         & (!has(F_CAUSAL) | (jj <= diag));
     let in_window = (!has(F_WLEFT) | (jj >= diag - p.win_left))
         & (!has(F_WRIGHT) | (jj <= diag + p.win_right));
@@ -299,7 +304,8 @@ pub fn flash_source(key: &FlashKey) -> String {
     var hi = min(i32(kvlen), i32(p.kv_end));
     var lo = i32(p.kv_start);
     if (has(F_CAUSAL)) {{ hi = min(hi, last + diag_off + 1); }}
-    if (has(F_WRIGHT)) {{ hi = min(hi, last + diag_off + p.win_right + 1); }}
+    let hi_sinks = min(hi, i32(min(p.sinks, p.kv_end))); // sinks right of the window still count
+    if (has(F_WRIGHT)) {{ hi = max(min(hi, last + diag_off + p.win_right + 1), hi_sinks); }}
     if (has(F_WLEFT)) {{ lo = max(lo, first + diag_off - p.win_left); }}
     if (last < first) {{ hi = lo; }}
     let kv_lo = u32(max(lo, 0));
@@ -342,7 +348,8 @@ pub fn flash_source(key: &FlashKey) -> String {
         Strategy::Subgroup => {
             w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
             w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
-            w.open("for (var kb = kv_lo; kb < kv_hi; kb += sg_size) {");
+            open_passes(&mut w);
+            w.open("for (var kb = range_lo; kb < range_hi; kb += sg_size) {");
             w.line("// each lane holds one K row and one V row of this block");
             w.line("let kj = min(kb + lane, p.lk - 1u);");
             for i in 0..d4 {
@@ -357,10 +364,14 @@ pub fn flash_source(key: &FlashKey) -> String {
             });
             w.close();
             w.close();
+            w.close();
         }
         Strategy::Tiled => {
             let bc = key.block;
-            w.open(&format!("for (var kb = kv_lo; kb < kv_hi; kb += {bc}u) {{"));
+            open_passes(&mut w);
+            w.open(&format!(
+                "for (var kb = range_lo; kb < range_hi; kb += {bc}u) {{"
+            ));
             w.line("// cooperative load of a K/V tile into workgroup memory");
             for (tile, n4, ld, head, stride) in [
                 ("k_tile", d4, "ld_k", "k_head", "p.k.z"),
@@ -397,6 +408,7 @@ pub fn flash_source(key: &FlashKey) -> String {
             w.close();
             w.line("workgroupBarrier();");
             w.close();
+            w.close();
         }
     }
 
@@ -418,6 +430,15 @@ pub fn flash_source(key: &FlashKey) -> String {
     }
     w.close();
     w.finish()
+}
+
+/// Two passes over keys: the attention sinks left of the window (`[kv_start, min(sinks, kv_lo))`),
+/// then the window's own range `[kv_lo, kv_hi)`. Bounds are uniform, as barriers and shuffles
+/// need.
+fn open_passes(w: &mut Wgsl) {
+    w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
+    w.line("range_lo = select(kv_lo, p.kv_start, kpass == 0u);");
+    w.line("range_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
 }
 
 /// One group of `U` keys: scores, masking, online-softmax update, P·V. `fetch(x, u, i)` returns
