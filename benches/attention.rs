@@ -3,6 +3,11 @@
 //! `cargo bench -- --quick` runs the short registry; results also go to `bench-out/`.
 
 fn main() {
+    // `cargo test --all-targets` also runs this binary, without `--bench`: nothing to measure then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("attention bench: run it with `cargo bench`");
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let ctx = match wgpu_attention::GpuContext::new() {
         Ok(c) => c,

@@ -116,6 +116,8 @@ pub struct BenchCase {
     pub d: usize,
     pub causal: bool,
     pub dtype: String,
+    /// Sliding window `(left, right)`, `None` for dense.
+    pub window: Option<(u32, u32)>,
 }
 
 impl BenchCase {
@@ -130,8 +132,39 @@ impl BenchCase {
             d,
             causal,
             dtype: "f32".into(),
+            window: None,
         }
     }
+    /// Query-key pairs the mask lets through, per batch and head (exact count).
+    pub fn visible_pairs(&self) -> u64 {
+        let diag_off = self.lk as i64 - self.lq as i64;
+        (0..self.lq as i64)
+            .map(|i| {
+                let d = i + diag_off;
+                let mut lo = 0;
+                let mut hi = self.lk as i64 - 1;
+                if self.causal {
+                    hi = hi.min(d);
+                }
+                if let Some((l, r)) = self.window {
+                    lo = lo.max(d - l as i64);
+                    hi = hi.min(d + r as i64);
+                }
+                (hi - lo + 1).max(0) as u64
+            })
+            .sum()
+    }
+
+    /// FLOPs of the work the mask leaves: `2 * (D + Dv)` per visible pair. For a dense
+    /// non-causal case this is the usual `4 * B * H * Lq * Lk * D`.
+    pub fn flops(&self) -> f64 {
+        if self.window.is_none() {
+            return self.shape().flops(self.causal);
+        }
+        let s = self.shape();
+        2.0 * (s.batch * s.hq) as f64 * self.visible_pairs() as f64 * (s.d + s.dv) as f64
+    }
+
     pub fn shape(&self) -> AttnShape {
         AttnShape {
             batch: self.batch,
@@ -210,6 +243,9 @@ pub fn bench_flash(
     let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], DType::F32, 0.0)?;
     let opts = FlashOptions {
         causal: case.causal,
+        window: case
+            .window
+            .map_or((None, None), |(l, r)| (Some(l), Some(r))),
         strategy,
         ..Default::default()
     };
@@ -219,7 +255,51 @@ pub fn bench_flash(
         label = format!("flash-{:?}", plan.key.strategy).to_lowercase();
         Ok(())
     })?;
-    Ok(row(case, label, &t, s.flops(case.causal)))
+    Ok(row(case, label, &t, case.flops()))
+}
+
+/// One point of a window sweep: the windowed time against dense at the same shape.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WindowPoint {
+    pub window: (u32, u32),
+    pub gpu_ms: f64,
+    pub dense_ms: f64,
+    /// Measured `dense_ms / gpu_ms`.
+    pub speedup: f64,
+    /// `dense keys / keys the window lets through`: the speed-up if cost followed the window
+    /// exactly.
+    pub ideal: f64,
+    /// `speedup / ideal`.
+    pub efficiency: f64,
+}
+
+/// Sliding-window attention against dense at one shape, for each `(left, right)` window.
+pub fn bench_windows(
+    ctx: &GpuContext,
+    dense: &BenchCase,
+    windows: &[(u32, u32)],
+    warmup: usize,
+    repeats: usize,
+) -> Result<(BenchRow, Vec<WindowPoint>)> {
+    let d = bench_flash(ctx, dense, StrategyChoice::Auto, warmup, repeats)?;
+    let mut points = Vec::new();
+    for &w in windows {
+        let mut c = dense.clone();
+        c.window = Some(w);
+        c.name = format!("{}-win{}+{}", dense.name, w.0, w.1);
+        let r = bench_flash(ctx, &c, StrategyChoice::Auto, warmup, repeats)?;
+        let ideal = dense.visible_pairs() as f64 / c.visible_pairs() as f64;
+        let speedup = d.gpu_ms / r.gpu_ms;
+        points.push(WindowPoint {
+            window: w,
+            gpu_ms: r.gpu_ms,
+            dense_ms: d.gpu_ms,
+            speedup,
+            ideal,
+            efficiency: speedup / ideal,
+        });
+    }
+    Ok((d, points))
 }
 
 /// Times the naive attention baseline on a case.

@@ -107,12 +107,12 @@ struct RunArgs {
     /// Key lengths per batch, .npy [B] int32.
     #[arg(long)]
     kv_lens: Option<PathBuf>,
-    /// Sliding window: keys at most this far left of the diagonal.
-    #[arg(long)]
-    window_left: Option<u32>,
-    /// Sliding window: keys at most this far right of the diagonal.
-    #[arg(long)]
-    window_right: Option<u32>,
+    /// Sliding window LEFT,RIGHT around the diagonal (-1 leaves a side unbounded).
+    #[arg(long, allow_hyphen_values = true)]
+    window: Option<String>,
+    /// Attention sinks: the first N keys stay visible besides the window.
+    #[arg(long, default_value_t = 0)]
+    sinks: u32,
     /// Kernel strategy.
     #[arg(long, value_enum, default_value = "auto")]
     strategy: StrategyArg,
@@ -147,6 +147,9 @@ struct BenchArgs {
     /// Skip the (slow) naive baseline.
     #[arg(long)]
     no_naive: bool,
+    /// Instead of the registry: sliding windows against dense at B=1, H=8, D=64 and this length.
+    #[arg(long)]
+    window_sweep: Option<usize>,
 }
 
 enum Failure {
@@ -290,6 +293,24 @@ fn parse_shape(s: &str) -> CliResult<[usize; 7]> {
     ])
 }
 
+fn parse_window(s: &str) -> CliResult<(Option<u32>, Option<u32>)> {
+    let side = |x: &str| -> CliResult<Option<u32>> {
+        match x.trim().parse::<i64>() {
+            Ok(-1) => Ok(None),
+            Ok(v) if (0..=i32::MAX as i64).contains(&v) => Ok(Some(v as u32)),
+            _ => Err(Failure::Input(format!(
+                "--window: expected LEFT,RIGHT (each >= 0, or -1 for unbounded), got '{s}'"
+            ))),
+        }
+    };
+    match s.split_once(',') {
+        Some((l, r)) => Ok((side(l)?, side(r)?)),
+        None => Err(Failure::Input(format!(
+            "--window: expected LEFT,RIGHT (each >= 0, or -1 for unbounded), got '{s}'"
+        ))),
+    }
+}
+
 fn load_inputs(a: &RunArgs) -> CliResult<Inputs> {
     match (&a.q, &a.k, &a.v, &a.shape) {
         (Some(q), Some(k), Some(v), None) => {
@@ -360,7 +381,11 @@ fn run(a: &RunArgs) -> CliResult<()> {
         causal: a.causal,
         scale: a.scale,
         softcap: a.softcap,
-        window: (a.window_left, a.window_right),
+        window: match &a.window {
+            Some(w) => parse_window(w)?,
+            None => (None, None),
+        },
+        sinks: a.sinks,
         strategy: a.strategy.choice(),
         ..Default::default()
     };
@@ -526,6 +551,9 @@ fn check(
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new()?;
     println!("adapter: {}", ctx.describe());
+    if let Some(l) = a.window_sweep {
+        return window_sweep(&ctx, a, l);
+    }
     let steps = bench::registry(a.quick).len() * if a.no_naive { 1 } else { 2 } + 1;
     let bar = indicatif::ProgressBar::new(steps as u64);
     bar.set_style(
@@ -556,5 +584,37 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
     let title = format!("wgpu-attention on {}", ctx.adapter_info.name);
     std::fs::write(dir.join("results.svg"), cli::svg::bar_chart(&title, rows)).map_err(io)?;
     println!("wrote {}/results.json and results.svg", dir.display());
+    Ok(())
+}
+
+fn window_sweep(ctx: &GpuContext, a: &BenchArgs, l: usize) -> CliResult<()> {
+    let mut dense = bench::registry(true)[0].clone();
+    dense.lq = l;
+    dense.lk = l;
+    dense.name = format!("L{l}-D64");
+    let windows = [(32, 32), (128, 128), (256, 256), (1024, 1024)];
+    let (d, points) = bench::bench_windows(ctx, &dense, &windows, 1, a.repeat)?;
+    println!(
+        "dense: {:.1} ms, {:.2} GFLOP/s ({})",
+        d.gpu_ms, d.gflops, d.kernel
+    );
+    println!(
+        "{:<12} {:>10} {:>9} {:>9} {:>11}",
+        "window", "GPU ms", "speed-up", "ideal", "efficiency"
+    );
+    for p in &points {
+        println!(
+            "{:<12} {:>10.2} {:>9.2} {:>9.2} {:>10.0}%",
+            format!("{}+{}", p.window.0, p.window.1),
+            p.gpu_ms,
+            p.speedup,
+            p.ideal,
+            100.0 * p.efficiency
+        );
+    }
+    let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", a.out_dir.display()));
+    std::fs::create_dir_all(&a.out_dir).map_err(io)?;
+    let json = serde_json::json!({ "adapter": ctx.describe(), "dense": d, "windows": points });
+    std::fs::write(a.out_dir.join("windows.json"), json.to_string()).map_err(io)?;
     Ok(())
 }

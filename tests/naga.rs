@@ -3,6 +3,7 @@
 
 use naga::back::{hlsl, msl, spv};
 use wgpu_attention::pipeline::{all_keys, validate_wgsl, PipelineKey};
+use wgpu_attention::{DType, Strategy};
 
 fn translate(key: &PipelineKey) -> Result<(), String> {
     let label = key.label();
@@ -67,4 +68,39 @@ fn every_specialization_validates_and_translates() {
         "{} specializations valid in WGSL, SPIR-V, MSL and HLSL",
         keys.len()
     );
+}
+
+/// Readable copies of two generated kernels live in `shaders/flash/` (the GPU plan and the
+/// lavapipe plan at D = 64). They are outputs, never inputs: this test fails when the generator
+/// changes and the copies do not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
+#[test]
+fn shader_snapshots_match_the_generator() {
+    use wgpu_attention::flash::flash_key;
+    let keys = [
+        flash_key(Strategy::Tiled, DType::F32, 64, 64, (0, 0), false),
+        flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders/flash");
+    let bless = std::env::var("WGPU_ATTENTION_BLESS").is_ok_and(|v| v == "1");
+    for k in keys {
+        let key = PipelineKey::Flash(k);
+        let path = dir.join(format!("{}.wgsl", key.label()));
+        let src = key.source();
+        if bless {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &src).unwrap();
+            continue;
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run WGPU_ATTENTION_BLESS=1 cargo test --test naga",
+                path.display()
+            )
+        });
+        assert!(
+            on_disk == src,
+            "{} is stale; run WGPU_ATTENTION_BLESS=1 cargo test --test naga",
+            path.display()
+        );
+    }
 }
