@@ -1,0 +1,143 @@
+//! The CLI from outside: exit codes, JSON, .npy in and out, --check with every file option.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use npyz::WriterBuilder;
+
+fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wgpu-attention"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wgpu-attention-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(&mut f)
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn run_random_check_json() {
+    let out = cli()
+        .args([
+            "run",
+            "--shape",
+            "2,33,47,4,2,40",
+            "--causal",
+            "--check",
+            "--json",
+            "--repeat",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_of(&out);
+    assert!(j["gpu_ms"].as_f64().unwrap() > 0.0);
+    assert!(j["gflops"].as_f64().unwrap() > 0.0);
+    assert!(j["adapter"].as_str().is_some());
+    assert_eq!(j["check"]["passed"], true, "{j}");
+}
+
+#[test]
+fn run_from_files_with_every_file_option() {
+    let (b, lq, lk, hq, hkv, d) = (2u64, 9u64, 12u64, 4u64, 2u64, 8u64);
+    let gen = |n: u64, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+    let (q, k, v) = (tmp("q.npy"), tmp("k.npy"), tmp("v.npy"));
+    write_npy(&q, &[b, lq, hq, d], &gen(b * lq * hq * d, 0.31));
+    write_npy(&k, &[b, lk, hkv, d], &gen(b * lk * hkv * d, 0.17));
+    write_npy(&v, &[b, lk, hkv, d], &gen(b * lk * hkv * d, 0.53));
+    let (alibi, bias, ql, kl) = (
+        tmp("alibi.npy"),
+        tmp("bias.npy"),
+        tmp("ql.npy"),
+        tmp("kl.npy"),
+    );
+    write_npy(&alibi, &[hq], &[0.5f32, 0.25, 0.125, 0.0625]);
+    write_npy(&bias, &[1, hq, lq, lk], &gen(hq * lq * lk, 0.7));
+    write_npy(&ql, &[b], &[9i32, 5]);
+    write_npy(&kl, &[b], &[12i32, 7]);
+    let (o, lse) = (tmp("o.npy"), tmp("lse.npy"));
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    let out = cli()
+        .args(["run", "--q", &p(&q), "--k", &p(&k), "--v", &p(&v)])
+        .args(["--alibi", &p(&alibi), "--bias", &p(&bias)])
+        .args(["--q-lens", &p(&ql), "--kv-lens", &p(&kl)])
+        .args([
+            "--causal",
+            "--softcap",
+            "5",
+            "--window",
+            "4,-1",
+            "--sinks",
+            "1",
+        ])
+        .args(["--out", &p(&o), "--lse", &p(&lse), "--check", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_of(&out)["check"]["passed"], true);
+    let o = npyz::NpyFile::new(std::fs::File::open(&o).unwrap()).unwrap();
+    assert_eq!(o.shape(), &[b, lq, hq, d]);
+    let lse = npyz::NpyFile::new(std::fs::File::open(&lse).unwrap()).unwrap();
+    assert_eq!(lse.shape(), &[b, hq, lq]);
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message() {
+    for args in [
+        vec!["run", "--shape", "1,10,x"],
+        vec!["run", "--shape", "1,10,10,3,2,64"],
+        vec!["run", "--shape", "1,10,10,2,2,600"],
+        vec!["run", "--q", "/nonexistent.npy", "--k", "/a", "--v", "/b"],
+        vec!["run", "--shape", "1,4,4,1,1,8", "--window", "3"],
+        vec!["run"],
+    ] {
+        let out = cli().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("error"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // a file that is not .npy
+    let junk = tmp("junk.npy");
+    std::fs::write(&junk, b"not an array").unwrap();
+    let j = junk.to_str().unwrap();
+    let out = cli()
+        .args(["run", "--q", j, "--k", j, "--v", j])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn info_names_the_adapter_and_plans() {
+    let out = cli().arg("info").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("using:") && text.contains("flash_"), "{text}");
+}
