@@ -10,7 +10,7 @@ timeout 900 cargo test --all-targets -- --test-threads=2
 SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json
 if [ -e "$SWIFTSHADER" ]; then
   echo "== GPU tests on SwiftShader"
-  VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader timeout 600 cargo test --test flash --test errors -- --test-threads=2
+  VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader timeout 600 cargo test --test flash --test errors --test neighborhood -- --test-threads=2
 else
   echo "SwiftShader ICD missing at $SWIFTSHADER: install chromium" >&2
   exit 1

@@ -6,6 +6,7 @@ use crate::baseline::{encode_matmul, encode_naive_attention};
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::flash::{encode_flash_attention, AttnShape, FlashOptions, StrategyChoice};
+use crate::neighborhood::{encode_neighborhood_attention, NaSpec, NeighborhoodOptions};
 use crate::tensor::{DType, Tensor};
 
 /// How a time was measured.
@@ -300,6 +301,79 @@ pub fn bench_windows(
         });
     }
     Ok((d, points))
+}
+
+/// One point of a neighborhood sweep: NATTEN-style attention against dense over the same tokens.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NaPoint {
+    pub spatial: Vec<usize>,
+    pub kernel_size: Vec<usize>,
+    pub kernel: String,
+    pub gpu_ms: f64,
+    pub dense_ms: f64,
+    /// GFLOP/s of the work the neighborhood leaves (`2 (D + Dv)` per visible pair).
+    pub gflops: f64,
+    pub speedup: f64,
+    /// `dense pairs / neighborhood pairs` (exact count).
+    pub ideal: f64,
+    pub efficiency: f64,
+}
+
+/// Neighborhood attention for each `(spatial, kernel)` against `dense` (whose `lq = lk` must
+/// be the token count of every grid), B, H and D from `dense`.
+pub fn bench_neighborhood(
+    ctx: &GpuContext,
+    dense: &BenchRow,
+    grids: &[(Vec<usize>, Vec<usize>)],
+    warmup: usize,
+    repeats: usize,
+) -> Result<Vec<NaPoint>> {
+    let c = &dense.case;
+    let mut points = Vec::new();
+    for (spatial, kernel) in grids {
+        let opts = NeighborhoodOptions::new(kernel);
+        let spec = NaSpec::new(&opts.axes(spatial)?);
+        let l = spec.len();
+        if l != c.lq || l != c.lk {
+            return Err(AttnError::shape(
+                "neighborhood grid",
+                format!("{} tokens (the dense case)", c.lq),
+                spatial,
+            ));
+        }
+        let shape = |h: usize| {
+            let mut v = vec![c.batch];
+            v.extend(spatial);
+            v.extend([h, c.d]);
+            v
+        };
+        let n = c.batch * l * c.d;
+        let q = Tensor::from_f32(ctx, &pseudo_random(n * c.hq, 1), &shape(c.hq))?;
+        let k = Tensor::from_f32(ctx, &pseudo_random(n * c.hkv, 2), &shape(c.hkv))?;
+        let v = Tensor::from_f32(ctx, &pseudo_random(n * c.hkv, 3), &shape(c.hkv))?;
+        let out = Tensor::filled(ctx, &shape(c.hq), DType::F32, 0.0)?;
+        let mut label = String::new();
+        let t = time_passes(ctx, warmup, repeats, |enc, ts| {
+            let plan = encode_neighborhood_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
+            label = plan.key.label();
+            Ok(())
+        })?;
+        let pairs = spec.pairs() as f64;
+        let ideal = (c.lq * c.lk) as f64 / pairs;
+        let speedup = dense.gpu_ms / t.median_ms;
+        points.push(NaPoint {
+            spatial: spatial.clone(),
+            kernel_size: kernel.clone(),
+            kernel: label,
+            gpu_ms: t.median_ms,
+            dense_ms: dense.gpu_ms,
+            gflops: 4.0 * (c.batch * c.hq) as f64 * pairs * c.d as f64 / (t.median_ms * 1e6),
+            speedup,
+            ideal,
+            efficiency: speedup / ideal,
+        });
+    }
+    Ok(points)
 }
 
 /// Times the naive attention baseline on a case.

@@ -163,6 +163,17 @@ impl GpuContext {
     }
 
     /// Blocks until all submitted work is done.
+    /// Records work with `record` into a new encoder and submits it.
+    pub fn submit<T>(
+        &self,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<T>,
+    ) -> Result<T> {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let out = record(&mut enc)?;
+        self.queue.submit([enc.finish()]);
+        Ok(out)
+    }
+
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {

@@ -22,6 +22,7 @@ pub mod bench;
 pub mod context;
 pub mod error;
 pub mod flash;
+pub mod neighborhood;
 pub mod pipeline;
 pub mod tensor;
 mod wgsl;
@@ -33,5 +34,9 @@ pub use flash::shader::Strategy;
 pub use flash::{
     encode_flash_attention, flash_attention, flash_attention_into, AttentionOutput, AttnShape,
     FlashOptions, FlashPlan, StrategyChoice,
+};
+pub use neighborhood::{
+    encode_neighborhood_attention, neighborhood_attention, neighborhood_attention_into, NaAxis,
+    NeighborhoodOptions,
 };
 pub use tensor::{DType, Tensor};

@@ -113,13 +113,29 @@ struct RunArgs {
     /// Attention sinks: the first N keys stay visible besides the window.
     #[arg(long, default_value_t = 0)]
     sinks: u32,
+    /// Neighborhood attention (NATTEN) with these kernel sizes, one per spatial axis; the rank
+    /// of the inputs ([B, X, (Y, (Z,)) H, D]) decides 1D, 2D or 3D.
+    #[arg(long)]
+    na_kernel: Option<String>,
+    /// Neighborhood dilation per axis (default 1).
+    #[arg(long)]
+    na_dilation: Option<String>,
+    /// Neighborhood causality per axis, 0 or 1 (default 0).
+    #[arg(long)]
+    na_causal: Option<String>,
+    /// Neighborhood stride per axis (default 1).
+    #[arg(long)]
+    na_stride: Option<String>,
+    /// Spatial grid X[,Y[,Z]] for random neighborhood inputs (--shape's LQ and LK = its product).
+    #[arg(long)]
+    na_grid: Option<String>,
     /// Kernel strategy.
     #[arg(long, value_enum, default_value = "auto")]
     strategy: StrategyArg,
     /// Writes O here (.npy, dtype of the inputs).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Writes LSE [B, Hq, Lq] f32 here (.npy).
+    /// Writes LSE [B, Hq, Lq] f32 here (.npy); neighborhood: [B, X, (Y, (Z,)) Hq].
     #[arg(long)]
     lse: Option<PathBuf>,
     /// Compares with the f64 reference; exits 1 over tolerance.
@@ -150,6 +166,10 @@ struct BenchArgs {
     /// Instead of the registry: sliding windows against dense at B=1, H=8, D=64 and this length.
     #[arg(long)]
     window_sweep: Option<usize>,
+    /// Instead of the registry: neighborhood attention (1D, 2D, 3D over 16384 tokens) against
+    /// dense at B=1, H=8, D=64; with --window-sweep 16384 both share one dense run.
+    #[arg(long)]
+    na_sweep: bool,
 }
 
 enum Failure {
@@ -370,6 +390,9 @@ fn run(a: &RunArgs) -> CliResult<()> {
         ));
     }
     let inp = load_inputs(a)?;
+    if a.na_kernel.is_some() {
+        return cli::na::run(a, inp);
+    }
     let ctx = GpuContext::new()?;
     let (q, k, v) = (
         upload(&ctx, &inp.q)?,
@@ -454,7 +477,25 @@ fn run(a: &RunArgs) -> CliResult<()> {
     if let (Some(p), Some(l)) = (&a.lse, &got_lse) {
         npy::write(p, &[s.batch, s.hq, s.lq], DType::F32, l)?;
     }
-    let flops = s.flops(a.causal);
+    let flops = match opts.window {
+        (None, None) => s.flops(a.causal),
+        (l, r) => {
+            // count what the window lets through (sinks aside)
+            let case = bench::BenchCase {
+                name: String::new(),
+                batch: s.batch,
+                lq: s.lq,
+                lk: s.lk,
+                hq: s.hq,
+                hkv: s.hkv,
+                d: s.d,
+                causal: a.causal,
+                dtype: q.dtype().to_string(),
+                window: Some((l.unwrap_or(s.lk as u32), r.unwrap_or(s.lk as u32))),
+            };
+            2.0 * (s.batch * s.hq) as f64 * case.visible_pairs() as f64 * (s.d + s.dv) as f64
+        }
+    };
     let gflops = flops / (t.median_ms * 1e6);
     let cmp = if a.check {
         Some(check(
@@ -468,13 +509,42 @@ fn run(a: &RunArgs) -> CliResult<()> {
     } else {
         None
     };
+    let desc = format!(
+        "shape B={} Lq={} Lk={} Hq={} Hkv={} D={} Dv={} {}{}",
+        s.batch,
+        s.lq,
+        s.lk,
+        s.hq,
+        s.hkv,
+        s.d,
+        s.dv,
+        q.dtype(),
+        if a.causal { " causal" } else { "" }
+    );
+    let shape = serde_json::json!([s.batch, s.lq, s.lk, s.hq, s.hkv, s.d, s.dv]);
+    report(&ctx, a, &label, &desc, shape, q.dtype(), &t, gflops, cmp)
+}
+
+/// Prints the result of `run` (text or `--json`); a failed check is exit code 1.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    ctx: &GpuContext,
+    a: &RunArgs,
+    label: &str,
+    desc: &str,
+    shape: serde_json::Value,
+    dtype: DType,
+    t: &bench::Timing,
+    gflops: f64,
+    cmp: Option<Comparison>,
+) -> CliResult<()> {
     if a.json {
         let j = serde_json::json!({
             "adapter": ctx.adapter_info.name,
             "backend": format!("{:?}", ctx.adapter_info.backend),
             "kernel": label,
-            "shape": [s.batch, s.lq, s.lk, s.hq, s.hkv, s.d, s.dv],
-            "dtype": q.dtype().to_string(),
+            "shape": shape,
+            "dtype": dtype.to_string(),
             "causal": a.causal,
             "gpu_ms": t.median_ms,
             "samples_ms": t.samples_ms,
@@ -485,18 +555,7 @@ fn run(a: &RunArgs) -> CliResult<()> {
         println!("{j}");
     } else {
         println!("adapter: {}", ctx.describe());
-        println!(
-            "shape B={} Lq={} Lk={} Hq={} Hkv={} D={} Dv={} {}{}",
-            s.batch,
-            s.lq,
-            s.lk,
-            s.hq,
-            s.hkv,
-            s.d,
-            s.dv,
-            q.dtype(),
-            if a.causal { " causal" } else { "" }
-        );
+        println!("{desc}");
         println!("kernel: {label}");
         println!(
             "time: {:.3} ms ({:?}, median of {}), {:.2} GFLOP/s",
@@ -551,8 +610,8 @@ fn check(
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new()?;
     println!("adapter: {}", ctx.describe());
-    if let Some(l) = a.window_sweep {
-        return window_sweep(&ctx, a, l);
+    if a.window_sweep.is_some() || a.na_sweep {
+        return local_sweep(&ctx, a);
     }
     let steps = bench::registry(a.quick).len() * if a.no_naive { 1 } else { 2 } + 1;
     let bar = indicatif::ProgressBar::new(steps as u64);
@@ -587,34 +646,93 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
     Ok(())
 }
 
-fn window_sweep(ctx: &GpuContext, a: &BenchArgs, l: usize) -> CliResult<()> {
+/// Sliding windows and neighborhoods against dense attention over the same tokens: time,
+/// speed-up and the share of the ideal speed-up (JSON and an SVG in --out-dir).
+fn local_sweep(ctx: &GpuContext, a: &BenchArgs) -> CliResult<()> {
+    let l = match (a.window_sweep, a.na_sweep) {
+        (Some(l), false) => l,
+        (None, true) | (Some(16384), true) => 16384,
+        (Some(l), true) => {
+            return Err(Failure::Input(format!(
+            "--na-sweep runs over 16384 tokens; --window-sweep {l} would need a second dense run"
+        )))
+        }
+        (None, false) => {
+            return Err(Failure::Input(
+                "give --window-sweep L and/or --na-sweep".into(),
+            ))
+        }
+    };
     let mut dense = bench::registry(true)[0].clone();
     dense.lq = l;
     dense.lk = l;
     dense.name = format!("L{l}-D64");
-    let windows = [(32, 32), (128, 128), (256, 256), (1024, 1024)];
-    let (d, points) = bench::bench_windows(ctx, &dense, &windows, 1, a.repeat)?;
+    let windows: &[(u32, u32)] = if a.window_sweep.is_some() {
+        &[(32, 32), (128, 128), (256, 256), (1024, 1024)]
+    } else {
+        &[]
+    };
+    let (d, points) = bench::bench_windows(ctx, &dense, windows, 1, a.repeat)?;
     println!(
         "dense: {:.1} ms, {:.2} GFLOP/s ({})",
         d.gpu_ms, d.gflops, d.kernel
     );
     println!(
-        "{:<12} {:>10} {:>9} {:>9} {:>11}",
-        "window", "GPU ms", "speed-up", "ideal", "efficiency"
+        "{:<26} {:>10} {:>9} {:>9} {:>11}",
+        "pattern", "GPU ms", "speed-up", "ideal", "efficiency"
     );
-    for p in &points {
+    let mut bars = Vec::new();
+    let mut line = |name: String, ms: f64, speedup: f64, ideal: f64, eff: f64| {
         println!(
-            "{:<12} {:>10.2} {:>9.2} {:>9.2} {:>10.0}%",
-            format!("{}+{}", p.window.0, p.window.1),
-            p.gpu_ms,
-            p.speedup,
-            p.ideal,
-            100.0 * p.efficiency
+            "{name:<26} {ms:>10.2} {speedup:>9.2} {ideal:>9.2} {:>10.0}%",
+            100.0 * eff
         );
+        bars.push((name, eff));
+    };
+    for p in &points {
+        let name = format!("window {}+{}", p.window.0, p.window.1);
+        line(name, p.gpu_ms, p.speedup, p.ideal, p.efficiency);
+    }
+    let na_points = if a.na_sweep {
+        let grids = [
+            (vec![16384], vec![513]),
+            (vec![128, 128], vec![7, 7]),
+            (vec![128, 128], vec![13, 13]),
+            (vec![128, 128], vec![31, 31]),
+            (vec![16, 32, 32], vec![5, 7, 7]),
+        ];
+        bench::bench_neighborhood(ctx, &d, &grids, 1, a.repeat)?
+    } else {
+        Vec::new()
+    };
+    for p in &na_points {
+        let dims = |v: &[usize]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join("x")
+        };
+        let name = format!("NA {} k{}", dims(&p.spatial), dims(&p.kernel_size));
+        line(name, p.gpu_ms, p.speedup, p.ideal, p.efficiency);
     }
     let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", a.out_dir.display()));
     std::fs::create_dir_all(&a.out_dir).map_err(io)?;
-    let json = serde_json::json!({ "adapter": ctx.describe(), "dense": d, "windows": points });
-    std::fs::write(a.out_dir.join("windows.json"), json.to_string()).map_err(io)?;
+    let json = serde_json::json!({
+        "adapter": ctx.describe(),
+        "dense": d,
+        "windows": points,
+        "neighborhoods": na_points,
+    });
+    std::fs::write(a.out_dir.join("local.json"), json.to_string()).map_err(io)?;
+    let title = format!(
+        "Local attention vs dense, {l} tokens, share of ideal speed-up ({})",
+        ctx.adapter_info.name
+    );
+    std::fs::write(
+        a.out_dir.join("local.svg"),
+        cli::svg::efficiency_chart(&title, &bars),
+    )
+    .map_err(io)?;
+    println!("wrote {}/local.json and local.svg", a.out_dir.display());
     Ok(())
 }

@@ -141,3 +141,81 @@ fn info_names_the_adapter_and_plans() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("using:") && text.contains("flash_"), "{text}");
 }
+
+#[test]
+fn run_neighborhood_from_files_and_random() {
+    // 2D from .npy files [B, X, Y, H, D]: the rank decides 2D; outputs written heads-last
+    let (b, x, y, h, d) = (1u64, 9u64, 11u64, 2u64, 16u64);
+    let n = (b * x * y * h * d) as usize;
+    let data: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let (q, o, l) = (tmp("na_q.npy"), tmp("na_o.npy"), tmp("na_lse.npy"));
+    write_npy(&q, &[b, x, y, h, d], &data);
+    let out = cli()
+        .args(["run", "--q"])
+        .arg(&q)
+        .arg("--k")
+        .arg(&q)
+        .arg("--v")
+        .arg(&q)
+        .args([
+            "--na-kernel",
+            "3,4",
+            "--na-dilation",
+            "2,1",
+            "--na-causal",
+            "0,1",
+        ])
+        .args(["--na-stride", "1,2", "--check", "--json", "--out"])
+        .arg(&o)
+        .arg("--lse")
+        .arg(&l)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_of(&out);
+    assert_eq!(j["check"]["passed"], true, "{j}");
+    assert!(j["kernel"].as_str().unwrap().ends_with("_na"), "{j}");
+    let lse = npyz::NpyFile::new(std::fs::File::open(&l).unwrap()).unwrap();
+    assert_eq!(lse.shape(), &[b, x, y, h]);
+    let lse: Vec<f32> = lse.into_vec().unwrap();
+    assert!(lse.iter().all(|v| v.is_finite()));
+    // random 1D input over a grid, and a kernel too large for its axis (exit code 2)
+    let ok = cli()
+        .args([
+            "run",
+            "--shape",
+            "1,40,40,2,1,8",
+            "--na-grid",
+            "40",
+            "--na-kernel",
+            "5",
+        ])
+        .args(["--check"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = cli()
+        .args([
+            "run",
+            "--shape",
+            "1,40,40,2,1,8",
+            "--na-grid",
+            "5,8",
+            "--na-kernel",
+            "7,3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("kernel_size"));
+}

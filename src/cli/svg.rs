@@ -97,3 +97,55 @@ fn escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+/// Local attention against dense: one bar per configuration, the measured speed-up as a
+/// percentage of the ideal one (dense pairs / pairs seen), with the 70% target drawn.
+pub fn efficiency_chart(title: &str, points: &[(String, f64)]) -> String {
+    let (left, top, plot_h, bar_w, gap) = (60.0, 40.0, 260.0, 34.0, 26.0);
+    let width = left + (bar_w + gap) * points.len() as f64 + 40.0;
+    let height = top + plot_h + 110.0;
+    let y_of = |pct: f64| top + plot_h - plot_h * pct.clamp(0.0, 120.0) / 120.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">{}</text>\n",
+        escape(title)
+    );
+    for pct in [0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0] {
+        let y = y_of(pct);
+        s += &format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{pct:.0}%</text>\n",
+            width - 20.0,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    let y70 = y_of(70.0);
+    s += &format!(
+        "<line x1=\"{left}\" x2=\"{}\" y1=\"{y70:.1}\" y2=\"{y70:.1}\" stroke=\"#e15759\" \
+         stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{:.1}\" fill=\"#e15759\">target 70%</text>\n",
+        width - 20.0,
+        width - 90.0,
+        y70 - 4.0
+    );
+    for (i, (label, eff)) in points.iter().enumerate() {
+        let x = left + gap / 2.0 + (bar_w + gap) * i as f64;
+        let pct = 100.0 * eff;
+        let y = y_of(pct);
+        s += &format!(
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w}\" height=\"{:.1}\" fill=\"#4e79a7\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{pct:.0}%</text>\
+             <text transform=\"translate({:.1},{:.1}) rotate(35)\">{}</text>\n",
+            top + plot_h - y,
+            x + bar_w / 2.0,
+            y - 4.0,
+            x + 4.0,
+            top + plot_h + 14.0,
+            escape(label)
+        );
+    }
+    s += "</svg>\n";
+    s
+}

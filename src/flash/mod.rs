@@ -15,6 +15,7 @@ use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
+use crate::neighborhood::NaSpec;
 use crate::pipeline::PipelineKey;
 use crate::tensor::{DType, Tensor};
 use shader::{flags, FlashKey, FlashParams, Strategy};
@@ -102,6 +103,62 @@ pub struct AttentionOutput {
 pub struct FlashPlan {
     pub key: FlashKey,
     pub grid: [u32; 3],
+    /// Neighborhood calls: how query tiles cover the spatial grid.
+    pub na: Option<NaGrid>,
+}
+
+/// Query tiling of a neighborhood call (axes x, y, z; z innermost). A subgroup's rows form a
+/// `sub` box, a workgroup's `sub * wgrid`; `tiles` workgroup tiles cover one dilation group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NaGrid {
+    pub sub: [u32; 3],
+    pub wgrid: [u32; 3],
+    pub tiles: [u32; 3],
+}
+
+impl NaGrid {
+    /// Picks box shapes whose window union (`box + kernel - 1` keys per axis) is smallest:
+    /// the keys a subgroup streams are those of the union, so a square box beats a line.
+    fn new(spec: &NaSpec, sub_rows: u32, wg_rows: u32) -> Self {
+        let m = spec.axes.map(|a| a.n.div_ceil(a.dilation) as u32);
+        let reach = spec.axes.map(|a| (a.kernel + a.stride - 1) as u32);
+        let grow = |start: [u32; 3], target: u32| {
+            let mut t = start;
+            while t.iter().product::<u32>() < target {
+                let cost = |a: usize| {
+                    (0..3)
+                        .map(|b| u64::from(if a == b { 2 * t[b] } else { t[b] } + reach[b] - 1))
+                        .product::<u64>()
+                };
+                match (0..3)
+                    .rev()
+                    .filter(|&a| t[a] < m[a])
+                    .min_by_key(|&a| cost(a))
+                {
+                    Some(a) => t[a] *= 2,
+                    None => break,
+                }
+            }
+            t
+        };
+        let sub = grow([1, 1, 1], sub_rows);
+        let full = grow(sub, wg_rows);
+        NaGrid {
+            sub,
+            wgrid: [0, 1, 2].map(|a| full[a] / sub[a]),
+            tiles: [0, 1, 2].map(|a| m[a].div_ceil(full[a])),
+        }
+    }
+
+    /// Query tile of one workgroup.
+    pub fn tile(&self) -> [u32; 3] {
+        [0, 1, 2].map(|a| self.sub[a] * self.wgrid[a])
+    }
+
+    /// Workgroup tiles per dilation group.
+    pub fn per_group(&self) -> u32 {
+        self.tiles.iter().product()
+    }
 }
 
 /// The head-dim bucket for `d`, or `None` when `d` is 0 or over [`MAX_HEAD_DIM`].
@@ -128,6 +185,7 @@ pub fn flash_key(
     dv_bucket: u32,
     subgroup: (u32, u32),
     mods: bool,
+    na: bool,
 ) -> FlashKey {
     let (d4, dv4) = (d_bucket / 4, dv_bucket / 4);
     let width = d4 + dv4;
@@ -158,6 +216,7 @@ pub fn flash_key(
                 group,
                 wg: 64,
                 mods,
+                na,
             }
         }
         Strategy::Subgroup => {
@@ -175,6 +234,7 @@ pub fn flash_key(
                 // a workgroup must fill whole subgroups of the largest size
                 wg: if max > 64 { 128 } else { 64 },
                 mods,
+                na,
             }
         }
     }
@@ -193,10 +253,11 @@ pub fn all_flash_keys() -> Vec<FlashKey> {
     for dtype in [DType::F32, DType::F16] {
         for &d in &HEAD_DIM_BUCKETS {
             for &dv in &HEAD_DIM_BUCKETS {
-                for mods in [false, true] {
-                    keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0), mods));
+                // neighborhood kernels have no score modifications
+                for (mods, na) in [(false, false), (true, false), (false, true)] {
+                    keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0), mods, na));
                     for &r in &sg_ranges {
-                        keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r, mods));
+                        keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r, mods, na));
                     }
                 }
             }
@@ -213,6 +274,17 @@ pub fn plan(
     shape: &AttnShape,
     dtype: DType,
     opts: &FlashOptions,
+) -> Result<FlashPlan> {
+    plan_with(ctx, shape, dtype, opts, None)
+}
+
+/// [`plan`], for a neighborhood problem when `na` is given.
+pub fn plan_with(
+    ctx: &GpuContext,
+    shape: &AttnShape,
+    dtype: DType,
+    opts: &FlashOptions,
+    na: Option<&NaSpec>,
 ) -> Result<FlashPlan> {
     let choice = opts.strategy;
     let mods = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.bias.is_some();
@@ -251,16 +323,39 @@ pub fn plan(
         dv_bucket,
         (caps.subgroup_min, caps.subgroup_max),
         mods,
+        na.is_some(),
     );
+    let na_grid = na.map(|spec| {
+        let sub_rows = match strategy {
+            Strategy::Subgroup => caps.subgroup_max * key.rows,
+            Strategy::Tiled => key.rows_per_workgroup(),
+        };
+        (spec, NaGrid::new(spec, sub_rows, key.rows_per_workgroup()))
+    });
     if let Some(limit) = caps.loop_limit {
         // Trip count of the key loops in one invocation (everything else is unrolled).
         let (block, group) = match strategy {
             Strategy::Tiled => (key.block as u64, key.group as u64),
             Strategy::Subgroup => (caps.subgroup_min as u64, key.group as u64),
         };
-        // the window pass, the sinks pass, and one partial block each
-        let blocks = (shape.lk as u64).div_ceil(block) + (sinks as u64).div_ceil(block) + 2;
-        let trips = blocks * (1 + block / group);
+        let trips = match na_grid {
+            // passes over lines of the key box, each with its blocks along the innermost axis
+            Some((spec, g)) => {
+                let tile = g.tile();
+                let span = |a: usize| {
+                    let ax = spec.axes[a];
+                    (ax.n.div_ceil(ax.dilation) as u64)
+                        .min(tile[a] as u64 + (ax.kernel + ax.stride) as u64)
+                };
+                let passes = span(0) * span(1);
+                passes * ((span(2).div_ceil(block) + 1) * (1 + block / group) + 1)
+            }
+            // the window pass, the sinks pass, and one partial block each
+            None => {
+                let blocks = (shape.lk as u64).div_ceil(block) + (sinks as u64).div_ceil(block) + 2;
+                blocks * (1 + block / group)
+            }
+        };
         if trips > limit - 64 {
             return Err(AttnError::Limit {
                 what: format!(
@@ -272,8 +367,17 @@ pub fn plan(
             });
         }
     }
+    let x = match na_grid {
+        Some((spec, g)) => spec
+            .axes
+            .iter()
+            .map(|a| a.dilation as u64)
+            .product::<u64>()
+            .saturating_mul(g.per_group() as u64),
+        None => (shape.lq as u64).div_ceil(key.rows_per_workgroup() as u64),
+    };
     let grid = [
-        (shape.lq as u32).div_ceil(key.rows_per_workgroup()),
+        u32::try_from(x).unwrap_or(u32::MAX),
         shape.hq as u32,
         shape.batch as u32,
     ];
@@ -285,7 +389,11 @@ pub fn plan(
             limit: max as u64,
         });
     }
-    Ok(FlashPlan { key, grid })
+    Ok(FlashPlan {
+        key,
+        grid,
+        na: na_grid.map(|(_, g)| g),
+    })
 }
 
 fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
@@ -396,6 +504,7 @@ fn prepare(
     out: &Tensor,
     lse: Option<&Tensor>,
     opts: &FlashOptions,
+    na: Option<&NaSpec>,
 ) -> Result<Prepared> {
     let s = check_inputs(q, k, v)?;
     let expect_o = [s.batch, s.lq, s.hq, s.dv];
@@ -421,8 +530,30 @@ fn prepare(
         });
     }
     let mut fl = 0;
+    if let Some(spec) = na {
+        if s.lq != spec.len() || s.lk != spec.len() {
+            return Err(AttnError::shape(
+                "q/k tokens",
+                format!("{} (the neighborhood grid)", spec.len()),
+                (s.lq, s.lk),
+            ));
+        }
+        for (a, ax) in spec.axes.iter().enumerate() {
+            if ax.causal {
+                fl |= flags::NA_CAUSAL << a;
+            }
+        }
+    }
+    // LSE [B, Hq, Lq]; neighborhood calls pass NATTEN's heads-last [B, L, Hq]
+    let lse_strides = match na {
+        None => [0, (s.hq * s.lq) as u32, s.lq as u32, 1],
+        Some(_) => [0, (s.hq * s.lq) as u32, 1, s.hq as u32],
+    };
     if let Some(l) = lse {
-        let expect = [s.batch, s.hq, s.lq];
+        let expect = match na {
+            None => [s.batch, s.hq, s.lq],
+            Some(_) => [s.batch, s.lq, s.hq],
+        };
         if l.shape() != expect || l.dtype() != DType::F32 {
             return Err(AttnError::shape(
                 "lse",
@@ -430,7 +561,8 @@ fn prepare(
                 (l.shape(), l.dtype()),
             ));
         }
-        if l.offset() != 0 || l.strides() != [s.hq * s.lq, s.lq, 1] {
+        let contiguous = [expect[1] * expect[2], expect[2], 1];
+        if l.offset() != 0 || l.strides() != contiguous {
             return Err(AttnError::invalid(
                 "lse",
                 "a contiguous tensor",
@@ -513,7 +645,24 @@ fn prepare(
         ctx.check_binding(what, t.buffer().size())?;
     }
 
-    let plan = plan(ctx, &s, q.dtype(), opts)?;
+    let plan = plan_with(ctx, &s, q.dtype(), opts, na)?;
+    let u = |x: usize| x as u32; // axis sizes are at most the token count, which fits u32
+    let (mut na_n, mut na_kernel, mut na_dil, mut na_stride) = ([0; 4], [0; 4], [0; 4], [0; 4]);
+    let (mut na_sub, mut na_wgrid, mut na_tiles) = ([0; 4], [0; 4], [0; 4]);
+    if let (Some(spec), Some(g)) = (na, plan.na) {
+        for (a, ax) in spec.axes.iter().enumerate() {
+            na_n[a] = u(ax.n);
+            na_kernel[a] = u(ax.kernel);
+            na_dil[a] = u(ax.dilation);
+            na_stride[a] = u(ax.stride);
+            na_sub[a] = g.sub[a];
+            na_wgrid[a] = g.wgrid[a];
+            na_tiles[a] = g.tiles[a];
+        }
+        na_n[3] = g.per_group();
+        na_sub[3] = g.sub.iter().product();
+        na_wgrid[3] = g.wgrid.iter().product();
+    }
     let params = FlashParams {
         batch: s.batch as u32,
         hq: s.hq as u32,
@@ -536,6 +685,14 @@ fn prepare(
         kv_end: s.lk as u32,
         sinks: opts.sinks,
         _pad: 0,
+        lse: lse_strides,
+        na_n,
+        na_kernel,
+        na_dil,
+        na_stride,
+        na_sub,
+        na_wgrid,
+        na_tiles,
     };
     let pipeline = ctx.pipeline(PipelineKey::Flash(plan.key))?;
     let dev = &ctx.device;
@@ -610,7 +767,25 @@ pub fn encode_flash_attention(
     opts: &FlashOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
-    let prep = prepare(ctx, q, k, v, out, lse, opts)?;
+    encode_with(ctx, encoder, q, k, v, out, lse, opts, None, timestamps)
+}
+
+/// [`encode_flash_attention`] with the neighborhood mask when `na` is given (`q`, `k`, `v`,
+/// `out` flattened to `[B, L, H, D]`, `lse` to `[B, L, Hq]`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_with(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &FlashOptions,
+    na: Option<&NaSpec>,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<FlashPlan> {
+    let prep = prepare(ctx, q, k, v, out, lse, opts, na)?;
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("flash attention"),
         timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
@@ -637,10 +812,7 @@ pub fn flash_attention_into(
     lse: Option<&Tensor>,
     opts: &FlashOptions,
 ) -> Result<FlashPlan> {
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    let plan = encode_flash_attention(ctx, &mut enc, q, k, v, out, lse, opts, None)?;
-    ctx.queue.submit([enc.finish()]);
-    Ok(plan)
+    ctx.submit(|enc| encode_flash_attention(ctx, enc, q, k, v, out, lse, opts, None))
 }
 
 /// Runs attention and returns new O (and LSE when `opts.return_lse`).

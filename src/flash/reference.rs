@@ -43,6 +43,28 @@ pub fn attention_reference_with(
     round_p: impl Fn(f64) -> f64,
 ) -> RefOutput {
     let s = inp.shape;
+    let lens = |b: usize| {
+        (
+            opts.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize),
+            opts.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize),
+        )
+    };
+    let mask = |b: usize, i: usize, j: usize| {
+        let (qlen, kvlen) = lens(b);
+        visible(opts, i, j, qlen, kvlen)
+    };
+    attention_reference_masked(inp, opts, &mask, round_p)
+}
+
+/// The reference with an arbitrary mask `mask(batch, query, key)` in place of
+/// [`visible`] (neighborhood attention uses it); every other option applies as usual.
+pub fn attention_reference_masked(
+    inp: &RefInputs,
+    opts: &FlashOptions,
+    mask: &dyn Fn(usize, usize, usize) -> bool,
+    round_p: impl Fn(f64) -> f64,
+) -> RefOutput {
+    let s = inp.shape;
     let scale = opts
         .scale
         .map(f64::from)
@@ -61,7 +83,7 @@ pub fn attention_reference_with(
                 let mut max = f64::NEG_INFINITY;
                 for (j, sc) in scores.iter_mut().enumerate() {
                     *sc = f64::NEG_INFINITY;
-                    if !visible(opts, i, j, qlen, kvlen) {
+                    if !mask(b, i, j) {
                         continue;
                     }
                     let krow = &inp.k[((b * s.lk + j) * s.hkv + hk) * s.d..][..s.d];
@@ -118,9 +140,22 @@ pub fn attention_reference(inp: &RefInputs, opts: &FlashOptions) -> RefOutput {
 /// probabilities and output rounded to f16. Its error against the f64 reference is the yardstick
 /// for the f16 kernel (FlashAttention's test rule: at most twice this, plus a small atol).
 pub fn attention_plain_f16(inp: &RefInputs, opts: &FlashOptions) -> Vec<f64> {
-    let r16 = |x: f64| half::f16::from_f64(x).to_f64();
-    let o = attention_reference_with(inp, opts, r16);
-    o.out.into_iter().map(r16).collect()
+    let o = attention_reference_with(inp, opts, round_f16);
+    o.out.into_iter().map(round_f16).collect()
+}
+
+/// [`attention_plain_f16`] with the mask of [`attention_reference_masked`].
+pub fn attention_plain_f16_masked(
+    inp: &RefInputs,
+    opts: &FlashOptions,
+    mask: &dyn Fn(usize, usize, usize) -> bool,
+) -> Vec<f64> {
+    let o = attention_reference_masked(inp, opts, mask, round_f16);
+    o.out.into_iter().map(round_f16).collect()
+}
+
+fn round_f16(x: f64) -> f64 {
+    half::f16::from_f64(x).to_f64()
 }
 
 /// How a GPU result compares with the f64 reference, and whether it passes the crate's rule:

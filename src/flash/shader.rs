@@ -51,12 +51,15 @@ pub struct FlashKey {
     /// Score modifications compiled in (softcap, ALiBi, bias; which of them apply is a uniform
     /// flag). Off, the kernel has none of their code and loads.
     pub mods: bool,
+    /// Neighborhood attention (NATTEN): queries are tiles of a 3-axis grid, keys are visited one
+    /// line of the innermost axis at a time, the mask is the neighborhood (no `mods`).
+    pub na: bool,
 }
 
 impl FlashKey {
     pub fn label(&self) -> String {
         format!(
-            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}",
+            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}{}",
             self.strategy,
             self.dtype,
             self.d4 * 4,
@@ -65,7 +68,8 @@ impl FlashKey {
             self.block,
             self.group,
             self.wg,
-            if self.mods { "_mods" } else { "" }
+            if self.mods { "_mods" } else { "" },
+            if self.na { "_na" } else { "" }
         )
         .to_lowercase()
     }
@@ -95,6 +99,8 @@ pub mod flags {
     pub const KV_LENS: u32 = 64;
     pub const WINDOW_LEFT: u32 = 128;
     pub const WINDOW_RIGHT: u32 = 256;
+    /// Neighborhood: axis `a` is causal (bit `NA_CAUSAL << a`).
+    pub const NA_CAUSAL: u32 = 512;
 }
 
 /// The uniform block, mirrored field for field by `Params` in WGSL.
@@ -125,6 +131,20 @@ pub struct FlashParams {
     pub kv_end: u32,
     pub sinks: u32,
     pub _pad: u32,
+    /// LSE offset and strides (batch, head, query) in elements.
+    pub lse: [u32; 4],
+    /// Neighborhood (NA kernels only): axis lengths, tiles per dilation group.
+    pub na_n: [u32; 4],
+    /// Kernel size, dilation and stride per axis (4th lane unused).
+    pub na_kernel: [u32; 4],
+    pub na_dil: [u32; 4],
+    pub na_stride: [u32; 4],
+    /// Query sub-box of one subgroup per axis, and its size.
+    pub na_sub: [u32; 4],
+    /// Sub-boxes per workgroup tile per axis, and their count.
+    pub na_wgrid: [u32; 4],
+    /// Workgroup tiles per dilation group per axis.
+    pub na_tiles: [u32; 4],
 }
 
 const PARAMS_WGSL: &str = "struct Params {
@@ -137,6 +157,14 @@ const PARAMS_WGSL: &str = "struct Params {
     bias: vec4<u32>, // offset, batch stride, head stride, query stride (0 broadcasts)
     scale: f32, softcap: f32, win_left: i32, win_right: i32,
     kv_start: u32, kv_end: u32, sinks: u32, pad: u32,
+    lse: vec4<u32>,  // offset, batch stride, head stride, query stride
+    na_n: vec4<u32>, // neighborhood: axis lengths, tiles per dilation group
+    na_kernel: vec4<u32>,
+    na_dil: vec4<u32>,
+    na_stride: vec4<u32>,
+    na_sub: vec4<u32>,   // query box of one subgroup (x, y, z, size)
+    na_wgrid: vec4<u32>, // boxes per workgroup tile (x, y, z, count)
+    na_tiles: vec4<u32>, // workgroup tiles per dilation group (x, y, z)
 }
 ";
 
@@ -154,6 +182,7 @@ const F_QLENS: u32 = 32u;
 const F_KVLENS: u32 = 64u;
 const F_WLEFT: u32 = 128u;
 const F_WRIGHT: u32 = 256u;
+const F_NA_CAUSAL: u32 = 512u;
 
 // The key range of the current pass (sinks, then the window): a block that overhangs its range
 // must not count keys that the other pass visits.
@@ -183,6 +212,44 @@ fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
         & (!has(F_WRIGHT) | (jj <= diag + p.win_right));
     // attention sinks: the first `sinks` keys bypass the window, never causality
     return ok & (in_window | (j < p.sinks));
+}
+";
+
+/// Sequence kernels: key `j` lives at row `j` (clamped: overhanging lanes load a valid row).
+const SEQ_WGSL: &str = "
+fn key_row(j: u32) -> u32 { return min(j, p.lk - 1u); }
+";
+
+/// Neighborhood kernels: NATTEN's window on one axis, in dilation-group coordinates, and the key
+/// line of the current pass (`key_row`). Definitions: `src/neighborhood/mod.rs`.
+const NA_WGSL: &str = "
+var<private> pass_base: u32; // token of key 0 on the current line of the innermost axis
+var<private> na_len2: u32;   // length of the innermost axis in this dilation group
+
+fn key_row(j: u32) -> u32 { return pass_base + p.na_dil.z * min(j, na_len2 - 1u); }
+
+// positions x < n with x % d == g
+fn na_len(n: u32, d: u32, g: u32) -> u32 { return (n - g + d - 1u) / d; }
+
+// First key of query x's window on an axis of (group) length n: the window of the stride
+// group's leader, shifted inside the axis (non-causal) or ending at the leader (causal).
+fn na_start(x: i32, n: i32, k: i32, s: i32, causal: bool) -> i32 {
+    let left = k / 2;
+    let right = k / 2 + k % 2 - 1;
+    let lead = min((x / s) * s + s / 2, n - 1);
+    let shifted = select(max(lead - left, 0), n - k, lead + right >= n);
+    let lead_c = min((x / s) * s + s - 1, n - 1);
+    return select(shifted, max(lead_c - left - right, 0), causal);
+}
+
+// One past the last key: k keys on, or up to the query itself when causal.
+fn na_end(x: i32, start: i32, n: i32, k: i32, causal: bool) -> i32 {
+    return select(start + k, min(x + 1, n), causal);
+}
+
+fn na_mask(raw: f32, vis: bool) -> f32 {
+    let t = raw * LOG2E;
+    return select(MASKED, select(t, MASKED, t <= MASKED), vis);
 }
 ";
 
@@ -267,7 +334,13 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.line("@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;     // [Hq]");
     w.line("@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;      // [2B]: q lens, kv lens");
     w.raw(COMMON_WGSL);
-    modify_fn(&mut w, key.mods);
+    if key.na {
+        w.raw(NA_WGSL);
+        w.raw(NA_GRID_WGSL);
+    } else {
+        w.raw(SEQ_WGSL);
+        modify_fn(&mut w, key.mods);
+    }
     loaders(&mut w, t);
     if key.strategy == Strategy::Tiled {
         w.line(&format!(
@@ -289,6 +362,117 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.open(&format!(
         "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32{sg_args}) {{"
     ));
+    if key.na {
+        na_prologue(&mut w, key);
+    } else {
+        seq_prologue(&mut w, key);
+    }
+    // Query rows, pre-scaled; running max, sum, accumulator per row.
+    for r in 0..r_n {
+        w.line(&format!(
+            "let qb{r} = p.q.x + b * p.q.y + min(tok{r}, p.lq - 1u) * p.q.z + h * p.q.w;"
+        ));
+        w.line(&format!("var q{r}: array<vec4<f32>, {d4}>;"));
+        for i in 0..d4 {
+            w.line(&format!("q{r}[{i}] = ld_q(qb{r}, {}u) * p.scale;", i * 4));
+        }
+        w.line(&format!("var m{r} = MASKED;"));
+        w.line(&format!("var l{r} = 0.0;"));
+        w.line(&format!("var acc{r}: array<vec4<f32>, {dv4}>;"));
+    }
+
+    match key.strategy {
+        Strategy::Subgroup => {
+            w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
+            w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
+            open_passes(&mut w, key);
+            w.open("for (var kb = range_lo; kb < range_hi; kb += sg_size) {");
+            w.line("// each lane holds one K row and one V row of this block");
+            w.line("let kj = key_row(kb + lane);");
+            for i in 0..d4 {
+                w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
+            }
+            for i in 0..dv4 {
+                w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
+            }
+            w.open(&format!("for (var g = 0u; g < sg_size; g += {u_n}u) {{"));
+            group_body(&mut w, key, |x, u, i| {
+                format!("subgroupShuffle({x}[{i}], g + {u}u)")
+            });
+            w.close();
+            w.close();
+            w.close();
+        }
+        Strategy::Tiled => {
+            let bc = key.block;
+            open_passes(&mut w, key);
+            w.open(&format!(
+                "for (var kb = range_lo; kb < range_hi; kb += {bc}u) {{"
+            ));
+            w.line("// cooperative load of a K/V tile into workgroup memory");
+            for (tile, n4, ld, head, stride) in [
+                ("k_tile", d4, "ld_k", "k_head", "p.k.z"),
+                ("v_tile", dv4, "ld_v", "v_head", "p.v.z"),
+            ] {
+                let total = bc * n4;
+                for step in 0..total.div_ceil(key.wg) {
+                    let guard = if (step + 1) * key.wg > total {
+                        format!("if (lid + {}u < {total}u) ", step * key.wg)
+                    } else {
+                        String::new()
+                    };
+                    w.line(&format!(
+                        "{guard}{{ let x = lid + {o}u; let kj = key_row(kb + x / {n4}u); {tile}[x] = {ld}({head} + kj * {stride}, (x % {n4}u) * 4u); }}",
+                        o = step * key.wg
+                    ));
+                }
+            }
+            w.line("workgroupBarrier();");
+            if bc == u_n {
+                w.open("{");
+                w.line("let g = 0u;");
+            } else {
+                w.open(&format!("for (var g = 0u; g < {bc}u; g += {u_n}u) {{"));
+            }
+            group_body(&mut w, key, |x, u, i| {
+                let (tile, n4) = if x == "kr" {
+                    ("k_tile", d4)
+                } else {
+                    ("v_tile", dv4)
+                };
+                format!("{tile}[(g + {u}u) * {n4}u + {i}u]")
+            });
+            w.close();
+            w.line("workgroupBarrier();");
+            w.close();
+            w.close();
+        }
+    }
+
+    // Epilogue: normalise and write; rows with no visible key give O = 0 and LSE = -inf.
+    for r in 0..r_n {
+        w.open(&format!("if (ok{r}) {{"));
+        w.line(&format!("let row = tok{r};"));
+        w.line(&format!("let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);"));
+        w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
+        for i in 0..dv4 {
+            w.line(&format!("st_o(ob, {}u, acc{r}[{i}] * inv);", i * 4));
+        }
+        w.open("if (has(F_LSE)) {");
+        w.line(&format!(
+            "lse_buf[p.lse.x + b * p.lse.y + h * p.lse.z + row * p.lse.w] = select(neg_inf(), (m{r} + log2(l{r})) * LN2, l{r} > 0.0);"
+        ));
+        w.close();
+        w.close();
+    }
+    w.close();
+    w.finish()
+}
+
+/// Sequence kernels: rows `row0 .. row0 + R` of the sequence; the key range `[kv_lo, kv_hi)`
+/// from causality and the window, bounded per subgroup (Subgroup) or workgroup (Tiled).
+fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
+    let r_n = key.rows;
     w.raw(&format!(
         "    let b = wid.z;
     let h = wid.y;
@@ -330,115 +514,126 @@ pub fn flash_source(key: &FlashKey) -> String {
             ),
         }
     ));
-    // Query rows, pre-scaled; running max, sum, accumulator per row.
     for r in 0..r_n {
-        w.line(&format!(
-            "let qb{r} = p.q.x + b * p.q.y + min(row0 + {r}u, p.lq - 1u) * p.q.z + h * p.q.w;"
-        ));
-        w.line(&format!("var q{r}: array<vec4<f32>, {d4}>;"));
-        for i in 0..d4 {
-            w.line(&format!("q{r}[{i}] = ld_q(qb{r}, {}u) * p.scale;", i * 4));
-        }
-        w.line(&format!("var m{r} = MASKED;"));
-        w.line(&format!("var l{r} = 0.0;"));
-        w.line(&format!("var acc{r}: array<vec4<f32>, {dv4}>;"));
+        w.line(&format!("let tok{r} = row0 + {r}u;"));
+        w.line(&format!("let ok{r} = tok{r} < p.lq;"));
     }
+}
 
+/// Grid helpers of neighborhood kernels (axis order x, y, z; z innermost in memory).
+const NA_GRID_WGSL: &str = "
+fn na_split(i: u32, box: vec3<u32>) -> vec3<u32> {
+    return vec3<u32>(i / (box.y * box.z), (i / box.z) % box.y, i % box.z);
+}
+
+// token index of group coordinates x in dilation group g
+fn na_token(g: vec3<u32>, x: vec3<u32>) -> u32 {
+    let pos = g + p.na_dil.xyz * x;
+    return (pos.x * p.na_n.y + pos.y) * p.na_n.z + pos.z;
+}
+
+fn na_causal(a: u32) -> bool { return has(F_NA_CAUSAL << a); }
+
+fn na_starts(x: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
+    let k = vec3<i32>(p.na_kernel.xyz);
+    let s = vec3<i32>(p.na_stride.xyz);
+    return vec3<i32>(na_start(x.x, n.x, k.x, s.x, na_causal(0u)),
+                     na_start(x.y, n.y, k.y, s.y, na_causal(1u)),
+                     na_start(x.z, n.z, k.z, s.z, na_causal(2u)));
+}
+
+fn na_ends(x: vec3<i32>, start: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
+    let k = vec3<i32>(p.na_kernel.xyz);
+    return vec3<i32>(na_end(x.x, start.x, n.x, k.x, na_causal(0u)),
+                     na_end(x.y, start.y, n.y, k.y, na_causal(1u)),
+                     na_end(x.z, start.z, n.z, k.z, na_causal(2u)));
+}
+";
+
+/// Neighborhood kernels: the workgroup owns one tile of one dilation group (every coordinate
+/// below is in group coordinates); each row knows its window `[ws, we)` per axis, and the key
+/// box `[lo, hi)` is the union of the windows of the subgroup's rows (Subgroup) or of the
+/// workgroup's tile (Tiled): keys outside it are never loaded.
+fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
+    w.raw(
+        "    let b = wid.z;
+    let h = wid.y;
+    let hk = h / (p.hq / p.hkv);            // GQA: query head h reads kv head h / (Hq / Hkv)
+    let gc = na_split(wid.x / p.na_n.w, p.na_dil.xyz); // dilation group of this workgroup
+    let ng = vec3<u32>(na_len(p.na_n.x, p.na_dil.x, gc.x), na_len(p.na_n.y, p.na_dil.y, gc.y),
+                       na_len(p.na_n.z, p.na_dil.z, gc.z));
+    let ngi = vec3<i32>(ng);
+    na_len2 = ng.z;
+    let tile = p.na_sub.xyz * p.na_wgrid.xyz;
+    let origin = na_split(wid.x % p.na_n.w, p.na_tiles.xyz) * tile;
+    let k_head = p.k.x + b * p.k.y + hk * p.k.w;
+    let v_head = p.v.x + b * p.v.y + hk * p.v.w;",
+    );
+    let r_n = key.rows;
+    for r in 0..r_n {
+        w.line(&format!("let loc{r} = lid * {r_n}u + {r}u;"));
+        w.line(&format!(
+            "let x{r} = origin + p.na_sub.xyz * na_split(loc{r} / p.na_sub.w, p.na_wgrid.xyz) + na_split(loc{r} % p.na_sub.w, p.na_sub.xyz);"
+        ));
+        w.line(&format!(
+            "let ok{r} = (loc{r} / p.na_sub.w < p.na_wgrid.w) & all(x{r} < ng);"
+        ));
+        w.line(&format!(
+            "let xc{r} = vec3<i32>(min(x{r}, ng - vec3<u32>(1u)));"
+        ));
+        w.line(&format!("let tok{r} = na_token(gc, vec3<u32>(xc{r}));"));
+        w.line(&format!("let ws{r} = na_starts(xc{r}, ngi);"));
+        w.line(&format!("let we{r} = na_ends(xc{r}, ws{r}, ngi);"));
+    }
     match key.strategy {
         Strategy::Subgroup => {
-            w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
-            w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
-            open_passes(&mut w);
-            w.open("for (var kb = range_lo; kb < range_hi; kb += sg_size) {");
-            w.line("// each lane holds one K row and one V row of this block");
-            w.line("let kj = min(kb + lane, p.lk - 1u);");
-            for i in 0..d4 {
-                w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
+            w.line("var lo_l = vec3<i32>(1 << 30);");
+            w.line("var hi_l = vec3<i32>(0);");
+            for r in 0..r_n {
+                w.line(&format!("lo_l = select(lo_l, min(lo_l, ws{r}), ok{r});"));
+                w.line(&format!("hi_l = select(hi_l, max(hi_l, we{r}), ok{r});"));
             }
-            for i in 0..dv4 {
-                w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
-            }
-            w.open(&format!("for (var g = 0u; g < sg_size; g += {u_n}u) {{"));
-            group_body(&mut w, key, |x, u, i| {
-                format!("subgroupShuffle({x}[{i}], g + {u}u)")
-            });
-            w.close();
-            w.close();
-            w.close();
+            w.line("// keys this subgroup can see (uniform over the subgroup)");
+            w.line("let lo = subgroupMin(lo_l);");
+            w.line("let hi = subgroupMax(hi_l);");
         }
         Strategy::Tiled => {
-            let bc = key.block;
-            open_passes(&mut w);
-            w.open(&format!(
-                "for (var kb = range_lo; kb < range_hi; kb += {bc}u) {{"
-            ));
-            w.line("// cooperative load of a K/V tile into workgroup memory");
-            for (tile, n4, ld, head, stride) in [
-                ("k_tile", d4, "ld_k", "k_head", "p.k.z"),
-                ("v_tile", dv4, "ld_v", "v_head", "p.v.z"),
-            ] {
-                let total = bc * n4;
-                for step in 0..total.div_ceil(key.wg) {
-                    let guard = if (step + 1) * key.wg > total {
-                        format!("if (lid + {}u < {total}u) ", step * key.wg)
-                    } else {
-                        String::new()
-                    };
-                    w.line(&format!(
-                        "{guard}{{ let x = lid + {o}u; let kj = min(kb + x / {n4}u, p.lk - 1u); {tile}[x] = {ld}({head} + kj * {stride}, (x % {n4}u) * 4u); }}",
-                        o = step * key.wg
-                    ));
-                }
-            }
-            w.line("workgroupBarrier();");
-            if bc == u_n {
-                w.open("{");
-                w.line("let g = 0u;");
-            } else {
-                w.open(&format!("for (var g = 0u; g < {bc}u; g += {u_n}u) {{"));
-            }
-            group_body(&mut w, key, |x, u, i| {
-                let (tile, n4) = if x == "kr" {
-                    ("k_tile", d4)
-                } else {
-                    ("v_tile", dv4)
-                };
-                format!("{tile}[(g + {u}u) * {n4}u + {i}u]")
-            });
-            w.close();
-            w.line("workgroupBarrier();");
-            w.close();
-            w.close();
+            // windows are monotone in the query coordinate: the tile's corners bound them
+            w.line("// keys this workgroup's tile can see (uniform over the workgroup)");
+            w.line("let last = vec3<i32>(min(origin + tile, ng)) - 1;");
+            w.line("let lo = na_starts(vec3<i32>(origin), ngi);");
+            w.line(
+                "let hi = select(na_ends(last, na_starts(last, ngi), ngi), vec3<i32>(0), origin >= ng);",
+            );
         }
     }
-
-    // Epilogue: normalise and write; rows with no visible key give O = 0 and LSE = -inf.
-    for r in 0..r_n {
-        w.open(&format!("if (row0 + {r}u < p.lq) {{"));
-        w.line(&format!("let row = row0 + {r}u;"));
-        w.line(&format!("let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);"));
-        w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
-        for i in 0..dv4 {
-            w.line(&format!("st_o(ob, {}u, acc{r}[{i}] * inv);", i * 4));
-        }
-        w.open("if (has(F_LSE)) {");
-        w.line(&format!(
-            "lse_buf[(b * p.hq + h) * p.lq + row] = select(neg_inf(), (m{r} + log2(l{r})) * LN2, l{r} > 0.0);"
-        ));
-        w.close();
-        w.close();
-    }
-    w.close();
-    w.finish()
 }
 
 /// Two passes over keys: the attention sinks left of the window (`[kv_start, min(sinks, kv_lo))`),
 /// then the window's own range `[kv_lo, kv_hi)`. Bounds are uniform, as barriers and shuffles
 /// need.
-fn open_passes(w: &mut Wgsl) {
-    w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
-    w.line("range_lo = select(kv_lo, p.kv_start, kpass == 0u);");
-    w.line("range_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
+///
+/// Neighborhood kernels: one pass per line of the innermost axis in the key box, with the rows'
+/// visibility on the outer axes (`pok`) settled once per pass.
+fn open_passes(w: &mut Wgsl, key: &FlashKey) {
+    if !key.na {
+        w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
+        w.line("range_lo = select(kv_lo, p.kv_start, kpass == 0u);");
+        w.line("range_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
+        return;
+    }
+    w.line("let span = max(hi - lo, vec3<i32>(0));");
+    w.open("for (var kpass = 0u; kpass < u32(span.x * span.y); kpass++) {");
+    w.line("let kx = lo.x + i32(kpass / u32(span.y));");
+    w.line("let ky = lo.y + i32(kpass % u32(span.y));");
+    w.line("range_lo = u32(lo.z);");
+    w.line("range_hi = u32(max(hi.z, lo.z));");
+    w.line("pass_base = na_token(gc, vec3<u32>(u32(kx), u32(ky), 0u));");
+    for r in 0..key.rows {
+        w.line(&format!(
+            "let pok{r} = ok{r} & (kx >= ws{r}.x) & (kx < we{r}.x) & (ky >= ws{r}.y) & (ky < we{r}.y);"
+        ));
+    }
 }
 
 /// One group of `U` keys: scores, masking, online-softmax update, P·V. `fetch(x, u, i)` returns
@@ -457,11 +652,20 @@ fn group_body(w: &mut Wgsl, key: &FlashKey, fetch: impl Fn(&str, u32, u32) -> St
             }
         }
     }
+    if key.na {
+        for u in 0..u_n {
+            w.line(&format!("let j{u} = i32(kb + g + {u}u);"));
+        }
+    }
     for r in 0..r_n {
         for u in 0..u_n {
-            w.line(&format!(
-                "s{r}_{u} = modify(s{r}_{u}, b, h, row0 + {r}u, kb + g + {u}u, qlen, kvlen);"
-            ));
+            w.line(&if key.na {
+                format!(
+                    "s{r}_{u} = na_mask(s{r}_{u}, pok{r} & (j{u} >= ws{r}.z) & (j{u} < we{r}.z));"
+                )
+            } else {
+                format!("s{r}_{u} = modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen);")
+            });
         }
         let maxes = (0..u_n).fold(format!("m{r}"), |acc, u| format!("max({acc}, s{r}_{u})"));
         w.line(&format!("let mx{r} = {maxes};"));

@@ -1,0 +1,528 @@
+//! Neighborhood attention (NATTEN semantics) over 1, 2 or 3 spatial axes.
+//!
+//! Inputs are heads-last, as NATTEN lays them out: Q, K `[B, X, H, D]`, `[B, X, Y, H, D]` or
+//! `[B, X, Y, Z, H, D]`, V the same with `Dv`; O is `[B, X, (Y, (Z,)) Hq, Dv]` and LSE
+//! `[B, X, (Y, (Z,)) Hq]` (f32, natural log). GQA/MQA as in flash attention.
+//!
+//! # Which keys a query sees
+//!
+//! The mask is a product over axes: query `x` sees key `y` iff it does on every axis. On one
+//! axis of length `n` with `kernel_size k`, `dilation d`, `stride s` and `is_causal c`:
+//!
+//! 1. **Dilation** splits the axis into `d` interleaved groups (`x % d`); a query only sees keys
+//!    of its own group, and the window below lives in group coordinates `x / d`, on a group of
+//!    length `n_g = ceil((n - g) / d)`.
+//! 2. **Stride** makes queries share windows: the `s` queries `s*t .. s*t + s` of a stride group
+//!    all use the window of one *leader*: `s*t + s/2` (non-causal) or `s*t + s - 1` (causal),
+//!    clamped to `n_g - 1`.
+//! 3. **Non-causal**: the window is `k` keys with `k/2` on the left and `k/2` (odd `k`) or
+//!    `k/2 - 1` (even `k`) on the right of the leader, *shifted* to stay inside the axis, so every
+//!    query sees exactly `k` keys. **Causal**: the `k` keys ending at the leader (fewer near the
+//!    start), and never a key after the query itself.
+//!
+//! ```text
+//!  n = 9, k = 3:          key  0 1 2 3 4 5 6 7 8
+//!  query 0 (left border)       # # # . . . . . .   shifted right: still 3 keys
+//!  query 4                     . . . # # # . . .
+//!  query 8 (right border)      . . . . . . # # #   shifted left
+//!  causal, query 4             . . # # # . . . .   the 3 keys ending at the query
+//!  dilation 2, query 4         . . # . # . # . .   group of even positions: 0 2 4 6 8
+//!  stride 3, queries 3 4 5     . . . # # # . . .   all use the window of leader 4
+//! ```
+//!
+//! `k * d <= n` on every axis and `1 <= s <= k`. NATTEN itself requires `k >= 2`; `k = 1` is
+//! accepted here (each query sees its leader only).
+
+pub mod reference;
+
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::flash::{self, AttentionOutput, FlashPlan, StrategyChoice};
+use crate::tensor::{DType, Tensor};
+
+/// One spatial axis, checked: the definition above, with the axis length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NaAxis {
+    pub n: usize,
+    pub kernel: usize,
+    pub dilation: usize,
+    pub stride: usize,
+    pub causal: bool,
+}
+
+impl NaAxis {
+    /// An axis that does nothing (length 1): pads 1D and 2D problems to three axes.
+    pub const UNIT: NaAxis = NaAxis {
+        n: 1,
+        kernel: 1,
+        dilation: 1,
+        stride: 1,
+        causal: false,
+    };
+
+    /// Length of dilation group `g`.
+    pub fn group_len(&self, g: usize) -> usize {
+        (self.n - g).div_ceil(self.dilation)
+    }
+
+    /// Keys `[start, end)` of the query at `x`, in its dilation group's coordinates (key `y` is
+    /// seen iff `y % d == x % d` and `start <= y / d < end`).
+    pub fn window(&self, x: usize) -> (usize, usize) {
+        let (d, k, s) = (self.dilation, self.kernel, self.stride);
+        let n = self.group_len(x % d);
+        let xi = x / d;
+        let (left, right) = (k / 2, k / 2 + k % 2 - 1);
+        if self.causal {
+            let leader = ((xi / s) * s + s - 1).min(n - 1);
+            (leader.saturating_sub(left + right), (xi + 1).min(n))
+        } else {
+            let leader = ((xi / s) * s + s / 2).min(n - 1);
+            let start = if leader + right >= n {
+                n - k
+            } else {
+                leader.saturating_sub(left)
+            };
+            (start, start + k)
+        }
+    }
+
+    /// Whether the query at `x` sees the key at `y` on this axis.
+    pub fn sees(&self, x: usize, y: usize) -> bool {
+        let d = self.dilation;
+        let (start, end) = self.window(x);
+        x % d == y % d && (start..end).contains(&(y / d))
+    }
+
+    /// Visible (query, key) pairs on this axis: the product over axes counts a problem's pairs.
+    pub fn pairs(&self) -> u64 {
+        (0..self.n)
+            .map(|x| {
+                let (s, e) = self.window(x);
+                (e - s) as u64
+            })
+            .sum()
+    }
+}
+
+/// Options of [`neighborhood_attention`]. Per-axis lists have one entry per spatial axis; an
+/// empty `dilation`, `stride` or `is_causal` means 1, 1, false on every axis.
+#[derive(Clone, Debug, Default)]
+pub struct NeighborhoodOptions {
+    pub kernel_size: Vec<usize>,
+    pub dilation: Vec<usize>,
+    pub stride: Vec<usize>,
+    pub is_causal: Vec<bool>,
+    /// Softmax scale; `None` is `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Also return the log-sum-exp `[B, X, (Y, (Z,)) Hq]`.
+    pub return_lse: bool,
+    pub strategy: StrategyChoice,
+}
+
+impl NeighborhoodOptions {
+    /// Kernel sizes, one per spatial axis; dilation 1, stride 1, not causal.
+    pub fn new(kernel_size: &[usize]) -> Self {
+        NeighborhoodOptions {
+            kernel_size: kernel_size.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Checks the options against the spatial shape and returns the axes.
+    pub fn axes(&self, spatial: &[usize]) -> Result<Vec<NaAxis>> {
+        let rank = spatial.len();
+        if !(1..=3).contains(&rank) {
+            return Err(AttnError::invalid(
+                "neighborhood axes",
+                "1, 2 or 3 spatial axes",
+                rank,
+            ));
+        }
+        let per_axis = |v: &[usize], what: &str, default: usize| -> Result<Vec<usize>> {
+            match v.len() {
+                0 => Ok(vec![default; rank]),
+                l if l == rank => Ok(v.to_vec()),
+                l => Err(AttnError::invalid(
+                    what,
+                    format!("{rank} values (one per spatial axis of {spatial:?})"),
+                    format!("{l} values {v:?}"),
+                )),
+            }
+        };
+        if self.kernel_size.len() != rank {
+            return Err(AttnError::invalid(
+                "kernel_size",
+                format!("{rank} values (one per spatial axis of {spatial:?})"),
+                format!("{:?}", self.kernel_size),
+            ));
+        }
+        let dil = per_axis(&self.dilation, "dilation", 1)?;
+        let stride = per_axis(&self.stride, "stride", 1)?;
+        let causal = match self.is_causal.len() {
+            0 => vec![false; rank],
+            l if l == rank => self.is_causal.clone(),
+            l => {
+                return Err(AttnError::invalid(
+                    "is_causal",
+                    format!("{rank} values (one per spatial axis)"),
+                    format!("{l} values"),
+                ))
+            }
+        };
+        let mut axes = Vec::with_capacity(rank);
+        for a in 0..rank {
+            let (n, k, d, s) = (spatial[a], self.kernel_size[a], dil[a], stride[a]);
+            let at = |what: &str| format!("{what} on axis {a}");
+            if n == 0 {
+                return Err(AttnError::invalid(at("size"), ">= 1", n));
+            }
+            if k == 0 {
+                return Err(AttnError::invalid(at("kernel_size"), ">= 1", k));
+            }
+            if d == 0 {
+                return Err(AttnError::invalid(at("dilation"), ">= 1", d));
+            }
+            if s == 0 || s > k {
+                return Err(AttnError::invalid(
+                    at("stride"),
+                    format!("1..={k} (at most the kernel size)"),
+                    s,
+                ));
+            }
+            if k.saturating_mul(d) > n {
+                return Err(AttnError::invalid(
+                    at("kernel_size * dilation"),
+                    format!("<= the axis size {n}"),
+                    format!("{k} * {d} = {}", k.saturating_mul(d)),
+                ));
+            }
+            axes.push(NaAxis {
+                n,
+                kernel: k,
+                dilation: d,
+                stride: s,
+                causal: causal[a],
+            });
+        }
+        Ok(axes)
+    }
+}
+
+/// A neighborhood problem as the flash kernel sees it: three axes (unit axes pad 1D and 2D).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NaSpec {
+    pub axes: [NaAxis; 3],
+}
+
+impl NaSpec {
+    pub fn new(axes: &[NaAxis]) -> Self {
+        let mut all = [NaAxis::UNIT; 3];
+        all[3 - axes.len()..].copy_from_slice(axes);
+        NaSpec { axes: all }
+    }
+
+    /// Whether query token `i` sees key token `j` (row-major flattened spatial indices).
+    pub fn sees(&self, i: usize, j: usize) -> bool {
+        let [a0, a1, a2] = &self.axes;
+        let split = |t: usize| (t / (a1.n * a2.n), (t / a2.n) % a1.n, t % a2.n);
+        let (x0, x1, x2) = split(i);
+        let (y0, y1, y2) = split(j);
+        a0.sees(x0, y0) && a1.sees(x1, y1) && a2.sees(x2, y2)
+    }
+
+    /// Tokens: the product of the axis lengths.
+    pub fn len(&self) -> usize {
+        self.axes.iter().map(|a| a.n).product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Visible (query, key) pairs per batch and head.
+    pub fn pairs(&self) -> u64 {
+        self.axes.iter().map(NaAxis::pairs).product()
+    }
+}
+
+/// Reads `[B, *spatial, H, D]` into (spatial shape, flattened `[B, L, H, D]` view).
+fn flatten(t: &Tensor, what: &str) -> Result<(Vec<usize>, Tensor)> {
+    let sh = t.shape();
+    let st = t.strides();
+    if !(4..=6).contains(&sh.len()) {
+        return Err(AttnError::shape(
+            what,
+            "rank 4, 5 or 6: [B, X, (Y, (Z,)) H, D]",
+            sh,
+        ));
+    }
+    let r = sh.len();
+    let spatial = sh[1..r - 2].to_vec();
+    for a in 1..r - 3 {
+        if st[a] != st[a + 1] * sh[a + 1] {
+            return Err(AttnError::invalid(
+                format!("{what} strides"),
+                "spatial axes contiguous with each other (stride[a] = stride[a+1] * size[a+1])",
+                format!("shape {sh:?} strides {st:?}"),
+            ));
+        }
+    }
+    let l = spatial.iter().product();
+    let flat = t.with_layout(
+        vec![sh[0], l, sh[r - 2], sh[r - 1]],
+        vec![st[0], st[r - 3], st[r - 2], 1],
+        t.offset(),
+    )?;
+    Ok((spatial, flat))
+}
+
+struct Flat {
+    spec: NaSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spatial: Vec<usize>,
+}
+
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &NeighborhoodOptions) -> Result<Flat> {
+    let (spatial, qf) = flatten(q, "q")?;
+    let (sk, kf) = flatten(k, "k")?;
+    let (sv, vf) = flatten(v, "v")?;
+    if sk != spatial || sv != spatial {
+        return Err(AttnError::shape(
+            "k/v",
+            format!("spatial shape {spatial:?} (that of q)"),
+            (sk, sv),
+        ));
+    }
+    let axes = opts.axes(&spatial)?;
+    Ok(Flat {
+        spec: NaSpec::new(&axes),
+        q: qf,
+        k: kf,
+        v: vf,
+        spatial,
+    })
+}
+
+fn flash_opts(opts: &NeighborhoodOptions) -> flash::FlashOptions {
+    flash::FlashOptions {
+        scale: opts.scale,
+        strategy: opts.strategy,
+        ..Default::default()
+    }
+}
+
+/// Output tensors in the heads-last layout, and their flattened views.
+fn outputs_like(
+    ctx: &GpuContext,
+    f: &Flat,
+    dtype: DType,
+    lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let [b, _, hq, _] = <[usize; 4]>::try_from(f.q.shape()).map_err(|_| {
+        AttnError::shape("q", "a flattened [B, L, H, D] view", f.q.shape().to_vec())
+    })?;
+    let dv = f.v.shape()[3];
+    let mut oshape = vec![b];
+    oshape.extend(&f.spatial);
+    oshape.extend([hq, dv]);
+    let out = Tensor::filled(ctx, &oshape, dtype, 0.0)?;
+    let lse = if lse {
+        oshape.pop();
+        Some(Tensor::filled(ctx, &oshape, DType::F32, 0.0)?)
+    } else {
+        None
+    };
+    Ok((out, lse))
+}
+
+/// Flattens an LSE `[B, *spatial, H]` tensor to `[B, L, H]`.
+fn flatten_lse(t: &Tensor, spatial: &[usize]) -> Result<Tensor> {
+    let sh = t.shape();
+    let n = sh.len();
+    if n != spatial.len() + 2 || sh[1..n - 1] != *spatial {
+        return Err(AttnError::shape(
+            "lse",
+            format!("[B, {spatial:?}, Hq] f32"),
+            sh,
+        ));
+    }
+    let l = spatial.iter().product();
+    let contiguous = sh.iter().product::<usize>();
+    if t.offset() != 0 || t.strides()[0] * sh[0] != contiguous || t.strides()[n - 2] != sh[n - 1] {
+        return Err(AttnError::invalid(
+            "lse",
+            "a contiguous tensor",
+            format!("strides {:?}", t.strides()),
+        ));
+    }
+    t.with_layout(
+        vec![sh[0], l, sh[n - 1]],
+        vec![l * sh[n - 1], sh[n - 1], 1],
+        0,
+    )
+}
+
+/// Records neighborhood attention into `encoder`; `out` is `[B, *spatial, Hq, Dv]` and `lse`
+/// `[B, *spatial, Hq]` f32. See the module docs for the semantics.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_neighborhood_attention(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &NeighborhoodOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<FlashPlan> {
+    let f = check(q, k, v, opts)?;
+    let (_, of) = flatten(out, "out")?;
+    let lf = lse.map(|l| flatten_lse(l, &f.spatial)).transpose()?;
+    flash::encode_with(
+        ctx,
+        encoder,
+        &f.q,
+        &f.k,
+        &f.v,
+        &of,
+        lf.as_ref(),
+        &flash_opts(opts),
+        Some(&f.spec),
+        timestamps,
+    )
+}
+
+/// Runs neighborhood attention into caller-provided outputs and submits the work.
+pub fn neighborhood_attention_into(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &NeighborhoodOptions,
+) -> Result<FlashPlan> {
+    ctx.submit(|enc| encode_neighborhood_attention(ctx, enc, q, k, v, out, lse, opts, None))
+}
+
+/// Neighborhood attention: returns O `[B, *spatial, Hq, Dv]` and, with `opts.return_lse`, LSE
+/// `[B, *spatial, Hq]`.
+pub fn neighborhood_attention(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &NeighborhoodOptions,
+) -> Result<AttentionOutput> {
+    let f = check(q, k, v, opts)?;
+    let (out, lse) = outputs_like(ctx, &f, q.dtype(), opts.return_lse)?;
+    neighborhood_attention_into(ctx, q, k, v, &out, lse.as_ref(), opts)?;
+    Ok(AttentionOutput { out, lse })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn axis(n: usize, kernel: usize, dilation: usize, stride: usize, causal: bool) -> NaAxis {
+        NaAxis {
+            n,
+            kernel,
+            dilation,
+            stride,
+            causal,
+        }
+    }
+
+    fn windows(a: NaAxis) -> Vec<(usize, usize)> {
+        (0..a.n).map(|x| a.window(x)).collect()
+    }
+
+    #[test]
+    fn hand_worked_windows() {
+        // n = 9, k = 3: shifted at both borders, centred elsewhere
+        let w = windows(axis(9, 3, 1, 1, false));
+        assert_eq!(w[0], (0, 3));
+        assert_eq!(w[1], (0, 3));
+        assert_eq!(w[4], (3, 6));
+        assert_eq!(w[8], (6, 9));
+        // even kernel 4: 2 left, 1 right of the query
+        let w = windows(axis(9, 4, 1, 1, false));
+        assert_eq!(w[4], (2, 6));
+        assert_eq!(w[8], (5, 9));
+        assert_eq!(w[0], (0, 4));
+        // causal: the k keys ending at the query
+        let w = windows(axis(9, 3, 1, 1, true));
+        assert_eq!(w[0], (0, 1));
+        assert_eq!(w[1], (0, 2));
+        assert_eq!(w[4], (2, 5));
+        // dilation 2 on n = 9: groups 0 2 4 6 8 (5 long) and 1 3 5 7 (4 long)
+        let a = axis(9, 3, 2, 1, false);
+        assert_eq!(a.window(4), (1, 4)); // group coords 1..4 = positions 2 4 6
+        assert!(a.sees(4, 2) && a.sees(4, 6) && !a.sees(4, 3) && !a.sees(4, 8));
+        assert_eq!(a.window(7), (1, 4)); // odd group, x/d = 3 at the right border: 3 5 7
+        assert!(a.sees(7, 3) && a.sees(7, 5) && !a.sees(7, 1));
+        // stride 3, k = 3: queries 3 4 5 share the window of leader 4
+        let w = windows(axis(9, 3, 1, 3, false));
+        assert_eq!((w[3], w[4], w[5]), ((3, 6), (3, 6), (3, 6)));
+        assert_eq!(w[0], (0, 3));
+        // causal stride 3: leader is the last of the group; end is the query itself
+        let w = windows(axis(9, 3, 1, 3, true));
+        assert_eq!((w[3], w[4], w[5]), ((3, 4), (3, 5), (3, 6)));
+        // kernel = axis: everybody sees everything
+        assert!(windows(axis(5, 5, 1, 1, false))
+            .iter()
+            .all(|&w| w == (0, 5)));
+        // 1x1 kernel: itself only
+        assert!(windows(axis(5, 1, 1, 1, false))
+            .iter()
+            .enumerate()
+            .all(|(x, &w)| w == (x, x + 1)));
+    }
+
+    #[test]
+    fn non_causal_windows_always_hold_kernel_size_keys() {
+        for n in 1..20 {
+            for d in 1..=n {
+                for k in 1..=n / d {
+                    for s in 1..=k {
+                        let a = axis(n, k, d, s, false);
+                        for x in 0..n {
+                            let (st, e) = a.window(x);
+                            assert_eq!(e - st, k, "{a:?} x={x}");
+                            assert!(e <= a.group_len(x % d), "{a:?} x={x}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_typed_errors() {
+        let bad = [
+            (vec![7], vec![5], vec![1], vec![1]),  // kernel > axis
+            (vec![3], vec![5], vec![2], vec![1]),  // kernel * dilation > axis
+            (vec![3], vec![9], vec![1], vec![4]),  // stride > kernel
+            (vec![0], vec![9], vec![1], vec![1]),  // zero kernel
+            (vec![3], vec![9], vec![0], vec![1]),  // zero dilation
+            (vec![3], vec![9], vec![1], vec![0]),  // zero stride
+            (vec![3, 3], vec![9], vec![], vec![]), // two kernels, one axis
+        ];
+        for (k, n, d, s) in bad {
+            let o = NeighborhoodOptions {
+                kernel_size: k,
+                dilation: d,
+                stride: s,
+                ..Default::default()
+            };
+            assert!(
+                matches!(o.axes(&n), Err(AttnError::Invalid { .. })),
+                "{o:?} on {n:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Neighborhood attention (NATTEN semantics) against the f64 reference: 1D, 2D and 3D, borders,
+//! dilation that does not divide the axis, kernel equal to the axis, 1x1 kernels, even kernels,
+//! causal axes, strides, GQA, f16, both strategies, NaN-poisoned outputs.
+
+mod common;
+use common::*;
+use wgpu_attention::flash::reference::{compare, RefInputs};
+use wgpu_attention::neighborhood::reference::{neighborhood_plain_f16, neighborhood_reference};
+use wgpu_attention::neighborhood::NaSpec;
+use wgpu_attention::*;
+
+#[derive(Clone, Debug)]
+struct NaCase {
+    batch: usize,
+    spatial: Vec<usize>,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    dv: usize,
+    dtype: DType,
+    opts: NeighborhoodOptions,
+}
+
+fn case(spatial: &[usize], kernel: &[usize]) -> NaCase {
+    NaCase {
+        batch: 2,
+        spatial: spatial.to_vec(),
+        hq: 4,
+        hkv: 2,
+        d: 40,
+        dv: 40,
+        dtype: DType::F32,
+        opts: NeighborhoodOptions::new(kernel),
+    }
+}
+
+impl NaCase {
+    fn dil(mut self, d: &[usize]) -> Self {
+        self.opts.dilation = d.to_vec();
+        self
+    }
+    fn stride(mut self, s: &[usize]) -> Self {
+        self.opts.stride = s.to_vec();
+        self
+    }
+    fn causal(mut self, c: &[bool]) -> Self {
+        self.opts.is_causal = c.to_vec();
+        self
+    }
+}
+
+fn upload(ctx: &GpuContext, x: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+    match dtype {
+        DType::F32 => Tensor::from_f32(ctx, x, shape).unwrap(),
+        DType::F16 => {
+            let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+            Tensor::from_f16(ctx, &h, shape).unwrap()
+        }
+    }
+}
+
+fn run(c: &NaCase, st: Strategy) {
+    let ctx = ctx();
+    if c.dtype == DType::F16 && !ctx.caps.f16 {
+        eprintln!(
+            "no SHADER_F16: f16 neighborhood case skipped (the typed error is tested in flash)"
+        );
+        return;
+    }
+    let seed = fresh_seed();
+    let l: usize = c.spatial.iter().product();
+    let dims = |h: usize, d: usize| {
+        let mut s = vec![c.batch];
+        s.extend(&c.spatial);
+        s.extend([h, d]);
+        s
+    };
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        match c.dtype {
+            DType::F16 => v
+                .into_iter()
+                .map(|x| half::f16::from_f32(x).to_f32())
+                .collect(),
+            DType::F32 => v,
+        }
+    };
+    let q = round(random(c.batch * l * c.hq * c.d, 1.0, seed));
+    let k = round(random(c.batch * l * c.hkv * c.d, 1.0, seed ^ 1));
+    let v = round(random(c.batch * l * c.hkv * c.dv, 1.0, seed ^ 2));
+    let qt = upload(ctx, &q, &dims(c.hq, c.d), c.dtype);
+    let kt = upload(ctx, &k, &dims(c.hkv, c.d), c.dtype);
+    let vt = upload(ctx, &v, &dims(c.hkv, c.dv), c.dtype);
+    let out = Tensor::filled(ctx, &dims(c.hq, c.dv), c.dtype, f32::NAN).unwrap();
+    let mut lse_shape = dims(c.hq, 0);
+    lse_shape.pop();
+    let lse = Tensor::filled(ctx, &lse_shape, DType::F32, f32::NAN).unwrap();
+    let mut opts = c.opts.clone();
+    opts.strategy = StrategyChoice::Force(st);
+    neighborhood_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts)
+        .unwrap_or_else(|e| panic!("{c:?} {st:?}: {e}"));
+    let got = out.to_vec_f32(ctx).unwrap();
+    let got_lse = lse.to_vec_f32(ctx).unwrap();
+
+    let axes = c.opts.axes(&c.spatial).unwrap();
+    let spec = NaSpec::new(&axes);
+    let inp = RefInputs {
+        shape: AttnShape {
+            batch: c.batch,
+            lq: l,
+            lk: l,
+            hq: c.hq,
+            hkv: c.hkv,
+            d: c.d,
+            dv: c.dv,
+        },
+        q: &q,
+        k: &k,
+        v: &v,
+        bias: None,
+    };
+    let r = neighborhood_reference(&inp, &spec, c.opts.scale);
+    let plain = (c.dtype == DType::F16).then(|| neighborhood_plain_f16(&inp, &spec, c.opts.scale));
+    let cmp = compare(&got, Some(&got_lse), &r, plain.as_deref());
+    assert!(cmp.passed, "{c:?} {st:?} seed {seed}: {cmp:?}");
+}
+
+fn check_na(c: &NaCase) {
+    for st in strategies() {
+        run(c, st);
+    }
+}
+
+#[test]
+fn na1d_borders_even_kernels_dilation_stride_causal() {
+    check_na(&case(&[113], &[7]));
+    check_na(&case(&[113], &[8])); // even kernel: 4 left, 3 right
+    check_na(&case(&[113], &[7]).dil(&[3])); // 3 does not divide 113
+    check_na(&case(&[113], &[6]).stride(&[4]));
+    check_na(&case(&[113], &[9]).causal(&[true]));
+    check_na(&case(&[113], &[9]).causal(&[true]).stride(&[3]).dil(&[2]));
+    check_na(&case(&[37], &[37])); // kernel = axis: dense
+    check_na(&case(&[1], &[1])); // a single token
+    check_na(&case(&[50], &[1])); // 1-wide kernel: each token sees its leader only
+}
+
+#[test]
+fn na2d() {
+    check_na(&case(&[19, 23], &[5, 7]));
+    check_na(&case(&[19, 23], &[4, 3]).dil(&[2, 3]));
+    check_na(&case(&[19, 23], &[5, 6]).stride(&[2, 3]));
+    check_na(&case(&[19, 23], &[5, 5]).causal(&[true, false]));
+    check_na(&case(&[19, 23], &[5, 5]).causal(&[false, true]).dil(&[1, 2]));
+    check_na(&case(&[19, 23], &[1, 1]));
+    check_na(&case(&[9, 11], &[9, 11])); // kernel = grid
+    check_na(&case(&[16, 16], &[13, 13]));
+}
+
+#[test]
+fn na3d() {
+    check_na(&case(&[6, 7, 9], &[3, 3, 3]));
+    check_na(
+        &case(&[6, 7, 9], &[2, 3, 4])
+            .dil(&[2, 1, 2])
+            .stride(&[2, 1, 3]),
+    );
+    check_na(&case(&[6, 7, 9], &[3, 3, 3]).causal(&[true, false, true]));
+}
+
+#[test]
+fn na_heads_dims_and_f16() {
+    let mut c = case(&[12, 13], &[5, 5]);
+    (c.hq, c.hkv) = (8, 1); // MQA
+    check_na(&c);
+    let mut c = case(&[12, 13], &[3, 5]);
+    (c.d, c.dv) = (96, 64);
+    check_na(&c);
+    let mut c = case(&[12, 13], &[5, 3]).dil(&[2, 2]);
+    c.dtype = DType::F16;
+    check_na(&c);
+}
+
+#[test]
+fn na_bad_inputs_are_typed_errors() {
+    let ctx = ctx();
+    let t = |shape: &[usize]| Tensor::filled(ctx, shape, DType::F32, 0.5).unwrap();
+    let q = t(&[1, 8, 8, 2, 16]);
+    let na = |q: &Tensor, k: &Tensor, o: NeighborhoodOptions| {
+        neighborhood_attention(ctx, q, k, k, &o).err()
+    };
+    // kernel larger than the axis, dilation * kernel larger, stride > kernel, zero kernel
+    for o in [
+        NeighborhoodOptions::new(&[9, 3]),
+        NeighborhoodOptions::new(&[3, 3]).tap(|o| o.dilation = vec![1, 3]),
+        NeighborhoodOptions::new(&[3, 3]).tap(|o| o.stride = vec![4, 1]),
+        NeighborhoodOptions::new(&[0, 3]),
+        NeighborhoodOptions::new(&[3]),
+    ] {
+        let e = na(&q, &q, o.clone());
+        assert!(matches!(e, Some(AttnError::Invalid { .. })), "{o:?}: {e:?}");
+    }
+    // spatial shapes that differ, rank 3
+    let e = na(&q, &t(&[1, 8, 7, 2, 16]), NeighborhoodOptions::new(&[3, 3]));
+    assert!(matches!(e, Some(AttnError::Shape { .. })), "{e:?}");
+    let e = na(
+        &t(&[8, 2, 16]),
+        &t(&[8, 2, 16]),
+        NeighborhoodOptions::new(&[3]),
+    );
+    assert!(matches!(e, Some(AttnError::Shape { .. })), "{e:?}");
+}
+
+trait Tap: Sized {
+    fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
+        f(&mut self);
+        self
+    }
+}
+impl Tap for NeighborhoodOptions {}
