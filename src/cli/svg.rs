@@ -102,7 +102,9 @@ fn escape(s: &str) -> String {
 /// percentage of the ideal one (dense pairs / pairs seen), with the 70% target drawn.
 pub fn efficiency_chart(title: &str, points: &[(String, f64)]) -> String {
     let (left, top, plot_h, bar_w, gap) = (60.0, 40.0, 260.0, 34.0, 26.0);
-    let width = left + (bar_w + gap) * points.len() as f64 + 40.0;
+    // room for the rotated labels on the right, and for the title
+    let width = (left + (bar_w + gap) * points.len() as f64 + 110.0)
+        .max(left + 7.0 * title.chars().count() as f64);
     let height = top + plot_h + 110.0;
     let y_of = |pct: f64| top + plot_h - plot_h * pct.clamp(0.0, 120.0) / 120.0;
     let mut s = format!(
