@@ -218,6 +218,11 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// Row-major with no gaps and no offset (outputs that kernels index directly).
+    pub fn is_contiguous(&self) -> bool {
+        self.offset == 0 && self.strides == contiguous_strides(&self.shape)
+    }
+
     /// Downloads the tensor in row-major order of its shape, as f32. Blocks.
     pub fn to_vec_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         let fut = self.to_vec_f32_async(ctx);

@@ -561,8 +561,7 @@ fn prepare(
                 (l.shape(), l.dtype()),
             ));
         }
-        let contiguous = [expect[1] * expect[2], expect[2], 1];
-        if l.offset() != 0 || l.strides() != contiguous {
+        if !l.is_contiguous() {
             return Err(AttnError::invalid(
                 "lse",
                 "a contiguous tensor",

@@ -349,8 +349,7 @@ fn flatten_lse(t: &Tensor, spatial: &[usize]) -> Result<Tensor> {
         ));
     }
     let l = spatial.iter().product();
-    let contiguous = sh.iter().product::<usize>();
-    if t.offset() != 0 || t.strides()[0] * sh[0] != contiguous || t.strides()[n - 2] != sh[n - 1] {
+    if !t.is_contiguous() {
         return Err(AttnError::invalid(
             "lse",
             "a contiguous tensor",
