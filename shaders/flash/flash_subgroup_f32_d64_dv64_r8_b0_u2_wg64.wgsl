@@ -50,7 +50,12 @@ var<private> range_hi: u32;
 
 fn has(f: u32) -> bool { return (p.flags & f) != 0u; }
 
-fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+// -inf from a runtime value: WGSL forbids a constant expression that evaluates to infinity
+// (Tint rejects `bitcast<f32>(0xff800000u)`; naga lets it through).
+fn neg_inf() -> f32 {
+    var bits = 0xff800000u;
+    return bitcast<f32>(bits);
+}
 
 // tanh that stays finite for any |x| (exp of a large argument never appears).
 fn tanh_safe(x: f32) -> f32 {

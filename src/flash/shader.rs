@@ -185,13 +185,20 @@ const F_WRIGHT: u32 = 256u;
 const F_NA_CAUSAL: u32 = 512u;
 
 // The key range of the current pass (sinks, then the window): a block that overhangs its range
-// must not count keys that the other pass visits.
+// must not count keys that the other pass visits. (Loops bound themselves by the pass's own
+// `let` copies: WGSL's uniformity analysis treats every read of a private variable as
+// non-uniform, and the Tiled kernel's barriers need uniform loop bounds.)
 var<private> range_lo: u32;
 var<private> range_hi: u32;
 
 fn has(f: u32) -> bool { return (p.flags & f) != 0u; }
 
-fn neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+// -inf from a runtime value: WGSL forbids a constant expression that evaluates to infinity
+// (Tint rejects `bitcast<f32>(0xff800000u)`; naga lets it through).
+fn neg_inf() -> f32 {
+    var bits = 0xff800000u;
+    return bitcast<f32>(bits);
+}
 
 // tanh that stays finite for any |x| (exp of a large argument never appears).
 fn tanh_safe(x: f32) -> f32 {
@@ -386,7 +393,7 @@ pub fn flash_source(key: &FlashKey) -> String {
             w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
             w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
             open_passes(&mut w, key);
-            w.open("for (var kb = range_lo; kb < range_hi; kb += sg_size) {");
+            w.open("for (var kb = pass_lo; kb < pass_hi; kb += sg_size) {");
             w.line("// each lane holds one K row and one V row of this block");
             w.line("let kj = key_row(kb + lane);");
             for i in 0..d4 {
@@ -407,7 +414,7 @@ pub fn flash_source(key: &FlashKey) -> String {
             let bc = key.block;
             open_passes(&mut w, key);
             w.open(&format!(
-                "for (var kb = range_lo; kb < range_hi; kb += {bc}u) {{"
+                "for (var kb = pass_lo; kb < pass_hi; kb += {bc}u) {{"
             ));
             w.line("// cooperative load of a K/V tile into workgroup memory");
             for (tile, n4, ld, head, stride) in [
@@ -618,16 +625,20 @@ fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
 fn open_passes(w: &mut Wgsl, key: &FlashKey) {
     if !key.na {
         w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
-        w.line("range_lo = select(kv_lo, p.kv_start, kpass == 0u);");
-        w.line("range_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
+        w.line("let pass_lo = select(kv_lo, p.kv_start, kpass == 0u);");
+        w.line("let pass_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
+        w.line("range_lo = pass_lo;");
+        w.line("range_hi = pass_hi;");
         return;
     }
     w.line("let span = max(hi - lo, vec3<i32>(0));");
     w.open("for (var kpass = 0u; kpass < u32(span.x * span.y); kpass++) {");
     w.line("let kx = lo.x + i32(kpass / u32(span.y));");
     w.line("let ky = lo.y + i32(kpass % u32(span.y));");
-    w.line("range_lo = u32(lo.z);");
-    w.line("range_hi = u32(max(hi.z, lo.z));");
+    w.line("let pass_lo = u32(lo.z);");
+    w.line("let pass_hi = u32(max(hi.z, lo.z));");
+    w.line("range_lo = pass_lo;");
+    w.line("range_hi = pass_hi;");
     w.line("pass_base = na_token(gc, vec3<u32>(u32(kx), u32(ky), 0u));");
     for r in 0..key.rows {
         w.line(&format!(
