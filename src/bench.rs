@@ -27,8 +27,21 @@ pub struct Timing {
 }
 
 /// Times `record` (which records one pass, writing timestamps at the given query indices when
-/// asked) `repeats` times after `warmup` untimed runs.
+/// asked) `repeats` times after `warmup` untimed runs. Blocks (native only).
 pub fn time_passes(
+    ctx: &GpuContext,
+    warmup: usize,
+    repeats: usize,
+    record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+) -> Result<Timing> {
+    pollster::block_on(time_passes_async(ctx, warmup, repeats, record))
+}
+
+/// [`time_passes`] as a future, for the browser: every wait is a callback that resolves when the
+/// device has polled (natively) or the browser's queue has finished (WebGPU). Without timestamp
+/// queries it falls back to the wall clock, which a browser build does not have: there it
+/// returns [`AttnError::MissingFeature`].
+pub async fn time_passes_async(
     ctx: &GpuContext,
     warmup: usize,
     repeats: usize,
@@ -36,10 +49,8 @@ pub fn time_passes(
 ) -> Result<Timing> {
     let repeats = repeats.max(1);
     for _ in 0..warmup {
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        record(&mut enc, None)?;
-        ctx.queue.submit([enc.finish()]);
-        ctx.wait()?;
+        ctx.submit(|enc| record(enc, None))?;
+        ctx.finished().await?;
     }
     let mut samples = Vec::with_capacity(repeats);
     let clock = if ctx.caps.timestamps {
@@ -67,17 +78,18 @@ pub fn time_passes(
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            record(&mut enc, Some((&set, 0)))?;
-            enc.resolve_query_set(&set, 0..2, &resolve, 0);
-            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
-            ctx.queue.submit([enc.finish()]);
-            let (tx, rx) = std::sync::mpsc::channel();
+            ctx.submit(|enc| {
+                record(enc, Some((&set, 0)))?;
+                enc.resolve_query_set(&set, 0..2, &resolve, 0);
+                enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
+                Ok(())
+            })?;
+            let (tx, rx) = futures::channel::oneshot::channel();
             read.map_async(wgpu::MapMode::Read, .., move |r| {
                 let _ = tx.send(r);
             });
             ctx.wait()?;
-            rx.recv()
+            rx.await
                 .map_err(|_| AttnError::Gpu("timestamp readback dropped".into()))?
                 .map_err(|e| AttnError::Gpu(format!("timestamp readback: {e}")))?;
             let view = read
@@ -88,12 +100,7 @@ pub fn time_passes(
         }
     } else {
         for _ in 0..repeats {
-            let start = std::time::Instant::now();
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            record(&mut enc, None)?;
-            ctx.queue.submit([enc.finish()]);
-            ctx.wait()?;
-            samples.push(start.elapsed().as_secs_f64() * 1e3);
+            samples.push(wall_clock_ms(ctx, &mut record).await?);
         }
     }
     let mut sorted = samples.clone();
@@ -102,6 +109,29 @@ pub fn time_passes(
         median_ms: sorted[sorted.len() / 2],
         samples_ms: samples,
         clock,
+    })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+async fn wall_clock_ms(
+    ctx: &GpuContext,
+    record: &mut impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+) -> Result<f64> {
+    let start = std::time::Instant::now();
+    ctx.submit(|enc| record(enc, None))?;
+    ctx.finished().await?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+#[cfg(target_arch = "wasm32")]
+async fn wall_clock_ms(
+    ctx: &GpuContext,
+    _record: &mut impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+) -> Result<f64> {
+    Err(AttnError::MissingFeature {
+        feature: "TIMESTAMP_QUERY",
+        adapter: ctx.adapter_info.name.clone(),
+        needed_for: "timing in a browser (wasm has no wall clock)".into(),
     })
 }
 

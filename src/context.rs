@@ -36,6 +36,9 @@ pub struct GpuContext {
     /// in one dispatch).
     pub(crate) dummy: wgpu::Buffer,
     pub(crate) dummy_rw: wgpu::Buffer,
+    /// Device errors nobody caught in an error scope (the browser build reports pipeline errors
+    /// this way, asynchronously): [`GpuContext::finished`] returns the first.
+    pub(crate) uncaptured: Arc<Mutex<Vec<String>>>,
 }
 
 /// Environment variable: a case-insensitive substring of the adapter name to pick
@@ -102,7 +105,21 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self::from_device(device, queue, info))
+        let ctx = Self::from_device(device, queue, info);
+        // Natively every pipeline is checked with an error scope when it is built; a browser
+        // cannot wait for a scope there, so its errors are collected here instead of only going
+        // to the console.
+        #[cfg(target_arch = "wasm32")]
+        {
+            let log = ctx.uncaptured.clone();
+            ctx.device
+                .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                    if let Ok(mut l) = log.lock() {
+                        l.push(e.to_string());
+                    }
+                }));
+        }
+        Ok(ctx)
     }
 
     /// Wraps a device the caller already owns. Features and limits are read from the device.
@@ -147,6 +164,7 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             dummy,
             dummy_rw,
+            uncaptured: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -162,7 +180,6 @@ impl GpuContext {
         )
     }
 
-    /// Blocks until all submitted work is done.
     /// Records work with `record` into a new encoder and submits it.
     pub fn submit<T>(
         &self,
@@ -174,6 +191,7 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// Blocks until all submitted work is done (a no-op in a browser: await [`Self::finished`]).
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {
@@ -182,6 +200,32 @@ impl GpuContext {
             })
             .map(|_| ())
             .map_err(|e| AttnError::Gpu(e.to_string()))
+    }
+
+    /// Resolves once all work submitted so far has finished, natively (by polling) and in a
+    /// browser (by the queue's callback, without blocking the page).
+    pub async fn finished(&self) -> Result<()> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.wait()?;
+        rx.await
+            .map_err(|_| AttnError::Gpu("the queue dropped its work-done callback".into()))?;
+        self.device_errors()
+    }
+
+    /// The first device error that no error scope caught since the last call, if any.
+    pub fn device_errors(&self) -> Result<()> {
+        let mut log = self
+            .uncaptured
+            .lock()
+            .map_err(|_| AttnError::Gpu("error log poisoned by an earlier panic".into()))?;
+        let first = log.drain(..).next();
+        match first {
+            Some(first) => Err(AttnError::Gpu(first)),
+            None => Ok(()),
+        }
     }
 
     /// Fails with a typed error when `bytes` exceeds the storage binding or buffer size limits.

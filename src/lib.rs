@@ -40,3 +40,5 @@ pub use neighborhood::{
     NeighborhoodOptions,
 };
 pub use tensor::{DType, Tensor};
+/// The `wgpu` this crate is built on (encoders and devices passed in must come from it).
+pub use wgpu;

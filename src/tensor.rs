@@ -225,13 +225,11 @@ impl Tensor {
 
     /// Downloads the tensor in row-major order of its shape, as f32. Blocks.
     pub fn to_vec_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        let fut = self.to_vec_f32_async(ctx);
-        ctx.wait()?;
-        pollster::block_on(fut)
+        pollster::block_on(self.to_vec_f32_async(ctx))
     }
 
-    /// Downloads the tensor; the future resolves once the device has been polled (natively) or the
-    /// browser has finished the copy.
+    /// Downloads the tensor. Natively the first poll of the future waits for the device; in a
+    /// browser the future resolves when the copy has finished, without blocking the page.
     pub fn to_vec_f32_async(
         &self,
         ctx: &GpuContext,
@@ -251,7 +249,14 @@ impl Tensor {
             let _ = tx.send(r);
         });
         let this = self.clone();
+        let device = ctx.device.clone();
         async move {
+            device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: None,
+                    timeout: None,
+                })
+                .map_err(|e| AttnError::Gpu(e.to_string()))?;
             rx.await
                 .map_err(|_| AttnError::Gpu("readback was cancelled".into()))?
                 .map_err(|e| AttnError::Gpu(format!("readback failed: {e}")))?;
