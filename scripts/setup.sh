@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on Debian/Ubuntu: a Vulkan loader and Mesa's lavapipe
 # (a CPU Vulkan driver, so no GPU is needed), Chromium for its SwiftShader Vulkan driver (a second
-# CPU adapter the tests also run on), and rustfmt/clippy. Skips what is already there.
+# CPU adapter the tests also run on; --browser adds chromedriver for the page's test), and
+# rustfmt/clippy. Skips what is already there.
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -9,9 +10,17 @@ need=()
 for pkg in mesa-vulkan-drivers libvulkan1 ${WGPU_ATTENTION_EXTRA_PKGS:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
-if [ "${1:-}" = "--swiftshader" ] && [ ! -e /usr/lib/chromium/vk_swiftshader_icd.json ]; then
-  need+=(chromium)
-fi
+for arg in "$@"; do
+  case "$arg" in
+    --swiftshader) [ -e /usr/lib/chromium/vk_swiftshader_icd.json ] || need+=(chromium) ;;
+    # the browser test (web/test.py): headless Chromium driven through chromedriver from python3
+    --browser)
+      for pkg in chromium chromium-driver python3; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+      done ;;
+    *) echo "setup.sh: unknown option $arg (expected --swiftshader, --browser)" >&2; exit 2 ;;
+  esac
+done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

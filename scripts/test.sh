@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The test suite: every test on lavapipe, then the GPU tests again on SwiftShader (Chromium's
-# Vulkan driver: subgroup size 4, no f16) so both CPU adapters are covered.
+# Vulkan driver: subgroup size 4, no f16) so both CPU adapters are covered, then the wasm page's
+# self-test in headless Chromium (WebGPU through Dawn and Tint, on SwiftShader).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --swiftshader
-cargo build --all-targets --quiet
+scripts/setup.sh --swiftshader --browser
+cargo build --workspace --all-targets --quiet
 echo "== tests on lavapipe"
-timeout 900 cargo test --all-targets -- --test-threads=2
+timeout 900 cargo test --workspace --all-targets -- --test-threads=2
 SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json
 if [ -e "$SWIFTSHADER" ]; then
   echo "== GPU tests on SwiftShader"
@@ -15,3 +16,6 @@ else
   echo "SwiftShader ICD missing at $SWIFTSHADER: install chromium" >&2
   exit 1
 fi
+echo "== browser: wasm build, then the page's self-test in headless Chromium"
+web/build.sh
+timeout 900 web/test.py --screenshot target/web-screenshot.png

@@ -1,0 +1,410 @@
+//! One attention call as the page describes it: build random inputs, run the library's kernel,
+//! time it, check it against the f64 reference, and describe the pattern and one query's weights
+//! for the heat maps. Plain Rust (no wasm-bindgen), so it also runs natively in `cargo test`.
+
+use serde::{Deserialize, Serialize};
+use wgpu_attention::bench::{pseudo_random, time_passes_async, Clock};
+use wgpu_attention::flash::reference::{
+    attention_plain_f16, attention_reference, compare, visible, Comparison, RefInputs,
+};
+use wgpu_attention::neighborhood::reference::{neighborhood_plain_f16, neighborhood_reference};
+use wgpu_attention::neighborhood::NaSpec;
+use wgpu_attention::wgpu;
+use wgpu_attention::{
+    encode_flash_attention, encode_neighborhood_attention, AttnError, AttnShape, DType,
+    FlashOptions, GpuContext, NeighborhoodOptions, Result, Tensor,
+};
+
+/// Which kernel mode a case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Full (or causal) attention over sequences, with GQA when `kv_heads < heads`.
+    Dense,
+    /// Sliding window `(left, right)` plus attention sinks, over sequences.
+    Window,
+    /// NATTEN neighborhood attention over a 1D, 2D or 3D grid of tokens.
+    Neighborhood,
+}
+
+/// A case, as JSON from the page. Missing fields take the defaults below.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    pub variant: Variant,
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Query and key lengths (sequence variants; the grid decides them for neighborhoods).
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    /// `"f32"` or `"f16"` (f16 needs the adapter's `shader-f16`).
+    pub dtype: String,
+    pub causal: bool,
+    /// Window sides; a negative side is unbounded (as FlashAttention's -1).
+    pub window: [i64; 2],
+    pub sinks: u32,
+    /// Neighborhood: grid shape, then per-axis kernel, dilation, stride and causality.
+    pub grid: Vec<usize>,
+    pub kernel: Vec<usize>,
+    pub dilation: Vec<usize>,
+    pub stride: Vec<usize>,
+    pub grid_causal: Vec<bool>,
+    /// The query whose attention weights the page draws (batch 0, head 0).
+    pub query: usize,
+    /// Timed runs after one warm-up; the median is reported.
+    pub repeats: usize,
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: String::new(),
+            variant: Variant::Dense,
+            batch: 1,
+            heads: 4,
+            kv_heads: 4,
+            lq: 256,
+            lk: 256,
+            d: 64,
+            dtype: "f32".into(),
+            causal: false,
+            window: [-1, -1],
+            sinks: 0,
+            grid: vec![16, 16],
+            kernel: vec![7, 7],
+            dilation: vec![],
+            stride: vec![],
+            grid_causal: vec![],
+            query: 0,
+            repeats: 5,
+            seed: 1,
+        }
+    }
+}
+
+/// The pattern (which keys each query sees), pooled to at most `MAX_CELLS` x `MAX_CELLS` cells.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pattern {
+    pub rows: usize,
+    pub cols: usize,
+    /// Fraction of visible (query, key) pairs per cell, 0..=255, row-major.
+    pub cells: Vec<u8>,
+}
+
+/// The attention weights of one query (batch 0, head 0) over all keys, from the f64 reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct Weights {
+    pub query: usize,
+    pub values: Vec<f32>,
+    /// The key grid for neighborhoods (the page draws the weights in that shape).
+    pub grid: Vec<usize>,
+}
+
+/// What one run reports to the page.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub variant: Variant,
+    pub kernel: String,
+    pub dtype: String,
+    /// `[batch, lq, lk, heads, kv_heads, d]`.
+    pub shape: [usize; 6],
+    /// Median GPU time (timestamp queries); `None` where the adapter has no timestamps.
+    pub gpu_ms: Option<f64>,
+    pub samples_ms: Vec<f64>,
+    pub clock: Option<Clock>,
+    pub gflops: Option<f64>,
+    /// Visible (query, key) pairs per batch and head.
+    pub visible_pairs: u64,
+    pub check: Comparison,
+    pub pattern: Pattern,
+    pub weights: Weights,
+}
+
+const MAX_CELLS: usize = 128;
+
+fn bad(what: &str, expected: &str, got: impl std::fmt::Display) -> AttnError {
+    AttnError::Invalid {
+        what: what.into(),
+        expected: expected.into(),
+        actual: got.to_string(),
+    }
+}
+
+fn side(s: i64) -> Option<u32> {
+    u32::try_from(s).ok()
+}
+
+/// Everything the kernel call needs, built from a config.
+struct Problem {
+    shape: AttnShape,
+    dtype: DType,
+    flash: FlashOptions,
+    na: Option<(NeighborhoodOptions, NaSpec)>,
+    /// The token grid of a neighborhood case (empty for sequences).
+    grid: Vec<usize>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Problem {
+    fn new(cfg: &Config) -> Result<Self> {
+        let dtype = match cfg.dtype.as_str() {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            other => return Err(bad("dtype", "\"f32\" or \"f16\"", other)),
+        };
+        let (lq, lk, na) = match cfg.variant {
+            Variant::Neighborhood => {
+                let opts = NeighborhoodOptions {
+                    kernel_size: cfg.kernel.clone(),
+                    dilation: cfg.dilation.clone(),
+                    stride: cfg.stride.clone(),
+                    is_causal: cfg.grid_causal.clone(),
+                    ..Default::default()
+                };
+                let spec = NaSpec::new(&opts.axes(&cfg.grid)?);
+                (spec.len(), spec.len(), Some((opts, spec)))
+            }
+            _ => (cfg.lq, cfg.lk, None),
+        };
+        let shape = AttnShape {
+            batch: cfg.batch,
+            lq,
+            lk,
+            hq: cfg.heads,
+            hkv: cfg.kv_heads,
+            d: cfg.d,
+            dv: cfg.d,
+        };
+        let flash = match cfg.variant {
+            Variant::Dense => FlashOptions {
+                causal: cfg.causal,
+                ..Default::default()
+            },
+            Variant::Window => FlashOptions {
+                causal: cfg.causal,
+                window: (side(cfg.window[0]), side(cfg.window[1])),
+                sinks: cfg.sinks,
+                ..Default::default()
+            },
+            Variant::Neighborhood => FlashOptions::default(),
+        };
+        // random in [-1, 1), rounded to f16 first where the kernel reads f16
+        let round = |x: Vec<f32>| match dtype {
+            DType::F32 => x,
+            DType::F16 => x
+                .into_iter()
+                .map(|v| half::f16::from_f32(v).to_f32())
+                .collect(),
+        };
+        let seed = cfg.seed.wrapping_mul(3);
+        let q = round(pseudo_random(cfg.batch * lq * cfg.heads * cfg.d, seed));
+        let k = round(pseudo_random(
+            cfg.batch * lk * cfg.kv_heads * cfg.d,
+            seed + 1,
+        ));
+        let v = round(pseudo_random(
+            cfg.batch * lk * cfg.kv_heads * cfg.d,
+            seed + 2,
+        ));
+        Ok(Problem {
+            shape,
+            dtype,
+            flash,
+            grid: if na.is_some() {
+                cfg.grid.clone()
+            } else {
+                vec![]
+            },
+            na,
+            q,
+            k,
+            v,
+        })
+    }
+
+    /// The tensor shape of a `[B, L, H, D]` input in this problem's layout.
+    fn dims(&self, l: usize, h: usize) -> Vec<usize> {
+        let mut dims = vec![self.shape.batch];
+        match self.na {
+            Some(_) => dims.extend(&self.grid),
+            None => dims.push(l),
+        }
+        dims.extend([h, self.shape.d]);
+        dims
+    }
+
+    fn upload(&self, ctx: &GpuContext, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+        match self.dtype {
+            DType::F32 => Tensor::from_f32(ctx, data, dims),
+            DType::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                Tensor::from_f16(ctx, &h, dims)
+            }
+        }
+    }
+
+    fn sees(&self, i: usize, j: usize) -> bool {
+        match &self.na {
+            Some((_, spec)) => spec.sees(i, j),
+            None => visible(&self.flash, i, j, self.shape.lq, self.shape.lk),
+        }
+    }
+
+    fn pairs(&self) -> u64 {
+        match &self.na {
+            Some((_, spec)) => spec.pairs(),
+            None => (0..self.shape.lq)
+                .map(|i| (0..self.shape.lk).filter(|&j| self.sees(i, j)).count() as u64)
+                .sum(),
+        }
+    }
+
+    fn check(&self, got: &[f32], lse: &[f32]) -> Comparison {
+        let ri = RefInputs {
+            shape: self.shape,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            bias: None,
+        };
+        let f16 = self.dtype == DType::F16;
+        match &self.na {
+            Some((o, spec)) => {
+                let r = neighborhood_reference(&ri, spec, o.scale);
+                let plain = f16.then(|| neighborhood_plain_f16(&ri, spec, o.scale));
+                compare(got, Some(lse), &r, plain.as_deref())
+            }
+            None => {
+                let r = attention_reference(&ri, &self.flash);
+                let plain = f16.then(|| attention_plain_f16(&ri, &self.flash));
+                compare(got, Some(lse), &r, plain.as_deref())
+            }
+        }
+    }
+
+    fn pattern(&self) -> Pattern {
+        let (lq, lk) = (self.shape.lq, self.shape.lk);
+        let (rows, cols) = (lq.min(MAX_CELLS), lk.min(MAX_CELLS));
+        let mut seen = vec![0u32; rows * cols];
+        let mut total = vec![0u32; rows * cols];
+        for i in 0..lq {
+            let r = i * rows / lq;
+            for j in 0..lk {
+                let c = r * cols + j * cols / lk;
+                total[c] += 1;
+                seen[c] += self.sees(i, j) as u32;
+            }
+        }
+        let cells = seen
+            .iter()
+            .zip(&total)
+            .map(|(&s, &t)| (s as f64 / t.max(1) as f64 * 255.0).round() as u8)
+            .collect();
+        Pattern { rows, cols, cells }
+    }
+
+    /// Softmax weights of query `i` (batch 0, head 0) over the keys, in f64.
+    fn weights(&self, i: usize) -> Weights {
+        let s = &self.shape;
+        let scale = 1.0 / (s.d as f64).sqrt();
+        let qrow = &self.q[i * s.hq * s.d..][..s.d];
+        let scores: Vec<Option<f64>> = (0..s.lk)
+            .map(|j| {
+                self.sees(i, j).then(|| {
+                    let krow = &self.k[j * s.hkv * s.d..][..s.d];
+                    qrow.iter()
+                        .zip(krow)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+            })
+            .collect();
+        let max = scores
+            .iter()
+            .flatten()
+            .fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+        let sum: f64 = scores.iter().flatten().map(|x| (x - max).exp()).sum();
+        let values = scores
+            .iter()
+            .map(|x| x.map_or(0.0, |x| ((x - max).exp() / sum) as f32))
+            .collect();
+        Weights {
+            query: i,
+            values,
+            grid: self.grid.clone(),
+        }
+    }
+}
+
+/// Runs one case on `ctx`: the kernel (timed where the adapter has timestamps), the reference
+/// check, the pattern and the weights of `cfg.query`.
+pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
+    let p = Problem::new(cfg)?;
+    let s = p.shape;
+    if cfg.query >= s.lq {
+        return Err(bad(
+            "query",
+            &format!("an index below Lq = {}", s.lq),
+            cfg.query,
+        ));
+    }
+    if cfg.repeats == 0 {
+        return Err(bad("repeats", "at least 1", 0));
+    }
+    let q = p.upload(ctx, &p.q, &p.dims(s.lq, s.hq))?;
+    let k = p.upload(ctx, &p.k, &p.dims(s.lk, s.hkv))?;
+    let v = p.upload(ctx, &p.v, &p.dims(s.lk, s.hkv))?;
+    let out = Tensor::filled(ctx, q.shape(), p.dtype, f32::NAN)?;
+    let lse_dims = match p.na {
+        Some(_) => q.shape()[..q.shape().len() - 1].to_vec(),
+        None => vec![s.batch, s.hq, s.lq],
+    };
+    let lse = Tensor::filled(ctx, &lse_dims, DType::F32, f32::NAN)?;
+    let mut kernel = String::new();
+    let mut record = |enc: &mut wgpu::CommandEncoder, ts: Option<(&wgpu::QuerySet, u32)>| {
+        let plan = match &p.na {
+            Some((o, _)) => {
+                encode_neighborhood_attention(ctx, enc, &q, &k, &v, &out, Some(&lse), o, ts)?
+            }
+            None => encode_flash_attention(ctx, enc, &q, &k, &v, &out, Some(&lse), &p.flash, ts)?,
+        };
+        kernel = plan.key.label();
+        Ok(())
+    };
+    let timing = if ctx.caps.timestamps {
+        Some(time_passes_async(ctx, 1, cfg.repeats, &mut record).await?)
+    } else {
+        ctx.submit(|enc| record(enc, None))?;
+        ctx.finished().await?;
+        None
+    };
+    // where the browser reported an error (an invalid pipeline), say so instead of NaN outputs
+    ctx.finished().await?;
+    let got = out.to_vec_f32_async(ctx).await?;
+    let got_lse = lse.to_vec_f32_async(ctx).await?;
+    let pairs = p.pairs();
+    let flops = 2.0 * (s.batch * s.hq) as f64 * pairs as f64 * (s.d + s.dv) as f64;
+    Ok(Report {
+        name: cfg.name.clone(),
+        variant: cfg.variant,
+        kernel,
+        dtype: cfg.dtype.clone(),
+        shape: [s.batch, s.lq, s.lk, s.hq, s.hkv, s.d],
+        gpu_ms: timing.as_ref().map(|t| t.median_ms),
+        samples_ms: timing.as_ref().map_or(vec![], |t| t.samples_ms.clone()),
+        clock: timing.as_ref().map(|t| t.clock),
+        gflops: timing.as_ref().map(|t| flops / (t.median_ms * 1e6)),
+        visible_pairs: pairs,
+        check: p.check(&got, &got_lse),
+        pattern: p.pattern(),
+        weights: p.weights(cfg.query),
+    })
+}

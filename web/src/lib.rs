@@ -1,0 +1,330 @@
+//! The wgpu-attention kernels in a web page: a thin wasm-bindgen layer over [`case`] (which is
+//! plain Rust and also runs natively) and the fixed self-test list that `?selftest` runs.
+//!
+//! JS side (web/main.js): `const attn = await open(); JSON.parse(attn.adapter());
+//! JSON.parse(await attn.run(JSON.stringify(config))); JSON.parse(await attn.selftest())`.
+
+pub mod case;
+
+use case::{Config, Variant};
+use serde::Serialize;
+use wgpu_attention::GpuContext;
+
+/// The adapter and what the kernels can use on it, for the page's header.
+#[derive(Serialize)]
+pub struct AdapterReport {
+    pub name: String,
+    pub backend: String,
+    pub vendor: String,
+    pub driver: String,
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub max_workgroup_storage: u32,
+    pub max_storage_binding: u64,
+}
+
+pub fn adapter_report(ctx: &GpuContext) -> AdapterReport {
+    let i = &ctx.adapter_info;
+    AdapterReport {
+        name: i.name.clone(),
+        backend: format!("{:?}", i.backend),
+        vendor: format!("{:#x}", i.vendor),
+        driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+        f16: ctx.caps.f16,
+        subgroups: ctx.caps.subgroups,
+        timestamps: ctx.caps.timestamps,
+        max_workgroup_storage: ctx.limits.max_compute_workgroup_storage_size,
+        max_storage_binding: ctx.limits.max_storage_buffer_binding_size,
+    }
+}
+
+/// The self-test: every variant in f32 on awkward shapes (L = 1 and 113, Lq != Lk, D = 40 and
+/// 96, GQA, bottom-right causal, windows with sinks, 1D/2D/3D neighborhoods with dilation,
+/// stride and causal axes).
+pub fn selftest_cases() -> Vec<Config> {
+    let seq = |name: &str, variant, lq, lk, heads, kv_heads, d| Config {
+        name: name.into(),
+        variant,
+        lq,
+        lk,
+        heads,
+        kv_heads,
+        d,
+        repeats: 1,
+        ..Default::default()
+    };
+    let na = |name: &str, grid: &[usize], kernel: &[usize]| Config {
+        name: name.into(),
+        variant: Variant::Neighborhood,
+        heads: 2,
+        kv_heads: 2,
+        d: 32,
+        grid: grid.to_vec(),
+        kernel: kernel.to_vec(),
+        repeats: 1,
+        ..Default::default()
+    };
+    vec![
+        seq("dense L=113 D=40", Variant::Dense, 113, 113, 2, 2, 40),
+        Config {
+            causal: true,
+            batch: 2,
+            ..seq(
+                "dense causal Lq=37 Lk=113 GQA 4/2 D=64",
+                Variant::Dense,
+                37,
+                113,
+                4,
+                2,
+                64,
+            )
+        },
+        seq(
+            "dense Lq=1 Lk=1000 MQA D=96",
+            Variant::Dense,
+            1,
+            1000,
+            4,
+            1,
+            96,
+        ),
+        Config {
+            window: [16, 8],
+            sinks: 4,
+            ..seq(
+                "window (16, 8) + 4 sinks L=200",
+                Variant::Window,
+                200,
+                200,
+                2,
+                2,
+                64,
+            )
+        },
+        Config {
+            causal: true,
+            window: [31, -1],
+            ..seq(
+                "window causal left 31 Lq=150 Lk=300",
+                Variant::Window,
+                150,
+                300,
+                2,
+                2,
+                40,
+            )
+        },
+        Config {
+            dilation: vec![2],
+            ..na("neighborhood 1D 97 kernel 7 dilation 2", &[97], &[7])
+        },
+        Config {
+            dilation: vec![2, 1],
+            grid_causal: vec![false, true],
+            query: 60,
+            ..na(
+                "neighborhood 2D 13x11 kernel 5x3 dilation 2x1 causal y",
+                &[13, 11],
+                &[5, 3],
+            )
+        },
+        Config {
+            stride: vec![1, 2, 1],
+            ..na(
+                "neighborhood 3D 6x5x7 kernel 3 stride 1,2,1",
+                &[6, 5, 7],
+                &[3, 3, 3],
+            )
+        },
+    ]
+}
+
+/// The self-test's machine-readable result.
+#[derive(Serialize)]
+pub struct SelftestReport {
+    pub adapter: AdapterReport,
+    pub passed: bool,
+    pub cases: Vec<SelftestCase>,
+}
+
+#[derive(Serialize)]
+pub struct SelftestCase {
+    pub name: String,
+    pub passed: bool,
+    pub kernel: String,
+    pub max_abs: Option<f64>,
+    pub tolerance_abs: Option<f64>,
+    pub gpu_ms: Option<f64>,
+    /// The error (a run that failed) or the check's first problem.
+    pub problem: Option<String>,
+}
+
+/// Runs every self-test case; a case that errors counts as failed and the rest still run.
+pub async fn selftest(ctx: &GpuContext) -> SelftestReport {
+    let mut cases = vec![];
+    for cfg in selftest_cases() {
+        cases.push(match case::run_case(ctx, &cfg).await {
+            Ok(r) => SelftestCase {
+                name: cfg.name,
+                passed: r.check.passed,
+                kernel: r.kernel,
+                max_abs: Some(r.check.max_abs),
+                tolerance_abs: Some(r.check.tolerance_abs),
+                gpu_ms: r.gpu_ms,
+                problem: r.check.problem,
+            },
+            Err(e) => SelftestCase {
+                name: cfg.name,
+                passed: false,
+                kernel: String::new(),
+                max_abs: None,
+                tolerance_abs: None,
+                gpu_ms: None,
+                problem: Some(e.to_string()),
+            },
+        });
+    }
+    SelftestReport {
+        adapter: adapter_report(ctx),
+        passed: !cases.is_empty() && cases.iter().all(|c| c.passed),
+        cases,
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+mod bindings {
+    use std::rc::Rc;
+
+    use wasm_bindgen::prelude::*;
+    use wasm_bindgen_futures::future_to_promise;
+    use wgpu_attention::GpuContext;
+
+    fn js_err(e: impl std::fmt::Display) -> JsValue {
+        JsValue::from_str(&e.to_string())
+    }
+
+    fn json(v: &impl serde::Serialize) -> Result<JsValue, JsValue> {
+        serde_json::to_string(v).map(JsValue::from).map_err(js_err)
+    }
+
+    /// An open WebGPU device with the library's pipeline cache.
+    #[wasm_bindgen]
+    pub struct Attention {
+        ctx: Rc<GpuContext>,
+    }
+
+    /// Opens the browser's WebGPU adapter; rejects with the reason where there is none.
+    #[wasm_bindgen]
+    pub async fn open() -> Result<Attention, JsValue> {
+        let ctx = GpuContext::new_async().await.map_err(js_err)?;
+        Ok(Attention { ctx: Rc::new(ctx) })
+    }
+
+    #[wasm_bindgen]
+    impl Attention {
+        /// The adapter and its features, as JSON.
+        pub fn adapter(&self) -> Result<JsValue, JsValue> {
+            json(&super::adapter_report(&self.ctx))
+        }
+
+        /// Runs one case (JSON [`crate::case::Config`]); resolves to the JSON report.
+        pub fn run(&self, config: String) -> js_sys::Promise {
+            let ctx = self.ctx.clone();
+            future_to_promise(async move {
+                let cfg: crate::case::Config = serde_json::from_str(&config).map_err(js_err)?;
+                let report = crate::case::run_case(&ctx, &cfg).await.map_err(js_err)?;
+                json(&report)
+            })
+        }
+
+        /// Runs the self-test list; resolves to the JSON [`crate::SelftestReport`].
+        pub fn selftest(&self) -> js_sys::Promise {
+            let ctx = self.ctx.clone();
+            future_to_promise(async move { json(&super::selftest(&ctx).await) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wgpu_attention::NeighborhoodOptions;
+
+    /// The page's self-test natively, on the default adapter (lavapipe in CI).
+    #[test]
+    fn selftest_passes_natively() {
+        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
+        let r = pollster::block_on(super::selftest(&ctx));
+        let text = serde_json::to_string_pretty(&r).unwrap();
+        assert!(r.passed, "{text}");
+        assert_eq!(r.cases.len(), super::selftest_cases().len());
+    }
+
+    use super::*;
+
+    /// The drawn weights are a softmax over exactly the visible keys, and the pattern pools the
+    /// same mask: checked against the neighborhood's own window arithmetic.
+    #[test]
+    fn weights_and_pattern_follow_the_mask() {
+        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
+        let cfg = Config {
+            variant: Variant::Neighborhood,
+            grid: vec![9, 7],
+            kernel: vec![3, 5],
+            dilation: vec![2, 1],
+            query: 40,
+            repeats: 1,
+            ..Default::default()
+        };
+        let r = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap();
+        assert!(r.check.passed, "{:?}", r.check);
+        let axes = NeighborhoodOptions {
+            kernel_size: cfg.kernel.clone(),
+            dilation: cfg.dilation.clone(),
+            ..Default::default()
+        }
+        .axes(&cfg.grid)
+        .unwrap();
+        let spec = wgpu_attention::neighborhood::NaSpec::new(&axes);
+        let w = &r.weights.values;
+        assert_eq!(w.len(), 63);
+        let sum: f64 = w.iter().map(|&x| x as f64).sum();
+        assert!((sum - 1.0).abs() < 1e-5, "weights sum to {sum}");
+        for (j, &x) in w.iter().enumerate() {
+            assert_eq!(x > 0.0, spec.sees(40, j), "key {j}: weight {x}");
+        }
+        assert_eq!(r.visible_pairs, 63 * 15);
+        assert_eq!((r.pattern.rows, r.pattern.cols), (63, 63));
+        for i in 0..63 {
+            for j in 0..63 {
+                let want = if spec.sees(i, j) { 255 } else { 0 };
+                assert_eq!(r.pattern.cells[i * 63 + j], want, "cell ({i}, {j})");
+            }
+        }
+    }
+
+    /// A bad config is a typed error, not a panic.
+    #[test]
+    fn bad_config_is_an_error() {
+        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
+        let cfg = Config {
+            dtype: "bf16".into(),
+            ..Default::default()
+        };
+        let e = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap_err();
+        assert!(e.to_string().contains("bf16"), "{e}");
+        let cfg = Config {
+            variant: Variant::Neighborhood,
+            grid: vec![5],
+            kernel: vec![7],
+            ..Default::default()
+        };
+        assert!(pollster::block_on(case::run_case(&ctx, &cfg)).is_err());
+        let cfg = Config {
+            query: 256,
+            ..Default::default()
+        };
+        let e = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap_err();
+        assert!(e.to_string().contains("query"), "{e}");
+    }
+}

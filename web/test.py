@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""The browser test: serves web/ on 127.0.0.1, drives Debian's headless Chromium (WebGPU on its
+bundled SwiftShader, no GPU needed) through chromedriver's W3C WebDriver protocol, opens
+`?selftest` and fails unless every case matches the f64 reference; then runs the interactive page
+once and saves a screenshot.
+
+Usage: web/test.py [--screenshot PATH] [--timeout SECONDS]   (after web/build.sh)
+Standard library only; needs the `chromium` and `chromium-driver` Debian packages.
+"""
+
+import argparse
+import base64
+import functools
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+WEB = os.path.dirname(os.path.abspath(__file__))
+CHROMIUM = "/usr/lib/chromium/chromium"  # not the /usr/bin wrapper, which adds its own flags
+FLAGS = [
+    "--headless", "--no-sandbox", "--enable-unsafe-webgpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--window-size=1240,1320",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class Driver:
+    """The few WebDriver commands this test needs."""
+
+    def __init__(self, port, user_dir):
+        self.base = f"http://127.0.0.1:{port}"
+        caps = {"capabilities": {"alwaysMatch": {
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": FLAGS + [f"--user-data-dir={user_dir}"]},
+            "goog:loggingPrefs": {"browser": "ALL"}}}}
+        self.sid = self.call("POST", "/session", caps)["sessionId"]
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.loads(r.read())["value"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"WebDriver {method} {path}: {e.read().decode()[:2000]}") from None
+
+    def s(self, method, path, body=None):
+        return self.call(method, f"/session/{self.sid}{path}", body)
+
+    def js(self, script, *args):
+        return self.s("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def wait_for(self, script, timeout, what):
+        end = time.time() + timeout
+        while time.time() < end:
+            v = self.js(script)
+            if v:
+                return v
+            time.sleep(0.5)
+        body = self.js("return document.body.innerText")
+        raise RuntimeError(f"timed out after {timeout} s waiting for {what}; page says:\n{body}")
+
+    def console(self):
+        """The browser console so far (WebGPU validation errors land there)."""
+        try:
+            return "\n".join(e.get("message", "") for e in self.s("POST", "/se/log", {"type": "browser"}))
+        except RuntimeError as e:
+            return f"(no console log: {e})"
+
+    def quit(self):
+        try:
+            self.call("DELETE", f"/session/{self.sid}")
+        except Exception:
+            pass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--screenshot", default=os.path.join(WEB, "target", "screenshot.png"))
+    ap.add_argument("--timeout", type=float, default=600)
+    args = ap.parse_args()
+    for need in (CHROMIUM, shutil.which("chromedriver")):
+        if not need or not os.path.exists(need):
+            sys.exit("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    if not os.path.exists(os.path.join(WEB, "pkg", "wgpu_attention_web_bg.wasm")):
+        sys.exit("web/pkg is missing: run web/build.sh first")
+
+    http_port = free_port()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", http_port), functools.partial(Quiet, directory=WEB))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    wd_port = free_port()
+    chromedriver = subprocess.Popen(["chromedriver", f"--port={wd_port}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    user_dir = tempfile.mkdtemp(prefix="wgpu-attention-chromium-")
+    driver = None
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{wd_port}/status", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        driver = Driver(wd_port, user_dir)
+        page = f"http://127.0.0.1:{http_port}/index.html"
+
+        # 1. the self-test: every case must match the reference
+        t0 = time.time()
+        driver.s("POST", "/url", {"url": page + "?selftest"})
+        driver.wait_for("const e = document.getElementById('selftest');"
+                        "return e && e.dataset.state === 'done'", args.timeout, "the self-test")
+        result = json.loads(driver.js("return document.getElementById('selftest').textContent"))
+        adapter = result.get("adapter", {})
+        print(f"self-test on {adapter.get('name') or '?'} ({adapter.get('backend')}), "
+              f"{time.time() - t0:.0f} s:")
+        for c in result.get("cases", []):
+            err = "" if c["max_abs"] is None else f"max |err| {c['max_abs']:.2e} <= {c['tolerance_abs']:.2e}"
+            print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['name']:<55} {err} {c['problem'] or ''}")
+        if not result.get("passed") or not result.get("cases"):
+            print("browser console:\n" + driver.console())
+            sys.exit("browser self-test FAILED")
+
+        # 2. the interactive page: one run with the defaults, then a screenshot
+        driver.s("POST", "/url", {"url": page})
+        driver.wait_for("return !document.getElementById('interactive').hidden", 120, "the page")
+        driver.js("const f = document.getElementById('form'); f.variant.value = 'neighborhood';"
+                  "f.variant.dispatchEvent(new Event('change')); f.query.value = 300;"
+                  "document.getElementById('run').click()")
+        state = driver.wait_for("const s = document.getElementById('status').dataset.state;"
+                                "return s === 'done' || s === 'error' ? s : null", args.timeout,
+                                "the interactive run")
+        if state != "done":
+            sys.exit("interactive run failed: " + driver.js("return document.getElementById('status').innerText"))
+        if "PASS" not in driver.js("return document.getElementById('numbers').innerText"):
+            sys.exit("interactive run did not pass its check")
+        png = base64.b64decode(driver.s("GET", "/screenshot"))
+        os.makedirs(os.path.dirname(os.path.abspath(args.screenshot)), exist_ok=True)
+        with open(args.screenshot, "wb") as f:
+            f.write(png)
+        print(f"interactive run passed; screenshot: {args.screenshot}")
+    finally:
+        if driver:
+            driver.quit()
+        chromedriver.terminate()
+        server.shutdown()
+        shutil.rmtree(user_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
