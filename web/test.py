@@ -2,7 +2,7 @@
 """The browser test: serves web/ on 127.0.0.1, drives Debian's headless Chromium (WebGPU on its
 bundled SwiftShader, no GPU needed) through chromedriver's W3C WebDriver protocol, opens
 `?selftest` and fails unless every case matches the f64 reference; then runs the interactive page
-once and saves a screenshot.
+once and saves a screenshot; then checks that a browser without WebGPU gets a plain message.
 
 Usage: web/test.py [--screenshot PATH] [--timeout SECONDS]   (after web/build.sh)
 Standard library only; needs the `chromium` and `chromium-driver` Debian packages.
@@ -46,10 +46,11 @@ class Quiet(http.server.SimpleHTTPRequestHandler):
 class Driver:
     """The few WebDriver commands this test needs."""
 
-    def __init__(self, port, user_dir):
+    def __init__(self, port, user_dir, extra=()):
         self.base = f"http://127.0.0.1:{port}"
+        args = FLAGS + [f"--user-data-dir={user_dir}"] + list(extra)
         caps = {"capabilities": {"alwaysMatch": {
-            "goog:chromeOptions": {"binary": CHROMIUM, "args": FLAGS + [f"--user-data-dir={user_dir}"]},
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
             "goog:loggingPrefs": {"browser": "ALL"}}}}
         self.sid = self.call("POST", "/session", caps)["sessionId"]
 
@@ -157,6 +158,22 @@ def main():
         with open(args.screenshot, "wb") as f:
             f.write(png)
         print(f"interactive run passed; screenshot: {args.screenshot}")
+        driver.quit()
+        driver = None
+
+        # 3. a browser without WebGPU: the page must say so, not fail silently
+        shutil.rmtree(user_dir, ignore_errors=True)
+        # (simulated: remove navigator.gpu before any page script runs)
+        driver = Driver(wd_port, user_dir)
+        driver.s("POST", "/goog/cdp/execute", {
+            "cmd": "Page.addScriptToEvaluateOnNewDocument",
+            "params": {"source": "delete Navigator.prototype.gpu;"}})
+        driver.s("POST", "/url", {"url": page})
+        said = driver.wait_for("const e = document.getElementById('nowebgpu');"
+                               "return e && !e.hidden && e.innerText", 60, "the no-WebGPU message")
+        if "no WebGPU" not in said:
+            sys.exit(f"without WebGPU the page said: {said!r}")
+        print(f"without WebGPU the page says: {said[:70]}...")
     finally:
         if driver:
             driver.quit()

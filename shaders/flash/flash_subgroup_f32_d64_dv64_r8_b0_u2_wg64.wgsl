@@ -44,7 +44,9 @@ const F_WRIGHT: u32 = 256u;
 const F_NA_CAUSAL: u32 = 512u;
 
 // The key range of the current pass (sinks, then the window): a block that overhangs its range
-// must not count keys that the other pass visits.
+// must not count keys that the other pass visits. (Loops bound themselves by the pass's own
+// `let` copies: WGSL's uniformity analysis treats every read of a private variable as
+// non-uniform, and the Tiled kernel's barriers need uniform loop bounds.)
 var<private> range_lo: u32;
 var<private> range_hi: u32;
 
@@ -328,9 +330,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var kr: array<vec4<f32>, 16>;
     var vr: array<vec4<f32>, 16>;
     for (var kpass = 0u; kpass < 2u; kpass++) {
-        range_lo = select(kv_lo, p.kv_start, kpass == 0u);
-        range_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);
-        for (var kb = range_lo; kb < range_hi; kb += sg_size) {
+        let pass_lo = select(kv_lo, p.kv_start, kpass == 0u);
+        let pass_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);
+        range_lo = pass_lo;
+        range_hi = pass_hi;
+        for (var kb = pass_lo; kb < pass_hi; kb += sg_size) {
             // each lane holds one K row and one V row of this block
             let kj = key_row(kb + lane);
             kr[0] = ld_k(k_head + kj * p.k.z, 0u);

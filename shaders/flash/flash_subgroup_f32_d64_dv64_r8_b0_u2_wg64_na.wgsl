@@ -44,7 +44,9 @@ const F_WRIGHT: u32 = 256u;
 const F_NA_CAUSAL: u32 = 512u;
 
 // The key range of the current pass (sinks, then the window): a block that overhangs its range
-// must not count keys that the other pass visits.
+// must not count keys that the other pass visits. (Loops bound themselves by the pass's own
+// `let` copies: WGSL's uniformity analysis treats every read of a private variable as
+// non-uniform, and the Tiled kernel's barriers need uniform loop bounds.)
 var<private> range_lo: u32;
 var<private> range_hi: u32;
 
@@ -428,8 +430,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var kpass = 0u; kpass < u32(span.x * span.y); kpass++) {
         let kx = lo.x + i32(kpass / u32(span.y));
         let ky = lo.y + i32(kpass % u32(span.y));
-        range_lo = u32(lo.z);
-        range_hi = u32(max(hi.z, lo.z));
+        let pass_lo = u32(lo.z);
+        let pass_hi = u32(max(hi.z, lo.z));
+        range_lo = pass_lo;
+        range_hi = pass_hi;
         pass_base = na_token(gc, vec3<u32>(u32(kx), u32(ky), 0u));
         let pok0 = ok0 & (kx >= ws0.x) & (kx < we0.x) & (ky >= ws0.y) & (ky < we0.y);
         let pok1 = ok1 & (kx >= ws1.x) & (kx < we1.x) & (ky >= ws1.y) & (ky < we1.y);
@@ -439,7 +443,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let pok5 = ok5 & (kx >= ws5.x) & (kx < we5.x) & (ky >= ws5.y) & (ky < we5.y);
         let pok6 = ok6 & (kx >= ws6.x) & (kx < we6.x) & (ky >= ws6.y) & (ky < we6.y);
         let pok7 = ok7 & (kx >= ws7.x) & (kx < we7.x) & (ky >= ws7.y) & (ky < we7.y);
-        for (var kb = range_lo; kb < range_hi; kb += sg_size) {
+        for (var kb = pass_lo; kb < pass_hi; kb += sg_size) {
             // each lane holds one K row and one V row of this block
             let kj = key_row(kb + lane);
             kr[0] = ld_k(k_head + kj * p.k.z, 0u);
