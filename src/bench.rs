@@ -192,8 +192,7 @@ impl BenchCase {
         if self.window.is_none() {
             return self.shape().flops(self.causal);
         }
-        let s = self.shape();
-        2.0 * (s.batch * s.hq) as f64 * self.visible_pairs() as f64 * (s.d + s.dv) as f64
+        self.shape().flops_for_pairs(self.visible_pairs())
     }
 
     pub fn shape(&self) -> AttnShape {
@@ -388,8 +387,7 @@ pub fn bench_neighborhood(
             label = plan.key.label();
             Ok(())
         })?;
-        let pairs = spec.pairs() as f64;
-        let ideal = (c.lq * c.lk) as f64 / pairs;
+        let ideal = (c.lq * c.lk) as f64 / spec.pairs() as f64;
         let speedup = dense.gpu_ms / t.median_ms;
         points.push(NaPoint {
             spatial: spatial.clone(),
@@ -397,7 +395,7 @@ pub fn bench_neighborhood(
             kernel: label,
             gpu_ms: t.median_ms,
             dense_ms: dense.gpu_ms,
-            gflops: 4.0 * (c.batch * c.hq) as f64 * pairs * c.d as f64 / (t.median_ms * 1e6),
+            gflops: c.shape().flops_for_pairs(spec.pairs()) / (t.median_ms * 1e6),
             speedup,
             ideal,
             efficiency: speedup / ideal,

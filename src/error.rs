@@ -64,7 +64,8 @@ pub enum AttnError {
 }
 
 impl AttnError {
-    pub(crate) fn invalid(
+    /// An [`AttnError::Invalid`] from what was expected and what came.
+    pub fn invalid(
         what: impl Into<String>,
         expected: impl Into<String>,
         actual: impl std::fmt::Display,

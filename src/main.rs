@@ -493,7 +493,7 @@ fn run(a: &RunArgs) -> CliResult<()> {
                 dtype: q.dtype().to_string(),
                 window: Some((l.unwrap_or(s.lk as u32), r.unwrap_or(s.lk as u32))),
             };
-            2.0 * (s.batch * s.hq) as f64 * case.visible_pairs() as f64 * (s.d + s.dv) as f64
+            s.flops_for_pairs(case.visible_pairs())
         }
     };
     let gflops = flops / (t.median_ms * 1e6);

@@ -132,20 +132,19 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
     if let Some(p) = &a.lse {
         crate::npy::write(p, lse.shape(), DType::F32, &got_lse)?;
     }
-    let l = spec.len();
-    let flops = 2.0 * (b * hq) as f64 * spec.pairs() as f64 * (d + dv) as f64;
-    let gflops = flops / (t.median_ms * 1e6);
+    let shape = AttnShape {
+        batch: b,
+        lq: spec.len(),
+        lk: spec.len(),
+        hq,
+        hkv,
+        d,
+        dv,
+    };
+    let gflops = shape.flops_for_pairs(spec.pairs()) / (t.median_ms * 1e6);
     let cmp = a.check.then(|| {
         let ri = RefInputs {
-            shape: AttnShape {
-                batch: b,
-                lq: l,
-                lk: l,
-                hq,
-                hkv,
-                d,
-                dv,
-            },
+            shape,
             q: &inp.q.data,
             k: &inp.k.data,
             v: &inp.v.data,

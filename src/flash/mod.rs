@@ -83,12 +83,18 @@ pub struct AttnShape {
 impl AttnShape {
     /// FLOPs of the dense problem: `4 * B * Hq * Lq * Lk * D` (for D = Dv; QK^T and PV).
     pub fn flops(&self, causal: bool) -> f64 {
-        let f = 2.0 * (self.batch * self.hq * self.lq * self.lk) as f64 * (self.d + self.dv) as f64;
+        let f = self.flops_for_pairs((self.lq * self.lk) as u64);
         if causal {
             f / 2.0
         } else {
             f
         }
+    }
+
+    /// FLOPs of the work a mask leaves: `2 * (D + Dv)` per visible (query, key) pair, with
+    /// `pairs` counted per batch and head.
+    pub fn flops_for_pairs(&self, pairs: u64) -> f64 {
+        2.0 * (self.batch * self.hq) as f64 * pairs as f64 * (self.d + self.dv) as f64
     }
 }
 

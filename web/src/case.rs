@@ -127,14 +127,6 @@ pub struct Report {
 
 const MAX_CELLS: usize = 128;
 
-fn bad(what: &str, expected: &str, got: impl std::fmt::Display) -> AttnError {
-    AttnError::Invalid {
-        what: what.into(),
-        expected: expected.into(),
-        actual: got.to_string(),
-    }
-}
-
 fn side(s: i64) -> Option<u32> {
     u32::try_from(s).ok()
 }
@@ -157,7 +149,7 @@ impl Problem {
         let dtype = match cfg.dtype.as_str() {
             "f32" => DType::F32,
             "f16" => DType::F16,
-            other => return Err(bad("dtype", "\"f32\" or \"f16\"", other)),
+            other => return Err(AttnError::invalid("dtype", "\"f32\" or \"f16\"", other)),
         };
         let (lq, lk, na) = match cfg.variant {
             Variant::Neighborhood => {
@@ -350,14 +342,14 @@ pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
     let p = Problem::new(cfg)?;
     let s = p.shape;
     if cfg.query >= s.lq {
-        return Err(bad(
+        return Err(AttnError::invalid(
             "query",
-            &format!("an index below Lq = {}", s.lq),
+            format!("an index below Lq = {}", s.lq),
             cfg.query,
         ));
     }
     if cfg.repeats == 0 {
-        return Err(bad("repeats", "at least 1", 0));
+        return Err(AttnError::invalid("repeats", "at least 1", 0));
     }
     let q = p.upload(ctx, &p.q, &p.dims(s.lq, s.hq))?;
     let k = p.upload(ctx, &p.k, &p.dims(s.lk, s.hkv))?;
@@ -391,7 +383,7 @@ pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
     let got = out.to_vec_f32_async(ctx).await?;
     let got_lse = lse.to_vec_f32_async(ctx).await?;
     let pairs = p.pairs();
-    let flops = 2.0 * (s.batch * s.hq) as f64 * pairs as f64 * (s.d + s.dv) as f64;
+    let flops = s.flops_for_pairs(pairs);
     Ok(Report {
         name: cfg.name.clone(),
         variant: cfg.variant,
