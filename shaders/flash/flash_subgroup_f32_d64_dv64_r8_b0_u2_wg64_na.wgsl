@@ -80,10 +80,19 @@ fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
     return ok & (in_window | (j < p.sinks));
 }
 
-var<private> pass_base: u32; // token of key 0 on the current line of the innermost axis
-var<private> na_len2: u32;   // length of the innermost axis in this dilation group
+var<private> na_gc: vec3<u32>;   // dilation group of this workgroup
+var<private> na_lo: vec3<i32>;   // first key of the key box, group coordinates
+var<private> na_span: vec3<u32>; // size of the key box
 
-fn key_row(j: u32) -> u32 { return pass_base + p.na_dil.z * min(j, na_len2 - 1u); }
+// Group coordinates of key j of the key box, flattened with z fastest (j past the end reads the
+// last key: callers mask it out by index).
+fn key_at(j: u32) -> vec3<i32> {
+    let jj = min(j, max(na_span.x * na_span.y * na_span.z, 1u) - 1u);
+    let r = jj / na_span.z;
+    return na_lo + vec3<i32>(vec3<u32>(r / na_span.y, r % na_span.y, jj % na_span.z));
+}
+
+fn key_row(j: u32) -> u32 { return na_token(na_gc, vec3<u32>(key_at(j))); }
 
 // positions x < n with x % d == g
 fn na_len(n: u32, d: u32, g: u32) -> u32 { return (n - g + d - 1u) / d; }
@@ -174,7 +183,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ng = vec3<u32>(na_len(p.na_n.x, p.na_dil.x, gc.x), na_len(p.na_n.y, p.na_dil.y, gc.y),
                        na_len(p.na_n.z, p.na_dil.z, gc.z));
     let ngi = vec3<i32>(ng);
-    na_len2 = ng.z;
+    na_gc = gc;
     let tile = p.na_sub.xyz * p.na_wgrid.xyz;
     let origin = na_split(wid.x % p.na_n.w, p.na_tiles.xyz) * tile;
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
@@ -426,26 +435,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc7: array<vec4<f32>, 16>;
     var kr: array<vec4<f32>, 16>;
     var vr: array<vec4<f32>, 16>;
-    let span = max(hi - lo, vec3<i32>(0));
-    for (var kpass = 0u; kpass < u32(span.x * span.y); kpass++) {
-        let kx = lo.x + i32(kpass / u32(span.y));
-        let ky = lo.y + i32(kpass % u32(span.y));
-        let pass_lo = u32(lo.z);
-        let pass_hi = u32(max(hi.z, lo.z));
+    na_lo = lo;
+    let span = vec3<u32>(max(hi - lo, vec3<i32>(0)));
+    na_span = span;
+    {
+        let pass_lo = 0u;
+        let pass_hi = span.x * span.y * span.z;
         range_lo = pass_lo;
         range_hi = pass_hi;
-        pass_base = na_token(gc, vec3<u32>(u32(kx), u32(ky), 0u));
-        let pok0 = ok0 & (kx >= ws0.x) & (kx < we0.x) & (ky >= ws0.y) & (ky < we0.y);
-        let pok1 = ok1 & (kx >= ws1.x) & (kx < we1.x) & (ky >= ws1.y) & (ky < we1.y);
-        let pok2 = ok2 & (kx >= ws2.x) & (kx < we2.x) & (ky >= ws2.y) & (ky < we2.y);
-        let pok3 = ok3 & (kx >= ws3.x) & (kx < we3.x) & (ky >= ws3.y) & (ky < we3.y);
-        let pok4 = ok4 & (kx >= ws4.x) & (kx < we4.x) & (ky >= ws4.y) & (ky < we4.y);
-        let pok5 = ok5 & (kx >= ws5.x) & (kx < we5.x) & (ky >= ws5.y) & (ky < we5.y);
-        let pok6 = ok6 & (kx >= ws6.x) & (kx < we6.x) & (ky >= ws6.y) & (ky < we6.y);
-        let pok7 = ok7 & (kx >= ws7.x) & (kx < we7.x) & (ky >= ws7.y) & (ky < we7.y);
         for (var kb = pass_lo; kb < pass_hi; kb += sg_size) {
             // each lane holds one K row and one V row of this block
-            let kj = key_row(kb + lane);
+            let kc = key_at(kb + lane);
+            let kj = na_token(na_gc, vec3<u32>(kc));
             kr[0] = ld_k(k_head + kj * p.k.z, 0u);
             kr[1] = ld_k(k_head + kj * p.k.z, 4u);
             kr[2] = ld_k(k_head + kj * p.k.z, 8u);
@@ -783,66 +784,68 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 s5_1 += dot(q5[15], k1_15);
                 s6_1 += dot(q6[15], k1_15);
                 s7_1 += dot(q7[15], k1_15);
-                let j0 = i32(kb + g + 0u);
-                let j1 = i32(kb + g + 1u);
-                s0_0 = na_mask(s0_0, pok0 & (j0 >= ws0.z) & (j0 < we0.z));
-                s0_1 = na_mask(s0_1, pok0 & (j1 >= ws0.z) & (j1 < we0.z));
+                let kc0 = subgroupShuffle(kc, g + 0u);
+                let kin0 = kb + g + 0u < pass_hi;
+                let kc1 = subgroupShuffle(kc, g + 1u);
+                let kin1 = kb + g + 1u < pass_hi;
+                s0_0 = na_mask(s0_0, ok0 & kin0 & all(kc0 >= ws0) & all(kc0 < we0));
+                s0_1 = na_mask(s0_1, ok0 & kin1 & all(kc1 >= ws0) & all(kc1 < we0));
                 let mx0 = max(max(m0, s0_0), s0_1);
                 let c0 = exp2(m0 - mx0);
                 let p0_0 = select(0.0, exp2(s0_0 - mx0), s0_0 > MASKED);
                 let p0_1 = select(0.0, exp2(s0_1 - mx0), s0_1 > MASKED);
                 l0 = l0 * c0 + p0_0 + p0_1;
                 m0 = mx0;
-                s1_0 = na_mask(s1_0, pok1 & (j0 >= ws1.z) & (j0 < we1.z));
-                s1_1 = na_mask(s1_1, pok1 & (j1 >= ws1.z) & (j1 < we1.z));
+                s1_0 = na_mask(s1_0, ok1 & kin0 & all(kc0 >= ws1) & all(kc0 < we1));
+                s1_1 = na_mask(s1_1, ok1 & kin1 & all(kc1 >= ws1) & all(kc1 < we1));
                 let mx1 = max(max(m1, s1_0), s1_1);
                 let c1 = exp2(m1 - mx1);
                 let p1_0 = select(0.0, exp2(s1_0 - mx1), s1_0 > MASKED);
                 let p1_1 = select(0.0, exp2(s1_1 - mx1), s1_1 > MASKED);
                 l1 = l1 * c1 + p1_0 + p1_1;
                 m1 = mx1;
-                s2_0 = na_mask(s2_0, pok2 & (j0 >= ws2.z) & (j0 < we2.z));
-                s2_1 = na_mask(s2_1, pok2 & (j1 >= ws2.z) & (j1 < we2.z));
+                s2_0 = na_mask(s2_0, ok2 & kin0 & all(kc0 >= ws2) & all(kc0 < we2));
+                s2_1 = na_mask(s2_1, ok2 & kin1 & all(kc1 >= ws2) & all(kc1 < we2));
                 let mx2 = max(max(m2, s2_0), s2_1);
                 let c2 = exp2(m2 - mx2);
                 let p2_0 = select(0.0, exp2(s2_0 - mx2), s2_0 > MASKED);
                 let p2_1 = select(0.0, exp2(s2_1 - mx2), s2_1 > MASKED);
                 l2 = l2 * c2 + p2_0 + p2_1;
                 m2 = mx2;
-                s3_0 = na_mask(s3_0, pok3 & (j0 >= ws3.z) & (j0 < we3.z));
-                s3_1 = na_mask(s3_1, pok3 & (j1 >= ws3.z) & (j1 < we3.z));
+                s3_0 = na_mask(s3_0, ok3 & kin0 & all(kc0 >= ws3) & all(kc0 < we3));
+                s3_1 = na_mask(s3_1, ok3 & kin1 & all(kc1 >= ws3) & all(kc1 < we3));
                 let mx3 = max(max(m3, s3_0), s3_1);
                 let c3 = exp2(m3 - mx3);
                 let p3_0 = select(0.0, exp2(s3_0 - mx3), s3_0 > MASKED);
                 let p3_1 = select(0.0, exp2(s3_1 - mx3), s3_1 > MASKED);
                 l3 = l3 * c3 + p3_0 + p3_1;
                 m3 = mx3;
-                s4_0 = na_mask(s4_0, pok4 & (j0 >= ws4.z) & (j0 < we4.z));
-                s4_1 = na_mask(s4_1, pok4 & (j1 >= ws4.z) & (j1 < we4.z));
+                s4_0 = na_mask(s4_0, ok4 & kin0 & all(kc0 >= ws4) & all(kc0 < we4));
+                s4_1 = na_mask(s4_1, ok4 & kin1 & all(kc1 >= ws4) & all(kc1 < we4));
                 let mx4 = max(max(m4, s4_0), s4_1);
                 let c4 = exp2(m4 - mx4);
                 let p4_0 = select(0.0, exp2(s4_0 - mx4), s4_0 > MASKED);
                 let p4_1 = select(0.0, exp2(s4_1 - mx4), s4_1 > MASKED);
                 l4 = l4 * c4 + p4_0 + p4_1;
                 m4 = mx4;
-                s5_0 = na_mask(s5_0, pok5 & (j0 >= ws5.z) & (j0 < we5.z));
-                s5_1 = na_mask(s5_1, pok5 & (j1 >= ws5.z) & (j1 < we5.z));
+                s5_0 = na_mask(s5_0, ok5 & kin0 & all(kc0 >= ws5) & all(kc0 < we5));
+                s5_1 = na_mask(s5_1, ok5 & kin1 & all(kc1 >= ws5) & all(kc1 < we5));
                 let mx5 = max(max(m5, s5_0), s5_1);
                 let c5 = exp2(m5 - mx5);
                 let p5_0 = select(0.0, exp2(s5_0 - mx5), s5_0 > MASKED);
                 let p5_1 = select(0.0, exp2(s5_1 - mx5), s5_1 > MASKED);
                 l5 = l5 * c5 + p5_0 + p5_1;
                 m5 = mx5;
-                s6_0 = na_mask(s6_0, pok6 & (j0 >= ws6.z) & (j0 < we6.z));
-                s6_1 = na_mask(s6_1, pok6 & (j1 >= ws6.z) & (j1 < we6.z));
+                s6_0 = na_mask(s6_0, ok6 & kin0 & all(kc0 >= ws6) & all(kc0 < we6));
+                s6_1 = na_mask(s6_1, ok6 & kin1 & all(kc1 >= ws6) & all(kc1 < we6));
                 let mx6 = max(max(m6, s6_0), s6_1);
                 let c6 = exp2(m6 - mx6);
                 let p6_0 = select(0.0, exp2(s6_0 - mx6), s6_0 > MASKED);
                 let p6_1 = select(0.0, exp2(s6_1 - mx6), s6_1 > MASKED);
                 l6 = l6 * c6 + p6_0 + p6_1;
                 m6 = mx6;
-                s7_0 = na_mask(s7_0, pok7 & (j0 >= ws7.z) & (j0 < we7.z));
-                s7_1 = na_mask(s7_1, pok7 & (j1 >= ws7.z) & (j1 < we7.z));
+                s7_0 = na_mask(s7_0, ok7 & kin0 & all(kc0 >= ws7) & all(kc0 < we7));
+                s7_1 = na_mask(s7_1, ok7 & kin1 & all(kc1 >= ws7) & all(kc1 < we7));
                 let mx7 = max(max(m7, s7_0), s7_1);
                 let c7 = exp2(m7 - mx7);
                 let p7_0 = select(0.0, exp2(s7_0 - mx7), s7_0 > MASKED);

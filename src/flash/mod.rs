@@ -345,16 +345,17 @@ pub fn plan_with(
             Strategy::Subgroup => (caps.subgroup_min as u64, key.group as u64),
         };
         let trips = match na_grid {
-            // passes over lines of the key box, each with its blocks along the innermost axis
+            // one pass over the flattened key box, in blocks
             Some((spec, g)) => {
                 let tile = g.tile();
-                let span = |a: usize| {
-                    let ax = spec.axes[a];
-                    (ax.n.div_ceil(ax.dilation) as u64)
-                        .min(tile[a] as u64 + (ax.kernel + ax.stride) as u64)
-                };
-                let passes = span(0) * span(1);
-                passes * ((span(2).div_ceil(block) + 1) * (1 + block / group) + 1)
+                let keys: u64 = (0..3)
+                    .map(|a| {
+                        let ax = spec.axes[a];
+                        (ax.n.div_ceil(ax.dilation) as u64)
+                            .min(tile[a] as u64 + (ax.kernel + ax.stride) as u64)
+                    })
+                    .product();
+                (keys.div_ceil(block) + 1) * (1 + block / group) + 1
             }
             // the window pass, the sinks pass, and one partial block each
             None => {

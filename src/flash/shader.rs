@@ -51,8 +51,8 @@ pub struct FlashKey {
     /// Score modifications compiled in (softcap, ALiBi, bias; which of them apply is a uniform
     /// flag). Off, the kernel has none of their code and loads.
     pub mods: bool,
-    /// Neighborhood attention (NATTEN): queries are tiles of a 3-axis grid, keys are visited one
-    /// line of the innermost axis at a time, the mask is the neighborhood (no `mods`).
+    /// Neighborhood attention (NATTEN): queries are tiles of a 3-axis grid, keys are the
+    /// union box of their windows flattened, the mask is the neighborhood (no `mods`).
     pub na: bool,
 }
 
@@ -227,13 +227,22 @@ const SEQ_WGSL: &str = "
 fn key_row(j: u32) -> u32 { return min(j, p.lk - 1u); }
 ";
 
-/// Neighborhood kernels: NATTEN's window on one axis, in dilation-group coordinates, and the key
-/// line of the current pass (`key_row`). Definitions: `src/neighborhood/mod.rs`.
+/// Neighborhood kernels: NATTEN's window on one axis, in dilation-group coordinates, and the keys
+/// of the flattened key box (`key_at`, `key_row`). Definitions: `src/neighborhood/mod.rs`.
 const NA_WGSL: &str = "
-var<private> pass_base: u32; // token of key 0 on the current line of the innermost axis
-var<private> na_len2: u32;   // length of the innermost axis in this dilation group
+var<private> na_gc: vec3<u32>;   // dilation group of this workgroup
+var<private> na_lo: vec3<i32>;   // first key of the key box, group coordinates
+var<private> na_span: vec3<u32>; // size of the key box
 
-fn key_row(j: u32) -> u32 { return pass_base + p.na_dil.z * min(j, na_len2 - 1u); }
+// Group coordinates of key j of the key box, flattened with z fastest (j past the end reads the
+// last key: callers mask it out by index).
+fn key_at(j: u32) -> vec3<i32> {
+    let jj = min(j, max(na_span.x * na_span.y * na_span.z, 1u) - 1u);
+    let r = jj / na_span.z;
+    return na_lo + vec3<i32>(vec3<u32>(r / na_span.y, r % na_span.y, jj % na_span.z));
+}
+
+fn key_row(j: u32) -> u32 { return na_token(na_gc, vec3<u32>(key_at(j))); }
 
 // positions x < n with x % d == g
 fn na_len(n: u32, d: u32, g: u32) -> u32 { return (n - g + d - 1u) / d; }
@@ -395,7 +404,12 @@ pub fn flash_source(key: &FlashKey) -> String {
             open_passes(&mut w, key);
             w.open("for (var kb = pass_lo; kb < pass_hi; kb += sg_size) {");
             w.line("// each lane holds one K row and one V row of this block");
-            w.line("let kj = key_row(kb + lane);");
+            if key.na {
+                w.line("let kc = key_at(kb + lane);");
+                w.line("let kj = na_token(na_gc, vec3<u32>(kc));");
+            } else {
+                w.line("let kj = key_row(kb + lane);");
+            }
             for i in 0..d4 {
                 w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
             }
@@ -570,7 +584,7 @@ fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
     let ng = vec3<u32>(na_len(p.na_n.x, p.na_dil.x, gc.x), na_len(p.na_n.y, p.na_dil.y, gc.y),
                        na_len(p.na_n.z, p.na_dil.z, gc.z));
     let ngi = vec3<i32>(ng);
-    na_len2 = ng.z;
+    na_gc = gc;
     let tile = p.na_sub.xyz * p.na_wgrid.xyz;
     let origin = na_split(wid.x % p.na_n.w, p.na_tiles.xyz) * tile;
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
@@ -620,8 +634,10 @@ fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
 /// then the window's own range `[kv_lo, kv_hi)`. Bounds are uniform, as barriers and shuffles
 /// need.
 ///
-/// Neighborhood kernels: one pass per line of the innermost axis in the key box, with the rows'
-/// visibility on the outer axes (`pok`) settled once per pass.
+/// Neighborhood kernels: one pass over the key box `[lo, hi)` flattened (z fastest), so a block
+/// of keys may span lines of the innermost axis and no block is padded at the end of a line
+/// (a 20 x 20 box is 50 blocks of 8, not 20 lines of 3). Each key's coordinates are checked
+/// against each row's window on every axis.
 fn open_passes(w: &mut Wgsl, key: &FlashKey) {
     if !key.na {
         w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
@@ -631,20 +647,14 @@ fn open_passes(w: &mut Wgsl, key: &FlashKey) {
         w.line("range_hi = pass_hi;");
         return;
     }
-    w.line("let span = max(hi - lo, vec3<i32>(0));");
-    w.open("for (var kpass = 0u; kpass < u32(span.x * span.y); kpass++) {");
-    w.line("let kx = lo.x + i32(kpass / u32(span.y));");
-    w.line("let ky = lo.y + i32(kpass % u32(span.y));");
-    w.line("let pass_lo = u32(lo.z);");
-    w.line("let pass_hi = u32(max(hi.z, lo.z));");
+    w.line("na_lo = lo;");
+    w.line("let span = vec3<u32>(max(hi - lo, vec3<i32>(0)));");
+    w.line("na_span = span;");
+    w.open("{");
+    w.line("let pass_lo = 0u;");
+    w.line("let pass_hi = span.x * span.y * span.z;");
     w.line("range_lo = pass_lo;");
     w.line("range_hi = pass_hi;");
-    w.line("pass_base = na_token(gc, vec3<u32>(u32(kx), u32(ky), 0u));");
-    for r in 0..key.rows {
-        w.line(&format!(
-            "let pok{r} = ok{r} & (kx >= ws{r}.x) & (kx < we{r}.x) & (ky >= ws{r}.y) & (ky < we{r}.y);"
-        ));
-    }
 }
 
 /// One group of `U` keys: scores, masking, online-softmax update, P·V. `fetch(x, u, i)` returns
@@ -665,14 +675,18 @@ fn group_body(w: &mut Wgsl, key: &FlashKey, fetch: impl Fn(&str, u32, u32) -> St
     }
     if key.na {
         for u in 0..u_n {
-            w.line(&format!("let j{u} = i32(kb + g + {u}u);"));
+            w.line(&match key.strategy {
+                Strategy::Subgroup => format!("let kc{u} = subgroupShuffle(kc, g + {u}u);"),
+                Strategy::Tiled => format!("let kc{u} = key_at(kb + g + {u}u);"),
+            });
+            w.line(&format!("let kin{u} = kb + g + {u}u < pass_hi;"));
         }
     }
     for r in 0..r_n {
         for u in 0..u_n {
             w.line(&if key.na {
                 format!(
-                    "s{r}_{u} = na_mask(s{r}_{u}, pok{r} & (j{u} >= ws{r}.z) & (j{u} < we{r}.z));"
+                    "s{r}_{u} = na_mask(s{r}_{u}, ok{r} & kin{u} & all(kc{u} >= ws{r}) & all(kc{u} < we{r}));"
                 )
             } else {
                 format!("s{r}_{u} = modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen);")
