@@ -54,6 +54,8 @@ enum StrategyArg {
     Auto,
     Tiled,
     Subgroup,
+    /// neighborhood calls over 2+ axes on CPU adapters
+    Sweep,
 }
 
 impl StrategyArg {
@@ -62,6 +64,7 @@ impl StrategyArg {
             StrategyArg::Auto => StrategyChoice::Auto,
             StrategyArg::Tiled => StrategyChoice::Force(Strategy::Tiled),
             StrategyArg::Subgroup => StrategyChoice::Force(Strategy::Subgroup),
+            StrategyArg::Sweep => StrategyChoice::Force(Strategy::Sweep),
         }
     }
 }

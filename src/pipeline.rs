@@ -58,7 +58,7 @@ impl PipelineKey {
     pub fn capabilities(&self) -> naga::valid::Capabilities {
         use naga::valid::Capabilities as C;
         let (dtype, subgroup) = match self {
-            PipelineKey::Flash(k) => (k.dtype, k.strategy == Strategy::Subgroup),
+            PipelineKey::Flash(k) => (k.dtype, k.strategy != Strategy::Tiled),
             PipelineKey::Baseline(_) => (DType::F32, false),
         };
         let mut caps = C::empty();

@@ -70,16 +70,17 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of three generated kernels live in `shaders/flash/` (the GPU plan, the
-/// lavapipe plan and the lavapipe neighborhood plan at D = 64). They are outputs, never inputs: this test fails when the generator
+/// Readable copies of four generated kernels live in `shaders/flash/` (the GPU plan, the
+/// lavapipe plan and the lavapipe neighborhood plans, box and sweep, at D = 64). They are outputs, never inputs: this test fails when the generator
 /// changes and the copies do not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
 #[test]
 fn shader_snapshots_match_the_generator() {
-    use wgpu_attention::flash::flash_key;
+    use wgpu_attention::flash::{flash_key, sweep_key};
     let keys = [
         flash_key(Strategy::Tiled, DType::F32, 64, 64, (0, 0), false, false),
         flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false, false),
         flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false, true),
+        sweep_key(DType::F32, 64, 64, (8, 8), 13, false),
     ];
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders/flash");
     let bless = std::env::var("WGPU_ATTENTION_BLESS").is_ok_and(|v| v == "1");

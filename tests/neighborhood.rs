@@ -59,13 +59,14 @@ fn upload(ctx: &GpuContext, x: &[f32], shape: &[usize], dtype: DType) -> Tensor 
     }
 }
 
-fn run(c: &NaCase, st: Strategy) {
+/// Runs the case with one strategy against the reference; false when the strategy refused it.
+fn run(c: &NaCase, st: Strategy) -> bool {
     let ctx = ctx();
     if c.dtype == DType::F16 && !ctx.caps.f16 {
         eprintln!(
             "no SHADER_F16: f16 neighborhood case skipped (the typed error is tested in flash)"
         );
-        return;
+        return false;
     }
     let seed = fresh_seed();
     let l: usize = c.spatial.iter().product();
@@ -96,8 +97,15 @@ fn run(c: &NaCase, st: Strategy) {
     let lse = Tensor::filled(ctx, &lse_shape, DType::F32, f32::NAN).unwrap();
     let mut opts = c.opts.clone();
     opts.strategy = StrategyChoice::Force(st);
-    neighborhood_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts)
-        .unwrap_or_else(|e| panic!("{c:?} {st:?}: {e}"));
+    match neighborhood_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts) {
+        // the Sweep kernel takes only some problems; the others are a typed refusal
+        Err(AttnError::Invalid { what, .. })
+            if st == Strategy::Sweep && what == "strategy Sweep" =>
+        {
+            return false;
+        }
+        r => r.unwrap_or_else(|e| panic!("{c:?} {st:?}: {e}")),
+    };
     let got = out.to_vec_f32(ctx).unwrap();
     let got_lse = lse.to_vec_f32(ctx).unwrap();
 
@@ -122,12 +130,19 @@ fn run(c: &NaCase, st: Strategy) {
     let plain = (c.dtype == DType::F16).then(|| neighborhood_plain_f16(&inp, &spec, c.opts.scale));
     let cmp = compare(&got, Some(&got_lse), &r, plain.as_deref());
     assert!(cmp.passed, "{c:?} {st:?} seed {seed}: {cmp:?}");
+    true
 }
 
-fn check_na(c: &NaCase) {
+/// Every strategy the adapter can run; returns whether the Sweep kernel took the case.
+fn check_na(c: &NaCase) -> bool {
+    let mut swept = false;
     for st in strategies() {
         run(c, st);
+        if st == Strategy::Subgroup {
+            swept = run(c, Strategy::Sweep);
+        }
     }
+    swept
 }
 
 #[test]
@@ -153,6 +168,37 @@ fn na2d() {
     check_na(&case(&[19, 23], &[1, 1]));
     check_na(&case(&[9, 11], &[9, 11])); // kernel = grid
     check_na(&case(&[16, 16], &[13, 13]));
+}
+
+/// The Sweep kernel (CPU adapters): x borders (shifted windows finished in pinned slots), even
+/// and causal x kernels, dilation on x that does not divide it, x equal to its kernel, strides
+/// on the inner axes, a leading unit axis, and more planes than slots by far.
+#[test]
+fn na_sweep_borders_dilation_causal() {
+    assert!(
+        ctx().caps.subgroups,
+        "the Sweep kernel needs SUBGROUP, which this adapter lacks"
+    );
+    for c in [
+        case(&[23, 19], &[7, 5]),
+        case(&[23, 19], &[8, 3]),
+        case(&[23, 19], &[6, 5]).dil(&[3, 1]),
+        case(&[13, 10], &[13, 3]),
+        case(&[20, 9], &[5, 3]).causal(&[true, true]),
+        case(&[20, 9], &[4, 4])
+            .causal(&[false, true])
+            .stride(&[1, 2]),
+        case(&[9, 5, 11], &[3, 5, 4])
+            .dil(&[2, 1, 2])
+            .stride(&[1, 2, 3]),
+        case(&[1, 12, 12], &[1, 5, 5]),
+        case(&[70, 3], &[13, 3]),
+    ] {
+        assert!(check_na(&c), "{c:?}: the Sweep kernel refused it");
+    }
+    // x strided, or a 1D problem: a typed refusal, and the Subgroup kernel takes them
+    assert!(!check_na(&case(&[19, 23], &[5, 6]).stride(&[2, 3])));
+    assert!(!check_na(&case(&[40], &[5])));
 }
 
 #[test]

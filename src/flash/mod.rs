@@ -15,7 +15,7 @@ use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::neighborhood::NaSpec;
+use crate::neighborhood::{NaAxis, NaSpec};
 use crate::pipeline::PipelineKey;
 use crate::tensor::{DType, Tensor};
 use shader::{flags, FlashKey, FlashParams, Strategy};
@@ -111,6 +111,8 @@ pub struct FlashPlan {
     pub grid: [u32; 3],
     /// Neighborhood calls: how query tiles cover the spatial grid.
     pub na: Option<NaGrid>,
+    /// Neighborhood calls: the axes as the kernel takes them (Sweep moves unit axes back).
+    pub na_spec: Option<NaSpec>,
 }
 
 /// Query tiling of a neighborhood call (axes x, y, z; z innermost). A subgroup's rows form a
@@ -156,6 +158,14 @@ impl NaGrid {
         }
     }
 
+    /// The Sweep kernel's grid: a workgroup owns whole x lines (one lane per position of the
+    /// inner axes), so x is neither split nor tiled.
+    fn sweep(spec: &NaSpec, lanes: u32, wg_lanes: u32) -> Self {
+        let mut inner = *spec;
+        inner.axes[0] = NaAxis::UNIT;
+        NaGrid::new(&inner, lanes, wg_lanes)
+    }
+
     /// Query tile of one workgroup.
     pub fn tile(&self) -> [u32; 3] {
         [0, 1, 2].map(|a| self.sub[a] * self.wgrid[a])
@@ -178,7 +188,7 @@ pub fn head_dim_bucket(d: usize) -> Option<u32> {
 fn register_budget(strategy: Strategy) -> u32 {
     match strategy {
         Strategy::Tiled => REGISTER_BUDGET_VEC4[0],
-        Strategy::Subgroup => REGISTER_BUDGET_VEC4[1],
+        Strategy::Subgroup | Strategy::Sweep => REGISTER_BUDGET_VEC4[1],
     }
 }
 
@@ -223,9 +233,10 @@ pub fn flash_key(
                 wg: 64,
                 mods,
                 na,
+                pins: 0,
             }
         }
-        Strategy::Subgroup => {
+        Strategy::Subgroup | Strategy::Sweep => {
             let (_min, max) = subgroup;
             FlashKey {
                 strategy,
@@ -241,9 +252,73 @@ pub fn flash_key(
                 wg: if max > 64 { 128 } else { 64 },
                 mods,
                 na,
+                pins: 0,
             }
         }
     }
+}
+
+/// Most query slots a Sweep kernel keeps (the x kernel size): its unrolled body grows with
+/// slots x (D + Dv), and so does its compile time (13 slots at D = Dv = 64: about 20 s on
+/// lavapipe).
+pub const SWEEP_MAX_SLOTS: u32 = 13;
+/// Largest head dim a Sweep kernel takes (D and Dv share a bucket).
+pub const SWEEP_MAX_DIM: u32 = 64;
+
+/// The Sweep specialization: `slots` = the x kernel size, border pins when x is not causal.
+pub fn sweep_key(
+    dtype: DType,
+    d_bucket: u32,
+    dv_bucket: u32,
+    subgroup: (u32, u32),
+    slots: u32,
+    causal_x: bool,
+) -> FlashKey {
+    let mut key = flash_key(
+        Strategy::Subgroup,
+        dtype,
+        d_bucket,
+        dv_bucket,
+        subgroup,
+        false,
+        true,
+    );
+    key.strategy = Strategy::Sweep;
+    key.rows = slots;
+    key.pins = if causal_x { 0 } else { slots / 2 };
+    key
+}
+
+/// The problem as the Sweep kernel takes it, or why it does not: leading unit axes move to the
+/// back (a 2D `[1, X, Y]` becomes `[X, Y, 1]`, the same tokens in the same order), x is swept,
+/// so it needs stride 1 and a kernel of 2 ..= [`SWEEP_MAX_SLOTS`], and the inner axes must not
+/// be all units (1D problems stream their window directly).
+pub fn sweep_layout(
+    spec: &NaSpec,
+    d_bucket: u32,
+    dv_bucket: u32,
+) -> std::result::Result<NaSpec, String> {
+    let mut axes: Vec<NaAxis> = spec.axes.iter().copied().skip_while(|a| a.n == 1).collect();
+    axes.resize(3, NaAxis::UNIT);
+    let [x, y, z] = [axes[0], axes[1], axes[2]];
+    if x.n == 1 || (y.n == 1 && z.n == 1) {
+        return Err("a neighborhood over at least 2 axes longer than 1".into());
+    }
+    if x.stride != 1 {
+        return Err(format!("stride 1 on the first axis (got {})", x.stride));
+    }
+    if !(2..=SWEEP_MAX_SLOTS as usize).contains(&x.kernel) {
+        return Err(format!(
+            "a first-axis kernel of 2..={SWEEP_MAX_SLOTS} (got {})",
+            x.kernel
+        ));
+    }
+    if d_bucket != dv_bucket || d_bucket > SWEEP_MAX_DIM {
+        return Err(format!(
+            "D and Dv in one head-dim bucket of at most {SWEEP_MAX_DIM} (got buckets {d_bucket} and {dv_bucket})"
+        ));
+    }
+    Ok(NaSpec { axes: [x, y, z] })
 }
 
 /// Every flash specialization the host can build, on any adapter (for naga tests).
@@ -264,6 +339,20 @@ pub fn all_flash_keys() -> Vec<FlashKey> {
                     keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0), mods, na));
                     for &r in &sg_ranges {
                         keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r, mods, na));
+                    }
+                }
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::F16] {
+        for &d in &HEAD_DIM_BUCKETS {
+            if d > SWEEP_MAX_DIM {
+                continue;
+            }
+            for slots in 2..=SWEEP_MAX_SLOTS {
+                for causal in [false, true] {
+                    for &r in &sg_ranges {
+                        keys.push(sweep_key(dtype, d, d, r, slots, causal));
                     }
                 }
             }
@@ -310,41 +399,96 @@ pub fn plan_with(
         && caps.subgroup_min >= 2
         && caps.subgroup_max <= 128
         && caps.subgroup_min <= caps.subgroup_max;
+    let sweep = na.map(|spec| sweep_layout(spec, d_bucket, dv_bucket));
     let strategy = match choice {
+        StrategyChoice::Auto if caps.cpu && sg_ok && matches!(sweep, Some(Ok(_))) => {
+            Strategy::Sweep
+        }
         StrategyChoice::Auto if caps.cpu && sg_ok => Strategy::Subgroup,
         StrategyChoice::Auto => Strategy::Tiled,
-        StrategyChoice::Force(Strategy::Subgroup) if !sg_ok => {
+        StrategyChoice::Force(s @ (Strategy::Subgroup | Strategy::Sweep)) if !sg_ok => {
             return Err(AttnError::MissingFeature {
                 feature: "SUBGROUP (with subgroup sizes 2..=128)",
                 adapter: ctx.adapter_info.name.clone(),
-                needed_for: "the subgroup strategy".into(),
+                needed_for: format!("the {s:?} strategy"),
             })
         }
+        StrategyChoice::Force(Strategy::Sweep) => match &sweep {
+            Some(Ok(_)) => Strategy::Sweep,
+            Some(Err(why)) => {
+                return Err(AttnError::invalid(
+                    "strategy Sweep",
+                    why.clone(),
+                    "this problem",
+                ))
+            }
+            None => {
+                return Err(AttnError::invalid(
+                    "strategy Sweep",
+                    "a neighborhood call",
+                    "flash attention",
+                ))
+            }
+        },
         StrategyChoice::Force(s) => s,
     };
-    let key = flash_key(
-        strategy,
-        dtype,
-        d_bucket,
-        dv_bucket,
-        (caps.subgroup_min, caps.subgroup_max),
-        mods,
-        na.is_some(),
-    );
+    let na = match (&sweep, strategy) {
+        (Some(Ok(rotated)), Strategy::Sweep) => Some(*rotated),
+        _ => na.copied(),
+    };
+    let na = na.as_ref();
+    let key = match (strategy, na) {
+        (Strategy::Sweep, Some(spec)) => sweep_key(
+            dtype,
+            d_bucket,
+            dv_bucket,
+            (caps.subgroup_min, caps.subgroup_max),
+            spec.axes[0].kernel as u32,
+            spec.axes[0].causal,
+        ),
+        _ => flash_key(
+            strategy,
+            dtype,
+            d_bucket,
+            dv_bucket,
+            (caps.subgroup_min, caps.subgroup_max),
+            mods,
+            na.is_some(),
+        ),
+    };
     let na_grid = na.map(|spec| {
-        let sub_rows = match strategy {
-            Strategy::Subgroup => caps.subgroup_max * key.rows,
-            Strategy::Tiled => key.rows_per_workgroup(),
+        let grid = match strategy {
+            Strategy::Subgroup => {
+                NaGrid::new(spec, caps.subgroup_max * key.rows, key.rows_per_workgroup())
+            }
+            Strategy::Tiled => {
+                NaGrid::new(spec, key.rows_per_workgroup(), key.rows_per_workgroup())
+            }
+            Strategy::Sweep => NaGrid::sweep(spec, caps.subgroup_max, key.wg),
         };
-        (spec, NaGrid::new(spec, sub_rows, key.rows_per_workgroup()))
+        (spec, grid)
     });
     if let Some(limit) = caps.loop_limit {
         // Trip count of the key loops in one invocation (everything else is unrolled).
         let (block, group) = match strategy {
             Strategy::Tiled => (key.block as u64, key.group as u64),
-            Strategy::Subgroup => (caps.subgroup_min as u64, key.group as u64),
+            Strategy::Subgroup | Strategy::Sweep => (caps.subgroup_min as u64, key.group as u64),
         };
         let trips = match na_grid {
+            // x planes (the sweep, then the border queries' planes), each a pass over its
+            // union box in blocks
+            Some((spec, g)) if strategy == Strategy::Sweep => {
+                let box_keys: u64 = (1..3)
+                    .map(|a| {
+                        let ax = spec.axes[a];
+                        (ax.n.div_ceil(ax.dilation) as u64)
+                            .min(g.sub[a] as u64 + (ax.kernel + ax.stride) as u64)
+                    })
+                    .product();
+                let x = spec.axes[0];
+                let planes = x.n.div_ceil(x.dilation) as u64 + x.kernel as u64 + 2;
+                planes * ((box_keys.div_ceil(block) + 1) * (1 + block / group) + 1)
+            }
             // one pass over the flattened key box, in blocks
             Some((spec, g)) => {
                 let tile = g.tile();
@@ -400,6 +544,7 @@ pub fn plan_with(
         key,
         grid,
         na: na_grid.map(|(_, g)| g),
+        na_spec: na.copied(),
     })
 }
 
@@ -545,11 +690,6 @@ fn prepare(
                 (s.lq, s.lk),
             ));
         }
-        for (a, ax) in spec.axes.iter().enumerate() {
-            if ax.causal {
-                fl |= flags::NA_CAUSAL << a;
-            }
-        }
     }
     // LSE [B, Hq, Lq]; neighborhood calls pass NATTEN's heads-last [B, L, Hq]
     let lse_strides = match na {
@@ -655,8 +795,11 @@ fn prepare(
     let u = |x: usize| x as u32; // axis sizes are at most the token count, which fits u32
     let (mut na_n, mut na_kernel, mut na_dil, mut na_stride) = ([0; 4], [0; 4], [0; 4], [0; 4]);
     let (mut na_sub, mut na_wgrid, mut na_tiles) = ([0; 4], [0; 4], [0; 4]);
-    if let (Some(spec), Some(g)) = (na, plan.na) {
+    if let (Some(spec), Some(g)) = (plan.na_spec, plan.na) {
         for (a, ax) in spec.axes.iter().enumerate() {
+            if ax.causal {
+                fl |= flags::NA_CAUSAL << a;
+            }
             na_n[a] = u(ax.n);
             na_kernel[a] = u(ax.kernel);
             na_dil[a] = u(ax.dilation);

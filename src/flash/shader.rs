@@ -28,6 +28,11 @@ pub enum Strategy {
     Tiled,
     /// K/V rows in registers, handed round the subgroup with shuffles. Needs SUBGROUP.
     Subgroup,
+    /// Neighborhood attention on CPU adapters: each lane owns one position of the inner axes
+    /// and the subgroup sweeps the outer axis (x) one key plane at a time, keeping `rows` query
+    /// slots (x's kernel size) live, so each loaded key plane serves every query whose window
+    /// holds it. Needs SUBGROUP.
+    Sweep,
 }
 
 /// Everything that is text specialization for the flash kernel. Shapes, scale, masks and
@@ -40,7 +45,7 @@ pub struct FlashKey {
     pub d4: u32,
     /// Head dim bucket of V/O, in vec4s.
     pub dv4: u32,
-    /// Query rows per invocation.
+    /// Query rows per invocation (Sweep: query slots, the x kernel size).
     pub rows: u32,
     /// Keys per workgroup-memory tile (Tiled only; 0 for Subgroup, whose block is the subgroup).
     pub block: u32,
@@ -54,12 +59,15 @@ pub struct FlashKey {
     /// Neighborhood attention (NATTEN): queries are tiles of a 3-axis grid, keys are the
     /// union box of their windows flattened, the mask is the neighborhood (no `mods`).
     pub na: bool,
+    /// Sweep only: pinned slots for the queries at x's borders, whose shifted window outlives
+    /// their slot (k / 2 non-causal, 0 causal).
+    pub pins: u32,
 }
 
 impl FlashKey {
     pub fn label(&self) -> String {
         format!(
-            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}{}",
+            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}{}{}",
             self.strategy,
             self.dtype,
             self.d4 * 4,
@@ -69,7 +77,12 @@ impl FlashKey {
             self.group,
             self.wg,
             if self.mods { "_mods" } else { "" },
-            if self.na { "_na" } else { "" }
+            if self.na { "_na" } else { "" },
+            if self.strategy == Strategy::Sweep {
+                format!("_p{}", self.pins)
+            } else {
+                String::new()
+            }
         )
         .to_lowercase()
     }
@@ -83,7 +96,7 @@ impl FlashKey {
     pub fn workgroup_bytes(&self) -> u32 {
         match self.strategy {
             Strategy::Tiled => self.block * (self.d4 + self.dv4) * 16,
-            Strategy::Subgroup => 0,
+            Strategy::Subgroup | Strategy::Sweep => 0,
         }
     }
 }
@@ -370,7 +383,7 @@ pub fn flash_source(key: &FlashKey) -> String {
     }
 
     w.line(&format!("@compute @workgroup_size({})", key.wg));
-    let sg_args = if key.strategy == Strategy::Subgroup {
+    let sg_args = if key.strategy != Strategy::Tiled {
         ", @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) lane: u32"
     } else {
         ""
@@ -378,8 +391,13 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.open(&format!(
         "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32{sg_args}) {{"
     ));
+    if key.strategy == Strategy::Sweep {
+        sweep_kernel(&mut w, key);
+        w.close();
+        return w.finish();
+    }
     if key.na {
-        na_prologue(&mut w, key);
+        na_prologue(&mut w, key, r_n);
     } else {
         seq_prologue(&mut w, key);
     }
@@ -398,7 +416,7 @@ pub fn flash_source(key: &FlashKey) -> String {
     }
 
     match key.strategy {
-        Strategy::Subgroup => {
+        Strategy::Subgroup | Strategy::Sweep => {
             w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
             w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
             open_passes(&mut w, key);
@@ -417,7 +435,8 @@ pub fn flash_source(key: &FlashKey) -> String {
                 w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
             }
             w.open(&format!("for (var g = 0u; g < sg_size; g += {u_n}u) {{"));
-            group_body(&mut w, key, |x, u, i| {
+            let (keys, score) = row_masks(key);
+            group_body(&mut w, key, r_n, "", &keys, &score, |x, u, i| {
                 format!("subgroupShuffle({x}[{i}], g + {u}u)")
             });
             w.close();
@@ -455,7 +474,8 @@ pub fn flash_source(key: &FlashKey) -> String {
             } else {
                 w.open(&format!("for (var g = 0u; g < {bc}u; g += {u_n}u) {{"));
             }
-            group_body(&mut w, key, |x, u, i| {
+            let (keys, score) = row_masks(key);
+            group_body(&mut w, key, r_n, "", &keys, &score, |x, u, i| {
                 let (tile, n4) = if x == "kr" {
                     ("k_tile", d4)
                 } else {
@@ -522,7 +542,7 @@ fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
         bounds = match key.strategy {
             // the key loop only has to be uniform over the subgroup: bound it by the subgroup's
             // own rows, so causal work above the diagonal is skipped in steps of sg_size * R rows
-            Strategy::Subgroup => format!(
+            Strategy::Subgroup | Strategy::Sweep => format!(
                 "    // Keys this subgroup can see (uniform over the subgroup): tiles outside are never loaded.
     let first = i32(subgroupMin(row0));
     let last = i32(min(subgroupMax(row0) + {r_n}u, qlen)) - 1;"
@@ -575,7 +595,7 @@ fn na_ends(x: vec3<i32>, start: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
 /// below is in group coordinates); each row knows its window `[ws, we)` per axis, and the key
 /// box `[lo, hi)` is the union of the windows of the subgroup's rows (Subgroup) or of the
 /// workgroup's tile (Tiled): keys outside it are never loaded.
-fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
+fn na_prologue(w: &mut Wgsl, key: &FlashKey, r_n: u32) {
     w.raw(
         "    let b = wid.z;
     let h = wid.y;
@@ -590,7 +610,6 @@ fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
     let v_head = p.v.x + b * p.v.y + hk * p.v.w;",
     );
-    let r_n = key.rows;
     for r in 0..r_n {
         w.line(&format!("let loc{r} = lid * {r_n}u + {r}u;"));
         w.line(&format!(
@@ -607,7 +626,7 @@ fn na_prologue(w: &mut Wgsl, key: &FlashKey) {
         w.line(&format!("let we{r} = na_ends(xc{r}, ws{r}, ngi);"));
     }
     match key.strategy {
-        Strategy::Subgroup => {
+        Strategy::Subgroup | Strategy::Sweep => {
             w.line("var lo_l = vec3<i32>(1 << 30);");
             w.line("var hi_l = vec3<i32>(0);");
             for r in 0..r_n {
@@ -657,10 +676,20 @@ fn open_passes(w: &mut Wgsl, key: &FlashKey) {
     w.line("range_hi = pass_hi;");
 }
 
-/// One group of `U` keys: scores, masking, online-softmax update, P·V. `fetch(x, u, i)` returns
-/// the expression for vec4 `i` of key (x = "kr") or value (x = "vr") number `g + u`.
-fn group_body(w: &mut Wgsl, key: &FlashKey, fetch: impl Fn(&str, u32, u32) -> String) {
-    let (r_n, u_n) = (key.rows, key.group);
+/// One group of `U` keys: scores, masking, online-softmax update, P·V, for `rows` query rows
+/// whose state is named `{pre}q{r}`, `{pre}m{r}`, `{pre}l{r}`, `{pre}acc{r}`. `fetch(x, u, i)`
+/// returns the expression for vec4 `i` of key (x = "kr") or value (x = "vr") number `g + u`;
+/// `keys` emits what the masks need per key, `score(r, u)` the masked score of row r, key u.
+fn group_body(
+    w: &mut Wgsl,
+    key: &FlashKey,
+    rows: u32,
+    pre: &str,
+    keys: &dyn Fn(&mut Wgsl),
+    score: &dyn Fn(u32, u32) -> String,
+    fetch: impl Fn(&str, u32, u32) -> String,
+) {
+    let (r_n, u_n) = (rows, key.group);
     for u in 0..u_n {
         for r in 0..r_n {
             w.line(&format!("var s{r}_{u} = 0.0;"));
@@ -669,32 +698,20 @@ fn group_body(w: &mut Wgsl, key: &FlashKey, fetch: impl Fn(&str, u32, u32) -> St
             let e = fetch("kr", u, i);
             w.line(&format!("let k{u}_{i} = {e};"));
             for r in 0..r_n {
-                w.line(&format!("s{r}_{u} += dot(q{r}[{i}], k{u}_{i});"));
+                w.line(&format!("s{r}_{u} += dot({pre}q{r}[{i}], k{u}_{i});"));
             }
         }
     }
-    if key.na {
-        for u in 0..u_n {
-            w.line(&match key.strategy {
-                Strategy::Subgroup => format!("let kc{u} = subgroupShuffle(kc, g + {u}u);"),
-                Strategy::Tiled => format!("let kc{u} = key_at(kb + g + {u}u);"),
-            });
-            w.line(&format!("let kin{u} = kb + g + {u}u < pass_hi;"));
-        }
-    }
+    keys(w);
     for r in 0..r_n {
         for u in 0..u_n {
-            w.line(&if key.na {
-                format!(
-                    "s{r}_{u} = na_mask(s{r}_{u}, ok{r} & kin{u} & all(kc{u} >= ws{r}) & all(kc{u} < we{r}));"
-                )
-            } else {
-                format!("s{r}_{u} = modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen);")
-            });
+            w.line(&format!("s{r}_{u} = {};", score(r, u)));
         }
-        let maxes = (0..u_n).fold(format!("m{r}"), |acc, u| format!("max({acc}, s{r}_{u})"));
+        let maxes = (0..u_n).fold(format!("{pre}m{r}"), |acc, u| {
+            format!("max({acc}, s{r}_{u})")
+        });
         w.line(&format!("let mx{r} = {maxes};"));
-        w.line(&format!("let c{r} = exp2(m{r} - mx{r});"));
+        w.line(&format!("let c{r} = exp2({pre}m{r} - mx{r});"));
         for u in 0..u_n {
             w.line(&format!(
                 "let p{r}_{u} = select(0.0, exp2(s{r}_{u} - mx{r}), s{r}_{u} > MASKED);"
@@ -704,19 +721,250 @@ fn group_body(w: &mut Wgsl, key: &FlashKey, fetch: impl Fn(&str, u32, u32) -> St
             .map(|u| format!("p{r}_{u}"))
             .collect::<Vec<_>>()
             .join(" + ");
-        w.line(&format!("l{r} = l{r} * c{r} + {sum};"));
-        w.line(&format!("m{r} = mx{r};"));
+        w.line(&format!("{pre}l{r} = {pre}l{r} * c{r} + {sum};"));
+        w.line(&format!("{pre}m{r} = mx{r};"));
     }
     for i in 0..key.dv4 {
         for r in 0..r_n {
-            w.line(&format!("acc{r}[{i}] *= c{r};"));
+            w.line(&format!("{pre}acc{r}[{i}] *= c{r};"));
         }
         for u in 0..u_n {
             let e = fetch("vr", u, i);
             w.line(&format!("let v{u}_{i} = {e};"));
             for r in 0..r_n {
-                w.line(&format!("acc{r}[{i}] += p{r}_{u} * v{u}_{i};"));
+                w.line(&format!("{pre}acc{r}[{i}] += p{r}_{u} * v{u}_{i};"));
             }
         }
+    }
+}
+
+/// The masks of the Subgroup and Tiled kernels: per-key lines and per-row scores.
+fn row_masks(key: &FlashKey) -> (impl Fn(&mut Wgsl) + '_, impl Fn(u32, u32) -> String + '_) {
+    let keys = move |w: &mut Wgsl| {
+        if key.na {
+            for u in 0..key.group {
+                w.line(&match key.strategy {
+                    Strategy::Tiled => format!("let kc{u} = key_at(kb + g + {u}u);"),
+                    _ => format!("let kc{u} = subgroupShuffle(kc, g + {u}u);"),
+                });
+                w.line(&format!("let kin{u} = kb + g + {u}u < pass_hi;"));
+            }
+        }
+    };
+    let score = move |r: u32, u: u32| {
+        if key.na {
+            format!("na_mask(s{r}_{u}, ok{r} & kin{u} & all(kc{u} >= ws{r}) & all(kc{u} < we{r}))")
+        } else {
+            format!("modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen)")
+        }
+    };
+    (keys, score)
+}
+
+/// The Sweep kernel (neighborhood attention on CPU adapters), see [`Strategy::Sweep`].
+///
+/// Each lane owns one position (y, z) of the inner axes; the subgroup walks the key planes
+/// `x' = 0 .. n_x` of its dilation group and streams each plane's union box (y, z) once. Slot `r`
+/// holds query `x = x' + before - (S - 1) + r`: a query enters the newest slot `before` planes
+/// ahead of its own and leaves slot 0 `after` planes past it, so along x it sees the planes
+/// `[x - before, x + after]` clipped to the axis. That is NATTEN's window for every query but
+/// those at x's borders, whose non-causal window is shifted inside the axis: after the sweep,
+/// `pins` pinned slots finish them (the top ones continue from where their slot stopped, the
+/// bottom ones compute the planes they missed and merge with their slot's state). Along y and z
+/// the mask is per lane, as in the Subgroup kernel.
+fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
+    let (s_n, p_n, d4, dv4, u_n) = (key.rows, key.pins, key.d4, key.dv4, key.group);
+    na_prologue(w, key, 1);
+    w.raw(
+        "    let nx = ngi.x;
+    let kx = i32(p.na_kernel.x);
+    let causal_x = na_causal(0u);
+    let before = select(kx / 2, kx - 1, causal_x); // planes a query's slot opens ahead of it
+    let after = kx - 1 - before;                  // and stays open past it
+    let top = select(before, 0, causal_x);        // queries x < top: window shifted up the axis
+    let bottom = select(after, 0, causal_x);      // queries x >= nx - bottom: shifted down
+    let span = vec3<u32>(1u, vec2<u32>(max(hi.yz - lo.yz, vec2<i32>(0))));
+    na_span = span;
+    let nbox = span.y * span.z;                   // keys of one plane's union box
+    let lane_yz = vec2<u32>(xc0.yz);",
+    );
+    let load_q = |w: &mut Wgsl, name: &str, x: &str| {
+        w.open("{");
+        w.line(&format!(
+            "let t = na_token(gc, vec3<u32>(u32(clamp({x}, 0, nx - 1)), lane_yz));"
+        ));
+        w.line("let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;");
+        for i in 0..d4 {
+            w.line(&format!("{name}[{i}] = ld_q(qb, {}u) * p.scale;", i * 4));
+        }
+        w.close();
+    };
+    let write = |w: &mut Wgsl, pre: &str, r: u32, x: &str, cond: &str| {
+        w.open(&format!("if ({cond}) {{"));
+        w.line(&format!(
+            "let row = na_token(gc, vec3<u32>(u32({x}), lane_yz));"
+        ));
+        w.line(&format!(
+            "let inv = select(0.0, 1.0 / {pre}l{r}, {pre}l{r} > 0.0);"
+        ));
+        w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
+        for i in 0..dv4 {
+            w.line(&format!("st_o(ob, {}u, {pre}acc{r}[{i}] * inv);", i * 4));
+        }
+        w.open("if (has(F_LSE)) {");
+        w.line(&format!(
+            "lse_buf[p.lse.x + b * p.lse.y + h * p.lse.z + row * p.lse.w] = select(neg_inf(), ({pre}m{r} + log2({pre}l{r})) * LN2, {pre}l{r} > 0.0);"
+        ));
+        w.close();
+        w.close();
+    };
+    // One plane (x = xs): its union box in blocks of one key per lane, shuffled round.
+    let plane = |w: &mut Wgsl, rows: u32, pre: &str, live: bool| {
+        w.line("na_lo = vec3<i32>(xs, lo.y, lo.z);");
+        w.open("for (var kb = 0u; kb < nbox; kb += sg_size) {");
+        w.line("let kc = key_at(kb + lane);");
+        w.line("let kj = na_token(na_gc, vec3<u32>(kc));");
+        for i in 0..d4 {
+            w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
+        }
+        for i in 0..dv4 {
+            w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
+        }
+        w.line("let gend = min(sg_size, nbox - kb);");
+        w.open(&format!("for (var g = 0u; g < gend; g += {u_n}u) {{"));
+        let keys = |w: &mut Wgsl| {
+            for u in 0..u_n {
+                w.line(&format!("let kc{u} = subgroupShuffle(kc, g + {u}u);"));
+                w.line(&format!(
+                    "let vis{u} = ok0 & (kb + g + {u}u < nbox) & all(kc{u}.yz >= ws0.yz) & all(kc{u}.yz < we0.yz);"
+                ));
+            }
+        };
+        let score = |r: u32, u: u32| {
+            let live = if live {
+                format!(" & live{r}")
+            } else {
+                String::new()
+            };
+            format!("na_mask(s{r}_{u}, vis{u}{live})")
+        };
+        group_body(w, key, rows, pre, &keys, &score, |x, u, i| {
+            format!("subgroupShuffle({x}[{i}], g + {u}u)")
+        });
+        w.close();
+        w.close();
+    };
+
+    for r in 0..s_n {
+        w.line(&format!(
+            "var q{r}: array<vec4<f32>, {d4}>; var acc{r}: array<vec4<f32>, {dv4}>; var m{r} = MASKED; var l{r} = 0.0;"
+        ));
+    }
+    w.line(&format!(
+        "// before plane 0, slot r holds query before - {s_n} + r (it shifts down first)"
+    ));
+    for r in 1..s_n {
+        load_q(w, &format!("q{r}"), &format!("before - {s_n} + {r}"));
+    }
+    for j in 0..p_n {
+        w.line(&format!(
+            "var zq{j}: array<vec4<f32>, {d4}>; var zacc{j}: array<vec4<f32>, {dv4}>; var zm{j} = MASKED; var zl{j} = 0.0;"
+        ));
+    }
+    w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
+    w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
+
+    w.open("for (var xs = 0; xs < nx; xs++) {");
+    w.line("let xr = xs - 1 - after; // the query leaving slot 0: its last plane was xs - 1");
+    for j in 0..p_n {
+        w.line(&format!(
+            "let hit{j} = xr == {j}; // a top border query continues in a pin"
+        ));
+        for i in 0..d4 {
+            w.line(&format!(
+                "zq{j}[{i}] = select(zq{j}[{i}], q0[{i}], hit{j});"
+            ));
+        }
+        for i in 0..dv4 {
+            w.line(&format!(
+                "zacc{j}[{i}] = select(zacc{j}[{i}], acc0[{i}], hit{j});"
+            ));
+        }
+        w.line(&format!("zm{j} = select(zm{j}, m0, hit{j});"));
+        w.line(&format!("zl{j} = select(zl{j}, l0, hit{j});"));
+    }
+    write(w, "", 0, "xr", "ok0 & (xr >= top)");
+    for r in 0..s_n - 1 {
+        let n = r + 1;
+        w.line(&format!(
+            "q{r} = q{n}; acc{r} = acc{n}; m{r} = m{n}; l{r} = l{n};"
+        ));
+    }
+    let last = s_n - 1;
+    load_q(w, &format!("q{last}"), "xs + before");
+    w.line(&format!(
+        "acc{last} = array<vec4<f32>, {dv4}>(); m{last} = MASKED; l{last} = 0.0;"
+    ));
+    plane(w, s_n, "", false);
+    w.close();
+    write(w, "", 0, "nx - 1 - after", "ok0");
+
+    if p_n > 0 {
+        w.line("// border queries: the top ones continue, the bottom ones start fresh");
+        w.open("for (var ph = 0; ph < 2; ph++) {");
+        w.line("let bot = ph == 1;");
+        w.line("let count = select(top, bottom, bot);");
+        for j in 0..p_n {
+            w.line(&format!("let xz{j} = select({j}, nx - bottom + {j}, bot);"));
+            w.open("{");
+            w.line(&format!("var fresh: array<vec4<f32>, {d4}>;"));
+            load_q(w, "fresh", &format!("xz{j}"));
+            for i in 0..d4 {
+                w.line(&format!(
+                    "zq{j}[{i}] = select(zq{j}[{i}], fresh[{i}], bot);"
+                ));
+            }
+            w.close();
+            for i in 0..dv4 {
+                w.line(&format!(
+                    "zacc{j}[{i}] = select(zacc{j}[{i}], vec4<f32>(0.0), bot);"
+                ));
+            }
+            w.line(&format!("zm{j} = select(zm{j}, MASKED, bot);"));
+            w.line(&format!("zl{j} = select(zl{j}, 0.0, bot);"));
+        }
+        w.open("for (var t = 0; t < count; t++) {");
+        w.line("let xs = select(after + 1 + t, nx - kx + t, bot);");
+        for j in 0..p_n {
+            w.line(&format!(
+                "let live{j} = select(t >= {j}, t <= {j}, bot) & ({j} < count);"
+            ));
+        }
+        plane(w, p_n, "z", true);
+        w.close();
+        w.line("// a bottom query's other planes are in slot j + 1: merge the two states");
+        for j in 0..p_n {
+            let n = j + 1;
+            w.line(&format!("let mm{j} = max(zm{j}, m{n});"));
+            w.line(&format!("let ca{j} = exp2(zm{j} - mm{j});"));
+            w.line(&format!("let cb{j} = exp2(m{n} - mm{j});"));
+            w.line(&format!(
+                "zl{j} = select(zl{j}, zl{j} * ca{j} + l{n} * cb{j}, bot);"
+            ));
+            for i in 0..dv4 {
+                w.line(&format!(
+                    "zacc{j}[{i}] = select(zacc{j}[{i}], zacc{j}[{i}] * ca{j} + acc{n}[{i}] * cb{j}, bot);"
+                ));
+            }
+            w.line(&format!("zm{j} = select(zm{j}, mm{j}, bot);"));
+            write(
+                w,
+                "z",
+                j,
+                &format!("xz{j}"),
+                &format!("ok0 & ({j} < count)"),
+            );
+        }
+        w.close();
     }
 }
