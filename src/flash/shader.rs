@@ -876,22 +876,35 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
 
     w.open("for (var xs = 0; xs < nx; xs++) {");
     w.line("let xr = xs - 1 - after; // the query leaving slot 0: its last plane was xs - 1");
+    // Pin j takes a state (q, acc, m, l as expressions of the element index) where `cond`.
+    let pin = |w: &mut Wgsl,
+               j: u32,
+               q: &dyn Fn(u32) -> String,
+               acc: &str,
+               m: &str,
+               l: &str,
+               cond: &str| {
+        for i in 0..d4 {
+            w.line(&format!(
+                "zq{j}[{i}] = select(zq{j}[{i}], {}, {cond});",
+                q(i)
+            ));
+        }
+        for i in 0..dv4 {
+            let a = acc.replace("{i}", &i.to_string());
+            w.line(&format!(
+                "zacc{j}[{i}] = select(zacc{j}[{i}], {a}, {cond});"
+            ));
+        }
+        w.line(&format!("zm{j} = select(zm{j}, {m}, {cond});"));
+        w.line(&format!("zl{j} = select(zl{j}, {l}, {cond});"));
+    };
     for j in 0..p_n {
         w.line(&format!(
             "let hit{j} = xr == {j}; // a top border query continues in a pin"
         ));
-        for i in 0..d4 {
-            w.line(&format!(
-                "zq{j}[{i}] = select(zq{j}[{i}], q0[{i}], hit{j});"
-            ));
-        }
-        for i in 0..dv4 {
-            w.line(&format!(
-                "zacc{j}[{i}] = select(zacc{j}[{i}], acc0[{i}], hit{j});"
-            ));
-        }
-        w.line(&format!("zm{j} = select(zm{j}, m0, hit{j});"));
-        w.line(&format!("zl{j} = select(zl{j}, l0, hit{j});"));
+        let hit = format!("hit{j}");
+        pin(w, j, &|i| format!("q0[{i}]"), "acc0[{i}]", "m0", "l0", &hit);
     }
     write(w, "", 0, "xr", "ok0 & (xr >= top)");
     for r in 0..s_n - 1 {
@@ -919,19 +932,9 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
             w.open("{");
             w.line(&format!("var fresh: array<vec4<f32>, {d4}>;"));
             load_q(w, "fresh", &format!("xz{j}"));
-            for i in 0..d4 {
-                w.line(&format!(
-                    "zq{j}[{i}] = select(zq{j}[{i}], fresh[{i}], bot);"
-                ));
-            }
+            let fresh = |i: u32| format!("fresh[{i}]");
+            pin(w, j, &fresh, "vec4<f32>(0.0)", "MASKED", "0.0", "bot");
             w.close();
-            for i in 0..dv4 {
-                w.line(&format!(
-                    "zacc{j}[{i}] = select(zacc{j}[{i}], vec4<f32>(0.0), bot);"
-                ));
-            }
-            w.line(&format!("zm{j} = select(zm{j}, MASKED, bot);"));
-            w.line(&format!("zl{j} = select(zl{j}, 0.0, bot);"));
         }
         w.open("for (var t = 0; t < count; t++) {");
         w.line("let xs = select(after + 1 + t, nx - kx + t, bot);");
