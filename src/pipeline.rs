@@ -21,6 +21,7 @@ pub enum Binding {
     Uniform,
     Read,
     ReadWrite,
+    Texture,
 }
 
 impl PipelineKey {
@@ -29,6 +30,9 @@ impl PipelineKey {
     pub fn bindings(&self) -> &'static [Binding] {
         use Binding::*;
         match self {
+            PipelineKey::Flash(k) if k.strategy == Strategy::Sweep => &[
+                Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read, Texture, Texture,
+            ],
             PipelineKey::Flash(_) => &[
                 Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read,
             ],
@@ -159,14 +163,23 @@ impl GpuContext {
             .map(|(i, b)| wgpu::BindGroupLayoutEntry {
                 binding: i as u32,
                 visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: match b {
-                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
-                        Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
-                        Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                ty: match b {
+                    Binding::Texture => wgpu::BindingType::Texture {
+                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                        view_dimension: wgpu::TextureViewDimension::D2,
+                        multisampled: false,
                     },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
+                    _ => wgpu::BindingType::Buffer {
+                        ty: match b {
+                            Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                            Binding::ReadWrite => {
+                                wgpu::BufferBindingType::Storage { read_only: false }
+                            }
+                            _ => wgpu::BufferBindingType::Storage { read_only: true },
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
                 },
                 count: None,
             })

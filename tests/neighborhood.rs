@@ -201,6 +201,49 @@ fn na_sweep_borders_dilation_causal() {
     assert!(!check_na(&case(&[40], &[5])));
 }
 
+/// The Sweep kernel reads K/V through textures of 4-element texels: a K view that starts off a
+/// texel is a typed refusal when Sweep is forced, and the automatic plan takes the Subgroup
+/// kernel instead, with the same result.
+#[test]
+fn na_sweep_needs_texel_aligned_kv() {
+    let ctx = ctx();
+    let (shape, n) = ([1usize, 9, 7, 2, 16], 9 * 7 * 2 * 16);
+    let data = random(n + 2, 1.0, fresh_seed());
+    let q = Tensor::from_f32(ctx, &data[2..], &shape).unwrap();
+    let strides = q.strides().to_vec();
+    // the same values two elements into a longer buffer
+    let shifted = Tensor::from_f32(ctx, &data, &[n + 2])
+        .unwrap()
+        .with_layout(shape.to_vec(), strides, 2)
+        .unwrap();
+    let opts = |st| NeighborhoodOptions {
+        strategy: st,
+        ..NeighborhoodOptions::new(&[5, 3])
+    };
+    let run = |k: &Tensor, st| {
+        let out = Tensor::filled(ctx, &shape, DType::F32, f32::NAN).unwrap();
+        neighborhood_attention_into(ctx, &q, k, k, &out, None, &opts(st))
+            .map(|plan| (plan.key.strategy, out.to_vec_f32(ctx).unwrap()))
+    };
+    let e = run(&shifted, StrategyChoice::Force(Strategy::Sweep)).err();
+    assert!(
+        matches!(&e, Some(AttnError::Invalid { what, .. }) if what == "strategy Sweep")
+            && e.as_ref().unwrap().to_string().contains("multiples of 4"),
+        "{e:?}"
+    );
+    let (st, got) = run(&shifted, StrategyChoice::Auto).unwrap();
+    let (_, want) = run(&q, StrategyChoice::Force(Strategy::Subgroup)).unwrap();
+    assert_eq!(st, Strategy::Subgroup);
+    assert!(got.iter().all(|x| x.is_finite()));
+    assert_eq!(
+        got, want,
+        "the fallback must compute what the Subgroup kernel computes"
+    );
+    // aligned K/V: the automatic plan on a CPU adapter is the Sweep kernel
+    let (st, _) = run(&q, StrategyChoice::Auto).unwrap();
+    assert!(st == Strategy::Sweep || !ctx.caps.cpu, "{st:?}");
+}
+
 #[test]
 fn na3d() {
     check_na(&case(&[6, 7, 9], &[3, 3, 3]));

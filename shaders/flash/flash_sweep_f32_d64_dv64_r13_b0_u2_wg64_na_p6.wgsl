@@ -174,6 +174,20 @@ fn st_o(base: u32, c: u32, x: vec4<f32>) {
     if (c + 2u < p.dv) { o_buf[base + c + 2u] = f32(x.z); }
     if (c + 3u < p.dv) { o_buf[base + c + 3u] = f32(x.w); }
 }
+@group(0) @binding(9) var k_tex: texture_2d<f32>;  // K as texels of 4 elements
+@group(0) @binding(10) var v_tex: texture_2d<f32>; // V as texels of 4 elements
+fn ld_kt(base: u32, c: u32) -> vec4<f32> {
+    // base + c is a multiple of 4; elements past the head dim read as 0
+    let t = (base + c) >> 2u;
+    let x = textureLoad(k_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.d));
+}
+fn ld_vt(base: u32, c: u32) -> vec4<f32> {
+    // base + c is a multiple of 4; elements past the head dim read as 0
+    let t = (base + c) >> 2u;
+    let x = textureLoad(v_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.dv));
+}
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let b = wid.z;
@@ -748,38 +762,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var kb = 0u; kb < nbox; kb += sg_size) {
             let kc = key_at(kb + lane);
             let kj = na_token(na_gc, vec3<u32>(kc));
-            kr[0] = ld_k(k_head + kj * p.k.z, 0u);
-            kr[1] = ld_k(k_head + kj * p.k.z, 4u);
-            kr[2] = ld_k(k_head + kj * p.k.z, 8u);
-            kr[3] = ld_k(k_head + kj * p.k.z, 12u);
-            kr[4] = ld_k(k_head + kj * p.k.z, 16u);
-            kr[5] = ld_k(k_head + kj * p.k.z, 20u);
-            kr[6] = ld_k(k_head + kj * p.k.z, 24u);
-            kr[7] = ld_k(k_head + kj * p.k.z, 28u);
-            kr[8] = ld_k(k_head + kj * p.k.z, 32u);
-            kr[9] = ld_k(k_head + kj * p.k.z, 36u);
-            kr[10] = ld_k(k_head + kj * p.k.z, 40u);
-            kr[11] = ld_k(k_head + kj * p.k.z, 44u);
-            kr[12] = ld_k(k_head + kj * p.k.z, 48u);
-            kr[13] = ld_k(k_head + kj * p.k.z, 52u);
-            kr[14] = ld_k(k_head + kj * p.k.z, 56u);
-            kr[15] = ld_k(k_head + kj * p.k.z, 60u);
-            vr[0] = ld_v(v_head + kj * p.v.z, 0u);
-            vr[1] = ld_v(v_head + kj * p.v.z, 4u);
-            vr[2] = ld_v(v_head + kj * p.v.z, 8u);
-            vr[3] = ld_v(v_head + kj * p.v.z, 12u);
-            vr[4] = ld_v(v_head + kj * p.v.z, 16u);
-            vr[5] = ld_v(v_head + kj * p.v.z, 20u);
-            vr[6] = ld_v(v_head + kj * p.v.z, 24u);
-            vr[7] = ld_v(v_head + kj * p.v.z, 28u);
-            vr[8] = ld_v(v_head + kj * p.v.z, 32u);
-            vr[9] = ld_v(v_head + kj * p.v.z, 36u);
-            vr[10] = ld_v(v_head + kj * p.v.z, 40u);
-            vr[11] = ld_v(v_head + kj * p.v.z, 44u);
-            vr[12] = ld_v(v_head + kj * p.v.z, 48u);
-            vr[13] = ld_v(v_head + kj * p.v.z, 52u);
-            vr[14] = ld_v(v_head + kj * p.v.z, 56u);
-            vr[15] = ld_v(v_head + kj * p.v.z, 60u);
+            kr[0] = ld_kt(k_head + kj * p.k.z, 0u);
+            kr[1] = ld_kt(k_head + kj * p.k.z, 4u);
+            kr[2] = ld_kt(k_head + kj * p.k.z, 8u);
+            kr[3] = ld_kt(k_head + kj * p.k.z, 12u);
+            kr[4] = ld_kt(k_head + kj * p.k.z, 16u);
+            kr[5] = ld_kt(k_head + kj * p.k.z, 20u);
+            kr[6] = ld_kt(k_head + kj * p.k.z, 24u);
+            kr[7] = ld_kt(k_head + kj * p.k.z, 28u);
+            kr[8] = ld_kt(k_head + kj * p.k.z, 32u);
+            kr[9] = ld_kt(k_head + kj * p.k.z, 36u);
+            kr[10] = ld_kt(k_head + kj * p.k.z, 40u);
+            kr[11] = ld_kt(k_head + kj * p.k.z, 44u);
+            kr[12] = ld_kt(k_head + kj * p.k.z, 48u);
+            kr[13] = ld_kt(k_head + kj * p.k.z, 52u);
+            kr[14] = ld_kt(k_head + kj * p.k.z, 56u);
+            kr[15] = ld_kt(k_head + kj * p.k.z, 60u);
+            vr[0] = ld_vt(v_head + kj * p.v.z, 0u);
+            vr[1] = ld_vt(v_head + kj * p.v.z, 4u);
+            vr[2] = ld_vt(v_head + kj * p.v.z, 8u);
+            vr[3] = ld_vt(v_head + kj * p.v.z, 12u);
+            vr[4] = ld_vt(v_head + kj * p.v.z, 16u);
+            vr[5] = ld_vt(v_head + kj * p.v.z, 20u);
+            vr[6] = ld_vt(v_head + kj * p.v.z, 24u);
+            vr[7] = ld_vt(v_head + kj * p.v.z, 28u);
+            vr[8] = ld_vt(v_head + kj * p.v.z, 32u);
+            vr[9] = ld_vt(v_head + kj * p.v.z, 36u);
+            vr[10] = ld_vt(v_head + kj * p.v.z, 40u);
+            vr[11] = ld_vt(v_head + kj * p.v.z, 44u);
+            vr[12] = ld_vt(v_head + kj * p.v.z, 48u);
+            vr[13] = ld_vt(v_head + kj * p.v.z, 52u);
+            vr[14] = ld_vt(v_head + kj * p.v.z, 56u);
+            vr[15] = ld_vt(v_head + kj * p.v.z, 60u);
             let gend = min(sg_size, nbox - kb);
             for (var g = 0u; g < gend; g += 2u) {
                 var s0_0 = 0.0;
@@ -2411,38 +2425,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var kb = 0u; kb < nbox; kb += sg_size) {
                 let kc = key_at(kb + lane);
                 let kj = na_token(na_gc, vec3<u32>(kc));
-                kr[0] = ld_k(k_head + kj * p.k.z, 0u);
-                kr[1] = ld_k(k_head + kj * p.k.z, 4u);
-                kr[2] = ld_k(k_head + kj * p.k.z, 8u);
-                kr[3] = ld_k(k_head + kj * p.k.z, 12u);
-                kr[4] = ld_k(k_head + kj * p.k.z, 16u);
-                kr[5] = ld_k(k_head + kj * p.k.z, 20u);
-                kr[6] = ld_k(k_head + kj * p.k.z, 24u);
-                kr[7] = ld_k(k_head + kj * p.k.z, 28u);
-                kr[8] = ld_k(k_head + kj * p.k.z, 32u);
-                kr[9] = ld_k(k_head + kj * p.k.z, 36u);
-                kr[10] = ld_k(k_head + kj * p.k.z, 40u);
-                kr[11] = ld_k(k_head + kj * p.k.z, 44u);
-                kr[12] = ld_k(k_head + kj * p.k.z, 48u);
-                kr[13] = ld_k(k_head + kj * p.k.z, 52u);
-                kr[14] = ld_k(k_head + kj * p.k.z, 56u);
-                kr[15] = ld_k(k_head + kj * p.k.z, 60u);
-                vr[0] = ld_v(v_head + kj * p.v.z, 0u);
-                vr[1] = ld_v(v_head + kj * p.v.z, 4u);
-                vr[2] = ld_v(v_head + kj * p.v.z, 8u);
-                vr[3] = ld_v(v_head + kj * p.v.z, 12u);
-                vr[4] = ld_v(v_head + kj * p.v.z, 16u);
-                vr[5] = ld_v(v_head + kj * p.v.z, 20u);
-                vr[6] = ld_v(v_head + kj * p.v.z, 24u);
-                vr[7] = ld_v(v_head + kj * p.v.z, 28u);
-                vr[8] = ld_v(v_head + kj * p.v.z, 32u);
-                vr[9] = ld_v(v_head + kj * p.v.z, 36u);
-                vr[10] = ld_v(v_head + kj * p.v.z, 40u);
-                vr[11] = ld_v(v_head + kj * p.v.z, 44u);
-                vr[12] = ld_v(v_head + kj * p.v.z, 48u);
-                vr[13] = ld_v(v_head + kj * p.v.z, 52u);
-                vr[14] = ld_v(v_head + kj * p.v.z, 56u);
-                vr[15] = ld_v(v_head + kj * p.v.z, 60u);
+                kr[0] = ld_kt(k_head + kj * p.k.z, 0u);
+                kr[1] = ld_kt(k_head + kj * p.k.z, 4u);
+                kr[2] = ld_kt(k_head + kj * p.k.z, 8u);
+                kr[3] = ld_kt(k_head + kj * p.k.z, 12u);
+                kr[4] = ld_kt(k_head + kj * p.k.z, 16u);
+                kr[5] = ld_kt(k_head + kj * p.k.z, 20u);
+                kr[6] = ld_kt(k_head + kj * p.k.z, 24u);
+                kr[7] = ld_kt(k_head + kj * p.k.z, 28u);
+                kr[8] = ld_kt(k_head + kj * p.k.z, 32u);
+                kr[9] = ld_kt(k_head + kj * p.k.z, 36u);
+                kr[10] = ld_kt(k_head + kj * p.k.z, 40u);
+                kr[11] = ld_kt(k_head + kj * p.k.z, 44u);
+                kr[12] = ld_kt(k_head + kj * p.k.z, 48u);
+                kr[13] = ld_kt(k_head + kj * p.k.z, 52u);
+                kr[14] = ld_kt(k_head + kj * p.k.z, 56u);
+                kr[15] = ld_kt(k_head + kj * p.k.z, 60u);
+                vr[0] = ld_vt(v_head + kj * p.v.z, 0u);
+                vr[1] = ld_vt(v_head + kj * p.v.z, 4u);
+                vr[2] = ld_vt(v_head + kj * p.v.z, 8u);
+                vr[3] = ld_vt(v_head + kj * p.v.z, 12u);
+                vr[4] = ld_vt(v_head + kj * p.v.z, 16u);
+                vr[5] = ld_vt(v_head + kj * p.v.z, 20u);
+                vr[6] = ld_vt(v_head + kj * p.v.z, 24u);
+                vr[7] = ld_vt(v_head + kj * p.v.z, 28u);
+                vr[8] = ld_vt(v_head + kj * p.v.z, 32u);
+                vr[9] = ld_vt(v_head + kj * p.v.z, 36u);
+                vr[10] = ld_vt(v_head + kj * p.v.z, 40u);
+                vr[11] = ld_vt(v_head + kj * p.v.z, 44u);
+                vr[12] = ld_vt(v_head + kj * p.v.z, 48u);
+                vr[13] = ld_vt(v_head + kj * p.v.z, 52u);
+                vr[14] = ld_vt(v_head + kj * p.v.z, 56u);
+                vr[15] = ld_vt(v_head + kj * p.v.z, 60u);
                 let gend = min(sg_size, nbox - kb);
                 for (var g = 0u; g < gend; g += 2u) {
                     var s0_0 = 0.0;

@@ -18,7 +18,7 @@ use crate::error::{AttnError, Result};
 use crate::neighborhood::{NaAxis, NaSpec};
 use crate::pipeline::PipelineKey;
 use crate::tensor::{DType, Tensor};
-use shader::{flags, FlashKey, FlashParams, Strategy};
+use shader::{flags, FlashKey, FlashParams, Strategy, KV_TEXTURE_WIDTH};
 
 /// Head-dim buckets: D is rounded up to one of these and padded lanes read as zero.
 pub const HEAD_DIM_BUCKETS: [u32; 13] = [16, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512];
@@ -636,8 +636,86 @@ fn check_lens(lens: &Option<Vec<u32>>, what: &str, batch: usize, max: usize) -> 
 /// Everything a dispatch needs, checked.
 struct Prepared {
     plan: FlashPlan,
+    /// Sweep: K and V textures with their texel counts, filled by copies before the pass.
+    kv_tex: Option<[(wgpu::Texture, u64); 2]>,
     bind_group: wgpu::BindGroup,
     pipeline: std::sync::Arc<wgpu::ComputePipeline>,
+}
+
+/// The texels of a K/V texture that holds tensor `t`'s whole buffer, or why it cannot: the
+/// Sweep kernel reads element `e` as component `e % 4` of texel `e / 4`, so a head-dim run
+/// must start on a texel (offset and strides multiples of 4 elements).
+fn kv_texture_texels(ctx: &GpuContext, t: &Tensor) -> std::result::Result<u64, String> {
+    let texel_bytes = 4 * t.dtype().size() as u64;
+    let (offset, strides) = (t.offset(), t.strides());
+    if !offset.is_multiple_of(4) || strides.iter().any(|&s| !s.is_multiple_of(4) && s != 1) {
+        return Err(format!(
+            "K/V offsets and strides that are multiples of 4 elements (got offset {offset}, strides {strides:?})"
+        ));
+    }
+    let buf = t.buffer();
+    if !buf.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+        return Err("K/V buffers with COPY_SRC usage".into());
+    }
+    if !buf.size().is_multiple_of(texel_bytes) {
+        return Err(format!(
+            "K/V buffers of whole texels of 4 elements ({texel_bytes} bytes; got {} bytes)",
+            buf.size()
+        ));
+    }
+    let texels = buf.size() / texel_bytes;
+    let max_rows = ctx.limits.max_texture_dimension_2d as u64;
+    if KV_TEXTURE_WIDTH as u64 > max_rows || texels.div_ceil(KV_TEXTURE_WIDTH as u64) > max_rows {
+        return Err(format!(
+            "K/V buffers of at most {} texels of 4 elements (max_texture_dimension_2d {max_rows}; got {texels})",
+            (KV_TEXTURE_WIDTH as u64).saturating_mul(max_rows)
+        ));
+    }
+    Ok(texels)
+}
+
+/// Copies a buffer into a K/V texture row by row: the full rows, then the partial last one.
+fn copy_to_kv_texture(
+    encoder: &mut wgpu::CommandEncoder,
+    buffer: &wgpu::Buffer,
+    texture: &wgpu::Texture,
+    texels: u64,
+    texel_bytes: u64,
+) {
+    let width = KV_TEXTURE_WIDTH as u64;
+    let (full, rest) = (texels / width, texels % width);
+    let layout = |offset| wgpu::TexelCopyBufferLayout {
+        offset,
+        bytes_per_row: Some((width * texel_bytes) as u32),
+        rows_per_image: None,
+    };
+    // rows and widths fit u32: the texture was created with them
+    for (row, rows, cols) in [(0, full, width), (full, (rest > 0) as u64, rest)] {
+        if rows == 0 {
+            continue;
+        }
+        encoder.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer,
+                layout: layout(row * width * texel_bytes),
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d {
+                    x: 0,
+                    y: row as u32,
+                    z: 0,
+                },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d {
+                width: cols as u32,
+                height: rows as u32,
+                depth_or_array_layers: 1,
+            },
+        );
+    }
 }
 
 fn storage<'a>(binding: u32, buf: &'a wgpu::Buffer) -> wgpu::BindGroupEntry<'a> {
@@ -791,7 +869,27 @@ fn prepare(
         ctx.check_binding(what, t.buffer().size())?;
     }
 
-    let plan = plan_with(ctx, &s, q.dtype(), opts, na)?;
+    let mut plan = plan_with(ctx, &s, q.dtype(), opts, na)?;
+    // The Sweep kernel reads K/V through textures: tensors that cannot be copied into one
+    // go to the Subgroup kernel (or fail, when Sweep was forced).
+    let mut kv_texels = None;
+    if plan.key.strategy == Strategy::Sweep {
+        match kv_texture_texels(ctx, k).and_then(|a| Ok((a, kv_texture_texels(ctx, v)?))) {
+            Ok(t) => kv_texels = Some(t),
+            Err(_) if opts.strategy == StrategyChoice::Auto => {
+                let mut o = opts.clone();
+                o.strategy = StrategyChoice::Force(Strategy::Subgroup);
+                plan = plan_with(ctx, &s, q.dtype(), &o, na)?;
+            }
+            Err(why) => {
+                return Err(AttnError::invalid(
+                    "strategy Sweep",
+                    why,
+                    "these K/V tensors",
+                ))
+            }
+        }
+    }
     let u = |x: usize| x as u32; // axis sizes are at most the token count, which fits u32
     let (mut na_n, mut na_kernel, mut na_dil, mut na_stride) = ([0; 4], [0; 4], [0; 4], [0; 4]);
     let (mut na_sub, mut na_wgrid, mut na_tiles) = ([0; 4], [0; 4], [0; 4]);
@@ -880,23 +978,59 @@ fn prepare(
         )
     });
     let dummy = &ctx.dummy;
+    let kv_tex = kv_texels.map(|(tk, tv)| {
+        let format = match q.dtype() {
+            DType::F32 => wgpu::TextureFormat::Rgba32Float,
+            DType::F16 => wgpu::TextureFormat::Rgba16Float,
+        };
+        let make = |label, texels: u64| {
+            let tex = dev.create_texture(&wgpu::TextureDescriptor {
+                label: Some(label),
+                size: wgpu::Extent3d {
+                    width: KV_TEXTURE_WIDTH,
+                    // rows within max_texture_dimension_2d (checked): the cast cannot truncate
+                    height: texels.div_ceil(KV_TEXTURE_WIDTH as u64) as u32,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
+            (tex, texels)
+        };
+        [make("flash K texture", tk), make("flash V texture", tv)]
+    });
+    let views = kv_tex
+        .as_ref()
+        .map(|[a, b]| [a, b].map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default())));
+    let mut entries = vec![
+        storage(0, &params_buf),
+        storage(1, q.buffer()),
+        storage(2, k.buffer()),
+        storage(3, v.buffer()),
+        storage(4, out.buffer()),
+        storage(5, lse.map(|l| l.buffer()).unwrap_or(&ctx.dummy_rw)),
+        storage(6, opts.bias.as_ref().map(|b| b.buffer()).unwrap_or(dummy)),
+        storage(7, alibi_buf.as_ref().unwrap_or(dummy)),
+        storage(8, lens_buf.as_ref().unwrap_or(dummy)),
+    ];
+    for (binding, view) in (9..).zip(views.iter().flatten()) {
+        entries.push(wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::TextureView(view),
+        });
+    }
     let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("flash bind group"),
         layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            storage(0, &params_buf),
-            storage(1, q.buffer()),
-            storage(2, k.buffer()),
-            storage(3, v.buffer()),
-            storage(4, out.buffer()),
-            storage(5, lse.map(|l| l.buffer()).unwrap_or(&ctx.dummy_rw)),
-            storage(6, opts.bias.as_ref().map(|b| b.buffer()).unwrap_or(dummy)),
-            storage(7, alibi_buf.as_ref().unwrap_or(dummy)),
-            storage(8, lens_buf.as_ref().unwrap_or(dummy)),
-        ],
+        entries: &entries,
     });
     Ok(Prepared {
         plan,
+        kv_tex,
         bind_group,
         pipeline,
     })
@@ -935,11 +1069,29 @@ pub(crate) fn encode_with(
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
     let prep = prepare(ctx, q, k, v, out, lse, opts, na)?;
+    let copied = prep.kv_tex.is_some();
+    if let Some(textures) = &prep.kv_tex {
+        // The timed region covers the copies: an empty pass writes the first timestamp.
+        if let Some((set, i)) = timestamps {
+            drop(encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("flash attention: K/V copies"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: Some(i),
+                    end_of_pass_write_index: None,
+                }),
+            }));
+        }
+        let texel_bytes = 4 * q.dtype().size() as u64;
+        for (t, (tex, texels)) in [k, v].into_iter().zip(textures) {
+            copy_to_kv_texture(encoder, t.buffer(), tex, *texels, texel_bytes);
+        }
+    }
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("flash attention"),
         timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
             query_set: set,
-            beginning_of_pass_write_index: Some(i),
+            beginning_of_pass_write_index: (!copied).then_some(i),
             end_of_pass_write_index: Some(i + 1),
         }),
     });

@@ -31,7 +31,8 @@ pub enum Strategy {
     /// Neighborhood attention on CPU adapters: each lane owns one position of the inner axes
     /// and the subgroup sweeps the outer axis (x) one key plane at a time, keeping `rows` query
     /// slots (x's kernel size) live, so each loaded key plane serves every query whose window
-    /// holds it. Needs SUBGROUP.
+    /// holds it. K and V are read through textures (binding 9 and 10, copied from the buffers
+    /// in the same command encoder). Needs SUBGROUP.
     Sweep,
 }
 
@@ -334,6 +335,32 @@ fn loaders(w: &mut Wgsl, t: &str) {
     ));
 }
 
+/// Texels per row of the Sweep kernel's K/V textures (a power of two: the kernel splits a texel
+/// index with a mask and a shift).
+pub const KV_TEXTURE_WIDTH: u32 = 4096;
+
+/// The Sweep kernel reads K and V through textures: element `e` of the buffer is component
+/// `e % 4` of texel `e / 4`, rows of [`KV_TEXTURE_WIDTH`] texels (the host copies the buffers in,
+/// with offsets and strides that are multiples of 4). On llvmpipe a texel fetch is a branch-free
+/// gather of 16 bytes per lane, where a storage-buffer load is a loop over lanes with a branch
+/// per component.
+fn kv_texture_loaders(w: &mut Wgsl) {
+    let shift = KV_TEXTURE_WIDTH.trailing_zeros();
+    let mask = KV_TEXTURE_WIDTH - 1;
+    w.line("@group(0) @binding(9) var k_tex: texture_2d<f32>;  // K as texels of 4 elements");
+    w.line("@group(0) @binding(10) var v_tex: texture_2d<f32>; // V as texels of 4 elements");
+    for (name, tex, dim) in [("k", "k_tex", "p.d"), ("v", "v_tex", "p.dv")] {
+        w.raw(&format!(
+            "fn ld_{name}t(base: u32, c: u32) -> vec4<f32> {{
+    // base + c is a multiple of 4; elements past the head dim read as 0
+    let t = (base + c) >> 2u;
+    let x = textureLoad({tex}, vec2<u32>(t & {mask}u, t >> {shift}u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>({dim}));
+}}"
+        ));
+    }
+}
+
 /// Generates the WGSL source of one flash specialization.
 pub fn flash_source(key: &FlashKey) -> String {
     let t = key.dtype.wgsl();
@@ -371,6 +398,9 @@ pub fn flash_source(key: &FlashKey) -> String {
         modify_fn(&mut w, key.mods);
     }
     loaders(&mut w, t);
+    if key.strategy == Strategy::Sweep {
+        kv_texture_loaders(&mut w);
+    }
     if key.strategy == Strategy::Tiled {
         w.line(&format!(
             "var<workgroup> k_tile: array<vec4<f32>, {}>; // [BC, D/4]",
@@ -825,10 +855,16 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
         w.line("let kc = key_at(kb + lane);");
         w.line("let kj = na_token(na_gc, vec3<u32>(kc));");
         for i in 0..d4 {
-            w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
+            w.line(&format!(
+                "kr[{i}] = ld_kt(k_head + kj * p.k.z, {}u);",
+                i * 4
+            ));
         }
         for i in 0..dv4 {
-            w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
+            w.line(&format!(
+                "vr[{i}] = ld_vt(v_head + kj * p.v.z, {}u);",
+                i * 4
+            ));
         }
         w.line("let gend = min(sg_size, nbox - kb);");
         w.open(&format!("for (var g = 0u; g < gend; g += {u_n}u) {{"));
