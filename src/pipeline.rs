@@ -31,7 +31,8 @@ impl PipelineKey {
         use Binding::*;
         match self {
             PipelineKey::Flash(k) if k.strategy == Strategy::Sweep => &[
-                Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read, Texture, Texture,
+                Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read, Texture,
+                Texture, Texture,
             ],
             PipelineKey::Flash(_) => &[
                 Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read,

@@ -201,7 +201,7 @@ fn na_sweep_borders_dilation_causal() {
     assert!(!check_na(&case(&[40], &[5])));
 }
 
-/// The Sweep kernel reads K/V through textures of 4-element texels: a K view that starts off a
+/// The Sweep kernel reads Q/K/V through textures of 4-element texels: a K view that starts off a
 /// texel is a typed refusal when Sweep is forced, and the automatic plan takes the Subgroup
 /// kernel instead, with the same result.
 #[test]

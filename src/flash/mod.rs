@@ -18,7 +18,7 @@ use crate::error::{AttnError, Result};
 use crate::neighborhood::{NaAxis, NaSpec};
 use crate::pipeline::PipelineKey;
 use crate::tensor::{DType, Tensor};
-use shader::{flags, FlashKey, FlashParams, Strategy, KV_TEXTURE_WIDTH};
+use shader::{flags, FlashKey, FlashParams, Strategy, TEXTURE_WIDTH};
 
 /// Head-dim buckets: D is rounded up to one of these and padded lanes read as zero.
 pub const HEAD_DIM_BUCKETS: [u32; 13] = [16, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512];
@@ -636,53 +636,53 @@ fn check_lens(lens: &Option<Vec<u32>>, what: &str, batch: usize, max: usize) -> 
 /// Everything a dispatch needs, checked.
 struct Prepared {
     plan: FlashPlan,
-    /// Sweep: K and V textures with their texel counts, filled by copies before the pass.
-    kv_tex: Option<[(wgpu::Texture, u64); 2]>,
+    /// Sweep: Q, K and V textures with their texel counts, filled by copies before the pass.
+    textures: Option<[(wgpu::Texture, u64); 3]>,
     bind_group: wgpu::BindGroup,
     pipeline: std::sync::Arc<wgpu::ComputePipeline>,
 }
 
-/// The texels of a K/V texture that holds tensor `t`'s whole buffer, or why it cannot: the
+/// The texels of a Q/K/V texture that holds tensor `t`'s whole buffer, or why it cannot: the
 /// Sweep kernel reads element `e` as component `e % 4` of texel `e / 4`, so a head-dim run
 /// must start on a texel (offset and strides multiples of 4 elements).
-fn kv_texture_texels(ctx: &GpuContext, t: &Tensor) -> std::result::Result<u64, String> {
+fn texture_texels(ctx: &GpuContext, t: &Tensor) -> std::result::Result<u64, String> {
     let texel_bytes = 4 * t.dtype().size() as u64;
     let (offset, strides) = (t.offset(), t.strides());
     if !offset.is_multiple_of(4) || strides.iter().any(|&s| !s.is_multiple_of(4) && s != 1) {
         return Err(format!(
-            "K/V offsets and strides that are multiples of 4 elements (got offset {offset}, strides {strides:?})"
+            "Q/K/V offsets and strides that are multiples of 4 elements (got offset {offset}, strides {strides:?})"
         ));
     }
     let buf = t.buffer();
     if !buf.usage().contains(wgpu::BufferUsages::COPY_SRC) {
-        return Err("K/V buffers with COPY_SRC usage".into());
+        return Err("Q/K/V buffers with COPY_SRC usage".into());
     }
     if !buf.size().is_multiple_of(texel_bytes) {
         return Err(format!(
-            "K/V buffers of whole texels of 4 elements ({texel_bytes} bytes; got {} bytes)",
+            "Q/K/V buffers of whole texels of 4 elements ({texel_bytes} bytes; got {} bytes)",
             buf.size()
         ));
     }
     let texels = buf.size() / texel_bytes;
     let max_rows = ctx.limits.max_texture_dimension_2d as u64;
-    if KV_TEXTURE_WIDTH as u64 > max_rows || texels.div_ceil(KV_TEXTURE_WIDTH as u64) > max_rows {
+    if TEXTURE_WIDTH as u64 > max_rows || texels.div_ceil(TEXTURE_WIDTH as u64) > max_rows {
         return Err(format!(
-            "K/V buffers of at most {} texels of 4 elements (max_texture_dimension_2d {max_rows}; got {texels})",
-            (KV_TEXTURE_WIDTH as u64).saturating_mul(max_rows)
+            "Q/K/V buffers of at most {} texels of 4 elements (max_texture_dimension_2d {max_rows}; got {texels})",
+            (TEXTURE_WIDTH as u64).saturating_mul(max_rows)
         ));
     }
     Ok(texels)
 }
 
-/// Copies a buffer into a K/V texture row by row: the full rows, then the partial last one.
-fn copy_to_kv_texture(
+/// Copies a buffer into a Q/K/V texture row by row: the full rows, then the partial last one.
+fn copy_to_texture(
     encoder: &mut wgpu::CommandEncoder,
     buffer: &wgpu::Buffer,
     texture: &wgpu::Texture,
     texels: u64,
     texel_bytes: u64,
 ) {
-    let width = KV_TEXTURE_WIDTH as u64;
+    let width = TEXTURE_WIDTH as u64;
     let (full, rest) = (texels / width, texels % width);
     let layout = |offset| wgpu::TexelCopyBufferLayout {
         offset,
@@ -870,22 +870,23 @@ fn prepare(
     }
 
     let mut plan = plan_with(ctx, &s, q.dtype(), opts, na)?;
-    // The Sweep kernel reads K/V through textures: tensors that cannot be copied into one
+    // The Sweep kernel reads Q/K/V through textures: tensors that cannot be copied into one
     // go to the Subgroup kernel (or fail, when Sweep was forced).
-    let mut kv_texels = None;
+    let mut texels = None;
     if plan.key.strategy == Strategy::Sweep {
-        match kv_texture_texels(ctx, k).and_then(|a| Ok((a, kv_texture_texels(ctx, v)?))) {
-            Ok(t) => kv_texels = Some(t),
-            Err(_) if opts.strategy == StrategyChoice::Auto => {
+        let counts = [q, k, v].map(|t| texture_texels(ctx, t));
+        match counts.iter().find_map(|c| c.as_ref().err()).cloned() {
+            None => texels = Some(counts.map(|c| c.unwrap_or(0))),
+            Some(_) if opts.strategy == StrategyChoice::Auto => {
                 let mut o = opts.clone();
                 o.strategy = StrategyChoice::Force(Strategy::Subgroup);
                 plan = plan_with(ctx, &s, q.dtype(), &o, na)?;
             }
-            Err(why) => {
+            Some(why) => {
                 return Err(AttnError::invalid(
                     "strategy Sweep",
                     why,
-                    "these K/V tensors",
+                    "these Q/K/V tensors",
                 ))
             }
         }
@@ -978,7 +979,7 @@ fn prepare(
         )
     });
     let dummy = &ctx.dummy;
-    let kv_tex = kv_texels.map(|(tk, tv)| {
+    let textures = texels.map(|[tq, tk, tv]| {
         let format = match q.dtype() {
             DType::F32 => wgpu::TextureFormat::Rgba32Float,
             DType::F16 => wgpu::TextureFormat::Rgba16Float,
@@ -987,9 +988,9 @@ fn prepare(
             let tex = dev.create_texture(&wgpu::TextureDescriptor {
                 label: Some(label),
                 size: wgpu::Extent3d {
-                    width: KV_TEXTURE_WIDTH,
+                    width: TEXTURE_WIDTH,
                     // rows within max_texture_dimension_2d (checked): the cast cannot truncate
-                    height: texels.div_ceil(KV_TEXTURE_WIDTH as u64) as u32,
+                    height: texels.div_ceil(TEXTURE_WIDTH as u64) as u32,
                     depth_or_array_layers: 1,
                 },
                 mip_level_count: 1,
@@ -1001,11 +1002,16 @@ fn prepare(
             });
             (tex, texels)
         };
-        [make("flash K texture", tk), make("flash V texture", tv)]
+        [
+            make("flash Q texture", tq),
+            make("flash K texture", tk),
+            make("flash V texture", tv),
+        ]
     });
-    let views = kv_tex
-        .as_ref()
-        .map(|[a, b]| [a, b].map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default())));
+    let views = textures.as_ref().map(|ts| {
+        ts.each_ref()
+            .map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default()))
+    });
     let mut entries = vec![
         storage(0, &params_buf),
         storage(1, q.buffer()),
@@ -1030,7 +1036,7 @@ fn prepare(
     });
     Ok(Prepared {
         plan,
-        kv_tex,
+        textures,
         bind_group,
         pipeline,
     })
@@ -1069,12 +1075,12 @@ pub(crate) fn encode_with(
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
     let prep = prepare(ctx, q, k, v, out, lse, opts, na)?;
-    let copied = prep.kv_tex.is_some();
-    if let Some(textures) = &prep.kv_tex {
+    let copied = prep.textures.is_some();
+    if let Some(textures) = &prep.textures {
         // The timed region covers the copies: an empty pass writes the first timestamp.
         if let Some((set, i)) = timestamps {
             drop(encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("flash attention: K/V copies"),
+                label: Some("flash attention: Q/K/V copies"),
                 timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                     query_set: set,
                     beginning_of_pass_write_index: Some(i),
@@ -1083,8 +1089,8 @@ pub(crate) fn encode_with(
             }));
         }
         let texel_bytes = 4 * q.dtype().size() as u64;
-        for (t, (tex, texels)) in [k, v].into_iter().zip(textures) {
-            copy_to_kv_texture(encoder, t.buffer(), tex, *texels, texel_bytes);
+        for (t, (tex, texels)) in [q, k, v].into_iter().zip(textures) {
+            copy_to_texture(encoder, t.buffer(), tex, *texels, texel_bytes);
         }
     }
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -31,8 +31,8 @@ pub enum Strategy {
     /// Neighborhood attention on CPU adapters: each lane owns one position of the inner axes
     /// and the subgroup sweeps the outer axis (x) one key plane at a time, keeping `rows` query
     /// slots (x's kernel size) live, so each loaded key plane serves every query whose window
-    /// holds it. K and V are read through textures (binding 9 and 10, copied from the buffers
-    /// in the same command encoder). Needs SUBGROUP.
+    /// holds it. Q, K and V are read through textures (bindings 9 to 11, copied from the
+    /// buffers in the same command encoder). Needs SUBGROUP.
     Sweep,
 }
 
@@ -335,21 +335,26 @@ fn loaders(w: &mut Wgsl, t: &str) {
     ));
 }
 
-/// Texels per row of the Sweep kernel's K/V textures (a power of two: the kernel splits a texel
-/// index with a mask and a shift).
-pub const KV_TEXTURE_WIDTH: u32 = 4096;
+/// Texels per row of the Sweep kernel's input textures (a power of two: the kernel splits a
+/// texel index with a mask and a shift).
+pub const TEXTURE_WIDTH: u32 = 4096;
 
-/// The Sweep kernel reads K and V through textures: element `e` of the buffer is component
-/// `e % 4` of texel `e / 4`, rows of [`KV_TEXTURE_WIDTH`] texels (the host copies the buffers in,
+/// The Sweep kernel reads Q, K and V through textures: element `e` of a buffer is component
+/// `e % 4` of texel `e / 4`, rows of [`TEXTURE_WIDTH`] texels (the host copies the buffers in,
 /// with offsets and strides that are multiples of 4). On llvmpipe a texel fetch is a branch-free
 /// gather of 16 bytes per lane, where a storage-buffer load is a loop over lanes with a branch
 /// per component.
-fn kv_texture_loaders(w: &mut Wgsl) {
-    let shift = KV_TEXTURE_WIDTH.trailing_zeros();
-    let mask = KV_TEXTURE_WIDTH - 1;
-    w.line("@group(0) @binding(9) var k_tex: texture_2d<f32>;  // K as texels of 4 elements");
-    w.line("@group(0) @binding(10) var v_tex: texture_2d<f32>; // V as texels of 4 elements");
-    for (name, tex, dim) in [("k", "k_tex", "p.d"), ("v", "v_tex", "p.dv")] {
+fn texture_loaders(w: &mut Wgsl) {
+    let shift = TEXTURE_WIDTH.trailing_zeros();
+    let mask = TEXTURE_WIDTH - 1;
+    w.line("@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements");
+    w.line("@group(0) @binding(10) var k_tex: texture_2d<f32>;");
+    w.line("@group(0) @binding(11) var v_tex: texture_2d<f32>;");
+    for (name, tex, dim) in [
+        ("q", "q_tex", "p.d"),
+        ("k", "k_tex", "p.d"),
+        ("v", "v_tex", "p.dv"),
+    ] {
         w.raw(&format!(
             "fn ld_{name}t(base: u32, c: u32) -> vec4<f32> {{
     // base + c is a multiple of 4; elements past the head dim read as 0
@@ -399,7 +404,7 @@ pub fn flash_source(key: &FlashKey) -> String {
     }
     loaders(&mut w, t);
     if key.strategy == Strategy::Sweep {
-        kv_texture_loaders(&mut w);
+        texture_loaders(&mut w);
     }
     if key.strategy == Strategy::Tiled {
         w.line(&format!(
@@ -825,7 +830,7 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
         ));
         w.line("let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;");
         for i in 0..d4 {
-            w.line(&format!("{name}[{i}] = ld_q(qb, {}u) * p.scale;", i * 4));
+            w.line(&format!("{name}[{i}] = ld_qt(qb, {}u) * p.scale;", i * 4));
         }
         w.close();
     };
