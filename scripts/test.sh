@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --swiftshader --browser
 cargo build --workspace --all-targets --quiet
 echo "== tests on lavapipe"
-# a slow phase of this VM took the suite from 590 s to about 850 s: the limit catches hangs, not speed
+# a slow phase of this VM took the suite from 590 s to 811 s: the limit catches hangs, not speed
 timeout 1500 cargo test --workspace --all-targets -- --test-threads=2
 SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json
 if [ -e "$SWIFTSHADER" ]; then
