@@ -144,56 +144,32 @@ fn na_ends(x: vec3<i32>, start: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
                      na_end(x.y, start.y, n.y, k.y, na_causal(1u)),
                      na_end(x.z, start.z, n.z, k.z, na_causal(2u)));
 }
+@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements
+@group(0) @binding(10) var k_tex: texture_2d<f32>;
+@group(0) @binding(11) var v_tex: texture_2d<f32>;
 fn ld_q(base: u32, c: u32) -> vec4<f32> {
-    // elements past the head dim read as 0 so padded lanes add nothing
-    return vec4<f32>(
-        select(0.0, f32(q_buf[base + c]), c < p.d),
-        select(0.0, f32(q_buf[base + c + 1u]), c + 1u < p.d),
-        select(0.0, f32(q_buf[base + c + 2u]), c + 2u < p.d),
-        select(0.0, f32(q_buf[base + c + 3u]), c + 3u < p.d));
+    // base + c is a multiple of 4
+    let t = (base + c) >> 2u;
+    let x = textureLoad(q_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.d));
 }
 fn ld_k(base: u32, c: u32) -> vec4<f32> {
-    // elements past the head dim read as 0 so padded lanes add nothing
-    return vec4<f32>(
-        select(0.0, f32(k_buf[base + c]), c < p.d),
-        select(0.0, f32(k_buf[base + c + 1u]), c + 1u < p.d),
-        select(0.0, f32(k_buf[base + c + 2u]), c + 2u < p.d),
-        select(0.0, f32(k_buf[base + c + 3u]), c + 3u < p.d));
+    // base + c is a multiple of 4
+    let t = (base + c) >> 2u;
+    let x = textureLoad(k_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.d));
 }
 fn ld_v(base: u32, c: u32) -> vec4<f32> {
-    // elements past the head dim read as 0 so padded lanes add nothing
-    return vec4<f32>(
-        select(0.0, f32(v_buf[base + c]), c < p.dv),
-        select(0.0, f32(v_buf[base + c + 1u]), c + 1u < p.dv),
-        select(0.0, f32(v_buf[base + c + 2u]), c + 2u < p.dv),
-        select(0.0, f32(v_buf[base + c + 3u]), c + 3u < p.dv));
+    // base + c is a multiple of 4
+    let t = (base + c) >> 2u;
+    let x = textureLoad(v_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.dv));
 }
 fn st_o(base: u32, c: u32, x: vec4<f32>) {
     if (c < p.dv) { o_buf[base + c] = f32(x.x); }
     if (c + 1u < p.dv) { o_buf[base + c + 1u] = f32(x.y); }
     if (c + 2u < p.dv) { o_buf[base + c + 2u] = f32(x.z); }
     if (c + 3u < p.dv) { o_buf[base + c + 3u] = f32(x.w); }
-}
-@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements
-@group(0) @binding(10) var k_tex: texture_2d<f32>;
-@group(0) @binding(11) var v_tex: texture_2d<f32>;
-fn ld_qt(base: u32, c: u32) -> vec4<f32> {
-    // base + c is a multiple of 4; elements past the head dim read as 0
-    let t = (base + c) >> 2u;
-    let x = textureLoad(q_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
-    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.d));
-}
-fn ld_kt(base: u32, c: u32) -> vec4<f32> {
-    // base + c is a multiple of 4; elements past the head dim read as 0
-    let t = (base + c) >> 2u;
-    let x = textureLoad(k_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
-    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.d));
-}
-fn ld_vt(base: u32, c: u32) -> vec4<f32> {
-    // base + c is a multiple of 4; elements past the head dim read as 0
-    let t = (base + c) >> 2u;
-    let x = textureLoad(v_tex, vec2<u32>(t & 4095u, t >> 12u), 0);
-    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.dv));
 }
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) lane: u32) {
@@ -251,242 +227,242 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 1, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q1[0] = ld_qt(qb, 0u) * p.scale;
-        q1[1] = ld_qt(qb, 4u) * p.scale;
-        q1[2] = ld_qt(qb, 8u) * p.scale;
-        q1[3] = ld_qt(qb, 12u) * p.scale;
-        q1[4] = ld_qt(qb, 16u) * p.scale;
-        q1[5] = ld_qt(qb, 20u) * p.scale;
-        q1[6] = ld_qt(qb, 24u) * p.scale;
-        q1[7] = ld_qt(qb, 28u) * p.scale;
-        q1[8] = ld_qt(qb, 32u) * p.scale;
-        q1[9] = ld_qt(qb, 36u) * p.scale;
-        q1[10] = ld_qt(qb, 40u) * p.scale;
-        q1[11] = ld_qt(qb, 44u) * p.scale;
-        q1[12] = ld_qt(qb, 48u) * p.scale;
-        q1[13] = ld_qt(qb, 52u) * p.scale;
-        q1[14] = ld_qt(qb, 56u) * p.scale;
-        q1[15] = ld_qt(qb, 60u) * p.scale;
+        q1[0] = ld_q(qb, 0u) * p.scale;
+        q1[1] = ld_q(qb, 4u) * p.scale;
+        q1[2] = ld_q(qb, 8u) * p.scale;
+        q1[3] = ld_q(qb, 12u) * p.scale;
+        q1[4] = ld_q(qb, 16u) * p.scale;
+        q1[5] = ld_q(qb, 20u) * p.scale;
+        q1[6] = ld_q(qb, 24u) * p.scale;
+        q1[7] = ld_q(qb, 28u) * p.scale;
+        q1[8] = ld_q(qb, 32u) * p.scale;
+        q1[9] = ld_q(qb, 36u) * p.scale;
+        q1[10] = ld_q(qb, 40u) * p.scale;
+        q1[11] = ld_q(qb, 44u) * p.scale;
+        q1[12] = ld_q(qb, 48u) * p.scale;
+        q1[13] = ld_q(qb, 52u) * p.scale;
+        q1[14] = ld_q(qb, 56u) * p.scale;
+        q1[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 2, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q2[0] = ld_qt(qb, 0u) * p.scale;
-        q2[1] = ld_qt(qb, 4u) * p.scale;
-        q2[2] = ld_qt(qb, 8u) * p.scale;
-        q2[3] = ld_qt(qb, 12u) * p.scale;
-        q2[4] = ld_qt(qb, 16u) * p.scale;
-        q2[5] = ld_qt(qb, 20u) * p.scale;
-        q2[6] = ld_qt(qb, 24u) * p.scale;
-        q2[7] = ld_qt(qb, 28u) * p.scale;
-        q2[8] = ld_qt(qb, 32u) * p.scale;
-        q2[9] = ld_qt(qb, 36u) * p.scale;
-        q2[10] = ld_qt(qb, 40u) * p.scale;
-        q2[11] = ld_qt(qb, 44u) * p.scale;
-        q2[12] = ld_qt(qb, 48u) * p.scale;
-        q2[13] = ld_qt(qb, 52u) * p.scale;
-        q2[14] = ld_qt(qb, 56u) * p.scale;
-        q2[15] = ld_qt(qb, 60u) * p.scale;
+        q2[0] = ld_q(qb, 0u) * p.scale;
+        q2[1] = ld_q(qb, 4u) * p.scale;
+        q2[2] = ld_q(qb, 8u) * p.scale;
+        q2[3] = ld_q(qb, 12u) * p.scale;
+        q2[4] = ld_q(qb, 16u) * p.scale;
+        q2[5] = ld_q(qb, 20u) * p.scale;
+        q2[6] = ld_q(qb, 24u) * p.scale;
+        q2[7] = ld_q(qb, 28u) * p.scale;
+        q2[8] = ld_q(qb, 32u) * p.scale;
+        q2[9] = ld_q(qb, 36u) * p.scale;
+        q2[10] = ld_q(qb, 40u) * p.scale;
+        q2[11] = ld_q(qb, 44u) * p.scale;
+        q2[12] = ld_q(qb, 48u) * p.scale;
+        q2[13] = ld_q(qb, 52u) * p.scale;
+        q2[14] = ld_q(qb, 56u) * p.scale;
+        q2[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 3, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q3[0] = ld_qt(qb, 0u) * p.scale;
-        q3[1] = ld_qt(qb, 4u) * p.scale;
-        q3[2] = ld_qt(qb, 8u) * p.scale;
-        q3[3] = ld_qt(qb, 12u) * p.scale;
-        q3[4] = ld_qt(qb, 16u) * p.scale;
-        q3[5] = ld_qt(qb, 20u) * p.scale;
-        q3[6] = ld_qt(qb, 24u) * p.scale;
-        q3[7] = ld_qt(qb, 28u) * p.scale;
-        q3[8] = ld_qt(qb, 32u) * p.scale;
-        q3[9] = ld_qt(qb, 36u) * p.scale;
-        q3[10] = ld_qt(qb, 40u) * p.scale;
-        q3[11] = ld_qt(qb, 44u) * p.scale;
-        q3[12] = ld_qt(qb, 48u) * p.scale;
-        q3[13] = ld_qt(qb, 52u) * p.scale;
-        q3[14] = ld_qt(qb, 56u) * p.scale;
-        q3[15] = ld_qt(qb, 60u) * p.scale;
+        q3[0] = ld_q(qb, 0u) * p.scale;
+        q3[1] = ld_q(qb, 4u) * p.scale;
+        q3[2] = ld_q(qb, 8u) * p.scale;
+        q3[3] = ld_q(qb, 12u) * p.scale;
+        q3[4] = ld_q(qb, 16u) * p.scale;
+        q3[5] = ld_q(qb, 20u) * p.scale;
+        q3[6] = ld_q(qb, 24u) * p.scale;
+        q3[7] = ld_q(qb, 28u) * p.scale;
+        q3[8] = ld_q(qb, 32u) * p.scale;
+        q3[9] = ld_q(qb, 36u) * p.scale;
+        q3[10] = ld_q(qb, 40u) * p.scale;
+        q3[11] = ld_q(qb, 44u) * p.scale;
+        q3[12] = ld_q(qb, 48u) * p.scale;
+        q3[13] = ld_q(qb, 52u) * p.scale;
+        q3[14] = ld_q(qb, 56u) * p.scale;
+        q3[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 4, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q4[0] = ld_qt(qb, 0u) * p.scale;
-        q4[1] = ld_qt(qb, 4u) * p.scale;
-        q4[2] = ld_qt(qb, 8u) * p.scale;
-        q4[3] = ld_qt(qb, 12u) * p.scale;
-        q4[4] = ld_qt(qb, 16u) * p.scale;
-        q4[5] = ld_qt(qb, 20u) * p.scale;
-        q4[6] = ld_qt(qb, 24u) * p.scale;
-        q4[7] = ld_qt(qb, 28u) * p.scale;
-        q4[8] = ld_qt(qb, 32u) * p.scale;
-        q4[9] = ld_qt(qb, 36u) * p.scale;
-        q4[10] = ld_qt(qb, 40u) * p.scale;
-        q4[11] = ld_qt(qb, 44u) * p.scale;
-        q4[12] = ld_qt(qb, 48u) * p.scale;
-        q4[13] = ld_qt(qb, 52u) * p.scale;
-        q4[14] = ld_qt(qb, 56u) * p.scale;
-        q4[15] = ld_qt(qb, 60u) * p.scale;
+        q4[0] = ld_q(qb, 0u) * p.scale;
+        q4[1] = ld_q(qb, 4u) * p.scale;
+        q4[2] = ld_q(qb, 8u) * p.scale;
+        q4[3] = ld_q(qb, 12u) * p.scale;
+        q4[4] = ld_q(qb, 16u) * p.scale;
+        q4[5] = ld_q(qb, 20u) * p.scale;
+        q4[6] = ld_q(qb, 24u) * p.scale;
+        q4[7] = ld_q(qb, 28u) * p.scale;
+        q4[8] = ld_q(qb, 32u) * p.scale;
+        q4[9] = ld_q(qb, 36u) * p.scale;
+        q4[10] = ld_q(qb, 40u) * p.scale;
+        q4[11] = ld_q(qb, 44u) * p.scale;
+        q4[12] = ld_q(qb, 48u) * p.scale;
+        q4[13] = ld_q(qb, 52u) * p.scale;
+        q4[14] = ld_q(qb, 56u) * p.scale;
+        q4[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 5, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q5[0] = ld_qt(qb, 0u) * p.scale;
-        q5[1] = ld_qt(qb, 4u) * p.scale;
-        q5[2] = ld_qt(qb, 8u) * p.scale;
-        q5[3] = ld_qt(qb, 12u) * p.scale;
-        q5[4] = ld_qt(qb, 16u) * p.scale;
-        q5[5] = ld_qt(qb, 20u) * p.scale;
-        q5[6] = ld_qt(qb, 24u) * p.scale;
-        q5[7] = ld_qt(qb, 28u) * p.scale;
-        q5[8] = ld_qt(qb, 32u) * p.scale;
-        q5[9] = ld_qt(qb, 36u) * p.scale;
-        q5[10] = ld_qt(qb, 40u) * p.scale;
-        q5[11] = ld_qt(qb, 44u) * p.scale;
-        q5[12] = ld_qt(qb, 48u) * p.scale;
-        q5[13] = ld_qt(qb, 52u) * p.scale;
-        q5[14] = ld_qt(qb, 56u) * p.scale;
-        q5[15] = ld_qt(qb, 60u) * p.scale;
+        q5[0] = ld_q(qb, 0u) * p.scale;
+        q5[1] = ld_q(qb, 4u) * p.scale;
+        q5[2] = ld_q(qb, 8u) * p.scale;
+        q5[3] = ld_q(qb, 12u) * p.scale;
+        q5[4] = ld_q(qb, 16u) * p.scale;
+        q5[5] = ld_q(qb, 20u) * p.scale;
+        q5[6] = ld_q(qb, 24u) * p.scale;
+        q5[7] = ld_q(qb, 28u) * p.scale;
+        q5[8] = ld_q(qb, 32u) * p.scale;
+        q5[9] = ld_q(qb, 36u) * p.scale;
+        q5[10] = ld_q(qb, 40u) * p.scale;
+        q5[11] = ld_q(qb, 44u) * p.scale;
+        q5[12] = ld_q(qb, 48u) * p.scale;
+        q5[13] = ld_q(qb, 52u) * p.scale;
+        q5[14] = ld_q(qb, 56u) * p.scale;
+        q5[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 6, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q6[0] = ld_qt(qb, 0u) * p.scale;
-        q6[1] = ld_qt(qb, 4u) * p.scale;
-        q6[2] = ld_qt(qb, 8u) * p.scale;
-        q6[3] = ld_qt(qb, 12u) * p.scale;
-        q6[4] = ld_qt(qb, 16u) * p.scale;
-        q6[5] = ld_qt(qb, 20u) * p.scale;
-        q6[6] = ld_qt(qb, 24u) * p.scale;
-        q6[7] = ld_qt(qb, 28u) * p.scale;
-        q6[8] = ld_qt(qb, 32u) * p.scale;
-        q6[9] = ld_qt(qb, 36u) * p.scale;
-        q6[10] = ld_qt(qb, 40u) * p.scale;
-        q6[11] = ld_qt(qb, 44u) * p.scale;
-        q6[12] = ld_qt(qb, 48u) * p.scale;
-        q6[13] = ld_qt(qb, 52u) * p.scale;
-        q6[14] = ld_qt(qb, 56u) * p.scale;
-        q6[15] = ld_qt(qb, 60u) * p.scale;
+        q6[0] = ld_q(qb, 0u) * p.scale;
+        q6[1] = ld_q(qb, 4u) * p.scale;
+        q6[2] = ld_q(qb, 8u) * p.scale;
+        q6[3] = ld_q(qb, 12u) * p.scale;
+        q6[4] = ld_q(qb, 16u) * p.scale;
+        q6[5] = ld_q(qb, 20u) * p.scale;
+        q6[6] = ld_q(qb, 24u) * p.scale;
+        q6[7] = ld_q(qb, 28u) * p.scale;
+        q6[8] = ld_q(qb, 32u) * p.scale;
+        q6[9] = ld_q(qb, 36u) * p.scale;
+        q6[10] = ld_q(qb, 40u) * p.scale;
+        q6[11] = ld_q(qb, 44u) * p.scale;
+        q6[12] = ld_q(qb, 48u) * p.scale;
+        q6[13] = ld_q(qb, 52u) * p.scale;
+        q6[14] = ld_q(qb, 56u) * p.scale;
+        q6[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 7, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q7[0] = ld_qt(qb, 0u) * p.scale;
-        q7[1] = ld_qt(qb, 4u) * p.scale;
-        q7[2] = ld_qt(qb, 8u) * p.scale;
-        q7[3] = ld_qt(qb, 12u) * p.scale;
-        q7[4] = ld_qt(qb, 16u) * p.scale;
-        q7[5] = ld_qt(qb, 20u) * p.scale;
-        q7[6] = ld_qt(qb, 24u) * p.scale;
-        q7[7] = ld_qt(qb, 28u) * p.scale;
-        q7[8] = ld_qt(qb, 32u) * p.scale;
-        q7[9] = ld_qt(qb, 36u) * p.scale;
-        q7[10] = ld_qt(qb, 40u) * p.scale;
-        q7[11] = ld_qt(qb, 44u) * p.scale;
-        q7[12] = ld_qt(qb, 48u) * p.scale;
-        q7[13] = ld_qt(qb, 52u) * p.scale;
-        q7[14] = ld_qt(qb, 56u) * p.scale;
-        q7[15] = ld_qt(qb, 60u) * p.scale;
+        q7[0] = ld_q(qb, 0u) * p.scale;
+        q7[1] = ld_q(qb, 4u) * p.scale;
+        q7[2] = ld_q(qb, 8u) * p.scale;
+        q7[3] = ld_q(qb, 12u) * p.scale;
+        q7[4] = ld_q(qb, 16u) * p.scale;
+        q7[5] = ld_q(qb, 20u) * p.scale;
+        q7[6] = ld_q(qb, 24u) * p.scale;
+        q7[7] = ld_q(qb, 28u) * p.scale;
+        q7[8] = ld_q(qb, 32u) * p.scale;
+        q7[9] = ld_q(qb, 36u) * p.scale;
+        q7[10] = ld_q(qb, 40u) * p.scale;
+        q7[11] = ld_q(qb, 44u) * p.scale;
+        q7[12] = ld_q(qb, 48u) * p.scale;
+        q7[13] = ld_q(qb, 52u) * p.scale;
+        q7[14] = ld_q(qb, 56u) * p.scale;
+        q7[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 8, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q8[0] = ld_qt(qb, 0u) * p.scale;
-        q8[1] = ld_qt(qb, 4u) * p.scale;
-        q8[2] = ld_qt(qb, 8u) * p.scale;
-        q8[3] = ld_qt(qb, 12u) * p.scale;
-        q8[4] = ld_qt(qb, 16u) * p.scale;
-        q8[5] = ld_qt(qb, 20u) * p.scale;
-        q8[6] = ld_qt(qb, 24u) * p.scale;
-        q8[7] = ld_qt(qb, 28u) * p.scale;
-        q8[8] = ld_qt(qb, 32u) * p.scale;
-        q8[9] = ld_qt(qb, 36u) * p.scale;
-        q8[10] = ld_qt(qb, 40u) * p.scale;
-        q8[11] = ld_qt(qb, 44u) * p.scale;
-        q8[12] = ld_qt(qb, 48u) * p.scale;
-        q8[13] = ld_qt(qb, 52u) * p.scale;
-        q8[14] = ld_qt(qb, 56u) * p.scale;
-        q8[15] = ld_qt(qb, 60u) * p.scale;
+        q8[0] = ld_q(qb, 0u) * p.scale;
+        q8[1] = ld_q(qb, 4u) * p.scale;
+        q8[2] = ld_q(qb, 8u) * p.scale;
+        q8[3] = ld_q(qb, 12u) * p.scale;
+        q8[4] = ld_q(qb, 16u) * p.scale;
+        q8[5] = ld_q(qb, 20u) * p.scale;
+        q8[6] = ld_q(qb, 24u) * p.scale;
+        q8[7] = ld_q(qb, 28u) * p.scale;
+        q8[8] = ld_q(qb, 32u) * p.scale;
+        q8[9] = ld_q(qb, 36u) * p.scale;
+        q8[10] = ld_q(qb, 40u) * p.scale;
+        q8[11] = ld_q(qb, 44u) * p.scale;
+        q8[12] = ld_q(qb, 48u) * p.scale;
+        q8[13] = ld_q(qb, 52u) * p.scale;
+        q8[14] = ld_q(qb, 56u) * p.scale;
+        q8[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 9, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q9[0] = ld_qt(qb, 0u) * p.scale;
-        q9[1] = ld_qt(qb, 4u) * p.scale;
-        q9[2] = ld_qt(qb, 8u) * p.scale;
-        q9[3] = ld_qt(qb, 12u) * p.scale;
-        q9[4] = ld_qt(qb, 16u) * p.scale;
-        q9[5] = ld_qt(qb, 20u) * p.scale;
-        q9[6] = ld_qt(qb, 24u) * p.scale;
-        q9[7] = ld_qt(qb, 28u) * p.scale;
-        q9[8] = ld_qt(qb, 32u) * p.scale;
-        q9[9] = ld_qt(qb, 36u) * p.scale;
-        q9[10] = ld_qt(qb, 40u) * p.scale;
-        q9[11] = ld_qt(qb, 44u) * p.scale;
-        q9[12] = ld_qt(qb, 48u) * p.scale;
-        q9[13] = ld_qt(qb, 52u) * p.scale;
-        q9[14] = ld_qt(qb, 56u) * p.scale;
-        q9[15] = ld_qt(qb, 60u) * p.scale;
+        q9[0] = ld_q(qb, 0u) * p.scale;
+        q9[1] = ld_q(qb, 4u) * p.scale;
+        q9[2] = ld_q(qb, 8u) * p.scale;
+        q9[3] = ld_q(qb, 12u) * p.scale;
+        q9[4] = ld_q(qb, 16u) * p.scale;
+        q9[5] = ld_q(qb, 20u) * p.scale;
+        q9[6] = ld_q(qb, 24u) * p.scale;
+        q9[7] = ld_q(qb, 28u) * p.scale;
+        q9[8] = ld_q(qb, 32u) * p.scale;
+        q9[9] = ld_q(qb, 36u) * p.scale;
+        q9[10] = ld_q(qb, 40u) * p.scale;
+        q9[11] = ld_q(qb, 44u) * p.scale;
+        q9[12] = ld_q(qb, 48u) * p.scale;
+        q9[13] = ld_q(qb, 52u) * p.scale;
+        q9[14] = ld_q(qb, 56u) * p.scale;
+        q9[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 10, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q10[0] = ld_qt(qb, 0u) * p.scale;
-        q10[1] = ld_qt(qb, 4u) * p.scale;
-        q10[2] = ld_qt(qb, 8u) * p.scale;
-        q10[3] = ld_qt(qb, 12u) * p.scale;
-        q10[4] = ld_qt(qb, 16u) * p.scale;
-        q10[5] = ld_qt(qb, 20u) * p.scale;
-        q10[6] = ld_qt(qb, 24u) * p.scale;
-        q10[7] = ld_qt(qb, 28u) * p.scale;
-        q10[8] = ld_qt(qb, 32u) * p.scale;
-        q10[9] = ld_qt(qb, 36u) * p.scale;
-        q10[10] = ld_qt(qb, 40u) * p.scale;
-        q10[11] = ld_qt(qb, 44u) * p.scale;
-        q10[12] = ld_qt(qb, 48u) * p.scale;
-        q10[13] = ld_qt(qb, 52u) * p.scale;
-        q10[14] = ld_qt(qb, 56u) * p.scale;
-        q10[15] = ld_qt(qb, 60u) * p.scale;
+        q10[0] = ld_q(qb, 0u) * p.scale;
+        q10[1] = ld_q(qb, 4u) * p.scale;
+        q10[2] = ld_q(qb, 8u) * p.scale;
+        q10[3] = ld_q(qb, 12u) * p.scale;
+        q10[4] = ld_q(qb, 16u) * p.scale;
+        q10[5] = ld_q(qb, 20u) * p.scale;
+        q10[6] = ld_q(qb, 24u) * p.scale;
+        q10[7] = ld_q(qb, 28u) * p.scale;
+        q10[8] = ld_q(qb, 32u) * p.scale;
+        q10[9] = ld_q(qb, 36u) * p.scale;
+        q10[10] = ld_q(qb, 40u) * p.scale;
+        q10[11] = ld_q(qb, 44u) * p.scale;
+        q10[12] = ld_q(qb, 48u) * p.scale;
+        q10[13] = ld_q(qb, 52u) * p.scale;
+        q10[14] = ld_q(qb, 56u) * p.scale;
+        q10[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 11, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q11[0] = ld_qt(qb, 0u) * p.scale;
-        q11[1] = ld_qt(qb, 4u) * p.scale;
-        q11[2] = ld_qt(qb, 8u) * p.scale;
-        q11[3] = ld_qt(qb, 12u) * p.scale;
-        q11[4] = ld_qt(qb, 16u) * p.scale;
-        q11[5] = ld_qt(qb, 20u) * p.scale;
-        q11[6] = ld_qt(qb, 24u) * p.scale;
-        q11[7] = ld_qt(qb, 28u) * p.scale;
-        q11[8] = ld_qt(qb, 32u) * p.scale;
-        q11[9] = ld_qt(qb, 36u) * p.scale;
-        q11[10] = ld_qt(qb, 40u) * p.scale;
-        q11[11] = ld_qt(qb, 44u) * p.scale;
-        q11[12] = ld_qt(qb, 48u) * p.scale;
-        q11[13] = ld_qt(qb, 52u) * p.scale;
-        q11[14] = ld_qt(qb, 56u) * p.scale;
-        q11[15] = ld_qt(qb, 60u) * p.scale;
+        q11[0] = ld_q(qb, 0u) * p.scale;
+        q11[1] = ld_q(qb, 4u) * p.scale;
+        q11[2] = ld_q(qb, 8u) * p.scale;
+        q11[3] = ld_q(qb, 12u) * p.scale;
+        q11[4] = ld_q(qb, 16u) * p.scale;
+        q11[5] = ld_q(qb, 20u) * p.scale;
+        q11[6] = ld_q(qb, 24u) * p.scale;
+        q11[7] = ld_q(qb, 28u) * p.scale;
+        q11[8] = ld_q(qb, 32u) * p.scale;
+        q11[9] = ld_q(qb, 36u) * p.scale;
+        q11[10] = ld_q(qb, 40u) * p.scale;
+        q11[11] = ld_q(qb, 44u) * p.scale;
+        q11[12] = ld_q(qb, 48u) * p.scale;
+        q11[13] = ld_q(qb, 52u) * p.scale;
+        q11[14] = ld_q(qb, 56u) * p.scale;
+        q11[15] = ld_q(qb, 60u) * p.scale;
     }
     {
         let t = na_token(gc, vec3<u32>(u32(clamp(before - 13 + 12, 0, nx - 1)), lane_yz));
         let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-        q12[0] = ld_qt(qb, 0u) * p.scale;
-        q12[1] = ld_qt(qb, 4u) * p.scale;
-        q12[2] = ld_qt(qb, 8u) * p.scale;
-        q12[3] = ld_qt(qb, 12u) * p.scale;
-        q12[4] = ld_qt(qb, 16u) * p.scale;
-        q12[5] = ld_qt(qb, 20u) * p.scale;
-        q12[6] = ld_qt(qb, 24u) * p.scale;
-        q12[7] = ld_qt(qb, 28u) * p.scale;
-        q12[8] = ld_qt(qb, 32u) * p.scale;
-        q12[9] = ld_qt(qb, 36u) * p.scale;
-        q12[10] = ld_qt(qb, 40u) * p.scale;
-        q12[11] = ld_qt(qb, 44u) * p.scale;
-        q12[12] = ld_qt(qb, 48u) * p.scale;
-        q12[13] = ld_qt(qb, 52u) * p.scale;
-        q12[14] = ld_qt(qb, 56u) * p.scale;
-        q12[15] = ld_qt(qb, 60u) * p.scale;
+        q12[0] = ld_q(qb, 0u) * p.scale;
+        q12[1] = ld_q(qb, 4u) * p.scale;
+        q12[2] = ld_q(qb, 8u) * p.scale;
+        q12[3] = ld_q(qb, 12u) * p.scale;
+        q12[4] = ld_q(qb, 16u) * p.scale;
+        q12[5] = ld_q(qb, 20u) * p.scale;
+        q12[6] = ld_q(qb, 24u) * p.scale;
+        q12[7] = ld_q(qb, 28u) * p.scale;
+        q12[8] = ld_q(qb, 32u) * p.scale;
+        q12[9] = ld_q(qb, 36u) * p.scale;
+        q12[10] = ld_q(qb, 40u) * p.scale;
+        q12[11] = ld_q(qb, 44u) * p.scale;
+        q12[12] = ld_q(qb, 48u) * p.scale;
+        q12[13] = ld_q(qb, 52u) * p.scale;
+        q12[14] = ld_q(qb, 56u) * p.scale;
+        q12[15] = ld_q(qb, 60u) * p.scale;
     }
     var zq0: array<vec4<f32>, 16>; var zacc0: array<vec4<f32>, 16>; var zm0 = MASKED; var zl0 = 0.0;
     var zq1: array<vec4<f32>, 16>; var zacc1: array<vec4<f32>, 16>; var zm1 = MASKED; var zl1 = 0.0;
@@ -747,60 +723,60 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         {
             let t = na_token(gc, vec3<u32>(u32(clamp(xs + before, 0, nx - 1)), lane_yz));
             let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-            q12[0] = ld_qt(qb, 0u) * p.scale;
-            q12[1] = ld_qt(qb, 4u) * p.scale;
-            q12[2] = ld_qt(qb, 8u) * p.scale;
-            q12[3] = ld_qt(qb, 12u) * p.scale;
-            q12[4] = ld_qt(qb, 16u) * p.scale;
-            q12[5] = ld_qt(qb, 20u) * p.scale;
-            q12[6] = ld_qt(qb, 24u) * p.scale;
-            q12[7] = ld_qt(qb, 28u) * p.scale;
-            q12[8] = ld_qt(qb, 32u) * p.scale;
-            q12[9] = ld_qt(qb, 36u) * p.scale;
-            q12[10] = ld_qt(qb, 40u) * p.scale;
-            q12[11] = ld_qt(qb, 44u) * p.scale;
-            q12[12] = ld_qt(qb, 48u) * p.scale;
-            q12[13] = ld_qt(qb, 52u) * p.scale;
-            q12[14] = ld_qt(qb, 56u) * p.scale;
-            q12[15] = ld_qt(qb, 60u) * p.scale;
+            q12[0] = ld_q(qb, 0u) * p.scale;
+            q12[1] = ld_q(qb, 4u) * p.scale;
+            q12[2] = ld_q(qb, 8u) * p.scale;
+            q12[3] = ld_q(qb, 12u) * p.scale;
+            q12[4] = ld_q(qb, 16u) * p.scale;
+            q12[5] = ld_q(qb, 20u) * p.scale;
+            q12[6] = ld_q(qb, 24u) * p.scale;
+            q12[7] = ld_q(qb, 28u) * p.scale;
+            q12[8] = ld_q(qb, 32u) * p.scale;
+            q12[9] = ld_q(qb, 36u) * p.scale;
+            q12[10] = ld_q(qb, 40u) * p.scale;
+            q12[11] = ld_q(qb, 44u) * p.scale;
+            q12[12] = ld_q(qb, 48u) * p.scale;
+            q12[13] = ld_q(qb, 52u) * p.scale;
+            q12[14] = ld_q(qb, 56u) * p.scale;
+            q12[15] = ld_q(qb, 60u) * p.scale;
         }
         acc12 = array<vec4<f32>, 16>(); m12 = MASKED; l12 = 0.0;
         na_lo = vec3<i32>(xs, lo.y, lo.z);
         for (var kb = 0u; kb < nbox; kb += sg_size) {
             let kc = key_at(kb + lane);
             let kj = na_token(na_gc, vec3<u32>(kc));
-            kr[0] = ld_kt(k_head + kj * p.k.z, 0u);
-            kr[1] = ld_kt(k_head + kj * p.k.z, 4u);
-            kr[2] = ld_kt(k_head + kj * p.k.z, 8u);
-            kr[3] = ld_kt(k_head + kj * p.k.z, 12u);
-            kr[4] = ld_kt(k_head + kj * p.k.z, 16u);
-            kr[5] = ld_kt(k_head + kj * p.k.z, 20u);
-            kr[6] = ld_kt(k_head + kj * p.k.z, 24u);
-            kr[7] = ld_kt(k_head + kj * p.k.z, 28u);
-            kr[8] = ld_kt(k_head + kj * p.k.z, 32u);
-            kr[9] = ld_kt(k_head + kj * p.k.z, 36u);
-            kr[10] = ld_kt(k_head + kj * p.k.z, 40u);
-            kr[11] = ld_kt(k_head + kj * p.k.z, 44u);
-            kr[12] = ld_kt(k_head + kj * p.k.z, 48u);
-            kr[13] = ld_kt(k_head + kj * p.k.z, 52u);
-            kr[14] = ld_kt(k_head + kj * p.k.z, 56u);
-            kr[15] = ld_kt(k_head + kj * p.k.z, 60u);
-            vr[0] = ld_vt(v_head + kj * p.v.z, 0u);
-            vr[1] = ld_vt(v_head + kj * p.v.z, 4u);
-            vr[2] = ld_vt(v_head + kj * p.v.z, 8u);
-            vr[3] = ld_vt(v_head + kj * p.v.z, 12u);
-            vr[4] = ld_vt(v_head + kj * p.v.z, 16u);
-            vr[5] = ld_vt(v_head + kj * p.v.z, 20u);
-            vr[6] = ld_vt(v_head + kj * p.v.z, 24u);
-            vr[7] = ld_vt(v_head + kj * p.v.z, 28u);
-            vr[8] = ld_vt(v_head + kj * p.v.z, 32u);
-            vr[9] = ld_vt(v_head + kj * p.v.z, 36u);
-            vr[10] = ld_vt(v_head + kj * p.v.z, 40u);
-            vr[11] = ld_vt(v_head + kj * p.v.z, 44u);
-            vr[12] = ld_vt(v_head + kj * p.v.z, 48u);
-            vr[13] = ld_vt(v_head + kj * p.v.z, 52u);
-            vr[14] = ld_vt(v_head + kj * p.v.z, 56u);
-            vr[15] = ld_vt(v_head + kj * p.v.z, 60u);
+            kr[0] = ld_k(k_head + kj * p.k.z, 0u);
+            kr[1] = ld_k(k_head + kj * p.k.z, 4u);
+            kr[2] = ld_k(k_head + kj * p.k.z, 8u);
+            kr[3] = ld_k(k_head + kj * p.k.z, 12u);
+            kr[4] = ld_k(k_head + kj * p.k.z, 16u);
+            kr[5] = ld_k(k_head + kj * p.k.z, 20u);
+            kr[6] = ld_k(k_head + kj * p.k.z, 24u);
+            kr[7] = ld_k(k_head + kj * p.k.z, 28u);
+            kr[8] = ld_k(k_head + kj * p.k.z, 32u);
+            kr[9] = ld_k(k_head + kj * p.k.z, 36u);
+            kr[10] = ld_k(k_head + kj * p.k.z, 40u);
+            kr[11] = ld_k(k_head + kj * p.k.z, 44u);
+            kr[12] = ld_k(k_head + kj * p.k.z, 48u);
+            kr[13] = ld_k(k_head + kj * p.k.z, 52u);
+            kr[14] = ld_k(k_head + kj * p.k.z, 56u);
+            kr[15] = ld_k(k_head + kj * p.k.z, 60u);
+            vr[0] = ld_v(v_head + kj * p.v.z, 0u);
+            vr[1] = ld_v(v_head + kj * p.v.z, 4u);
+            vr[2] = ld_v(v_head + kj * p.v.z, 8u);
+            vr[3] = ld_v(v_head + kj * p.v.z, 12u);
+            vr[4] = ld_v(v_head + kj * p.v.z, 16u);
+            vr[5] = ld_v(v_head + kj * p.v.z, 20u);
+            vr[6] = ld_v(v_head + kj * p.v.z, 24u);
+            vr[7] = ld_v(v_head + kj * p.v.z, 28u);
+            vr[8] = ld_v(v_head + kj * p.v.z, 32u);
+            vr[9] = ld_v(v_head + kj * p.v.z, 36u);
+            vr[10] = ld_v(v_head + kj * p.v.z, 40u);
+            vr[11] = ld_v(v_head + kj * p.v.z, 44u);
+            vr[12] = ld_v(v_head + kj * p.v.z, 48u);
+            vr[13] = ld_v(v_head + kj * p.v.z, 52u);
+            vr[14] = ld_v(v_head + kj * p.v.z, 56u);
+            vr[15] = ld_v(v_head + kj * p.v.z, 60u);
             let gend = min(sg_size, nbox - kb);
             for (var g = 0u; g < gend; g += 2u) {
                 var s0_0 = 0.0;
@@ -2078,22 +2054,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             {
                 let t = na_token(gc, vec3<u32>(u32(clamp(xz0, 0, nx - 1)), lane_yz));
                 let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-                fresh[0] = ld_qt(qb, 0u) * p.scale;
-                fresh[1] = ld_qt(qb, 4u) * p.scale;
-                fresh[2] = ld_qt(qb, 8u) * p.scale;
-                fresh[3] = ld_qt(qb, 12u) * p.scale;
-                fresh[4] = ld_qt(qb, 16u) * p.scale;
-                fresh[5] = ld_qt(qb, 20u) * p.scale;
-                fresh[6] = ld_qt(qb, 24u) * p.scale;
-                fresh[7] = ld_qt(qb, 28u) * p.scale;
-                fresh[8] = ld_qt(qb, 32u) * p.scale;
-                fresh[9] = ld_qt(qb, 36u) * p.scale;
-                fresh[10] = ld_qt(qb, 40u) * p.scale;
-                fresh[11] = ld_qt(qb, 44u) * p.scale;
-                fresh[12] = ld_qt(qb, 48u) * p.scale;
-                fresh[13] = ld_qt(qb, 52u) * p.scale;
-                fresh[14] = ld_qt(qb, 56u) * p.scale;
-                fresh[15] = ld_qt(qb, 60u) * p.scale;
+                fresh[0] = ld_q(qb, 0u) * p.scale;
+                fresh[1] = ld_q(qb, 4u) * p.scale;
+                fresh[2] = ld_q(qb, 8u) * p.scale;
+                fresh[3] = ld_q(qb, 12u) * p.scale;
+                fresh[4] = ld_q(qb, 16u) * p.scale;
+                fresh[5] = ld_q(qb, 20u) * p.scale;
+                fresh[6] = ld_q(qb, 24u) * p.scale;
+                fresh[7] = ld_q(qb, 28u) * p.scale;
+                fresh[8] = ld_q(qb, 32u) * p.scale;
+                fresh[9] = ld_q(qb, 36u) * p.scale;
+                fresh[10] = ld_q(qb, 40u) * p.scale;
+                fresh[11] = ld_q(qb, 44u) * p.scale;
+                fresh[12] = ld_q(qb, 48u) * p.scale;
+                fresh[13] = ld_q(qb, 52u) * p.scale;
+                fresh[14] = ld_q(qb, 56u) * p.scale;
+                fresh[15] = ld_q(qb, 60u) * p.scale;
             }
             zq0[0] = select(zq0[0], fresh[0], bot);
             zq0[1] = select(zq0[1], fresh[1], bot);
@@ -2136,22 +2112,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             {
                 let t = na_token(gc, vec3<u32>(u32(clamp(xz1, 0, nx - 1)), lane_yz));
                 let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-                fresh[0] = ld_qt(qb, 0u) * p.scale;
-                fresh[1] = ld_qt(qb, 4u) * p.scale;
-                fresh[2] = ld_qt(qb, 8u) * p.scale;
-                fresh[3] = ld_qt(qb, 12u) * p.scale;
-                fresh[4] = ld_qt(qb, 16u) * p.scale;
-                fresh[5] = ld_qt(qb, 20u) * p.scale;
-                fresh[6] = ld_qt(qb, 24u) * p.scale;
-                fresh[7] = ld_qt(qb, 28u) * p.scale;
-                fresh[8] = ld_qt(qb, 32u) * p.scale;
-                fresh[9] = ld_qt(qb, 36u) * p.scale;
-                fresh[10] = ld_qt(qb, 40u) * p.scale;
-                fresh[11] = ld_qt(qb, 44u) * p.scale;
-                fresh[12] = ld_qt(qb, 48u) * p.scale;
-                fresh[13] = ld_qt(qb, 52u) * p.scale;
-                fresh[14] = ld_qt(qb, 56u) * p.scale;
-                fresh[15] = ld_qt(qb, 60u) * p.scale;
+                fresh[0] = ld_q(qb, 0u) * p.scale;
+                fresh[1] = ld_q(qb, 4u) * p.scale;
+                fresh[2] = ld_q(qb, 8u) * p.scale;
+                fresh[3] = ld_q(qb, 12u) * p.scale;
+                fresh[4] = ld_q(qb, 16u) * p.scale;
+                fresh[5] = ld_q(qb, 20u) * p.scale;
+                fresh[6] = ld_q(qb, 24u) * p.scale;
+                fresh[7] = ld_q(qb, 28u) * p.scale;
+                fresh[8] = ld_q(qb, 32u) * p.scale;
+                fresh[9] = ld_q(qb, 36u) * p.scale;
+                fresh[10] = ld_q(qb, 40u) * p.scale;
+                fresh[11] = ld_q(qb, 44u) * p.scale;
+                fresh[12] = ld_q(qb, 48u) * p.scale;
+                fresh[13] = ld_q(qb, 52u) * p.scale;
+                fresh[14] = ld_q(qb, 56u) * p.scale;
+                fresh[15] = ld_q(qb, 60u) * p.scale;
             }
             zq1[0] = select(zq1[0], fresh[0], bot);
             zq1[1] = select(zq1[1], fresh[1], bot);
@@ -2194,22 +2170,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             {
                 let t = na_token(gc, vec3<u32>(u32(clamp(xz2, 0, nx - 1)), lane_yz));
                 let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-                fresh[0] = ld_qt(qb, 0u) * p.scale;
-                fresh[1] = ld_qt(qb, 4u) * p.scale;
-                fresh[2] = ld_qt(qb, 8u) * p.scale;
-                fresh[3] = ld_qt(qb, 12u) * p.scale;
-                fresh[4] = ld_qt(qb, 16u) * p.scale;
-                fresh[5] = ld_qt(qb, 20u) * p.scale;
-                fresh[6] = ld_qt(qb, 24u) * p.scale;
-                fresh[7] = ld_qt(qb, 28u) * p.scale;
-                fresh[8] = ld_qt(qb, 32u) * p.scale;
-                fresh[9] = ld_qt(qb, 36u) * p.scale;
-                fresh[10] = ld_qt(qb, 40u) * p.scale;
-                fresh[11] = ld_qt(qb, 44u) * p.scale;
-                fresh[12] = ld_qt(qb, 48u) * p.scale;
-                fresh[13] = ld_qt(qb, 52u) * p.scale;
-                fresh[14] = ld_qt(qb, 56u) * p.scale;
-                fresh[15] = ld_qt(qb, 60u) * p.scale;
+                fresh[0] = ld_q(qb, 0u) * p.scale;
+                fresh[1] = ld_q(qb, 4u) * p.scale;
+                fresh[2] = ld_q(qb, 8u) * p.scale;
+                fresh[3] = ld_q(qb, 12u) * p.scale;
+                fresh[4] = ld_q(qb, 16u) * p.scale;
+                fresh[5] = ld_q(qb, 20u) * p.scale;
+                fresh[6] = ld_q(qb, 24u) * p.scale;
+                fresh[7] = ld_q(qb, 28u) * p.scale;
+                fresh[8] = ld_q(qb, 32u) * p.scale;
+                fresh[9] = ld_q(qb, 36u) * p.scale;
+                fresh[10] = ld_q(qb, 40u) * p.scale;
+                fresh[11] = ld_q(qb, 44u) * p.scale;
+                fresh[12] = ld_q(qb, 48u) * p.scale;
+                fresh[13] = ld_q(qb, 52u) * p.scale;
+                fresh[14] = ld_q(qb, 56u) * p.scale;
+                fresh[15] = ld_q(qb, 60u) * p.scale;
             }
             zq2[0] = select(zq2[0], fresh[0], bot);
             zq2[1] = select(zq2[1], fresh[1], bot);
@@ -2252,22 +2228,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             {
                 let t = na_token(gc, vec3<u32>(u32(clamp(xz3, 0, nx - 1)), lane_yz));
                 let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-                fresh[0] = ld_qt(qb, 0u) * p.scale;
-                fresh[1] = ld_qt(qb, 4u) * p.scale;
-                fresh[2] = ld_qt(qb, 8u) * p.scale;
-                fresh[3] = ld_qt(qb, 12u) * p.scale;
-                fresh[4] = ld_qt(qb, 16u) * p.scale;
-                fresh[5] = ld_qt(qb, 20u) * p.scale;
-                fresh[6] = ld_qt(qb, 24u) * p.scale;
-                fresh[7] = ld_qt(qb, 28u) * p.scale;
-                fresh[8] = ld_qt(qb, 32u) * p.scale;
-                fresh[9] = ld_qt(qb, 36u) * p.scale;
-                fresh[10] = ld_qt(qb, 40u) * p.scale;
-                fresh[11] = ld_qt(qb, 44u) * p.scale;
-                fresh[12] = ld_qt(qb, 48u) * p.scale;
-                fresh[13] = ld_qt(qb, 52u) * p.scale;
-                fresh[14] = ld_qt(qb, 56u) * p.scale;
-                fresh[15] = ld_qt(qb, 60u) * p.scale;
+                fresh[0] = ld_q(qb, 0u) * p.scale;
+                fresh[1] = ld_q(qb, 4u) * p.scale;
+                fresh[2] = ld_q(qb, 8u) * p.scale;
+                fresh[3] = ld_q(qb, 12u) * p.scale;
+                fresh[4] = ld_q(qb, 16u) * p.scale;
+                fresh[5] = ld_q(qb, 20u) * p.scale;
+                fresh[6] = ld_q(qb, 24u) * p.scale;
+                fresh[7] = ld_q(qb, 28u) * p.scale;
+                fresh[8] = ld_q(qb, 32u) * p.scale;
+                fresh[9] = ld_q(qb, 36u) * p.scale;
+                fresh[10] = ld_q(qb, 40u) * p.scale;
+                fresh[11] = ld_q(qb, 44u) * p.scale;
+                fresh[12] = ld_q(qb, 48u) * p.scale;
+                fresh[13] = ld_q(qb, 52u) * p.scale;
+                fresh[14] = ld_q(qb, 56u) * p.scale;
+                fresh[15] = ld_q(qb, 60u) * p.scale;
             }
             zq3[0] = select(zq3[0], fresh[0], bot);
             zq3[1] = select(zq3[1], fresh[1], bot);
@@ -2310,22 +2286,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             {
                 let t = na_token(gc, vec3<u32>(u32(clamp(xz4, 0, nx - 1)), lane_yz));
                 let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-                fresh[0] = ld_qt(qb, 0u) * p.scale;
-                fresh[1] = ld_qt(qb, 4u) * p.scale;
-                fresh[2] = ld_qt(qb, 8u) * p.scale;
-                fresh[3] = ld_qt(qb, 12u) * p.scale;
-                fresh[4] = ld_qt(qb, 16u) * p.scale;
-                fresh[5] = ld_qt(qb, 20u) * p.scale;
-                fresh[6] = ld_qt(qb, 24u) * p.scale;
-                fresh[7] = ld_qt(qb, 28u) * p.scale;
-                fresh[8] = ld_qt(qb, 32u) * p.scale;
-                fresh[9] = ld_qt(qb, 36u) * p.scale;
-                fresh[10] = ld_qt(qb, 40u) * p.scale;
-                fresh[11] = ld_qt(qb, 44u) * p.scale;
-                fresh[12] = ld_qt(qb, 48u) * p.scale;
-                fresh[13] = ld_qt(qb, 52u) * p.scale;
-                fresh[14] = ld_qt(qb, 56u) * p.scale;
-                fresh[15] = ld_qt(qb, 60u) * p.scale;
+                fresh[0] = ld_q(qb, 0u) * p.scale;
+                fresh[1] = ld_q(qb, 4u) * p.scale;
+                fresh[2] = ld_q(qb, 8u) * p.scale;
+                fresh[3] = ld_q(qb, 12u) * p.scale;
+                fresh[4] = ld_q(qb, 16u) * p.scale;
+                fresh[5] = ld_q(qb, 20u) * p.scale;
+                fresh[6] = ld_q(qb, 24u) * p.scale;
+                fresh[7] = ld_q(qb, 28u) * p.scale;
+                fresh[8] = ld_q(qb, 32u) * p.scale;
+                fresh[9] = ld_q(qb, 36u) * p.scale;
+                fresh[10] = ld_q(qb, 40u) * p.scale;
+                fresh[11] = ld_q(qb, 44u) * p.scale;
+                fresh[12] = ld_q(qb, 48u) * p.scale;
+                fresh[13] = ld_q(qb, 52u) * p.scale;
+                fresh[14] = ld_q(qb, 56u) * p.scale;
+                fresh[15] = ld_q(qb, 60u) * p.scale;
             }
             zq4[0] = select(zq4[0], fresh[0], bot);
             zq4[1] = select(zq4[1], fresh[1], bot);
@@ -2368,22 +2344,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             {
                 let t = na_token(gc, vec3<u32>(u32(clamp(xz5, 0, nx - 1)), lane_yz));
                 let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;
-                fresh[0] = ld_qt(qb, 0u) * p.scale;
-                fresh[1] = ld_qt(qb, 4u) * p.scale;
-                fresh[2] = ld_qt(qb, 8u) * p.scale;
-                fresh[3] = ld_qt(qb, 12u) * p.scale;
-                fresh[4] = ld_qt(qb, 16u) * p.scale;
-                fresh[5] = ld_qt(qb, 20u) * p.scale;
-                fresh[6] = ld_qt(qb, 24u) * p.scale;
-                fresh[7] = ld_qt(qb, 28u) * p.scale;
-                fresh[8] = ld_qt(qb, 32u) * p.scale;
-                fresh[9] = ld_qt(qb, 36u) * p.scale;
-                fresh[10] = ld_qt(qb, 40u) * p.scale;
-                fresh[11] = ld_qt(qb, 44u) * p.scale;
-                fresh[12] = ld_qt(qb, 48u) * p.scale;
-                fresh[13] = ld_qt(qb, 52u) * p.scale;
-                fresh[14] = ld_qt(qb, 56u) * p.scale;
-                fresh[15] = ld_qt(qb, 60u) * p.scale;
+                fresh[0] = ld_q(qb, 0u) * p.scale;
+                fresh[1] = ld_q(qb, 4u) * p.scale;
+                fresh[2] = ld_q(qb, 8u) * p.scale;
+                fresh[3] = ld_q(qb, 12u) * p.scale;
+                fresh[4] = ld_q(qb, 16u) * p.scale;
+                fresh[5] = ld_q(qb, 20u) * p.scale;
+                fresh[6] = ld_q(qb, 24u) * p.scale;
+                fresh[7] = ld_q(qb, 28u) * p.scale;
+                fresh[8] = ld_q(qb, 32u) * p.scale;
+                fresh[9] = ld_q(qb, 36u) * p.scale;
+                fresh[10] = ld_q(qb, 40u) * p.scale;
+                fresh[11] = ld_q(qb, 44u) * p.scale;
+                fresh[12] = ld_q(qb, 48u) * p.scale;
+                fresh[13] = ld_q(qb, 52u) * p.scale;
+                fresh[14] = ld_q(qb, 56u) * p.scale;
+                fresh[15] = ld_q(qb, 60u) * p.scale;
             }
             zq5[0] = select(zq5[0], fresh[0], bot);
             zq5[1] = select(zq5[1], fresh[1], bot);
@@ -2432,38 +2408,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var kb = 0u; kb < nbox; kb += sg_size) {
                 let kc = key_at(kb + lane);
                 let kj = na_token(na_gc, vec3<u32>(kc));
-                kr[0] = ld_kt(k_head + kj * p.k.z, 0u);
-                kr[1] = ld_kt(k_head + kj * p.k.z, 4u);
-                kr[2] = ld_kt(k_head + kj * p.k.z, 8u);
-                kr[3] = ld_kt(k_head + kj * p.k.z, 12u);
-                kr[4] = ld_kt(k_head + kj * p.k.z, 16u);
-                kr[5] = ld_kt(k_head + kj * p.k.z, 20u);
-                kr[6] = ld_kt(k_head + kj * p.k.z, 24u);
-                kr[7] = ld_kt(k_head + kj * p.k.z, 28u);
-                kr[8] = ld_kt(k_head + kj * p.k.z, 32u);
-                kr[9] = ld_kt(k_head + kj * p.k.z, 36u);
-                kr[10] = ld_kt(k_head + kj * p.k.z, 40u);
-                kr[11] = ld_kt(k_head + kj * p.k.z, 44u);
-                kr[12] = ld_kt(k_head + kj * p.k.z, 48u);
-                kr[13] = ld_kt(k_head + kj * p.k.z, 52u);
-                kr[14] = ld_kt(k_head + kj * p.k.z, 56u);
-                kr[15] = ld_kt(k_head + kj * p.k.z, 60u);
-                vr[0] = ld_vt(v_head + kj * p.v.z, 0u);
-                vr[1] = ld_vt(v_head + kj * p.v.z, 4u);
-                vr[2] = ld_vt(v_head + kj * p.v.z, 8u);
-                vr[3] = ld_vt(v_head + kj * p.v.z, 12u);
-                vr[4] = ld_vt(v_head + kj * p.v.z, 16u);
-                vr[5] = ld_vt(v_head + kj * p.v.z, 20u);
-                vr[6] = ld_vt(v_head + kj * p.v.z, 24u);
-                vr[7] = ld_vt(v_head + kj * p.v.z, 28u);
-                vr[8] = ld_vt(v_head + kj * p.v.z, 32u);
-                vr[9] = ld_vt(v_head + kj * p.v.z, 36u);
-                vr[10] = ld_vt(v_head + kj * p.v.z, 40u);
-                vr[11] = ld_vt(v_head + kj * p.v.z, 44u);
-                vr[12] = ld_vt(v_head + kj * p.v.z, 48u);
-                vr[13] = ld_vt(v_head + kj * p.v.z, 52u);
-                vr[14] = ld_vt(v_head + kj * p.v.z, 56u);
-                vr[15] = ld_vt(v_head + kj * p.v.z, 60u);
+                kr[0] = ld_k(k_head + kj * p.k.z, 0u);
+                kr[1] = ld_k(k_head + kj * p.k.z, 4u);
+                kr[2] = ld_k(k_head + kj * p.k.z, 8u);
+                kr[3] = ld_k(k_head + kj * p.k.z, 12u);
+                kr[4] = ld_k(k_head + kj * p.k.z, 16u);
+                kr[5] = ld_k(k_head + kj * p.k.z, 20u);
+                kr[6] = ld_k(k_head + kj * p.k.z, 24u);
+                kr[7] = ld_k(k_head + kj * p.k.z, 28u);
+                kr[8] = ld_k(k_head + kj * p.k.z, 32u);
+                kr[9] = ld_k(k_head + kj * p.k.z, 36u);
+                kr[10] = ld_k(k_head + kj * p.k.z, 40u);
+                kr[11] = ld_k(k_head + kj * p.k.z, 44u);
+                kr[12] = ld_k(k_head + kj * p.k.z, 48u);
+                kr[13] = ld_k(k_head + kj * p.k.z, 52u);
+                kr[14] = ld_k(k_head + kj * p.k.z, 56u);
+                kr[15] = ld_k(k_head + kj * p.k.z, 60u);
+                vr[0] = ld_v(v_head + kj * p.v.z, 0u);
+                vr[1] = ld_v(v_head + kj * p.v.z, 4u);
+                vr[2] = ld_v(v_head + kj * p.v.z, 8u);
+                vr[3] = ld_v(v_head + kj * p.v.z, 12u);
+                vr[4] = ld_v(v_head + kj * p.v.z, 16u);
+                vr[5] = ld_v(v_head + kj * p.v.z, 20u);
+                vr[6] = ld_v(v_head + kj * p.v.z, 24u);
+                vr[7] = ld_v(v_head + kj * p.v.z, 28u);
+                vr[8] = ld_v(v_head + kj * p.v.z, 32u);
+                vr[9] = ld_v(v_head + kj * p.v.z, 36u);
+                vr[10] = ld_v(v_head + kj * p.v.z, 40u);
+                vr[11] = ld_v(v_head + kj * p.v.z, 44u);
+                vr[12] = ld_v(v_head + kj * p.v.z, 48u);
+                vr[13] = ld_v(v_head + kj * p.v.z, 52u);
+                vr[14] = ld_v(v_head + kj * p.v.z, 56u);
+                vr[15] = ld_v(v_head + kj * p.v.z, 60u);
                 let gend = min(sg_size, nbox - kb);
                 for (var g = 0u; g < gend; g += 2u) {
                     var s0_0 = 0.0;

@@ -308,21 +308,47 @@ fn modify_fn(w: &mut Wgsl, mods: bool) {
     );
 }
 
-fn loaders(w: &mut Wgsl, t: &str) {
-    for (name, buf, dim) in [
-        ("q", "q_buf", "p.d"),
-        ("k", "k_buf", "p.d"),
-        ("v", "v_buf", "p.dv"),
-    ] {
-        w.raw(&format!(
-            "fn ld_{name}(base: u32, c: u32) -> vec4<f32> {{
-    // elements past the head dim read as 0 so padded lanes add nothing
+/// Texels per row of the Sweep kernel's input textures (a power of two: the kernel splits a
+/// texel index with a mask and a shift).
+pub const TEXTURE_WIDTH: u32 = 4096;
+
+/// `ld_q`, `ld_k`, `ld_v` (vec4 `c` of the head dim at element `base`; elements past the head
+/// dim read as 0 so padded lanes add nothing) and `st_o`.
+///
+/// `textured` (the Sweep kernel): Q, K and V are read through textures, element `e` of a buffer
+/// being component `e % 4` of texel `e / 4`, rows of [`TEXTURE_WIDTH`] texels (the host copies
+/// the buffers in, with offsets and strides that are multiples of 4). On llvmpipe a texel fetch
+/// is a branch-free gather of 16 bytes per lane, where a storage-buffer load is a loop over
+/// lanes with a branch per component.
+fn loaders(w: &mut Wgsl, t: &str, textured: bool) {
+    if textured {
+        w.line(
+            "@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements",
+        );
+        w.line("@group(0) @binding(10) var k_tex: texture_2d<f32>;");
+        w.line("@group(0) @binding(11) var v_tex: texture_2d<f32>;");
+    }
+    let (shift, mask) = (TEXTURE_WIDTH.trailing_zeros(), TEXTURE_WIDTH - 1);
+    for (name, dim) in [("q", "p.d"), ("k", "p.d"), ("v", "p.dv")] {
+        let body = if textured {
+            format!(
+                "    // base + c is a multiple of 4
+    let t = (base + c) >> 2u;
+    let x = textureLoad({name}_tex, vec2<u32>(t & {mask}u, t >> {shift}u), 0);
+    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>({dim}));"
+            )
+        } else {
+            format!(
+                "    // elements past the head dim read as 0 so padded lanes add nothing
     return vec4<f32>(
-        select(0.0, f32({buf}[base + c]), c < {dim}),
-        select(0.0, f32({buf}[base + c + 1u]), c + 1u < {dim}),
-        select(0.0, f32({buf}[base + c + 2u]), c + 2u < {dim}),
-        select(0.0, f32({buf}[base + c + 3u]), c + 3u < {dim}));
-}}"
+        select(0.0, f32({name}_buf[base + c]), c < {dim}),
+        select(0.0, f32({name}_buf[base + c + 1u]), c + 1u < {dim}),
+        select(0.0, f32({name}_buf[base + c + 2u]), c + 2u < {dim}),
+        select(0.0, f32({name}_buf[base + c + 3u]), c + 3u < {dim}));"
+            )
+        };
+        w.raw(&format!(
+            "fn ld_{name}(base: u32, c: u32) -> vec4<f32> {{\n{body}\n}}"
         ));
     }
     w.raw(&format!(
@@ -335,35 +361,19 @@ fn loaders(w: &mut Wgsl, t: &str) {
     ));
 }
 
-/// Texels per row of the Sweep kernel's input textures (a power of two: the kernel splits a
-/// texel index with a mask and a shift).
-pub const TEXTURE_WIDTH: u32 = 4096;
-
-/// The Sweep kernel reads Q, K and V through textures: element `e` of a buffer is component
-/// `e % 4` of texel `e / 4`, rows of [`TEXTURE_WIDTH`] texels (the host copies the buffers in,
-/// with offsets and strides that are multiples of 4). On llvmpipe a texel fetch is a branch-free
-/// gather of 16 bytes per lane, where a storage-buffer load is a loop over lanes with a branch
-/// per component.
-fn texture_loaders(w: &mut Wgsl) {
-    let shift = TEXTURE_WIDTH.trailing_zeros();
-    let mask = TEXTURE_WIDTH - 1;
-    w.line("@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements");
-    w.line("@group(0) @binding(10) var k_tex: texture_2d<f32>;");
-    w.line("@group(0) @binding(11) var v_tex: texture_2d<f32>;");
-    for (name, tex, dim) in [
-        ("q", "q_tex", "p.d"),
-        ("k", "k_tex", "p.d"),
-        ("v", "v_tex", "p.dv"),
-    ] {
-        w.raw(&format!(
-            "fn ld_{name}t(base: u32, c: u32) -> vec4<f32> {{
-    // base + c is a multiple of 4; elements past the head dim read as 0
-    let t = (base + c) >> 2u;
-    let x = textureLoad({tex}, vec2<u32>(t & {mask}u, t >> {shift}u), 0);
-    return select(vec4<f32>(0.0), x, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>({dim}));
-}}"
-        ));
+/// Writes one query row's O and LSE from its online-softmax state (`m`, `l`, `acc`); `row` is
+/// in scope. Rows with no visible key give O = 0 and LSE = -inf.
+fn store_row(w: &mut Wgsl, dv4: u32, m: &str, l: &str, acc: &str) {
+    w.line(&format!("let inv = select(0.0, 1.0 / {l}, {l} > 0.0);"));
+    w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
+    for i in 0..dv4 {
+        w.line(&format!("st_o(ob, {}u, {acc}[{i}] * inv);", i * 4));
     }
+    w.open("if (has(F_LSE)) {");
+    w.line(&format!(
+        "lse_buf[p.lse.x + b * p.lse.y + h * p.lse.z + row * p.lse.w] = select(neg_inf(), ({m} + log2({l})) * LN2, {l} > 0.0);"
+    ));
+    w.close();
 }
 
 /// Generates the WGSL source of one flash specialization.
@@ -402,10 +412,7 @@ pub fn flash_source(key: &FlashKey) -> String {
         w.raw(SEQ_WGSL);
         modify_fn(&mut w, key.mods);
     }
-    loaders(&mut w, t);
-    if key.strategy == Strategy::Sweep {
-        texture_loaders(&mut w);
-    }
+    loaders(&mut w, t, key.strategy == Strategy::Sweep);
     if key.strategy == Strategy::Tiled {
         w.line(&format!(
             "var<workgroup> k_tile: array<vec4<f32>, {}>; // [BC, D/4]",
@@ -529,16 +536,13 @@ pub fn flash_source(key: &FlashKey) -> String {
     for r in 0..r_n {
         w.open(&format!("if (ok{r}) {{"));
         w.line(&format!("let row = tok{r};"));
-        w.line(&format!("let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);"));
-        w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
-        for i in 0..dv4 {
-            w.line(&format!("st_o(ob, {}u, acc{r}[{i}] * inv);", i * 4));
-        }
-        w.open("if (has(F_LSE)) {");
-        w.line(&format!(
-            "lse_buf[p.lse.x + b * p.lse.y + h * p.lse.z + row * p.lse.w] = select(neg_inf(), (m{r} + log2(l{r})) * LN2, l{r} > 0.0);"
-        ));
-        w.close();
+        store_row(
+            &mut w,
+            dv4,
+            &format!("m{r}"),
+            &format!("l{r}"),
+            &format!("acc{r}"),
+        );
         w.close();
     }
     w.close();
@@ -830,7 +834,7 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
         ));
         w.line("let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;");
         for i in 0..d4 {
-            w.line(&format!("{name}[{i}] = ld_qt(qb, {}u) * p.scale;", i * 4));
+            w.line(&format!("{name}[{i}] = ld_q(qb, {}u) * p.scale;", i * 4));
         }
         w.close();
     };
@@ -839,18 +843,8 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
         w.line(&format!(
             "let row = na_token(gc, vec3<u32>(u32({x}), lane_yz));"
         ));
-        w.line(&format!(
-            "let inv = select(0.0, 1.0 / {pre}l{r}, {pre}l{r} > 0.0);"
-        ));
-        w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
-        for i in 0..dv4 {
-            w.line(&format!("st_o(ob, {}u, {pre}acc{r}[{i}] * inv);", i * 4));
-        }
-        w.open("if (has(F_LSE)) {");
-        w.line(&format!(
-            "lse_buf[p.lse.x + b * p.lse.y + h * p.lse.z + row * p.lse.w] = select(neg_inf(), ({pre}m{r} + log2({pre}l{r})) * LN2, {pre}l{r} > 0.0);"
-        ));
-        w.close();
+        let state = |v: &str| format!("{pre}{v}{r}");
+        store_row(w, dv4, &state("m"), &state("l"), &state("acc"));
         w.close();
     };
     // One plane (x = xs): its union box in blocks of one key per lane, shuffled round.
@@ -860,16 +854,10 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
         w.line("let kc = key_at(kb + lane);");
         w.line("let kj = na_token(na_gc, vec3<u32>(kc));");
         for i in 0..d4 {
-            w.line(&format!(
-                "kr[{i}] = ld_kt(k_head + kj * p.k.z, {}u);",
-                i * 4
-            ));
+            w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
         }
         for i in 0..dv4 {
-            w.line(&format!(
-                "vr[{i}] = ld_vt(v_head + kj * p.v.z, {}u);",
-                i * 4
-            ));
+            w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
         }
         w.line("let gend = min(sg_size, nbox - kb);");
         w.open(&format!("for (var g = 0u; g < gend; g += {u_n}u) {{"));
