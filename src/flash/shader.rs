@@ -48,7 +48,8 @@ pub struct FlashKey {
     pub dv4: u32,
     /// Query rows per invocation (Sweep: query slots, the x kernel size).
     pub rows: u32,
-    /// Keys per workgroup-memory tile (Tiled only; 0 for Subgroup, whose block is the subgroup).
+    /// Keys per workgroup-memory tile (Tiled only; 0 for Subgroup and Sweep, whose block is the
+    /// subgroup).
     pub block: u32,
     /// Keys per unrolled group.
     pub group: u32,
