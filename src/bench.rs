@@ -361,7 +361,7 @@ pub fn bench_neighborhood(
     let mut points = Vec::new();
     for (spatial, kernel) in grids {
         let opts = NeighborhoodOptions::new(kernel);
-        let spec = NaSpec::new(&opts.axes(spatial)?);
+        let spec = NaSpec::new(&opts.axes(spatial)?)?;
         let l = spec.len();
         if l != c.lq || l != c.lk {
             return Err(AttnError::shape(

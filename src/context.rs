@@ -31,7 +31,10 @@ pub struct GpuContext {
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub caps: Capabilities,
-    pub(crate) pipelines: Mutex<HashMap<crate::pipeline::PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Built pipelines by kernel label.
+    pub(crate) pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// wgpu's persistent pipeline cache, where the backend offers one (see [`GpuContext::cache_description`]).
+    pub(crate) pipeline_cache: Option<wgpu::PipelineCache>,
     /// Stand-ins for optional bindings: one read-only, one read-write (a buffer may not be both
     /// in one dispatch).
     pub(crate) dummy: wgpu::Buffer,
@@ -45,6 +48,21 @@ pub struct GpuContext {
 /// (`WGPU_BACKEND=vulkan` picks the backend, as in wgpu).
 pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 
+/// The backends the default context looks at: Vulkan, Metal, DX12 and the browser's WebGPU
+/// (`WGPU_BACKEND` overrides). Not OpenGL: the kernels need compute shaders with storage
+/// buffers that GL adapters rarely offer, and probing EGL on a headless machine prints errors
+/// (`XDG_RUNTIME_DIR is invalid or not set`) for a backend that would not be used.
+pub fn instance_backends() -> wgpu::Backends {
+    wgpu::Backends::PRIMARY.with_env()
+}
+
+/// A `wgpu` instance over [`instance_backends`].
+pub fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
+    desc.backends = instance_backends();
+    wgpu::Instance::new(desc)
+}
+
 impl GpuContext {
     /// Opens the default adapter (or the one named by `WGPU_ATTENTION_ADAPTER`), asking for
     /// SHADER_F16, SUBGROUP and TIMESTAMP_QUERY where offered and for the adapter's own limits.
@@ -54,12 +72,11 @@ impl GpuContext {
 
     /// Async form of [`GpuContext::new`] (the only one usable in a browser).
     pub async fn new_async() -> Result<Self> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+        let instance = instance();
         let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
         let adapter = match wanted {
             Some(name) => {
-                let all = instance.enumerate_adapters(wgpu::Backends::all()).await;
+                let all = instance.enumerate_adapters(instance_backends()).await;
                 let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
                 all.into_iter()
                     .find(|a| {
@@ -162,6 +179,7 @@ impl GpuContext {
             limits,
             caps,
             pipelines: Mutex::new(HashMap::new()),
+            pipeline_cache: None,
             dummy,
             dummy_rw,
             uncaptured: Arc::new(Mutex::new(Vec::new())),
@@ -180,15 +198,49 @@ impl GpuContext {
         )
     }
 
-    /// Records work with `record` into a new encoder and submits it.
+    /// Records work with `record` into a new encoder and submits it, inside error scopes
+    /// (see [`GpuContext::scoped`]): a validation error anywhere becomes [`AttnError::Gpu`].
     pub fn submit<T>(
         &self,
         record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<T>,
     ) -> Result<T> {
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        let out = record(&mut enc)?;
-        self.queue.submit([enc.finish()]);
-        Ok(out)
+        self.scoped(|| {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            let out = record(&mut enc)?;
+            self.queue.submit([enc.finish()]);
+            Ok(out)
+        })
+    }
+
+    /// Runs `f` inside validation, out-of-memory and internal error scopes, so that a device
+    /// error it causes comes back as [`AttnError::Gpu`] instead of reaching the device's
+    /// uncaptured-error handler (wgpu's default one panics). In a browser a scope cannot be
+    /// waited for: errors arrive asynchronously and [`GpuContext::finished`] reports them.
+    pub fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let scopes = [
+                wgpu::ErrorFilter::Validation,
+                wgpu::ErrorFilter::OutOfMemory,
+                wgpu::ErrorFilter::Internal,
+            ]
+            .map(|filter| self.device.push_error_scope(filter));
+            let out = f();
+            let mut first = None;
+            // scopes pop innermost first
+            for scope in scopes.into_iter().rev() {
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    first.get_or_insert(e.to_string());
+                }
+            }
+            match (out, first) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(e)) => Err(AttnError::Gpu(e)),
+                (Ok(v), None) => Ok(v),
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        f()
     }
 
     /// Blocks until all submitted work is done (a no-op in a browser: await [`Self::finished`]).

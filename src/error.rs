@@ -1,7 +1,9 @@
 //! One error type for everything a caller or a device can get wrong.
 
 /// Every failure the public API can report. Each variant says what was expected and what came.
+/// Non-exhaustive: new families may add variants, so match with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AttnError {
     /// No adapter matched (none at all, or none matching `WGPU_ATTENTION_ADAPTER`).
     #[error("no GPU adapter found: {0}")]
@@ -55,12 +57,10 @@ pub enum AttnError {
     /// the specialization that failed.
     #[error("shader '{name}' failed to build: {message}")]
     Shader { name: String, message: String },
-    /// The device reported an error (lost device, mapping failure, out of memory).
+    /// The device reported an error (a validation error caught in an error scope, a lost
+    /// device, a mapping failure, out of memory).
     #[error("GPU error: {0}")]
     Gpu(String),
-    /// A file could not be read or written (CLI, .npy input).
-    #[error("{path}: {reason}")]
-    Io { path: String, reason: String },
 }
 
 impl AttnError {

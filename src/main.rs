@@ -19,6 +19,7 @@ use wgpu_attention::flash::reference::{
 use wgpu_attention::*;
 
 use cli::npy;
+use cli::Failure;
 
 type CliResult<T> = std::result::Result<T, Failure>;
 
@@ -175,29 +176,8 @@ struct BenchArgs {
     na_sweep: bool,
 }
 
-enum Failure {
-    /// Bad input: exit code 2.
-    Input(String),
-    /// Device failure or check over tolerance: exit code 1.
-    Run(String),
-}
-
-impl From<AttnError> for Failure {
-    fn from(e: AttnError) -> Self {
-        match e {
-            AttnError::Shape { .. }
-            | AttnError::DType { .. }
-            | AttnError::HeadDim { .. }
-            | AttnError::Invalid { .. }
-            | AttnError::Io { .. }
-            | AttnError::Limit { .. }
-            | AttnError::MissingFeature { .. } => Failure::Input(e.to_string()),
-            _ => Failure::Run(e.to_string()),
-        }
-    }
-}
-
 fn main() -> ExitCode {
+    quiet_headless_vulkan();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Info => info(),
@@ -217,10 +197,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// On a machine without a display, Mesa's implicit Vulkan layer `VK_LAYER_MESA_device_select`
+/// still asks libwayland for one while adapters are enumerated, and libwayland prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set` for each try. The layer only orders GPUs by
+/// the display they drive, so with no display (neither `DISPLAY` nor `WAYLAND_DISPLAY`) it is
+/// switched off the way its manifest offers (`NODEVICE_SELECT=1`), unless the user set it.
+/// Done first thing in `main`, before any thread exists.
+fn quiet_headless_vulkan() {
+    let unset = |k: &str| std::env::var_os(k).is_none_or(|v| v.is_empty());
+    if unset("DISPLAY") && unset("WAYLAND_DISPLAY") && unset("NODEVICE_SELECT") {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn info() -> CliResult<()> {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let instance = wgpu_attention::context::instance();
+    let adapters = pollster::block_on(
+        instance.enumerate_adapters(wgpu_attention::context::instance_backends()),
+    );
     println!("adapters:");
     for a in &adapters {
         let i = a.get_info();
@@ -508,7 +502,7 @@ fn run(a: &RunArgs) -> CliResult<()> {
             &opts,
             &got,
             got_lse.as_deref(),
-        ))
+        )?)
     } else {
         None
     };
@@ -597,7 +591,7 @@ fn check(
     opts: &FlashOptions,
     got: &[f32],
     got_lse: Option<&[f32]>,
-) -> Comparison {
+) -> wgpu_attention::Result<Comparison> {
     let ri = RefInputs {
         shape: *s,
         q: &inp.q.data,
@@ -605,9 +599,11 @@ fn check(
         v: &inp.v.data,
         bias: bias.map(|b| (b.data.as_slice(), [b.shape[0], b.shape[1]])),
     };
-    let r = attention_reference(&ri, opts);
-    let plain = (inp.q.dtype == DType::F16).then(|| attention_plain_f16(&ri, opts));
-    compare(got, got_lse, &r, plain.as_deref())
+    let r = attention_reference(&ri, opts)?;
+    let plain = (inp.q.dtype == DType::F16)
+        .then(|| attention_plain_f16(&ri, opts))
+        .transpose()?;
+    Ok(compare(got, got_lse, &r, plain.as_deref()))
 }
 
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {

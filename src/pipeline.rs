@@ -1,107 +1,140 @@
-//! The pipeline key (every text specialization of every kernel) and the one pipeline cache.
+//! The host layer's kernel interface and the one pipeline cache. It knows no family: a family
+//! hands it a [`Kernel`] (a key that can say its label, WGSL, bindings, workgroup memory and
+//! the naga capabilities it needs), and the cache builds, validates and keeps the pipeline.
 
+use std::fmt;
 use std::sync::Arc;
 
-use crate::baseline::BaselineKey;
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::flash::shader::{flash_source, FlashKey, Strategy};
-use crate::tensor::DType;
 
-/// A hashable key naming one compiled kernel. Shapes are never part of it: they are uniforms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PipelineKey {
-    Flash(FlashKey),
-    Baseline(BaselineKey),
-}
-
-/// One binding of a kernel's bind group 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Binding {
-    Uniform,
-    Read,
-    ReadWrite,
+/// What one binding of bind group 0 is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindingKind {
+    /// `var<uniform>` of the named struct type.
+    Uniform(&'static str),
+    /// `var<storage, read>` array of the element type (`f32`, `vec4<f32>`, ...).
+    Read(String),
+    /// `var<storage, read_write>` array of the element type.
+    ReadWrite(String),
+    /// `texture_2d<f32>`, read with `textureLoad` (not filterable).
     Texture,
 }
 
-impl PipelineKey {
-    /// The bind group layout, binding `i` at index `i`. Explicit (not derived from the shader)
-    /// so that a specialization that leaves an optional binding unused binds the same way.
-    pub fn bindings(&self) -> &'static [Binding] {
-        use Binding::*;
-        match self {
-            PipelineKey::Flash(k) if k.strategy == Strategy::Sweep => &[
-                Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read, Texture,
-                Texture, Texture,
-            ],
-            PipelineKey::Flash(_) => &[
-                Uniform, Read, Read, Read, ReadWrite, ReadWrite, Read, Read, Read,
-            ],
-            PipelineKey::Baseline(BaselineKey::NaiveAttention { .. }) => {
-                &[Uniform, Read, Read, Read, ReadWrite]
-            }
-            PipelineKey::Baseline(BaselineKey::Matmul) => &[Uniform, Read, Read, ReadWrite],
+/// One binding, declared once: the host builds the bind group layout from it and the generator
+/// emits the WGSL declaration from it ([`declare_bindings`]), so the two cannot drift apart.
+/// Binding `i` of a kernel is the `i`-th of its list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingDecl {
+    pub name: &'static str,
+    pub kind: BindingKind,
+    /// Shape or meaning, written after the declaration (`[B, Lq, Hq, D]`).
+    pub comment: &'static str,
+}
+
+impl BindingDecl {
+    pub fn uniform(name: &'static str, ty: &'static str) -> Self {
+        BindingDecl {
+            name,
+            kind: BindingKind::Uniform(ty),
+            comment: "",
         }
     }
-
-    pub fn label(&self) -> String {
-        match self {
-            PipelineKey::Flash(k) => k.label(),
-            PipelineKey::Baseline(k) => k.label(),
+    pub fn read(name: &'static str, elem: impl Into<String>, comment: &'static str) -> Self {
+        BindingDecl {
+            name,
+            kind: BindingKind::Read(elem.into()),
+            comment,
         }
     }
-
-    /// The generated WGSL.
-    pub fn source(&self) -> String {
-        match self {
-            PipelineKey::Flash(k) => flash_source(k),
-            PipelineKey::Baseline(k) => k.source(),
+    pub fn read_write(name: &'static str, elem: impl Into<String>, comment: &'static str) -> Self {
+        BindingDecl {
+            name,
+            kind: BindingKind::ReadWrite(elem.into()),
+            comment,
         }
     }
-
-    /// The naga capabilities this specialization needs (and nothing more).
-    pub fn capabilities(&self) -> naga::valid::Capabilities {
-        use naga::valid::Capabilities as C;
-        let (dtype, subgroup) = match self {
-            PipelineKey::Flash(k) => (k.dtype, k.strategy != Strategy::Tiled),
-            PipelineKey::Baseline(_) => (DType::F32, false),
-        };
-        let mut caps = C::empty();
-        if dtype == DType::F16 {
-            caps |= C::SHADER_FLOAT16;
-        }
-        if subgroup {
-            caps |= C::SUBGROUP;
-        }
-        caps
-    }
-
-    /// Workgroup memory the kernel declares, in bytes.
-    pub fn workgroup_bytes(&self) -> u32 {
-        match self {
-            PipelineKey::Flash(k) => k.workgroup_bytes(),
-            PipelineKey::Baseline(k) => k.workgroup_bytes(),
+    pub fn texture(name: &'static str, comment: &'static str) -> Self {
+        BindingDecl {
+            name,
+            kind: BindingKind::Texture,
+            comment,
         }
     }
 }
 
-/// Every kernel the host can build, on any adapter: what `cargo test` validates with naga and
-/// translates to SPIR-V, MSL and HLSL.
-pub fn all_keys() -> Vec<PipelineKey> {
-    let mut keys: Vec<PipelineKey> = crate::flash::all_flash_keys()
-        .into_iter()
-        .map(PipelineKey::Flash)
-        .collect();
-    for d in crate::flash::HEAD_DIM_BUCKETS {
-        for dv in crate::flash::HEAD_DIM_BUCKETS {
-            keys.push(PipelineKey::Baseline(BaselineKey::NaiveAttention {
-                d4: d / 4,
-                dv4: dv / 4,
-            }));
+/// The WGSL declarations of `bindings`, group 0, binding `i` for the `i`-th entry.
+pub fn declare_bindings(bindings: &[BindingDecl]) -> String {
+    let mut out = String::new();
+    for (i, b) in bindings.iter().enumerate() {
+        let decl = match &b.kind {
+            BindingKind::Uniform(ty) => format!("var<uniform> {}: {ty};", b.name),
+            BindingKind::Read(e) => format!("var<storage, read> {}: array<{e}>;", b.name),
+            BindingKind::ReadWrite(e) => {
+                format!("var<storage, read_write> {}: array<{e}>;", b.name)
+            }
+            BindingKind::Texture => format!("var {}: texture_2d<f32>;", b.name),
+        };
+        let line = format!("@group(0) @binding({i}) {decl}");
+        if b.comment.is_empty() {
+            out.push_str(&line);
+        } else {
+            out.push_str(&format!("{line:<72} // {}", b.comment));
         }
+        out.push('\n');
     }
-    keys.push(PipelineKey::Baseline(BaselineKey::Matmul));
-    keys
+    out
+}
+
+/// The layout of a `#[repr(C)]` uniform struct in Rust: the WGSL struct it mirrors, its size
+/// and each field's byte offset. `tests/naga.rs` checks it against naga's layout of the WGSL
+/// struct, for every kernel. Build it with [`uniform_layout!`](crate::uniform_layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UniformLayout {
+    pub wgsl_struct: &'static str,
+    pub size: usize,
+    /// Field names (a leading `_` is ignored when matching) and byte offsets, in order.
+    pub fields: Vec<(&'static str, usize)>,
+}
+
+/// `uniform_layout!(RustType, "WgslStruct"; field, field, ...)`: the [`UniformLayout`] of a
+/// `#[repr(C)]` struct, offsets from `std::mem::offset_of!`.
+#[macro_export]
+macro_rules! uniform_layout {
+    ($ty:ty, $wgsl:literal; $($field:ident),* $(,)?) => {
+        $crate::pipeline::UniformLayout {
+            wgsl_struct: $wgsl,
+            size: ::std::mem::size_of::<$ty>(),
+            fields: vec![$((stringify!($field), ::std::mem::offset_of!($ty, $field))),*],
+        }
+    };
+}
+
+/// A kernel specialization, as a family describes it to the host layer. The label names every
+/// text specialization (it is the cache key); shapes are never part of it: they are uniforms.
+pub trait Kernel: fmt::Debug + Send + Sync {
+    /// Unique among all kernels of all families, e.g. `flash_tiled_f32_d64_dv64_r4_b32_u4_wg64`.
+    fn label(&self) -> String;
+    /// The generated WGSL, entry point `main`.
+    fn source(&self) -> String;
+    /// Bind group 0, in binding order.
+    fn bindings(&self) -> Vec<BindingDecl>;
+    /// Workgroup memory the kernel declares, in bytes (checked against the adapter's limit:
+    /// llvmpipe does not refuse an oversized declaration).
+    fn workgroup_bytes(&self) -> u32;
+    /// The naga capabilities this specialization needs, and nothing more.
+    fn capabilities(&self) -> naga::valid::Capabilities;
+    /// The Rust side of the kernel's uniform struct, checked against the WGSL by a test.
+    fn uniform(&self) -> UniformLayout;
+}
+
+/// Every kernel the host can build, on any adapter, of every family: what `cargo test`
+/// validates with naga and translates to SPIR-V, MSL and HLSL. A new family adds its list here.
+pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
+    let mut all: Vec<Box<dyn Kernel>> = Vec::new();
+    all.extend(crate::flash::all_kernels());
+    all.extend(crate::baseline::all_kernels());
+    all
 }
 
 /// Parses and validates WGSL with naga; the error names the shader and the line.
@@ -123,99 +156,99 @@ pub fn validate_wgsl(
     Ok((module, info))
 }
 
+fn layout_entry(i: usize, b: &BindingDecl) -> wgpu::BindGroupLayoutEntry {
+    let buffer = |ty| wgpu::BindingType::Buffer {
+        ty,
+        has_dynamic_offset: false,
+        min_binding_size: None,
+    };
+    wgpu::BindGroupLayoutEntry {
+        binding: i as u32,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: match b.kind {
+            BindingKind::Texture => wgpu::BindingType::Texture {
+                sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                view_dimension: wgpu::TextureViewDimension::D2,
+                multisampled: false,
+            },
+            BindingKind::Uniform(_) => buffer(wgpu::BufferBindingType::Uniform),
+            BindingKind::Read(_) => buffer(wgpu::BufferBindingType::Storage { read_only: true }),
+            BindingKind::ReadWrite(_) => {
+                buffer(wgpu::BufferBindingType::Storage { read_only: false })
+            }
+        },
+        count: None,
+    }
+}
+
 impl GpuContext {
-    /// Returns the pipeline for `key`, building (and validating) it on first use.
-    pub(crate) fn pipeline(&self, key: PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+    /// Returns the pipeline for `kernel`, building (and validating) it on first use.
+    pub fn pipeline(&self, kernel: &dyn Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
+        let label = kernel.label();
         let lock = || {
             self.pipelines
                 .lock()
                 .map_err(|_| AttnError::Gpu("pipeline cache poisoned by an earlier panic".into()))
         };
-        if let Some(p) = lock()?.get(&key) {
+        if let Some(p) = lock()?.get(&label) {
             return Ok(p.clone());
         }
         // Built without holding the lock: driver compiles take seconds on CPU adapters and two
         // threads may build different kernels at once (a rare duplicate build is harmless).
-        let wg_bytes = key.workgroup_bytes() as u64;
+        let wg_bytes = kernel.workgroup_bytes() as u64;
         let wg_limit = self.limits.max_compute_workgroup_storage_size as u64;
         if wg_bytes > wg_limit {
-            // llvmpipe does not refuse an oversized declaration: check it here.
             return Err(AttnError::Limit {
-                what: format!("workgroup memory of {}", key.label()),
+                what: format!("workgroup memory of {label}"),
                 needed: wg_bytes,
                 limit: wg_limit,
             });
         }
-        let label = key.label();
-        let source = key.source();
-        validate_wgsl(&label, &source, key.capabilities())?;
-        #[cfg(not(target_arch = "wasm32"))]
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&label),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = key
+        let source = kernel.source();
+        validate_wgsl(&label, &source, kernel.capabilities())?;
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
             .bindings()
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: match b {
-                    Binding::Texture => wgpu::BindingType::Texture {
-                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
-                        view_dimension: wgpu::TextureViewDimension::D2,
-                        multisampled: false,
-                    },
-                    _ => wgpu::BindingType::Buffer {
-                        ty: match b {
-                            Binding::Uniform => wgpu::BufferBindingType::Uniform,
-                            Binding::ReadWrite => {
-                                wgpu::BufferBindingType::Storage { read_only: false }
-                            }
-                            _ => wgpu::BufferBindingType::Storage { read_only: true },
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                },
-                count: None,
-            })
+            .map(|(i, b)| layout_entry(i, b))
             .collect();
-        let bgl = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some(&label),
-                entries: &entries,
-            });
-        let layout = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(&label),
-                bind_group_layouts: &[Some(&bgl)],
-                immediate_size: 0,
-            });
         let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
-                layout: Some(&layout),
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        #[cfg(not(target_arch = "wasm32"))]
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(AttnError::Shader {
-                name: label,
-                message: err.to_string(),
-            });
-        }
+            .scoped(|| {
+                let module = self
+                    .device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(&label),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    });
+                let bgl = self
+                    .device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(&label),
+                        entries: &entries,
+                    });
+                let layout = self
+                    .device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(&label),
+                        bind_group_layouts: &[Some(&bgl)],
+                        immediate_size: 0,
+                    });
+                Ok(self
+                    .device
+                    .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(&label),
+                        layout: Some(&layout),
+                        module: &module,
+                        entry_point: Some("main"),
+                        compilation_options: Default::default(),
+                        cache: self.pipeline_cache.as_ref(),
+                    }))
+            })
+            .map_err(|e| AttnError::Shader {
+                name: label.clone(),
+                message: e.to_string(),
+            })?;
         let pipeline = Arc::new(pipeline);
-        Ok(lock()?.entry(key).or_insert(pipeline).clone())
+        Ok(lock()?.entry(label).or_insert(pipeline).clone())
     }
 }

@@ -57,6 +57,20 @@ fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     strides
 }
 
+/// The element count of `shape`, or a typed error where it overflows `usize`.
+fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &x| n.checked_mul(x))
+        .ok_or_else(|| {
+            AttnError::invalid(
+                "tensor shape",
+                "an element count that fits usize",
+                format!("{shape:?}"),
+            )
+        })
+}
+
 fn padded_bytes(bytes: &[u8]) -> Vec<u8> {
     let mut v = bytes.to_vec();
     v.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
@@ -69,7 +83,7 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 
 impl Tensor {
     fn check_len(shape: &[usize], len: usize) -> Result<()> {
-        let n: usize = shape.iter().product();
+        let n = checked_numel(shape)?;
         if n != len {
             return Err(AttnError::shape(
                 "tensor data",
@@ -82,13 +96,15 @@ impl Tensor {
 
     fn upload(ctx: &GpuContext, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Self> {
         ctx.check_binding("tensor", bytes.len() as u64)?;
-        let buffer = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-attention tensor"),
-                contents: &padded_bytes(bytes),
-                usage: USAGE,
-            });
+        let buffer = ctx.scoped(|| {
+            Ok(ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("wgpu-attention tensor"),
+                    contents: &padded_bytes(bytes),
+                    usage: USAGE,
+                }))
+        })?;
         Ok(Tensor {
             buffer,
             shape: shape.to_vec(),
@@ -120,7 +136,8 @@ impl Tensor {
 
     /// A tensor of `shape` with every element equal to `value` (tests poison outputs with NaN).
     pub fn filled(ctx: &GpuContext, shape: &[usize], dtype: DType, value: f32) -> Result<Self> {
-        let n: usize = shape.iter().product();
+        let n = checked_numel(shape)?;
+        ctx.check_binding("tensor", (n as u64).saturating_mul(dtype.size() as u64))?;
         match dtype {
             DType::F32 => Self::from_f32(ctx, &vec![value; n], shape),
             DType::F16 => Self::from_f16(ctx, &vec![half::f16::from_f32(value); n], shape),
@@ -138,15 +155,17 @@ impl Tensor {
     ) -> Result<Self> {
         let t = Tensor {
             buffer,
-            shape: shape.clone(),
-            strides: contiguous_strides(&shape),
+            shape: Vec::new(),
+            strides: Vec::new(),
             offset: 0,
             dtype,
         };
         t.with_layout(shape, strides, offset)
     }
 
-    /// The same buffer seen with another shape, strides and offset (checked to stay inside it).
+    /// The same buffer seen with another shape, strides and offset (checked to stay inside it,
+    /// with every index computed in checked arithmetic: a view whose last element overflows
+    /// `usize` is an error, never a wrapped index).
     pub fn with_layout(
         &self,
         shape: Vec<usize>,
@@ -167,14 +186,28 @@ impl Tensor {
                 format!("{strides:?}"),
             ));
         }
-        let last: usize = offset
-            + shape
-                .iter()
-                .zip(&strides)
-                .map(|(&n, &s)| n.saturating_sub(1) * s)
-                .sum::<usize>();
-        let elems = self.buffer.size() as usize / self.dtype.size();
-        if shape.iter().product::<usize>() > 0 && last >= elems {
+        let overflow = || {
+            AttnError::invalid(
+                "tensor view",
+                "a shape, strides and offset whose element indices fit usize",
+                format!("shape {shape:?} strides {strides:?} offset {offset}"),
+            )
+        };
+        shape
+            .iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .ok_or_else(overflow)?;
+        let last = shape
+            .iter()
+            .zip(&strides)
+            .try_fold(offset, |acc, (&n, &s)| {
+                n.saturating_sub(1)
+                    .checked_mul(s)
+                    .and_then(|x| acc.checked_add(x))
+            })
+            .ok_or_else(overflow)?;
+        let elems = self.buffer.size() / self.dtype.size() as u64;
+        if shape.iter().product::<usize>() > 0 && last as u64 >= elems {
             return Err(AttnError::shape(
                 "tensor view",
                 format!("within a buffer of {elems} elements"),
@@ -197,6 +230,59 @@ impl Tensor {
             offset,
             dtype: self.dtype,
         })
+    }
+
+    /// The bytes `[start, end)` this view's elements span in its buffer (`start == end` for an
+    /// empty view). Never overflows: [`Tensor::with_layout`] checked the last index.
+    pub fn byte_range(&self) -> (u64, u64) {
+        let e = self.dtype.size() as u64;
+        let start = self.offset as u64 * e;
+        if self.numel() == 0 {
+            return (start, start);
+        }
+        let last: u64 = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .map(|(&n, &s)| (n as u64 - 1) * s as u64)
+            .sum::<u64>()
+            + self.offset as u64;
+        (start, (last + 1) * e)
+    }
+
+    /// Whether distinct indices always address distinct elements (an output view where two
+    /// rows share memory would be a race: a zero stride, or strides that interleave axes).
+    pub fn is_non_overlapping(&self) -> bool {
+        let mut axes: Vec<(usize, usize)> = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .filter(|(&n, _)| n > 1)
+            .map(|(&n, &s)| (s, n))
+            .collect();
+        axes.sort_unstable();
+        // each axis must step past everything the faster axes span
+        let mut span: u64 = 1; // elements from one index of the fastest axes to past their last
+        for (s, n) in axes {
+            if (s as u64) < span {
+                return false;
+            }
+            span += s as u64 * (n as u64 - 1);
+        }
+        true
+    }
+
+    /// Checks that the buffer has `usage` (e.g. STORAGE to be bound by a kernel).
+    pub fn require_usage(&self, what: &str, usage: wgpu::BufferUsages) -> Result<()> {
+        let has = self.buffer.usage();
+        if !has.contains(usage) {
+            return Err(AttnError::invalid(
+                format!("{what} buffer usage"),
+                format!("{usage:?}"),
+                format!("{has:?}"),
+            ));
+        }
+        Ok(())
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -230,27 +316,17 @@ impl Tensor {
 
     /// Downloads the tensor. Natively the first poll of the future waits for the device; in a
     /// browser the future resolves when the copy has finished, without blocking the page.
+    /// The buffer needs COPY_SRC usage (a typed error otherwise); only the bytes the view spans
+    /// are copied.
     pub fn to_vec_f32_async(
         &self,
         ctx: &GpuContext,
     ) -> impl std::future::Future<Output = Result<Vec<f32>>> {
-        let size = self.buffer.size();
-        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
-        ctx.queue.submit([enc.finish()]);
-        let (tx, rx) = futures::channel::oneshot::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
+        let started = self.start_readback(ctx);
         let this = self.clone();
         let device = ctx.device.clone();
         async move {
+            let (staging, base, rx) = started?;
             device
                 .poll(wgpu::PollType::Wait {
                     submission_index: None,
@@ -272,17 +348,61 @@ impl Tensor {
             };
             drop(view);
             staging.unmap();
-            Ok(this.gather(&raw))
+            Ok(this.gather(&raw, base))
         }
     }
 
+    /// Copies the view's bytes into a mappable buffer and asks for the mapping: the staging
+    /// buffer, the element index its first element has in this tensor's buffer, and the
+    /// mapping's callback.
+    #[allow(clippy::type_complexity)]
+    fn start_readback(
+        &self,
+        ctx: &GpuContext,
+    ) -> Result<(
+        wgpu::Buffer,
+        usize,
+        futures::channel::oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    )> {
+        self.require_usage("readback source", wgpu::BufferUsages::COPY_SRC)?;
+        let (start, end) = self.byte_range();
+        // copies move whole 4-byte words
+        let base = start / 4 * 4;
+        let end = end.div_ceil(4) * 4;
+        if end > self.buffer.size() {
+            return Err(AttnError::invalid(
+                "readback source",
+                "a buffer whose size is a multiple of 4 bytes",
+                format!("{} bytes", self.buffer.size()),
+            ));
+        }
+        let size = (end - base).max(4);
+        let staging = ctx.scoped(|| {
+            let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-attention readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&self.buffer, base, &staging, 0, end - base);
+            ctx.queue.submit([enc.finish()]);
+            Ok(staging)
+        })?;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        Ok((staging, (base / self.dtype.size() as u64) as usize, rx))
+    }
+
     /// Picks this view's elements, row-major, out of the whole buffer's contents.
-    fn gather(&self, raw: &[f32]) -> Vec<f32> {
+    fn gather(&self, raw: &[f32], base: usize) -> Vec<f32> {
         let n = self.numel();
         let mut out = Vec::with_capacity(n);
         let mut idx = vec![0usize; self.shape.len()];
         for _ in 0..n {
-            let off = self.offset
+            let off = self.offset - base
                 + idx
                     .iter()
                     .zip(&self.strides)

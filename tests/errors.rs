@@ -131,22 +131,25 @@ fn buffers_over_the_adapter_limits() {
     let n = (limit / 4 + 1) as usize;
     let e = Tensor::filled(c, &[n], DType::F32, 0.0).unwrap_err();
     assert!(matches!(e, AttnError::Limit { .. }), "{e}");
-    // a caller's buffer bigger than one binding may hold
+    // a view whose span is bigger than one binding may hold
     if c.limits.max_buffer_size > limit {
         let buf = c.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: (limit + 16).next_multiple_of(4),
+            size: (limit + 64).next_multiple_of(4),
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let q =
-            Tensor::from_buffer(buf, vec![1, 4, 1, 8], vec![32, 8, 8, 1], 0, DType::F32).unwrap();
-        let e = run(
-            &q,
-            &t(&[1, 4, 1, 8]),
-            &t(&[1, 4, 1, 8]),
-            &Default::default(),
-        );
+        let rows = (limit / 32 + 1) as usize;
+        let q = Tensor::from_buffer(
+            buf,
+            vec![1, rows, 1, 8],
+            vec![8 * rows, 8, 8, 1],
+            0,
+            DType::F32,
+        )
+        .unwrap();
+        let kv = t(&[1, 4, 1, 8]);
+        let e = run(&q, &kv, &kv, &Default::default());
         assert!(matches!(e, AttnError::Limit { .. }), "{e}");
     }
     // a view that reaches past its buffer
@@ -262,4 +265,299 @@ fn lk_over_the_loop_limit_is_refused_not_truncated() {
         let e = flash::plan(c, &s, DType::F32, &o).unwrap_err();
         assert!(matches!(e, AttnError::Limit { .. }), "{e}");
     }
+}
+
+/// A buffer of `bytes` with `usage`, for embedder-style tensors.
+fn raw_buffer(bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    ctx().device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("embedder buffer"),
+        size: bytes,
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
+const RW: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn into(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: Option<&Tensor>) -> AttnError {
+    match flash_attention_into(ctx(), q, k, v, out, lse, &Default::default()) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn outputs_aliasing_inputs_are_refused() {
+    let (q, k, v) = qkv();
+    // O written over Q (same shape: [2, 5, 4, 8] with Dv = D)
+    let e = into(&q, &k, &v, &q, None);
+    assert!(
+        matches!(&e, AttnError::Invalid { what, actual, .. } if what == "out" && actual.contains("q")),
+        "{e}"
+    );
+    // O in another part of V's buffer: still one buffer bound read-only and writable
+    let big = Tensor::filled(ctx(), &[4096], DType::F32, 0.0).unwrap();
+    let v2 = big
+        .with_layout(vec![2, 7, 2, 8], vec![112, 16, 8, 1], 0)
+        .unwrap();
+    let o2 = big
+        .with_layout(vec![2, 5, 4, 8], vec![160, 32, 8, 1], 1024)
+        .unwrap();
+    let e = into(&q, &k, &v2, &o2, None);
+    assert!(
+        matches!(&e, AttnError::Invalid { actual, .. } if actual.contains("v")),
+        "{e}"
+    );
+    // LSE in O's buffer
+    let out = Tensor::filled(ctx(), &[4096], DType::F32, 0.0).unwrap();
+    let o = out
+        .with_layout(vec![2, 5, 4, 8], vec![160, 32, 8, 1], 0)
+        .unwrap();
+    let l = out
+        .with_layout(vec![2, 4, 5], vec![20, 5, 1], 2048)
+        .unwrap();
+    let e = into(&q, &k, &v, &o, Some(&l));
+    assert!(
+        matches!(&e, AttnError::Invalid { what, actual, .. } if what == "lse" && actual.contains("out")),
+        "{e}"
+    );
+}
+
+#[test]
+fn overlapping_output_strides_are_refused() {
+    let (q, k, v) = qkv();
+    let buf = Tensor::filled(ctx(), &[2 * 4 * 8], DType::F32, 0.0).unwrap();
+    // stride 0 on the sequence axis: every row of a head writes the same place (a race)
+    let o = buf
+        .with_layout(vec![2, 5, 4, 8], vec![32, 0, 8, 1], 0)
+        .unwrap();
+    let e = into(&q, &k, &v, &o, None);
+    assert!(
+        matches!(&e, AttnError::Invalid { what, .. } if what == "out strides"),
+        "{e}"
+    );
+    // heads overlapping the dim axis
+    let buf = Tensor::filled(ctx(), &[1024], DType::F32, 0.0).unwrap();
+    let o = buf
+        .with_layout(vec![2, 5, 4, 8], vec![160, 32, 4, 1], 0)
+        .unwrap();
+    let e = into(&q, &k, &v, &o, None);
+    assert!(
+        matches!(&e, AttnError::Invalid { what, .. } if what == "out strides"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_buffer_usages_are_typed_errors() {
+    let (_, k, v) = qkv();
+    let no_storage = raw_buffer(4 * 2 * 5 * 4 * 8, wgpu::BufferUsages::COPY_DST);
+    let q = Tensor::from_buffer(
+        no_storage,
+        vec![2, 5, 4, 8],
+        vec![160, 32, 8, 1],
+        0,
+        DType::F32,
+    )
+    .unwrap();
+    let out = Tensor::filled(ctx(), &[2, 5, 4, 8], DType::F32, 0.0).unwrap();
+    let e = into(&q, &k, &v, &out, None);
+    assert!(
+        matches!(&e, AttnError::Invalid { what, expected, .. } if what == "q buffer usage" && expected.contains("STORAGE")),
+        "{e}"
+    );
+    // an output the caller cannot read back: the kernel runs, the readback is refused
+    let (q, k, v) = qkv();
+    let buf = raw_buffer(4 * 2 * 5 * 4 * 8, wgpu::BufferUsages::STORAGE);
+    let out =
+        Tensor::from_buffer(buf, vec![2, 5, 4, 8], vec![160, 32, 8, 1], 0, DType::F32).unwrap();
+    flash_attention_into(ctx(), &q, &k, &v, &out, None, &Default::default()).unwrap();
+    let e = out.to_vec_f32(ctx()).unwrap_err();
+    assert!(
+        matches!(&e, AttnError::Invalid { expected, .. } if expected.contains("COPY_SRC")),
+        "{e}"
+    );
+}
+
+#[test]
+fn view_arithmetic_that_overflows_is_refused() {
+    let buf = raw_buffer(1024, RW);
+    for (shape, strides, offset) in [
+        (vec![1, 4, 1, 8], vec![32, 8, 8, 1], usize::MAX - 8),
+        (vec![2, 4, 1, 8], vec![usize::MAX / 2, 8, 8, 1], 0),
+        (vec![usize::MAX, 2, 1, 8], vec![16, 8, 8, 1], 0),
+    ] {
+        let e = Tensor::from_buffer(buf.clone(), shape.clone(), strides, offset, DType::F32)
+            .unwrap_err();
+        assert!(
+            matches!(e, AttnError::Invalid { .. } | AttnError::Shape { .. }),
+            "{shape:?}: {e}"
+        );
+    }
+    // an offset past the end
+    let e =
+        Tensor::from_buffer(buf, vec![1, 4, 1, 8], vec![32, 8, 8, 1], 256, DType::F32).unwrap_err();
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    // huge shapes for new tensors
+    let e = Tensor::filled(ctx(), &[usize::MAX, 3], DType::F32, 0.0).unwrap_err();
+    assert!(matches!(e, AttnError::Invalid { .. }), "{e}");
+}
+
+/// Views into one pooled allocation at offsets that break the adapter's storage-offset
+/// alignment (and past one binding's worth of bytes where the adapter allows such buffers):
+/// each binds the sub-range it spans and the results equal those of standalone tensors.
+#[test]
+fn views_into_a_pooled_buffer_bind_their_own_range() {
+    let c = ctx();
+    let (b, lq, lk, hq, hkv, d) = (1, 9, 13, 2, 1, 8);
+    let qh = random(b * lq * hq * d, 2.0, 11);
+    let kh = random(b * lk * hkv * d, 2.0, 12);
+    let vh = random(b * lk * hkv * d, 1.0, 13);
+    let standalone = |x: &[f32], dims: &[usize]| Tensor::from_f32(c, x, dims).unwrap();
+    let want = flash_attention(
+        c,
+        &standalone(&qh, &[b, lq, hq, d]),
+        &standalone(&kh, &[b, lk, hkv, d]),
+        &standalone(&vh, &[b, lk, hkv, d]),
+        &Default::default(),
+    )
+    .unwrap()
+    .out
+    .to_vec_f32(c)
+    .unwrap();
+    // q, k, v at odd element offsets; the pool as large as one binding may be plus a margin
+    let binding = c
+        .limits
+        .max_storage_buffer_binding_size
+        .min(c.limits.max_buffer_size);
+    let pool_bytes = if c.limits.max_buffer_size >= binding + (1 << 20) {
+        binding + (1 << 20)
+    } else {
+        1 << 20
+    };
+    let pool = raw_buffer(pool_bytes, RW);
+    let pool_elems = (pool_bytes / 4) as usize;
+    let offsets = [pool_elems - 4096 + 3, 1001, pool_elems / 2 + 7];
+    let mut views = Vec::new();
+    for (x, off, l) in [
+        (&qh, offsets[0], lq),
+        (&kh, offsets[1], lk),
+        (&vh, offsets[2], lk),
+    ] {
+        c.queue
+            .write_buffer(&pool, (off * 4) as u64, bytemuck::cast_slice(x));
+        let h = x.len() / (b * l * d);
+        views.push(
+            Tensor::from_buffer(
+                pool.clone(),
+                vec![b, l, h, d],
+                vec![l * h * d, h * d, d, 1],
+                off,
+                DType::F32,
+            )
+            .unwrap(),
+        );
+    }
+    let out_pool = raw_buffer(1 << 16, RW);
+    let out = Tensor::from_buffer(
+        out_pool,
+        vec![b, lq, hq, d],
+        vec![lq * hq * d, hq * d, d, 1],
+        333,
+        DType::F32,
+    )
+    .unwrap();
+    out.buffer(); // the same buffer for every view of the pool
+    flash_attention_into(
+        c,
+        &views[0],
+        &views[1],
+        &views[2],
+        &out,
+        None,
+        &Default::default(),
+    )
+    .unwrap();
+    let got = out.to_vec_f32(c).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "element {i}: {g} != {w}"
+        );
+    }
+}
+
+#[test]
+fn device_errors_inside_the_library_are_typed_not_panics() {
+    // MAP_READ with STORAGE is invalid without MAPPABLE_PRIMARY_BUFFERS: wgpu reports a
+    // validation error, which an error scope must turn into AttnError::Gpu
+    let e = ctx()
+        .scoped(|| {
+            Ok(ctx().device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }))
+        })
+        .unwrap_err();
+    assert!(matches!(e, AttnError::Gpu(_)), "{e}");
+}
+
+#[test]
+fn public_helpers_refuse_instead_of_panicking() {
+    use wgpu_attention::neighborhood::NaSpec;
+    // four spatial axes
+    let e = NaSpec::new(&[NaAxis::UNIT; 4]).unwrap_err();
+    assert!(matches!(e, AttnError::Invalid { .. }), "{e}");
+    assert!(NaSpec::new(&[]).is_err());
+    // the reference on vectors shorter than the shape says
+    let shape = AttnShape {
+        batch: 1,
+        lq: 4,
+        lk: 4,
+        hq: 2,
+        hkv: 1,
+        d: 8,
+        dv: 8,
+    };
+    let short = vec![0.0f32; 10];
+    let full = vec![0.0f32; 64];
+    let inp = RefInputs {
+        shape,
+        q: &short,
+        k: &full[..32],
+        v: &full[..32],
+        bias: None,
+    };
+    let e = attention_reference(&inp, &Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, AttnError::Shape { what, .. } if what == "q"),
+        "{e}"
+    );
+    let inp = RefInputs {
+        shape,
+        q: &full,
+        k: &full[..32],
+        v: &full[..32],
+        bias: None,
+    };
+    let o = FlashOptions {
+        kv_lens: Some(vec![9]),
+        ..Default::default()
+    };
+    assert!(attention_reference(&inp, &o).is_err());
+    // a loop limit below the plan's margin refuses every plan, without underflow
+    let (d, q) = (ctx().device.clone(), ctx().queue.clone());
+    let mut c = GpuContext::from_device(d, q, ctx().adapter_info.clone());
+    c.caps.loop_limit = Some(10);
+    let x = Tensor::from_f32(&c, &random(32, 1.0, 3), &[1, 4, 1, 8]).unwrap();
+    let e = flash_attention(&c, &x, &x, &x, &Default::default())
+        .err()
+        .unwrap();
+    assert!(matches!(e, AttnError::Limit { .. }), "{e}");
 }

@@ -2,13 +2,14 @@
 //! MSL and HLSL, so Vulkan, Metal and DX12 do not break unseen. No GPU needed.
 
 use naga::back::{hlsl, msl, spv};
-use wgpu_attention::pipeline::{all_keys, validate_wgsl, PipelineKey};
+use wgpu_attention::pipeline::{all_kernels, validate_wgsl, Kernel};
 use wgpu_attention::{DType, Strategy};
 
-fn translate(key: &PipelineKey) -> Result<(), String> {
+fn translate(key: &dyn Kernel) -> Result<(), String> {
     let label = key.label();
     let (module, info) =
         validate_wgsl(&label, &key.source(), key.capabilities()).map_err(|e| e.to_string())?;
+    check_uniform_layout(key, &module)?;
     spv::write_vec(&module, &info, &spv::Options::default(), None)
         .map_err(|e| format!("{label}: SPIR-V: {e}"))?;
     msl::write_string(
@@ -35,9 +36,45 @@ fn translate(key: &PipelineKey) -> Result<(), String> {
     Ok(())
 }
 
+/// The Rust uniform struct of a kernel against naga's layout of the WGSL struct it mirrors:
+/// same size, same field names in the same order at the same offsets.
+fn check_uniform_layout(key: &dyn Kernel, module: &naga::Module) -> Result<(), String> {
+    let want = key.uniform();
+    let label = key.label();
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .map_err(|e| format!("{label}: layout: {e}"))?;
+    let (handle, ty) = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some(want.wgsl_struct))
+        .ok_or_else(|| format!("{label}: no WGSL struct {}", want.wgsl_struct))?;
+    let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+        return Err(format!("{label}: {} is not a struct", want.wgsl_struct));
+    };
+    let got: Vec<(String, usize)> = members
+        .iter()
+        .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+        .collect();
+    let want_fields: Vec<(String, usize)> = want
+        .fields
+        .iter()
+        .map(|(n, o)| (n.trim_start_matches('_').to_string(), *o))
+        .collect();
+    let size = layouter[handle].size as usize;
+    if got != want_fields || size != want.size {
+        return Err(format!(
+            "{label}: Rust uniform ({} bytes) {want_fields:?} != WGSL {} ({size} bytes) {got:?}",
+            want.size, want.wgsl_struct
+        ));
+    }
+    Ok(())
+}
+
 #[test]
 fn every_specialization_validates_and_translates() {
-    let keys = all_keys();
+    let keys = all_kernels();
     assert!(keys.len() > 100, "only {} keys", keys.len());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = keys.len().div_ceil(threads);
@@ -47,7 +84,7 @@ fn every_specialization_validates_and_translates() {
             .map(|part| {
                 s.spawn(move || {
                     part.iter()
-                        .filter_map(|k| translate(k).err())
+                        .filter_map(|k| translate(k.as_ref()).err())
                         .collect::<Vec<_>>()
                 })
             })
@@ -85,7 +122,7 @@ fn shader_snapshots_match_the_generator() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders/flash");
     let bless = std::env::var("WGPU_ATTENTION_BLESS").is_ok_and(|v| v == "1");
     for k in keys {
-        let key = PipelineKey::Flash(k);
+        let key = k;
         let path = dir.join(format!("{}.wgsl", key.label()));
         let src = key.source();
         if bless {

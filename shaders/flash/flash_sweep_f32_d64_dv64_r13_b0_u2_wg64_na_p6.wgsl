@@ -20,18 +20,17 @@ struct Params {
     na_tiles: vec4<u32>, // workgroup tiles per dilation group (x, y, z)
 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q_buf: array<f32>;        // [B, Lq, Hq, D]
-@group(0) @binding(2) var<storage, read> k_buf: array<f32>;        // [B, Lk, Hkv, D]
-@group(0) @binding(3) var<storage, read> v_buf: array<f32>;        // [B, Lk, Hkv, Dv]
-@group(0) @binding(4) var<storage, read_write> o_buf: array<f32>;  // [B, Lq, Hq, Dv]
-@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>; // [B, Hq, Lq]
-@group(0) @binding(6) var<storage, read> bias_buf: array<f32>;      // [B|1, Hq|1, Lq, Lk]
-@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;     // [Hq]
-@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;      // [2B]: q lens, kv lens
-
-const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
-const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
-const LN2: f32 = 0.6931471805599453;
+@group(0) @binding(1) var<storage, read> q_buf: array<f32>;              // [B, Lq, Hq, D]
+@group(0) @binding(2) var<storage, read> k_buf: array<f32>;              // [B, Lk, Hkv, D]
+@group(0) @binding(3) var<storage, read> v_buf: array<f32>;              // [B, Lk, Hkv, Dv]
+@group(0) @binding(4) var<storage, read_write> o_buf: array<f32>;        // [B, Lq, Hq, Dv]
+@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;      // [B, Hq, Lq] (strides in p.lse)
+@group(0) @binding(6) var<storage, read> bias_buf: array<f32>;           // [B|1, Hq|1, Lq, Lk]
+@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;          // [Hq]
+@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;           // [2B]: q lens, kv lens
+@group(0) @binding(9) var q_tex: texture_2d<f32>;                        // Q, K, V as texels of 4 elements
+@group(0) @binding(10) var k_tex: texture_2d<f32>;
+@group(0) @binding(11) var v_tex: texture_2d<f32>;
 const F_CAUSAL: u32 = 1u;
 const F_SOFTCAP: u32 = 2u;
 const F_ALIBI: u32 = 4u;
@@ -42,6 +41,10 @@ const F_KVLENS: u32 = 64u;
 const F_WLEFT: u32 = 128u;
 const F_WRIGHT: u32 = 256u;
 const F_NA_CAUSAL: u32 = 512u;
+
+const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
+const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
+const LN2: f32 = 0.6931471805599453;
 
 // The key range of the current pass (sinks, then the window): a block that overhangs its range
 // must not count keys that the other pass visits. (Loops bound themselves by the pass's own
@@ -144,9 +147,6 @@ fn na_ends(x: vec3<i32>, start: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
                      na_end(x.y, start.y, n.y, k.y, na_causal(1u)),
                      na_end(x.z, start.z, n.z, k.z, na_causal(2u)));
 }
-@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements
-@group(0) @binding(10) var k_tex: texture_2d<f32>;
-@group(0) @binding(11) var v_tex: texture_2d<f32>;
 fn ld_q(base: u32, c: u32) -> vec4<f32> {
     // base + c is a multiple of 4
     let t = (base + c) >> 2u;

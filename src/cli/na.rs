@@ -107,7 +107,7 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
         )));
     }
     let spatial = q.shape()[1..r - 2].to_vec();
-    let spec = NaSpec::new(&opts.axes(&spatial)?);
+    let spec = NaSpec::new(&opts.axes(&spatial)?)?;
     let (b, hq, d) = (q.shape()[0], q.shape()[r - 2], q.shape()[r - 1]);
     let (hkv, dv) = (
         v.shape()[v.shape().len().saturating_sub(2)],
@@ -142,19 +142,23 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
         dv,
     };
     let gflops = shape.flops_for_pairs(spec.pairs()) / (t.median_ms * 1e6);
-    let cmp = a.check.then(|| {
-        let ri = RefInputs {
-            shape,
-            q: &inp.q.data,
-            k: &inp.k.data,
-            v: &inp.v.data,
-            bias: None,
-        };
-        let r = neighborhood_reference(&ri, &spec, opts.scale);
-        let plain =
-            (q.dtype() == DType::F16).then(|| neighborhood_plain_f16(&ri, &spec, opts.scale));
-        compare(&got, Some(&got_lse), &r, plain.as_deref())
-    });
+    let cmp = a
+        .check
+        .then(|| -> wgpu_attention::Result<_> {
+            let ri = RefInputs {
+                shape,
+                q: &inp.q.data,
+                k: &inp.k.data,
+                v: &inp.v.data,
+                bias: None,
+            };
+            let r = neighborhood_reference(&ri, &spec, opts.scale)?;
+            let plain = (q.dtype() == DType::F16)
+                .then(|| neighborhood_plain_f16(&ri, &spec, opts.scale))
+                .transpose()?;
+            Ok(compare(&got, Some(&got_lse), &r, plain.as_deref()))
+        })
+        .transpose()?;
     let desc = format!(
         "neighborhood {spatial:?} kernel {:?} dilation {:?} stride {:?} causal {:?}: B={b} Hq={hq} Hkv={hkv} D={d} Dv={dv} {}",
         opts.kernel_size,

@@ -16,7 +16,7 @@ use wgpu::util::DeviceExt;
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::neighborhood::{NaAxis, NaSpec};
-use crate::pipeline::PipelineKey;
+use crate::pipeline::Kernel;
 use crate::tensor::{DType, Tensor};
 use shader::{flags, FlashKey, FlashParams, Strategy, TEXTURE_WIDTH};
 
@@ -321,6 +321,14 @@ pub fn sweep_layout(
     Ok(NaSpec { axes: [x, y, z] })
 }
 
+/// Every flash specialization as a [`Kernel`] (for the host layer's registry).
+pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
+    all_flash_keys()
+        .into_iter()
+        .map(|k| Box::new(k) as Box<dyn Kernel>)
+        .collect()
+}
+
 /// Every flash specialization the host can build, on any adapter (for naga tests).
 pub fn all_flash_keys() -> Vec<FlashKey> {
     let sizes = [4u32, 8, 16, 32, 64, 128];
@@ -507,14 +515,16 @@ pub fn plan_with(
                 blocks * (1 + block / group)
             }
         };
-        if trips > limit - 64 {
+        // a margin for the loops outside the key loops (and a limit under it refuses all)
+        let usable = limit.saturating_sub(64);
+        if trips > usable {
             return Err(AttnError::Limit {
                 what: format!(
                     "loop iterations per invocation for Lk = {} ({} driver stops loops silently)",
                     shape.lk, ctx.adapter_info.driver
                 ),
                 needed: trips,
-                limit: limit - 64,
+                limit: usable,
             });
         }
     }
@@ -718,15 +728,106 @@ fn copy_to_texture(
     }
 }
 
-fn storage<'a>(binding: u32, buf: &'a wgpu::Buffer) -> wgpu::BindGroupEntry<'a> {
-    wgpu::BindGroupEntry {
-        binding,
-        resource: buf.as_entire_binding(),
+/// A tensor's bytes as a binding: the sub-range its view spans, started on the adapter's
+/// storage-offset alignment (so a view into a pooled allocation binds without the whole
+/// buffer), and the element offset of the view inside that range.
+struct BoundRange<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    elem_offset: u32,
+}
+
+impl<'a> BoundRange<'a> {
+    fn new(ctx: &GpuContext, t: &'a Tensor, what: &str) -> Result<Self> {
+        t.require_usage(what, wgpu::BufferUsages::STORAGE)?;
+        let (start, end) = t.byte_range();
+        let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment.max(4));
+        let offset = start / align * align;
+        // storage bindings are whole 4-byte words
+        let end = end.div_ceil(4) * 4;
+        if end > t.buffer().size() {
+            return Err(AttnError::invalid(
+                format!("{what} buffer"),
+                format!("at least {end} bytes (the view's last element, rounded up to 4 bytes)"),
+                format!("{} bytes", t.buffer().size()),
+            ));
+        }
+        let size = (end - offset).max(4);
+        ctx.check_binding(what, size)?;
+        let elem_offset =
+            u32::try_from((start - offset) / t.dtype().size() as u64).map_err(|_| {
+                AttnError::invalid(what, "a storage offset alignment under 4 GiB", align)
+            })?;
+        Ok(BoundRange {
+            buffer: t.buffer(),
+            offset,
+            size,
+            elem_offset,
+        })
+    }
+
+    fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        BoundRange {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+            elem_offset: 0,
+        }
+    }
+
+    fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'a> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: self.buffer,
+                offset: self.offset,
+                size: std::num::NonZeroU64::new(self.size),
+            }),
+        }
     }
 }
 
+/// Outputs must not share a buffer with an input or with each other: wgpu refuses one buffer
+/// bound read-only and writable in one dispatch, and two outputs over the same bytes race.
+fn check_no_alias(inputs: &[(&str, &Tensor)], outputs: &[(&str, &Tensor)]) -> Result<()> {
+    for (i, (name, o)) in outputs.iter().enumerate() {
+        let others = inputs.iter().chain(&outputs[..i]);
+        if let Some((other, _)) = others.into_iter().find(|(_, t)| t.buffer() == o.buffer()) {
+            return Err(AttnError::invalid(
+                *name,
+                "a buffer of its own (outputs may not share a buffer with an input or another output)",
+                format!("the buffer of {other}"),
+            ));
+        }
+        if !o.is_non_overlapping() {
+            return Err(AttnError::invalid(
+                format!("{name} strides"),
+                "strides under which no two elements share memory (no zero or interleaved strides)",
+                format!("shape {:?} strides {:?}", o.shape(), o.strides()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the checks of one call produce: sizes, flags and the values of the uniforms that do
+/// not depend on the plan.
+struct Checked {
+    s: AttnShape,
+    flags: u32,
+    scale: f32,
+    win_left: i32,
+    win_right: i32,
+    /// Bias strides (batch, head, query), broadcast axes at 0; the offset comes from its binding.
+    bias_strides: [u32; 3],
+    /// Per-batch q lengths then kv lengths, empty when neither is given.
+    lens: Vec<u32>,
+}
+
+/// Step 1 of a call: every check of the inputs, outputs and options, before anything is built.
 #[allow(clippy::too_many_arguments)]
-fn prepare(
+fn check_call(
     ctx: &GpuContext,
     q: &Tensor,
     k: &Tensor,
@@ -735,7 +836,7 @@ fn prepare(
     lse: Option<&Tensor>,
     opts: &FlashOptions,
     na: Option<&NaSpec>,
-) -> Result<Prepared> {
+) -> Result<Checked> {
     let s = check_inputs(q, k, v)?;
     let expect_o = [s.batch, s.lq, s.hq, s.dv];
     if out.shape() != expect_o {
@@ -769,12 +870,8 @@ fn prepare(
             ));
         }
     }
-    // LSE [B, Hq, Lq]; neighborhood calls pass NATTEN's heads-last [B, L, Hq]
-    let lse_strides = match na {
-        None => [0, (s.hq * s.lq) as u32, s.lq as u32, 1],
-        Some(_) => [0, (s.hq * s.lq) as u32, 1, s.hq as u32],
-    };
     if let Some(l) = lse {
+        // [B, Hq, Lq]; neighborhood calls pass NATTEN's heads-last [B, L, Hq]
         let expect = match na {
             None => [s.batch, s.hq, s.lq],
             Some(_) => [s.batch, s.lq, s.hq],
@@ -786,15 +883,15 @@ fn prepare(
                 (l.shape(), l.dtype()),
             ));
         }
-        if !l.is_contiguous() {
-            return Err(AttnError::invalid(
-                "lse",
-                "a contiguous tensor",
-                format!("strides {:?}", l.strides()),
-            ));
-        }
         fl |= flags::LSE;
     }
+    let mut inputs = vec![("q", q), ("k", k), ("v", v)];
+    if let Some(b) = &opts.bias {
+        inputs.push(("bias", b));
+    }
+    let mut outputs = vec![("out", out)];
+    outputs.extend(lse.map(|l| ("lse", l)));
+    check_no_alias(&inputs, &outputs)?;
     let scale = opts.scale.unwrap_or(1.0 / (s.d as f32).sqrt());
     if !scale.is_finite() {
         return Err(AttnError::invalid("scale", "a finite number", scale));
@@ -826,6 +923,15 @@ fn prepare(
     if opts.kv_lens.is_some() {
         fl |= flags::KV_LENS;
     }
+    let lens: Vec<u32> = match (&opts.q_lens, &opts.kv_lens) {
+        (None, None) => Vec::new(),
+        (ql, kl) => {
+            // lengths fit u32: check_inputs bounded the sizes by the u32 element index
+            let mut v = ql.clone().unwrap_or_else(|| vec![s.lq as u32; s.batch]);
+            v.extend(kl.clone().unwrap_or_else(|| vec![s.lk as u32; s.batch]));
+            v
+        }
+    };
     let (wl, wr) = opts.window;
     let to_i32 = |x: u32, what: &str| {
         i32::try_from(x).map_err(|_| AttnError::invalid(what, "<= i32::MAX", x))
@@ -844,7 +950,7 @@ fn prepare(
         }
         None => 0,
     };
-    let mut bias_strides = [0u32; 4];
+    let mut bias_strides = [0u32; 3];
     if let Some(bias) = &opts.bias {
         let sh = bias.shape();
         let ok = sh.len() == 4
@@ -861,36 +967,63 @@ fn prepare(
         }
         let st = strides_u32(bias)?;
         let bcast = |n: usize, st: u32| if n == 1 { 0 } else { st };
-        bias_strides = [st[0], bcast(sh[0], st[1]), bcast(sh[1], st[2]), st[3]];
-        ctx.check_binding("bias", bias.buffer().size())?;
+        bias_strides = [bcast(sh[0], st[1]), bcast(sh[1], st[2]), st[3]];
         fl |= flags::BIAS;
     }
-    for (t, what) in [(q, "q"), (k, "k"), (v, "v"), (out, "out")] {
-        ctx.check_binding(what, t.buffer().size())?;
-    }
+    Ok(Checked {
+        s,
+        flags: fl,
+        scale,
+        win_left,
+        win_right,
+        bias_strides,
+        lens,
+    })
+}
 
-    let mut plan = plan_with(ctx, &s, q.dtype(), opts, na)?;
-    // The Sweep kernel reads Q/K/V through textures: tensors that cannot be copied into one
-    // go to the Subgroup kernel (or fail, when Sweep was forced).
-    let mut texels = None;
-    if plan.key.strategy == Strategy::Sweep {
-        let counts = [q, k, v].map(|t| texture_texels(ctx, t));
-        match counts.iter().find_map(|c| c.as_ref().err()).cloned() {
-            None => texels = Some(counts.map(|c| c.unwrap_or(0))),
-            Some(_) if opts.strategy == StrategyChoice::Auto => {
-                let mut o = opts.clone();
-                o.strategy = StrategyChoice::Force(Strategy::Subgroup);
-                plan = plan_with(ctx, &s, q.dtype(), &o, na)?;
-            }
-            Some(why) => {
-                return Err(AttnError::invalid(
-                    "strategy Sweep",
-                    why,
-                    "these Q/K/V tensors",
-                ))
-            }
-        }
+/// Step 2: the plan, re-made with the Subgroup kernel where the Sweep kernel cannot copy these
+/// tensors into textures (or an error when Sweep was forced); with the texel counts of the
+/// Q/K/V textures when it can.
+#[allow(clippy::type_complexity)]
+fn plan_call(
+    ctx: &GpuContext,
+    c: &Checked,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &FlashOptions,
+    na: Option<&NaSpec>,
+) -> Result<(FlashPlan, Option<[u64; 3]>)> {
+    let plan = plan_with(ctx, &c.s, q.dtype(), opts, na)?;
+    if plan.key.strategy != Strategy::Sweep {
+        return Ok((plan, None));
     }
+    let counts = [q, k, v].map(|t| texture_texels(ctx, t));
+    match counts.iter().find_map(|c| c.as_ref().err()).cloned() {
+        None => Ok((plan, Some(counts.map(|c| c.unwrap_or(0))))),
+        Some(_) if opts.strategy == StrategyChoice::Auto => {
+            let mut o = opts.clone();
+            o.strategy = StrategyChoice::Force(Strategy::Subgroup);
+            Ok((plan_with(ctx, &c.s, q.dtype(), &o, na)?, None))
+        }
+        Some(why) => Err(AttnError::invalid(
+            "strategy Sweep",
+            why,
+            "these Q/K/V tensors",
+        )),
+    }
+}
+
+/// Step 3: the uniforms, from the checks, the plan and where each tensor's view starts in its
+/// binding (`offsets`: q, k, v, out, lse, bias in elements).
+fn flash_params(
+    c: &Checked,
+    plan: &FlashPlan,
+    t: [&Tensor; 4],
+    offsets: [u32; 6],
+) -> Result<FlashParams> {
+    let s = &c.s;
+    let mut fl = c.flags;
     let u = |x: usize| x as u32; // axis sizes are at most the token count, which fits u32
     let (mut na_n, mut na_kernel, mut na_dil, mut na_stride) = ([0; 4], [0; 4], [0; 4], [0; 4]);
     let (mut na_sub, mut na_wgrid, mut na_tiles) = ([0; 4], [0; 4], [0; 4]);
@@ -911,7 +1044,13 @@ fn prepare(
         na_sub[3] = g.sub.iter().product();
         na_wgrid[3] = g.wgrid.iter().product();
     }
-    let params = FlashParams {
+    let with_offset = |t: &Tensor, off: u32| -> Result<[u32; 4]> {
+        let [_, b, l, h] = strides_u32(t)?;
+        Ok([off, b, l, h])
+    };
+    let [q, k, v, out] = t;
+    let [bb, bh, bq] = c.bias_strides;
+    Ok(FlashParams {
         batch: s.batch as u32,
         hq: s.hq as u32,
         hkv: s.hkv as u32,
@@ -920,20 +1059,20 @@ fn prepare(
         d: s.d as u32,
         dv: s.dv as u32,
         flags: fl,
-        q: strides_u32(q)?,
-        k: strides_u32(k)?,
-        v: strides_u32(v)?,
-        o: strides_u32(out)?,
-        bias: bias_strides,
-        scale,
-        softcap: opts.softcap.unwrap_or(1.0),
-        win_left,
-        win_right,
+        q: with_offset(q, offsets[0])?,
+        k: with_offset(k, offsets[1])?,
+        v: with_offset(v, offsets[2])?,
+        o: with_offset(out, offsets[3])?,
+        bias: [offsets[5], bb, bh, bq],
+        scale: c.scale,
+        softcap: 1.0,
+        win_left: c.win_left,
+        win_right: c.win_right,
         kv_start: 0,
         kv_end: s.lk as u32,
-        sinks: opts.sinks,
+        sinks: 0,
         _pad: 0,
-        lse: lse_strides,
+        lse: [offsets[4], 0, 0, 0],
         na_n,
         na_kernel,
         na_dil,
@@ -941,105 +1080,167 @@ fn prepare(
         na_sub,
         na_wgrid,
         na_tiles,
-    };
-    let pipeline = ctx.pipeline(PipelineKey::Flash(plan.key))?;
-    let dev = &ctx.device;
-    let init = |label: &str, contents: &[u8], usage| {
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents,
-            usage,
-        })
-    };
-    let params_buf = init(
-        "flash params",
-        bytemuck::bytes_of(&params),
-        wgpu::BufferUsages::UNIFORM,
-    );
-    let alibi_buf = opts.alibi_slopes.as_ref().map(|a| {
-        init(
-            "alibi slopes",
-            bytemuck::cast_slice(a),
-            wgpu::BufferUsages::STORAGE,
-        )
-    });
-    let lens: Vec<u32> = match (&opts.q_lens, &opts.kv_lens) {
-        (None, None) => Vec::new(),
-        (ql, kl) => {
-            let mut v = ql.clone().unwrap_or_else(|| vec![s.lq as u32; s.batch]);
-            v.extend(kl.clone().unwrap_or_else(|| vec![s.lk as u32; s.batch]));
-            v
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &FlashOptions,
+    na: Option<&NaSpec>,
+) -> Result<Prepared> {
+    // 1. checks
+    let c = check_call(ctx, q, k, v, out, lse, opts, na)?;
+    // 2. plan
+    let (plan, texels) = plan_call(ctx, &c, q, k, v, opts, na)?;
+    // 3. params: each tensor binds the sub-range its view spans
+    let ranges =
+        [(q, "q"), (k, "k"), (v, "v"), (out, "out")].map(|(t, what)| BoundRange::new(ctx, t, what));
+    let [rq, rk, rv, ro] = ranges;
+    let (rq, rk, rv, ro) = (rq?, rk?, rv?, ro?);
+    let rl = lse.map(|l| BoundRange::new(ctx, l, "lse")).transpose()?;
+    let rb = opts
+        .bias
+        .as_ref()
+        .map(|b| BoundRange::new(ctx, b, "bias"))
+        .transpose()?;
+    // the Sweep kernel reads Q/K/V from textures holding their whole buffers
+    let qkv_offset = |r: &BoundRange, t: &Tensor| {
+        if texels.is_some() {
+            t.offset() as u32 // < u32::MAX: with_layout bounds every index
+        } else {
+            r.elem_offset
         }
     };
-    let lens_buf = (!lens.is_empty()).then(|| {
-        init(
-            "seq lens",
-            bytemuck::cast_slice(&lens),
-            wgpu::BufferUsages::STORAGE,
-        )
-    });
-    let dummy = &ctx.dummy;
-    let textures = texels.map(|[tq, tk, tv]| {
-        let format = match q.dtype() {
-            DType::F32 => wgpu::TextureFormat::Rgba32Float,
-            DType::F16 => wgpu::TextureFormat::Rgba16Float,
-        };
-        let make = |label, texels: u64| {
-            let tex = dev.create_texture(&wgpu::TextureDescriptor {
-                label: Some(label),
-                size: wgpu::Extent3d {
-                    width: TEXTURE_WIDTH,
-                    // rows within max_texture_dimension_2d (checked): the cast cannot truncate
-                    height: texels.div_ceil(TEXTURE_WIDTH as u64) as u32,
-                    depth_or_array_layers: 1,
-                },
-                mip_level_count: 1,
-                sample_count: 1,
-                dimension: wgpu::TextureDimension::D2,
-                format,
-                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-                view_formats: &[],
-            });
-            (tex, texels)
-        };
-        [
-            make("flash Q texture", tq),
-            make("flash K texture", tk),
-            make("flash V texture", tv),
-        ]
-    });
-    let views = textures.as_ref().map(|ts| {
-        ts.each_ref()
-            .map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default()))
-    });
-    let mut entries = vec![
-        storage(0, &params_buf),
-        storage(1, q.buffer()),
-        storage(2, k.buffer()),
-        storage(3, v.buffer()),
-        storage(4, out.buffer()),
-        storage(5, lse.map(|l| l.buffer()).unwrap_or(&ctx.dummy_rw)),
-        storage(6, opts.bias.as_ref().map(|b| b.buffer()).unwrap_or(dummy)),
-        storage(7, alibi_buf.as_ref().unwrap_or(dummy)),
-        storage(8, lens_buf.as_ref().unwrap_or(dummy)),
+    let offsets = [
+        qkv_offset(&rq, q),
+        qkv_offset(&rk, k),
+        qkv_offset(&rv, v),
+        ro.elem_offset,
+        rl.as_ref().map_or(0, |r| r.elem_offset),
+        rb.as_ref().map_or(0, |r| r.elem_offset),
     ];
-    for (binding, view) in (9..).zip(views.iter().flatten()) {
-        entries.push(wgpu::BindGroupEntry {
-            binding,
-            resource: wgpu::BindingResource::TextureView(view),
-        });
+    let mut params = flash_params(&c, &plan, [q, k, v, out], offsets)?;
+    params.softcap = opts.softcap.unwrap_or(1.0);
+    params.sinks = opts.sinks;
+    if let Some(l) = lse {
+        // LSE strides as (batch, head, query): [B, Hq, Lq], or [B, L, Hq] for neighborhoods
+        let st = l.strides();
+        let conv = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        params.lse[1] = conv(st[0]);
+        (params.lse[2], params.lse[3]) = match na {
+            None => (conv(st[1]), conv(st[2])),
+            Some(_) => (conv(st[2]), conv(st[1])),
+        };
     }
-    let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("flash bind group"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
-    Ok(Prepared {
-        plan,
-        textures,
-        bind_group,
-        pipeline,
+    // 4. resources
+    ctx.scoped(|| {
+        let pipeline = ctx.pipeline(&plan.key)?;
+        let dev = &ctx.device;
+        let init = |label: &str, contents: &[u8], usage| {
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage,
+            })
+        };
+        let params_buf = init(
+            "flash params",
+            bytemuck::bytes_of(&params),
+            wgpu::BufferUsages::UNIFORM,
+        );
+        let alibi_buf = opts.alibi_slopes.as_ref().map(|a| {
+            init(
+                "alibi slopes",
+                bytemuck::cast_slice(a),
+                wgpu::BufferUsages::STORAGE,
+            )
+        });
+        let lens_buf = (!c.lens.is_empty()).then(|| {
+            init(
+                "seq lens",
+                bytemuck::cast_slice(&c.lens),
+                wgpu::BufferUsages::STORAGE,
+            )
+        });
+        let textures = texels.map(|counts| make_textures(ctx, q.dtype(), counts));
+        let views = textures.as_ref().map(|ts| {
+            ts.each_ref()
+                .map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default()))
+        });
+        let dummy = BoundRange::whole(&ctx.dummy);
+        let mut entries = vec![
+            BoundRange::whole(&params_buf).entry(0),
+            rq.entry(1),
+            rk.entry(2),
+            rv.entry(3),
+            ro.entry(4),
+            rl.as_ref()
+                .unwrap_or(&BoundRange::whole(&ctx.dummy_rw))
+                .entry(5),
+            rb.as_ref().unwrap_or(&dummy).entry(6),
+            alibi_buf
+                .as_ref()
+                .map_or(dummy.entry(7), |b| BoundRange::whole(b).entry(7)),
+            lens_buf
+                .as_ref()
+                .map_or(dummy.entry(8), |b| BoundRange::whole(b).entry(8)),
+        ];
+        for (binding, view) in (9..).zip(views.iter().flatten()) {
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: wgpu::BindingResource::TextureView(view),
+            });
+        }
+        let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("flash bind group"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        Ok(Prepared {
+            plan,
+            textures,
+            bind_group,
+            pipeline,
+        })
     })
+}
+
+/// The Sweep kernel's Q, K and V textures, 4096 texels a row, with their texel counts.
+fn make_textures(ctx: &GpuContext, dtype: DType, counts: [u64; 3]) -> [(wgpu::Texture, u64); 3] {
+    let format = match dtype {
+        DType::F32 => wgpu::TextureFormat::Rgba32Float,
+        DType::F16 => wgpu::TextureFormat::Rgba16Float,
+    };
+    let make = |label, texels: u64| {
+        let tex = ctx.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(label),
+            size: wgpu::Extent3d {
+                width: TEXTURE_WIDTH,
+                // rows within max_texture_dimension_2d (checked): the cast cannot truncate
+                height: texels.div_ceil(TEXTURE_WIDTH as u64) as u32,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        (tex, texels)
+    };
+    let [tq, tk, tv] = counts;
+    [
+        make("flash Q texture", tq),
+        make("flash K texture", tk),
+        make("flash V texture", tv),
+    ]
 }
 
 /// Records the attention into `encoder` (for embedders that batch their own work).

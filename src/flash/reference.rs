@@ -2,6 +2,7 @@
 //! tiling, no tricks. Tests and the CLI's `--check` compare the GPU against it.
 
 use super::{AttnShape, FlashOptions};
+use crate::error::{AttnError, Result};
 
 /// Host-side data for the reference. Layouts are row-major `[B, L, H, D]`; `bias` is
 /// `[bb, bh, Lq, Lk]` with `bb` in {1, B} and `bh` in {1, Hq}.
@@ -11,6 +12,65 @@ pub struct RefInputs<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub bias: Option<(&'a [f32], [usize; 2])>,
+}
+
+impl RefInputs<'_> {
+    /// Checks that the slices and the options fit `shape`, so the reference never indexes out
+    /// of bounds: a typed error naming the input and the lengths.
+    pub fn check(&self, opts: &FlashOptions) -> Result<()> {
+        let s = self.shape;
+        let len = |what: &str, got: usize, dims: &[usize]| -> Result<()> {
+            let want = dims
+                .iter()
+                .try_fold(1usize, |n, &x| n.checked_mul(x))
+                .ok_or_else(|| {
+                    AttnError::invalid(what, "a shape whose size fits usize", format!("{dims:?}"))
+                })?;
+            if got != want {
+                return Err(AttnError::shape(
+                    what,
+                    format!("{want} values for {dims:?}"),
+                    format!("{got} values"),
+                ));
+            }
+            Ok(())
+        };
+        if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
+            return Err(AttnError::invalid(
+                "heads",
+                "Hkv >= 1 dividing Hq",
+                format!("Hq = {}, Hkv = {}", s.hq, s.hkv),
+            ));
+        }
+        len("q", self.q.len(), &[s.batch, s.lq, s.hq, s.d])?;
+        len("k", self.k.len(), &[s.batch, s.lk, s.hkv, s.d])?;
+        len("v", self.v.len(), &[s.batch, s.lk, s.hkv, s.dv])?;
+        if let Some((bias, [bb, bh])) = self.bias {
+            if !(bb == 1 || bb == s.batch) || !(bh == 1 || bh == s.hq) {
+                return Err(AttnError::shape(
+                    "bias",
+                    format!("[1|{}, 1|{}, Lq, Lk]", s.batch, s.hq),
+                    [bb, bh],
+                ));
+            }
+            len("bias", bias.len(), &[bb, bh, s.lq, s.lk])?;
+        }
+        for (what, lens, max) in [
+            ("q_lens", &opts.q_lens, s.lq),
+            ("kv_lens", &opts.kv_lens, s.lk),
+        ] {
+            if let Some(l) = lens {
+                len(what, l.len(), &[s.batch])?;
+                if let Some(&bad) = l.iter().find(|&&x| x as usize > max) {
+                    return Err(AttnError::invalid(what, format!("lengths <= {max}"), bad));
+                }
+            }
+        }
+        if let Some(a) = &opts.alibi_slopes {
+            len("alibi_slopes", a.len(), &[s.hq])?;
+        }
+        Ok(())
+    }
 }
 
 /// Output of the reference: O `[B, Lq, Hq, Dv]` and LSE `[B, Hq, Lq]` (natural log).
@@ -41,7 +101,8 @@ pub fn attention_reference_with(
     inp: &RefInputs,
     opts: &FlashOptions,
     round_p: impl Fn(f64) -> f64,
-) -> RefOutput {
+) -> Result<RefOutput> {
+    inp.check(opts)?;
     let s = inp.shape;
     let lens = |b: usize| {
         (
@@ -63,7 +124,8 @@ pub fn attention_reference_masked(
     opts: &FlashOptions,
     mask: &dyn Fn(usize, usize, usize) -> bool,
     round_p: impl Fn(f64) -> f64,
-) -> RefOutput {
+) -> Result<RefOutput> {
+    inp.check(opts)?;
     let s = inp.shape;
     let scale = opts
         .scale
@@ -128,20 +190,20 @@ pub fn attention_reference_masked(
             }
         }
     }
-    RefOutput { out, lse }
+    Ok(RefOutput { out, lse })
 }
 
 /// The f64 reference.
-pub fn attention_reference(inp: &RefInputs, opts: &FlashOptions) -> RefOutput {
+pub fn attention_reference(inp: &RefInputs, opts: &FlashOptions) -> Result<RefOutput> {
     attention_reference_with(inp, opts, |p| p)
 }
 
 /// A plain f16 implementation of the same maths: scores in f32 (as the kernel keeps them),
 /// probabilities and output rounded to f16. Its error against the f64 reference is the yardstick
 /// for the f16 kernel (FlashAttention's test rule: at most twice this, plus a small atol).
-pub fn attention_plain_f16(inp: &RefInputs, opts: &FlashOptions) -> Vec<f64> {
-    let o = attention_reference_with(inp, opts, round_f16);
-    o.out.into_iter().map(round_f16).collect()
+pub fn attention_plain_f16(inp: &RefInputs, opts: &FlashOptions) -> Result<Vec<f64>> {
+    let o = attention_reference_with(inp, opts, round_f16)?;
+    Ok(o.out.into_iter().map(round_f16).collect())
 }
 
 /// [`attention_plain_f16`] with the mask of [`attention_reference_masked`].
@@ -149,9 +211,9 @@ pub fn attention_plain_f16_masked(
     inp: &RefInputs,
     opts: &FlashOptions,
     mask: &dyn Fn(usize, usize, usize) -> bool,
-) -> Vec<f64> {
-    let o = attention_reference_masked(inp, opts, mask, round_f16);
-    o.out.into_iter().map(round_f16).collect()
+) -> Result<Vec<f64>> {
+    let o = attention_reference_masked(inp, opts, mask, round_f16)?;
+    Ok(o.out.into_iter().map(round_f16).collect())
 }
 
 fn round_f16(x: f64) -> f64 {

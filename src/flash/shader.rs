@@ -18,6 +18,7 @@
 //! `m' = max(m, s_u)`, `c = 2^(m - m')`, `p_u = 2^(s_u - m')`, `l = c l + sum p_u`,
 //! `acc = c acc + sum p_u v_u`. At the end `O = acc / l` and `LSE = (m + log2 l) ln 2`.
 
+use crate::pipeline::{declare_bindings, BindingDecl, Kernel};
 use crate::tensor::DType;
 use crate::wgsl::Wgsl;
 
@@ -89,6 +90,33 @@ impl FlashKey {
         .to_lowercase()
     }
 
+    /// Bind group 0: params, Q, K, V, O, LSE, bias, ALiBi slopes, lengths (optional inputs
+    /// get a dummy buffer, so every specialization binds alike), and for the Sweep kernel the
+    /// Q/K/V textures.
+    pub fn bindings(&self) -> Vec<BindingDecl> {
+        let t = self.dtype.wgsl();
+        let mut b = vec![
+            BindingDecl::uniform("p", "Params"),
+            BindingDecl::read("q_buf", t, "[B, Lq, Hq, D]"),
+            BindingDecl::read("k_buf", t, "[B, Lk, Hkv, D]"),
+            BindingDecl::read("v_buf", t, "[B, Lk, Hkv, Dv]"),
+            BindingDecl::read_write("o_buf", t, "[B, Lq, Hq, Dv]"),
+            BindingDecl::read_write("lse_buf", "f32", "[B, Hq, Lq] (strides in p.lse)"),
+            BindingDecl::read("bias_buf", "f32", "[B|1, Hq|1, Lq, Lk]"),
+            BindingDecl::read("alibi_buf", "f32", "[Hq]"),
+            BindingDecl::read("lens_buf", "u32", "[2B]: q lens, kv lens"),
+        ];
+        if self.strategy == Strategy::Sweep {
+            b.push(BindingDecl::texture(
+                "q_tex",
+                "Q, K, V as texels of 4 elements",
+            ));
+            b.push(BindingDecl::texture("k_tex", ""));
+            b.push(BindingDecl::texture("v_tex", ""));
+        }
+        b
+    }
+
     /// Query rows covered by one workgroup.
     pub fn rows_per_workgroup(&self) -> u32 {
         self.wg * self.rows
@@ -103,7 +131,38 @@ impl FlashKey {
     }
 }
 
-/// Bits of `Params::flags`.
+impl Kernel for FlashKey {
+    fn label(&self) -> String {
+        FlashKey::label(self)
+    }
+    fn source(&self) -> String {
+        flash_source(self)
+    }
+    fn bindings(&self) -> Vec<BindingDecl> {
+        FlashKey::bindings(self)
+    }
+    fn workgroup_bytes(&self) -> u32 {
+        FlashKey::workgroup_bytes(self)
+    }
+    fn uniform(&self) -> crate::pipeline::UniformLayout {
+        crate::uniform_layout!(FlashParams, "Params"; batch, hq, hkv, lq, lk, d, dv, flags, q, k,
+            v, o, bias, scale, softcap, win_left, win_right, kv_start, kv_end, sinks, _pad, lse,
+            na_n, na_kernel, na_dil, na_stride, na_sub, na_wgrid, na_tiles)
+    }
+    fn capabilities(&self) -> naga::valid::Capabilities {
+        use naga::valid::Capabilities as C;
+        let mut caps = C::empty();
+        if self.dtype == DType::F16 {
+            caps |= C::SHADER_FLOAT16;
+        }
+        if self.strategy != Strategy::Tiled {
+            caps |= C::SUBGROUP;
+        }
+        caps
+    }
+}
+
+/// Bits of `Params::flags`, declared once: the WGSL constants are generated from [`flags::ALL`].
 pub mod flags {
     pub const CAUSAL: u32 = 1;
     pub const SOFTCAP: u32 = 2;
@@ -116,6 +175,27 @@ pub mod flags {
     pub const WINDOW_RIGHT: u32 = 256;
     /// Neighborhood: axis `a` is causal (bit `NA_CAUSAL << a`).
     pub const NA_CAUSAL: u32 = 512;
+
+    /// Every flag with its WGSL name.
+    pub const ALL: [(&str, u32); 10] = [
+        ("F_CAUSAL", CAUSAL),
+        ("F_SOFTCAP", SOFTCAP),
+        ("F_ALIBI", ALIBI),
+        ("F_BIAS", BIAS),
+        ("F_LSE", LSE),
+        ("F_QLENS", Q_LENS),
+        ("F_KVLENS", KV_LENS),
+        ("F_WLEFT", WINDOW_LEFT),
+        ("F_WRIGHT", WINDOW_RIGHT),
+        ("F_NA_CAUSAL", NA_CAUSAL),
+    ];
+
+    /// The WGSL constants of [`ALL`].
+    pub fn wgsl() -> String {
+        ALL.iter()
+            .map(|(name, bit)| format!("const {name}: u32 = {bit}u;\n"))
+            .collect()
+    }
 }
 
 /// The uniform block, mirrored field for field by `Params` in WGSL.
@@ -188,16 +268,6 @@ const COMMON_WGSL: &str = "
 const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
 const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
 const LN2: f32 = 0.6931471805599453;
-const F_CAUSAL: u32 = 1u;
-const F_SOFTCAP: u32 = 2u;
-const F_ALIBI: u32 = 4u;
-const F_BIAS: u32 = 8u;
-const F_LSE: u32 = 16u;
-const F_QLENS: u32 = 32u;
-const F_KVLENS: u32 = 64u;
-const F_WLEFT: u32 = 128u;
-const F_WRIGHT: u32 = 256u;
-const F_NA_CAUSAL: u32 = 512u;
 
 // The key range of the current pass (sinks, then the window): a block that overhangs its range
 // must not count keys that the other pass visits. (Loops bound themselves by the pass's own
@@ -322,13 +392,6 @@ pub const TEXTURE_WIDTH: u32 = 4096;
 /// is a branch-free gather of 16 bytes per lane, where a storage-buffer load is a loop over
 /// lanes with a branch per component.
 fn loaders(w: &mut Wgsl, t: &str, textured: bool) {
-    if textured {
-        w.line(
-            "@group(0) @binding(9) var q_tex: texture_2d<f32>;  // Q, K, V as texels of 4 elements",
-        );
-        w.line("@group(0) @binding(10) var k_tex: texture_2d<f32>;");
-        w.line("@group(0) @binding(11) var v_tex: texture_2d<f32>;");
-    }
     let (shift, mask) = (TEXTURE_WIDTH.trailing_zeros(), TEXTURE_WIDTH - 1);
     for (name, dim) in [("q", "p.d"), ("k", "p.d"), ("v", "p.dv")] {
         let body = if textured {
@@ -388,23 +451,8 @@ pub fn flash_source(key: &FlashKey) -> String {
         w.line("enable f16;");
     }
     w.raw(PARAMS_WGSL);
-    w.line("@group(0) @binding(0) var<uniform> p: Params;");
-    w.line(&format!(
-        "@group(0) @binding(1) var<storage, read> q_buf: array<{t}>;        // [B, Lq, Hq, D]"
-    ));
-    w.line(&format!(
-        "@group(0) @binding(2) var<storage, read> k_buf: array<{t}>;        // [B, Lk, Hkv, D]"
-    ));
-    w.line(&format!(
-        "@group(0) @binding(3) var<storage, read> v_buf: array<{t}>;        // [B, Lk, Hkv, Dv]"
-    ));
-    w.line(&format!(
-        "@group(0) @binding(4) var<storage, read_write> o_buf: array<{t}>;  // [B, Lq, Hq, Dv]"
-    ));
-    w.line("@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>; // [B, Hq, Lq]");
-    w.line("@group(0) @binding(6) var<storage, read> bias_buf: array<f32>;      // [B|1, Hq|1, Lq, Lk]");
-    w.line("@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;     // [Hq]");
-    w.line("@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;      // [2B]: q lens, kv lens");
+    w.raw(&declare_bindings(&key.bindings()));
+    w.raw(&flags::wgsl());
     w.raw(COMMON_WGSL);
     if key.na {
         w.raw(NA_WGSL);

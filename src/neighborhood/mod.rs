@@ -215,10 +215,18 @@ pub struct NaSpec {
 }
 
 impl NaSpec {
-    pub fn new(axes: &[NaAxis]) -> Self {
+    /// One, two or three axes (leading unit axes pad the rest); more or none is a typed error.
+    pub fn new(axes: &[NaAxis]) -> Result<Self> {
+        if !(1..=3).contains(&axes.len()) {
+            return Err(AttnError::invalid(
+                "neighborhood axes",
+                "1, 2 or 3 spatial axes",
+                axes.len(),
+            ));
+        }
         let mut all = [NaAxis::UNIT; 3];
         all[3 - axes.len()..].copy_from_slice(axes);
-        NaSpec { axes: all }
+        Ok(NaSpec { axes: all })
     }
 
     /// Whether query token `i` sees key token `j` (row-major flattened spatial indices).
@@ -297,7 +305,7 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &NeighborhoodOptions) -> Resu
     }
     let axes = opts.axes(&spatial)?;
     Ok(Flat {
-        spec: NaSpec::new(&axes),
+        spec: NaSpec::new(&axes)?,
         q: qf,
         k: kf,
         v: vf,

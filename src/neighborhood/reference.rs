@@ -3,6 +3,7 @@
 //! definition in the module docs.
 
 use super::NaSpec;
+use crate::error::{AttnError, Result};
 use crate::flash::reference::{
     attention_plain_f16_masked, attention_reference_masked, RefInputs, RefOutput,
 };
@@ -17,8 +18,13 @@ fn opts(scale: Option<f32>) -> FlashOptions {
 
 /// O `[B, L, Hq, Dv]` (L the flattened spatial tokens) and LSE heads-last `[B, L, Hq]`.
 /// `inp.shape` has `lq = lk = spec.len()`.
-pub fn neighborhood_reference(inp: &RefInputs, spec: &NaSpec, scale: Option<f32>) -> RefOutput {
-    let r = attention_reference_masked(inp, &opts(scale), &|_, i, j| spec.sees(i, j), |p| p);
+pub fn neighborhood_reference(
+    inp: &RefInputs,
+    spec: &NaSpec,
+    scale: Option<f32>,
+) -> Result<RefOutput> {
+    check_tokens(inp, spec)?;
+    let r = attention_reference_masked(inp, &opts(scale), &|_, i, j| spec.sees(i, j), |p| p)?;
     let s = inp.shape;
     // the flash reference's LSE is [B, Hq, L]: NATTEN's is heads-last
     let mut lse = vec![0.0; r.lse.len()];
@@ -29,11 +35,28 @@ pub fn neighborhood_reference(inp: &RefInputs, spec: &NaSpec, scale: Option<f32>
             }
         }
     }
-    RefOutput { out: r.out, lse }
+    Ok(RefOutput { out: r.out, lse })
+}
+
+fn check_tokens(inp: &RefInputs, spec: &NaSpec) -> Result<()> {
+    let s = inp.shape;
+    if s.lq != spec.len() || s.lk != spec.len() {
+        return Err(AttnError::shape(
+            "q/k tokens",
+            format!("{} (the neighborhood grid)", spec.len()),
+            (s.lq, s.lk),
+        ));
+    }
+    Ok(())
 }
 
 /// The plain f16 yardstick (see [`crate::flash::reference::attention_plain_f16`]).
-pub fn neighborhood_plain_f16(inp: &RefInputs, spec: &NaSpec, scale: Option<f32>) -> Vec<f64> {
+pub fn neighborhood_plain_f16(
+    inp: &RefInputs,
+    spec: &NaSpec,
+    scale: Option<f32>,
+) -> Result<Vec<f64>> {
+    check_tokens(inp, spec)?;
     attention_plain_f16_masked(inp, &opts(scale), &|_, i, j| spec.sees(i, j))
 }
 
@@ -61,7 +84,8 @@ mod tests {
                 stride: 2,
                 causal: false,
             },
-        ]);
+        ])
+        .unwrap();
         assert!((0..12).all(|i| (0..12).all(|j| spec.sees(i, j))));
         assert_eq!(spec.pairs(), 144);
     }
@@ -75,7 +99,8 @@ mod tests {
             dilation: 1,
             stride: 1,
             causal: false,
-        }]);
+        }])
+        .unwrap();
         let shape = AttnShape {
             batch: 1,
             lq: 3,
@@ -94,7 +119,7 @@ mod tests {
             v: &v,
             bias: None,
         };
-        let r = neighborhood_reference(&inp, &spec, Some(1.0));
+        let r = neighborhood_reference(&inp, &spec, Some(1.0)).unwrap();
         for (o, e) in r.out.iter().zip(v) {
             assert!((o - e as f64).abs() < 1e-12);
         }

@@ -160,7 +160,7 @@ impl Problem {
                     is_causal: cfg.grid_causal.clone(),
                     ..Default::default()
                 };
-                let spec = NaSpec::new(&opts.axes(&cfg.grid)?);
+                let spec = NaSpec::new(&opts.axes(&cfg.grid)?)?;
                 (spec.len(), spec.len(), Some((opts, spec)))
             }
             _ => (cfg.lq, cfg.lk, None),
@@ -258,7 +258,7 @@ impl Problem {
         }
     }
 
-    fn check(&self, got: &[f32], lse: &[f32]) -> Comparison {
+    fn check(&self, got: &[f32], lse: &[f32]) -> wgpu_attention::Result<Comparison> {
         let ri = RefInputs {
             shape: self.shape,
             q: &self.q,
@@ -269,14 +269,18 @@ impl Problem {
         let f16 = self.dtype == DType::F16;
         match &self.na {
             Some((o, spec)) => {
-                let r = neighborhood_reference(&ri, spec, o.scale);
-                let plain = f16.then(|| neighborhood_plain_f16(&ri, spec, o.scale));
-                compare(got, Some(lse), &r, plain.as_deref())
+                let r = neighborhood_reference(&ri, spec, o.scale)?;
+                let plain = f16
+                    .then(|| neighborhood_plain_f16(&ri, spec, o.scale))
+                    .transpose()?;
+                Ok(compare(got, Some(lse), &r, plain.as_deref()))
             }
             None => {
-                let r = attention_reference(&ri, &self.flash);
-                let plain = f16.then(|| attention_plain_f16(&ri, &self.flash));
-                compare(got, Some(lse), &r, plain.as_deref())
+                let r = attention_reference(&ri, &self.flash)?;
+                let plain = f16
+                    .then(|| attention_plain_f16(&ri, &self.flash))
+                    .transpose()?;
+                Ok(compare(got, Some(lse), &r, plain.as_deref()))
             }
         }
     }
@@ -395,7 +399,7 @@ pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         clock: timing.as_ref().map(|t| t.clock),
         gflops: timing.as_ref().map(|t| flops / (t.median_ms * 1e6)),
         visible_pairs: pairs,
-        check: p.check(&got, &got_lse),
+        check: p.check(&got, &got_lse)?,
         pattern: p.pattern(),
         weights: p.weights(cfg.query),
     })

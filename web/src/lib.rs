@@ -285,7 +285,7 @@ mod tests {
         }
         .axes(&cfg.grid)
         .unwrap();
-        let spec = wgpu_attention::neighborhood::NaSpec::new(&axes);
+        let spec = wgpu_attention::neighborhood::NaSpec::new(&axes).unwrap();
         let w = &r.weights.values;
         assert_eq!(w.len(), 63);
         let sum: f64 = w.iter().map(|&x| x as f64).sum();
