@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # The test suite: every test on lavapipe, then the GPU tests again on SwiftShader (Chromium's
 # Vulkan driver: subgroup size 4, no f16) so both CPU adapters are covered, then the wasm page's
-# self-test in headless Chromium (WebGPU through Dawn and Tint, on SwiftShader).
+# self-test in headless Chromium (WebGPU through Dawn and Tint, on SwiftShader). Prints each
+# phase's time at the end.
+#
+# Random cases: WGPU_ATTENTION_CASES=N runs N per family (default 24 flash, 16 neighborhood),
+# WGPU_ATTENTION_SEED=S replays the case a failure printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --swiftshader --browser
-cargo build --workspace --all-targets --quiet
-echo "== tests on lavapipe"
-# a slow phase of this VM took the suite from 590 s to 811 s: the limit catches hangs, not speed
-timeout 1500 cargo test --workspace --all-targets -- --test-threads=2
+# no display here: Mesa's device-select Vulkan layer would only probe Wayland and print errors
+if [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then export NODEVICE_SELECT=1; fi
+phases=()
+phase() { # name, command...
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name"
+  "$@"
+  phases+=("$(printf '%-44s %4d s' "$name" $((SECONDS - start)))")
+}
+phase "setup" scripts/setup.sh --swiftshader --browser
+phase "build" cargo build --workspace --all-targets --quiet
+# the limits catch hangs, not speed
+phase "tests on lavapipe" timeout 1500 cargo test --workspace --all-targets -- --test-threads=2
 SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json
-if [ -e "$SWIFTSHADER" ]; then
-  echo "== GPU tests on SwiftShader"
-  VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader timeout 600 cargo test --test flash --test errors --test neighborhood -- --test-threads=2
-else
+if [ ! -e "$SWIFTSHADER" ]; then
   echo "SwiftShader ICD missing at $SWIFTSHADER: install chromium" >&2
   exit 1
 fi
-echo "== browser: wasm build, then the page's self-test in headless Chromium"
-web/build.sh
-timeout 900 web/test.py --screenshot target/web-screenshot.png
+sw() { VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader "$@"; }
+phase "GPU tests on SwiftShader" sw timeout 900 cargo test --test flash --test errors --test neighborhood -- --test-threads=2
+phase "browser: wasm build" web/build.sh
+phase "browser: self-test in headless Chromium" timeout 900 web/test.py --screenshot target/web-screenshot.png
+echo "== phase times"
+printf '%s\n' "${phases[@]}"

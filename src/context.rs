@@ -35,6 +35,7 @@ pub struct GpuContext {
     pub(crate) pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// wgpu's persistent pipeline cache, where the backend offers one (see [`GpuContext::cache_description`]).
     pub(crate) pipeline_cache: Option<wgpu::PipelineCache>,
+    pub(crate) pipeline_cache_file: Option<std::path::PathBuf>,
     /// Stand-ins for optional bindings: one read-only, one read-write (a buffer may not be both
     /// in one dispatch).
     pub(crate) dummy: wgpu::Buffer,
@@ -54,6 +55,19 @@ pub const ADAPTER_ENV: &str = "WGPU_ATTENTION_ADAPTER";
 /// (`XDG_RUNTIME_DIR is invalid or not set`) for a backend that would not be used.
 pub fn instance_backends() -> wgpu::Backends {
     wgpu::Backends::PRIMARY.with_env()
+}
+
+/// The folder of the persistent pipeline cache: `WGPU_ATTENTION_CACHE_DIR` (empty: none), else
+/// `$XDG_CACHE_HOME/wgpu-attention`, else `$HOME/.cache/wgpu-attention`.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(v) = std::env::var_os("WGPU_ATTENTION_CACHE_DIR") {
+        return (!v.is_empty()).then(|| v.into());
+    }
+    var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| var("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("wgpu-attention"))
 }
 
 /// A `wgpu` instance over [`instance_backends`].
@@ -107,8 +121,10 @@ impl GpuContext {
                 })?,
         };
         let info = adapter.get_info();
-        let wanted =
-            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::PIPELINE_CACHE;
         let features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -122,7 +138,10 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 reason: e.to_string(),
             })?;
-        let ctx = Self::from_device(device, queue, info);
+        #[allow(unused_mut)]
+        let mut ctx = Self::from_device(device, queue, info);
+        #[cfg(not(target_arch = "wasm32"))]
+        ctx.open_pipeline_cache();
         // Natively every pipeline is checked with an error scope when it is built; a browser
         // cannot wait for a scope there, so its errors are collected here instead of only going
         // to the console.
@@ -180,9 +199,79 @@ impl GpuContext {
             caps,
             pipelines: Mutex::new(HashMap::new()),
             pipeline_cache: None,
+            pipeline_cache_file: None,
             dummy,
             dummy_rw,
             uncaptured: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Opens wgpu's persistent pipeline cache where the device offers one (PIPELINE_CACHE:
+    /// Vulkan drivers), in a file under [`cache_dir`] named for the adapter. Drivers with their
+    /// own disk cache (Mesa's) gain nothing from it; where neither exists, a slower compile of
+    /// a faster kernel is paid once per machine instead of once per process.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn open_pipeline_cache(&mut self) {
+        if !self
+            .device
+            .features()
+            .contains(wgpu::Features::PIPELINE_CACHE)
+        {
+            return;
+        }
+        let (Some(dir), Some(key)) = (
+            cache_dir(),
+            wgpu::util::pipeline_cache_key(&self.adapter_info),
+        ) else {
+            return;
+        };
+        let file = dir.join(format!("{key}.bin"));
+        let data = std::fs::read(&file).ok();
+        // SAFETY: the data was written by `save_pipeline_cache` from `PipelineCache::get_data`
+        // of an adapter with the same cache key (the file name); `fallback` makes wgpu start an
+        // empty cache when the driver rejects it (another driver version, a damaged file).
+        let cache = unsafe {
+            self.device
+                .create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                    label: Some("wgpu-attention pipeline cache"),
+                    data: data.as_deref(),
+                    fallback: true,
+                })
+        };
+        self.pipeline_cache = Some(cache);
+        self.pipeline_cache_file = Some(file);
+    }
+
+    /// Writes the pipeline cache back to its file (after a new pipeline). A cache is only an
+    /// optimization: a folder that cannot be written leaves it in memory.
+    pub(crate) fn save_pipeline_cache(&self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let (Some(cache), Some(file)) = (&self.pipeline_cache, &self.pipeline_cache_file) {
+            if let (Some(data), Some(dir)) = (cache.get_data(), file.parent()) {
+                let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+                let _ = std::fs::create_dir_all(dir)
+                    .and_then(|_| std::fs::write(&tmp, data))
+                    .and_then(|_| std::fs::rename(&tmp, file));
+            }
+        }
+    }
+
+    /// Which persistent cache compiled pipelines go to, in words (`info` prints it).
+    pub fn cache_description(&self) -> String {
+        match &self.pipeline_cache_file {
+            Some(f) => format!("wgpu PipelineCache at {} (delete it to clear)", f.display()),
+            None if self.adapter_info.driver.to_lowercase().contains("mesa")
+                || self
+                    .adapter_info
+                    .driver_info
+                    .to_lowercase()
+                    .contains("mesa") =>
+            {
+                "the driver's own: Mesa's disk shader cache (~/.cache/mesa_shader_cache; \
+                 MESA_SHADER_CACHE_DISABLE=true turns it off)"
+                    .into()
+            }
+            None => "none beyond the driver's (the device offers no PIPELINE_CACHE)".into(),
         }
     }
 

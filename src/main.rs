@@ -244,6 +244,7 @@ fn info() -> CliResult<()> {
         l.max_buffer_size >> 20,
         l.max_compute_workgroups_per_dimension
     );
+    println!("pipeline cache: {}", ctx.cache_description());
     if let Some(n) = c.loop_limit {
         println!("driver quirk: loops stop after {n} iterations per invocation (plans stay under)");
     }

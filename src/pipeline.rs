@@ -248,6 +248,7 @@ impl GpuContext {
                 name: label.clone(),
                 message: e.to_string(),
             })?;
+        self.save_pipeline_cache();
         let pipeline = Arc::new(pipeline);
         Ok(lock()?.entry(label).or_insert(pipeline).clone())
     }

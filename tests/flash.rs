@@ -167,3 +167,16 @@ impl Amp for Case {
         self
     }
 }
+
+/// Seeded random cases (see `common::random_flash_case`): `WGPU_ATTENTION_CASES=N` for more,
+/// `WGPU_ATTENTION_SEED=S` to replay a failure.
+#[test]
+fn random_cases() {
+    for_each_case("flash", 24, |seed| {
+        let c = random_flash_case(seed);
+        if let Some(cmp) = check_seeded(&c, seed) {
+            assert!(cmp.passed, "{c:?}: {cmp:?}");
+        }
+        format!("{c:?}")
+    });
+}

@@ -19,6 +19,8 @@ struct NaCase {
     dv: usize,
     dtype: DType,
     opts: NeighborhoodOptions,
+    /// Q/K amplitude (see `common::amp_for_logit_std`).
+    amp: f32,
 }
 
 fn case(spatial: &[usize], kernel: &[usize]) -> NaCase {
@@ -31,6 +33,7 @@ fn case(spatial: &[usize], kernel: &[usize]) -> NaCase {
         dv: 40,
         dtype: DType::F32,
         opts: NeighborhoodOptions::new(kernel),
+        amp: 2.0,
     }
 }
 
@@ -61,6 +64,10 @@ fn upload(ctx: &GpuContext, x: &[f32], shape: &[usize], dtype: DType) -> Tensor 
 
 /// Runs the case with one strategy against the reference; false when the strategy refused it.
 fn run(c: &NaCase, st: Strategy) -> bool {
+    run_seeded(c, st, fresh_seed())
+}
+
+fn run_seeded(c: &NaCase, st: Strategy, seed: u64) -> bool {
     let ctx = ctx();
     if c.dtype == DType::F16 && !ctx.caps.f16 {
         eprintln!(
@@ -68,7 +75,6 @@ fn run(c: &NaCase, st: Strategy) -> bool {
         );
         return false;
     }
-    let seed = fresh_seed();
     let l: usize = c.spatial.iter().product();
     let dims = |h: usize, d: usize| {
         let mut s = vec![c.batch];
@@ -85,8 +91,8 @@ fn run(c: &NaCase, st: Strategy) -> bool {
             DType::F32 => v,
         }
     };
-    let q = round(random(c.batch * l * c.hq * c.d, 1.0, seed));
-    let k = round(random(c.batch * l * c.hkv * c.d, 1.0, seed ^ 1));
+    let q = round(random(c.batch * l * c.hq * c.d, c.amp, seed));
+    let k = round(random(c.batch * l * c.hkv * c.d, c.amp, seed ^ 1));
     let v = round(random(c.batch * l * c.hkv * c.dv, 1.0, seed ^ 2));
     let qt = upload(ctx, &q, &dims(c.hq, c.d), c.dtype);
     let kt = upload(ctx, &k, &dims(c.hkv, c.d), c.dtype);
@@ -306,3 +312,72 @@ trait Tap: Sized {
     }
 }
 impl Tap for NeighborhoodOptions {}
+
+/// The neighborhood family's random case for `seed`: rank 1 to 3, axis lengths, kernel sizes,
+/// dilations, strides and causal axes in random combination (within NATTEN's constraints),
+/// GQA, f16, logits with a standard deviation of 1 to 4. Head dims stay in the bucket of the
+/// fixed tests and first-axis kernels among those they compile for the Sweep kernel, so the
+/// shapes run through specializations built anyway.
+fn random_na_case(seed: u64) -> (NaCase, Strategy) {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let rank = r.random_range(1..=3);
+    let mut spatial = Vec::new();
+    let (mut kernel, mut dil, mut stride, mut causal) = (vec![], vec![], vec![], vec![]);
+    for a in 0..rank {
+        let n: usize = match rank {
+            1 => r.random_range(1..200),
+            2 => r.random_range(1..24),
+            _ => r.random_range(1..10),
+        };
+        // the first axis of a 2D/3D problem is what the Sweep kernel sweeps
+        let k = if a == 0 && rank > 1 && n >= 3 {
+            let fits: Vec<usize> = [3usize, 5, 7].into_iter().filter(|&k| k <= n).collect();
+            fits[r.random_range(0..fits.len())]
+        } else {
+            r.random_range(1..=n.min(9))
+        };
+        let d = r.random_range(1..=(n / k).clamp(1, 3));
+        let causal_axis = r.random_bool(0.25) && !(a == 0 && rank > 1 && k != 5);
+        spatial.push(n);
+        kernel.push(k);
+        dil.push(d);
+        stride.push(if a == 0 && rank > 1 {
+            1
+        } else {
+            r.random_range(1..=k)
+        });
+        causal.push(causal_axis);
+    }
+    let mut c = case(&spatial, &kernel)
+        .dil(&dil)
+        .stride(&stride)
+        .causal(&causal);
+    c.batch = r.random_range(1..=2);
+    c.hkv = r.random_range(1..=2);
+    c.hq = c.hkv * r.random_range(1..=3);
+    (c.d, c.dv) = (r.random_range(33..=48), r.random_range(33..=48));
+    if r.random_bool(0.25) {
+        c.dtype = DType::F16;
+        // the Sweep kernel shares its bucket: D = Dv for f16 keeps to compiled keys
+        c.dv = c.d;
+    }
+    c.amp = amp_for_logit_std(r.random_range(1.0..4.0), 1.0 / (c.d as f64).sqrt(), c.d);
+    let mut st = strategies();
+    if ctx().caps.subgroups && c.dtype == DType::F32 {
+        st.push(Strategy::Sweep);
+    }
+    let s = st[r.random_range(0..st.len())];
+    (c, s)
+}
+
+/// Seeded random neighborhood cases: `WGPU_ATTENTION_CASES=N` for more,
+/// `WGPU_ATTENTION_SEED=S` to replay a failure.
+#[test]
+fn random_cases() {
+    for_each_case("neighborhood", 16, |seed| {
+        let (c, st) = random_na_case(seed);
+        let ran = run_seeded(&c, st, seed);
+        format!("{c:?} {st:?}{}", if ran { "" } else { " (refused: typed)" })
+    });
+}

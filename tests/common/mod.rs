@@ -71,7 +71,8 @@ impl Case {
             dtype: DType::F32,
             opts: FlashOptions::default(),
             bias: None,
-            amp: 1.0,
+            // U(-2, 2) inputs: logits with a standard deviation of 4/3 at the default scale
+            amp: 2.0,
             bhsd: false,
             big_logits: false,
         }
@@ -198,13 +199,20 @@ pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
 /// adapter without SHADER_F16 must instead fail with the typed error.
 pub fn check(case: &Case) -> Option<Comparison> {
     let seed = fresh_seed();
+    let c = check_seeded(case, seed);
+    if let Some(c) = &c {
+        assert!(c.passed, "{case:?} seed {seed}: {c:?}");
+    }
+    c
+}
+
+/// [`check`] on the inputs of `seed`, returning the comparison unasserted.
+pub fn check_seeded(case: &Case, seed: u64) -> Option<Comparison> {
     if case.dtype == DType::F16 && !ctx().caps.f16 {
         expect_missing_f16(case);
         return None;
     }
-    let c = run_seeded(case, seed);
-    assert!(c.passed, "{case:?} seed {seed}: {c:?}");
-    Some(c)
+    Some(run_seeded(case, seed))
 }
 
 fn expect_missing_f16(case: &Case) {
@@ -249,4 +257,135 @@ pub fn check_all(case: &Case) {
     for st in strategies() {
         check(&case.clone().strategy(st));
     }
+}
+
+/// Input amplitude for logits with standard deviation `sigma`: `q.k * scale` of U(-a, a)
+/// entries has standard deviation `a^2 / 3 * scale * sqrt(D)`.
+pub fn amp_for_logit_std(sigma: f64, scale: f64, d: usize) -> f32 {
+    (3.0 * sigma / (scale * (d as f64).sqrt())).sqrt() as f32
+}
+
+/// The seeds of a random-case test: `WGPU_ATTENTION_SEED=S` replays one case,
+/// `WGPU_ATTENTION_CASES=N` runs N fresh ones (default `default_n`).
+pub fn case_seeds(default_n: usize) -> Vec<u64> {
+    if let Some(s) = std::env::var("WGPU_ATTENTION_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return vec![s];
+    }
+    let n = std::env::var("WGPU_ATTENTION_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_n);
+    (0..n).map(|_| fresh_seed()).collect()
+}
+
+/// Runs `body(seed)` for every seed of [`case_seeds`]; a failure names the seed and how to
+/// replay it, then fails the test.
+pub fn for_each_case(family: &str, default_n: usize, body: impl Fn(u64) -> String) {
+    let seeds = case_seeds(default_n);
+    for &seed in &seeds {
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(seed)));
+        match res {
+            Ok(desc) => eprintln!("{family} case {seed}: {desc}"),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("{family} random case failed: seed {seed} (replay with WGPU_ATTENTION_SEED={seed}): {msg}");
+            }
+        }
+    }
+    eprintln!("{family}: {} random cases passed", seeds.len());
+}
+
+/// The flash family's random case for `seed`: shapes (B 1..=3, Lq and Lk 1..300, D and Dv
+/// apart, GQA ratios), options in random combination, logits with a standard deviation of 1
+/// to 4. Head dims come from a few buckets (padded inside each), so the many shapes run
+/// through the specializations the fixed tests compile anyway: cold compiles dominate the
+/// suite's time on CPU adapters.
+pub fn random_flash_case(seed: u64) -> Case {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    // (D range, Dv range, score modifications allowed, f16 allowed)
+    let buckets: [(
+        std::ops::RangeInclusive<usize>,
+        std::ops::RangeInclusive<usize>,
+        bool,
+        bool,
+    ); 5] = [
+        (33..=48, 33..=48, true, true),
+        (49..=64, 49..=64, false, true),
+        (1..=16, 81..=96, false, false),
+        (1..=16, 1..=16, false, false),
+        (193..=256, 193..=256, false, false),
+    ];
+    let (dr, dvr, mods_ok, f16_ok) = buckets[r.random_range(0..buckets.len())].clone();
+    let batch = r.random_range(1..=3);
+    let mut lq = r.random_range(1..300);
+    let mut lk = if r.random_bool(0.2) {
+        lq
+    } else {
+        r.random_range(1..300)
+    };
+    let hkv = r.random_range(1..=3);
+    let hq = hkv * r.random_range(1..=4);
+    let (d, dv) = (r.random_range(dr), r.random_range(dvr));
+    // bound the f64 reference's work (a few tenths of a second a case)
+    while batch * hq * lq * lk * (d + dv) > 40_000_000 {
+        if lq > lk {
+            lq = lq / 2 + 1;
+        } else {
+            lk = lk / 2 + 1;
+        }
+    }
+    let mut c = Case::new(batch, lq, lk, hq, hkv, d, dv);
+    let o = &mut c.opts;
+    o.causal = r.random_bool(0.5);
+    if r.random_bool(0.2) {
+        o.scale = Some(r.random_range(0.5..2.0) / (d as f32).sqrt());
+    }
+    if mods_ok {
+        if r.random_bool(0.25) {
+            o.softcap = Some(r.random_range(1.0..30.0));
+        }
+        if r.random_bool(0.25) {
+            o.alibi_slopes = Some(
+                (1..=hq)
+                    .map(|i| 2f32.powf(-8.0 * i as f32 / hq as f32))
+                    .collect(),
+            );
+        }
+        if r.random_bool(0.25) {
+            c.bias = Some([
+                if r.random_bool(0.5) { 1 } else { batch },
+                if r.random_bool(0.5) { 1 } else { hq },
+            ]);
+        }
+    }
+    if r.random_bool(0.2) {
+        c.opts.q_lens = Some((0..batch).map(|_| r.random_range(0..=lq as u32)).collect());
+    }
+    if r.random_bool(0.2) {
+        c.opts.kv_lens = Some((0..batch).map(|_| r.random_range(0..=lk as u32)).collect());
+    }
+    if r.random_bool(0.3) {
+        let side = |r: &mut rand::rngs::StdRng| r.random_bool(0.7).then(|| r.random_range(0..64));
+        c.opts.window = (side(&mut r), side(&mut r));
+        if r.random_bool(0.5) {
+            c.opts.sinks = r.random_range(0..12);
+        }
+    }
+    if f16_ok && r.random_bool(0.3) {
+        c.dtype = DType::F16;
+    } else if r.random_bool(0.2) {
+        c.bhsd = true;
+    }
+    let scale = c.opts.scale.map_or(1.0 / (d as f64).sqrt(), f64::from);
+    c.amp = amp_for_logit_std(r.random_range(1.0..4.0), scale, d);
+    let st = strategies();
+    c.opts.strategy = StrategyChoice::Force(st[r.random_range(0..st.len())]);
+    c
 }
