@@ -1,5 +1,7 @@
-//! `cargo bench`: the same sweep as `wgpu-attention bench` (flash attention against the naive
-//! kernel and the matmul baseline, GPU time from timestamp queries, median after warm-up).
+//! `cargo bench`: the same sweep as `wgpu-attention bench`, with the same warm-up and rounds
+//! (`bench::WARMUP`, `bench::ROUNDS`): flash attention, the naive kernel and the matmul baseline
+//! interleaved round by round, GPU time from timestamp queries, min/median/max and the medians of
+//! the per-round ratios.
 //! `cargo bench -- --quick` runs the short registry; results also go to `bench-out/`.
 
 fn main() {
@@ -17,7 +19,10 @@ fn main() {
         }
     };
     println!("adapter: {}", ctx.describe());
-    let rows = wgpu_attention::bench::sweep(&ctx, quick, 3, true, |m| eprintln!("measuring {m}"));
+    let rows =
+        wgpu_attention::bench::sweep(&ctx, quick, wgpu_attention::bench::ROUNDS, true, |m| {
+            eprintln!("measuring {m}")
+        });
     match rows {
         Ok(rows) => {
             println!("{}", wgpu_attention::bench::table(&rows));

@@ -18,23 +18,84 @@ pub enum Clock {
     WallClock,
 }
 
-/// Median and all samples, in milliseconds.
+/// How many warm-up runs and timed rounds `cargo bench`, `wgpu-attention bench` and the figures
+/// in benches/RESULTS.md use, unless told otherwise.
+pub const WARMUP: usize = 1;
+/// See [`WARMUP`].
+pub const ROUNDS: usize = 5;
+
+/// Min, median, max and all samples (in round order), in milliseconds.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Timing {
+    pub min_ms: f64,
     pub median_ms: f64,
+    pub max_ms: f64,
     pub samples_ms: Vec<f64>,
     pub clock: Clock,
 }
 
-/// Times `record` (which records one pass, writing timestamps at the given query indices when
-/// asked) `repeats` times after `warmup` untimed runs. Blocks (native only).
+impl Timing {
+    fn from_samples(samples: Vec<f64>, clock: Clock) -> Timing {
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        Timing {
+            min_ms: sorted.first().copied().unwrap_or(f64::NAN),
+            median_ms: median(&sorted),
+            max_ms: sorted.last().copied().unwrap_or(f64::NAN),
+            samples_ms: samples,
+            clock,
+        }
+    }
+}
+
+/// The median of `x` (mean of the middle two for even lengths); NaN when empty.
+pub fn median(x: &[f64]) -> f64 {
+    let mut s = x.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+/// The median over rounds of `f(a_i, b_i)`, for two timings taken in the same interleaved run
+/// (so a slow phase of the machine falls on both sides of each pair).
+pub fn median_paired(a: &Timing, b: &Timing, f: impl Fn(f64, f64) -> f64) -> f64 {
+    let r: Vec<f64> = (a.samples_ms.iter().zip(&b.samples_ms))
+        .map(|(&x, &y)| f(x, y))
+        .collect();
+    median(&r)
+}
+
+/// Records one pass of a kernel, writing timestamps at the given query indices when asked;
+/// returns the kernel's label.
+pub type Record<'a> = Box<
+    dyn FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<String> + 'a,
+>;
+
+/// Times `record` `repeats` times after `warmup` untimed runs. Blocks (native only).
 pub fn time_passes(
     ctx: &GpuContext,
     warmup: usize,
     repeats: usize,
-    record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
 ) -> Result<Timing> {
-    pollster::block_on(time_passes_async(ctx, warmup, repeats, record))
+    let mut one: Record = Box::new(move |enc, ts| record(enc, ts).map(|()| String::new()));
+    let mut t = time_interleaved(ctx, warmup, repeats, std::slice::from_mut(&mut one))?;
+    Ok(t.remove(0).1)
+}
+
+/// Interleaved timing of several kernels: `warmup` untimed runs of each, then `rounds` rounds
+/// of one timed run of each in order (A B C A B C ...). Returns each kernel's label and timing;
+/// sample `i` of every timing comes from round `i`, for [`median_paired`]. Blocks (native only).
+pub fn time_interleaved(
+    ctx: &GpuContext,
+    warmup: usize,
+    rounds: usize,
+    records: &mut [Record],
+) -> Result<Vec<(String, Timing)>> {
+    pollster::block_on(time_interleaved_async(ctx, warmup, rounds, records))
 }
 
 /// [`time_passes`] as a future, for the browser: every wait is a callback that resolves when the
@@ -47,78 +108,124 @@ pub async fn time_passes_async(
     repeats: usize,
     mut record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
 ) -> Result<Timing> {
-    let repeats = repeats.max(1);
+    let mut one: Record = Box::new(move |enc, ts| record(enc, ts).map(|()| String::new()));
+    let mut t =
+        time_interleaved_async(ctx, warmup, repeats, std::slice::from_mut(&mut one)).await?;
+    Ok(t.remove(0).1)
+}
+
+/// [`time_interleaved`] as a future (see [`time_passes_async`]).
+pub async fn time_interleaved_async(
+    ctx: &GpuContext,
+    warmup: usize,
+    rounds: usize,
+    records: &mut [Record<'_>],
+) -> Result<Vec<(String, Timing)>> {
+    let rounds = rounds.max(1);
+    let mut labels = vec![String::new(); records.len()];
     for _ in 0..warmup {
-        ctx.submit(|enc| record(enc, None))?;
-        ctx.finished().await?;
+        for (r, label) in records.iter_mut().zip(&mut labels) {
+            ctx.submit(|enc| {
+                *label = r(enc, None)?;
+                Ok(())
+            })?;
+            ctx.finished().await?;
+        }
     }
-    let mut samples = Vec::with_capacity(repeats);
     let clock = if ctx.caps.timestamps {
         Clock::GpuTimestamps
     } else {
         Clock::WallClock
     };
-    if clock == Clock::GpuTimestamps {
-        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("bench timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        });
-        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamp resolve"),
-            size: 16,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let period = ctx.queue.get_timestamp_period() as f64;
-        for _ in 0..repeats {
-            let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("timestamp readback"),
-                size: 16,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            ctx.submit(|enc| {
-                record(enc, Some((&set, 0)))?;
-                enc.resolve_query_set(&set, 0..2, &resolve, 0);
-                enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
-                Ok(())
-            })?;
-            let (tx, rx) = futures::channel::oneshot::channel();
-            read.map_async(wgpu::MapMode::Read, .., move |r| {
-                let _ = tx.send(r);
-            });
-            ctx.wait()?;
-            rx.await
-                .map_err(|_| AttnError::Gpu("timestamp readback dropped".into()))?
-                .map_err(|e| AttnError::Gpu(format!("timestamp readback: {e}")))?;
-            let view = read
-                .get_mapped_range(..)
-                .map_err(|e| AttnError::Gpu(format!("timestamp mapping: {e:?}")))?;
-            let ts: &[u64] = bytemuck::cast_slice(&view);
-            samples.push(ts[1].wrapping_sub(ts[0]) as f64 * period / 1e6);
-        }
-    } else {
-        for _ in 0..repeats {
-            samples.push(wall_clock_ms(ctx, &mut record).await?);
+    let mut samples = vec![Vec::with_capacity(rounds); records.len()];
+    let stamps = (clock == Clock::GpuTimestamps).then(|| Stamps::new(ctx));
+    for _ in 0..rounds {
+        for ((r, label), out) in records.iter_mut().zip(&mut labels).zip(&mut samples) {
+            let ms = match &stamps {
+                Some(s) => s.time(ctx, r, label).await?,
+                None => wall_clock_ms(ctx, r, label).await?,
+            };
+            out.push(ms);
         }
     }
-    let mut sorted = samples.clone();
-    sorted.sort_by(f64::total_cmp);
-    Ok(Timing {
-        median_ms: sorted[sorted.len() / 2],
-        samples_ms: samples,
-        clock,
-    })
+    Ok(labels
+        .into_iter()
+        .zip(samples)
+        .map(|(l, s)| (l, Timing::from_samples(s, clock)))
+        .collect())
+}
+
+/// A timestamp query pair and its resolve buffer, reused across samples.
+struct Stamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    period: f64,
+}
+
+impl Stamps {
+    fn new(ctx: &GpuContext) -> Stamps {
+        Stamps {
+            set: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolve: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamp resolve"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+            period: ctx.queue.get_timestamp_period() as f64,
+        }
+    }
+
+    /// One timed run of `record`, in milliseconds.
+    async fn time(
+        &self,
+        ctx: &GpuContext,
+        record: &mut Record<'_>,
+        label: &mut String,
+    ) -> Result<f64> {
+        let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamp readback"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.submit(|enc| {
+            *label = record(enc, Some((&self.set, 0)))?;
+            enc.resolve_query_set(&self.set, 0..2, &self.resolve, 0);
+            enc.copy_buffer_to_buffer(&self.resolve, 0, &read, 0, 16);
+            Ok(())
+        })?;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        read.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.wait()?;
+        rx.await
+            .map_err(|_| AttnError::Gpu("timestamp readback dropped".into()))?
+            .map_err(|e| AttnError::Gpu(format!("timestamp readback: {e}")))?;
+        let view = read
+            .get_mapped_range(..)
+            .map_err(|e| AttnError::Gpu(format!("timestamp mapping: {e:?}")))?;
+        let ts: &[u64] = bytemuck::cast_slice(&view);
+        Ok(ts[1].wrapping_sub(ts[0]) as f64 * self.period / 1e6)
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 async fn wall_clock_ms(
     ctx: &GpuContext,
-    record: &mut impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+    record: &mut Record<'_>,
+    label: &mut String,
 ) -> Result<f64> {
     let start = std::time::Instant::now();
-    ctx.submit(|enc| record(enc, None))?;
+    ctx.submit(|enc| {
+        *label = record(enc, None)?;
+        Ok(())
+    })?;
     ctx.finished().await?;
     Ok(start.elapsed().as_secs_f64() * 1e3)
 }
@@ -126,7 +233,8 @@ async fn wall_clock_ms(
 #[cfg(target_arch = "wasm32")]
 async fn wall_clock_ms(
     ctx: &GpuContext,
-    _record: &mut impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+    _record: &mut Record<'_>,
+    _label: &mut String,
 ) -> Result<f64> {
     Err(AttnError::MissingFeature {
         feature: "TIMESTAMP_QUERY",
@@ -236,24 +344,45 @@ pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// One measured row of a sweep.
+/// One measured row of a sweep. `x_naive` and `x_matmul` are medians of per-round ratios
+/// measured in the same interleaved run: the naive kernel's time over this kernel's, and this
+/// kernel's GFLOP/s over the matmul baseline's.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchRow {
     pub case: BenchCase,
     pub kernel: String,
+    /// Median GPU time.
     pub gpu_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// GFLOP/s at the median time.
     pub gflops: f64,
+    pub x_naive: Option<f64>,
+    pub x_matmul: Option<f64>,
     pub clock: Clock,
 }
 
-/// Times flash attention (with the given strategy) on a case.
-pub fn bench_flash(
-    ctx: &GpuContext,
+fn row(case: &BenchCase, kernel: String, t: &Timing, flops: f64) -> BenchRow {
+    BenchRow {
+        case: case.clone(),
+        kernel,
+        gpu_ms: t.median_ms,
+        min_ms: t.min_ms,
+        max_ms: t.max_ms,
+        gflops: flops / (t.median_ms * 1e6),
+        x_naive: None,
+        x_matmul: None,
+        clock: t.clock,
+    }
+}
+
+/// Inputs for flash attention on a case (pseudo-random, fixed seeds) and a recorder of one pass
+/// with `strategy`.
+pub fn flash_pass<'a>(
+    ctx: &'a GpuContext,
     case: &BenchCase,
     strategy: StrategyChoice,
-    warmup: usize,
-    repeats: usize,
-) -> Result<BenchRow> {
+) -> Result<Record<'a>> {
     let s = case.shape();
     let q = Tensor::from_f32(
         ctx,
@@ -279,237 +408,268 @@ pub fn bench_flash(
         strategy,
         ..Default::default()
     };
-    let mut label = String::new();
-    let t = time_passes(ctx, warmup, repeats, |enc, ts| {
+    Ok(Box::new(move |enc, ts| {
         let plan = encode_flash_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
-        label = format!("flash-{:?}", plan.key.strategy).to_lowercase();
-        Ok(())
-    })?;
-    Ok(row(case, label, &t, case.flops()))
+        Ok(format!("flash-{:?}", plan.key.strategy).to_lowercase())
+    }))
 }
 
-/// One point of a window sweep: the windowed time against dense at the same shape.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct WindowPoint {
-    pub window: (u32, u32),
-    pub gpu_ms: f64,
-    pub dense_ms: f64,
-    /// Measured `dense_ms / gpu_ms`.
-    pub speedup: f64,
-    /// `dense keys / keys the window lets through`: the speed-up if cost followed the window
-    /// exactly.
-    pub ideal: f64,
-    /// `speedup / ideal`.
-    pub efficiency: f64,
-}
-
-/// Sliding-window attention against dense at one shape, for each `(left, right)` window.
-pub fn bench_windows(
-    ctx: &GpuContext,
-    dense: &BenchCase,
-    windows: &[(u32, u32)],
-    warmup: usize,
-    repeats: usize,
-) -> Result<(BenchRow, Vec<WindowPoint>)> {
-    let d = bench_flash(ctx, dense, StrategyChoice::Auto, warmup, repeats)?;
-    let mut points = Vec::new();
-    for &w in windows {
-        let mut c = dense.clone();
-        c.window = Some(w);
-        c.name = format!("{}-win{}+{}", dense.name, w.0, w.1);
-        let r = bench_flash(ctx, &c, StrategyChoice::Auto, warmup, repeats)?;
-        let ideal = dense.visible_pairs() as f64 / c.visible_pairs() as f64;
-        let speedup = d.gpu_ms / r.gpu_ms;
-        points.push(WindowPoint {
-            window: w,
-            gpu_ms: r.gpu_ms,
-            dense_ms: d.gpu_ms,
-            speedup,
-            ideal,
-            efficiency: speedup / ideal,
-        });
-    }
-    Ok((d, points))
-}
-
-/// One point of a neighborhood sweep: NATTEN-style attention against dense over the same tokens.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct NaPoint {
-    pub spatial: Vec<usize>,
-    pub kernel_size: Vec<usize>,
-    pub kernel: String,
-    pub gpu_ms: f64,
-    pub dense_ms: f64,
-    /// GFLOP/s of the work the neighborhood leaves (`2 (D + Dv)` per visible pair).
-    pub gflops: f64,
-    pub speedup: f64,
-    /// `dense pairs / neighborhood pairs` (exact count).
-    pub ideal: f64,
-    pub efficiency: f64,
-}
-
-/// Neighborhood attention for each `(spatial, kernel)` against `dense` (whose `lq = lk` must
-/// be the token count of every grid), B, H and D from `dense`.
-pub fn bench_neighborhood(
-    ctx: &GpuContext,
-    dense: &BenchRow,
-    grids: &[(Vec<usize>, Vec<usize>)],
-    warmup: usize,
-    repeats: usize,
-) -> Result<Vec<NaPoint>> {
-    let c = &dense.case;
-    let mut points = Vec::new();
-    for (spatial, kernel) in grids {
-        let opts = NeighborhoodOptions::new(kernel);
-        let spec = NaSpec::new(&opts.axes(spatial)?)?;
-        let l = spec.len();
-        if l != c.lq || l != c.lk {
-            return Err(AttnError::shape(
-                "neighborhood grid",
-                format!("{} tokens (the dense case)", c.lq),
-                spatial,
-            ));
-        }
-        let shape = |h: usize| {
-            let mut v = vec![c.batch];
-            v.extend(spatial);
-            v.extend([h, c.d]);
-            v
-        };
-        let n = c.batch * l * c.d;
-        let q = Tensor::from_f32(ctx, &pseudo_random(n * c.hq, 1), &shape(c.hq))?;
-        let k = Tensor::from_f32(ctx, &pseudo_random(n * c.hkv, 2), &shape(c.hkv))?;
-        let v = Tensor::from_f32(ctx, &pseudo_random(n * c.hkv, 3), &shape(c.hkv))?;
-        let out = Tensor::filled(ctx, &shape(c.hq), DType::F32, 0.0)?;
-        let mut label = String::new();
-        let t = time_passes(ctx, warmup, repeats, |enc, ts| {
-            let plan = encode_neighborhood_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
-            label = plan.key.label();
-            Ok(())
-        })?;
-        let ideal = (c.lq * c.lk) as f64 / spec.pairs() as f64;
-        let speedup = dense.gpu_ms / t.median_ms;
-        points.push(NaPoint {
-            spatial: spatial.clone(),
-            kernel_size: kernel.clone(),
-            kernel: label,
-            gpu_ms: t.median_ms,
-            dense_ms: dense.gpu_ms,
-            gflops: c.shape().flops_for_pairs(spec.pairs()) / (t.median_ms * 1e6),
-            speedup,
-            ideal,
-            efficiency: speedup / ideal,
-        });
-    }
-    Ok(points)
-}
-
-/// Times the naive attention baseline on a case.
-pub fn bench_naive(
-    ctx: &GpuContext,
-    case: &BenchCase,
-    warmup: usize,
-    repeats: usize,
-) -> Result<BenchRow> {
+/// A recorder of one pass of the naive attention baseline on a case.
+pub fn naive_pass<'a>(ctx: &'a GpuContext, case: &BenchCase) -> Result<Record<'a>> {
     let s = case.shape();
     let buf = |n: usize, seed| Tensor::from_f32(ctx, &pseudo_random(n, seed), &[n]);
     let q = buf(s.batch * s.lq * s.hq * s.d, 1)?;
     let k = buf(s.batch * s.lk * s.hkv * s.d, 2)?;
     let v = buf(s.batch * s.lk * s.hkv * s.dv, 3)?;
     let o = buf(s.batch * s.lq * s.hq * s.dv, 4)?;
-    let t = time_passes(ctx, warmup, repeats, |enc, ts| {
+    let causal = case.causal;
+    Ok(Box::new(move |enc, ts| {
         encode_naive_attention(
             ctx,
             enc,
             &s,
-            case.causal,
+            causal,
             q.buffer(),
             k.buffer(),
             v.buffer(),
             o.buffer(),
             ts,
-        )
-    })?;
-    Ok(row(case, "naive".into(), &t, s.flops(case.causal)))
+        )?;
+        Ok("naive".into())
+    }))
 }
 
-/// Times the f32 matmul baseline at `n x n x n`.
-pub fn bench_matmul(ctx: &GpuContext, n: u32, warmup: usize, repeats: usize) -> Result<BenchRow> {
-    let len = (n * n) as usize;
+/// A recorder of one pass of the f32 matmul baseline at `n x n x n`.
+pub fn matmul_pass(ctx: &GpuContext, n: u32) -> Result<Record<'_>> {
+    let len = (n as usize).pow(2);
     let a = Tensor::from_f32(ctx, &pseudo_random(len, 5), &[len])?;
     let b = Tensor::from_f32(ctx, &pseudo_random(len, 6), &[len])?;
     let c = Tensor::from_f32(ctx, &vec![0.0; len], &[len])?;
-    let t = time_passes(ctx, warmup, repeats, |enc, ts| {
-        encode_matmul(ctx, enc, (n, n, n), a.buffer(), b.buffer(), c.buffer(), ts)
-    })?;
+    Ok(Box::new(move |enc, ts| {
+        encode_matmul(ctx, enc, (n, n, n), a.buffer(), b.buffer(), c.buffer(), ts)?;
+        Ok("matmul".into())
+    }))
+}
+
+/// The matmul baseline's case and FLOPs at `n x n x n`.
+fn matmul_case(n: u32) -> (BenchCase, f64) {
     let case = BenchCase::new(
         &format!("matmul-{n}"),
         (1, n as usize, 1, n as usize),
         false,
     );
-    Ok(row(&case, "matmul".into(), &t, 2.0 * (n as f64).powi(3)))
+    (case, 2.0 * (n as f64).powi(3))
 }
 
-fn row(case: &BenchCase, kernel: String, t: &Timing, flops: f64) -> BenchRow {
-    BenchRow {
-        case: case.clone(),
-        kernel,
-        gpu_ms: t.median_ms,
-        gflops: flops / (t.median_ms * 1e6),
-        clock: t.clock,
+/// Times flash attention (with the given strategy) alone on a case.
+pub fn bench_flash(
+    ctx: &GpuContext,
+    case: &BenchCase,
+    strategy: StrategyChoice,
+    warmup: usize,
+    repeats: usize,
+) -> Result<BenchRow> {
+    let mut r = [flash_pass(ctx, case, strategy)?];
+    let (label, t) = time_interleaved(ctx, warmup, repeats, &mut r)?.remove(0);
+    Ok(row(case, label, &t, case.flops()))
+}
+
+/// Flash attention against its baselines on one case, interleaved round by round: flash, then
+/// (unless `naive` is false) the naive kernel on the same case, then the matmul baseline at
+/// `matmul_n`^3. Rows in that order, flash's with the paired ratios filled in.
+pub fn compare_case(
+    ctx: &GpuContext,
+    case: &BenchCase,
+    naive: bool,
+    matmul_n: u32,
+    warmup: usize,
+    rounds: usize,
+) -> Result<Vec<BenchRow>> {
+    let mut records = vec![flash_pass(ctx, case, StrategyChoice::Auto)?];
+    if naive {
+        records.push(naive_pass(ctx, case)?);
     }
+    records.push(matmul_pass(ctx, matmul_n)?);
+    let mut timed = time_interleaved(ctx, warmup, rounds, &mut records)?;
+    let (mm_label, mm) = timed
+        .pop()
+        .ok_or_else(|| AttnError::Gpu("no timing".into()))?;
+    let (mm_case, mm_flops) = matmul_case(matmul_n);
+    let flops = case.flops();
+    let (label, flash) = &timed[0];
+    let mut first = row(case, label.clone(), flash, flops);
+    first.x_matmul = Some(median_paired(flash, &mm, |f, m| {
+        (flops / f) / (mm_flops / m)
+    }));
+    let mut rows = vec![first];
+    if let Some((label, n)) = timed.get(1) {
+        rows[0].x_naive = Some(median_paired(flash, n, |f, n| n / f));
+        let mut r = row(case, label.clone(), n, flops);
+        r.x_naive = Some(1.0);
+        r.x_matmul = Some(median_paired(n, &mm, |f, m| (flops / f) / (mm_flops / m)));
+        rows.push(r);
+    }
+    rows.push(row(&mm_case, mm_label, &mm, mm_flops));
+    Ok(rows)
 }
 
-/// A text table of a sweep: time, GFLOP/s, and the ratios to the naive kernel on the same case
-/// and to the matmul baseline's GFLOP/s (both measured in the same run).
-pub fn table(rows: &[BenchRow]) -> String {
-    let matmul = rows.iter().find(|r| r.kernel == "matmul").map(|r| r.gflops);
-    let mut s = format!(
-        "{:<20} {:<16} {:>11} {:>9} {:>9} {:>9}\n",
-        "case", "kernel", "GPU ms", "GFLOP/s", "x naive", "x matmul"
-    );
-    for r in rows {
-        let naive = rows
-            .iter()
-            .find(|n| n.kernel == "naive" && n.case.name == r.case.name)
-            .map(|n| n.gflops);
-        let ratio = |base: Option<f64>| match base {
-            Some(b) if r.kernel != "matmul" && b > 0.0 => format!("{:.2}", r.gflops / b),
-            _ => "-".into(),
+/// One pattern of a local sweep against dense attention over the same tokens, from one
+/// interleaved run: `speedup` and `efficiency` are medians of per-round ratios.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LocalPoint {
+    /// `window L+R` or `NA XxY kKxK`.
+    pub pattern: String,
+    pub kernel: String,
+    pub gpu_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// GFLOP/s of the work the pattern leaves (`2 (D + Dv)` per visible pair), at the median.
+    pub gflops: f64,
+    /// Median over rounds of `dense ms / this ms`.
+    pub speedup: f64,
+    /// `dense pairs / pairs the pattern lets through` (exact count): the speed-up if cost
+    /// followed the pattern exactly.
+    pub ideal: f64,
+    /// `speedup / ideal`.
+    pub efficiency: f64,
+}
+
+/// A neighborhood pattern for [`local_sweep`]: the token grid and the kernel size per axis.
+pub type NaGridCase = (Vec<usize>, Vec<usize>);
+
+/// Sliding windows and neighborhood patterns against dense attention over the same tokens
+/// (`dense`: B, L, H, D; every NA grid must hold `dense.lq = dense.lk` tokens), all interleaved
+/// round by round: dense, each window, each grid. Returns the dense row and one point per
+/// pattern.
+pub fn local_sweep(
+    ctx: &GpuContext,
+    dense: &BenchCase,
+    windows: &[(u32, u32)],
+    grids: &[NaGridCase],
+    warmup: usize,
+    rounds: usize,
+) -> Result<(BenchRow, Vec<LocalPoint>)> {
+    let mut records = vec![flash_pass(ctx, dense, StrategyChoice::Auto)?];
+    // (name, visible pairs) per pattern, in record order
+    let mut patterns = Vec::new();
+    for &w in windows {
+        let mut c = dense.clone();
+        c.window = Some(w);
+        records.push(flash_pass(ctx, &c, StrategyChoice::Auto)?);
+        patterns.push((format!("window {}+{}", w.0, w.1), c.visible_pairs()));
+    }
+    for (spatial, kernel) in grids {
+        let (r, pairs) = na_pass(ctx, dense, spatial, kernel)?;
+        records.push(r);
+        let dims = |v: &[usize]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join("x")
         };
+        patterns.push((format!("NA {} k{}", dims(spatial), dims(kernel)), pairs));
+    }
+    let timed = time_interleaved(ctx, warmup, rounds, &mut records)?;
+    let (dl, dt) = &timed[0];
+    let dense_row = row(dense, dl.clone(), dt, dense.flops());
+    let dense_pairs = (dense.lq * dense.lk) as f64;
+    let points = patterns
+        .into_iter()
+        .zip(&timed[1..])
+        .map(|((pattern, pairs), (kernel, t))| {
+            let speedup = median_paired(dt, t, |d, x| d / x);
+            let ideal = dense_pairs / pairs as f64;
+            LocalPoint {
+                pattern,
+                kernel: kernel.clone(),
+                gpu_ms: t.median_ms,
+                min_ms: t.min_ms,
+                max_ms: t.max_ms,
+                gflops: dense.shape().flops_for_pairs(pairs) / (t.median_ms * 1e6),
+                speedup,
+                ideal,
+                efficiency: speedup / ideal,
+            }
+        })
+        .collect();
+    Ok((dense_row, points))
+}
+
+/// A recorder of neighborhood attention over `spatial` with `kernel` (B, H, D from `dense`,
+/// whose `lq = lk` must be the grid's token count), and the pattern's visible pairs.
+fn na_pass<'a>(
+    ctx: &'a GpuContext,
+    dense: &BenchCase,
+    spatial: &[usize],
+    kernel: &[usize],
+) -> Result<(Record<'a>, u64)> {
+    let c = dense;
+    let opts = NeighborhoodOptions::new(kernel);
+    let spec = NaSpec::new(&opts.axes(spatial)?)?;
+    let l = spec.len();
+    if l != c.lq || l != c.lk {
+        return Err(AttnError::shape(
+            "neighborhood grid",
+            format!("{} tokens (the dense case)", c.lq),
+            spatial,
+        ));
+    }
+    let shape = |h: usize| {
+        let mut v = vec![c.batch];
+        v.extend(spatial);
+        v.extend([h, c.d]);
+        v
+    };
+    let n = c.batch * l * c.d;
+    let q = Tensor::from_f32(ctx, &pseudo_random(n * c.hq, 1), &shape(c.hq))?;
+    let k = Tensor::from_f32(ctx, &pseudo_random(n * c.hkv, 2), &shape(c.hkv))?;
+    let v = Tensor::from_f32(ctx, &pseudo_random(n * c.hkv, 3), &shape(c.hkv))?;
+    let out = Tensor::filled(ctx, &shape(c.hq), DType::F32, 0.0)?;
+    let record: Record = Box::new(move |enc, ts| {
+        let plan = encode_neighborhood_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
+        Ok(plan.key.label())
+    });
+    Ok((record, spec.pairs()))
+}
+
+/// A text table of a sweep: median, min and max time, GFLOP/s at the median, and the paired
+/// ratios to the naive kernel and the matmul baseline.
+pub fn table(rows: &[BenchRow]) -> String {
+    let mut s = format!(
+        "{:<20} {:<16} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}\n",
+        "case", "kernel", "median ms", "min ms", "max ms", "GFLOP/s", "x naive", "x matmul"
+    );
+    let opt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+    for r in rows {
         s += &format!(
-            "{:<20} {:<16} {:>11.3} {:>9.2} {:>9} {:>9}\n",
+            "{:<20} {:<16} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8} {:>9}\n",
             r.case.name,
             r.kernel,
             r.gpu_ms,
+            r.min_ms,
+            r.max_ms,
             r.gflops,
-            ratio(naive),
-            ratio(matmul)
+            opt(r.x_naive),
+            opt(r.x_matmul)
         );
     }
     s
 }
 
-/// The whole sweep over [`registry`]: the matmul baseline (1024^3), then per case flash attention
-/// (the plan's strategy) and, unless `naive` is false, the naive kernel. `progress` is called
-/// with a message before each measurement.
+/// The whole sweep over [`registry`]: per case, flash attention (the plan's strategy), the naive
+/// kernel (unless `naive` is false) and the matmul baseline (1024^3), interleaved. `progress` is
+/// called with a message before each case.
 pub fn sweep(
     ctx: &GpuContext,
     quick: bool,
-    repeats: usize,
+    rounds: usize,
     naive: bool,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    progress("matmul baseline");
-    rows.push(bench_matmul(ctx, 1024, 1, repeats)?);
     for c in registry(quick) {
-        progress(&format!("{} flash", c.name));
-        rows.push(bench_flash(ctx, &c, StrategyChoice::Auto, 1, repeats)?);
-        if naive {
-            progress(&format!("{} naive", c.name));
-            rows.push(bench_naive(ctx, &c, 1, repeats)?);
-        }
+        progress(&c.name);
+        rows.extend(compare_case(ctx, &c, naive, 1024, WARMUP, rounds)?);
     }
     Ok(rows)
 }

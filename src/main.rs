@@ -158,8 +158,9 @@ struct BenchArgs {
     /// Only the short sweep (the L2048 D64 target case and two more).
     #[arg(long)]
     quick: bool,
-    /// Timed runs per kernel after one warm-up.
-    #[arg(long, default_value_t = 3)]
+    /// Timed rounds after one warm-up; each round runs every kernel of a comparison once, in
+    /// turn (interleaved), and ratios are medians over rounds.
+    #[arg(long, default_value_t = bench::ROUNDS)]
     repeat: usize,
     /// Folder for results.json and results.svg.
     #[arg(long, default_value = "bench-out")]
@@ -545,6 +546,8 @@ fn report(
             "dtype": dtype.to_string(),
             "causal": a.causal,
             "gpu_ms": t.median_ms,
+            "min_ms": t.min_ms,
+            "max_ms": t.max_ms,
             "samples_ms": t.samples_ms,
             "clock": t.clock,
             "gflops": gflops,
@@ -556,10 +559,12 @@ fn report(
         println!("{desc}");
         println!("kernel: {label}");
         println!(
-            "time: {:.3} ms ({:?}, median of {}), {:.2} GFLOP/s",
+            "time: {:.3} ms ({:?}, median of {}; min {:.3}, max {:.3}), {:.2} GFLOP/s",
             t.median_ms,
             t.clock,
             t.samples_ms.len(),
+            t.min_ms,
+            t.max_ms,
             gflops
         );
         if let Some(c) = &cmp {
@@ -613,7 +618,7 @@ fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     if a.window_sweep.is_some() || a.na_sweep {
         return local_sweep(&ctx, a);
     }
-    let steps = bench::registry(a.quick).len() * if a.no_naive { 1 } else { 2 } + 1;
+    let steps = bench::registry(a.quick).len();
     let bar = indicatif::ProgressBar::new(steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
@@ -672,56 +677,53 @@ fn local_sweep(ctx: &GpuContext, a: &BenchArgs) -> CliResult<()> {
     } else {
         &[]
     };
-    let (d, points) = bench::bench_windows(ctx, &dense, windows, 1, a.repeat)?;
-    println!(
-        "dense: {:.1} ms, {:.2} GFLOP/s ({})",
-        d.gpu_ms, d.gflops, d.kernel
-    );
-    println!(
-        "{:<26} {:>10} {:>9} {:>9} {:>11}",
-        "pattern", "GPU ms", "speed-up", "ideal", "efficiency"
-    );
-    let mut bars = Vec::new();
-    let mut line = |name: String, ms: f64, speedup: f64, ideal: f64, eff: f64| {
-        println!(
-            "{name:<26} {ms:>10.2} {speedup:>9.2} {ideal:>9.2} {:>10.0}%",
-            100.0 * eff
-        );
-        bars.push((name, eff));
-    };
-    for p in &points {
-        let name = format!("window {}+{}", p.window.0, p.window.1);
-        line(name, p.gpu_ms, p.speedup, p.ideal, p.efficiency);
-    }
-    let na_points = if a.na_sweep {
-        let grids = [
+    let grids: Vec<bench::NaGridCase> = if a.na_sweep {
+        vec![
             (vec![16384], vec![513]),
             (vec![128, 128], vec![7, 7]),
             (vec![128, 128], vec![13, 13]),
             (vec![128, 128], vec![31, 31]),
             (vec![16, 32, 32], vec![5, 7, 7]),
-        ];
-        bench::bench_neighborhood(ctx, &d, &grids, 1, a.repeat)?
+        ]
     } else {
         Vec::new()
     };
-    for p in &na_points {
-        let dims = |v: &[usize]| {
-            v.iter()
-                .map(|x| x.to_string())
-                .collect::<Vec<_>>()
-                .join("x")
-        };
-        let name = format!("NA {} k{}", dims(&p.spatial), dims(&p.kernel_size));
-        line(name, p.gpu_ms, p.speedup, p.ideal, p.efficiency);
+    eprintln!(
+        "{} rounds of dense and {} patterns, interleaved (dense alone takes about a minute a round on lavapipe)",
+        a.repeat,
+        windows.len() + grids.len()
+    );
+    let (d, points) = bench::local_sweep(ctx, &dense, windows, &grids, bench::WARMUP, a.repeat)?;
+    println!(
+        "dense: median {:.1} ms (min {:.1}, max {:.1}), {:.2} GFLOP/s ({})",
+        d.gpu_ms, d.min_ms, d.max_ms, d.gflops, d.kernel
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>9} {:>8} {:>11}  kernel",
+        "pattern", "median ms", "min ms", "max ms", "speed-up", "ideal", "efficiency"
+    );
+    let mut bars = Vec::new();
+    for p in &points {
+        println!(
+            "{:<22} {:>10.2} {:>10.2} {:>10.2} {:>9.2} {:>8.2} {:>10.0}%  {}",
+            p.pattern,
+            p.gpu_ms,
+            p.min_ms,
+            p.max_ms,
+            p.speedup,
+            p.ideal,
+            100.0 * p.efficiency,
+            p.kernel
+        );
+        bars.push((p.pattern.clone(), p.efficiency));
     }
     let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", a.out_dir.display()));
     std::fs::create_dir_all(&a.out_dir).map_err(io)?;
     let json = serde_json::json!({
         "adapter": ctx.describe(),
+        "rounds": a.repeat,
         "dense": d,
-        "windows": points,
-        "neighborhoods": na_points,
+        "patterns": points,
     });
     std::fs::write(a.out_dir.join("local.json"), json.to_string()).map_err(io)?;
     let title = format!(
