@@ -62,12 +62,12 @@ impl Kernel for BaselineKey {
     fn capabilities(&self) -> naga::valid::Capabilities {
         naga::valid::Capabilities::empty()
     }
-    fn uniform(&self) -> crate::pipeline::UniformLayout {
-        match self {
+    fn uniforms(&self) -> Vec<crate::pipeline::UniformLayout> {
+        vec![match self {
             BaselineKey::NaiveAttention { .. } => crate::uniform_layout!(NaiveParams, "Params";
                 batch, heads, lq, lk, hkv, causal, scale, _pad),
             BaselineKey::Matmul => crate::uniform_layout!(MatmulParams, "Params"; m, n, k, _pad),
-        }
+        }]
     }
     fn bindings(&self) -> Vec<BindingDecl> {
         let v4 = "vec4<f32>";

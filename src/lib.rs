@@ -24,13 +24,13 @@ pub mod error;
 pub mod flash;
 pub mod neighborhood;
 pub mod pipeline;
+pub mod softmax;
 pub mod tensor;
-mod wgsl;
+pub mod wgsl;
 
 pub use context::{Capabilities, GpuContext};
 pub use error::{AttnError, Result};
 pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, RefOutput};
-pub use flash::shader::Strategy;
 pub use flash::{
     encode_flash_attention, flash_attention, flash_attention_into, AttentionOutput, AttnShape,
     FlashOptions, FlashPlan, StrategyChoice,
@@ -39,6 +39,7 @@ pub use neighborhood::{
     encode_neighborhood_attention, neighborhood_attention, neighborhood_attention_into, NaAxis,
     NeighborhoodOptions,
 };
+pub use softmax::shader::Strategy;
 pub use tensor::{DType, Tensor};
 /// The `wgpu` this crate is built on (encoders and devices passed in must come from it).
 pub use wgpu;

@@ -124,8 +124,8 @@ pub trait Kernel: fmt::Debug + Send + Sync {
     fn workgroup_bytes(&self) -> u32;
     /// The naga capabilities this specialization needs, and nothing more.
     fn capabilities(&self) -> naga::valid::Capabilities;
-    /// The Rust side of the kernel's uniform struct, checked against the WGSL by a test.
-    fn uniform(&self) -> UniformLayout;
+    /// The Rust side of the kernel's uniform structs, checked against the WGSL by a test.
+    fn uniforms(&self) -> Vec<UniformLayout>;
 }
 
 /// Every kernel the host can build, on any adapter, of every family: what `cargo test`
@@ -133,6 +133,7 @@ pub trait Kernel: fmt::Debug + Send + Sync {
 pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     let mut all: Vec<Box<dyn Kernel>> = Vec::new();
     all.extend(crate::flash::all_kernels());
+    all.extend(crate::neighborhood::plan::all_kernels());
     all.extend(crate::baseline::all_kernels());
     all
 }

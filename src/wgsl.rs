@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 /// A growing WGSL source with indentation.
-pub(crate) struct Wgsl {
+pub struct Wgsl {
     out: String,
     indent: usize,
 }

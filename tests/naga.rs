@@ -36,10 +36,24 @@ fn translate(key: &dyn Kernel) -> Result<(), String> {
     Ok(())
 }
 
-/// The Rust uniform struct of a kernel against naga's layout of the WGSL struct it mirrors:
+/// The Rust uniform structs of a kernel against naga's layout of the WGSL structs they mirror:
 /// same size, same field names in the same order at the same offsets.
 fn check_uniform_layout(key: &dyn Kernel, module: &naga::Module) -> Result<(), String> {
-    let want = key.uniform();
+    let uniforms = key.uniforms();
+    if uniforms.is_empty() {
+        return Err(format!("{}: no uniform layout", key.label()));
+    }
+    for want in uniforms {
+        check_one_uniform(key, module, &want)?;
+    }
+    Ok(())
+}
+
+fn check_one_uniform(
+    key: &dyn Kernel,
+    module: &naga::Module,
+    want: &wgpu_attention::pipeline::UniformLayout,
+) -> Result<(), String> {
     let label = key.label();
     let mut layouter = naga::proc::Layouter::default();
     layouter
@@ -107,22 +121,36 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of four generated kernels live in `shaders/flash/` (the GPU plan, the
-/// lavapipe plan and the lavapipe neighborhood plans, box and sweep, at D = 64). They are outputs, never inputs: this test fails when the generator
-/// changes and the copies do not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
+/// Readable copies of four generated kernels live in `shaders/<family>/` (the GPU plan and the
+/// lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64).
+/// They are outputs, never inputs: this test fails when the generator changes and the copies do
+/// not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
 #[test]
 fn shader_snapshots_match_the_generator() {
-    use wgpu_attention::flash::{flash_key, sweep_key};
+    use wgpu_attention::flash::flash_key;
+    use wgpu_attention::neighborhood::plan::{na_key, sweep_key};
     let keys = [
-        flash_key(Strategy::Tiled, DType::F32, 64, 64, (0, 0), false, false),
-        flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false, false),
-        flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false, true),
-        sweep_key(DType::F32, 64, 64, (8, 8), 13, false),
+        (
+            "flash",
+            flash_key(Strategy::Tiled, DType::F32, 64, 64, (0, 0), false),
+        ),
+        (
+            "flash",
+            flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false),
+        ),
+        (
+            "neighborhood",
+            na_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8)),
+        ),
+        (
+            "neighborhood",
+            sweep_key(DType::F32, 64, 64, (8, 8), 13, false),
+        ),
     ];
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders/flash");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     let bless = std::env::var("WGPU_ATTENTION_BLESS").is_ok_and(|v| v == "1");
-    for k in keys {
-        let key = k;
+    for (family, key) in keys {
+        let dir = root.join(family);
         let path = dir.join(format!("{}.wgsl", key.label()));
         let src = key.source();
         if bless {

@@ -33,7 +33,9 @@
 //! `k * d <= n` on every axis and `1 <= s <= k`. NATTEN itself requires `k >= 2`; `k = 1` is
 //! accepted here (each query sees its leader only).
 
+pub mod plan;
 pub mod reference;
+pub mod shader;
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
@@ -388,18 +390,16 @@ pub fn encode_neighborhood_attention(
     let f = check(q, k, v, opts)?;
     let (_, of) = flatten(out, "out")?;
     let lf = lse.map(|l| flatten_lse(l, &f.spatial)).transpose()?;
-    flash::encode_with(
-        ctx,
-        encoder,
-        &f.q,
-        &f.k,
-        &f.v,
-        &of,
-        lf.as_ref(),
-        &flash_opts(opts),
-        Some(&f.spec),
-        timestamps,
-    )
+    let fo = flash_opts(opts);
+    let call = flash::Call {
+        q: &f.q,
+        k: &f.k,
+        v: &f.v,
+        out: &of,
+        lse: lf.as_ref(),
+        opts: &fo,
+    };
+    flash::encode_with(ctx, encoder, &call, &plan::NaLayout(&f.spec), timestamps)
 }
 
 /// Runs neighborhood attention into caller-provided outputs and submits the work.

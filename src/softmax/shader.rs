@@ -1,4 +1,8 @@
-//! WGSL generation for the tiled FlashAttention-2 forward kernel.
+//! The shared WGSL generator of the FlashAttention-2 forward kernel, for every family whose
+//! kernel is a softmax over keys (dense and local attention today; sparse next). A family says
+//! where its query rows and keys come from through a [`Geometry`]; this file owns the rest:
+//! loaders (buffers and textures), the online-softmax update, the epilogue that writes O and
+//! LSE, and the key loops of each strategy.
 //!
 //! One generator, two strategies (see ARCHITECTURE.md, "variant policy"):
 //! - [`Strategy::Tiled`]: FlashAttention-2 tiles. A workgroup owns `WG * R` query rows; K/V tiles
@@ -18,7 +22,10 @@
 //! `m' = max(m, s_u)`, `c = 2^(m - m')`, `p_u = 2^(s_u - m')`, `l = c l + sum p_u`,
 //! `acc = c acc + sum p_u v_u`. At the end `O = acc / l` and `LSE = (m + log2 l) ln 2`.
 
-use crate::pipeline::{declare_bindings, BindingDecl, Kernel};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use crate::pipeline::{declare_bindings, BindingDecl, Kernel, UniformLayout};
 use crate::tensor::DType;
 use crate::wgsl::Wgsl;
 
@@ -35,6 +42,70 @@ pub enum Strategy {
     /// holds it. Q, K and V are read through textures (bindings 9 to 11, copied from the
     /// buffers in the same command encoder). Needs SUBGROUP.
     Sweep,
+}
+
+/// Where a family's query rows and keys come from and how a score is masked: the hooks the
+/// shared generator calls. A family implements it once (a unit struct in a `static`) and puts it
+/// in its [`FlashKey`]s; the shared generator names no family.
+///
+/// What the generated code may rely on: `p` (the shared [`FlashParams`]), `wid`, `lid` and on
+/// subgroup strategies `sg_size` and `lane`; the prologue must define `b`, `h`, `k_head`,
+/// `v_head` and for each row `r < key.rows` `tok{r}` (the row written) and `ok{r}` (whether
+/// it is written); `open_passes` opens one or more scopes (closed by the generator) that define
+/// `pass_lo`, `pass_hi` and set `range_lo`, `range_hi`. Keys `j` in `[pass_lo, pass_hi)` load
+/// through `key_row(j)` (Tiled) or [`Geometry::lane_key`] (subgroup strategies).
+pub trait Geometry: Sync + Send + 'static {
+    /// Part of the label (the cache key), unique per geometry: `""` for dense sequences.
+    fn suffix(&self) -> &'static str;
+    /// The family's generator file, named in the generated header.
+    fn source_file(&self) -> &'static str;
+    /// Bindings after the shared ones (a family's own uniform block), in order.
+    fn bindings(&self) -> Vec<BindingDecl> {
+        Vec::new()
+    }
+    /// The Rust layouts of the uniform structs of [`Geometry::bindings`] (checked by naga).
+    fn uniforms(&self) -> Vec<UniformLayout> {
+        Vec::new()
+    }
+    /// Module-scope WGSL: `key_row(j)`, mask helpers, the family's uniform struct.
+    fn helpers(&self, w: &mut Wgsl, key: &FlashKey);
+    /// Writes a kernel body of the geometry's own and returns true (the Sweep strategy), or
+    /// returns false for the shared body.
+    fn own_body(&self, _w: &mut Wgsl, _key: &FlashKey) -> bool {
+        false
+    }
+    /// The start of the entry point (see the trait docs for what it defines).
+    fn prologue(&self, w: &mut Wgsl, key: &FlashKey);
+    /// Opens the key passes (see the trait docs).
+    fn open_passes(&self, w: &mut Wgsl, key: &FlashKey);
+    /// Subgroup strategies: defines `kj`, the K/V row of key `kb + lane`.
+    fn lane_key(&self, w: &mut Wgsl);
+    /// Lines per key group (`g`, keys `kb + g + u` for `u < key.group`) that the masks need.
+    fn group_keys(&self, w: &mut Wgsl, key: &FlashKey);
+    /// The masked base-2 score of row `r`, key `u` of the group, from the raw `s{r}_{u}`
+    /// (already scaled): `MASKED` where the key is not visible.
+    fn score(&self, key: &FlashKey, r: u32, u: u32) -> String;
+}
+
+/// A [`Geometry`] in a key: compared, hashed and printed by its suffix.
+#[derive(Clone, Copy)]
+pub struct Geo(pub &'static dyn Geometry);
+
+impl PartialEq for Geo {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.suffix() == other.0.suffix()
+    }
+}
+impl Eq for Geo {}
+impl Hash for Geo {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.suffix().hash(state)
+    }
+}
+impl fmt::Debug for Geo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Geo({:?})", self.0.suffix())
+    }
 }
 
 /// Everything that is text specialization for the flash kernel. Shapes, scale, masks and
@@ -59,9 +130,8 @@ pub struct FlashKey {
     /// Score modifications compiled in (softcap, ALiBi, bias; which of them apply is a uniform
     /// flag). Off, the kernel has none of their code and loads.
     pub mods: bool,
-    /// Neighborhood attention (NATTEN): queries are tiles of a 3-axis grid, keys are the
-    /// union box of their windows flattened, the mask is the neighborhood (no `mods`).
-    pub na: bool,
+    /// Where query rows and keys come from, and the mask: the family's hooks.
+    pub geometry: Geo,
     /// Sweep only: pinned slots for the queries at x's borders, whose shifted window outlives
     /// their slot (k / 2 non-causal, 0 causal).
     pub pins: u32,
@@ -80,7 +150,7 @@ impl FlashKey {
             self.group,
             self.wg,
             if self.mods { "_mods" } else { "" },
-            if self.na { "_na" } else { "" },
+            self.geometry.0.suffix(),
             if self.strategy == Strategy::Sweep {
                 format!("_p{}", self.pins)
             } else {
@@ -114,7 +184,17 @@ impl FlashKey {
             b.push(BindingDecl::texture("k_tex", ""));
             b.push(BindingDecl::texture("v_tex", ""));
         }
+        b.extend(self.geometry.0.bindings());
         b
+    }
+
+    /// Bindings every specialization of this strategy has, before the geometry's own.
+    pub fn shared_bindings(&self) -> usize {
+        if self.strategy == Strategy::Sweep {
+            12
+        } else {
+            9
+        }
     }
 
     /// Query rows covered by one workgroup.
@@ -136,7 +216,7 @@ impl Kernel for FlashKey {
         FlashKey::label(self)
     }
     fn source(&self) -> String {
-        flash_source(self)
+        generate(self)
     }
     fn bindings(&self) -> Vec<BindingDecl> {
         FlashKey::bindings(self)
@@ -144,10 +224,14 @@ impl Kernel for FlashKey {
     fn workgroup_bytes(&self) -> u32 {
         FlashKey::workgroup_bytes(self)
     }
-    fn uniform(&self) -> crate::pipeline::UniformLayout {
-        crate::uniform_layout!(FlashParams, "Params"; batch, hq, hkv, lq, lk, d, dv, flags, q, k,
-            v, o, bias, scale, softcap, win_left, win_right, kv_start, kv_end, sinks, _pad, lse,
-            na_n, na_kernel, na_dil, na_stride, na_sub, na_wgrid, na_tiles)
+    fn uniforms(&self) -> Vec<UniformLayout> {
+        let mut u = vec![
+            crate::uniform_layout!(FlashParams, "Params"; batch, hq, hkv, lq, lk, d,
+            dv, flags, q, k, v, o, bias, scale, softcap, win_left, win_right, kv_start, kv_end,
+            sinks, _pad, lse),
+        ];
+        u.extend(self.geometry.0.uniforms());
+        u
     }
     fn capabilities(&self) -> naga::valid::Capabilities {
         use naga::valid::Capabilities as C;
@@ -173,11 +257,9 @@ pub mod flags {
     pub const KV_LENS: u32 = 64;
     pub const WINDOW_LEFT: u32 = 128;
     pub const WINDOW_RIGHT: u32 = 256;
-    /// Neighborhood: axis `a` is causal (bit `NA_CAUSAL << a`).
-    pub const NA_CAUSAL: u32 = 512;
 
     /// Every flag with its WGSL name.
-    pub const ALL: [(&str, u32); 10] = [
+    pub const ALL: [(&str, u32); 9] = [
         ("F_CAUSAL", CAUSAL),
         ("F_SOFTCAP", SOFTCAP),
         ("F_ALIBI", ALIBI),
@@ -187,7 +269,6 @@ pub mod flags {
         ("F_KVLENS", KV_LENS),
         ("F_WLEFT", WINDOW_LEFT),
         ("F_WRIGHT", WINDOW_RIGHT),
-        ("F_NA_CAUSAL", NA_CAUSAL),
     ];
 
     /// The WGSL constants of [`ALL`].
@@ -228,18 +309,6 @@ pub struct FlashParams {
     pub _pad: u32,
     /// LSE offset and strides (batch, head, query) in elements.
     pub lse: [u32; 4],
-    /// Neighborhood (NA kernels only): axis lengths, tiles per dilation group.
-    pub na_n: [u32; 4],
-    /// Kernel size, dilation and stride per axis (4th lane unused).
-    pub na_kernel: [u32; 4],
-    pub na_dil: [u32; 4],
-    pub na_stride: [u32; 4],
-    /// Query sub-box of one subgroup per axis, and its size.
-    pub na_sub: [u32; 4],
-    /// Sub-boxes per workgroup tile per axis, and their count.
-    pub na_wgrid: [u32; 4],
-    /// Workgroup tiles per dilation group per axis.
-    pub na_tiles: [u32; 4],
 }
 
 const PARAMS_WGSL: &str = "struct Params {
@@ -253,17 +322,10 @@ const PARAMS_WGSL: &str = "struct Params {
     scale: f32, softcap: f32, win_left: i32, win_right: i32,
     kv_start: u32, kv_end: u32, sinks: u32, pad: u32,
     lse: vec4<u32>,  // offset, batch stride, head stride, query stride
-    na_n: vec4<u32>, // neighborhood: axis lengths, tiles per dilation group
-    na_kernel: vec4<u32>,
-    na_dil: vec4<u32>,
-    na_stride: vec4<u32>,
-    na_sub: vec4<u32>,   // query box of one subgroup (x, y, z, size)
-    na_wgrid: vec4<u32>, // boxes per workgroup tile (x, y, z, count)
-    na_tiles: vec4<u32>, // workgroup tiles per dilation group (x, y, z)
 }
 ";
 
-/// Masking and score modification shared by both strategies.
+/// Constants and helpers every strategy and geometry shares.
 const COMMON_WGSL: &str = "
 const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
 const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
@@ -290,94 +352,7 @@ fn tanh_safe(x: f32) -> f32 {
     let e = exp(-2.0 * abs(x));
     return sign(x) * (1.0 - e) / (1.0 + e);
 }
-
-// Does query row i see key j? FlashAttention alignment: the diagonal is j = i + kvlen - qlen.
-// Branch-free on purpose (`&`, `|` and select, never `&&`, `||` or `if`): the function is
-// inlined R x U times per key group, and SwiftShader's compile time grows exponentially with
-// the number of branches in one block of straight-line code.
-fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
-    let diag = i32(i) + i32(kvlen) - i32(qlen);
-    let jj = i32(j);
-    let ok = (i < qlen) & (j < kvlen) & (j >= range_lo) & (j < range_hi)
-        & (!has(F_CAUSAL) | (jj <= diag));
-    let in_window = (!has(F_WLEFT) | (jj >= diag - p.win_left))
-        & (!has(F_WRIGHT) | (jj <= diag + p.win_right));
-    // attention sinks: the first `sinks` keys bypass the window, never causality
-    return ok & (in_window | (j < p.sinks));
-}
 ";
-
-/// Sequence kernels: key `j` lives at row `j` (clamped: overhanging lanes load a valid row).
-const SEQ_WGSL: &str = "
-fn key_row(j: u32) -> u32 { return min(j, p.lk - 1u); }
-";
-
-/// Neighborhood kernels: NATTEN's window on one axis, in dilation-group coordinates, and the keys
-/// of the flattened key box (`key_at`, `key_row`). Definitions: `src/neighborhood/mod.rs`.
-const NA_WGSL: &str = "
-var<private> na_gc: vec3<u32>;   // dilation group of this workgroup
-var<private> na_lo: vec3<i32>;   // first key of the key box, group coordinates
-var<private> na_span: vec3<u32>; // size of the key box
-
-// Group coordinates of key j of the key box, flattened with z fastest (j past the end reads the
-// last key: callers mask it out by index).
-fn key_at(j: u32) -> vec3<i32> {
-    let jj = min(j, max(na_span.x * na_span.y * na_span.z, 1u) - 1u);
-    let r = jj / na_span.z;
-    return na_lo + vec3<i32>(vec3<u32>(r / na_span.y, r % na_span.y, jj % na_span.z));
-}
-
-fn key_row(j: u32) -> u32 { return na_token(na_gc, vec3<u32>(key_at(j))); }
-
-// positions x < n with x % d == g
-fn na_len(n: u32, d: u32, g: u32) -> u32 { return (n - g + d - 1u) / d; }
-
-// First key of query x's window on an axis of (group) length n: the window of the stride
-// group's leader, shifted inside the axis (non-causal) or ending at the leader (causal).
-fn na_start(x: i32, n: i32, k: i32, s: i32, causal: bool) -> i32 {
-    let left = k / 2;
-    let right = k / 2 + k % 2 - 1;
-    let lead = min((x / s) * s + s / 2, n - 1);
-    let shifted = select(max(lead - left, 0), n - k, lead + right >= n);
-    let lead_c = min((x / s) * s + s - 1, n - 1);
-    return select(shifted, max(lead_c - left - right, 0), causal);
-}
-
-// One past the last key: k keys on, or up to the query itself when causal.
-fn na_end(x: i32, start: i32, n: i32, k: i32, causal: bool) -> i32 {
-    return select(start + k, min(x + 1, n), causal);
-}
-
-fn na_mask(raw: f32, vis: bool) -> f32 {
-    let t = raw * LOG2E;
-    return select(MASKED, select(t, MASKED, t <= MASKED), vis);
-}
-";
-
-/// `modify()`: masking and, when the key has `mods`, the score modifications in FlashAttention's
-/// order (scale is folded into q; then softcap, ALiBi, bias). Returns the score in base 2, or
-/// MASKED. Branch-free like `visible()`.
-fn modify_fn(w: &mut Wgsl, mods: bool) {
-    w.raw(
-        "fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32) -> f32 {
-    var s = raw;",
-    );
-    if mods {
-        w.raw(
-            "    s = select(s, p.softcap * tanh_safe(s / p.softcap), has(F_SOFTCAP));
-    let dist = f32(abs(i32(i) + i32(kvlen) - i32(qlen) - i32(j)));
-    s = s - select(0.0, alibi_buf[h], has(F_ALIBI)) * dist;
-    let bias_at = p.bias.x + b * p.bias.y + h * p.bias.z + i * p.bias.w + j;
-    s = s + select(0.0, bias_buf[bias_at], has(F_BIAS));",
-        );
-    }
-    w.raw(
-        "    let t = s * LOG2E;
-    // -inf from an additive mask becomes MASKED; NaN stays NaN.
-    return select(MASKED, select(t, MASKED, t <= MASKED), visible(i, j, qlen, kvlen));
-}",
-    );
-}
 
 /// Texels per row of the Sweep kernel's input textures (a power of two: the kernel splits a
 /// texel index with a mask and a shift).
@@ -391,7 +366,7 @@ pub const TEXTURE_WIDTH: u32 = 4096;
 /// the buffers in, with offsets and strides that are multiples of 4). On llvmpipe a texel fetch
 /// is a branch-free gather of 16 bytes per lane, where a storage-buffer load is a loop over
 /// lanes with a branch per component.
-fn loaders(w: &mut Wgsl, t: &str, textured: bool) {
+pub(crate) fn loaders(w: &mut Wgsl, t: &str, textured: bool) {
     let (shift, mask) = (TEXTURE_WIDTH.trailing_zeros(), TEXTURE_WIDTH - 1);
     for (name, dim) in [("q", "p.d"), ("k", "p.d"), ("v", "p.dv")] {
         let body = if textured {
@@ -427,7 +402,7 @@ fn loaders(w: &mut Wgsl, t: &str, textured: bool) {
 
 /// Writes one query row's O and LSE from its online-softmax state (`m`, `l`, `acc`); `row` is
 /// in scope. Rows with no visible key give O = 0 and LSE = -inf.
-fn store_row(w: &mut Wgsl, dv4: u32, m: &str, l: &str, acc: &str) {
+pub(crate) fn store_row(w: &mut Wgsl, dv4: u32, m: &str, l: &str, acc: &str) {
     w.line(&format!("let inv = select(0.0, 1.0 / {l}, {l} > 0.0);"));
     w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
     for i in 0..dv4 {
@@ -440,12 +415,14 @@ fn store_row(w: &mut Wgsl, dv4: u32, m: &str, l: &str, acc: &str) {
     w.close();
 }
 
-/// Generates the WGSL source of one flash specialization.
-pub fn flash_source(key: &FlashKey) -> String {
+/// Generates the WGSL source of one specialization: the shared parts, with the geometry's hooks.
+pub fn generate(key: &FlashKey) -> String {
+    let geo = key.geometry.0;
     let t = key.dtype.wgsl();
     let (r_n, u_n, d4, dv4) = (key.rows, key.group, key.d4, key.dv4);
     let mut w = Wgsl::new(&format!(
-        "Generated by wgpu-attention (src/flash/shader.rs) for {key:?}.\nDo not edit: change the generator."
+        "Generated by wgpu-attention (src/softmax/shader.rs and {}) for {key:?}.\nDo not edit: change the generator.",
+        geo.source_file()
     ));
     if key.dtype == DType::F16 {
         w.line("enable f16;");
@@ -454,13 +431,7 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.raw(&declare_bindings(&key.bindings()));
     w.raw(&flags::wgsl());
     w.raw(COMMON_WGSL);
-    if key.na {
-        w.raw(NA_WGSL);
-        w.raw(NA_GRID_WGSL);
-    } else {
-        w.raw(SEQ_WGSL);
-        modify_fn(&mut w, key.mods);
-    }
+    geo.helpers(&mut w, key);
     loaders(&mut w, t, key.strategy == Strategy::Sweep);
     if key.strategy == Strategy::Tiled {
         w.line(&format!(
@@ -482,16 +453,11 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.open(&format!(
         "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32{sg_args}) {{"
     ));
-    if key.strategy == Strategy::Sweep {
-        sweep_kernel(&mut w, key);
+    if geo.own_body(&mut w, key) {
         w.close();
         return w.finish();
     }
-    if key.na {
-        na_prologue(&mut w, key, r_n);
-    } else {
-        seq_prologue(&mut w, key);
-    }
+    geo.prologue(&mut w, key);
     // Query rows, pre-scaled; running max, sum, accumulator per row.
     for r in 0..r_n {
         w.line(&format!(
@@ -510,15 +476,10 @@ pub fn flash_source(key: &FlashKey) -> String {
         Strategy::Subgroup | Strategy::Sweep => {
             w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
             w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
-            open_passes(&mut w, key);
+            geo.open_passes(&mut w, key);
             w.open("for (var kb = pass_lo; kb < pass_hi; kb += sg_size) {");
             w.line("// each lane holds one K row and one V row of this block");
-            if key.na {
-                w.line("let kc = key_at(kb + lane);");
-                w.line("let kj = na_token(na_gc, vec3<u32>(kc));");
-            } else {
-                w.line("let kj = key_row(kb + lane);");
-            }
+            geo.lane_key(&mut w);
             for i in 0..d4 {
                 w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
             }
@@ -526,7 +487,8 @@ pub fn flash_source(key: &FlashKey) -> String {
                 w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
             }
             w.open(&format!("for (var g = 0u; g < sg_size; g += {u_n}u) {{"));
-            let (keys, score) = row_masks(key);
+            let keys = |w: &mut Wgsl| geo.group_keys(w, key);
+            let score = |r: u32, u: u32| geo.score(key, r, u);
             group_body(&mut w, key, r_n, "", &keys, &score, |x, u, i| {
                 format!("subgroupShuffle({x}[{i}], g + {u}u)")
             });
@@ -536,7 +498,7 @@ pub fn flash_source(key: &FlashKey) -> String {
         }
         Strategy::Tiled => {
             let bc = key.block;
-            open_passes(&mut w, key);
+            geo.open_passes(&mut w, key);
             w.open(&format!(
                 "for (var kb = pass_lo; kb < pass_hi; kb += {bc}u) {{"
             ));
@@ -565,7 +527,8 @@ pub fn flash_source(key: &FlashKey) -> String {
             } else {
                 w.open(&format!("for (var g = 0u; g < {bc}u; g += {u_n}u) {{"));
             }
-            let (keys, score) = row_masks(key);
+            let keys = |w: &mut Wgsl| geo.group_keys(w, key);
+            let score = |r: u32, u: u32| geo.score(key, r, u);
             group_body(&mut w, key, r_n, "", &keys, &score, |x, u, i| {
                 let (tile, n4) = if x == "kr" {
                     ("k_tile", d4)
@@ -598,177 +561,11 @@ pub fn flash_source(key: &FlashKey) -> String {
     w.finish()
 }
 
-/// Sequence kernels: rows `row0 .. row0 + R` of the sequence; the key range `[kv_lo, kv_hi)`
-/// from causality and the window, bounded per subgroup (Subgroup) or workgroup (Tiled).
-fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
-    let r_n = key.rows;
-    w.raw(&format!(
-        "    let b = wid.z;
-    let h = wid.y;
-    let hk = h / (p.hq / p.hkv);          // GQA: query head h reads kv head h / (Hq / Hkv)
-    var qlen = p.lq;
-    var kvlen = p.lk;
-    if (has(F_QLENS)) {{ qlen = min(lens_buf[b], p.lq); }}
-    if (has(F_KVLENS)) {{ kvlen = min(lens_buf[p.batch + b], p.lk); }}
-    let tile0 = wid.x * {rpw}u;            // first query row of this workgroup
-    let row0 = tile0 + lid * {r_n}u;       // this invocation's rows: row0 .. row0 + R
-{bounds}
-    let diag_off = i32(kvlen) - i32(qlen);
-    var hi = min(i32(kvlen), i32(p.kv_end));
-    var lo = i32(p.kv_start);
-    if (has(F_CAUSAL)) {{ hi = min(hi, last + diag_off + 1); }}
-    let hi_sinks = min(hi, i32(min(p.sinks, p.kv_end))); // sinks right of the window still count
-    if (has(F_WRIGHT)) {{ hi = max(min(hi, last + diag_off + p.win_right + 1), hi_sinks); }}
-    if (has(F_WLEFT)) {{ lo = max(lo, first + diag_off - p.win_left); }}
-    if (last < first) {{ hi = lo; }}
-    let kv_lo = u32(max(lo, 0));
-    let kv_hi = u32(max(hi, max(lo, 0)));
-    let k_head = p.k.x + b * p.k.y + hk * p.k.w;
-    let v_head = p.v.x + b * p.v.y + hk * p.v.w;
-",
-        rpw = key.rows_per_workgroup(),
-        bounds = match key.strategy {
-            // the key loop only has to be uniform over the subgroup: bound it by the subgroup's
-            // own rows, so causal work above the diagonal is skipped in steps of sg_size * R rows
-            Strategy::Subgroup | Strategy::Sweep => format!(
-                "    // Keys this subgroup can see (uniform over the subgroup): tiles outside are never loaded.
-    let first = i32(subgroupMin(row0));
-    let last = i32(min(subgroupMax(row0) + {r_n}u, qlen)) - 1;"
-            ),
-            Strategy::Tiled => format!(
-                "    // Keys this workgroup can see (uniform over the workgroup): tiles outside are never loaded.
-    let first = i32(tile0);
-    let last = i32(min(tile0 + {}u, qlen)) - 1;",
-                key.rows_per_workgroup()
-            ),
-        }
-    ));
-    for r in 0..r_n {
-        w.line(&format!("let tok{r} = row0 + {r}u;"));
-        w.line(&format!("let ok{r} = tok{r} < p.lq;"));
-    }
-}
-
-/// Grid helpers of neighborhood kernels (axis order x, y, z; z innermost in memory).
-const NA_GRID_WGSL: &str = "
-fn na_split(i: u32, box: vec3<u32>) -> vec3<u32> {
-    return vec3<u32>(i / (box.y * box.z), (i / box.z) % box.y, i % box.z);
-}
-
-// token index of group coordinates x in dilation group g
-fn na_token(g: vec3<u32>, x: vec3<u32>) -> u32 {
-    let pos = g + p.na_dil.xyz * x;
-    return (pos.x * p.na_n.y + pos.y) * p.na_n.z + pos.z;
-}
-
-fn na_causal(a: u32) -> bool { return has(F_NA_CAUSAL << a); }
-
-fn na_starts(x: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
-    let k = vec3<i32>(p.na_kernel.xyz);
-    let s = vec3<i32>(p.na_stride.xyz);
-    return vec3<i32>(na_start(x.x, n.x, k.x, s.x, na_causal(0u)),
-                     na_start(x.y, n.y, k.y, s.y, na_causal(1u)),
-                     na_start(x.z, n.z, k.z, s.z, na_causal(2u)));
-}
-
-fn na_ends(x: vec3<i32>, start: vec3<i32>, n: vec3<i32>) -> vec3<i32> {
-    let k = vec3<i32>(p.na_kernel.xyz);
-    return vec3<i32>(na_end(x.x, start.x, n.x, k.x, na_causal(0u)),
-                     na_end(x.y, start.y, n.y, k.y, na_causal(1u)),
-                     na_end(x.z, start.z, n.z, k.z, na_causal(2u)));
-}
-";
-
-/// Neighborhood kernels: the workgroup owns one tile of one dilation group (every coordinate
-/// below is in group coordinates); each row knows its window `[ws, we)` per axis, and the key
-/// box `[lo, hi)` is the union of the windows of the subgroup's rows (Subgroup) or of the
-/// workgroup's tile (Tiled): keys outside it are never loaded.
-fn na_prologue(w: &mut Wgsl, key: &FlashKey, r_n: u32) {
-    w.raw(
-        "    let b = wid.z;
-    let h = wid.y;
-    let hk = h / (p.hq / p.hkv);            // GQA: query head h reads kv head h / (Hq / Hkv)
-    let gc = na_split(wid.x / p.na_n.w, p.na_dil.xyz); // dilation group of this workgroup
-    let ng = vec3<u32>(na_len(p.na_n.x, p.na_dil.x, gc.x), na_len(p.na_n.y, p.na_dil.y, gc.y),
-                       na_len(p.na_n.z, p.na_dil.z, gc.z));
-    let ngi = vec3<i32>(ng);
-    na_gc = gc;
-    let tile = p.na_sub.xyz * p.na_wgrid.xyz;
-    let origin = na_split(wid.x % p.na_n.w, p.na_tiles.xyz) * tile;
-    let k_head = p.k.x + b * p.k.y + hk * p.k.w;
-    let v_head = p.v.x + b * p.v.y + hk * p.v.w;",
-    );
-    for r in 0..r_n {
-        w.line(&format!("let loc{r} = lid * {r_n}u + {r}u;"));
-        w.line(&format!(
-            "let x{r} = origin + p.na_sub.xyz * na_split(loc{r} / p.na_sub.w, p.na_wgrid.xyz) + na_split(loc{r} % p.na_sub.w, p.na_sub.xyz);"
-        ));
-        w.line(&format!(
-            "let ok{r} = (loc{r} / p.na_sub.w < p.na_wgrid.w) & all(x{r} < ng);"
-        ));
-        w.line(&format!(
-            "let xc{r} = vec3<i32>(min(x{r}, ng - vec3<u32>(1u)));"
-        ));
-        w.line(&format!("let tok{r} = na_token(gc, vec3<u32>(xc{r}));"));
-        w.line(&format!("let ws{r} = na_starts(xc{r}, ngi);"));
-        w.line(&format!("let we{r} = na_ends(xc{r}, ws{r}, ngi);"));
-    }
-    match key.strategy {
-        Strategy::Subgroup | Strategy::Sweep => {
-            w.line("var lo_l = vec3<i32>(1 << 30);");
-            w.line("var hi_l = vec3<i32>(0);");
-            for r in 0..r_n {
-                w.line(&format!("lo_l = select(lo_l, min(lo_l, ws{r}), ok{r});"));
-                w.line(&format!("hi_l = select(hi_l, max(hi_l, we{r}), ok{r});"));
-            }
-            w.line("// keys this subgroup can see (uniform over the subgroup)");
-            w.line("let lo = subgroupMin(lo_l);");
-            w.line("let hi = subgroupMax(hi_l);");
-        }
-        Strategy::Tiled => {
-            // windows are monotone in the query coordinate: the tile's corners bound them
-            w.line("// keys this workgroup's tile can see (uniform over the workgroup)");
-            w.line("let last = vec3<i32>(min(origin + tile, ng)) - 1;");
-            w.line("let lo = na_starts(vec3<i32>(origin), ngi);");
-            w.line(
-                "let hi = select(na_ends(last, na_starts(last, ngi), ngi), vec3<i32>(0), origin >= ng);",
-            );
-        }
-    }
-}
-
-/// Two passes over keys: the attention sinks left of the window (`[kv_start, min(sinks, kv_lo))`),
-/// then the window's own range `[kv_lo, kv_hi)`. Bounds are uniform, as barriers and shuffles
-/// need.
-///
-/// Neighborhood kernels: one pass over the key box `[lo, hi)` flattened (z fastest), so a block
-/// of keys may span lines of the innermost axis and no block is padded at the end of a line
-/// (a 20 x 20 box is 50 blocks of 8, not 20 lines of 3). Each key's coordinates are checked
-/// against each row's window on every axis.
-fn open_passes(w: &mut Wgsl, key: &FlashKey) {
-    if !key.na {
-        w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
-        w.line("let pass_lo = select(kv_lo, p.kv_start, kpass == 0u);");
-        w.line("let pass_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
-        w.line("range_lo = pass_lo;");
-        w.line("range_hi = pass_hi;");
-        return;
-    }
-    w.line("na_lo = lo;");
-    w.line("let span = vec3<u32>(max(hi - lo, vec3<i32>(0)));");
-    w.line("na_span = span;");
-    w.open("{");
-    w.line("let pass_lo = 0u;");
-    w.line("let pass_hi = span.x * span.y * span.z;");
-    w.line("range_lo = pass_lo;");
-    w.line("range_hi = pass_hi;");
-}
-
 /// One group of `U` keys: scores, masking, online-softmax update, P·V, for `rows` query rows
 /// whose state is named `{pre}q{r}`, `{pre}m{r}`, `{pre}l{r}`, `{pre}acc{r}`. `fetch(x, u, i)`
 /// returns the expression for vec4 `i` of key (x = "kr") or value (x = "vr") number `g + u`;
 /// `keys` emits what the masks need per key, `score(r, u)` the masked score of row r, key u.
-fn group_body(
+pub(crate) fn group_body(
     w: &mut Wgsl,
     key: &FlashKey,
     rows: u32,
@@ -823,229 +620,5 @@ fn group_body(
                 w.line(&format!("{pre}acc{r}[{i}] += p{r}_{u} * v{u}_{i};"));
             }
         }
-    }
-}
-
-/// The masks of the Subgroup and Tiled kernels: per-key lines and per-row scores.
-fn row_masks(key: &FlashKey) -> (impl Fn(&mut Wgsl) + '_, impl Fn(u32, u32) -> String + '_) {
-    let keys = move |w: &mut Wgsl| {
-        if key.na {
-            for u in 0..key.group {
-                w.line(&match key.strategy {
-                    Strategy::Tiled => format!("let kc{u} = key_at(kb + g + {u}u);"),
-                    _ => format!("let kc{u} = subgroupShuffle(kc, g + {u}u);"),
-                });
-                w.line(&format!("let kin{u} = kb + g + {u}u < pass_hi;"));
-            }
-        }
-    };
-    let score = move |r: u32, u: u32| {
-        if key.na {
-            format!("na_mask(s{r}_{u}, ok{r} & kin{u} & all(kc{u} >= ws{r}) & all(kc{u} < we{r}))")
-        } else {
-            format!("modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen)")
-        }
-    };
-    (keys, score)
-}
-
-/// The Sweep kernel (neighborhood attention on CPU adapters), see [`Strategy::Sweep`].
-///
-/// Each lane owns one position (y, z) of the inner axes; the subgroup walks the key planes
-/// `x' = 0 .. n_x` of its dilation group and streams each plane's union box (y, z) once. Slot `r`
-/// holds query `x = x' + before - (S - 1) + r`: a query enters the newest slot `before` planes
-/// ahead of its own and leaves slot 0 `after` planes past it, so along x it sees the planes
-/// `[x - before, x + after]` clipped to the axis. That is NATTEN's window for every query but
-/// those at x's borders, whose non-causal window is shifted inside the axis: after the sweep,
-/// `pins` pinned slots finish them (the top ones continue from where their slot stopped, the
-/// bottom ones compute the planes they missed and merge with their slot's state). Along y and z
-/// the mask is per lane, as in the Subgroup kernel.
-fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
-    let (s_n, p_n, d4, dv4, u_n) = (key.rows, key.pins, key.d4, key.dv4, key.group);
-    na_prologue(w, key, 1);
-    w.raw(
-        "    let nx = ngi.x;
-    let kx = i32(p.na_kernel.x);
-    let causal_x = na_causal(0u);
-    let before = select(kx / 2, kx - 1, causal_x); // planes a query's slot opens ahead of it
-    let after = kx - 1 - before;                  // and stays open past it
-    let top = select(before, 0, causal_x);        // queries x < top: window shifted up the axis
-    let bottom = select(after, 0, causal_x);      // queries x >= nx - bottom: shifted down
-    let span = vec3<u32>(1u, vec2<u32>(max(hi.yz - lo.yz, vec2<i32>(0))));
-    na_span = span;
-    let nbox = span.y * span.z;                   // keys of one plane's union box
-    let lane_yz = vec2<u32>(xc0.yz);",
-    );
-    let load_q = |w: &mut Wgsl, name: &str, x: &str| {
-        w.open("{");
-        w.line(&format!(
-            "let t = na_token(gc, vec3<u32>(u32(clamp({x}, 0, nx - 1)), lane_yz));"
-        ));
-        w.line("let qb = p.q.x + b * p.q.y + t * p.q.z + h * p.q.w;");
-        for i in 0..d4 {
-            w.line(&format!("{name}[{i}] = ld_q(qb, {}u) * p.scale;", i * 4));
-        }
-        w.close();
-    };
-    let write = |w: &mut Wgsl, pre: &str, r: u32, x: &str, cond: &str| {
-        w.open(&format!("if ({cond}) {{"));
-        w.line(&format!(
-            "let row = na_token(gc, vec3<u32>(u32({x}), lane_yz));"
-        ));
-        let state = |v: &str| format!("{pre}{v}{r}");
-        store_row(w, dv4, &state("m"), &state("l"), &state("acc"));
-        w.close();
-    };
-    // One plane (x = xs): its union box in blocks of one key per lane, shuffled round.
-    let plane = |w: &mut Wgsl, rows: u32, pre: &str, live: bool| {
-        w.line("na_lo = vec3<i32>(xs, lo.y, lo.z);");
-        w.open("for (var kb = 0u; kb < nbox; kb += sg_size) {");
-        w.line("let kc = key_at(kb + lane);");
-        w.line("let kj = na_token(na_gc, vec3<u32>(kc));");
-        for i in 0..d4 {
-            w.line(&format!("kr[{i}] = ld_k(k_head + kj * p.k.z, {}u);", i * 4));
-        }
-        for i in 0..dv4 {
-            w.line(&format!("vr[{i}] = ld_v(v_head + kj * p.v.z, {}u);", i * 4));
-        }
-        w.line("let gend = min(sg_size, nbox - kb);");
-        w.open(&format!("for (var g = 0u; g < gend; g += {u_n}u) {{"));
-        let keys = |w: &mut Wgsl| {
-            for u in 0..u_n {
-                w.line(&format!("let kc{u} = subgroupShuffle(kc, g + {u}u);"));
-                w.line(&format!(
-                    "let vis{u} = ok0 & (kb + g + {u}u < nbox) & all(kc{u}.yz >= ws0.yz) & all(kc{u}.yz < we0.yz);"
-                ));
-            }
-        };
-        let score = |r: u32, u: u32| {
-            let live = if live {
-                format!(" & live{r}")
-            } else {
-                String::new()
-            };
-            format!("na_mask(s{r}_{u}, vis{u}{live})")
-        };
-        group_body(w, key, rows, pre, &keys, &score, |x, u, i| {
-            format!("subgroupShuffle({x}[{i}], g + {u}u)")
-        });
-        w.close();
-        w.close();
-    };
-
-    for r in 0..s_n {
-        w.line(&format!(
-            "var q{r}: array<vec4<f32>, {d4}>; var acc{r}: array<vec4<f32>, {dv4}>; var m{r} = MASKED; var l{r} = 0.0;"
-        ));
-    }
-    w.line(&format!(
-        "// before plane 0, slot r holds query before - {s_n} + r (it shifts down first)"
-    ));
-    for r in 1..s_n {
-        load_q(w, &format!("q{r}"), &format!("before - {s_n} + {r}"));
-    }
-    for j in 0..p_n {
-        w.line(&format!(
-            "var zq{j}: array<vec4<f32>, {d4}>; var zacc{j}: array<vec4<f32>, {dv4}>; var zm{j} = MASKED; var zl{j} = 0.0;"
-        ));
-    }
-    w.line(&format!("var kr: array<vec4<f32>, {d4}>;"));
-    w.line(&format!("var vr: array<vec4<f32>, {dv4}>;"));
-
-    w.open("for (var xs = 0; xs < nx; xs++) {");
-    w.line("let xr = xs - 1 - after; // the query leaving slot 0: its last plane was xs - 1");
-    // Pin j takes a state (q, acc, m, l as expressions of the element index) where `cond`.
-    let pin = |w: &mut Wgsl,
-               j: u32,
-               q: &dyn Fn(u32) -> String,
-               acc: &str,
-               m: &str,
-               l: &str,
-               cond: &str| {
-        for i in 0..d4 {
-            w.line(&format!(
-                "zq{j}[{i}] = select(zq{j}[{i}], {}, {cond});",
-                q(i)
-            ));
-        }
-        for i in 0..dv4 {
-            let a = acc.replace("{i}", &i.to_string());
-            w.line(&format!(
-                "zacc{j}[{i}] = select(zacc{j}[{i}], {a}, {cond});"
-            ));
-        }
-        w.line(&format!("zm{j} = select(zm{j}, {m}, {cond});"));
-        w.line(&format!("zl{j} = select(zl{j}, {l}, {cond});"));
-    };
-    for j in 0..p_n {
-        w.line(&format!(
-            "let hit{j} = xr == {j}; // a top border query continues in a pin"
-        ));
-        let hit = format!("hit{j}");
-        pin(w, j, &|i| format!("q0[{i}]"), "acc0[{i}]", "m0", "l0", &hit);
-    }
-    write(w, "", 0, "xr", "ok0 & (xr >= top)");
-    for r in 0..s_n - 1 {
-        let n = r + 1;
-        w.line(&format!(
-            "q{r} = q{n}; acc{r} = acc{n}; m{r} = m{n}; l{r} = l{n};"
-        ));
-    }
-    let last = s_n - 1;
-    load_q(w, &format!("q{last}"), "xs + before");
-    w.line(&format!(
-        "acc{last} = array<vec4<f32>, {dv4}>(); m{last} = MASKED; l{last} = 0.0;"
-    ));
-    plane(w, s_n, "", false);
-    w.close();
-    write(w, "", 0, "nx - 1 - after", "ok0");
-
-    if p_n > 0 {
-        w.line("// border queries: the top ones continue, the bottom ones start fresh");
-        w.open("for (var ph = 0; ph < 2; ph++) {");
-        w.line("let bot = ph == 1;");
-        w.line("let count = select(top, bottom, bot);");
-        for j in 0..p_n {
-            w.line(&format!("let xz{j} = select({j}, nx - bottom + {j}, bot);"));
-            w.open("{");
-            w.line(&format!("var fresh: array<vec4<f32>, {d4}>;"));
-            load_q(w, "fresh", &format!("xz{j}"));
-            let fresh = |i: u32| format!("fresh[{i}]");
-            pin(w, j, &fresh, "vec4<f32>(0.0)", "MASKED", "0.0", "bot");
-            w.close();
-        }
-        w.open("for (var t = 0; t < count; t++) {");
-        w.line("let xs = select(after + 1 + t, nx - kx + t, bot);");
-        for j in 0..p_n {
-            w.line(&format!(
-                "let live{j} = select(t >= {j}, t <= {j}, bot) & ({j} < count);"
-            ));
-        }
-        plane(w, p_n, "z", true);
-        w.close();
-        w.line("// a bottom query's other planes are in slot j + 1: merge the two states");
-        for j in 0..p_n {
-            let n = j + 1;
-            w.line(&format!("let mm{j} = max(zm{j}, m{n});"));
-            w.line(&format!("let ca{j} = exp2(zm{j} - mm{j});"));
-            w.line(&format!("let cb{j} = exp2(m{n} - mm{j});"));
-            w.line(&format!(
-                "zl{j} = select(zl{j}, zl{j} * ca{j} + l{n} * cb{j}, bot);"
-            ));
-            for i in 0..dv4 {
-                w.line(&format!(
-                    "zacc{j}[{i}] = select(zacc{j}[{i}], zacc{j}[{i}] * ca{j} + acc{n}[{i}] * cb{j}, bot);"
-                ));
-            }
-            w.line(&format!("zm{j} = select(zm{j}, mm{j}, bot);"));
-            write(
-                w,
-                "z",
-                j,
-                &format!("xz{j}"),
-                &format!("ok0 & ({j} < count)"),
-            );
-        }
-        w.close();
     }
 }

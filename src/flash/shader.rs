@@ -1,0 +1,149 @@
+//! The dense family's [`Geometry`]: query rows are rows of the sequence, keys the range that
+//! causality, the sliding window and the sinks leave, in two passes (sinks, then the window);
+//! scores go through `modify()` (softcap, ALiBi, bias when compiled in, then the masks).
+
+use crate::softmax::shader::{FlashKey, Geo, Geometry, Strategy};
+use crate::wgsl::Wgsl;
+
+/// The dense geometry (every flash key's, see [`Geometry`]).
+pub struct Sequence;
+
+/// The one instance flash keys point to.
+pub static SEQUENCE: Sequence = Sequence;
+
+impl Sequence {
+    /// As a key's geometry.
+    pub fn geo() -> Geo {
+        Geo(&SEQUENCE)
+    }
+}
+
+/// Masking of sequence kernels: key `j` lives at row `j` (clamped: overhanging lanes load a valid
+/// row), and `visible()` applies causality, the window and the sinks.
+const SEQ_WGSL: &str = "
+fn key_row(j: u32) -> u32 { return min(j, p.lk - 1u); }
+
+// Does query row i see key j? FlashAttention alignment: the diagonal is j = i + kvlen - qlen.
+// Branch-free on purpose (`&`, `|` and select, never `&&`, `||` or `if`): the function is
+// inlined R x U times per key group, and SwiftShader's compile time grows exponentially with
+// the number of branches in one block of straight-line code.
+fn visible(i: u32, j: u32, qlen: u32, kvlen: u32) -> bool {
+    let diag = i32(i) + i32(kvlen) - i32(qlen);
+    let jj = i32(j);
+    let ok = (i < qlen) & (j < kvlen) & (j >= range_lo) & (j < range_hi)
+        & (!has(F_CAUSAL) | (jj <= diag));
+    let in_window = (!has(F_WLEFT) | (jj >= diag - p.win_left))
+        & (!has(F_WRIGHT) | (jj <= diag + p.win_right));
+    // attention sinks: the first `sinks` keys bypass the window, never causality
+    return ok & (in_window | (j < p.sinks));
+}
+";
+
+impl Geometry for Sequence {
+    fn suffix(&self) -> &'static str {
+        ""
+    }
+    fn source_file(&self) -> &'static str {
+        "src/flash/shader.rs"
+    }
+    fn helpers(&self, w: &mut Wgsl, key: &FlashKey) {
+        w.raw(SEQ_WGSL);
+        modify_fn(w, key.mods);
+    }
+    fn prologue(&self, w: &mut Wgsl, key: &FlashKey) {
+        seq_prologue(w, key);
+    }
+    /// Two passes over keys: the attention sinks left of the window
+    /// (`[kv_start, min(sinks, kv_lo))`), then the window's own range `[kv_lo, kv_hi)`. Bounds
+    /// are uniform, as barriers and shuffles need.
+    fn open_passes(&self, w: &mut Wgsl, _key: &FlashKey) {
+        w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
+        w.line("let pass_lo = select(kv_lo, p.kv_start, kpass == 0u);");
+        w.line("let pass_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
+        w.line("range_lo = pass_lo;");
+        w.line("range_hi = pass_hi;");
+    }
+    fn lane_key(&self, w: &mut Wgsl) {
+        w.line("let kj = key_row(kb + lane);");
+    }
+    fn group_keys(&self, _w: &mut Wgsl, _key: &FlashKey) {}
+    fn score(&self, _key: &FlashKey, r: u32, u: u32) -> String {
+        format!("modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen)")
+    }
+}
+
+/// `modify()`: masking and, when the key has `mods`, the score modifications in FlashAttention's
+/// order (scale is folded into q; then softcap, ALiBi, bias). Returns the score in base 2, or
+/// MASKED. Branch-free like `visible()`.
+fn modify_fn(w: &mut Wgsl, mods: bool) {
+    w.raw(
+        "fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32) -> f32 {
+    var s = raw;",
+    );
+    if mods {
+        w.raw(
+            "    s = select(s, p.softcap * tanh_safe(s / p.softcap), has(F_SOFTCAP));
+    let dist = f32(abs(i32(i) + i32(kvlen) - i32(qlen) - i32(j)));
+    s = s - select(0.0, alibi_buf[h], has(F_ALIBI)) * dist;
+    let bias_at = p.bias.x + b * p.bias.y + h * p.bias.z + i * p.bias.w + j;
+    s = s + select(0.0, bias_buf[bias_at], has(F_BIAS));",
+        );
+    }
+    w.raw(
+        "    let t = s * LOG2E;
+    // -inf from an additive mask becomes MASKED; NaN stays NaN.
+    return select(MASKED, select(t, MASKED, t <= MASKED), visible(i, j, qlen, kvlen));
+}",
+    );
+}
+
+/// Sequence kernels: rows `row0 .. row0 + R` of the sequence; the key range `[kv_lo, kv_hi)`
+/// from causality and the window, bounded per subgroup (Subgroup) or workgroup (Tiled).
+fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
+    let r_n = key.rows;
+    w.raw(&format!(
+        "    let b = wid.z;
+    let h = wid.y;
+    let hk = h / (p.hq / p.hkv);          // GQA: query head h reads kv head h / (Hq / Hkv)
+    var qlen = p.lq;
+    var kvlen = p.lk;
+    if (has(F_QLENS)) {{ qlen = min(lens_buf[b], p.lq); }}
+    if (has(F_KVLENS)) {{ kvlen = min(lens_buf[p.batch + b], p.lk); }}
+    let tile0 = wid.x * {rpw}u;            // first query row of this workgroup
+    let row0 = tile0 + lid * {r_n}u;       // this invocation's rows: row0 .. row0 + R
+{bounds}
+    let diag_off = i32(kvlen) - i32(qlen);
+    var hi = min(i32(kvlen), i32(p.kv_end));
+    var lo = i32(p.kv_start);
+    if (has(F_CAUSAL)) {{ hi = min(hi, last + diag_off + 1); }}
+    let hi_sinks = min(hi, i32(min(p.sinks, p.kv_end))); // sinks right of the window still count
+    if (has(F_WRIGHT)) {{ hi = max(min(hi, last + diag_off + p.win_right + 1), hi_sinks); }}
+    if (has(F_WLEFT)) {{ lo = max(lo, first + diag_off - p.win_left); }}
+    if (last < first) {{ hi = lo; }}
+    let kv_lo = u32(max(lo, 0));
+    let kv_hi = u32(max(hi, max(lo, 0)));
+    let k_head = p.k.x + b * p.k.y + hk * p.k.w;
+    let v_head = p.v.x + b * p.v.y + hk * p.v.w;
+",
+        rpw = key.rows_per_workgroup(),
+        bounds = match key.strategy {
+            // the key loop only has to be uniform over the subgroup: bound it by the subgroup's
+            // own rows, so causal work above the diagonal is skipped in steps of sg_size * R rows
+            Strategy::Subgroup | Strategy::Sweep => format!(
+                "    // Keys this subgroup can see (uniform over the subgroup): tiles outside are never loaded.
+    let first = i32(subgroupMin(row0));
+    let last = i32(min(subgroupMax(row0) + {r_n}u, qlen)) - 1;"
+            ),
+            Strategy::Tiled => format!(
+                "    // Keys this workgroup can see (uniform over the workgroup): tiles outside are never loaded.
+    let first = i32(tile0);
+    let last = i32(min(tile0 + {}u, qlen)) - 1;",
+                key.rows_per_workgroup()
+            ),
+        }
+    ));
+    for r in 0..r_n {
+        w.line(&format!("let tok{r} = row0 + {r}u;"));
+        w.line(&format!("let ok{r} = tok{r} < p.lq;"));
+    }
+}
