@@ -673,3 +673,34 @@ pub fn sweep(
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(samples: &[f64]) -> Timing {
+        Timing::from_samples(samples.to_vec(), Clock::GpuTimestamps)
+    }
+
+    #[test]
+    fn median_min_max_of_odd_and_even_counts() {
+        let t = timing(&[5.0, 1.0, 3.0]);
+        assert_eq!((t.min_ms, t.median_ms, t.max_ms), (1.0, 3.0, 5.0));
+        assert_eq!(t.samples_ms, [5.0, 1.0, 3.0], "samples stay in round order");
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn paired_ratios_follow_the_rounds_not_the_sorted_samples() {
+        // a slow phase in round 2 hits both kernels: the per-round ratio stays 2
+        let a = timing(&[10.0, 30.0, 10.0]);
+        let b = timing(&[5.0, 15.0, 5.0]);
+        assert_eq!(median_paired(&a, &b, |x, y| x / y), 2.0);
+        // medians of each side would say 10 / 5 too, but not when the phases differ
+        let a = timing(&[10.0, 30.0, 30.0]);
+        let b = timing(&[5.0, 15.0, 5.0]);
+        assert_eq!(median_paired(&a, &b, |x, y| x / y), 2.0);
+        assert_eq!(a.median_ms / b.median_ms, 6.0);
+    }
+}
