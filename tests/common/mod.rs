@@ -252,6 +252,12 @@ pub fn strategies() -> Vec<Strategy> {
     v
 }
 
+/// `WGPU_ATTENTION_EXHAUSTIVE=1`: the cases the default run leaves out because their cold
+/// compiles cost more than they add (each such test says what it skipped).
+pub fn exhaustive() -> bool {
+    std::env::var("WGPU_ATTENTION_EXHAUSTIVE").is_ok_and(|v| v == "1")
+}
+
 /// Checks the case with every strategy the adapter can run.
 pub fn check_all(case: &Case) {
     for st in strategies() {
