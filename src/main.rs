@@ -175,6 +175,10 @@ struct BenchArgs {
     /// dense at B=1, H=8, D=64; with --window-sweep 16384 both share one dense run.
     #[arg(long)]
     na_sweep: bool,
+    /// Instead of the registry: causal against non-causal attention at B=1, H=8, D=64 and these
+    /// lengths (comma-separated), for each strategy the adapter runs, interleaved.
+    #[arg(long, value_delimiter = ',')]
+    causal_sweep: Option<Vec<usize>>,
 }
 
 fn main() -> ExitCode {
@@ -615,6 +619,9 @@ fn check(
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new()?;
     println!("adapter: {}", ctx.describe());
+    if let Some(lens) = &a.causal_sweep {
+        return causal_sweep(&ctx, a, lens);
+    }
     if a.window_sweep.is_some() || a.na_sweep {
         return local_sweep(&ctx, a);
     }
@@ -648,6 +655,54 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
     let title = format!("wgpu-attention on {}", ctx.adapter_info.name);
     std::fs::write(dir.join("results.svg"), cli::svg::bar_chart(&title, rows)).map_err(io)?;
     println!("wrote {}/results.json and results.svg", dir.display());
+    Ok(())
+}
+
+/// Causal against non-causal attention per length and strategy: each pair interleaved, the
+/// ratio the median of per-round ratios (ideal: about 0.5).
+fn causal_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
+    let mut strategies = vec![Strategy::Tiled];
+    if ctx.caps.subgroups {
+        strategies.push(Strategy::Subgroup);
+    }
+    println!(
+        "{:<8} {:<10} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "L", "strategy", "full ms", "(min-max)", "causal ms", "(min-max)", "ratio"
+    );
+    let mut rows = Vec::new();
+    for &l in lens {
+        for &st in &strategies {
+            let mut full = bench::registry(true)[0].clone();
+            (full.lq, full.lk, full.name) = (l, l, format!("L{l}-D64"));
+            let mut causal = full.clone();
+            causal.causal = true;
+            let choice = StrategyChoice::Force(st);
+            let mut records = vec![
+                bench::flash_pass(ctx, &full, choice)?,
+                bench::flash_pass(ctx, &causal, choice)?,
+            ];
+            let t = bench::time_interleaved(ctx, bench::WARMUP, a.repeat, &mut records)?;
+            let (f, c) = (&t[0].1, &t[1].1);
+            let ratio = bench::median_paired(c, f, |c, f| c / f);
+            println!(
+                "{l:<8} {:<10} {:>12.2} {:>12} {:>12.2} {:>12} {ratio:>8.3}",
+                format!("{st:?}"),
+                f.median_ms,
+                format!("{:.1}-{:.1}", f.min_ms, f.max_ms),
+                c.median_ms,
+                format!("{:.1}-{:.1}", c.min_ms, c.max_ms),
+            );
+            rows.push(serde_json::json!({
+                "l": l, "strategy": format!("{st:?}"), "kernel": t[0].0,
+                "full": f, "causal": c, "ratio": ratio,
+            }));
+        }
+    }
+    let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", a.out_dir.display()));
+    std::fs::create_dir_all(&a.out_dir).map_err(io)?;
+    let json = serde_json::json!({ "adapter": ctx.describe(), "rounds": a.repeat, "rows": rows });
+    std::fs::write(a.out_dir.join("causal.json"), json.to_string()).map_err(io)?;
+    println!("wrote {}/causal.json", a.out_dir.display());
     Ok(())
 }
 

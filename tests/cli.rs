@@ -220,3 +220,39 @@ fn run_neighborhood_from_files_and_random() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("kernel_size"));
 }
+
+#[test]
+fn bench_causal_sweep_writes_interleaved_ratios() {
+    let dir = tmp("causal");
+    let out = cli()
+        .args([
+            "bench",
+            "--causal-sweep",
+            "64,96",
+            "--repeat",
+            "3",
+            "--out-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(dir.join("causal.json")).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    assert!(rows.len() >= 2, "{text}");
+    for r in rows {
+        let ratio = r["ratio"].as_f64().unwrap();
+        assert!(ratio > 0.0 && ratio.is_finite(), "{r}");
+        for side in ["full", "causal"] {
+            let t = &r[side];
+            assert_eq!(t["samples_ms"].as_array().unwrap().len(), 3, "{r}");
+            assert!(t["min_ms"].as_f64() <= t["median_ms"].as_f64(), "{r}");
+            assert!(t["median_ms"].as_f64() <= t["max_ms"].as_f64(), "{r}");
+        }
+    }
+}

@@ -133,6 +133,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (last < first) { hi = lo; }
     let kv_lo = u32(max(lo, 0));
     let kv_hi = u32(max(hi, max(lo, 0)));
+
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
     let v_head = p.v.x + b * p.v.y + hk * p.v.w;
     let tok0 = row0 + 0u;

@@ -66,6 +66,18 @@ impl Geometry for Sequence {
     fn lane_key(&self, w: &mut Wgsl) {
         w.line("let kj = key_row(kb + lane);");
     }
+    /// Causal and window bounds of the invocation's own rows (`inv_lo`, `inv_hi`, from the
+    /// prologue): a workgroup of 64 x R rows bounds its tiles by its last row, so without this
+    /// most of its invocations would compute tiles right of their diagonal. Sinks are bounded by
+    /// causality only, in either pass (the window pass may start left of the last sink).
+    fn tile_guard(&self, key: &FlashKey) -> Option<String> {
+        (key.strategy == Strategy::Tiled).then(|| {
+            format!(
+                "(i32(kb) < inv_hi) & ((kpass == 0u) | (i32(kb) + {} > inv_lo) | (kb < p.sinks))",
+                key.block
+            )
+        })
+    }
     fn group_keys(&self, _w: &mut Wgsl, _key: &FlashKey) {}
     fn score(&self, _key: &FlashKey, r: u32, u: u32) -> String {
         format!("modify(s{r}_{u}, b, h, tok{r}, kb + g + {u}u, qlen, kvlen)")
@@ -122,10 +134,27 @@ fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
     if (last < first) {{ hi = lo; }}
     let kv_lo = u32(max(lo, 0));
     let kv_hi = u32(max(hi, max(lo, 0)));
+{inv_bounds}
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
     let v_head = p.v.x + b * p.v.y + hk * p.v.w;
 ",
         rpw = key.rows_per_workgroup(),
+        inv_bounds = match key.strategy {
+            Strategy::Tiled => format!(
+                "    // Keys this invocation's own rows can see: tiles outside are loaded (the workgroup
+    // shares them) but not computed. The same bounds as above, for rows row0 .. row0 + R.
+    let inv_first = i32(row0);
+    let inv_last = i32(min(row0 + {r_n}u, qlen)) - 1;
+    var inv_hi = min(i32(kvlen), i32(p.kv_end));
+    if (has(F_CAUSAL)) {{ inv_hi = min(inv_hi, inv_last + diag_off + 1); }}
+    let inv_hi_sinks = min(inv_hi, i32(min(p.sinks, p.kv_end)));
+    if (has(F_WRIGHT)) {{ inv_hi = max(min(inv_hi, inv_last + diag_off + p.win_right + 1), inv_hi_sinks); }}
+    var inv_lo = i32(p.kv_start);
+    if (has(F_WLEFT)) {{ inv_lo = max(inv_lo, inv_first + diag_off - p.win_left); }}
+    if (inv_last < inv_first) {{ inv_hi = i32(p.kv_start); }}"
+            ),
+            Strategy::Subgroup | Strategy::Sweep => String::new(),
+        },
         bounds = match key.strategy {
             // the key loop only has to be uniform over the subgroup: bound it by the subgroup's
             // own rows, so causal work above the diagonal is skipped in steps of sg_size * R rows

@@ -80,6 +80,12 @@ pub trait Geometry: Sync + Send + 'static {
     fn open_passes(&self, w: &mut Wgsl, key: &FlashKey);
     /// Subgroup strategies: defines `kj`, the K/V row of key `kb + lane`.
     fn lane_key(&self, w: &mut Wgsl);
+    /// Tiled strategy: a WGSL condition, false when none of this invocation's rows can see a
+    /// key of the tile `[kb, kb + block)`, so it skips the tile's arithmetic (the tile is still
+    /// loaded: the workgroup shares it). `None`: every invocation computes every tile.
+    fn tile_guard(&self, _key: &FlashKey) -> Option<String> {
+        None
+    }
     /// Lines per key group (`g`, keys `kb + g + u` for `u < key.group`) that the masks need.
     fn group_keys(&self, w: &mut Wgsl, key: &FlashKey);
     /// The masked base-2 score of row `r`, key `u` of the group, from the raw `s{r}_{u}`
@@ -521,6 +527,12 @@ pub fn generate(key: &FlashKey) -> String {
                 }
             }
             w.line("workgroupBarrier();");
+            // the tile is the workgroup's; an invocation none of whose rows sees it skips the
+            // arithmetic (no barrier inside, so the branch may be non-uniform)
+            let guard = geo.tile_guard(key);
+            if let Some(g) = &guard {
+                w.open(&format!("if ({g}) {{"));
+            }
             if bc == u_n {
                 w.open("{");
                 w.line("let g = 0u;");
@@ -538,6 +550,9 @@ pub fn generate(key: &FlashKey) -> String {
                 format!("{tile}[(g + {u}u) * {n4}u + {i}u]")
             });
             w.close();
+            if guard.is_some() {
+                w.close();
+            }
             w.line("workgroupBarrier();");
             w.close();
             w.close();
