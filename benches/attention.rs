@@ -2,7 +2,8 @@
 //! (`bench::WARMUP`, `bench::ROUNDS`): flash attention, the naive kernel and the matmul baseline
 //! interleaved round by round, GPU time from timestamp queries, min/median/max and the medians of
 //! the per-round ratios.
-//! `cargo bench -- --quick` runs the short registry; results also go to `bench-out/`.
+//! `cargo bench --bench attention -- --quick` runs the short registry (a bare `-- --quick`
+//! reaches the library's test harness too, which refuses it); results also go to `bench-out/`.
 
 fn main() {
     // `cargo test --all-targets` also runs this binary, without `--bench`: nothing to measure
