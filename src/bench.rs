@@ -36,12 +36,17 @@ pub struct Timing {
 
 impl Timing {
     fn from_samples(samples: Vec<f64>, clock: Clock) -> Timing {
-        let mut sorted = samples.clone();
-        sorted.sort_by(f64::total_cmp);
+        let (min, max) = match samples.is_empty() {
+            true => (f64::NAN, f64::NAN),
+            false => (
+                samples.iter().copied().fold(f64::INFINITY, f64::min),
+                samples.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ),
+        };
         Timing {
-            min_ms: sorted.first().copied().unwrap_or(f64::NAN),
-            median_ms: median(&sorted),
-            max_ms: sorted.last().copied().unwrap_or(f64::NAN),
+            min_ms: min,
+            median_ms: median(&samples),
+            max_ms: max,
             samples_ms: samples,
             clock,
         }
@@ -79,11 +84,9 @@ pub fn time_passes(
     ctx: &GpuContext,
     warmup: usize,
     repeats: usize,
-    mut record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
+    record: impl FnMut(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>) -> Result<()>,
 ) -> Result<Timing> {
-    let mut one: Record = Box::new(move |enc, ts| record(enc, ts).map(|()| String::new()));
-    let mut t = time_interleaved(ctx, warmup, repeats, std::slice::from_mut(&mut one))?;
-    Ok(t.remove(0).1)
+    pollster::block_on(time_passes_async(ctx, warmup, repeats, record))
 }
 
 /// Interleaved timing of several kernels: `warmup` untimed runs of each, then `rounds` rounds

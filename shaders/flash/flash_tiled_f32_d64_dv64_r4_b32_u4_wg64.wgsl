@@ -140,12 +140,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let inv_first = i32(row0);
     let inv_last = i32(min(row0 + 4u, qlen)) - 1;
     var inv_hi = min(i32(kvlen), i32(p.kv_end));
-    if (has(F_CAUSAL)) { inv_hi = min(inv_hi, inv_last + diag_off + 1); }
-    let inv_hi_sinks = min(inv_hi, i32(min(p.sinks, p.kv_end)));
-    if (has(F_WRIGHT)) { inv_hi = max(min(inv_hi, inv_last + diag_off + p.win_right + 1), inv_hi_sinks); }
     var inv_lo = i32(p.kv_start);
+    if (has(F_CAUSAL)) { inv_hi = min(inv_hi, inv_last + diag_off + 1); }
+    let inv_hi_sinks = min(inv_hi, i32(min(p.sinks, p.kv_end))); // sinks right of the window still count
+    if (has(F_WRIGHT)) { inv_hi = max(min(inv_hi, inv_last + diag_off + p.win_right + 1), inv_hi_sinks); }
     if (has(F_WLEFT)) { inv_lo = max(inv_lo, inv_first + diag_off - p.win_left); }
-    if (inv_last < inv_first) { inv_hi = i32(p.kv_start); }
+    if (inv_last < inv_first) { inv_hi = inv_lo; }
     let k_head = p.k.x + b * p.k.y + hk * p.k.w;
     let v_head = p.v.x + b * p.v.y + hk * p.v.w;
     let tok0 = row0 + 0u;

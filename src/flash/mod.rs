@@ -18,8 +18,7 @@ use crate::error::{AttnError, Result};
 use crate::pipeline::Kernel;
 use crate::softmax::shader::{flags, FlashKey, FlashParams, Strategy};
 use crate::softmax::{
-    check_no_alias, copy_to_texture, kernel_key, make_textures, subgroup_ranges, texture_texels,
-    BoundRange,
+    check_no_alias, copy_to_texture, kernel_key, make_textures, texture_texels, BoundRange,
 };
 pub use crate::softmax::{head_dim_bucket, HEAD_DIM_BUCKETS, MAX_HEAD_DIM, TILE_BUDGET_BYTES};
 use crate::tensor::{DType, Tensor};
@@ -132,18 +131,11 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
 /// Every dense specialization the host can build, on any adapter (for naga tests).
 pub fn all_flash_keys() -> Vec<FlashKey> {
     let mut keys = Vec::new();
-    for dtype in [DType::F32, DType::F16] {
-        for &d in &HEAD_DIM_BUCKETS {
-            for &dv in &HEAD_DIM_BUCKETS {
-                for mods in [false, true] {
-                    keys.push(flash_key(Strategy::Tiled, dtype, d, dv, (0, 0), mods));
-                    for r in subgroup_ranges() {
-                        keys.push(flash_key(Strategy::Subgroup, dtype, d, dv, r, mods));
-                    }
-                }
-            }
+    crate::softmax::for_each_shared_shape(|strategy, dtype, d, dv, sg| {
+        for mods in [false, true] {
+            keys.push(flash_key(strategy, dtype, d, dv, sg, mods));
         }
-    }
+    });
     crate::softmax::sorted(keys)
 }
 
@@ -684,7 +676,7 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
                 resource: wgpu::BindingResource::TextureView(view),
             });
         }
-        // the family's uniform block follows the shared bindings
+        // the family's uniform block follows the shared bindings (its declared position)
         let family_buf = (!family_uniform.is_empty()).then(|| {
             init(
                 "family params",
@@ -693,7 +685,7 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
             )
         });
         if let Some(buf) = &family_buf {
-            entries.push(BoundRange::whole(buf).entry(plan.key.shared_bindings() as u32));
+            entries.push(BoundRange::whole(buf).entry(entries.len() as u32));
         }
         let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("flash bind group"),

@@ -109,6 +109,21 @@ fn modify_fn(w: &mut Wgsl, mods: bool) {
     );
 }
 
+/// The key range `[{pre}lo, {pre}hi)` that rows `first ..= last` can see (causality, the window;
+/// sinks right of the window still count); empty when there are no rows. `diag_off`, `qlen`,
+/// `kvlen` in scope.
+fn key_bounds(pre: &str, first: &str, last: &str) -> String {
+    format!(
+        "    var {pre}hi = min(i32(kvlen), i32(p.kv_end));
+    var {pre}lo = i32(p.kv_start);
+    if (has(F_CAUSAL)) {{ {pre}hi = min({pre}hi, {last} + diag_off + 1); }}
+    let {pre}hi_sinks = min({pre}hi, i32(min(p.sinks, p.kv_end))); // sinks right of the window still count
+    if (has(F_WRIGHT)) {{ {pre}hi = max(min({pre}hi, {last} + diag_off + p.win_right + 1), {pre}hi_sinks); }}
+    if (has(F_WLEFT)) {{ {pre}lo = max({pre}lo, {first} + diag_off - p.win_left); }}
+    if ({last} < {first}) {{ {pre}hi = {pre}lo; }}"
+    )
+}
+
 /// Sequence kernels: rows `row0 .. row0 + R` of the sequence; the key range `[kv_lo, kv_hi)`
 /// from causality and the window, bounded per subgroup (Subgroup) or workgroup (Tiled).
 fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
@@ -125,13 +140,7 @@ fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
     let row0 = tile0 + lid * {r_n}u;       // this invocation's rows: row0 .. row0 + R
 {bounds}
     let diag_off = i32(kvlen) - i32(qlen);
-    var hi = min(i32(kvlen), i32(p.kv_end));
-    var lo = i32(p.kv_start);
-    if (has(F_CAUSAL)) {{ hi = min(hi, last + diag_off + 1); }}
-    let hi_sinks = min(hi, i32(min(p.sinks, p.kv_end))); // sinks right of the window still count
-    if (has(F_WRIGHT)) {{ hi = max(min(hi, last + diag_off + p.win_right + 1), hi_sinks); }}
-    if (has(F_WLEFT)) {{ lo = max(lo, first + diag_off - p.win_left); }}
-    if (last < first) {{ hi = lo; }}
+{wg_bounds}
     let kv_lo = u32(max(lo, 0));
     let kv_hi = u32(max(hi, max(lo, 0)));
 {inv_bounds}
@@ -139,19 +148,15 @@ fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
     let v_head = p.v.x + b * p.v.y + hk * p.v.w;
 ",
         rpw = key.rows_per_workgroup(),
+        wg_bounds = key_bounds("", "first", "last"),
         inv_bounds = match key.strategy {
             Strategy::Tiled => format!(
                 "    // Keys this invocation's own rows can see: tiles outside are loaded (the workgroup
     // shares them) but not computed. The same bounds as above, for rows row0 .. row0 + R.
     let inv_first = i32(row0);
     let inv_last = i32(min(row0 + {r_n}u, qlen)) - 1;
-    var inv_hi = min(i32(kvlen), i32(p.kv_end));
-    if (has(F_CAUSAL)) {{ inv_hi = min(inv_hi, inv_last + diag_off + 1); }}
-    let inv_hi_sinks = min(inv_hi, i32(min(p.sinks, p.kv_end)));
-    if (has(F_WRIGHT)) {{ inv_hi = max(min(inv_hi, inv_last + diag_off + p.win_right + 1), inv_hi_sinks); }}
-    var inv_lo = i32(p.kv_start);
-    if (has(F_WLEFT)) {{ inv_lo = max(inv_lo, inv_first + diag_off - p.win_left); }}
-    if (inv_last < inv_first) {{ inv_hi = i32(p.kv_start); }}"
+{}",
+                key_bounds("inv_", "inv_first", "inv_last")
             ),
             Strategy::Subgroup | Strategy::Sweep => String::new(),
         },

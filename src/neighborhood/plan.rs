@@ -157,17 +157,11 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
 /// Every neighborhood specialization the host can build, on any adapter (for naga tests).
 pub fn all_na_keys() -> Vec<FlashKey> {
     let mut keys = Vec::new();
+    crate::softmax::for_each_shared_shape(|strategy, dtype, d, dv, sg| {
+        keys.push(na_key(strategy, dtype, d, dv, sg));
+    });
     for dtype in [DType::F32, DType::F16] {
-        for &d in &HEAD_DIM_BUCKETS {
-            for &dv in &HEAD_DIM_BUCKETS {
-                keys.push(na_key(Strategy::Tiled, dtype, d, dv, (0, 0)));
-                for r in subgroup_ranges() {
-                    keys.push(na_key(Strategy::Subgroup, dtype, d, dv, r));
-                }
-            }
-            if d > SWEEP_MAX_DIM {
-                continue;
-            }
+        for &d in HEAD_DIM_BUCKETS.iter().filter(|&&d| d <= SWEEP_MAX_DIM) {
             for slots in 2..=SWEEP_MAX_SLOTS {
                 for causal in [false, true] {
                     for r in subgroup_ranges() {

@@ -138,6 +138,22 @@ pub fn subgroup_ranges() -> Vec<(u32, u32)> {
     r
 }
 
+/// Calls `f(strategy, dtype, d_bucket, dv_bucket, subgroup)` for every Tiled and Subgroup
+/// specialization of the shared kernel any adapter may get: both dtypes, every pair of head-dim
+/// buckets, every subgroup size range. A family's enumeration of its keys starts here.
+pub fn for_each_shared_shape(mut f: impl FnMut(Strategy, DType, u32, u32, (u32, u32))) {
+    for dtype in [DType::F32, DType::F16] {
+        for &d in &HEAD_DIM_BUCKETS {
+            for &dv in &HEAD_DIM_BUCKETS {
+                f(Strategy::Tiled, dtype, d, dv, (0, 0));
+                for r in subgroup_ranges() {
+                    f(Strategy::Subgroup, dtype, d, dv, r);
+                }
+            }
+        }
+    }
+}
+
 /// The head-dim buckets of D and Dv, or which of them has none.
 pub fn head_dims(shape: &AttnShape) -> Result<(u32, u32)> {
     let d = head_dim_bucket(shape.d).ok_or(AttnError::HeadDim {

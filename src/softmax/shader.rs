@@ -194,15 +194,6 @@ impl FlashKey {
         b
     }
 
-    /// Bindings every specialization of this strategy has, before the geometry's own.
-    pub fn shared_bindings(&self) -> usize {
-        if self.strategy == Strategy::Sweep {
-            12
-        } else {
-            9
-        }
-    }
-
     /// Query rows covered by one workgroup.
     pub fn rows_per_workgroup(&self) -> u32 {
         self.wg * self.rows
