@@ -17,28 +17,12 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import bench_venv
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def ensure_numpy():
-    try:
-        import numpy  # noqa: F401
-        return
-    except ImportError:
-        pass
-    venv = ROOT / "target" / "bench-venv"
-    py = venv / "bin" / "python3"
-    if os.environ.get("CPU_PEER_IN_VENV"):
-        sys.exit("numpy is still missing inside target/bench-venv")
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy"], check=True)
-    os.environ["CPU_PEER_IN_VENV"] = "1"
-    os.execv(str(py), [str(py), *sys.argv])
 
 
 def stats(xs):
@@ -53,7 +37,7 @@ def main():
     ap.add_argument("--n", type=int, default=2048, help="sgemm size n x n x n")
     ap.add_argument("--causal", action="store_true")
     args = ap.parse_args()
-    ensure_numpy()
+    bench_venv.ensure("numpy")
     import numpy as np
 
     exe = ROOT / "target" / "release" / "wgpu-attention"

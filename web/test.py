@@ -94,6 +94,53 @@ class Driver:
             pass
 
 
+class Browser:
+    """Serves `directory` on 127.0.0.1 and runs chromedriver; `open()` starts a fresh Chromium
+    (a new empty profile, the previous one closed). Everything stops on leaving the `with`."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def __enter__(self):
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", free_port()), functools.partial(Quiet, directory=str(self.directory)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.wd_port = free_port()
+        self.chromedriver = subprocess.Popen(["chromedriver", f"--port={self.wd_port}"],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.user_dir = None
+        self.driver = None
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.wd_port}/status", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        return self
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+
+    def open(self, extra=()):
+        self._close()
+        self.user_dir = tempfile.mkdtemp(prefix="wgpu-attention-chromium-")
+        self.driver = Driver(self.wd_port, self.user_dir, extra)
+        return self.driver
+
+    def _close(self):
+        if self.driver:
+            self.driver.quit()
+            self.driver = None
+        if self.user_dir:
+            shutil.rmtree(self.user_dir, ignore_errors=True)
+            self.user_dir = None
+
+    def __exit__(self, *exc):
+        self._close()
+        self.chromedriver.terminate()
+        self.server.shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--screenshot", default=os.path.join(WEB, "target", "screenshot.png"))
@@ -105,24 +152,9 @@ def main():
     if not os.path.exists(os.path.join(WEB, "pkg", "wgpu_attention_web_bg.wasm")):
         sys.exit("web/pkg is missing: run web/build.sh first")
 
-    http_port = free_port()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", http_port), functools.partial(Quiet, directory=WEB))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    wd_port = free_port()
-    chromedriver = subprocess.Popen(["chromedriver", f"--port={wd_port}"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    user_dir = tempfile.mkdtemp(prefix="wgpu-attention-chromium-")
-    driver = None
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{wd_port}/status", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.1)
-        driver = Driver(wd_port, user_dir)
-        page = f"http://127.0.0.1:{http_port}/index.html"
+    with Browser(WEB) as browser:
+        driver = browser.open()
+        page = browser.url("index.html")
 
         # 1. the self-test: every case must match the reference
         t0 = time.time()
@@ -158,13 +190,10 @@ def main():
         with open(args.screenshot, "wb") as f:
             f.write(png)
         print(f"interactive run passed; screenshot: {args.screenshot}")
-        driver.quit()
-        driver = None
 
         # 3. a browser without WebGPU: the page must say so, not fail silently
-        shutil.rmtree(user_dir, ignore_errors=True)
         # (simulated: remove navigator.gpu before any page script runs)
-        driver = Driver(wd_port, user_dir)
+        driver = browser.open()
         driver.s("POST", "/goog/cdp/execute", {
             "cmd": "Page.addScriptToEvaluateOnNewDocument",
             "params": {"source": "delete Navigator.prototype.gpu;"}})
@@ -174,12 +203,6 @@ def main():
         if "no WebGPU" not in said:
             sys.exit(f"without WebGPU the page said: {said!r}")
         print(f"without WebGPU the page says: {said[:70]}...")
-    finally:
-        if driver:
-            driver.quit()
-        chromedriver.terminate()
-        server.shutdown()
-        shutil.rmtree(user_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

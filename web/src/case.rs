@@ -3,7 +3,7 @@
 //! for the heat maps. Plain Rust (no wasm-bindgen), so it also runs natively in `cargo test`.
 
 use serde::{Deserialize, Serialize};
-use wgpu_attention::bench::{pseudo_random, time_passes_async, Clock};
+use wgpu_attention::bench::{pseudo_random, time_passes_async, Clock, Timing};
 use wgpu_attention::flash::reference::{
     attention_plain_f16, attention_reference, compare, visible, Comparison, RefInputs,
 };
@@ -340,11 +340,97 @@ impl Problem {
     }
 }
 
+/// A case with its inputs and outputs on the device, so that it can run again and again: the
+/// page's run and the peer benchmark (`benches/ort_peer.py`), which times it against another
+/// library round by round.
+pub struct Prepared {
+    p: Problem,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+}
+
+impl Prepared {
+    /// Builds the random inputs of `cfg` and uploads them; the outputs start as NaN.
+    pub fn new(ctx: &GpuContext, cfg: &Config) -> Result<Prepared> {
+        let p = Problem::new(cfg)?;
+        let s = p.shape;
+        let q = p.upload(ctx, &p.q, &p.dims(s.lq, s.hq))?;
+        let k = p.upload(ctx, &p.k, &p.dims(s.lk, s.hkv))?;
+        let v = p.upload(ctx, &p.v, &p.dims(s.lk, s.hkv))?;
+        let out = Tensor::filled(ctx, q.shape(), p.dtype, f32::NAN)?;
+        let lse_dims = match p.na {
+            Some(_) => q.shape()[..q.shape().len() - 1].to_vec(),
+            None => vec![s.batch, s.hq, s.lq],
+        };
+        let lse = Tensor::filled(ctx, &lse_dims, DType::F32, f32::NAN)?;
+        Ok(Prepared {
+            p,
+            q,
+            k,
+            v,
+            out,
+            lse,
+        })
+    }
+
+    /// Records one call into `enc`; returns the kernel's label.
+    fn record(
+        &self,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        ts: Option<(&wgpu::QuerySet, u32)>,
+    ) -> Result<String> {
+        let (q, k, v, out, lse) = (&self.q, &self.k, &self.v, &self.out, Some(&self.lse));
+        let plan = match &self.p.na {
+            Some((o, _)) => encode_neighborhood_attention(ctx, enc, q, k, v, out, lse, o, ts)?,
+            None => encode_flash_attention(ctx, enc, q, k, v, out, lse, &self.p.flash, ts)?,
+        };
+        Ok(plan.key.label())
+    }
+
+    /// One call, submitted alone; resolves when the device has finished it. The peer benchmark
+    /// times this with the page's clock, as it times the other library's `run`.
+    pub async fn submit(&self, ctx: &GpuContext) -> Result<()> {
+        ctx.submit(|enc| self.record(ctx, enc, None).map(|_| ()))?;
+        ctx.finished().await
+    }
+
+    /// GPU time of `repeats` calls after `warmup` (timestamp queries); the kernel's label with it.
+    pub async fn gpu_time(
+        &self,
+        ctx: &GpuContext,
+        warmup: usize,
+        repeats: usize,
+    ) -> Result<(String, Timing)> {
+        let mut kernel = String::new();
+        let t = time_passes_async(ctx, warmup, repeats, |enc, ts| {
+            kernel = self.record(ctx, enc, ts)?;
+            Ok(())
+        })
+        .await?;
+        Ok((kernel, t))
+    }
+
+    /// The inputs as f32 (`[B, L, H, D]`), for feeding the same numbers to another library.
+    pub fn inputs(&self) -> [&[f32]; 3] {
+        [&self.p.q, &self.p.k, &self.p.v]
+    }
+
+    /// The output as f32, read back (resolves after the device has finished).
+    pub async fn output(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.finished().await?;
+        self.out.to_vec_f32_async(ctx).await
+    }
+}
+
 /// Runs one case on `ctx`: the kernel (timed where the adapter has timestamps), the reference
 /// check, the pattern and the weights of `cfg.query`.
 pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
-    let p = Problem::new(cfg)?;
-    let s = p.shape;
+    let prep = Prepared::new(ctx, cfg)?;
+    let s = prep.p.shape;
     if cfg.query >= s.lq {
         return Err(AttnError::invalid(
             "query",
@@ -355,37 +441,22 @@ pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
     if cfg.repeats == 0 {
         return Err(AttnError::invalid("repeats", "at least 1", 0));
     }
-    let q = p.upload(ctx, &p.q, &p.dims(s.lq, s.hq))?;
-    let k = p.upload(ctx, &p.k, &p.dims(s.lk, s.hkv))?;
-    let v = p.upload(ctx, &p.v, &p.dims(s.lk, s.hkv))?;
-    let out = Tensor::filled(ctx, q.shape(), p.dtype, f32::NAN)?;
-    let lse_dims = match p.na {
-        Some(_) => q.shape()[..q.shape().len() - 1].to_vec(),
-        None => vec![s.batch, s.hq, s.lq],
-    };
-    let lse = Tensor::filled(ctx, &lse_dims, DType::F32, f32::NAN)?;
-    let mut kernel = String::new();
-    let mut record = |enc: &mut wgpu::CommandEncoder, ts: Option<(&wgpu::QuerySet, u32)>| {
-        let plan = match &p.na {
-            Some((o, _)) => {
-                encode_neighborhood_attention(ctx, enc, &q, &k, &v, &out, Some(&lse), o, ts)?
-            }
-            None => encode_flash_attention(ctx, enc, &q, &k, &v, &out, Some(&lse), &p.flash, ts)?,
-        };
-        kernel = plan.key.label();
-        Ok(())
-    };
-    let timing = if ctx.caps.timestamps {
-        Some(time_passes_async(ctx, 1, cfg.repeats, &mut record).await?)
+    let (kernel, timing) = if ctx.caps.timestamps {
+        let (kernel, t) = prep.gpu_time(ctx, 1, cfg.repeats).await?;
+        (kernel, Some(t))
     } else {
-        ctx.submit(|enc| record(enc, None))?;
-        ctx.finished().await?;
-        None
+        let mut kernel = String::new();
+        ctx.submit(|enc| {
+            kernel = prep.record(ctx, enc, None)?;
+            Ok(())
+        })?;
+        (kernel, None)
     };
     // where the browser reported an error (an invalid pipeline), say so instead of NaN outputs
     ctx.finished().await?;
-    let got = out.to_vec_f32_async(ctx).await?;
-    let got_lse = lse.to_vec_f32_async(ctx).await?;
+    let got = prep.out.to_vec_f32_async(ctx).await?;
+    let got_lse = prep.lse.to_vec_f32_async(ctx).await?;
+    let p = &prep.p;
     let pairs = p.pairs();
     let flops = s.flops_for_pairs(pairs);
     Ok(Report {

@@ -15,6 +15,8 @@ use wgpu_attention::GpuContext;
 pub struct AdapterReport {
     pub name: String,
     pub backend: String,
+    /// `Cpu` for a fallback (software) adapter; plans size their tiles by it.
+    pub device_type: String,
     pub vendor: String,
     pub driver: String,
     pub f16: bool,
@@ -29,6 +31,7 @@ pub fn adapter_report(ctx: &GpuContext) -> AdapterReport {
     AdapterReport {
         name: i.name.clone(),
         backend: format!("{:?}", i.backend),
+        device_type: format!("{:?}", i.device_type),
         vendor: format!("{:#x}", i.vendor),
         driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
         f16: ctx.caps.f16,
@@ -238,10 +241,74 @@ mod bindings {
             })
         }
 
+        /// Uploads one case (JSON [`crate::case::Config`]) for repeated runs; resolves to a
+        /// [`PreparedCase`]. The peer benchmark uses it.
+        pub fn prepare(&self, config: String) -> js_sys::Promise {
+            let ctx = self.ctx.clone();
+            future_to_promise(async move {
+                let cfg: crate::case::Config = serde_json::from_str(&config).map_err(js_err)?;
+                let prep = crate::case::Prepared::new(&ctx, &cfg).map_err(js_err)?;
+                Ok(PreparedCase {
+                    ctx,
+                    prep: Rc::new(prep),
+                }
+                .into())
+            })
+        }
+
         /// Runs the self-test list; resolves to the JSON [`crate::SelftestReport`].
         pub fn selftest(&self) -> js_sys::Promise {
             let ctx = self.ctx.clone();
             future_to_promise(async move { json(&super::selftest(&ctx).await) })
+        }
+    }
+
+    /// A case on the device ([`crate::case::Prepared`]), for timing it round by round.
+    #[wasm_bindgen]
+    pub struct PreparedCase {
+        ctx: Rc<GpuContext>,
+        prep: Rc<crate::case::Prepared>,
+    }
+
+    #[wasm_bindgen]
+    impl PreparedCase {
+        /// One call; resolves when the device has finished it (time it with the page's clock).
+        pub fn submit(&self) -> js_sys::Promise {
+            let (ctx, prep) = (self.ctx.clone(), self.prep.clone());
+            future_to_promise(async move {
+                prep.submit(&ctx).await.map_err(js_err)?;
+                Ok(JsValue::UNDEFINED)
+            })
+        }
+
+        /// GPU time of `repeats` calls after `warmup`; resolves to JSON `{kernel, timing}`.
+        pub fn gpu_time(&self, warmup: usize, repeats: usize) -> js_sys::Promise {
+            let (ctx, prep) = (self.ctx.clone(), self.prep.clone());
+            future_to_promise(async move {
+                let (kernel, timing) =
+                    prep.gpu_time(&ctx, warmup, repeats).await.map_err(js_err)?;
+                json(&serde_json::json!({ "kernel": kernel, "timing": timing }))
+            })
+        }
+
+        /// Input `i` (0 = q, 1 = k, 2 = v) as a `[B, L, H, D]` Float32Array.
+        pub fn input(&self, i: usize) -> Result<js_sys::Float32Array, JsValue> {
+            let data = self
+                .prep
+                .inputs()
+                .get(i)
+                .copied()
+                .ok_or_else(|| js_err(format!("input index must be 0, 1 or 2, got {i}")))?;
+            Ok(js_sys::Float32Array::from(data))
+        }
+
+        /// The output, read back; resolves to a Float32Array.
+        pub fn output(&self) -> js_sys::Promise {
+            let (ctx, prep) = (self.ctx.clone(), self.prep.clone());
+            future_to_promise(async move {
+                let out = prep.output(&ctx).await.map_err(js_err)?;
+                Ok(js_sys::Float32Array::from(&out[..]).into())
+            })
         }
     }
 }
