@@ -43,6 +43,11 @@ pub struct GpuContext {
     /// Device errors nobody caught in an error scope (the browser build reports pipeline errors
     /// this way, asynchronously): [`GpuContext::finished`] returns the first.
     pub(crate) uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Tiles `wgpu-attention tune` measured on this adapter ([`crate::tune`]); plans read it.
+    pub(crate) tuning: Mutex<Option<crate::tune::Tuning>>,
+    /// The tuning file of this adapter, and why it could not be used where it could not.
+    pub tuning_file: Option<std::path::PathBuf>,
+    pub tuning_problem: Option<String>,
 }
 
 /// Environment variable: a case-insensitive substring of the adapter name to pick
@@ -141,7 +146,10 @@ impl GpuContext {
         #[allow(unused_mut)]
         let mut ctx = Self::from_device(device, queue, info);
         #[cfg(not(target_arch = "wasm32"))]
-        ctx.open_pipeline_cache();
+        {
+            ctx.open_pipeline_cache();
+            ctx.load_tuning();
+        }
         // Natively every pipeline is checked with an error scope when it is built; a browser
         // cannot wait for a scope there, so its errors are collected here instead of only going
         // to the console.
@@ -203,6 +211,9 @@ impl GpuContext {
             dummy,
             dummy_rw,
             uncaptured: Arc::new(Mutex::new(Vec::new())),
+            tuning: Mutex::new(None),
+            tuning_file: None,
+            tuning_problem: None,
         }
     }
 
@@ -254,6 +265,23 @@ impl GpuContext {
                     .and_then(|_| std::fs::rename(&tmp, file));
             }
         }
+    }
+
+    /// Reads this adapter's tuning file ([`crate::tune::file_for`]) where there is one, so that
+    /// plans use its tiles. [`GpuContext::new`] does this; a context from
+    /// [`GpuContext::from_device`] starts untuned until it is called. A file that cannot be used
+    /// is ignored and its reason kept in `tuning_problem` (`info` prints it).
+    pub fn load_tuning(&mut self) {
+        self.tuning_file = crate::tune::file_for(&self.adapter_info);
+        self.tuning_problem = None;
+        let loaded = match &self.tuning_file {
+            Some(f) => crate::tune::load(f).unwrap_or_else(|e| {
+                self.tuning_problem = Some(e);
+                None
+            }),
+            None => None,
+        };
+        self.set_tuning(loaded);
     }
 
     /// Which persistent cache compiled pipelines go to, in words (`info` prints it).

@@ -26,6 +26,7 @@ pub mod neighborhood;
 pub mod pipeline;
 pub mod softmax;
 pub mod tensor;
+pub mod tune;
 pub mod wgsl;
 
 pub use context::{Capabilities, GpuContext};
@@ -40,6 +41,7 @@ pub use neighborhood::{
     NeighborhoodOptions,
 };
 pub use softmax::shader::Strategy;
+pub use softmax::Tile;
 pub use tensor::{DType, Tensor};
 /// The `wgpu` this crate is built on (encoders and devices passed in must come from it).
 pub use wgpu;

@@ -42,6 +42,22 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Sweeps the benchmark registry: flash attention against the naive and matmul baselines.
     Bench(BenchArgs),
+    /// Measures the tile candidates of dense attention on this adapter per shape class and
+    /// stores the winners in a per-adapter file (`info` shows it) that plans then read.
+    Tune(TuneArgs),
+}
+
+#[derive(clap::Args)]
+struct TuneArgs {
+    /// Only f32 at D = 64 (both masks and lengths), 3 rounds.
+    #[arg(long)]
+    quick: bool,
+    /// Delete this adapter's tuning file instead (plans fall back to their heuristics).
+    #[arg(long)]
+    reset: bool,
+    /// Strategies to tune (comma-separated): auto (the plan's pick), tiled, subgroup.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    strategy: Vec<StrategyArg>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,6 +204,7 @@ fn main() -> ExitCode {
         Cmd::Info => info(),
         Cmd::Run(a) => run(&a),
         Cmd::Bench(a) => bench_cmd(&a),
+        Cmd::Tune(a) => tune_cmd(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,6 +267,29 @@ fn info() -> CliResult<()> {
         l.max_compute_workgroups_per_dimension
     );
     println!("pipeline cache: {}", ctx.cache_description());
+    match (&ctx.tuning_file, ctx.tuning(), &ctx.tuning_problem) {
+        (None, _, _) => println!("tuning: none (no cache folder)"),
+        (Some(f), _, Some(problem)) => println!("tuning: {} not used: {problem}", f.display()),
+        (Some(f), None, None) => println!(
+            "tuning: none yet (`wgpu-attention tune` writes {})",
+            f.display()
+        ),
+        (Some(f), Some(t), None) => {
+            println!(
+                "tuning: {} ({} classes; delete it or `tune --reset`)",
+                f.display(),
+                t.classes.len()
+            );
+            for (class, e) in &t.classes {
+                println!(
+                    "  {class}: {} ({:.2}x the untuned {})",
+                    e.tile,
+                    e.default_ms / e.best_ms,
+                    e.default_tile
+                );
+            }
+        }
+    }
     if let Some(n) = c.loop_limit {
         println!("driver quirk: loops stop after {n} iterations per invocation (plans stay under)");
     }
@@ -274,6 +314,60 @@ fn info() -> CliResult<()> {
             Err(e) => println!("  D={d} {dtype}: not available ({e})"),
         }
     }
+    Ok(())
+}
+
+fn tune_cmd(a: &TuneArgs) -> CliResult<()> {
+    let ctx = GpuContext::new()?;
+    let file = ctx.tuning_file.clone().ok_or_else(|| {
+        Failure::Input(
+            "no cache folder to keep a tuning in (set WGPU_ATTENTION_CACHE_DIR or HOME)".into(),
+        )
+    })?;
+    let io = |e: std::io::Error| Failure::Run(format!("{}: {e}", file.display()));
+    if a.reset {
+        match std::fs::remove_file(&file) {
+            Ok(()) => println!("removed {}", file.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("no tuning file for this adapter ({})", file.display())
+            }
+            Err(e) => return Err(io(e)),
+        }
+        return Ok(());
+    }
+    if !ctx.caps.timestamps {
+        return Err(Failure::Input(format!(
+            "{} has no TIMESTAMP_QUERY: tune measures GPU time with it",
+            ctx.describe()
+        )));
+    }
+    let mut plan = wgpu_attention::tune::TunePlan::for_adapter(&ctx, a.quick);
+    plan.strategies = Vec::new();
+    for s in &a.strategy {
+        let choice = s.choice();
+        if !plan.strategies.contains(&choice) {
+            plan.strategies.push(choice);
+        }
+    }
+    println!(
+        "tuning on {}: {:?} x D {:?} x full/causal x L {:?}, B=1 H={}, {} rounds",
+        ctx.describe(),
+        plan.dtypes,
+        plan.dims,
+        plan.lengths,
+        plan.heads,
+        plan.rounds
+    );
+    let t = wgpu_attention::tune::tune(&ctx, &plan, |line| println!("{line}"))?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let text = serde_json::to_string_pretty(&t).map_err(|e| Failure::Run(e.to_string()))?;
+    std::fs::write(&file, text).map_err(io)?;
+    println!(
+        "wrote {} (plans on this adapter read it; tune --reset removes it)",
+        file.display()
+    );
     Ok(())
 }
 

@@ -256,3 +256,51 @@ fn bench_causal_sweep_writes_interleaved_ratios() {
         }
     }
 }
+
+/// `info` names the tuning file; a tuning there is listed and used, `tune --reset` removes it.
+#[test]
+fn tuning_file_is_shown_and_removable() {
+    let dir = tmp("cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    let info = || {
+        let out = cli()
+            .arg("info")
+            .env("WGPU_ATTENTION_CACHE_DIR", &dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = info();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("tuning:"))
+        .expect(&text);
+    assert!(line.contains("none yet"), "{line}");
+    let file = line
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string();
+    let tuning = serde_json::json!({
+        "adapter": "test", "version": env!("CARGO_PKG_VERSION"),
+        "classes": { "tiled-f32-d64-causal-short": {
+            "tile": {"wg": 32, "rows": 2}, "kernel": "k", "default_tile": {"wg": 64, "rows": 4},
+            "default_ms": 2.0, "best_ms": 1.0, "shape": [1, 1024, 1024, 8, 8, 64] } }
+    });
+    std::fs::write(&file, tuning.to_string()).unwrap();
+    let text = info();
+    assert!(
+        text.contains("tiled-f32-d64-causal-short: wg32xr2 (2.00x the untuned wg64xr4)"),
+        "{text}"
+    );
+    let out = cli()
+        .args(["tune", "--reset"])
+        .env("WGPU_ATTENTION_CACHE_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!std::path::Path::new(&file).exists());
+    assert!(info().contains("none yet"));
+}

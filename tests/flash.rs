@@ -206,3 +206,128 @@ fn random_cases() {
         format!("{c:?}")
     });
 }
+
+/// The tiles the plan may pick (`flash::tile_choices`, what `tune` measures) compute the same
+/// attention: each on its own fresh inputs, causal and not in turn, at awkward lengths. By
+/// default every rows value at 64 invocations and every workgroup size at 2 rows (each kernel
+/// compiles for seconds on lavapipe); `WGPU_ATTENTION_EXHAUSTIVE=1` runs all. A tile outside
+/// the choices is a typed error naming them.
+#[test]
+fn every_tile_choice() {
+    let ctx = ctx();
+    for st in strategies() {
+        let case = Case::new(1, 113, 203, 4, 2, 40, 40).strategy(st);
+        let tiles =
+            flash::tile_choices(ctx, &case.shape, DType::F32, &case.opts).expect("tile choices");
+        assert!(tiles.len() > 1, "{st:?}: {tiles:?}");
+        let all = tiles.len();
+        let tiles: Vec<Tile> = tiles
+            .into_iter()
+            .filter(|t| exhaustive() || t.wg == 64 || t.rows == 2)
+            .collect();
+        if tiles.len() < all {
+            eprintln!(
+                "{st:?}: {} of {all} tiles (WGPU_ATTENTION_EXHAUSTIVE=1 runs all)",
+                tiles.len()
+            );
+        }
+        for (i, &t) in tiles.iter().enumerate() {
+            check(&case.clone().with(|o| {
+                o.tile = Some(t);
+                o.causal = i % 2 == 1;
+            }));
+        }
+        let bad = Tile { wg: 48, rows: 3 };
+        let q = Tensor::from_f32(ctx, &random(113 * 4 * 40, 1.0, 1), &[1, 113, 4, 40]).unwrap();
+        let k = Tensor::from_f32(ctx, &random(203 * 2 * 40, 1.0, 2), &[1, 203, 2, 40]).unwrap();
+        let opts = FlashOptions {
+            tile: Some(bad),
+            ..case.opts.clone()
+        };
+        let Err(err) = flash_attention(ctx, &q, &k, &k, &opts) else {
+            panic!("tile {bad} was accepted");
+        };
+        assert!(
+            matches!(&err, AttnError::Invalid { .. }) && err.to_string().contains("wg48xr3"),
+            "{err}"
+        );
+    }
+}
+
+/// A tuned tile is what the plan picks for its class (and only for its class); an explicit
+/// tile still wins; forgetting the tuning brings back the heuristic.
+#[test]
+fn plans_follow_the_tuning() {
+    use wgpu_attention::tune::{Entry, ShapeClass, Tuning};
+    let ctx = ctx();
+    let shape = Case::new(1, 300, 300, 2, 2, 64, 64).shape;
+    let opts = FlashOptions {
+        strategy: StrategyChoice::Force(Strategy::Tiled),
+        causal: true,
+        ..Default::default()
+    };
+    let untuned = flash::plan(ctx, &shape, DType::F32, &opts).unwrap().key;
+    let full = FlashOptions {
+        causal: false,
+        ..opts.clone()
+    };
+    let untuned_full = flash::plan(ctx, &shape, DType::F32, &full).unwrap().key;
+    let tiles = flash::tile_choices(ctx, &shape, DType::F32, &opts).unwrap();
+    let other = *tiles.iter().find(|&&t| t != untuned.tile()).unwrap();
+    let class = ShapeClass::new(Strategy::Tiled, DType::F32, 64, true, shape.lq);
+    let entry = Entry {
+        tile: other,
+        kernel: String::new(),
+        default_tile: untuned.tile(),
+        default_ms: 2.0,
+        best_ms: 1.0,
+        shape: [1, 300, 300, 2, 2, 64],
+    };
+    let saved = ctx.tuning();
+    ctx.set_tuning(Some(Tuning {
+        adapter: ctx.describe(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        classes: [(class.name(), entry)].into_iter().collect(),
+    }));
+    let tuned = flash::plan(ctx, &shape, DType::F32, &opts).unwrap().key;
+    let other_class = flash::plan(ctx, &shape, DType::F32, &full).unwrap().key;
+    let explicit = FlashOptions {
+        tile: Some(untuned.tile()),
+        ..opts.clone()
+    };
+    let forced = flash::plan(ctx, &shape, DType::F32, &explicit).unwrap().key;
+    ctx.set_tuning(saved);
+    assert_eq!(tuned.tile(), other, "{}", class.name());
+    assert_eq!(other_class.tile(), untuned_full.tile());
+    assert_eq!(forced.tile(), untuned.tile());
+}
+
+/// `tune` on a tiny plan: one entry per class, each a tile the plan offers, no slower than the
+/// untuned tile in the same rounds.
+#[test]
+fn tune_measures_every_class() {
+    use wgpu_attention::tune::{tune, TunePlan};
+    let ctx = ctx();
+    if !ctx.caps.timestamps {
+        eprintln!("adapter has no TIMESTAMP_QUERY: tune is not tested here");
+        return;
+    }
+    let plan = TunePlan {
+        strategies: vec![StrategyChoice::Auto],
+        dtypes: vec![DType::F32],
+        dims: vec![16],
+        lengths: [40, 2100],
+        heads: 1,
+        rounds: 1,
+        keep: 1,
+    };
+    let t = tune(ctx, &plan, |_| ()).unwrap();
+    assert_eq!(t.classes.len(), 4, "{:?}", t.classes.keys());
+    for (class, e) in &t.classes {
+        assert!(e.best_ms <= e.default_ms, "{class}: {e:?}");
+        assert!(
+            e.kernel.contains(&format!("_r{}_", e.tile.rows)),
+            "{class}: {e:?}"
+        );
+    }
+}

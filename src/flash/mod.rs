@@ -20,8 +20,11 @@ use crate::softmax::shader::{flags, FlashKey, FlashParams, Strategy};
 use crate::softmax::{
     check_no_alias, copy_to_texture, kernel_key, make_textures, texture_texels, BoundRange,
 };
-pub use crate::softmax::{head_dim_bucket, HEAD_DIM_BUCKETS, MAX_HEAD_DIM, TILE_BUDGET_BYTES};
+pub use crate::softmax::{
+    head_dim_bucket, Tile, HEAD_DIM_BUCKETS, MAX_HEAD_DIM, TILE_BUDGET_BYTES,
+};
 use crate::tensor::{DType, Tensor};
+use crate::tune::ShapeClass;
 use shader::Sequence;
 
 /// Which strategy to use: chosen from the adapter unless forced.
@@ -58,6 +61,11 @@ pub struct FlashOptions {
     /// Also return the log-sum-exp `[B, Hq, Lq]`.
     pub return_lse: bool,
     pub strategy: StrategyChoice,
+    /// The query tile, where the caller wants a given one (one of
+    /// [`crate::softmax::tile_candidates`] of the planned key; `tune` measures them this way).
+    /// `None`: the tile `wgpu-attention tune` measured for this class on this adapter, else the
+    /// plan's heuristic ([`heuristic_tile`]).
+    pub tile: Option<Tile>,
 }
 
 /// Problem sizes, read off the tensors.
@@ -133,21 +141,26 @@ pub fn all_flash_keys() -> Vec<FlashKey> {
     let mut keys = Vec::new();
     crate::softmax::for_each_shared_shape(|strategy, dtype, d, dv, sg| {
         for mods in [false, true] {
-            keys.push(flash_key(strategy, dtype, d, dv, sg, mods));
+            let key = flash_key(strategy, dtype, d, dv, sg, mods);
+            keys.push(key);
+            if tunable(&key) {
+                for t in crate::softmax::tile_candidates(&key) {
+                    keys.push(crate::softmax::with_tile(key, t));
+                }
+            }
         }
     });
     crate::softmax::sorted(keys)
 }
 
-/// Picks the strategy and specialization for this adapter and problem: the Subgroup kernel on
-/// CPU adapters with usable subgroups, the Tiled kernel elsewhere (the Sweep strategy belongs
-/// to neighborhood calls).
-pub fn plan(
+/// The key an untuned plan starts from: strategy, dtype, head-dim buckets and the budgets'
+/// default tile (see [`plan`]).
+pub fn base_key(
     ctx: &GpuContext,
     shape: &AttnShape,
     dtype: DType,
     opts: &FlashOptions,
-) -> Result<FlashPlan> {
+) -> Result<FlashKey> {
     let mods = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.bias.is_some();
     let (d_bucket, dv_bucket) = crate::softmax::head_dims(shape)?;
     let caps = &ctx.caps;
@@ -167,14 +180,49 @@ pub fn plan(
         }
         StrategyChoice::Force(s) => s,
     };
-    let key = flash_key(
+    Ok(flash_key(
         strategy,
         dtype,
         d_bucket,
         dv_bucket,
         (caps.subgroup_min, caps.subgroup_max),
         mods,
-    );
+    ))
+}
+
+/// The tiles [`plan`] may give this problem ([`FlashOptions::tile`] takes one of them).
+pub fn tile_choices(
+    ctx: &GpuContext,
+    shape: &AttnShape,
+    dtype: DType,
+    opts: &FlashOptions,
+) -> Result<Vec<Tile>> {
+    let key = base_key(ctx, shape, dtype, opts)?;
+    Ok(candidates(&key))
+}
+
+fn candidates(key: &FlashKey) -> Vec<Tile> {
+    if tunable(key) {
+        crate::softmax::tile_candidates(key)
+    } else {
+        vec![key.tile()]
+    }
+}
+
+/// Picks the strategy and specialization for this adapter and problem: the Subgroup kernel on
+/// CPU adapters with usable subgroups, the Tiled kernel elsewhere (the Sweep strategy belongs
+/// to neighborhood calls).
+pub fn plan(
+    ctx: &GpuContext,
+    shape: &AttnShape,
+    dtype: DType,
+    opts: &FlashOptions,
+) -> Result<FlashPlan> {
+    let key = base_key(ctx, shape, dtype, opts)?;
+    let caps = &ctx.caps;
+    let strategy = key.strategy;
+    let masked = opts.causal || opts.window != (None, None);
+    let key = choose_tile(ctx, key, shape, masked, opts.tile)?;
     // Trip count of the key loops in one invocation (everything else is unrolled): the window
     // pass, the sinks pass, and one partial block each.
     let block = match strategy {
@@ -188,6 +236,112 @@ pub fn plan(
         key,
         grid: crate::softmax::grid(ctx, x, shape)?,
     })
+}
+
+/// Whether a dense key is built with other tiles than its default: D = Dv (the common case;
+/// others keep the default, which bounds the specializations naga checks) without score
+/// modifications.
+pub fn tunable(key: &FlashKey) -> bool {
+    key.d4 == key.dv4 && !key.mods && key.strategy != Strategy::Sweep
+}
+
+/// The key with its tile: the caller's (checked against the candidates), else the tuned one of
+/// this class, else [`heuristic_tile`].
+fn choose_tile(
+    ctx: &GpuContext,
+    key: FlashKey,
+    shape: &AttnShape,
+    masked: bool,
+    wanted: Option<Tile>,
+) -> Result<FlashKey> {
+    let candidates = candidates(&key);
+    let tile = match wanted {
+        Some(t) if candidates.contains(&t) => t,
+        Some(t) => {
+            let list: Vec<String> = candidates.iter().map(|c| c.to_string()).collect();
+            return Err(AttnError::invalid(
+                "tile",
+                format!("one of {} for {}", list.join(", "), key.label()),
+                t,
+            ));
+        }
+        None => {
+            let class = ShapeClass::new(key.strategy, key.dtype, key.d4 * 4, masked, shape.lq);
+            ctx.tuned(&class)
+                .filter(|t| candidates.contains(t))
+                .unwrap_or_else(|| heuristic_tile(ctx, &key, &candidates, shape, masked))
+        }
+    };
+    Ok(crate::softmax::with_tile(key, tile))
+}
+
+/// Workgroups a GPU plan aims for: a few per compute unit of a large GPU (WebGPU does not say
+/// how many units there are; 132 on an H200, 128 on an RTX 4090, 10-40 on Apple and integrated
+/// GPUs), so that each unit has more than one to switch between while loads are in flight.
+pub const GPU_TARGET_WORKGROUPS: u64 = 256;
+/// Registers a GPU invocation may spend on its q rows and accumulators, in floats: NVIDIA and
+/// AMD give a thread at most 255 (fewer at full occupancy); the softmax state, the score group
+/// and addresses need the rest.
+pub const GPU_ROW_FLOATS: u32 = 160;
+
+/// The tile an untuned plan takes (the `tune` command measures instead).
+/// - GPUs (not CPU adapters): the most rows per invocation whose q and accumulator fit
+///   [`GPU_ROW_FLOATS`] (one row at D = 64: 128 floats), 64 invocations (two NVIDIA warps,
+///   one AMD wave64); then smaller workgroups while the grid has fewer than
+///   [`GPU_TARGET_WORKGROUPS`]. Not measured on a GPU yet.
+/// - CPU adapters (lavapipe, SwiftShader, a browser's fallback adapter): a workgroup runs on
+///   one thread in SIMD lanes, so there is no occupancy to win and more rows reuse each loaded
+///   key more: the most rows (8), and 128 invocations, or 16 where a causal or window mask
+///   bounds the keys (128-row tiles, so whole tiles past the diagonal are never loaded).
+///   Measured on SwiftShader (`tune --strategy tiled`, B = 1, H = 8, D = 64): 128 x 8 was the
+///   fastest of 16 tiles without a mask at L = 1024 and 2048 (1.4-1.5x the budget's 64 x 4);
+///   with a causal mask 16 x 8 was the fastest at L = 2048 and within 7% of 128 x 8 at 1024
+///   (benches/RESULTS.md).
+pub fn heuristic_tile(
+    ctx: &GpuContext,
+    key: &FlashKey,
+    candidates: &[Tile],
+    shape: &AttnShape,
+    masked: bool,
+) -> Tile {
+    let default = key.tile();
+    if candidates.len() <= 1 || key.strategy != Strategy::Tiled {
+        return default;
+    }
+    let width = 4 * (key.d4 + key.dv4);
+    let workgroups = |t: &Tile| {
+        (shape.lq as u64).div_ceil((t.wg * t.rows) as u64) * (shape.batch * shape.hq) as u64
+    };
+    if !ctx.caps.cpu {
+        let rows = candidates
+            .iter()
+            .map(|t| t.rows)
+            .filter(|&r| r * width <= GPU_ROW_FLOATS)
+            .max()
+            .unwrap_or(1);
+        let mut fits: Vec<&Tile> = candidates
+            .iter()
+            .filter(|t| t.rows == rows && t.wg >= 32 && t.wg <= 64)
+            .collect();
+        fits.sort_by_key(|t| std::cmp::Reverse(t.wg));
+        return fits
+            .iter()
+            .find(|t| workgroups(t) >= GPU_TARGET_WORKGROUPS)
+            .or(fits.last())
+            .map_or(default, |t| **t);
+    }
+    // most rows; the largest workgroup, or the smallest where a mask bounds the keys
+    let rows = candidates
+        .iter()
+        .map(|t| t.rows)
+        .max()
+        .unwrap_or(default.rows);
+    let same_rows = candidates.iter().copied().filter(|t| t.rows == rows);
+    match masked {
+        false => same_rows.max_by_key(|t| t.wg),
+        true => same_rows.min_by_key(|t| t.wg),
+    }
+    .unwrap_or(default)
 }
 
 /// How a family that runs on the flash call path (dense calls, and the neighborhood family,
@@ -817,7 +971,9 @@ mod tests {
             assert!(k.workgroup_bytes() <= TILE_BUDGET_BYTES, "{k:?}");
             assert!(k.rows >= 1 && k.group >= 1, "{k:?}");
             let budget = crate::softmax::register_budget(k.strategy);
-            assert!(k.rows * (k.d4 + k.dv4) <= budget || k.rows == 1, "{k:?}");
+            // tile variants go up to twice the budget's rows (tune measures whether it pays)
+            let fit = (budget / (k.d4 + k.dv4)).max(1);
+            assert!(k.rows <= 2 * fit, "{k:?}");
             if k.strategy == Strategy::Tiled {
                 assert!(k.block.is_multiple_of(k.group), "{k:?}");
             }

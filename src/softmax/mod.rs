@@ -110,6 +110,82 @@ pub fn kernel_key(
     }
 }
 
+/// A query tile: invocations per workgroup and query rows per invocation. Each kernel key has a
+/// default from the budgets ([`kernel_key`]); a family may offer others ([`tile_candidates`])
+/// for its plan to choose from by problem size and for `wgpu-attention tune` to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Tile {
+    pub wg: u32,
+    pub rows: u32,
+}
+
+impl std::fmt::Display for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "wg{}xr{}", self.wg, self.rows)
+    }
+}
+
+impl FlashKey {
+    /// This key's tile.
+    pub fn tile(&self) -> Tile {
+        Tile {
+            wg: self.wg,
+            rows: self.rows,
+        }
+    }
+}
+
+/// The tiles a key may be rebuilt with, its default among them:
+/// - Tiled: 16, 32, 64 or 128 invocations, and rows from a quarter to twice the budget's
+///   (at most 8), so a workgroup owns 16 to 1024 query rows. Fewer rows per workgroup make
+///   more workgroups (a GPU needs several per compute unit) and skip more of a causal or
+///   windowed problem's tiles; more rows reuse each K/V tile more.
+/// - Subgroup: half to twice the budget's rows (at most 16), same workgroup: on lavapipe
+///   16 rows at D = 64 ran faster than 8 but compile three times longer (benches/RESULTS.md).
+/// - Sweep: none but the default (its rows are the window's slots).
+pub fn tile_candidates(key: &FlashKey) -> Vec<Tile> {
+    let r0 = key.rows;
+    let rows = |lo: u32, hi: u32| {
+        [r0 / 4, r0 / 2, r0, r0 * 2]
+            .into_iter()
+            .filter(move |&r| r >= lo.max(1) && r <= hi)
+    };
+    let mut out: Vec<Tile> = match key.strategy {
+        Strategy::Tiled => [16, 32, 64, 128]
+            .into_iter()
+            .flat_map(|wg| rows(r0 / 4, 8).map(move |rows| Tile { wg, rows }))
+            .collect(),
+        Strategy::Subgroup => rows(r0 / 2, 16)
+            .map(|rows| Tile { wg: key.wg, rows })
+            .collect(),
+        Strategy::Sweep => vec![],
+    };
+    if !out.contains(&key.tile()) {
+        out.push(key.tile());
+    }
+    out.sort_by_key(|t| (t.wg * t.rows, t.rows));
+    out.dedup();
+    out
+}
+
+/// `key` rebuilt with `tile` (one of [`tile_candidates`]): the key group shrinks where more
+/// rows would pass the unroll budget.
+pub fn with_tile(key: FlashKey, tile: Tile) -> FlashKey {
+    let mut k = FlashKey {
+        wg: tile.wg,
+        rows: tile.rows,
+        ..key
+    };
+    if k.strategy == Strategy::Tiled {
+        let width = k.d4 + k.dv4;
+        k.group = k.block.min(8);
+        while k.group > 1 && k.rows * k.group * width > UNROLL_BUDGET_VEC4 {
+            k.group /= 2;
+        }
+    }
+    k
+}
+
 /// Keys sorted by label, without repeats (enumerations overlap where budgets clamp).
 pub fn sorted(mut keys: Vec<FlashKey>) -> Vec<FlashKey> {
     keys.sort_by_key(|k| k.label());
