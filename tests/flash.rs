@@ -207,10 +207,30 @@ fn random_cases() {
     });
 }
 
+/// The fewest tiles that still show every rows value and every workgroup size at least once
+/// (each compiles a kernel, the cost on SwiftShader, which has no disk cache).
+fn covering(tiles: &[Tile]) -> Vec<Tile> {
+    let mut rows = std::collections::BTreeSet::new();
+    let mut wgs = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    // first tiles that are new on both axes, then whatever one axis still lacks
+    for both in [true, false] {
+        for &t in tiles {
+            let (new_r, new_w) = (!rows.contains(&t.rows), !wgs.contains(&t.wg));
+            if (both && new_r && new_w) || (!both && (new_r || new_w)) {
+                rows.insert(t.rows);
+                wgs.insert(t.wg);
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
 /// The tiles the plan may pick (`flash::tile_choices`, what `tune` measures) compute the same
 /// attention: each on its own fresh inputs, causal and not in turn, at awkward lengths. By
-/// default every rows value at 64 invocations and every workgroup size at 2 rows (each kernel
-/// compiles for seconds on lavapipe); `WGPU_ATTENTION_EXHAUSTIVE=1` runs all. A tile outside
+/// default a covering set: every rows value and every workgroup size at least once (each kernel
+/// compiles for seconds); `WGPU_ATTENTION_EXHAUSTIVE=1` runs all. A tile outside
 /// the choices is a typed error naming them.
 #[test]
 fn every_tile_choice() {
@@ -221,10 +241,11 @@ fn every_tile_choice() {
             flash::tile_choices(ctx, &case.shape, DType::F32, &case.opts).expect("tile choices");
         assert!(tiles.len() > 1, "{st:?}: {tiles:?}");
         let all = tiles.len();
-        let tiles: Vec<Tile> = tiles
-            .into_iter()
-            .filter(|t| exhaustive() || t.wg == 64 || t.rows == 2)
-            .collect();
+        let tiles = if exhaustive() {
+            tiles
+        } else {
+            covering(&tiles)
+        };
         if tiles.len() < all {
             eprintln!(
                 "{st:?}: {} of {all} tiles (WGPU_ATTENTION_EXHAUSTIVE=1 runs all)",
@@ -232,10 +253,12 @@ fn every_tile_choice() {
             );
         }
         for (i, &t) in tiles.iter().enumerate() {
+            let start = std::time::Instant::now();
             check(&case.clone().with(|o| {
                 o.tile = Some(t);
                 o.causal = i % 2 == 1;
             }));
+            eprintln!("{st:?} {t}: {:.1} s", start.elapsed().as_secs_f64());
         }
         let bad = Tile { wg: 48, rows: 3 };
         let q = Tensor::from_f32(ctx, &random(113 * 4 * 40, 1.0, 1), &[1, 113, 4, 40]).unwrap();
