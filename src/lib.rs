@@ -22,6 +22,7 @@ pub mod bench;
 pub mod context;
 pub mod error;
 pub mod flash;
+pub mod linear;
 pub mod neighborhood;
 pub mod pipeline;
 pub mod softmax;
@@ -35,6 +36,10 @@ pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, 
 pub use flash::{
     encode_flash_attention, flash_attention, flash_attention_into, AttentionOutput, AttnShape,
     FlashOptions, FlashPlan, StrategyChoice,
+};
+pub use linear::{
+    encode_linear_attention, linear_attention, linear_attention_into, FeatureMap, LinearOptions,
+    LinearOutput, LinearShape, Mode, Rule,
 };
 pub use neighborhood::{
     encode_neighborhood_attention, neighborhood_attention, neighborhood_attention_into, NaAxis,

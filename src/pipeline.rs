@@ -134,6 +134,7 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     let mut all: Vec<Box<dyn Kernel>> = Vec::new();
     all.extend(crate::flash::all_kernels());
     all.extend(crate::neighborhood::plan::all_kernels());
+    all.extend(crate::linear::all_kernels());
     all.extend(crate::baseline::all_kernels());
     all
 }

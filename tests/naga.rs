@@ -90,6 +90,18 @@ fn check_one_uniform(
 fn every_specialization_validates_and_translates() {
     let keys = all_kernels();
     assert!(keys.len() > 100, "only {} keys", keys.len());
+    // WGPU_ATTENTION_LABELS=linear_ checks only the labels starting so (while developing)
+    let keys: Vec<_> = match std::env::var("WGPU_ATTENTION_LABELS") {
+        Ok(prefix) => {
+            let some: Vec<_> = keys
+                .into_iter()
+                .filter(|k| k.label().starts_with(&prefix))
+                .collect();
+            eprintln!("only the {} labels starting with {prefix:?}", some.len());
+            some
+        }
+        Err(_) => keys,
+    };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = keys.len().div_ceil(threads);
     let failures: Vec<String> = std::thread::scope(|s| {

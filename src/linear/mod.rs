@@ -1,0 +1,830 @@
+//! Linear attention: the recurrences of flash-linear-attention (fla), with its conventions, so a
+//! user ports a call by renaming.
+//!
+//! q, k `[B, T, H, K]`; v `[B, T, HV, V]` with HV a multiple of H (value head `hv` reads q/k head
+//! `hv / (HV / H)`); O `[B, T, HV, V]` in v's dtype. The state of one (sequence, value head) is
+//! `S`, F x V in f32 (F = K, or `1 + K + K^2` for the Taylor map), plus the column
+//! `z` (the sum of the keys' features) when the output is normalized: state tensors are
+//! `[N, HV, F, V]`, or `[N, HV, F, V + 1]` with z last. `scale` (default `K^-0.5`) multiplies
+//! the query's features; the output at token t reads the state after token t,
+//! `o_t = S_t^T (scale phi(q_t))`. Gates are natural-log decays, f32.
+//!
+//! | rule | recurrence |
+//! |---|---|
+//! | `Linear` | `S_t = S_{t-1} + phi(k_t) v_t^T` (feature map, optional normalization) |
+//! | `Retention` | `S_t = exp(g_h) S_{t-1} + k_t v_t^T`, default `g_h = ln(1 - 2^(-5-h))` |
+//! | `SimpleGla` | `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, g `[B, T, HV]` |
+//! | `Gla` | `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, g `[B, T, HV, K]` |
+//! | `Delta` | `S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T`, beta `[B, T, HV]` |
+//! | `GatedDelta` | `S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T` |
+//!
+//! Normalized output (`normalize`, and always with the Taylor map, as Based does):
+//! `o_t = S_t^T q'_t / (q'_t . z_t + eps)`, `eps` 1e-10 (1e-6 for Taylor). Variable-length
+//! packed sequences: `cu_seqlens` with B = 1, one state per sequence.
+
+pub mod reference;
+pub mod shader;
+
+use wgpu::util::DeviceExt;
+
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::pipeline::Kernel;
+use crate::softmax::{check_no_alias, BoundRange};
+use crate::tensor::{DType, Tensor};
+use shader::{flags, Decay, LinearKey, LinearParams};
+
+/// The update rule (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Rule {
+    #[default]
+    Linear,
+    Retention,
+    SimpleGla,
+    Gla,
+    Delta,
+    GatedDelta,
+}
+
+impl Rule {
+    pub const ALL: [Rule; 6] = [
+        Rule::Linear,
+        Rule::Retention,
+        Rule::SimpleGla,
+        Rule::Gla,
+        Rule::Delta,
+        Rule::GatedDelta,
+    ];
+    /// The CLI's name (`simple-gla`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Linear => "linear",
+            Rule::Retention => "retention",
+            Rule::SimpleGla => "simple-gla",
+            Rule::Gla => "gla",
+            Rule::Delta => "delta",
+            Rule::GatedDelta => "gated-delta",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Rule> {
+        Rule::ALL
+            .into_iter()
+            .find(|r| r.name() == s || r.name().replace('-', "_") == s)
+    }
+    fn decay(self) -> Decay {
+        match self {
+            Rule::Linear | Rule::Delta => Decay::None,
+            Rule::Retention | Rule::SimpleGla | Rule::GatedDelta => Decay::Scalar,
+            Rule::Gla => Decay::Vector,
+        }
+    }
+    fn delta(self) -> bool {
+        matches!(self, Rule::Delta | Rule::GatedDelta)
+    }
+}
+
+/// The feature map of the `Linear` rule, applied in the kernel to the raw q and k.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FeatureMap {
+    #[default]
+    Identity,
+    /// `elu(x) + 1`
+    Elu1,
+    /// `max(x, 0)`
+    Relu,
+    /// Based's second-order Taylor map, `phi(q).phi(k) = 1 + s + s^2 / 2` with `s = scale q.k`
+    /// (the scale sits inside the map); K <= 16; always normalized (eps 1e-6).
+    Taylor,
+}
+
+impl FeatureMap {
+    pub const ALL: [FeatureMap; 4] = [
+        FeatureMap::Identity,
+        FeatureMap::Elu1,
+        FeatureMap::Relu,
+        FeatureMap::Taylor,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureMap::Identity => "identity",
+            FeatureMap::Elu1 => "elu1",
+            FeatureMap::Relu => "relu",
+            FeatureMap::Taylor => "taylor",
+        }
+    }
+    pub fn parse(s: &str) -> Option<FeatureMap> {
+        FeatureMap::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// Which kernel: `Recurrent` (token by token) is the one built so far; `Auto` picks it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Auto,
+    Recurrent,
+    /// The chunkwise-parallel kernel: not built yet (a typed error).
+    Chunk,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "auto" => Some(Mode::Auto),
+            "recurrent" => Some(Mode::Recurrent),
+            "chunk" => Some(Mode::Chunk),
+            _ => None,
+        }
+    }
+}
+
+/// Options of a linear attention call. `Default` is causal `Linear` with the identity map.
+#[derive(Clone, Debug)]
+pub struct LinearOptions {
+    pub rule: Rule,
+    /// `Linear` only.
+    pub feature_map: FeatureMap,
+    /// Normalize the output by `q' . z` (`Linear` only; implied by the Taylor map).
+    pub normalize: bool,
+    /// L2-normalize q and k, `x / sqrt(sum x^2 + 1e-6)`, before the scale (delta rules only).
+    pub qk_l2norm: bool,
+    /// `false`: global attention `O = phi(Q) (phi(K)^T V)` over each whole sequence (`Linear` only).
+    pub causal: bool,
+    /// Multiplies the query features; `None` is `K^-0.5`.
+    pub scale: Option<f32>,
+    pub mode: Mode,
+    /// Natural-log gates, f32: `SimpleGla`/`GatedDelta` `[B, T, HV]`, `Gla` `[B, T, HV, K]`,
+    /// `Retention` `[HV]` (one decay per head; `None`: `ln(1 - 2^(-5-h))`).
+    pub g: Option<Tensor>,
+    /// Delta rules: `[B, T, HV]`, f32.
+    pub beta: Option<Tensor>,
+    /// `[N, HV, F, Vs]` f32, contiguous (see [`LinearShape::state_shape`]).
+    pub initial_state: Option<Tensor>,
+    /// Return the final state (same shape as the initial one).
+    pub output_final_state: bool,
+    /// Packed variable-length sequences (B = 1): sequence n is tokens `cu[n]..cu[n+1]`,
+    /// ascending from 0 to T.
+    pub cu_seqlens: Option<Vec<u32>>,
+}
+
+impl Default for LinearOptions {
+    fn default() -> Self {
+        LinearOptions {
+            rule: Rule::Linear,
+            feature_map: FeatureMap::Identity,
+            normalize: false,
+            qk_l2norm: false,
+            causal: true,
+            scale: None,
+            mode: Mode::Auto,
+            g: None,
+            beta: None,
+            initial_state: None,
+            output_final_state: false,
+            cu_seqlens: None,
+        }
+    }
+}
+
+/// Problem sizes, read off q and v.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    pub batch: usize,
+    pub t: usize,
+    pub h: usize,
+    pub hv: usize,
+    pub k: usize,
+    pub v: usize,
+}
+
+/// Largest K (the state's rows in registers); the Taylor map allows 16.
+pub const MAX_K: usize = 256;
+pub const MAX_TAYLOR_K: usize = 16;
+
+impl LinearShape {
+    /// The state's rows: K, or `1 + K + K^2` for the Taylor map.
+    pub fn feature_dim(&self, opts: &LinearOptions) -> usize {
+        match opts.feature_map {
+            FeatureMap::Taylor => 1 + self.k + self.k * self.k,
+            _ => self.k,
+        }
+    }
+    /// Whether the output is normalized (z is a state column).
+    pub fn normalized(opts: &LinearOptions) -> bool {
+        opts.normalize || opts.feature_map == FeatureMap::Taylor
+    }
+    /// The state's columns: V, plus z when normalized.
+    pub fn state_cols(&self, opts: &LinearOptions) -> usize {
+        self.v + usize::from(Self::normalized(opts))
+    }
+    /// Sequences: `cu_seqlens.len() - 1`, else B.
+    pub fn sequences(&self, opts: &LinearOptions) -> usize {
+        opts.cu_seqlens
+            .as_ref()
+            .map_or(self.batch, |c| c.len().saturating_sub(1))
+    }
+    /// `[N, HV, F, Vs]`.
+    pub fn state_shape(&self, opts: &LinearOptions) -> [usize; 4] {
+        [
+            self.sequences(opts),
+            self.hv,
+            self.feature_dim(opts),
+            self.state_cols(opts),
+        ]
+    }
+    fn eps(&self, opts: &LinearOptions) -> f64 {
+        if opts.feature_map == FeatureMap::Taylor {
+            1e-6
+        } else {
+            1e-10
+        }
+    }
+    /// FLOPs of one causal pass, for GFLOP/s: per token and value head, the update and the
+    /// output (2 F V each), the delta rule's prediction (2 F V more).
+    pub fn flops(&self, opts: &LinearOptions) -> f64 {
+        let per = 2.0 * self.feature_dim(opts) as f64 * self.state_cols(opts) as f64;
+        let n = if opts.rule.delta() { 3.0 } else { 2.0 };
+        n * per * (self.batch * self.t * self.hv) as f64
+    }
+}
+
+/// The default retention decay of value head `h`, `ln(1 - 2^(-5-h))` (RetNet).
+pub fn retention_log_decay(h: usize) -> f64 {
+    (1.0 - 2f64.powi(-5 - h as i32)).ln()
+}
+
+/// Each sequence as (batch, first token, length).
+pub(crate) fn sequences(
+    s: &LinearShape,
+    opts: &LinearOptions,
+) -> Result<Vec<(usize, usize, usize)>> {
+    match &opts.cu_seqlens {
+        None => Ok((0..s.batch).map(|b| (b, 0, s.t)).collect()),
+        Some(cu) => {
+            let ok = s.batch == 1
+                && cu.len() >= 2
+                && cu[0] == 0
+                && cu.last().map(|&x| x as usize) == Some(s.t)
+                && cu.windows(2).all(|w| w[0] <= w[1]);
+            if !ok {
+                return Err(AttnError::invalid(
+                    "cu_seqlens",
+                    format!("B = 1 and offsets ascending from 0 to T = {}", s.t),
+                    format!("B = {}, {cu:?}", s.batch),
+                ));
+            }
+            Ok(cu
+                .windows(2)
+                .map(|w| (0, w[0] as usize, (w[1] - w[0]) as usize))
+                .collect())
+        }
+    }
+}
+
+/// Output of [`linear_attention`].
+#[derive(Debug)]
+pub struct LinearOutput {
+    /// `[B, T, HV, V]`, v's dtype.
+    pub out: Tensor,
+    /// `[N, HV, F, Vs]` f32, when asked for.
+    pub final_state: Option<Tensor>,
+}
+
+/// What the plan chose.
+#[derive(Clone, Debug)]
+pub struct LinearPlan {
+    pub key: LinearKey,
+    pub grid: [u32; 3],
+    /// Token ranges of the dispatches (lavapipe stops loops past 65535 iterations, so long
+    /// sequences run in pieces, the state carried through the final-state buffer).
+    pub pieces: Vec<(u32, u32)>,
+}
+
+fn dims4(t: &Tensor, what: &str, layout: &str) -> Result<[usize; 4]> {
+    t.shape()
+        .try_into()
+        .map_err(|_| AttnError::shape(what, format!("rank 4 {layout}"), t.shape()))
+}
+
+fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| AttnError::Limit {
+        what: what.into(),
+        needed: x as u64,
+        limit: u32::MAX as u64,
+    })
+}
+
+/// Checks q, k, v and returns the problem sizes.
+pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<LinearShape> {
+    let [b, t, h, kd] = dims4(q, "q", "[B, T, H, K]")?;
+    let kk = dims4(k, "k", "[B, T, H, K]")?;
+    if kk != [b, t, h, kd] {
+        return Err(AttnError::shape(
+            "k",
+            format!("{:?} (as q)", [b, t, h, kd]),
+            kk,
+        ));
+    }
+    let [vb, vt, hv, vd] = dims4(v, "v", "[B, T, HV, V]")?;
+    if vb != b || vt != t || hv == 0 || h == 0 || !hv.is_multiple_of(h) || vd == 0 {
+        return Err(AttnError::shape(
+            "v",
+            format!("[{b}, {t}, HV, V] with HV a multiple of H = {h} and V >= 1"),
+            v.shape(),
+        ));
+    }
+    for (x, what) in [(k, "k"), (v, "v")] {
+        if x.dtype() != q.dtype() {
+            return Err(AttnError::DType {
+                what: what.into(),
+                expected: q.dtype().to_string(),
+                actual: x.dtype().to_string(),
+            });
+        }
+    }
+    if kd == 0 || kd > MAX_K {
+        return Err(AttnError::HeadDim {
+            what: "K (q/k head dim)",
+            got: kd,
+            max: MAX_K,
+        });
+    }
+    Ok(LinearShape {
+        batch: b,
+        t,
+        h,
+        hv,
+        k: kd,
+        v: vd,
+    })
+}
+
+/// Checks every option against the shape.
+pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
+    let rule = opts.rule;
+    if opts.feature_map != FeatureMap::Identity && rule != Rule::Linear {
+        return Err(AttnError::invalid(
+            "feature_map",
+            "identity for every rule but linear",
+            format!("{} with rule {}", opts.feature_map.name(), rule.name()),
+        ));
+    }
+    if opts.feature_map == FeatureMap::Taylor && s.k > MAX_TAYLOR_K {
+        return Err(AttnError::HeadDim {
+            what: "K with the Taylor feature map",
+            got: s.k,
+            max: MAX_TAYLOR_K,
+        });
+    }
+    if opts.normalize && rule != Rule::Linear {
+        return Err(AttnError::invalid(
+            "normalize",
+            "only with rule linear",
+            rule.name(),
+        ));
+    }
+    if opts.qk_l2norm && !rule.delta() {
+        return Err(AttnError::invalid(
+            "qk_l2norm",
+            "only with the delta rules",
+            rule.name(),
+        ));
+    }
+    if !opts.causal && rule != Rule::Linear {
+        return Err(AttnError::invalid(
+            "causal = false (global attention)",
+            "only with rule linear",
+            rule.name(),
+        ));
+    }
+    if let Some(sc) = opts.scale {
+        if !sc.is_finite() || (opts.feature_map == FeatureMap::Taylor && sc < 0.0) {
+            return Err(AttnError::invalid(
+                "scale",
+                "a finite number (>= 0 with the Taylor map)",
+                sc,
+            ));
+        }
+    }
+    if opts.mode == Mode::Chunk {
+        return Err(AttnError::invalid(
+            "mode",
+            "recurrent or auto (the chunk kernel is not built yet)",
+            "chunk",
+        ));
+    }
+    let seqs = sequences(s, opts)?;
+    // the gate
+    let g_shape: Option<Vec<usize>> = match rule {
+        Rule::Linear | Rule::Delta => None,
+        Rule::Retention => Some(vec![s.hv]),
+        Rule::SimpleGla | Rule::GatedDelta => Some(vec![s.batch, s.t, s.hv]),
+        Rule::Gla => Some(vec![s.batch, s.t, s.hv, s.k]),
+    };
+    match (&g_shape, &opts.g) {
+        (None, Some(_)) => {
+            return Err(AttnError::invalid(
+                "g",
+                "no gate for this rule",
+                rule.name(),
+            ))
+        }
+        (Some(_), None) if rule != Rule::Retention => {
+            return Err(AttnError::invalid(
+                "g",
+                format!("a gate for rule {}", rule.name()),
+                "none",
+            ))
+        }
+        (Some(want), Some(g)) => check_f32("g", g, want)?,
+        _ => {}
+    }
+    match (rule.delta(), &opts.beta) {
+        (true, Some(b)) => check_f32("beta", b, &[s.batch, s.t, s.hv])?,
+        (true, None) => {
+            return Err(AttnError::invalid(
+                "beta",
+                format!("beta [B, T, HV] for rule {}", rule.name()),
+                "none",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(AttnError::invalid(
+                "beta",
+                "no beta for this rule",
+                rule.name(),
+            ))
+        }
+        (false, None) => {}
+    }
+    if let Some(st) = &opts.initial_state {
+        let want = s.state_shape(opts);
+        check_f32("initial_state", st, &want)?;
+        if !st.is_contiguous() {
+            return Err(AttnError::invalid(
+                "initial_state",
+                "a contiguous tensor",
+                format!("strides {:?}", st.strides()),
+            ));
+        }
+    }
+    debug_assert_eq!(seqs.len(), s.sequences(opts));
+    Ok(())
+}
+
+fn check_f32(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.shape() != want || t.dtype() != DType::F32 {
+        return Err(AttnError::shape(
+            what,
+            format!("{want:?} f32"),
+            (t.shape(), t.dtype()),
+        ));
+    }
+    Ok(())
+}
+
+/// The kernel key and the dispatches for this problem on this adapter.
+pub fn plan(
+    ctx: &GpuContext,
+    s: &LinearShape,
+    dtype: DType,
+    opts: &LinearOptions,
+) -> Result<LinearPlan> {
+    check_options(s, opts)?;
+    if dtype == DType::F16 && !ctx.caps.f16 {
+        return Err(AttnError::MissingFeature {
+            feature: "SHADER_F16",
+            adapter: ctx.adapter_info.name.clone(),
+            needed_for: "f16 linear attention".into(),
+        });
+    }
+    let key = LinearKey::new(
+        dtype,
+        s.k,
+        opts.rule,
+        opts.feature_map,
+        LinearShape::normalized(opts),
+        opts.qk_l2norm,
+    );
+    // one invocation per column of V (each keeps z itself when normalizing)
+    let cols = s.v as u64;
+    let grid = [
+        cols.div_ceil(u64::from(key.wg)),
+        s.hv as u64,
+        s.sequences(opts) as u64,
+    ];
+    let max = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
+    if let Some(&g) = grid.iter().find(|&&g| g > max || g == 0) {
+        return Err(if g == 0 {
+            AttnError::invalid("problem", "at least one sequence", "none")
+        } else {
+            AttnError::Limit {
+                what: "workgroups per dispatch dimension".into(),
+                needed: g,
+                limit: max,
+            }
+        });
+    }
+    let t = u32_of(s.t, "T")?;
+    // lavapipe counts the loop iterations of an invocation: a piece runs `len` tokens and
+    // `len / tb` blocks. Measured: T = 61424 in one piece stopped after token 58255 (its
+    // count is not exactly ours), so a piece takes half the limit
+    let piece = match ctx.caps.loop_limit {
+        None => t.max(1),
+        Some(limit) => {
+            let usable = limit / 2;
+            let tb = u64::from(key.tb);
+            let p = usable * tb / (tb + 1) / tb * tb;
+            u32::try_from(p.max(tb)).unwrap_or(u32::MAX)
+        }
+    };
+    let ranges: Vec<(u32, u32)> = (0..t.max(1).div_ceil(piece))
+        .map(|i| (i * piece, (i * piece).saturating_add(piece).min(t)))
+        .collect();
+    Ok(LinearPlan {
+        key,
+        grid: grid.map(|g| g as u32),
+        pieces: ranges,
+    })
+}
+
+/// Every kernel the linear family can build (for naga in `cargo test`).
+pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
+    LinearKey::all()
+        .into_iter()
+        .map(|k| Box::new(k) as Box<dyn Kernel>)
+        .collect()
+}
+
+/// `[off, batch, token, head]` element strides of a rank-3/4 tensor's first axes; broadcast
+/// axes get stride 0.
+fn strides(t: &Tensor, bound: &BoundRange) -> Result<[u32; 4]> {
+    let st = t.strides();
+    let get = |i: usize| st.get(i).map_or(Ok(0), |&x| u32_of(x, "tensor stride"));
+    Ok([bound.elem_offset, get(0)?, get(1)?, get(2)?])
+}
+
+/// Records the linear attention into `encoder`. `final_state`, when given, receives the state
+/// after the last token (`[N, HV, F, Vs]` f32, contiguous). `timestamps` brackets all
+/// dispatches.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_linear_attention(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    final_state: Option<&Tensor>,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<LinearPlan> {
+    let s = check_inputs(q, k, v)?;
+    let plan = plan(ctx, &s, q.dtype(), opts)?;
+    let want_out = [s.batch, s.t, s.hv, s.v];
+    if out.shape() != want_out || out.dtype() != v.dtype() {
+        return Err(AttnError::shape(
+            "out",
+            format!("{want_out:?} {}", v.dtype()),
+            (out.shape(), out.dtype()),
+        ));
+    }
+    let state_shape = s.state_shape(opts);
+    if let Some(fs) = final_state {
+        check_f32("final_state", fs, &state_shape)?;
+        if !fs.is_contiguous() {
+            return Err(AttnError::invalid(
+                "final_state",
+                "a contiguous tensor",
+                format!("strides {:?}", fs.strides()),
+            ));
+        }
+    }
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("q", q), ("k", k), ("v", v)];
+    for (name, t) in [
+        ("g", &opts.g),
+        ("beta", &opts.beta),
+        ("initial_state", &opts.initial_state),
+    ] {
+        if let Some(t) = t {
+            inputs.push((name, t));
+        }
+    }
+    let mut outputs: Vec<(&str, &Tensor)> = vec![("out", out)];
+    if let Some(fs) = final_state {
+        outputs.push(("final_state", fs));
+    }
+    check_no_alias(&inputs, &outputs)?;
+    // the state carried between pieces (and written at the end) needs a buffer
+    let scratch = if final_state.is_none() && plan.pieces.len() > 1 {
+        Some(Tensor::filled(ctx, &state_shape, DType::F32, 0.0)?)
+    } else {
+        None
+    };
+    let state_out = final_state.or(scratch.as_ref());
+    // retention's default decays, one per head
+    let default_g = if opts.rule == Rule::Retention && opts.g.is_none() {
+        let g: Vec<f32> = (0..s.hv).map(|h| retention_log_decay(h) as f32).collect();
+        Some(Tensor::from_f32(ctx, &g, &[s.hv])?)
+    } else {
+        None
+    };
+    let g = opts.g.as_ref().or(default_g.as_ref());
+
+    let bq = BoundRange::new(ctx, q, "q")?;
+    let bk = BoundRange::new(ctx, k, "k")?;
+    let bv = BoundRange::new(ctx, v, "v")?;
+    let bo = BoundRange::new(ctx, out, "out")?;
+    let bg = g.map(|t| BoundRange::new(ctx, t, "g")).transpose()?;
+    let bb = opts
+        .beta
+        .as_ref()
+        .map(|t| BoundRange::new(ctx, t, "beta"))
+        .transpose()?;
+    let bi = opts
+        .initial_state
+        .as_ref()
+        .map(|t| BoundRange::new(ctx, t, "initial_state"))
+        .transpose()?;
+    let bs = state_out
+        .map(|t| BoundRange::new(ctx, t, "final_state"))
+        .transpose()?;
+    let g_st = match (g, &bg) {
+        // one decay per head, whatever the batch and token
+        (Some(t), Some(r)) if opts.rule == Rule::Retention => {
+            [r.elem_offset, 0, 0, u32_of(t.strides()[0], "g stride")?]
+        }
+        (Some(t), Some(r)) => strides(t, r)?,
+        _ => [0; 4],
+    };
+    let g_si = match g {
+        Some(t) if opts.rule == Rule::Gla => u32_of(t.strides()[3], "g stride")?,
+        _ => 0,
+    };
+    let scale = opts.scale.unwrap_or(1.0 / (s.k as f32).sqrt());
+    let mut fl = 0u32;
+    if opts.cu_seqlens.is_some() {
+        fl |= flags::VARLEN;
+    }
+    if state_out.is_some() {
+        fl |= flags::WRITE_STATE;
+    }
+    let base = LinearParams {
+        n_seq: u32_of(s.sequences(opts), "sequences")?,
+        t: u32_of(s.t, "T")?,
+        h: u32_of(s.h, "H")?,
+        hv: u32_of(s.hv, "HV")?,
+        dk: u32_of(s.k, "K")?,
+        dv: u32_of(s.v, "V")?,
+        f: u32_of(s.feature_dim(opts), "F")?,
+        vs: u32_of(s.state_cols(opts), "state columns")?,
+        flags: fl,
+        t_from: 0,
+        t_to: 0,
+        group: u32_of(s.hv / s.h, "HV / H")?,
+        scale: if opts.feature_map == FeatureMap::Taylor {
+            1.0
+        } else {
+            scale
+        },
+        eps: s.eps(opts) as f32,
+        feat_scale: if opts.feature_map == FeatureMap::Taylor {
+            scale.sqrt()
+        } else {
+            1.0
+        },
+        g_si,
+        q_st: strides(q, &bq)?,
+        k_st: strides(k, &bk)?,
+        v_st: strides(v, &bv)?,
+        o_st: strides(out, &bo)?,
+        g_st,
+        beta_st: match (&opts.beta, &bb) {
+            (Some(t), Some(r)) => strides(t, r)?,
+            _ => [0; 4],
+        },
+        state: [
+            bi.as_ref().map_or(0, |r| r.elem_offset),
+            bs.as_ref().map_or(0, |r| r.elem_offset),
+            0,
+            0,
+        ],
+    };
+    // one dispatch per piece; global attention runs the update pieces, then the output ones
+    let mut steps: Vec<LinearParams> = Vec::new();
+    let phases: &[u32] = if opts.causal {
+        &[flags::UPDATE | flags::OUTPUT]
+    } else {
+        &[flags::UPDATE, flags::OUTPUT]
+    };
+    for (pi, &phase) in phases.iter().enumerate() {
+        for (i, &(from, to)) in plan.pieces.iter().enumerate() {
+            let mut p = base;
+            p.t_from = from;
+            p.t_to = to;
+            p.flags |= phase;
+            let first = pi == 0 && i == 0;
+            if first {
+                if opts.initial_state.is_some() {
+                    p.flags |= flags::INIT;
+                }
+            } else {
+                p.flags |= flags::RESUME;
+            }
+            // a lone output phase of global attention reads the state and leaves it be
+            if phase == flags::OUTPUT {
+                p.flags &= !flags::WRITE_STATE;
+            }
+            steps.push(p);
+        }
+    }
+    let cu: Vec<u32> = opts.cu_seqlens.clone().unwrap_or_else(|| vec![0, 0]);
+    ctx.scoped(|| {
+        let pipeline = ctx.pipeline(&plan.key)?;
+        let dev = &ctx.device;
+        let cu_buf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("linear cu_seqlens"),
+            contents: bytemuck::cast_slice(&cu),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let dummy = BoundRange::whole(&ctx.dummy);
+        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+        let groups: Vec<wgpu::BindGroup> = steps
+            .iter()
+            .map(|p| {
+                let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("linear params"),
+                    contents: bytemuck::bytes_of(p),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+                let entries = [
+                    BoundRange::whole(&params).entry(0),
+                    bq.entry(1),
+                    bk.entry(2),
+                    bv.entry(3),
+                    bg.as_ref().unwrap_or(&dummy).entry(4),
+                    bb.as_ref().unwrap_or(&dummy).entry(5),
+                    bi.as_ref().unwrap_or(&dummy).entry(6),
+                    BoundRange::whole(&cu_buf).entry(7),
+                    bo.entry(8),
+                    bs.as_ref().unwrap_or(&dummy_rw).entry(9),
+                ];
+                dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("linear bind group"),
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                })
+            })
+            .collect();
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("linear attention"),
+            timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(i),
+                end_of_pass_write_index: Some(i + 1),
+            }),
+        });
+        pass.set_pipeline(&pipeline);
+        let [x, y, z] = plan.grid;
+        for bg in &groups {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+        Ok(())
+    })?;
+    Ok(plan)
+}
+
+/// Runs into caller-provided outputs and submits the work.
+pub fn linear_attention_into(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    final_state: Option<&Tensor>,
+    opts: &LinearOptions,
+) -> Result<LinearPlan> {
+    ctx.submit(|enc| encode_linear_attention(ctx, enc, q, k, v, out, final_state, opts, None))
+}
+
+/// Runs linear attention and returns new O (and the final state when
+/// `opts.output_final_state`).
+pub fn linear_attention(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &LinearOptions,
+) -> Result<LinearOutput> {
+    let s = check_inputs(q, k, v)?;
+    check_options(&s, opts)?;
+    let out = Tensor::filled(ctx, &[s.batch, s.t, s.hv, s.v], v.dtype(), 0.0)?;
+    let final_state = if opts.output_final_state {
+        Some(Tensor::filled(ctx, &s.state_shape(opts), DType::F32, 0.0)?)
+    } else {
+        None
+    };
+    linear_attention_into(ctx, q, k, v, &out, final_state.as_ref(), opts)?;
+    Ok(LinearOutput { out, final_state })
+}

@@ -1,0 +1,205 @@
+//! The linear family's CPU reference in f64: the recurrences of the module docs, token by token,
+//! written for reading, not speed. [`linear_plain_f16`] is the same maths with every value
+//! rounded to f16 (state included): the f16 tolerance is twice its error.
+
+use super::{FeatureMap, LinearOptions, LinearShape, Rule};
+use crate::error::Result;
+
+/// Host copies of a call's inputs (row-major, the shapes of [`super::linear_attention`]).
+#[derive(Clone, Copy, Debug)]
+pub struct LinearRefInputs<'a> {
+    pub shape: LinearShape,
+    /// `[B, T, H, K]`
+    pub q: &'a [f32],
+    /// `[B, T, H, K]`
+    pub k: &'a [f32],
+    /// `[B, T, HV, V]`
+    pub v: &'a [f32],
+    /// The gate as the rule reads it (see [`LinearOptions::g`]); retention: `[HV]` or `None`.
+    pub g: Option<&'a [f32]>,
+    /// `[B, T, HV]`
+    pub beta: Option<&'a [f32]>,
+    /// `[N, HV, F, Vs]` (see [`LinearShape::state_shape`]).
+    pub initial_state: Option<&'a [f32]>,
+}
+
+/// O `[B, T, HV, V]` and the final state `[N, HV, F, Vs]`.
+#[derive(Clone, Debug)]
+pub struct LinearRefOutput {
+    pub out: Vec<f64>,
+    pub final_state: Vec<f64>,
+}
+
+/// Rounding of every intermediate value: none (f64) or to f16.
+#[derive(Clone, Copy)]
+enum Arith {
+    F64,
+    F16,
+}
+
+impl Arith {
+    fn r(self, x: f64) -> f64 {
+        match self {
+            Arith::F64 => x,
+            Arith::F16 => half::f16::from_f64(x).to_f64(),
+        }
+    }
+}
+
+/// The feature vector of one raw q or k row (`x`, K values): the map, the L2 norm where asked,
+/// and for q the scale (Taylor: `sqrt(scale)` on both, inside the map).
+fn features(x: &[f64], opts: &LinearOptions, scale: f64, is_q: bool, a: Arith) -> Vec<f64> {
+    let mut x: Vec<f64> = x.to_vec();
+    if opts.qk_l2norm {
+        let n = a.r(x.iter().map(|v| v * v).sum::<f64>() + 1e-6).sqrt();
+        x.iter_mut().for_each(|v| *v = a.r(*v / n));
+    }
+    let mut f = match opts.feature_map {
+        FeatureMap::Identity => x,
+        FeatureMap::Elu1 => x
+            .iter()
+            .map(|&v| a.r(if v > 0.0 { v + 1.0 } else { v.exp() }))
+            .collect(),
+        FeatureMap::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
+        FeatureMap::Taylor => {
+            let c = scale.sqrt();
+            let y: Vec<f64> = x.iter().map(|&v| a.r(v * c)).collect();
+            let mut f = vec![1.0];
+            f.extend(&y);
+            for &ya in &y {
+                for &yb in &y {
+                    f.push(a.r(ya * yb * std::f64::consts::FRAC_1_SQRT_2));
+                }
+            }
+            return f;
+        }
+    };
+    if is_q {
+        f.iter_mut().for_each(|v| *v = a.r(*v * scale));
+    }
+    f
+}
+
+/// The f64 reference.
+pub fn linear_reference(inp: &LinearRefInputs, opts: &LinearOptions) -> Result<LinearRefOutput> {
+    run(inp, opts, Arith::F64)
+}
+
+/// The same maths with every intermediate value (the state too) rounded to f16: O only.
+pub fn linear_plain_f16(inp: &LinearRefInputs, opts: &LinearOptions) -> Result<Vec<f64>> {
+    Ok(run(inp, opts, Arith::F16)?.out)
+}
+
+fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRefOutput> {
+    let s = inp.shape;
+    let seqs = super::sequences(&s, opts)?;
+    let (f, vs) = (s.feature_dim(opts), s.state_cols(opts));
+    let group = s.hv / s.h;
+    let scale = opts.scale.map_or(1.0 / (s.k as f64).sqrt(), f64::from);
+    let eps = s.eps(opts);
+    let mut out = vec![0.0; s.batch * s.t * s.hv * s.v];
+    let mut fin = vec![0.0; seqs.len() * s.hv * f * vs];
+    for (n, &(b, t0, len)) in seqs.iter().enumerate() {
+        for hv in 0..s.hv {
+            let hq = hv / group;
+            let base = (n * s.hv + hv) * f * vs;
+            // st[i][j]: row i of F, column j of Vs (the last is z when normalizing)
+            let mut st: Vec<Vec<f64>> = (0..f)
+                .map(|i| {
+                    (0..vs)
+                        .map(|j| {
+                            inp.initial_state
+                                .map_or(0.0, |x| x[base + i * vs + j] as f64)
+                        })
+                        .collect()
+                })
+                .collect();
+            let tok = |t: usize, h: usize, d: usize| ((b * s.t + t) * h) * d;
+            let feat = |x: &[f32], t: usize, is_q: bool| {
+                let o = tok(t, s.h, s.k) + hq * s.k;
+                let raw: Vec<f64> = x[o..o + s.k].iter().map(|&v| v as f64).collect();
+                features(&raw, opts, scale, is_q, a)
+            };
+            let update = |st: &mut Vec<Vec<f64>>, t: usize| {
+                let kf = feat(inp.k, t, false);
+                let vrow = tok(t, s.hv, s.v) + hv * s.v;
+                let mut vt: Vec<f64> = inp.v[vrow..vrow + s.v].iter().map(|&x| x as f64).collect();
+                if vs > s.v {
+                    vt.push(1.0); // z accumulates k: the column whose v is 1
+                }
+                let gi = (b * s.t + t) * s.hv + hv;
+                // decay of each state row
+                let decay: Vec<f64> = match opts.rule {
+                    Rule::Linear | Rule::Delta => vec![1.0; f],
+                    Rule::Retention => {
+                        let g = inp
+                            .g
+                            .map_or(super::retention_log_decay(hv), |g| g[hv] as f64);
+                        vec![g.exp(); f]
+                    }
+                    Rule::SimpleGla | Rule::GatedDelta => {
+                        vec![a.r((inp.g.expect("checked")[gi] as f64).exp()); f]
+                    }
+                    Rule::Gla => {
+                        let g = inp.g.expect("checked");
+                        (0..f)
+                            .map(|i| a.r((g[gi * s.k + i] as f64).exp()))
+                            .collect()
+                    }
+                };
+                for (row, d) in st.iter_mut().zip(&decay) {
+                    row.iter_mut().for_each(|x| *x = a.r(*x * d));
+                }
+                let delta = matches!(opts.rule, Rule::Delta | Rule::GatedDelta);
+                let beta = if delta {
+                    inp.beta.expect("checked")[gi] as f64
+                } else {
+                    1.0
+                };
+                for j in 0..vs {
+                    // delta: subtract what the (decayed) state already predicts for k
+                    let pred = if delta {
+                        a.r((0..f).map(|i| kf[i] * st[i][j]).sum())
+                    } else {
+                        0.0
+                    };
+                    let u = a.r(beta * a.r(vt[j] - pred));
+                    for i in 0..f {
+                        st[i][j] = a.r(st[i][j] + a.r(kf[i] * u));
+                    }
+                }
+            };
+            let output = |st: &Vec<Vec<f64>>, t: usize, out: &mut Vec<f64>| {
+                let qf = feat(inp.q, t, true);
+                let dot = |j: usize| a.r((0..f).map(|i| qf[i] * st[i][j]).sum());
+                let den = if vs > s.v { a.r(dot(s.v) + eps) } else { 1.0 };
+                let o = tok(t, s.hv, s.v) + hv * s.v;
+                for j in 0..s.v {
+                    out[o + j] = a.r(dot(j) / den);
+                }
+            };
+            if opts.causal {
+                for t in t0..t0 + len {
+                    update(&mut st, t);
+                    output(&st, t, &mut out);
+                }
+            } else {
+                for t in t0..t0 + len {
+                    update(&mut st, t);
+                }
+                for t in t0..t0 + len {
+                    output(&st, t, &mut out);
+                }
+            }
+            for (i, row) in st.iter().enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    fin[base + i * vs + j] = x;
+                }
+            }
+        }
+    }
+    Ok(LinearRefOutput {
+        out,
+        final_state: fin,
+    })
+}

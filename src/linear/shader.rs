@@ -1,0 +1,615 @@
+//! The recurrent linear-attention kernel: one workgroup per (sequence, value head, slice of V
+//! columns), one invocation per state column. Invocation j keeps column j of the state
+//! (F rows) in registers, as vec4s, and walks the tokens in blocks of `tb`: the block's query
+//! and key features (and gates) are loaded cooperatively into workgroup memory, then every
+//! invocation applies the block's tokens to its column in order. Loops over the feature rows
+//! are unrolled (lavapipe counts every loop iteration of an invocation against its limit), so
+//! only the token loop runs per token.
+
+use std::fmt::Write;
+
+use super::{FeatureMap, Rule, MAX_TAYLOR_K};
+use crate::pipeline::{declare_bindings, BindingDecl, Kernel, UniformLayout};
+use crate::tensor::DType;
+use crate::wgsl::Wgsl;
+
+/// How the state decays per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Decay {
+    None,
+    /// One factor per token and head (`exp(g)`).
+    Scalar,
+    /// One factor per state row (`exp(g_i)`, GLA).
+    Vector,
+}
+
+/// Runtime flags of [`LinearParams::flags`].
+pub mod flags {
+    /// Packed sequences: token ranges from `cu_seqlens`.
+    pub const VARLEN: u32 = 1;
+    /// Start from `initial_state`.
+    pub const INIT: u32 = 2;
+    /// Start from the state buffer (a later piece).
+    pub const RESUME: u32 = 4;
+    /// Apply the tokens to the state.
+    pub const UPDATE: u32 = 8;
+    /// Write O.
+    pub const OUTPUT: u32 = 16;
+    /// Write the state at the end.
+    pub const WRITE_STATE: u32 = 32;
+
+    pub(crate) fn wgsl() -> String {
+        [
+            ("VARLEN", VARLEN),
+            ("INIT", INIT),
+            ("RESUME", RESUME),
+            ("UPDATE", UPDATE),
+            ("OUTPUT", OUTPUT),
+            ("WRITE_STATE", WRITE_STATE),
+        ]
+        .iter()
+        .map(|(n, v)| format!("const F_{n}: u32 = {v}u;\n"))
+        .collect()
+    }
+}
+
+/// The kernel's uniform block (`struct LinParams` in the WGSL; `tests/naga.rs` checks the
+/// layout). Strides are `[offset, batch, token, head]` in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LinearParams {
+    pub n_seq: u32,
+    pub t: u32,
+    pub h: u32,
+    pub hv: u32,
+    pub dk: u32,
+    pub dv: u32,
+    pub f: u32,
+    pub vs: u32,
+    pub flags: u32,
+    pub t_from: u32,
+    pub t_to: u32,
+    pub group: u32,
+    pub scale: f32,
+    pub eps: f32,
+    pub feat_scale: f32,
+    pub g_si: u32,
+    pub q_st: [u32; 4],
+    pub k_st: [u32; 4],
+    pub v_st: [u32; 4],
+    pub o_st: [u32; 4],
+    pub g_st: [u32; 4],
+    pub beta_st: [u32; 4],
+    /// `[initial_state offset, state offset, 0, 0]`
+    pub state: [u32; 4],
+}
+
+const PARAMS_WGSL: &str = "struct LinParams {
+    n_seq: u32, t: u32, h: u32, hv: u32,
+    dk: u32, dv: u32, f: u32, vs: u32,
+    flags: u32, t_from: u32, t_to: u32, group: u32,
+    scale: f32, eps: f32, feat_scale: f32, g_si: u32,
+    q_st: vec4<u32>, k_st: vec4<u32>, v_st: vec4<u32>, o_st: vec4<u32>,
+    g_st: vec4<u32>, beta_st: vec4<u32>, state: vec4<u32>,
+}
+";
+
+/// K buckets: the state rows a specialization unrolls (K is padded with zeros up to it).
+pub const K_BUCKETS: [u32; 5] = [16, 32, 64, 128, 256];
+
+/// Workgroup memory a key may use for its token block (under WebGPU's 16 KiB default).
+const BLOCK_BYTES: u32 = 12 * 1024;
+
+/// One specialization of the recurrent kernel. Shapes are uniforms; these are not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearKey {
+    pub dtype: DType,
+    /// K bucket (raw q/k values per token).
+    pub kb: u32,
+    pub map: FeatureMap,
+    pub decay: Decay,
+    pub delta: bool,
+    pub l2norm: bool,
+    pub normalize: bool,
+    /// Tokens per block.
+    pub tb: u32,
+    /// Invocations (state columns) per workgroup.
+    pub wg: u32,
+}
+
+impl LinearKey {
+    pub fn new(
+        dtype: DType,
+        k: usize,
+        rule: Rule,
+        map: FeatureMap,
+        normalize: bool,
+        l2norm: bool,
+    ) -> Self {
+        let kb = K_BUCKETS
+            .iter()
+            .copied()
+            .find(|&b| b as usize >= k)
+            .unwrap_or(K_BUCKETS[K_BUCKETS.len() - 1]);
+        let kb = if map == FeatureMap::Taylor {
+            MAX_TAYLOR_K as u32
+        } else {
+            kb
+        };
+        let mut key = LinearKey {
+            dtype,
+            kb,
+            map,
+            decay: rule.decay(),
+            delta: rule.delta(),
+            l2norm,
+            normalize: normalize || map == FeatureMap::Taylor,
+            tb: 1,
+            wg: 64,
+        };
+        let per_token = key.token_bytes();
+        key.tb = (1..=4)
+            .map(|p| 1u32 << p)
+            .rev()
+            .find(|&tb| tb * per_token <= BLOCK_BYTES)
+            .unwrap_or(1);
+        key
+    }
+
+    /// The state rows, padded to vec4s: K, or `1 + K + K^2` for the Taylor map.
+    pub fn fb(&self) -> u32 {
+        let f = match self.map {
+            FeatureMap::Taylor => 1 + self.kb + self.kb * self.kb,
+            _ => self.kb,
+        };
+        f.div_ceil(4) * 4
+    }
+
+    fn token_bytes(&self) -> u32 {
+        let fb = self.fb();
+        let vec = if self.decay == Decay::Vector { fb } else { 0 };
+        let raw = if self.map == FeatureMap::Taylor {
+            2 * self.kb
+        } else {
+            0
+        };
+        4 * (2 * fb + vec + raw) + 16
+    }
+
+    /// Every key any call can plan.
+    pub fn all() -> Vec<LinearKey> {
+        let mut out = Vec::new();
+        for dtype in [DType::F32, DType::F16] {
+            for &kb in &K_BUCKETS {
+                let k = kb as usize;
+                for rule in Rule::ALL {
+                    let maps: &[FeatureMap] = if rule == Rule::Linear {
+                        &FeatureMap::ALL
+                    } else {
+                        &[FeatureMap::Identity]
+                    };
+                    for &map in maps {
+                        if map == FeatureMap::Taylor && k > MAX_TAYLOR_K {
+                            continue;
+                        }
+                        for normalize in [false, true] {
+                            if normalize && rule != Rule::Linear {
+                                continue;
+                            }
+                            for l2 in [false, true] {
+                                if l2 && !rule.delta() {
+                                    continue;
+                                }
+                                let key = LinearKey::new(dtype, k, rule, map, normalize, l2);
+                                if !out.contains(&key) {
+                                    out.push(key);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Kernel for LinearKey {
+    fn label(&self) -> String {
+        let decay = match self.decay {
+            Decay::None => "",
+            Decay::Scalar => "_gs",
+            Decay::Vector => "_gv",
+        };
+        format!(
+            "linear_rec_{}_k{}_{}{decay}{}{}{}_t{}_wg{}",
+            self.dtype,
+            self.kb,
+            self.map.name(),
+            if self.delta { "_delta" } else { "" },
+            if self.l2norm { "_l2" } else { "" },
+            if self.normalize { "_norm" } else { "" },
+            self.tb,
+            self.wg
+        )
+    }
+
+    fn source(&self) -> String {
+        generate(self)
+    }
+
+    fn bindings(&self) -> Vec<BindingDecl> {
+        let e = self.dtype.wgsl();
+        vec![
+            BindingDecl::uniform("p", "LinParams"),
+            BindingDecl::read("q", e, "[B, T, H, K]"),
+            BindingDecl::read("k", e, "[B, T, H, K]"),
+            BindingDecl::read("v", e, "[B, T, HV, V]"),
+            BindingDecl::read("g", "f32", "gates (natural log)"),
+            BindingDecl::read("beta", "f32", "[B, T, HV]"),
+            BindingDecl::read("s_in", "f32", "initial state [N, HV, F, Vs]"),
+            BindingDecl::read("cu", "u32", "cu_seqlens"),
+            BindingDecl::read_write("o", e, "[B, T, HV, V]"),
+            BindingDecl::read_write("s_out", "f32", "state [N, HV, F, Vs]"),
+        ]
+    }
+
+    fn workgroup_bytes(&self) -> u32 {
+        self.tb * self.token_bytes()
+    }
+
+    fn capabilities(&self) -> naga::valid::Capabilities {
+        if self.dtype == DType::F16 {
+            naga::valid::Capabilities::SHADER_FLOAT16
+        } else {
+            naga::valid::Capabilities::empty()
+        }
+    }
+
+    fn uniforms(&self) -> Vec<UniformLayout> {
+        vec![
+            crate::uniform_layout!(LinearParams, "LinParams"; n_seq, t, h, hv, dk, dv, f,
+            vs, flags, t_from, t_to, group, scale, eps, feat_scale, g_si, q_st, k_st, v_st,
+            o_st, g_st, beta_st, state),
+        ]
+    }
+}
+
+/// The WGSL of `key`.
+pub fn generate(key: &LinearKey) -> String {
+    let fb4 = key.fb() / 4;
+    let tb = key.tb;
+    let wg = key.wg;
+    let taylor = key.map == FeatureMap::Taylor;
+    let mut w = Wgsl::new(&format!(
+        "{}: recurrent linear attention (generated by wgpu-attention)",
+        key.label()
+    ));
+    if key.dtype == DType::F16 {
+        w.line("enable f16;");
+    }
+    w.raw(PARAMS_WGSL);
+    w.raw(&declare_bindings(&key.bindings()));
+    w.raw(&flags::wgsl());
+    w.line(&format!("const FB4: u32 = {fb4}u; // state rows / 4"));
+    w.line(&format!("const TB: u32 = {tb}u; // tokens per block"));
+    w.line(&format!("const WG: u32 = {wg}u;"));
+    w.line("var<workgroup> sq: array<vec4<f32>, TB * FB4>; // query features of the block");
+    w.line("var<workgroup> sk: array<vec4<f32>, TB * FB4>; // key features");
+    if key.decay == Decay::Vector {
+        w.line("var<workgroup> sg: array<vec4<f32>, TB * FB4>; // exp(g) per state row");
+    }
+    w.line("var<workgroup> ss: array<vec4<f32>, TB>; // scalar decay, beta, 1/|q|, 1/|k|");
+    if taylor {
+        w.line(&format!(
+            "var<workgroup> rq: array<f32, TB * {}u>; // raw q * sqrt(scale)",
+            key.kb
+        ));
+        w.line(&format!("var<workgroup> rk: array<f32, TB * {}u>;", key.kb));
+    }
+    // loaders: a zero where not `ok` (no load in control flow: lavapipe loops over lanes there)
+    for (name, st) in [("q", "q_st"), ("k", "k_st"), ("v", "v_st")] {
+        w.raw(&format!(
+            "fn ld_{name}(b: u32, t: u32, h: u32, i: u32, ok: bool) -> f32 {{
+    let idx = p.{st}.x + b * p.{st}.y + t * p.{st}.z + h * p.{st}.w + i;
+    return select(0.0, f32({name}[select(0u, idx, ok)]), ok);
+}}
+"
+        ));
+    }
+    w.raw(
+        "fn ld_g(b: u32, t: u32, h: u32, i: u32, ok: bool) -> f32 {
+    let idx = p.g_st.x + b * p.g_st.y + t * p.g_st.z + h * p.g_st.w + i * p.g_si;
+    return select(0.0, g[select(0u, idx, ok)], ok);
+}
+fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
+    let idx = p.beta_st.x + b * p.beta_st.y + t * p.beta_st.z + h * p.beta_st.w;
+    return select(0.0, beta[select(0u, idx, ok)], ok);
+}
+",
+    );
+    let phi = match key.map {
+        FeatureMap::Identity | FeatureMap::Taylor => None,
+        FeatureMap::Elu1 => Some("select(exp(x), x + 1.0, x > vec4<f32>(0.0))"),
+        FeatureMap::Relu => Some("max(x, vec4<f32>(0.0))"),
+    };
+    if let Some(phi) = phi {
+        w.raw(&format!(
+            "fn phi(x: vec4<f32>) -> vec4<f32> {{ return {phi}; }}\n"
+        ));
+    }
+    if taylor {
+        // feature f of a token: 1, then x (K), then x_a x_b / sqrt(2) (K^2), then padding
+        for r in ["rq", "rk"] {
+            w.raw(&format!(
+                "fn taylor_{r}(u: u32, f: u32) -> f32 {{
+    let k = p.dk;
+    let base = u * {kb}u;
+    if f == 0u {{ return 1.0; }}
+    if f <= k {{ return {r}[base + f - 1u]; }}
+    let c = f - 1u - k;
+    if c < k * k {{ return {r}[base + c / k] * {r}[base + c % k] * 0.70710678118654752; }}
+    return 0.0;
+}}
+",
+                kb = key.kb
+            ));
+        }
+    }
+    w.line("@compute @workgroup_size(WG)");
+    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {");
+    w.line("let lid = lid3.x;");
+    w.line("let col = wid.x * WG + lid;");
+    w.line("let hv = wid.y;");
+    w.line("let n = wid.z;");
+    w.line("let hq = hv / p.group;");
+    w.line("let live = col < p.dv;");
+    w.line("let colc = min(col, p.dv - 1u);");
+    w.line("var b = n;");
+    w.line("var t0 = 0u;");
+    w.line("var len = p.t;");
+    w.open("if (p.flags & F_VARLEN) != 0u {");
+    w.line("b = 0u;");
+    w.line("t0 = cu[n];");
+    w.line("len = cu[n + 1u] - t0;");
+    w.close();
+    // the state column (and z)
+    w.line("let srow = (n * p.hv + hv) * p.f; // first state row of this sequence and head");
+    w.line("var s: array<vec4<f32>, FB4>;");
+    if key.normalize {
+        w.line("var z: array<vec4<f32>, FB4>;");
+    }
+    w.line("let from_init = (p.flags & F_INIT) != 0u;");
+    w.open("if from_init || (p.flags & F_RESUME) != 0u {");
+    w.line("let off = select(p.state.y, p.state.x, from_init);");
+    let state_load = |w: &mut Wgsl, arr: &str, column: &str, ok: &str| {
+        for i in 0..fb4 {
+            let comps: Vec<String> = (0..4)
+                .map(|c| {
+                    let r = i * 4 + c;
+                    format!("ld_state(off + (srow + {r}u) * p.vs + {column}, {ok} && {r}u < p.f, from_init)")
+                })
+                .collect();
+            w.line(&format!("{arr}[{i}] = vec4<f32>({});", comps.join(", ")));
+        }
+    };
+    state_load(&mut w, "s", "colc", "live");
+    if key.normalize {
+        state_load(&mut w, "z", "p.dv", "true");
+    }
+    w.close();
+    w.line("let t_from = min(p.t_from, len);");
+    w.line("let t_to = min(p.t_to, len);");
+    w.open("for (var tb = t_from; tb < t_to; tb += TB) {");
+    w.line("let nt = min(TB, t_to - tb);");
+    w.line("workgroupBarrier(); // the previous block is done with the shared arrays");
+    // phase A: features (or raw values for Taylor), gates, scalars
+    let total = tb * fb4;
+    if taylor {
+        let raw = tb * key.kb;
+        for s in 0..raw.div_ceil(wg) {
+            w.open("{");
+            w.line(&format!("let e = lid + {}u;", s * wg));
+            w.line(&format!("let u = e / {}u;", key.kb));
+            w.line(&format!("let i = e % {}u;", key.kb));
+            w.line("let ok = u < nt && i < p.dk;");
+            w.line("let tt = t0 + tb + u;");
+            let guard =
+                (!raw.is_multiple_of(wg) && s + 1 == raw.div_ceil(wg)).then(|| format!("{raw}u"));
+            if let Some(g) = &guard {
+                w.open(&format!("if e < {g} {{"));
+            }
+            w.line("rq[e] = ld_q(b, tt, hq, i, ok) * p.feat_scale;");
+            w.line("rk[e] = ld_k(b, tt, hq, i, ok) * p.feat_scale;");
+            if guard.is_some() {
+                w.close();
+            }
+            w.close();
+        }
+    } else {
+        for s in 0..total.div_ceil(wg) {
+            w.open("{");
+            w.line(&format!("let e = lid + {}u;", s * wg));
+            w.line("let u = e / FB4;");
+            w.line("let i = (e % FB4) * 4u;");
+            w.line("let tt = t0 + tb + u;");
+            w.line("let ok = u < nt;");
+            let guard = !total.is_multiple_of(wg) && s + 1 == total.div_ceil(wg);
+            if guard {
+                w.open(&format!("if e < {total}u {{"));
+            }
+            // which of the four rows exist, once (SwiftShader's compiler stalls on many
+            // nested selects over the same conditions)
+            w.line("let okc = vec4<bool>(ok && i < p.dk, ok && i + 1u < p.dk, ok && i + 2u < p.dk, ok && i + 3u < p.dk);");
+            for (arr, ld) in [("sq", "q"), ("sk", "k")] {
+                let c: Vec<String> = (0..4)
+                    .map(|c| format!("ld_{ld}(b, tt, hq, i + {c}u, okc[{c}])"))
+                    .collect();
+                let x = format!("vec4<f32>({})", c.join(", "));
+                let line = match key.map {
+                    FeatureMap::Identity | FeatureMap::Taylor => format!("{arr}[e] = {x};"),
+                    _ => format!("{arr}[e] = select(vec4<f32>(0.0), phi({x}), okc);"),
+                };
+                w.line(&line);
+            }
+            if key.decay == Decay::Vector {
+                let c: Vec<String> = (0..4)
+                    .map(|c| format!("ld_g(b, tt, hv, i + {c}u, okc[{c}])"))
+                    .collect();
+                w.line(&format!("sg[e] = exp(vec4<f32>({}));", c.join(", ")));
+            }
+            if guard {
+                w.close();
+            }
+            w.close();
+        }
+    }
+    w.open("if lid < TB {");
+    w.line("let tt = t0 + tb + lid;");
+    w.line("let ok = lid < nt;");
+    let decay = match key.decay {
+        Decay::Scalar => "exp(ld_g(b, tt, hv, 0u, ok))",
+        _ => "1.0",
+    };
+    let beta = if key.delta {
+        "ld_beta(b, tt, hv, ok)"
+    } else {
+        "1.0"
+    };
+    w.line(&format!("ss[lid] = vec4<f32>({decay}, {beta}, 1.0, 1.0);"));
+    w.close();
+    w.line("workgroupBarrier();");
+    if taylor {
+        for s in 0..total.div_ceil(wg) {
+            w.open("{");
+            w.line(&format!("let e = lid + {}u;", s * wg));
+            w.line("let u = e / FB4;");
+            w.line("let f = (e % FB4) * 4u;");
+            let guard = !total.is_multiple_of(wg) && s + 1 == total.div_ceil(wg);
+            if guard {
+                w.open(&format!("if e < {total}u {{"));
+            }
+            for arr in ["q", "k"] {
+                let c: Vec<String> = (0..4)
+                    .map(|c| format!("taylor_r{arr}(u, f + {c}u)"))
+                    .collect();
+                w.line(&format!("s{arr}[e] = vec4<f32>({});", c.join(", ")));
+            }
+            if guard {
+                w.close();
+            }
+            w.close();
+        }
+        w.line("workgroupBarrier();");
+    }
+    if key.l2norm {
+        w.open("if lid < 2u * TB {");
+        w.line("let u = lid % TB;");
+        w.line("var acc = vec4<f32>(0.0);");
+        w.open("if lid < TB {");
+        for i in 0..fb4 {
+            w.line(&format!("acc += sq[u * FB4 + {i}u] * sq[u * FB4 + {i}u];"));
+        }
+        w.close();
+        w.open("else {");
+        for i in 0..fb4 {
+            w.line(&format!("acc += sk[u * FB4 + {i}u] * sk[u * FB4 + {i}u];"));
+        }
+        w.close();
+        w.line("let inv = inverseSqrt(acc.x + acc.y + acc.z + acc.w + 1e-6);");
+        w.open("if lid < TB {");
+        w.line("ss[u].z = inv;");
+        w.close();
+        w.open("else {");
+        w.line("ss[u].w = inv;");
+        w.close();
+        w.close();
+        w.line("workgroupBarrier();");
+    }
+    // the tokens of the block, in order
+    w.open("for (var u = 0u; u < nt; u++) {");
+    w.line("let tt = t0 + tb + u;");
+    w.line("let sc = ss[u];");
+    w.line("let kb = u * FB4;");
+    w.open("if (p.flags & F_UPDATE) != 0u {");
+    w.line("let vj = ld_v(b, tt, hv, colc, live);");
+    if key.delta {
+        w.line("var pr = vec4<f32>(0.0);");
+        for i in 0..fb4 {
+            w.line(&format!("pr += sk[kb + {i}u] * s[{i}];"));
+        }
+        w.line("// beta (v - k'.(a S)), k' = k / |k|");
+        w.line("let upd = sc.y * (vj - sc.x * sc.w * (pr.x + pr.y + pr.z + pr.w)) * sc.w;");
+    } else {
+        w.line("let upd = vj;");
+    }
+    for i in 0..fb4 {
+        let line = match key.decay {
+            Decay::None => format!("s[{i}] += sk[kb + {i}u] * upd;"),
+            Decay::Scalar => format!("s[{i}] = sc.x * s[{i}] + sk[kb + {i}u] * upd;"),
+            Decay::Vector => format!("s[{i}] = sg[kb + {i}u] * s[{i}] + sk[kb + {i}u] * upd;"),
+        };
+        w.line(&line);
+    }
+    if key.normalize {
+        for i in 0..fb4 {
+            w.line(&format!("z[{i}] += sk[kb + {i}u];"));
+        }
+    }
+    w.close();
+    w.open("if (p.flags & F_OUTPUT) != 0u {");
+    w.line("var o4 = vec4<f32>(0.0);");
+    for i in 0..fb4 {
+        w.line(&format!("o4 += sq[kb + {i}u] * s[{i}];"));
+    }
+    w.line("var out = (o4.x + o4.y + o4.z + o4.w) * p.scale * sc.z;");
+    if key.normalize {
+        w.line("var z4 = vec4<f32>(0.0);");
+        for i in 0..fb4 {
+            w.line(&format!("z4 += sq[kb + {i}u] * z[{i}];"));
+        }
+        w.line("out = out / ((z4.x + z4.y + z4.z + z4.w) * p.scale * sc.z + p.eps);");
+    }
+    w.open("if live {");
+    w.line(&format!(
+        "o[p.o_st.x + b * p.o_st.y + tt * p.o_st.z + hv * p.o_st.w + col] = {}(out);",
+        key.dtype.wgsl()
+    ));
+    w.close();
+    w.close();
+    w.close(); // tokens
+    w.close(); // blocks
+    w.open("if (p.flags & F_WRITE_STATE) != 0u {");
+    let store = |w: &mut Wgsl, arr: &str, column: &str| {
+        for i in 0..fb4 {
+            for c in 0..4 {
+                let r = i * 4 + c;
+                let mut line = String::new();
+                let _ = write!(
+                    line,
+                    "if {r}u < p.f {{ s_out[p.state.y + (srow + {r}u) * p.vs + {column}] = {arr}[{i}][{c}]; }}"
+                );
+                w.line(&line);
+            }
+        }
+    };
+    w.open("if live {");
+    store(&mut w, "s", "col");
+    w.close();
+    if key.normalize {
+        w.open("if col == 0u {");
+        store(&mut w, "z", "p.dv");
+        w.close();
+    }
+    w.close();
+    w.close(); // main
+               // the state loader (after main: WGSL allows any order)
+    w.raw(
+        "fn ld_state(idx: u32, ok: bool, from_init: bool) -> f32 {
+    let i = select(0u, idx, ok);
+    return select(0.0, select(s_out[i], s_in[i], from_init), ok);
+}
+",
+    );
+    w.finish()
+}

@@ -1,0 +1,582 @@
+//! The linear family against its f64 reference: every rule, awkward lengths, K != V, GVA,
+//! initial and final state, resumption in pieces, f16, strong decays, every feature map and
+//! normalization, global attention, packed sequences, long sequences in pieces, bad input.
+
+mod common;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use wgpu_attention::flash::reference::{compare, Comparison, RefOutput};
+use wgpu_attention::linear::reference::{linear_plain_f16, linear_reference, LinearRefInputs};
+use wgpu_attention::*;
+
+/// One linear-attention case: sizes, dtype, options (tensors filled in by `run`).
+#[derive(Clone, Debug)]
+struct Lin {
+    shape: LinearShape,
+    dtype: DType,
+    opts: LinearOptions,
+    init: bool,
+    /// Gates down to this (natural log, per token).
+    g_min: f32,
+}
+
+impl Lin {
+    fn new(rule: Rule, b: usize, t: usize, h: usize, hv: usize, k: usize, v: usize) -> Self {
+        Lin {
+            shape: LinearShape {
+                batch: b,
+                t,
+                h,
+                hv,
+                k,
+                v,
+            },
+            dtype: DType::F32,
+            opts: LinearOptions {
+                rule,
+                ..Default::default()
+            },
+            init: false,
+            g_min: -1.0,
+        }
+    }
+    fn with(mut self, f: impl FnOnce(&mut LinearOptions)) -> Self {
+        f(&mut self.opts);
+        self
+    }
+    fn init(mut self) -> Self {
+        self.init = true;
+        self
+    }
+    fn f16(mut self) -> Self {
+        self.dtype = DType::F16;
+        self
+    }
+}
+
+/// Host inputs of a case.
+struct Host {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    g: Option<Vec<f32>>,
+    beta: Option<Vec<f32>>,
+    init: Option<Vec<f32>>,
+}
+
+fn host_inputs(c: &Lin, seed: u64) -> Host {
+    let s = c.shape;
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let round = |x: f32| {
+        if c.dtype == DType::F16 {
+            half::f16::from_f32(x).to_f32()
+        } else {
+            x
+        }
+    };
+    let mut gen = |n: usize, amp: f32| -> Vec<f32> {
+        (0..n).map(|_| round(r.random_range(-amp..amp))).collect()
+    };
+    let mut q = gen(s.batch * s.t * s.h * s.k, 1.5);
+    let mut k = gen(s.batch * s.t * s.h * s.k, 1.5);
+    if LinearShape::normalized(&c.opts) && c.opts.feature_map == FeatureMap::Identity {
+        // normalizing by q.z is meant for positive features: signed ones cancel in the
+        // denominator and any rounding there is amplified without bound
+        q.iter_mut().chain(k.iter_mut()).for_each(|x| *x = x.abs());
+    }
+    let v = gen(s.batch * s.t * s.hv * s.v, 1.0);
+    let delta = matches!(c.opts.rule, Rule::Delta | Rule::GatedDelta);
+    if delta && !c.opts.qk_l2norm {
+        // the delta rule contracts only for |k| <= sqrt(2 / beta): feed unit keys, as fla does
+        for row in k.chunks_mut(s.k) {
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-3);
+            row.iter_mut().for_each(|x| *x = round(*x / n));
+        }
+    }
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 7);
+    // log-sigmoid gates spread over [g_min, 0)
+    let mut gate = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| r.random_range(c.g_min..-1e-3))
+            .collect::<Vec<f32>>()
+    };
+    let g = match c.opts.rule {
+        Rule::Linear | Rule::Delta => None,
+        Rule::Retention => c.opts.g.as_ref().map(|_| gate(s.hv)),
+        Rule::SimpleGla | Rule::GatedDelta => Some(gate(s.batch * s.t * s.hv)),
+        Rule::Gla => Some(gate(s.batch * s.t * s.hv * s.k)),
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 9);
+    let beta = delta.then(|| {
+        (0..s.batch * s.t * s.hv)
+            .map(|_| r.random_range(0.05..1.0))
+            .collect()
+    });
+    let st = s.state_shape(&c.opts);
+    let init = c.init.then(|| {
+        let n: usize = st.iter().product();
+        let mut x = random(n, 0.5, seed ^ 11);
+        // z, the normalizer's column, is a sum of features: keep it positive
+        if LinearShape::normalized(&c.opts) {
+            for row in x.chunks_mut(st[3]) {
+                let last = row.len() - 1;
+                row[last] = row[last].abs() + 0.5;
+            }
+        }
+        x
+    });
+    Host {
+        q,
+        k,
+        v,
+        g,
+        beta,
+        init,
+    }
+}
+
+fn upload(x: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+    let ctx = ctx();
+    match dtype {
+        DType::F32 => Tensor::from_f32(ctx, x, shape).unwrap(),
+        DType::F16 => {
+            let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+            Tensor::from_f16(ctx, &h, shape).unwrap()
+        }
+    }
+}
+
+/// The options with the case's tensors in them.
+fn with_tensors(c: &Lin, h: &Host) -> LinearOptions {
+    let s = c.shape;
+    let mut o = c.opts.clone();
+    o.g = h.g.as_ref().map(|g| {
+        let shape: Vec<usize> = match c.opts.rule {
+            Rule::Retention => vec![s.hv],
+            Rule::Gla => vec![s.batch, s.t, s.hv, s.k],
+            _ => vec![s.batch, s.t, s.hv],
+        };
+        upload(g, &shape, DType::F32)
+    });
+    o.beta = h
+        .beta
+        .as_ref()
+        .map(|b| upload(b, &[s.batch, s.t, s.hv], DType::F32));
+    o.initial_state = h
+        .init
+        .as_ref()
+        .map(|x| upload(x, &s.state_shape(&c.opts), DType::F32));
+    o
+}
+
+/// GPU against the reference: (output comparison, final-state comparison).
+fn run_seeded(c: &Lin, seed: u64) -> (Comparison, Comparison) {
+    let ctx = ctx();
+    let s = c.shape;
+    let h = host_inputs(c, seed);
+    let opts = with_tensors(c, &h);
+    let q = upload(&h.q, &[s.batch, s.t, s.h, s.k], c.dtype);
+    let k = upload(&h.k, &[s.batch, s.t, s.h, s.k], c.dtype);
+    let v = upload(&h.v, &[s.batch, s.t, s.hv, s.v], c.dtype);
+    let out = Tensor::filled(ctx, &[s.batch, s.t, s.hv, s.v], c.dtype, f32::NAN).unwrap();
+    let fin = Tensor::filled(ctx, &s.state_shape(&c.opts), DType::F32, f32::NAN).unwrap();
+    linear_attention_into(ctx, &q, &k, &v, &out, Some(&fin), &opts)
+        .unwrap_or_else(|e| panic!("{c:?}: dispatch failed: {e}"));
+    let got = out.to_vec_f32(ctx).unwrap();
+    let got_state = fin.to_vec_f32(ctx).unwrap();
+    let inp = LinearRefInputs {
+        shape: s,
+        q: &h.q,
+        k: &h.k,
+        v: &h.v,
+        g: h.g.as_deref(),
+        beta: h.beta.as_deref(),
+        initial_state: h.init.as_deref(),
+    };
+    let r = linear_reference(&inp, &c.opts).unwrap();
+    let plain = (c.dtype == DType::F16).then(|| linear_plain_f16(&inp, &c.opts).unwrap());
+    let o = compare(
+        &got,
+        None,
+        &RefOutput {
+            out: r.out,
+            lse: vec![],
+        },
+        plain.as_deref(),
+    );
+    // the state is f32 whatever the inputs: f32's tolerance
+    let st = compare(
+        &got_state,
+        None,
+        &RefOutput {
+            out: r.final_state,
+            lse: vec![],
+        },
+        None,
+    );
+    (o, st)
+}
+
+/// Asserts the crate's tolerances on fresh inputs (f16 on an adapter without it: the typed
+/// error, said in the output).
+fn check(c: &Lin) {
+    let seed = fresh_seed();
+    if c.dtype == DType::F16 && !ctx().caps.f16 {
+        eprintln!("skipped on this adapter (no SHADER_F16): {c:?}");
+        let h = host_inputs(c, seed);
+        let s = c.shape;
+        let q = Tensor::filled(ctx(), &[s.batch, s.t, s.h, s.k], DType::F16, 0.0).unwrap();
+        let v = Tensor::filled(ctx(), &[s.batch, s.t, s.hv, s.v], DType::F16, 0.0).unwrap();
+        let err = linear_attention(ctx(), &q, &q, &v, &with_tensors(c, &h));
+        assert!(
+            matches!(err, Err(AttnError::MissingFeature { .. })),
+            "{err:?}"
+        );
+        return;
+    }
+    let (o, st) = run_seeded(c, seed);
+    assert!(o.passed, "{c:?} seed {seed}: output {o:?}");
+    assert!(st.passed, "{c:?} seed {seed}: final state {st:?}");
+}
+
+#[test]
+fn every_rule_over_awkward_lengths() {
+    for rule in Rule::ALL {
+        for t in [1, 63, 64, 65, 1000] {
+            check(&Lin::new(rule, 2, t, 2, 2, 32, 32));
+        }
+    }
+}
+
+#[test]
+fn k_not_v_and_grouped_value_heads() {
+    for rule in Rule::ALL {
+        check(&Lin::new(rule, 1, 113, 2, 6, 40, 96));
+        check(&Lin::new(rule, 2, 37, 1, 2, 96, 20).init());
+    }
+    // K at the largest bucket, V past one workgroup of columns
+    check(&Lin::new(Rule::GatedDelta, 1, 50, 1, 1, 256, 130).with(|o| o.qk_l2norm = true));
+}
+
+#[test]
+fn initial_state_and_every_rule_with_it() {
+    for rule in Rule::ALL {
+        check(&Lin::new(rule, 2, 65, 2, 4, 32, 48).init());
+    }
+    check(
+        &Lin::new(Rule::Linear, 1, 80, 2, 2, 16, 16)
+            .init()
+            .with(|o| o.normalize = true),
+    );
+}
+
+/// A sequence processed in two pieces, the state carried over, equals one pass.
+#[test]
+fn resumption_in_pieces_equals_one_pass() {
+    let ctx = ctx();
+    for rule in Rule::ALL {
+        let c = Lin::new(rule, 1, 150, 2, 2, 24, 24).with(|o| {
+            o.output_final_state = true;
+            o.normalize = rule == Rule::Linear;
+        });
+        let seed = fresh_seed();
+        let h = host_inputs(&c, seed);
+        let s = c.shape;
+        let whole = with_tensors(&c, &h);
+        let t_of = |x: &[f32], per: usize, a: usize, b: usize| x[a * per..b * per].to_vec();
+        let run = |a: usize, b: usize, init: Option<&Tensor>| {
+            let n = b - a;
+            let sh = |last: &[usize]| [&[1, n], last].concat();
+            let q = Tensor::from_f32(ctx, &t_of(&h.q, s.h * s.k, a, b), &sh(&[s.h, s.k])).unwrap();
+            let k = Tensor::from_f32(ctx, &t_of(&h.k, s.h * s.k, a, b), &sh(&[s.h, s.k])).unwrap();
+            let v =
+                Tensor::from_f32(ctx, &t_of(&h.v, s.hv * s.v, a, b), &sh(&[s.hv, s.v])).unwrap();
+            let mut o = whole.clone();
+            o.initial_state = init.cloned();
+            o.g = h.g.as_ref().map(|g| match rule {
+                Rule::Retention => Tensor::from_f32(ctx, g, &[s.hv]).unwrap(),
+                Rule::Gla => {
+                    Tensor::from_f32(ctx, &t_of(g, s.hv * s.k, a, b), &[1, n, s.hv, s.k]).unwrap()
+                }
+                _ => Tensor::from_f32(ctx, &t_of(g, s.hv, a, b), &[1, n, s.hv]).unwrap(),
+            });
+            o.beta = h
+                .beta
+                .as_ref()
+                .map(|x| Tensor::from_f32(ctx, &t_of(x, s.hv, a, b), &[1, n, s.hv]).unwrap());
+            linear_attention(ctx, &q, &k, &v, &o).unwrap()
+        };
+        let one = run(0, 150, None);
+        let first = run(0, 61, None);
+        let second = run(61, 150, first.final_state.as_ref());
+        let all = one.out.to_vec_f32(ctx).unwrap();
+        let mut pieces = first.out.to_vec_f32(ctx).unwrap();
+        pieces.extend(second.out.to_vec_f32(ctx).unwrap());
+        let fin_one = one.final_state.unwrap().to_vec_f32(ctx).unwrap();
+        let fin_two = second.final_state.unwrap().to_vec_f32(ctx).unwrap();
+        let close = |a: &[f32], b: &[f32]| {
+            let m = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.is_finite() && (x - y).abs() <= 1e-5 * m)
+        };
+        assert!(close(&all, &pieces), "{rule:?} seed {seed}: outputs differ");
+        assert!(
+            close(&fin_one, &fin_two),
+            "{rule:?} seed {seed}: states differ"
+        );
+    }
+}
+
+#[test]
+fn f16_inputs() {
+    for rule in Rule::ALL {
+        check(&Lin::new(rule, 1, 200, 2, 2, 64, 64).f16());
+    }
+    check(
+        &Lin::new(Rule::Linear, 1, 100, 2, 2, 16, 16)
+            .f16()
+            .with(|o| o.feature_map = FeatureMap::Taylor),
+    );
+}
+
+/// Gates down to -20 per token (exp(-20) = 2e-9): the state neither overflows nor is lost.
+#[test]
+fn strong_decays() {
+    for rule in [Rule::SimpleGla, Rule::Gla, Rule::GatedDelta] {
+        let mut c = Lin::new(rule, 1, 300, 2, 2, 32, 32).init();
+        c.g_min = -20.0;
+        check(&c);
+    }
+    check(&Lin::new(Rule::Retention, 1, 100, 2, 2, 32, 32).with(|o| {
+        // a per-head decay tensor of the caller's (filled by the harness)
+        o.g = Some(Tensor::filled(ctx(), &[2], DType::F32, 0.0).unwrap());
+    }));
+}
+
+#[test]
+fn feature_maps_and_normalization() {
+    for map in FeatureMap::ALL {
+        for normalize in [false, true] {
+            let k = if map == FeatureMap::Taylor { 16 } else { 40 };
+            check(&Lin::new(Rule::Linear, 2, 97, 2, 2, k, 24).with(|o| {
+                o.feature_map = map;
+                o.normalize = normalize;
+            }));
+        }
+    }
+    // Taylor below its bucket (K = 5: F = 31 rows)
+    check(&Lin::new(Rule::Linear, 1, 64, 1, 2, 5, 8).with(|o| o.feature_map = FeatureMap::Taylor));
+    for l2 in [false, true] {
+        for rule in [Rule::Delta, Rule::GatedDelta] {
+            check(&Lin::new(rule, 1, 129, 2, 2, 48, 32).with(|o| o.qk_l2norm = l2));
+        }
+    }
+}
+
+#[test]
+fn global_attention() {
+    for map in [FeatureMap::Identity, FeatureMap::Elu1, FeatureMap::Taylor] {
+        for normalize in [false, true] {
+            let k = if map == FeatureMap::Taylor { 8 } else { 32 };
+            check(
+                &Lin::new(Rule::Linear, 2, 113, 2, 2, k, 32)
+                    .init()
+                    .with(|o| {
+                        o.causal = false;
+                        o.feature_map = map;
+                        o.normalize = normalize;
+                    }),
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_sequences() {
+    for rule in Rule::ALL {
+        check(
+            &Lin::new(rule, 1, 333, 2, 4, 32, 16)
+                .init()
+                .with(|o| o.cu_seqlens = Some(vec![0, 1, 64, 200, 200, 333])),
+        );
+    }
+    check(&Lin::new(Rule::Linear, 1, 100, 1, 1, 16, 16).with(|o| {
+        o.causal = false;
+        o.normalize = true;
+        o.cu_seqlens = Some(vec![0, 30, 100]);
+    }));
+}
+
+/// Past lavapipe's loop limit the plan runs pieces of the sequence, the state carried through
+/// the state buffer; elsewhere one dispatch.
+#[test]
+fn long_sequence_in_pieces() {
+    let c = Lin::new(Rule::SimpleGla, 1, 70_000, 1, 1, 16, 16);
+    let plan = linear::plan(
+        ctx(),
+        &c.shape,
+        DType::F32,
+        &with_tensors(&c, &host_inputs(&c, 1)),
+    )
+    .unwrap();
+    eprintln!("T = 70000: {} dispatch(es)", plan.pieces.len());
+    if ctx().caps.loop_limit.is_some() {
+        assert!(plan.pieces.len() > 1, "{plan:?}");
+    }
+    check(&c);
+    check(&c.clone().with(|o| o.cu_seqlens = Some(vec![0, 5, 70_000])));
+}
+
+/// The linear family's random case for `seed`.
+fn random_linear_case(seed: u64) -> Lin {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let rule = Rule::ALL[r.random_range(0..Rule::ALL.len())];
+    let h = r.random_range(1..=3);
+    let hv = h * r.random_range(1..=3);
+    let map = if rule == Rule::Linear {
+        FeatureMap::ALL[r.random_range(0..FeatureMap::ALL.len())]
+    } else {
+        FeatureMap::Identity
+    };
+    let k = if map == FeatureMap::Taylor {
+        r.random_range(1..=16)
+    } else {
+        [
+            r.random_range(1..=16),
+            r.random_range(17..=64),
+            r.random_range(65..=128),
+        ][r.random_range(0..3)]
+    };
+    let v = r.random_range(1..=100);
+    let batch = r.random_range(1..=3);
+    let t = [1, r.random_range(2..=130), r.random_range(130..=600)][r.random_range(0..3)];
+    let mut c = Lin::new(rule, batch, t, h, hv, k, v);
+    c.init = r.random_bool(0.5);
+    c.g_min = [-0.1, -1.0, -5.0, -20.0][r.random_range(0..4)];
+    let o = &mut c.opts;
+    o.feature_map = map;
+    o.normalize = rule == Rule::Linear && r.random_bool(0.3);
+    o.causal = rule != Rule::Linear || r.random_bool(0.7);
+    o.qk_l2norm = matches!(rule, Rule::Delta | Rule::GatedDelta) && r.random_bool(0.5);
+    if r.random_bool(0.2) {
+        o.scale = Some(r.random_range(0.1..1.0));
+    }
+    if rule == Rule::Retention && r.random_bool(0.5) {
+        o.g = Some(Tensor::filled(ctx(), &[hv], DType::F32, 0.0).unwrap());
+    }
+    if batch == 1 && t > 2 && r.random_bool(0.3) {
+        let mut cu: Vec<u32> = (0..r.random_range(1..4))
+            .map(|_| r.random_range(0..=t as u32))
+            .collect();
+        cu.extend([0, t as u32]);
+        cu.sort();
+        o.cu_seqlens = Some(cu);
+    }
+    if r.random_bool(0.25) {
+        c.dtype = DType::F16;
+    }
+    c
+}
+
+#[test]
+fn random_cases() {
+    for_each_case("linear", 24, |seed| {
+        let c = random_linear_case(seed);
+        if c.dtype == DType::F16 && !ctx().caps.f16 {
+            return format!("{c:?} (f16 skipped: no SHADER_F16 on this adapter)");
+        }
+        let (o, st) = run_seeded(&c, seed);
+        assert!(o.passed && st.passed, "{c:?}: {o:?} {st:?}");
+        format!("{c:?}")
+    });
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let ctx = ctx();
+    let t = |shape: &[usize]| Tensor::filled(ctx, shape, DType::F32, 0.5).unwrap();
+    let (q, v) = (t(&[1, 10, 2, 8]), t(&[1, 10, 2, 8]));
+    let cases: Vec<(LinearOptions, &str)> = vec![
+        (
+            LinearOptions {
+                rule: Rule::Gla,
+                g: Some(t(&[1, 10, 2])),
+                ..Default::default()
+            },
+            "g",
+        ),
+        (
+            LinearOptions {
+                rule: Rule::SimpleGla,
+                ..Default::default()
+            },
+            "g",
+        ),
+        (
+            LinearOptions {
+                rule: Rule::Delta,
+                ..Default::default()
+            },
+            "beta",
+        ),
+        (
+            LinearOptions {
+                rule: Rule::Retention,
+                feature_map: FeatureMap::Elu1,
+                ..Default::default()
+            },
+            "feature_map",
+        ),
+        (
+            LinearOptions {
+                mode: Mode::Chunk,
+                ..Default::default()
+            },
+            "mode",
+        ),
+        (
+            LinearOptions {
+                cu_seqlens: Some(vec![0, 4, 3, 10]),
+                ..Default::default()
+            },
+            "cu_seqlens",
+        ),
+        (
+            LinearOptions {
+                initial_state: Some(t(&[1, 2, 8, 9])),
+                ..Default::default()
+            },
+            "initial_state",
+        ),
+        (
+            LinearOptions {
+                rule: Rule::Delta,
+                causal: false,
+                beta: Some(t(&[1, 10, 2])),
+                ..Default::default()
+            },
+            "causal",
+        ),
+    ];
+    for (opts, what) in cases {
+        let err = linear_attention(ctx, &q, &q, &v, &opts).expect_err(what);
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
+    // shapes: HV not a multiple of H, Taylor past K = 16, K past 256
+    let err = linear_attention(ctx, &q, &q, &t(&[1, 10, 3, 8]), &Default::default()).unwrap_err();
+    assert!(matches!(err, AttnError::Shape { .. }), "{err}");
+    let big = t(&[1, 4, 1, 17]);
+    let taylor = LinearOptions {
+        feature_map: FeatureMap::Taylor,
+        ..Default::default()
+    };
+    let err = linear_attention(ctx, &big, &big, &t(&[1, 4, 1, 4]), &taylor).unwrap_err();
+    assert!(matches!(err, AttnError::HeadDim { .. }), "{err}");
+    let huge = t(&[1, 2, 1, 257]);
+    let err =
+        linear_attention(ctx, &huge, &huge, &t(&[1, 2, 1, 4]), &Default::default()).unwrap_err();
+    assert!(matches!(err, AttnError::HeadDim { .. }), "{err}");
+}
