@@ -45,6 +45,9 @@ enum Cmd {
     /// Measures the tile candidates of dense attention on this adapter per shape class and
     /// stores the winners in a per-adapter file (`info` shows it) that plans then read.
     Tune(TuneArgs),
+    /// Runs one linear attention call (fla's rules: linear, retention, GLA, DeltaNet, ...);
+    /// optionally checks it against the f64 reference.
+    Linear(Box<cli::linear::LinearArgs>),
 }
 
 #[derive(clap::Args)]
@@ -205,6 +208,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(&a),
         Cmd::Bench(a) => bench_cmd(&a),
         Cmd::Tune(a) => tune_cmd(&a),
+        Cmd::Linear(a) => cli::linear::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -304,3 +304,117 @@ fn tuning_file_is_shown_and_removable() {
     assert!(!std::path::Path::new(&file).exists());
     assert!(info().contains("none yet"));
 }
+
+/// `linear`: random inputs for every rule with --check, and from files with every file option
+/// (g, beta, initial state in; O and the final state out).
+#[test]
+fn linear_random_and_from_files() {
+    for rule in [
+        "linear",
+        "retention",
+        "simple-gla",
+        "gla",
+        "delta",
+        "gated-delta",
+    ] {
+        let out = cli()
+            .args(["linear", "--shape", "1,70,1,2,24,20", "--rule", rule])
+            .args(["--check", "--json", "--repeat", "2"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{rule}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j = json_of(&out);
+        assert_eq!(j["check"]["passed"], true, "{j}");
+        assert_eq!(j["check_state"]["passed"], true, "{j}");
+        assert!(j["gpu_ms"].as_f64().unwrap() > 0.0 && j["gflops"].as_f64().unwrap() > 0.0);
+    }
+    let (b, t, h, hv, k, v) = (1u64, 9u64, 1u64, 2u64, 8u64, 4u64);
+    let gen = |n: u64, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    let (q, kk, vv, g, beta, s0) = (
+        tmp("lq.npy"),
+        tmp("lk.npy"),
+        tmp("lv.npy"),
+        tmp("lg.npy"),
+        tmp("lbeta.npy"),
+        tmp("ls0.npy"),
+    );
+    write_npy(&q, &[b, t, h, k], &gen(b * t * h * k, 0.31));
+    write_npy(&kk, &[b, t, h, k], &gen(b * t * h * k, 0.17));
+    write_npy(&vv, &[b, t, hv, v], &gen(b * t * hv * v, 0.53));
+    write_npy(&g, &[b, t, hv], &vec![-0.1f32; (b * t * hv) as usize]);
+    write_npy(&beta, &[b, t, hv], &vec![0.5f32; (b * t * hv) as usize]);
+    // two packed sequences: two initial states
+    write_npy(&s0, &[2, hv, k, v], &gen(2 * hv * k * v, 0.05));
+    let (o, fin) = (tmp("lo.npy"), tmp("lfin.npy"));
+    let out = cli()
+        .args(["linear", "--q", &p(&q), "--k", &p(&kk), "--v", &p(&vv)])
+        .args([
+            "--g",
+            &p(&g),
+            "--beta",
+            &p(&beta),
+            "--initial-state",
+            &p(&s0),
+        ])
+        .args([
+            "--rule",
+            "gated-delta",
+            "--qk-l2norm",
+            "--cu-seqlens",
+            "0,4,9",
+        ])
+        .args(["--out", &p(&o), "--final-state", &p(&fin), "--check"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("check final state") && text.contains("PASS"),
+        "{text}"
+    );
+    let o = npyz::NpyFile::new(std::fs::File::open(&o).unwrap()).unwrap();
+    assert_eq!(o.shape(), &[b, t, hv, v]);
+    let fin = npyz::NpyFile::new(std::fs::File::open(&fin).unwrap()).unwrap();
+    assert_eq!(fin.shape(), &[2, hv, k, v]);
+    // bad input: exit 2 and a message
+    for args in [
+        vec!["linear", "--shape", "1,8,2,3,8,8"],
+        vec!["linear", "--shape", "1,8,1,1,8,8", "--rule", "nope"],
+        vec![
+            "linear",
+            "--shape",
+            "1,8,1,1,8,8",
+            "--rule",
+            "gla",
+            "--g",
+            "/nonexistent.npy",
+        ],
+        vec![
+            "linear",
+            "--shape",
+            "1,8,1,1,32,8",
+            "--feature-map",
+            "taylor",
+        ],
+        vec!["linear", "--shape", "1,8,1,1,8,8", "--mode", "chunk"],
+        vec!["linear", "--shape", "1,8,1,1,8,8", "--cu-seqlens", "0,9"],
+        vec!["linear", "--shape", "1,8,1,1,8"],
+    ] {
+        let out = cli().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("error") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use wgpu_attention::flash::reference::{compare, Comparison, RefOutput};
-use wgpu_attention::linear::reference::{linear_plain_f16, linear_reference, LinearRefInputs};
+use wgpu_attention::flash::reference::Comparison;
+use wgpu_attention::linear::reference::{compare_linear, LinearRefInputs};
 use wgpu_attention::*;
 
 /// One linear-attention case: sizes, dtype, options (tensors filled in by `run`).
@@ -194,28 +194,7 @@ fn run_seeded(c: &Lin, seed: u64) -> (Comparison, Comparison) {
         beta: h.beta.as_deref(),
         initial_state: h.init.as_deref(),
     };
-    let r = linear_reference(&inp, &c.opts).unwrap();
-    let plain = (c.dtype == DType::F16).then(|| linear_plain_f16(&inp, &c.opts).unwrap());
-    let o = compare(
-        &got,
-        None,
-        &RefOutput {
-            out: r.out,
-            lse: vec![],
-        },
-        plain.as_deref(),
-    );
-    // the state is f32 whatever the inputs: f32's tolerance
-    let st = compare(
-        &got_state,
-        None,
-        &RefOutput {
-            out: r.final_state,
-            lse: vec![],
-        },
-        None,
-    );
-    (o, st)
+    compare_linear(&inp, &c.opts, c.dtype == DType::F16, &got, &got_state).unwrap()
 }
 
 /// Asserts the crate's tolerances on fresh inputs (f16 on an adapter without it: the typed

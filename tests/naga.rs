@@ -133,30 +133,56 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of four generated kernels live in `shaders/<family>/` (the GPU plan and the
-/// lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64).
+/// Readable copies of five generated kernels live in `shaders/<family>/` (the GPU plan and the
+/// lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64,
+/// and the recurrent gated-DeltaNet kernel at K = 64).
 /// They are outputs, never inputs: this test fails when the generator changes and the copies do
 /// not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
 #[test]
 fn shader_snapshots_match_the_generator() {
     use wgpu_attention::flash::flash_key;
     use wgpu_attention::neighborhood::plan::{na_key, sweep_key};
-    let keys = [
+    let keys: Vec<(&str, Box<dyn Kernel>)> = vec![
         (
             "flash",
-            flash_key(Strategy::Tiled, DType::F32, 64, 64, (0, 0), false),
+            Box::new(flash_key(
+                Strategy::Tiled,
+                DType::F32,
+                64,
+                64,
+                (0, 0),
+                false,
+            )),
         ),
         (
             "flash",
-            flash_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8), false),
+            Box::new(flash_key(
+                Strategy::Subgroup,
+                DType::F32,
+                64,
+                64,
+                (8, 8),
+                false,
+            )),
         ),
         (
             "neighborhood",
-            na_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8)),
+            Box::new(na_key(Strategy::Subgroup, DType::F32, 64, 64, (8, 8))),
         ),
         (
             "neighborhood",
-            sweep_key(DType::F32, 64, 64, (8, 8), 13, false),
+            Box::new(sweep_key(DType::F32, 64, 64, (8, 8), 13, false)),
+        ),
+        (
+            "linear",
+            Box::new(wgpu_attention::linear::shader::LinearKey::new(
+                DType::F32,
+                64,
+                wgpu_attention::Rule::GatedDelta,
+                wgpu_attention::FeatureMap::Identity,
+                false,
+                true,
+            )),
         ),
     ];
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");

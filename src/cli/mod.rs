@@ -1,4 +1,5 @@
 //! Helpers of the command-line binary (not part of the library API).
+pub mod linear;
 pub mod na;
 pub mod npy;
 pub mod svg;

@@ -4,6 +4,7 @@
 
 use super::{FeatureMap, LinearOptions, LinearShape, Rule};
 use crate::error::Result;
+use crate::flash::reference::{compare, Comparison, RefOutput};
 
 /// Host copies of a call's inputs (row-major, the shapes of [`super::linear_attention`]).
 #[derive(Clone, Copy, Debug)]
@@ -132,9 +133,11 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
                 let decay: Vec<f64> = match opts.rule {
                     Rule::Linear | Rule::Delta => vec![1.0; f],
                     Rule::Retention => {
+                        // the default decays reach the kernel as f32, as a caller's would
                         let g = inp
                             .g
-                            .map_or(super::retention_log_decay(hv), |g| g[hv] as f64);
+                            .map_or(super::retention_log_decay(hv) as f32, |g| g[hv]);
+                        let g = g as f64;
                         vec![g.exp(); f]
                     }
                     Rule::SimpleGla | Rule::GatedDelta => {
@@ -202,4 +205,23 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
         out,
         final_state: fin,
     })
+}
+
+/// Compares a GPU run with the reference on the same inputs: O (f16 inputs: at most twice the
+/// error of [`linear_plain_f16`], see [`crate::flash::reference::compare`]) and the final state
+/// (f32 whatever the inputs: f32's tolerance). The tolerances the tests and `--check` share.
+pub fn compare_linear(
+    inp: &LinearRefInputs,
+    opts: &LinearOptions,
+    f16: bool,
+    got: &[f32],
+    got_state: &[f32],
+) -> Result<(Comparison, Comparison)> {
+    let r = linear_reference(inp, opts)?;
+    let plain = f16.then(|| linear_plain_f16(inp, opts)).transpose()?;
+    let as_ref = |out: Vec<f64>| RefOutput { out, lse: vec![] };
+    Ok((
+        compare(got, None, &as_ref(r.out), plain.as_deref()),
+        compare(got_state, None, &as_ref(r.final_state), None),
+    ))
 }

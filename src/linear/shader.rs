@@ -297,9 +297,9 @@ pub fn generate(key: &LinearKey) -> String {
     w.line("var<workgroup> sq: array<vec4<f32>, TB * FB4>; // query features of the block");
     w.line("var<workgroup> sk: array<vec4<f32>, TB * FB4>; // key features");
     if key.decay == Decay::Vector {
-        w.line("var<workgroup> sg: array<vec4<f32>, TB * FB4>; // exp(g) per state row");
+        w.line("var<workgroup> sg: array<vec4<f32>, TB * FB4>; // exp(g) - 1 per state row");
     }
-    w.line("var<workgroup> ss: array<vec4<f32>, TB>; // scalar decay, beta, 1/|q|, 1/|k|");
+    w.line("var<workgroup> ss: array<vec4<f32>, TB>; // exp(g) - 1, beta, 1/|q|, 1/|k|");
     if taylor {
         w.line(&format!(
             "var<workgroup> rq: array<f32, TB * {}u>; // raw q * sqrt(scale)",
@@ -328,6 +328,18 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
 }
 ",
     );
+    // The decay enters as `S += S (exp(g) - 1) + ...`: a factor exp(g) near 1 rounded to f32
+    // (error up to 6e-8) compounds over the ~1/|g| tokens it keeps (RetNet's slowest head,
+    // 1 - 2^-12, over 4096), while exp(g) - 1 keeps f32's relative precision
+    if key.decay != Decay::None {
+        w.raw(
+            "fn expm1(x: vec4<f32>) -> vec4<f32> {
+    let series = x * (1.0 + x * (0.5 + x * (0.16666667 + x * (0.041666668 + x * (0.008333334 + x * 0.0013888889)))));
+    return select(exp(x) - 1.0, series, abs(x) < vec4<f32>(0.1));
+}
+",
+        );
+    }
     let phi = match key.map {
         FeatureMap::Identity | FeatureMap::Taylor => None,
         FeatureMap::Elu1 => Some("select(exp(x), x + 1.0, x > vec4<f32>(0.0))"),
@@ -456,7 +468,7 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
                 let c: Vec<String> = (0..4)
                     .map(|c| format!("ld_g(b, tt, hv, i + {c}u, okc[{c}])"))
                     .collect();
-                w.line(&format!("sg[e] = exp(vec4<f32>({}));", c.join(", ")));
+                w.line(&format!("sg[e] = expm1(vec4<f32>({}));", c.join(", ")));
             }
             if guard {
                 w.close();
@@ -468,8 +480,8 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
     w.line("let tt = t0 + tb + lid;");
     w.line("let ok = lid < nt;");
     let decay = match key.decay {
-        Decay::Scalar => "exp(ld_g(b, tt, hv, 0u, ok))",
-        _ => "1.0",
+        Decay::Scalar => "expm1(vec4<f32>(ld_g(b, tt, hv, 0u, ok))).x",
+        _ => "0.0",
     };
     let beta = if key.delta {
         "ld_beta(b, tt, hv, ok)"
@@ -539,15 +551,17 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
             w.line(&format!("pr += sk[kb + {i}u] * s[{i}];"));
         }
         w.line("// beta (v - k'.(a S)), k' = k / |k|");
-        w.line("let upd = sc.y * (vj - sc.x * sc.w * (pr.x + pr.y + pr.z + pr.w)) * sc.w;");
+        w.line("let upd = sc.y * (vj - (1.0 + sc.x) * sc.w * (pr.x + pr.y + pr.z + pr.w)) * sc.w;");
     } else {
         w.line("let upd = vj;");
     }
     for i in 0..fb4 {
         let line = match key.decay {
             Decay::None => format!("s[{i}] += sk[kb + {i}u] * upd;"),
-            Decay::Scalar => format!("s[{i}] = sc.x * s[{i}] + sk[kb + {i}u] * upd;"),
-            Decay::Vector => format!("s[{i}] = sg[kb + {i}u] * s[{i}] + sk[kb + {i}u] * upd;"),
+            Decay::Scalar => format!("s[{i}] += s[{i}] * sc.x + sk[kb + {i}u] * upd;"),
+            Decay::Vector => {
+                format!("s[{i}] += s[{i}] * sg[kb + {i}u] + sk[kb + {i}u] * upd;")
+            }
         };
         w.line(&line);
     }
