@@ -417,6 +417,58 @@ pub fn flash_pass<'a>(
     }))
 }
 
+/// Inputs for linear attention (pseudo-random q, k, v; gates in [-1, 0); beta in [0, 1); unit
+/// keys for the delta rules) and a recorder of one pass.
+pub fn linear_pass<'a>(
+    ctx: &'a GpuContext,
+    s: crate::linear::LinearShape,
+    mut opts: crate::linear::LinearOptions,
+) -> Result<Record<'a>> {
+    use crate::linear::Rule;
+    let qk = [s.batch, s.t, s.h, s.k];
+    let q = Tensor::from_f32(ctx, &pseudo_random(qk.iter().product(), 1), &qk)?;
+    let mut kx = pseudo_random(qk.iter().product(), 2);
+    let delta = matches!(opts.rule, Rule::Delta | Rule::GatedDelta);
+    if delta {
+        for row in kx.chunks_mut(s.k.max(1)) {
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-3);
+            row.iter_mut().for_each(|x| *x /= n);
+        }
+    }
+    let k = Tensor::from_f32(ctx, &kx, &qk)?;
+    let vs = [s.batch, s.t, s.hv, s.v];
+    let v = Tensor::from_f32(ctx, &pseudo_random(vs.iter().product(), 3), &vs)?;
+    let per_head = [s.batch, s.t, s.hv];
+    let n = per_head.iter().product();
+    let unit = |seed| -> Vec<f32> {
+        pseudo_random(n, seed)
+            .iter()
+            .map(|x| 0.5 * (x + 1.0))
+            .collect()
+    };
+    let gate = |x: Vec<f32>| -> Vec<f32> { x.iter().map(|x| -x.abs().max(1e-3)).collect() };
+    match opts.rule {
+        Rule::SimpleGla | Rule::GatedDelta => {
+            opts.g = Some(Tensor::from_f32(ctx, &gate(unit(4)), &per_head)?)
+        }
+        Rule::Gla => {
+            let gs = [s.batch, s.t, s.hv, s.k];
+            let g = gate(pseudo_random(gs.iter().product(), 4));
+            opts.g = Some(Tensor::from_f32(ctx, &g, &gs)?)
+        }
+        _ => {}
+    }
+    if delta {
+        opts.beta = Some(Tensor::from_f32(ctx, &unit(5), &per_head)?);
+    }
+    let out = Tensor::filled(ctx, &vs, DType::F32, 0.0)?;
+    Ok(Box::new(move |enc, ts| {
+        let plan =
+            crate::linear::encode_linear_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
+        Ok(crate::pipeline::Kernel::label(&plan.key))
+    }))
+}
+
 /// A recorder of one pass of the naive attention baseline on a case.
 pub fn naive_pass<'a>(ctx: &'a GpuContext, case: &BenchCase) -> Result<Record<'a>> {
     let s = case.shape();

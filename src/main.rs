@@ -198,6 +198,14 @@ struct BenchArgs {
     /// lengths (comma-separated), for each strategy the adapter runs, interleaved.
     #[arg(long, value_delimiter = ',')]
     causal_sweep: Option<Vec<usize>>,
+    /// Instead of the registry: linear attention (rules linear and gated-delta, recurrent) at
+    /// B=1, H=HV=8, K=V=64 over these lengths, interleaved with dense causal flash attention
+    /// (B=1, H=8, D=64) up to --dense-max.
+    #[arg(long, value_delimiter = ',')]
+    linear_sweep: Option<Vec<usize>>,
+    /// The longest sequence the linear sweep also runs dense causal attention at.
+    #[arg(long, default_value_t = 16384)]
+    dense_max: usize,
 }
 
 fn main() -> ExitCode {
@@ -717,6 +725,9 @@ fn check(
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new()?;
     println!("adapter: {}", ctx.describe());
+    if let Some(lens) = &a.linear_sweep {
+        return linear_sweep(&ctx, a, lens);
+    }
     if let Some(lens) = &a.causal_sweep {
         return causal_sweep(&ctx, a, lens);
     }
@@ -753,6 +764,84 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
     let title = format!("wgpu-attention on {}", ctx.adapter_info.name);
     std::fs::write(dir.join("results.svg"), cli::svg::bar_chart(&title, rows)).map_err(io)?;
     println!("wrote {}/results.json and results.svg", dir.display());
+    Ok(())
+}
+
+/// Linear attention over lengths (time should grow linearly), each length interleaved with dense
+/// causal attention at the same length where it is at most --dense-max.
+fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
+    use wgpu_attention::linear::LinearShape;
+    let rules = [Rule::Linear, Rule::GatedDelta];
+    println!(
+        "{:<8} {:<12} {:>12} {:>16} {:>10} {:>14}",
+        "T", "kernel", "ms", "(min-max)", "GFLOP/s", "dense / this"
+    );
+    let mut rows = Vec::new();
+    for &t in lens {
+        let shape = LinearShape {
+            batch: 1,
+            t,
+            h: 8,
+            hv: 8,
+            k: 64,
+            v: 64,
+        };
+        let mut records = Vec::new();
+        let mut names = Vec::new();
+        for rule in rules {
+            let opts = LinearOptions {
+                rule,
+                ..Default::default()
+            };
+            records.push(bench::linear_pass(ctx, shape, opts)?);
+            names.push(rule.name().to_string());
+        }
+        let dense = (t <= a.dense_max).then(|| {
+            let mut c = bench::registry(true)[0].clone();
+            (c.lq, c.lk, c.name, c.causal) = (t, t, format!("L{t}-D64"), true);
+            c
+        });
+        if let Some(c) = &dense {
+            records.push(bench::flash_pass(ctx, c, StrategyChoice::Auto)?);
+            names.push("dense causal".into());
+        }
+        let times = bench::time_interleaved(ctx, bench::WARMUP, a.repeat, &mut records)?;
+        for (i, (label, tm)) in times.iter().enumerate() {
+            let flops = match (i < rules.len(), &dense) {
+                (true, _) => shape.flops(&LinearOptions {
+                    rule: rules[i],
+                    ..Default::default()
+                }),
+                (false, Some(c)) => c.flops(),
+                (false, None) => f64::NAN,
+            };
+            let ratio = match (&dense, i < rules.len()) {
+                (Some(_), true) => bench::median_paired(&times[rules.len()].1, tm, |d, x| d / x),
+                _ => f64::NAN,
+            };
+            println!(
+                "{t:<8} {:<12} {:>12.2} {:>16} {:>10.2} {:>14}",
+                names[i],
+                tm.median_ms,
+                format!("{:.1}-{:.1}", tm.min_ms, tm.max_ms),
+                flops / (tm.median_ms * 1e6),
+                if ratio.is_nan() {
+                    "-".into()
+                } else {
+                    format!("{ratio:.1}x")
+                },
+            );
+            rows.push(serde_json::json!({
+                "t": t, "name": names[i], "kernel": label, "timing": tm,
+                "gflops": flops / (tm.median_ms * 1e6), "dense_over_this": ratio,
+            }));
+        }
+    }
+    let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", a.out_dir.display()));
+    std::fs::create_dir_all(&a.out_dir).map_err(io)?;
+    let json = serde_json::json!({ "adapter": ctx.describe(), "rounds": a.repeat, "rows": rows });
+    std::fs::write(a.out_dir.join("linear.json"), json.to_string()).map_err(io)?;
+    println!("wrote {}/linear.json", a.out_dir.display());
     Ok(())
 }
 
