@@ -53,7 +53,8 @@ async function main() {
     const v = form.variant.value;
     for (const el of form.querySelectorAll("[data-for]")) {
       const f = el.dataset.for;
-      el.hidden = !(f === "seq" ? v !== "neighborhood" : f === "window" ? v === "window" : v === "neighborhood");
+      el.hidden = !(f === "seq" ? v !== "neighborhood" : f === "window" ? v === "window" :
+        f === "linear" ? v === "linear" : v === "neighborhood");
     }
   };
   form.variant.addEventListener("change", sync);
@@ -70,6 +71,7 @@ function config(form) {
     window: [n("left"), n("right")], sinks: n("sinks"),
     grid: list(form.grid.value), kernel: list(form.kernel.value), dilation: list(form.dilation.value),
     stride: list(form.stride.value), grid_causal: list(form.grid_causal.value).map((x) => x !== 0),
+    rule: form.rule.value, feature_map: form.feature_map.value, value_heads: n("value_heads"),
     query: n("query"), repeats: n("repeats"), seed: Math.floor(Math.random() * 1e9),
   };
 }

@@ -25,6 +25,9 @@ pub enum Variant {
     Window,
     /// NATTEN neighborhood attention over a 1D, 2D or 3D grid of tokens.
     Neighborhood,
+    /// Linear attention (fla's rules) over `lq` tokens: `heads` q/k heads, `value_heads` value
+    /// heads, K = V = `d`.
+    Linear,
 }
 
 /// A case, as JSON from the page. Missing fields take the defaults below.
@@ -52,6 +55,12 @@ pub struct Config {
     pub dilation: Vec<usize>,
     pub stride: Vec<usize>,
     pub grid_causal: Vec<bool>,
+    /// Linear: the rule (`linear`, `retention`, `simple-gla`, `gla`, `delta`, `gated-delta`),
+    /// the feature map, `recurrent` or `auto`, and the value heads (0: as `heads`).
+    pub rule: String,
+    pub feature_map: String,
+    pub mode: String,
+    pub value_heads: usize,
     /// The query whose attention weights the page draws (batch 0, head 0).
     pub query: usize,
     /// Timed runs after one warm-up; the median is reported.
@@ -79,6 +88,10 @@ impl Default for Config {
             dilation: vec![],
             stride: vec![],
             grid_causal: vec![],
+            rule: "linear".into(),
+            feature_map: "identity".into(),
+            mode: "auto".into(),
+            value_heads: 0,
             query: 0,
             repeats: 5,
             seed: 1,
@@ -151,6 +164,13 @@ impl Problem {
             "f16" => DType::F16,
             other => return Err(AttnError::invalid("dtype", "\"f32\" or \"f16\"", other)),
         };
+        if cfg.variant == Variant::Linear {
+            return Err(AttnError::invalid(
+                "variant",
+                "a softmax variant (linear cases run through run_case)",
+                "linear",
+            ));
+        }
         let (lq, lk, na) = match cfg.variant {
             Variant::Neighborhood => {
                 let opts = NeighborhoodOptions {
@@ -185,7 +205,7 @@ impl Problem {
                 sinks: cfg.sinks,
                 ..Default::default()
             },
-            Variant::Neighborhood => FlashOptions::default(),
+            Variant::Neighborhood | Variant::Linear => FlashOptions::default(),
         };
         // random in [-1, 1), rounded to f16 first where the kernel reads f16
         let round = |x: Vec<f32>| match dtype {
@@ -429,6 +449,9 @@ impl Prepared {
 /// Runs one case on `ctx`: the kernel (timed where the adapter has timestamps), the reference
 /// check, the pattern and the weights of `cfg.query`.
 pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
+    if cfg.variant == Variant::Linear {
+        return crate::linear_case::run(ctx, cfg).await;
+    }
     let prep = Prepared::new(ctx, cfg)?;
     let s = prep.p.shape;
     if cfg.query >= s.lq {

@@ -5,6 +5,7 @@
 //! JSON.parse(await attn.run(JSON.stringify(config))); JSON.parse(await attn.selftest())`.
 
 pub mod case;
+pub mod linear_case;
 
 use case::{Config, Variant};
 use serde::Serialize;
@@ -140,7 +141,46 @@ pub fn selftest_cases() -> Vec<Config> {
                 &[3, 3, 3],
             )
         },
+        lin(
+            "linear elu+1 normalized T=113 K=32",
+            "linear",
+            "elu1",
+            113,
+            2,
+            2,
+            32,
+        ),
+        lin(
+            "gated DeltaNet T=200 H=2 HV=4 K=64",
+            "gated-delta",
+            "identity",
+            200,
+            2,
+            4,
+            64,
+        ),
+        lin("GLA T=65 K=16", "gla", "identity", 65, 1, 1, 16),
+        lin("Based (Taylor) T=64 K=16", "linear", "taylor", 64, 2, 2, 16),
     ]
+}
+
+/// A linear-attention self-test case.
+fn lin(name: &str, rule: &str, map: &str, t: usize, h: usize, hv: usize, d: usize) -> Config {
+    Config {
+        name: name.into(),
+        variant: Variant::Linear,
+        rule: rule.into(),
+        feature_map: map.into(),
+        lq: t,
+        lk: t,
+        heads: h,
+        kv_heads: h,
+        value_heads: hv,
+        d,
+        query: t / 2,
+        repeats: 1,
+        ..Default::default()
+    }
 }
 
 /// The self-test's machine-readable result.
