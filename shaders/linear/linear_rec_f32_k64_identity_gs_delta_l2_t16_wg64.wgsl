@@ -195,8 +195,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             let tt = t0 + tb + u;
             let sc = ss[u];
             let kb = u * FB4;
+            let vj = ld_v(b, tt, hv, colc, live);
             if (p.flags & F_UPDATE) != 0u {
-                let vj = ld_v(b, tt, hv, colc, live);
                 var pr = vec4<f32>(0.0);
                 pr += sk[kb + 0u] * s[0];
                 pr += sk[kb + 1u] * s[1];

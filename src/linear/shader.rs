@@ -543,8 +543,8 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
     w.line("let tt = t0 + tb + u;");
     w.line("let sc = ss[u];");
     w.line("let kb = u * FB4;");
-    w.open("if (p.flags & F_UPDATE) != 0u {");
     w.line("let vj = ld_v(b, tt, hv, colc, live);");
+    w.open("if (p.flags & F_UPDATE) != 0u {");
     if key.delta {
         w.line("var pr = vec4<f32>(0.0);");
         for i in 0..fb4 {
