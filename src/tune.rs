@@ -224,8 +224,14 @@ pub fn tune(
                             let class =
                                 ShapeClass::new(default.strategy, dtype, default.d4 * 4, masked, l);
                             let tiles = tile_choices(ctx, &shape, dtype, &opts)?;
-                            let entry =
-                                tune_class(ctx, plan, &shape, dtype, &opts, &tiles, &mut log)?;
+                            let entry = tune_class(
+                                ctx,
+                                plan,
+                                (&shape, dtype, &opts),
+                                &tiles,
+                                default.tile(),
+                                &mut log,
+                            )?;
                             log(format!(
                                 "{}: {} {:.2} ms, untuned {} {:.2} ms ({:.2}x)",
                                 class.name(),
@@ -247,17 +253,18 @@ pub fn tune(
     result
 }
 
+/// One class: `problem` is the shape, dtype and options measured; `default` the untuned
+/// plan's tile.
 fn tune_class(
     ctx: &GpuContext,
     plan: &TunePlan,
-    shape: &crate::flash::AttnShape,
-    dtype: DType,
-    opts: &crate::flash::FlashOptions,
+    problem: (&crate::flash::AttnShape, DType, &crate::flash::FlashOptions),
     tiles: &[Tile],
+    default: Tile,
     log: &mut impl FnMut(String),
 ) -> crate::Result<Entry> {
-    use crate::bench::{median, time_interleaved};
-    let default = crate::flash::plan(ctx, shape, dtype, opts)?.key.tile();
+    use crate::bench::time_interleaved;
+    let (shape, dtype, opts) = problem;
     let inputs = Inputs::new(ctx, shape, dtype)?;
     let pass = |t: Tile| inputs.pass(ctx, opts, t);
     // one round of every candidate (after its compile) picks the finalists
@@ -283,7 +290,7 @@ fn tune_class(
     }
     let mut records: Vec<_> = finalists.iter().map(|&t| pass(t)).collect();
     let timings = time_interleaved(ctx, 0, plan.rounds, &mut records)?;
-    let medians: Vec<f64> = timings.iter().map(|t| median(&t.1.samples_ms)).collect();
+    let medians: Vec<f64> = timings.iter().map(|t| t.1.median_ms).collect();
     let best = (0..finalists.len())
         .min_by(|&a, &b| medians[a].total_cmp(&medians[b]))
         .unwrap_or(0);

@@ -559,3 +559,78 @@ fn bad_input_is_a_typed_error() {
         linear_attention(ctx, &huge, &huge, &t(&[1, 2, 1, 4]), &Default::default()).unwrap_err();
     assert!(matches!(err, AttnError::HeadDim { .. }), "{err}");
 }
+
+/// Embedder paths: q/k/v as strided [B, H, T, D] views and an output view at an offset into a
+/// pooled buffer give the same result as contiguous tensors; outputs that share a buffer with
+/// an input or with each other, or have the wrong dtype, are typed errors.
+#[test]
+fn strided_views_and_aliasing() {
+    let ctx = ctx();
+    let (b, t, h, k) = (2, 37, 2, 24);
+    let seed = fresh_seed();
+    let c = Lin::new(Rule::SimpleGla, b, t, h, h, k, k);
+    let hst = host_inputs(&c, seed);
+    let opts = with_tensors(&c, &hst);
+    let to_bhsd = |x: &[f32]| {
+        let mut out = vec![0.0; x.len()];
+        for bi in 0..b {
+            for ti in 0..t {
+                for hi in 0..h {
+                    for d in 0..k {
+                        out[((bi * h + hi) * t + ti) * k + d] = x[((bi * t + ti) * h + hi) * k + d];
+                    }
+                }
+            }
+        }
+        out
+    };
+    let view = |x: &[f32]| Tensor::from_bhsd(ctx, &to_bhsd(x), [b, h, t, k]).unwrap();
+    let (q, kk, v) = (view(&hst.q), view(&hst.k), view(&hst.v));
+    // O inside a pooled buffer, 1000 elements in
+    let n = b * t * h * k;
+    let pool = Tensor::filled(ctx, &[n + 2000], DType::F32, f32::NAN).unwrap();
+    let strides = vec![t * h * k, h * k, k, 1];
+    let out = pool.with_layout(vec![b, t, h, k], strides, 1000).unwrap();
+    linear_attention_into(ctx, &q, &kk, &v, &out, None, &opts).unwrap();
+    let got = out.to_vec_f32(ctx).unwrap();
+    let plain = (
+        upload(&hst.q, &[b, t, h, k], DType::F32),
+        upload(&hst.k, &[b, t, h, k], DType::F32),
+        upload(&hst.v, &[b, t, h, k], DType::F32),
+    );
+    let want = linear_attention(ctx, &plain.0, &plain.1, &plain.2, &opts)
+        .unwrap()
+        .out
+        .to_vec_f32(ctx)
+        .unwrap();
+    assert_eq!(got, want, "seed {seed}");
+    // aliasing and dtypes
+    let st = Tensor::filled(ctx, &[b, h, k, k], DType::F32, 0.0).unwrap();
+    let with_init = LinearOptions {
+        initial_state: Some(st.clone()),
+        ..opts.clone()
+    };
+    let fresh = |shape: &[usize], dt| Tensor::filled(ctx, shape, dt, 0.0).unwrap();
+    let o = fresh(&[b, t, h, k], DType::F32);
+    // a state-shaped view of O's own buffer
+    let in_o = o
+        .with_layout(vec![b, h, k, k], vec![h * k * k, k * k, k, 1], 0)
+        .unwrap();
+    let cases: Vec<(&Tensor, Option<&Tensor>, &str)> = vec![
+        (&plain.0, None, "out"),
+        (&o, Some(&st), "final_state"),
+        (&o, Some(&in_o), "final_state"),
+    ];
+    for (out, fin, what) in cases {
+        let err = linear_attention_into(ctx, &plain.0, &plain.1, &plain.2, out, fin, &with_init)
+            .expect_err(what);
+        assert!(
+            matches!(err, AttnError::Invalid { .. }) && err.to_string().contains(what),
+            "{what}: {err}"
+        );
+    }
+    let half_out = fresh(&[b, t, h, k], DType::F16);
+    let err = linear_attention_into(ctx, &plain.0, &plain.1, &plain.2, &half_out, None, &opts)
+        .unwrap_err();
+    assert!(matches!(err, AttnError::Shape { .. }), "{err}");
+}
