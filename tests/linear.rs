@@ -250,7 +250,8 @@ fn initial_state_and_every_rule_with_it() {
     );
 }
 
-/// A sequence processed in two pieces, the state carried over, equals one pass.
+/// A sequence processed in two pieces and then ten decode steps (T = 1), the state carried
+/// over, equals one pass.
 #[test]
 fn resumption_in_pieces_equals_one_pass() {
     let ctx = ctx();
@@ -288,12 +289,19 @@ fn resumption_in_pieces_equals_one_pass() {
         };
         let one = run(0, 150, None);
         let first = run(0, 61, None);
-        let second = run(61, 150, first.final_state.as_ref());
+        let second = run(61, 140, first.final_state.as_ref());
         let all = one.out.to_vec_f32(ctx).unwrap();
         let mut pieces = first.out.to_vec_f32(ctx).unwrap();
         pieces.extend(second.out.to_vec_f32(ctx).unwrap());
+        // then decode: T = 1 steps, the state in and out
+        let mut state = second.final_state;
+        for t in 140..150 {
+            let step = run(t, t + 1, state.as_ref());
+            pieces.extend(step.out.to_vec_f32(ctx).unwrap());
+            state = step.final_state;
+        }
         let fin_one = one.final_state.unwrap().to_vec_f32(ctx).unwrap();
-        let fin_two = second.final_state.unwrap().to_vec_f32(ctx).unwrap();
+        let fin_two = state.unwrap().to_vec_f32(ctx).unwrap();
         let close = |a: &[f32], b: &[f32]| {
             let m = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
             a.len() == b.len()
