@@ -26,6 +26,7 @@ pub mod linear;
 pub mod neighborhood;
 pub mod pipeline;
 pub mod softmax;
+pub mod sparse;
 pub mod tensor;
 pub mod tune;
 pub mod wgsl;

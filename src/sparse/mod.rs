@@ -1,0 +1,408 @@
+//! Sparse attention, first step (issue 13): FlexAttention's `BlockMask` and `mask_mod`s on the
+//! host. Nothing here runs on the GPU yet: the kernel path (a geometry whose key passes walk a
+//! block list), `create_block_mask` on the GPU, WGSL snippets and top-k routing come next.
+//!
+//! A `mask_mod(b, h, q_idx, kv_idx) -> bool` says whether query `q_idx` sees key `kv_idx`
+//! (positions in the sequence, `h` the query head). A [`BlockMask`] cuts the (query, key)
+//! plane into `q_block x kv_block` tiles and lists, per (batch, head, query block), the key
+//! blocks to visit in ascending order: **full** blocks (every pair visible: no per-element
+//! mask needed) and **partial** ones (the mask is evaluated). Batch and head axes of size 1
+//! broadcast. Padded tail tiles (past Lq or Lk) are never full. Masks that depend on Lq and Lk
+//! align as the library's `causal` does: bottom-right (query i sees key j iff
+//! `j <= i + Lk - Lq`), as FlashAttention does.
+
+use std::sync::Arc;
+
+use crate::error::{AttnError, Result};
+
+/// `mask_mod(b, h, q_idx, kv_idx)`: whether the query sees the key.
+pub type MaskFn = Arc<dyn Fn(usize, usize, usize, usize) -> bool + Send + Sync>;
+
+/// A named `mask_mod` (the name shows in errors and labels).
+#[derive(Clone)]
+pub struct MaskMod {
+    pub name: String,
+    pub f: MaskFn,
+}
+
+impl std::fmt::Debug for MaskMod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MaskMod({})", self.name)
+    }
+}
+
+impl MaskMod {
+    pub fn new(
+        name: impl Into<String>,
+        f: impl Fn(usize, usize, usize, usize) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        MaskMod {
+            name: name.into(),
+            f: Arc::new(f),
+        }
+    }
+    pub fn eval(&self, b: usize, h: usize, q: usize, kv: usize) -> bool {
+        (self.f)(b, h, q, kv)
+    }
+    /// Both masks (FlexAttention's `and_masks`).
+    pub fn and(&self, other: &MaskMod) -> MaskMod {
+        let (a, o) = (self.f.clone(), other.f.clone());
+        MaskMod::new(
+            format!("({} & {})", self.name, other.name),
+            move |b, h, q, k| a(b, h, q, k) && o(b, h, q, k),
+        )
+    }
+    /// Either mask (FlexAttention's `or_masks`).
+    pub fn or(&self, other: &MaskMod) -> MaskMod {
+        let (a, o) = (self.f.clone(), other.f.clone());
+        MaskMod::new(
+            format!("({} | {})", self.name, other.name),
+            move |b, h, q, k| a(b, h, q, k) || o(b, h, q, k),
+        )
+    }
+}
+
+/// Builders: each gives the `mask_mod` of a pattern (its block mask comes from
+/// [`BlockMask::from_mask_mod`]).
+pub mod patterns {
+    use super::MaskMod;
+
+    /// The diagonal offset of bottom-right alignment: query i sits at key position `i + off`.
+    fn offset(lq: usize, lk: usize) -> i64 {
+        lk as i64 - lq as i64
+    }
+
+    /// Causal, bottom-right aligned: `kv <= q + Lk - Lq`.
+    pub fn causal(lq: usize, lk: usize) -> MaskMod {
+        let off = offset(lq, lk);
+        MaskMod::new("causal", move |_, _, q, k| k as i64 <= q as i64 + off)
+    }
+
+    /// Sliding window around the (bottom-right aligned) diagonal: `q + off - left <= kv <=
+    /// q + off + right`; `None` on a side is unbounded.
+    pub fn sliding_window(
+        lq: usize,
+        lk: usize,
+        left: Option<usize>,
+        right: Option<usize>,
+    ) -> MaskMod {
+        let off = offset(lq, lk);
+        MaskMod::new(format!("window({left:?},{right:?})"), move |_, _, q, k| {
+            let d = k as i64 - (q as i64 + off);
+            left.is_none_or(|l| d >= -(l as i64)) && right.is_none_or(|r| d <= r as i64)
+        })
+    }
+
+    /// The first `n` keys (attention sinks, StreamingLLM), visible to every query.
+    pub fn sinks(n: usize) -> MaskMod {
+        MaskMod::new(format!("sinks({n})"), move |_, _, _, k| k < n)
+    }
+
+    /// Global tokens (Longformer, BigBird): these positions see every key and are seen by every
+    /// query.
+    pub fn global_tokens(positions: Vec<usize>) -> MaskMod {
+        let mut p = positions;
+        p.sort_unstable();
+        p.dedup();
+        MaskMod::new(format!("global({})", p.len()), move |_, _, q, k| {
+            p.binary_search(&q).is_ok() || p.binary_search(&k).is_ok()
+        })
+    }
+
+    /// Prefix-LM: the first `prefix` keys are visible to every query, the rest causally.
+    pub fn prefix_lm(lq: usize, lk: usize, prefix: usize) -> MaskMod {
+        sinks(prefix).or(&causal(lq, lk))
+    }
+
+    /// Document masking from per-token document ids (queries and keys of one packed sequence):
+    /// a query sees the keys of its own document only (AND it with `causal` for causal
+    /// documents).
+    pub fn document(q_docs: Vec<u32>, kv_docs: Vec<u32>) -> MaskMod {
+        MaskMod::new(
+            "document",
+            move |_, _, q, k| matches!((q_docs.get(q), kv_docs.get(k)), (Some(a), Some(b)) if a == b),
+        )
+    }
+
+    /// Document ids from offsets (`cu_seqlens`: document d is tokens `offsets[d]..offsets[d+1]`).
+    pub fn document_ids(offsets: &[usize], len: usize) -> Vec<u32> {
+        let mut ids = vec![u32::MAX; len];
+        for (d, w) in offsets.windows(2).enumerate() {
+            for id in ids.iter_mut().take(w[1].min(len)).skip(w[0]) {
+                *id = d as u32;
+            }
+        }
+        ids
+    }
+}
+
+/// FlexAttention's block mask: per (batch|1, head|1, query block), the ascending full and
+/// partial key blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockMask {
+    pub q_block: usize,
+    pub kv_block: usize,
+    pub lq: usize,
+    pub lk: usize,
+    /// Batch and head extents of the lists (1 broadcasts).
+    pub batch: usize,
+    pub heads: usize,
+    /// `full[(b * heads + h) * nq + i]`: the key blocks every pair of which is visible.
+    pub full: Vec<Vec<u32>>,
+    /// The key blocks some pair of which is visible (the mask is evaluated there).
+    pub partial: Vec<Vec<u32>>,
+}
+
+/// Block sizes accepted: multiples of 16 from 16 to 256 (FlexAttention's default is 128).
+pub fn check_block_size(what: &str, n: usize) -> Result<()> {
+    if n == 0 || n > 256 || !n.is_multiple_of(16) {
+        return Err(AttnError::invalid(
+            what,
+            "a multiple of 16 from 16 to 256",
+            n,
+        ));
+    }
+    Ok(())
+}
+
+impl BlockMask {
+    /// Query and key blocks.
+    pub fn blocks(&self) -> (usize, usize) {
+        (
+            self.lq.div_ceil(self.q_block),
+            self.lk.div_ceil(self.kv_block),
+        )
+    }
+
+    fn check_sizes(lq: usize, lk: usize, q_block: usize, kv_block: usize) -> Result<()> {
+        check_block_size("query block size", q_block)?;
+        check_block_size("key block size", kv_block)?;
+        if lq == 0 || lk == 0 {
+            return Err(AttnError::invalid(
+                "Lq and Lk",
+                ">= 1",
+                format!("{lq}, {lk}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// From a mask_mod evaluated on every pair (on the CPU): all visible = full, some =
+    /// partial, none = skipped; tiles cut by Lq or Lk are never full. `batch`/`heads` of 1
+    /// evaluate at b = 0 / h = 0 and broadcast.
+    pub fn from_mask_mod(
+        mask: &MaskMod,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        q_block: usize,
+        kv_block: usize,
+    ) -> Result<BlockMask> {
+        Self::check_sizes(lq, lk, q_block, kv_block)?;
+        let (nq, nk) = (lq.div_ceil(q_block), lk.div_ceil(kv_block));
+        let mut full = Vec::with_capacity(batch * heads * nq);
+        let mut partial = Vec::with_capacity(batch * heads * nq);
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..nq {
+                    let (mut f, mut p) = (Vec::new(), Vec::new());
+                    let rows = i * q_block..((i + 1) * q_block).min(lq);
+                    let padded_q = (i + 1) * q_block > lq;
+                    for j in 0..nk {
+                        let cols = j * kv_block..((j + 1) * kv_block).min(lk);
+                        let padded = padded_q || (j + 1) * kv_block > lk;
+                        let mut seen = 0usize;
+                        for q in rows.clone() {
+                            seen += cols.clone().filter(|&k| mask.eval(b, h, q, k)).count();
+                        }
+                        let total = rows.len() * cols.len();
+                        if seen == total && !padded {
+                            f.push(j as u32);
+                        } else if seen > 0 {
+                            p.push(j as u32);
+                        }
+                    }
+                    full.push(f);
+                    partial.push(p);
+                }
+            }
+        }
+        Ok(BlockMask {
+            q_block,
+            kv_block,
+            lq,
+            lk,
+            batch,
+            heads,
+            full,
+            partial,
+        })
+    }
+
+    /// From a dense boolean block mask `[batch|1, heads|1, nQ, nK]` (row-major): every listed
+    /// block is full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_dense(
+        blocks: &[bool],
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        q_block: usize,
+        kv_block: usize,
+    ) -> Result<BlockMask> {
+        Self::check_sizes(lq, lk, q_block, kv_block)?;
+        let (nq, nk) = (lq.div_ceil(q_block), lk.div_ceil(kv_block));
+        if blocks.len() != batch * heads * nq * nk {
+            return Err(AttnError::invalid(
+                "block mask",
+                format!(
+                    "[{batch}, {heads}, {nq}, {nk}] = {} blocks",
+                    batch * heads * nq * nk
+                ),
+                format!("{} blocks", blocks.len()),
+            ));
+        }
+        let full = blocks
+            .chunks(nk)
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .filter(|(_, &on)| on)
+                    .map(|(j, _)| j as u32)
+                    .collect()
+            })
+            .collect();
+        Ok(BlockMask {
+            q_block,
+            kv_block,
+            lq,
+            lk,
+            batch,
+            heads,
+            full,
+            partial: vec![Vec::new(); batch * heads * nq],
+        })
+    }
+
+    fn row(&self, b: usize, h: usize, q: usize) -> usize {
+        let (nq, _) = self.blocks();
+        let b = if self.batch == 1 { 0 } else { b };
+        let h = if self.heads == 1 { 0 } else { h };
+        (b * self.heads + h) * nq + q / self.q_block
+    }
+
+    /// Whether query `q` sees key `kv` through the block mask and `mask` (evaluated on partial
+    /// blocks only): the semantics the kernel will have, and the reference's.
+    pub fn visible(&self, mask: Option<&MaskMod>, b: usize, h: usize, q: usize, kv: usize) -> bool {
+        let r = self.row(b, h, q);
+        let j = (kv / self.kv_block) as u32;
+        if self.full[r].binary_search(&j).is_ok() {
+            return true;
+        }
+        self.partial[r].binary_search(&j).is_ok() && mask.is_none_or(|m| m.eval(b, h, q, kv))
+    }
+
+    /// Key blocks visited per (batch, head, query block), summed: the work the kernel does.
+    pub fn visited_blocks(&self) -> usize {
+        self.full.iter().chain(&self.partial).map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::patterns::*;
+    use super::*;
+
+    /// The block mask of a mask_mod, with the mask_mod on partial blocks, is the mask_mod.
+    fn same_as_mask(
+        m: &MaskMod,
+        batch: usize,
+        heads: usize,
+        lq: usize,
+        lk: usize,
+        bq: usize,
+        bk: usize,
+    ) {
+        let bm = BlockMask::from_mask_mod(m, batch, heads, lq, lk, bq, bk).unwrap();
+        for b in 0..batch {
+            for h in 0..heads {
+                for q in 0..lq {
+                    for k in 0..lk {
+                        assert_eq!(
+                            bm.visible(Some(m), b, h, q, k),
+                            m.eval(b, h, q, k),
+                            "{m:?} b{b} h{h} q{q} k{k} blocks {bq}x{bk}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn causal_blocks_are_full_below_partial_on_and_skipped_above_the_diagonal() {
+        let bm = BlockMask::from_mask_mod(&causal(300, 300), 1, 1, 300, 300, 64, 64).unwrap();
+        assert_eq!(bm.blocks(), (5, 5));
+        for i in 0..4u32 {
+            assert_eq!(bm.full[i as usize], (0..i).collect::<Vec<_>>(), "row {i}");
+            assert_eq!(bm.partial[i as usize], vec![i], "row {i}");
+        }
+        // the last query tile (rows 256..300 of 320) is padded: partial throughout
+        assert_eq!(bm.full[4], Vec::<u32>::new());
+        assert_eq!(bm.partial[4], vec![0, 1, 2, 3, 4]);
+        // a padded tail tile is never full, even where every pair it has is visible
+        let bm = BlockMask::from_mask_mod(&sinks(1000), 1, 1, 100, 100, 64, 32).unwrap();
+        assert_eq!(bm.full[0], vec![0, 1, 2]);
+        assert_eq!(bm.partial[0], vec![3]);
+        assert_eq!(bm.full[1], Vec::<u32>::new());
+        assert_eq!(bm.partial[1], vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn builders_agree_with_their_mask_mods_at_awkward_sizes() {
+        let docs = document_ids(&[0, 17, 90, 91, 150], 150);
+        for (lq, lk) in [(150, 150), (37, 150), (150, 113)] {
+            for m in [
+                causal(lq, lk),
+                sliding_window(lq, lk, Some(20), Some(3)),
+                sliding_window(lq, lk, None, Some(0)),
+                prefix_lm(lq, lk, 40),
+                global_tokens(vec![0, 64, 149]).or(&sliding_window(lq, lk, Some(8), Some(8))),
+                document(docs[..lq].to_vec(), docs[..lk].to_vec()).and(&causal(lq, lk)),
+                sinks(4).or(&sliding_window(lq, lk, Some(16), Some(0))),
+            ] {
+                same_as_mask(&m, 1, 1, lq, lk, 16, 32);
+                same_as_mask(&m, 1, 1, lq, lk, 48, 16);
+            }
+        }
+    }
+
+    #[test]
+    fn batch_and_head_axes_broadcast_or_not() {
+        // head-dependent: even heads causal, odd heads everything
+        let m = MaskMod::new("per-head", |_, h, q, k| h % 2 == 1 || k <= q);
+        same_as_mask(&m, 2, 3, 40, 40, 16, 16);
+        let bm = BlockMask::from_mask_mod(&causal(40, 40), 1, 1, 40, 40, 16, 16).unwrap();
+        // one list serves every batch and head
+        assert!(bm.visible(None, 5, 7, 39, 0));
+        assert!(!bm.visible(None, 5, 7, 0, 39));
+    }
+
+    #[test]
+    fn dense_block_masks_and_bad_sizes() {
+        // [1, 1, 2, 3]: blocks (0,0), (0,2), (1,1)
+        let dense = [true, false, true, false, true, false];
+        let bm = BlockMask::from_dense(&dense, 1, 1, 32, 48, 16, 16).unwrap();
+        assert_eq!(bm.full, vec![vec![0, 2], vec![1]]);
+        assert_eq!(bm.visited_blocks(), 3);
+        assert!(bm.visible(None, 0, 0, 3, 40) && !bm.visible(None, 0, 0, 3, 20));
+        let err = BlockMask::from_dense(&dense, 1, 1, 32, 64, 16, 16).unwrap_err();
+        assert!(err.to_string().contains("[1, 1, 2, 4]"), "{err}");
+        for bad in [0, 8, 24, 272] {
+            let err = BlockMask::from_mask_mod(&causal(64, 64), 1, 1, 64, 64, bad, 16).unwrap_err();
+            assert!(err.to_string().contains("multiple of 16"), "{err}");
+        }
+    }
+}
