@@ -136,17 +136,46 @@ pub mod patterns {
     }
 }
 
+/// The tiling of a block mask: batch and head extents of its lists (1 broadcasts), the
+/// sequence lengths and the block sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLayout {
+    pub batch: usize,
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub q_block: usize,
+    pub kv_block: usize,
+}
+
+impl BlockLayout {
+    /// Query and key blocks.
+    pub fn blocks(&self) -> (usize, usize) {
+        (
+            self.lq.div_ceil(self.q_block),
+            self.lk.div_ceil(self.kv_block),
+        )
+    }
+
+    fn check(&self) -> Result<()> {
+        check_block_size("query block size", self.q_block)?;
+        check_block_size("key block size", self.kv_block)?;
+        if self.lq == 0 || self.lk == 0 || self.batch == 0 || self.heads == 0 {
+            return Err(AttnError::invalid(
+                "block layout",
+                "batch, heads, Lq and Lk >= 1",
+                format!("{self:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// FlexAttention's block mask: per (batch|1, head|1, query block), the ascending full and
 /// partial key blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockMask {
-    pub q_block: usize,
-    pub kv_block: usize,
-    pub lq: usize,
-    pub lk: usize,
-    /// Batch and head extents of the lists (1 broadcasts).
-    pub batch: usize,
-    pub heads: usize,
+    pub layout: BlockLayout,
     /// `full[(b * heads + h) * nq + i]`: the key blocks every pair of which is visible.
     pub full: Vec<Vec<u32>>,
     /// The key blocks some pair of which is visible (the mask is evaluated there).
@@ -168,50 +197,27 @@ pub fn check_block_size(what: &str, n: usize) -> Result<()> {
 impl BlockMask {
     /// Query and key blocks.
     pub fn blocks(&self) -> (usize, usize) {
-        (
-            self.lq.div_ceil(self.q_block),
-            self.lk.div_ceil(self.kv_block),
-        )
-    }
-
-    fn check_sizes(lq: usize, lk: usize, q_block: usize, kv_block: usize) -> Result<()> {
-        check_block_size("query block size", q_block)?;
-        check_block_size("key block size", kv_block)?;
-        if lq == 0 || lk == 0 {
-            return Err(AttnError::invalid(
-                "Lq and Lk",
-                ">= 1",
-                format!("{lq}, {lk}"),
-            ));
-        }
-        Ok(())
+        self.layout.blocks()
     }
 
     /// From a mask_mod evaluated on every pair (on the CPU): all visible = full, some =
     /// partial, none = skipped; tiles cut by Lq or Lk are never full. `batch`/`heads` of 1
     /// evaluate at b = 0 / h = 0 and broadcast.
-    pub fn from_mask_mod(
-        mask: &MaskMod,
-        batch: usize,
-        heads: usize,
-        lq: usize,
-        lk: usize,
-        q_block: usize,
-        kv_block: usize,
-    ) -> Result<BlockMask> {
-        Self::check_sizes(lq, lk, q_block, kv_block)?;
-        let (nq, nk) = (lq.div_ceil(q_block), lk.div_ceil(kv_block));
-        let mut full = Vec::with_capacity(batch * heads * nq);
-        let mut partial = Vec::with_capacity(batch * heads * nq);
-        for b in 0..batch {
-            for h in 0..heads {
+    pub fn from_mask_mod(mask: &MaskMod, layout: BlockLayout) -> Result<BlockMask> {
+        layout.check()?;
+        let l = layout;
+        let (nq, nk) = l.blocks();
+        let mut full = Vec::with_capacity(l.batch * l.heads * nq);
+        let mut partial = Vec::with_capacity(l.batch * l.heads * nq);
+        for b in 0..l.batch {
+            for h in 0..l.heads {
                 for i in 0..nq {
                     let (mut f, mut p) = (Vec::new(), Vec::new());
-                    let rows = i * q_block..((i + 1) * q_block).min(lq);
-                    let padded_q = (i + 1) * q_block > lq;
+                    let rows = i * l.q_block..((i + 1) * l.q_block).min(l.lq);
+                    let padded_q = (i + 1) * l.q_block > l.lq;
                     for j in 0..nk {
-                        let cols = j * kv_block..((j + 1) * kv_block).min(lk);
-                        let padded = padded_q || (j + 1) * kv_block > lk;
+                        let cols = j * l.kv_block..((j + 1) * l.kv_block).min(l.lk);
+                        let padded = padded_q || (j + 1) * l.kv_block > l.lk;
                         let mut seen = 0usize;
                         for q in rows.clone() {
                             seen += cols.clone().filter(|&k| mask.eval(b, h, q, k)).count();
@@ -229,12 +235,7 @@ impl BlockMask {
             }
         }
         Ok(BlockMask {
-            q_block,
-            kv_block,
-            lq,
-            lk,
-            batch,
-            heads,
+            layout,
             full,
             partial,
         })
@@ -242,18 +243,10 @@ impl BlockMask {
 
     /// From a dense boolean block mask `[batch|1, heads|1, nQ, nK]` (row-major): every listed
     /// block is full.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_dense(
-        blocks: &[bool],
-        batch: usize,
-        heads: usize,
-        lq: usize,
-        lk: usize,
-        q_block: usize,
-        kv_block: usize,
-    ) -> Result<BlockMask> {
-        Self::check_sizes(lq, lk, q_block, kv_block)?;
-        let (nq, nk) = (lq.div_ceil(q_block), lk.div_ceil(kv_block));
+    pub fn from_dense(blocks: &[bool], layout: BlockLayout) -> Result<BlockMask> {
+        layout.check()?;
+        let (batch, heads) = (layout.batch, layout.heads);
+        let (nq, nk) = layout.blocks();
         if blocks.len() != batch * heads * nq * nk {
             return Err(AttnError::invalid(
                 "block mask",
@@ -275,29 +268,25 @@ impl BlockMask {
             })
             .collect();
         Ok(BlockMask {
-            q_block,
-            kv_block,
-            lq,
-            lk,
-            batch,
-            heads,
+            layout,
             full,
             partial: vec![Vec::new(); batch * heads * nq],
         })
     }
 
     fn row(&self, b: usize, h: usize, q: usize) -> usize {
-        let (nq, _) = self.blocks();
-        let b = if self.batch == 1 { 0 } else { b };
-        let h = if self.heads == 1 { 0 } else { h };
-        (b * self.heads + h) * nq + q / self.q_block
+        let l = &self.layout;
+        let (nq, _) = l.blocks();
+        let b = if l.batch == 1 { 0 } else { b };
+        let h = if l.heads == 1 { 0 } else { h };
+        (b * l.heads + h) * nq + q / l.q_block
     }
 
     /// Whether query `q` sees key `kv` through the block mask and `mask` (evaluated on partial
     /// blocks only): the semantics the kernel will have, and the reference's.
     pub fn visible(&self, mask: Option<&MaskMod>, b: usize, h: usize, q: usize, kv: usize) -> bool {
         let r = self.row(b, h, q);
-        let j = (kv / self.kv_block) as u32;
+        let j = (kv / self.layout.kv_block) as u32;
         if self.full[r].binary_search(&j).is_ok() {
             return true;
         }
@@ -315,6 +304,24 @@ mod tests {
     use super::patterns::*;
     use super::*;
 
+    fn lay(
+        b: usize,
+        h: usize,
+        lq: usize,
+        lk: usize,
+        q_block: usize,
+        kv_block: usize,
+    ) -> BlockLayout {
+        BlockLayout {
+            batch: b,
+            heads: h,
+            lq,
+            lk,
+            q_block,
+            kv_block,
+        }
+    }
+
     /// The block mask of a mask_mod, with the mask_mod on partial blocks, is the mask_mod.
     fn same_as_mask(
         m: &MaskMod,
@@ -325,7 +332,7 @@ mod tests {
         bq: usize,
         bk: usize,
     ) {
-        let bm = BlockMask::from_mask_mod(m, batch, heads, lq, lk, bq, bk).unwrap();
+        let bm = BlockMask::from_mask_mod(m, lay(batch, heads, lq, lk, bq, bk)).unwrap();
         for b in 0..batch {
             for h in 0..heads {
                 for q in 0..lq {
@@ -343,7 +350,7 @@ mod tests {
 
     #[test]
     fn causal_blocks_are_full_below_partial_on_and_skipped_above_the_diagonal() {
-        let bm = BlockMask::from_mask_mod(&causal(300, 300), 1, 1, 300, 300, 64, 64).unwrap();
+        let bm = BlockMask::from_mask_mod(&causal(300, 300), lay(1, 1, 300, 300, 64, 64)).unwrap();
         assert_eq!(bm.blocks(), (5, 5));
         for i in 0..4u32 {
             assert_eq!(bm.full[i as usize], (0..i).collect::<Vec<_>>(), "row {i}");
@@ -353,7 +360,7 @@ mod tests {
         assert_eq!(bm.full[4], Vec::<u32>::new());
         assert_eq!(bm.partial[4], vec![0, 1, 2, 3, 4]);
         // a padded tail tile is never full, even where every pair it has is visible
-        let bm = BlockMask::from_mask_mod(&sinks(1000), 1, 1, 100, 100, 64, 32).unwrap();
+        let bm = BlockMask::from_mask_mod(&sinks(1000), lay(1, 1, 100, 100, 64, 32)).unwrap();
         assert_eq!(bm.full[0], vec![0, 1, 2]);
         assert_eq!(bm.partial[0], vec![3]);
         assert_eq!(bm.full[1], Vec::<u32>::new());
@@ -384,7 +391,7 @@ mod tests {
         // head-dependent: even heads causal, odd heads everything
         let m = MaskMod::new("per-head", |_, h, q, k| h % 2 == 1 || k <= q);
         same_as_mask(&m, 2, 3, 40, 40, 16, 16);
-        let bm = BlockMask::from_mask_mod(&causal(40, 40), 1, 1, 40, 40, 16, 16).unwrap();
+        let bm = BlockMask::from_mask_mod(&causal(40, 40), lay(1, 1, 40, 40, 16, 16)).unwrap();
         // one list serves every batch and head
         assert!(bm.visible(None, 5, 7, 39, 0));
         assert!(!bm.visible(None, 5, 7, 0, 39));
@@ -394,14 +401,15 @@ mod tests {
     fn dense_block_masks_and_bad_sizes() {
         // [1, 1, 2, 3]: blocks (0,0), (0,2), (1,1)
         let dense = [true, false, true, false, true, false];
-        let bm = BlockMask::from_dense(&dense, 1, 1, 32, 48, 16, 16).unwrap();
+        let bm = BlockMask::from_dense(&dense, lay(1, 1, 32, 48, 16, 16)).unwrap();
         assert_eq!(bm.full, vec![vec![0, 2], vec![1]]);
         assert_eq!(bm.visited_blocks(), 3);
         assert!(bm.visible(None, 0, 0, 3, 40) && !bm.visible(None, 0, 0, 3, 20));
-        let err = BlockMask::from_dense(&dense, 1, 1, 32, 64, 16, 16).unwrap_err();
+        let err = BlockMask::from_dense(&dense, lay(1, 1, 32, 64, 16, 16)).unwrap_err();
         assert!(err.to_string().contains("[1, 1, 2, 4]"), "{err}");
         for bad in [0, 8, 24, 272] {
-            let err = BlockMask::from_mask_mod(&causal(64, 64), 1, 1, 64, 64, bad, 16).unwrap_err();
+            let err =
+                BlockMask::from_mask_mod(&causal(64, 64), lay(1, 1, 64, 64, bad, 16)).unwrap_err();
             assert!(err.to_string().contains("multiple of 16"), "{err}");
         }
     }
