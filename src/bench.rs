@@ -430,10 +430,7 @@ pub fn linear_pass<'a>(
     let mut kx = pseudo_random(qk.iter().product(), 2);
     let delta = matches!(opts.rule, Rule::Delta | Rule::GatedDelta);
     if delta {
-        for row in kx.chunks_mut(s.k.max(1)) {
-            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-3);
-            row.iter_mut().for_each(|x| *x /= n);
-        }
+        crate::linear::unit_rows(&mut kx, s.k);
     }
     let k = Tensor::from_f32(ctx, &kx, &qk)?;
     let vs = [s.batch, s.t, s.hv, s.v];

@@ -88,11 +88,8 @@ fn host_inputs(c: &Lin, seed: u64) -> Host {
     let v = gen(s.batch * s.t * s.hv * s.v, 1.0);
     let delta = matches!(c.opts.rule, Rule::Delta | Rule::GatedDelta);
     if delta && !c.opts.qk_l2norm {
-        // the delta rule contracts only for |k| <= sqrt(2 / beta): feed unit keys, as fla does
-        for row in k.chunks_mut(s.k) {
-            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-3);
-            row.iter_mut().for_each(|x| *x = round(*x / n));
-        }
+        linear::unit_rows(&mut k, s.k);
+        k.iter_mut().for_each(|x| *x = round(*x));
     }
     let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 7);
     // log-sigmoid gates spread over [g_min, 0)

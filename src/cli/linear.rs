@@ -155,11 +155,7 @@ fn random_inputs(a: &LinearArgs, rule: Rule, map: FeatureMap, s: &str) -> CliRes
     let q = gen(vec![b, t, h, k], &qk, dtype)?;
     let mut kk = gen(vec![b, t, h, k], &qk, dtype)?;
     if matches!(rule, Rule::Delta | Rule::GatedDelta) && !a.qk_l2norm {
-        // unit keys: the delta rule contracts only for |k|^2 beta <= 2
-        for row in kk.data.chunks_mut(k.max(1)) {
-            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-3);
-            row.iter_mut().for_each(|x| *x /= n);
-        }
+        linear::unit_rows(&mut kk.data, k);
     }
     let vv = gen(vec![b, t, hv, v], &id, dtype)?;
     let g = match rule {

@@ -413,7 +413,7 @@ pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
             "chunk",
         ));
     }
-    let seqs = sequences(s, opts)?;
+    sequences(s, opts)?;
     // the gate
     let g_shape: Option<Vec<usize>> = match rule {
         Rule::Linear | Rule::Delta => None,
@@ -458,18 +458,31 @@ pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
         (false, None) => {}
     }
     if let Some(st) = &opts.initial_state {
-        let want = s.state_shape(opts);
-        check_f32("initial_state", st, &want)?;
-        if !st.is_contiguous() {
-            return Err(AttnError::invalid(
-                "initial_state",
-                "a contiguous tensor",
-                format!("strides {:?}", st.strides()),
-            ));
-        }
+        check_state("initial_state", st, &s.state_shape(opts))?;
     }
-    debug_assert_eq!(seqs.len(), s.sequences(opts));
     Ok(())
+}
+
+/// A state tensor: `[N, HV, F, Vs]` f32, contiguous (the kernel indexes it row-major).
+fn check_state(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    check_f32(what, t, want)?;
+    if !t.is_contiguous() {
+        return Err(AttnError::invalid(
+            what,
+            "a contiguous tensor",
+            format!("strides {:?}", t.strides()),
+        ));
+    }
+    Ok(())
+}
+
+/// Scales each row of `dim` values to unit length (rows of zeros stay near zero): the keys
+/// the delta rule is fed, as fla's tests do, since it contracts only for `|k|^2 beta <= 2`.
+pub fn unit_rows(x: &mut [f32], dim: usize) {
+    for row in x.chunks_mut(dim.max(1)) {
+        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-3);
+        row.iter_mut().for_each(|v| *v /= n);
+    }
 }
 
 fn check_f32(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
@@ -591,14 +604,7 @@ pub fn encode_linear_attention(
     }
     let state_shape = s.state_shape(opts);
     if let Some(fs) = final_state {
-        check_f32("final_state", fs, &state_shape)?;
-        if !fs.is_contiguous() {
-            return Err(AttnError::invalid(
-                "final_state",
-                "a contiguous tensor",
-                format!("strides {:?}", fs.strides()),
-            ));
-        }
+        check_state("final_state", fs, &state_shape)?;
     }
     let mut inputs: Vec<(&str, &Tensor)> = vec![("q", q), ("k", k), ("v", v)];
     for (name, t) in [
@@ -738,14 +744,16 @@ pub fn encode_linear_attention(
             steps.push(p);
         }
     }
-    let cu: Vec<u32> = opts.cu_seqlens.clone().unwrap_or_else(|| vec![0, 0]);
     ctx.scoped(|| {
         let pipeline = ctx.pipeline(&plan.key)?;
         let dev = &ctx.device;
-        let cu_buf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("linear cu_seqlens"),
-            contents: bytemuck::cast_slice(&cu),
-            usage: wgpu::BufferUsages::STORAGE,
+        // offsets only for packed sequences (the kernel reads them under F_VARLEN)
+        let cu_buf = opts.cu_seqlens.as_ref().map(|cu| {
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("linear cu_seqlens"),
+                contents: bytemuck::cast_slice(cu),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
         });
         let dummy = BoundRange::whole(&ctx.dummy);
         let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
@@ -765,7 +773,9 @@ pub fn encode_linear_attention(
                     bg.as_ref().unwrap_or(&dummy).entry(4),
                     bb.as_ref().unwrap_or(&dummy).entry(5),
                     bi.as_ref().unwrap_or(&dummy).entry(6),
-                    BoundRange::whole(&cu_buf).entry(7),
+                    cu_buf
+                        .as_ref()
+                        .map_or(dummy.entry(7), |c| BoundRange::whole(c).entry(7)),
                     bo.entry(8),
                     bs.as_ref().unwrap_or(&dummy_rw).entry(9),
                 ];

@@ -3,7 +3,7 @@
 //! rounded to f16 (state included): the f16 tolerance is twice its error.
 
 use super::{FeatureMap, LinearOptions, LinearShape, Rule};
-use crate::error::Result;
+use crate::error::{AttnError, Result};
 use crate::flash::reference::{compare, Comparison, RefOutput};
 
 /// Host copies of a call's inputs (row-major, the shapes of [`super::linear_attention`]).
@@ -91,9 +91,58 @@ pub fn linear_plain_f16(inp: &LinearRefInputs, opts: &LinearOptions) -> Result<V
     Ok(run(inp, opts, Arith::F16)?.out)
 }
 
+/// The host slices against the shape and the rule: what the kernel's checks are for tensors,
+/// here for a caller's slices (a missing gate or a short slice is a typed error, not a panic).
+fn check_host(inp: &LinearRefInputs, opts: &LinearOptions) -> Result<()> {
+    let s = inp.shape;
+    if s.h == 0 || s.hv == 0 || !s.hv.is_multiple_of(s.h) {
+        return Err(AttnError::shape(
+            "reference heads",
+            format!("HV a multiple of H = {} (both >= 1)", s.h),
+            s.hv,
+        ));
+    }
+    let per_head = s.batch * s.t * s.hv;
+    let gate = match opts.rule {
+        Rule::Linear | Rule::Delta => None,
+        Rule::Retention => inp.g.map(|_| s.hv),
+        Rule::SimpleGla | Rule::GatedDelta => Some(per_head),
+        Rule::Gla => Some(per_head * s.k),
+    };
+    let beta = matches!(opts.rule, Rule::Delta | Rule::GatedDelta).then_some(per_head);
+    let state = inp
+        .initial_state
+        .map(|_| s.state_shape(opts).iter().product::<usize>());
+    let want = [
+        ("q", Some(s.batch * s.t * s.h * s.k), Some(inp.q)),
+        ("k", Some(s.batch * s.t * s.h * s.k), Some(inp.k)),
+        ("v", Some(s.batch * s.t * s.hv * s.v), Some(inp.v)),
+        ("g", gate, inp.g),
+        ("beta", beta, inp.beta),
+        ("initial_state", state, inp.initial_state),
+    ];
+    for (what, n, x) in want {
+        let got = x.map(<[f32]>::len);
+        if let (Some(n), got) = (n, got) {
+            if got != Some(n) {
+                return Err(AttnError::shape(
+                    format!("reference input {what}"),
+                    format!("{n} values for rule {}", opts.rule.name()),
+                    got.map_or("none".to_string(), |g| format!("{g} values")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRefOutput> {
+    check_host(inp, opts)?;
     let s = inp.shape;
     let seqs = super::sequences(&s, opts)?;
+    // present where the rule reads them (check_host)
+    let g = inp.g.unwrap_or(&[]);
+    let beta_in = inp.beta.unwrap_or(&[]);
     let (f, vs) = (s.feature_dim(opts), s.state_cols(opts));
     let group = s.hv / s.h;
     let scale = opts.scale.map_or(1.0 / (s.k as f64).sqrt(), f64::from);
@@ -141,24 +190,17 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
                         vec![g.exp(); f]
                     }
                     Rule::SimpleGla | Rule::GatedDelta => {
-                        vec![a.r((inp.g.expect("checked")[gi] as f64).exp()); f]
+                        vec![a.r((g[gi] as f64).exp()); f]
                     }
-                    Rule::Gla => {
-                        let g = inp.g.expect("checked");
-                        (0..f)
-                            .map(|i| a.r((g[gi * s.k + i] as f64).exp()))
-                            .collect()
-                    }
+                    Rule::Gla => (0..f)
+                        .map(|i| a.r((g[gi * s.k + i] as f64).exp()))
+                        .collect(),
                 };
                 for (row, d) in st.iter_mut().zip(&decay) {
                     row.iter_mut().for_each(|x| *x = a.r(*x * d));
                 }
                 let delta = matches!(opts.rule, Rule::Delta | Rule::GatedDelta);
-                let beta = if delta {
-                    inp.beta.expect("checked")[gi] as f64
-                } else {
-                    1.0
-                };
+                let beta = if delta { beta_in[gi] as f64 } else { 1.0 };
                 for j in 0..vs {
                     // delta: subtract what the (decayed) state already predicts for k
                     let pred = if delta {
@@ -224,4 +266,45 @@ pub fn compare_linear(
         compare(got, None, &as_ref(r.out), plain.as_deref()),
         compare(got_state, None, &as_ref(r.final_state), None),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A caller's slices that do not fit the shape or the rule: typed errors, never a panic.
+    #[test]
+    fn bad_host_inputs_are_typed_errors() {
+        let shape = LinearShape {
+            batch: 1,
+            t: 3,
+            h: 1,
+            hv: 1,
+            k: 2,
+            v: 2,
+        };
+        let x = [0.5f32; 6];
+        let inp = LinearRefInputs {
+            shape,
+            q: &x,
+            k: &x,
+            v: &x,
+            g: None,
+            beta: None,
+            initial_state: None,
+        };
+        let ok = linear_reference(&inp, &LinearOptions::default()).unwrap();
+        assert_eq!(ok.out.len(), 6);
+        for (rule, what) in [(Rule::Gla, "g"), (Rule::Delta, "beta")] {
+            let opts = LinearOptions {
+                rule,
+                ..Default::default()
+            };
+            let err = linear_reference(&inp, &opts).unwrap_err();
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        let short = LinearRefInputs { v: &x[..5], ..inp };
+        let err = linear_plain_f16(&short, &LinearOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("reference input v"), "{err}");
+    }
 }

@@ -69,11 +69,7 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
     let mut k = pseudo_random(n_qk, seed + 1);
     let delta = matches!(rule, Rule::Delta | Rule::GatedDelta);
     if delta {
-        // unit keys: the delta rule contracts only for |k|^2 beta <= 2
-        for row in k.chunks_mut(s.k.max(1)) {
-            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-3);
-            row.iter_mut().for_each(|x| *x /= n);
-        }
+        linear::unit_rows(&mut k, s.k);
     }
     let v = pseudo_random(s.batch * s.t * s.hv * s.v, seed + 2);
     let per_head = s.batch * s.t * s.hv;
