@@ -462,7 +462,7 @@ pub fn linear_pass<'a>(
     Ok(Box::new(move |enc, ts| {
         let plan =
             crate::linear::encode_linear_attention(ctx, enc, &q, &k, &v, &out, None, &opts, ts)?;
-        Ok(crate::pipeline::Kernel::label(&plan.key))
+        Ok(plan.label())
     }))
 }
 

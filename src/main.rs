@@ -771,10 +771,24 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
 /// causal attention at the same length where it is at most --dense-max.
 fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
     use wgpu_attention::linear::LinearShape;
-    let rules = [Rule::Linear, Rule::GatedDelta];
+    // (rule, mode); a chunk row is also compared with its rule's recurrent row
+    let variants = [
+        (Rule::Linear, Mode::Chunk),
+        (Rule::Linear, Mode::Recurrent),
+        (Rule::SimpleGla, Mode::Chunk),
+        (Rule::SimpleGla, Mode::Recurrent),
+        (Rule::GatedDelta, Mode::Recurrent),
+    ];
+    let mode_name = |m: Mode| {
+        if m == Mode::Chunk {
+            "chunk"
+        } else {
+            "recurrent"
+        }
+    };
     println!(
-        "{:<8} {:<12} {:>12} {:>16} {:>10} {:>14}",
-        "T", "kernel", "ms", "(min-max)", "GFLOP/s", "dense / this"
+        "{:<8} {:<22} {:>10} {:>16} {:>9} {:>12} {:>14}",
+        "T", "kernel", "ms", "(min-max)", "GFLOP/s", "dense / this", "recurrent/this"
     );
     let mut rows = Vec::new();
     for &t in lens {
@@ -788,13 +802,14 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
         };
         let mut records = Vec::new();
         let mut names = Vec::new();
-        for rule in rules {
+        for (rule, mode) in variants {
             let opts = LinearOptions {
                 rule,
+                mode,
                 ..Default::default()
             };
             records.push(bench::linear_pass(ctx, shape, opts)?);
-            names.push(rule.name().to_string());
+            names.push(format!("{} {}", rule.name(), mode_name(mode)));
         }
         let dense = (t <= a.dense_max).then(|| {
             let mut c = bench::registry(true)[0].clone();
@@ -806,34 +821,53 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
             names.push("dense causal".into());
         }
         let times = bench::time_interleaved(ctx, bench::WARMUP, a.repeat, &mut records)?;
+        let nv = variants.len();
         for (i, (label, tm)) in times.iter().enumerate() {
-            let flops = match (i < rules.len(), &dense) {
-                (true, _) => shape.flops(&LinearOptions {
-                    rule: rules[i],
+            let flops = match (variants.get(i), &dense) {
+                (Some(&(rule, _)), _) => shape.flops(&LinearOptions {
+                    rule,
                     ..Default::default()
                 }),
-                (false, Some(c)) => c.flops(),
-                (false, None) => f64::NAN,
+                (None, Some(c)) => c.flops(),
+                (None, None) => f64::NAN,
             };
-            let ratio = match (&dense, i < rules.len()) {
-                (Some(_), true) => bench::median_paired(&times[rules.len()].1, tm, |d, x| d / x),
-                _ => f64::NAN,
+            let paired = |j: usize| bench::median_paired(&times[j].1, tm, |d, x| d / x);
+            let dense_ratio = if dense.is_some() && i < nv {
+                paired(nv)
+            } else {
+                f64::NAN
+            };
+            // the same rule's recurrent row
+            let rec = variants.get(i).and_then(|&(rule, mode)| {
+                (mode == Mode::Chunk)
+                    .then(|| {
+                        variants
+                            .iter()
+                            .position(|&(r, m)| r == rule && m == Mode::Recurrent)
+                    })
+                    .flatten()
+            });
+            let rec_ratio = rec.map_or(f64::NAN, paired);
+            let show = |r: f64| {
+                if r.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{r:.1}x")
+                }
             };
             println!(
-                "{t:<8} {:<12} {:>12.2} {:>16} {:>10.2} {:>14}",
+                "{t:<8} {:<22} {:>10.2} {:>16} {:>9.2} {:>12} {:>14}",
                 names[i],
                 tm.median_ms,
                 format!("{:.1}-{:.1}", tm.min_ms, tm.max_ms),
                 flops / (tm.median_ms * 1e6),
-                if ratio.is_nan() {
-                    "-".into()
-                } else {
-                    format!("{ratio:.1}x")
-                },
+                show(dense_ratio),
+                show(rec_ratio),
             );
             rows.push(serde_json::json!({
                 "t": t, "name": names[i], "kernel": label, "timing": tm,
-                "gflops": flops / (tm.median_ms * 1e6), "dense_over_this": ratio,
+                "gflops": flops / (tm.median_ms * 1e6), "dense_over_this": dense_ratio,
+                "recurrent_over_this": rec_ratio,
             }));
         }
     }

@@ -405,7 +405,15 @@ fn linear_random_and_from_files() {
             "--feature-map",
             "taylor",
         ],
-        vec!["linear", "--shape", "1,8,1,1,8,8", "--mode", "chunk"],
+        vec![
+            "linear",
+            "--shape",
+            "1,8,1,1,8,8",
+            "--rule",
+            "delta",
+            "--mode",
+            "chunk",
+        ],
         vec!["linear", "--shape", "1,8,1,1,8,8", "--cu-seqlens", "0,9"],
         vec!["linear", "--shape", "1,8,1,1,8"],
     ] {

@@ -194,9 +194,38 @@ fn run_seeded(c: &Lin, seed: u64) -> (Comparison, Comparison) {
     compare_linear(&inp, &c.opts, c.dtype == DType::F16, &got, &got_state).unwrap()
 }
 
-/// Asserts the crate's tolerances on fresh inputs (f16 on an adapter without it: the typed
-/// error, said in the output).
+/// Whether the adapter runs the subgroup chunk kernels for these options.
+fn subgroup_chunks(c: &Lin) -> bool {
+    let caps = &ctx().caps;
+    caps.subgroups
+        && caps.subgroup_min >= 8
+        && c.opts.rule != Rule::Gla
+        && !LinearShape::normalized(&c.opts)
+}
+
+/// The kernels a case runs: recurrent, and the chunk kernels where they cover the options (the
+/// subgroup variant where the adapter has it; SwiftShader's phase and the random cases run the
+/// one without); a case that names its mode runs that.
+fn variants(c: &Lin) -> Vec<Lin> {
+    if c.opts.mode != Mode::Auto {
+        return vec![c.clone()];
+    }
+    let mut out = vec![c.clone().with(|o| o.mode = Mode::Recurrent)];
+    if linear::chunk_supported(&c.opts) {
+        out.push(c.clone().with(|o| o.mode = Mode::Chunk));
+    }
+    out
+}
+
+/// Asserts the crate's tolerances on fresh inputs for every kernel that runs the case (f16 on
+/// an adapter without it: the typed error, said in the output).
 fn check(c: &Lin) {
+    for v in variants(c) {
+        check_one(&v);
+    }
+}
+
+fn check_one(c: &Lin) {
     let seed = fresh_seed();
     if c.dtype == DType::F16 && !ctx().caps.f16 {
         eprintln!("skipped on this adapter (no SHADER_F16): {c:?}");
@@ -248,15 +277,23 @@ fn initial_state_and_every_rule_with_it() {
 }
 
 /// A sequence processed in two pieces and then ten decode steps (T = 1), the state carried
-/// over, equals one pass.
+/// over, equals one pass: with the kernels `Auto` picks (chunks for the long pieces, recurrent
+/// for the steps), and with each mode throughout.
 #[test]
 fn resumption_in_pieces_equals_one_pass() {
     let ctx = ctx();
-    for rule in Rule::ALL {
+    for (rule, mode) in Rule::ALL
+        .into_iter()
+        .flat_map(|r| [Mode::Auto, Mode::Recurrent, Mode::Chunk].map(|m| (r, m)))
+    {
         let c = Lin::new(rule, 1, 150, 2, 2, 24, 24).with(|o| {
             o.output_final_state = true;
             o.normalize = rule == Rule::Linear;
+            o.mode = mode;
         });
+        if !linear::chunk_supported(&c.opts) && mode == Mode::Chunk {
+            continue;
+        }
         let seed = fresh_seed();
         let h = host_inputs(&c, seed);
         let s = c.shape;
@@ -306,11 +343,38 @@ fn resumption_in_pieces_equals_one_pass() {
                     .zip(b)
                     .all(|(x, y)| x.is_finite() && (x - y).abs() <= 1e-5 * m)
         };
-        assert!(close(&all, &pieces), "{rule:?} seed {seed}: outputs differ");
+        assert!(
+            close(&all, &pieces),
+            "{rule:?} {mode:?} seed {seed}: outputs differ"
+        );
         assert!(
             close(&fin_one, &fin_two),
-            "{rule:?} seed {seed}: states differ"
+            "{rule:?} {mode:?} seed {seed}: states differ"
         );
+    }
+}
+
+/// Both chunk variants where the adapter has subgroups of 8 lanes or more (else only the one
+/// without, said in the output): K != V, GVA, T = 1000, packed sequences, f16, a feature map.
+#[test]
+fn chunk_variants() {
+    let cases = [
+        Lin::new(Rule::Linear, 2, 65, 2, 4, 40, 36),
+        Lin::new(Rule::SimpleGla, 1, 1000, 1, 1, 96, 72).init(),
+        Lin::new(Rule::Retention, 1, 333, 2, 2, 32, 16)
+            .with(|o| o.cu_seqlens = Some(vec![0, 1, 64, 200, 333])),
+        Lin::new(Rule::Linear, 1, 200, 1, 2, 64, 64)
+            .f16()
+            .with(|o| o.feature_map = FeatureMap::Elu1),
+    ];
+    for c in cases {
+        let c = c.with(|o| o.mode = Mode::Chunk);
+        if subgroup_chunks(&c) {
+            check(&c.clone().with(|o| o.subgroups = Some(true)));
+        } else {
+            eprintln!("subgroup chunk kernels skipped (no subgroups of 8 on this adapter): {c:?}");
+        }
+        check(&c.with(|o| o.subgroups = Some(false)));
     }
 }
 
@@ -399,16 +463,14 @@ fn packed_sequences() {
 #[test]
 fn long_sequence_in_pieces() {
     let c = Lin::new(Rule::SimpleGla, 1, 70_000, 1, 1, 16, 16);
-    let plan = linear::plan(
-        ctx(),
-        &c.shape,
-        DType::F32,
-        &with_tensors(&c, &host_inputs(&c, 1)),
-    )
-    .unwrap();
-    eprintln!("T = 70000: {} dispatch(es)", plan.pieces.len());
-    if ctx().caps.loop_limit.is_some() {
-        assert!(plan.pieces.len() > 1, "{plan:?}");
+    for mode in [Mode::Recurrent, Mode::Chunk] {
+        let opts = with_tensors(&c, &host_inputs(&c, 1));
+        let opts = LinearOptions { mode, ..opts };
+        let plan = linear::plan(ctx(), &c.shape, DType::F32, &opts).unwrap();
+        eprintln!("T = 70000, {mode:?}: {} piece(s)", plan.pieces.len());
+        if ctx().caps.loop_limit.is_some() {
+            assert!(plan.pieces.len() > 1, "{plan:?}");
+        }
     }
     check(&c);
     check(&c.clone().with(|o| o.cu_seqlens = Some(vec![0, 5, 70_000])));
@@ -461,6 +523,15 @@ fn random_linear_case(seed: u64) -> Lin {
     }
     if r.random_bool(0.25) {
         c.dtype = DType::F16;
+    }
+    // mostly what Auto picks; sometimes a named mode (the chunk one where it is built)
+    let o = &mut c.opts;
+    o.mode = [Mode::Auto, Mode::Auto, Mode::Recurrent, Mode::Chunk][r.random_range(0..4)];
+    if o.mode == Mode::Chunk && !linear::chunk_supported(o) {
+        o.mode = Mode::Recurrent;
+    }
+    if r.random_bool(0.3) {
+        o.subgroups = Some(false);
     }
     c
 }
@@ -516,10 +587,22 @@ fn bad_input_is_a_typed_error() {
         ),
         (
             LinearOptions {
+                rule: Rule::Delta,
+                beta: Some(t(&[1, 10, 2])),
                 mode: Mode::Chunk,
                 ..Default::default()
             },
             "mode",
+        ),
+        (
+            LinearOptions {
+                rule: Rule::Gla,
+                g: Some(t(&[1, 10, 2, 8])),
+                mode: Mode::Chunk,
+                subgroups: Some(true),
+                ..Default::default()
+            },
+            "subgroup",
         ),
         (
             LinearOptions {
@@ -591,24 +674,35 @@ fn strided_views_and_aliasing() {
     };
     let view = |x: &[f32]| Tensor::from_bhsd(ctx, &to_bhsd(x), [b, h, t, k]).unwrap();
     let (q, kk, v) = (view(&hst.q), view(&hst.k), view(&hst.v));
-    // O inside a pooled buffer, 1000 elements in
-    let n = b * t * h * k;
-    let pool = Tensor::filled(ctx, &[n + 2000], DType::F32, f32::NAN).unwrap();
-    let strides = vec![t * h * k, h * k, k, 1];
-    let out = pool.with_layout(vec![b, t, h, k], strides, 1000).unwrap();
-    linear_attention_into(ctx, &q, &kk, &v, &out, None, &opts).unwrap();
-    let got = out.to_vec_f32(ctx).unwrap();
     let plain = (
         upload(&hst.q, &[b, t, h, k], DType::F32),
         upload(&hst.k, &[b, t, h, k], DType::F32),
         upload(&hst.v, &[b, t, h, k], DType::F32),
     );
-    let want = linear_attention(ctx, &plain.0, &plain.1, &plain.2, &opts)
-        .unwrap()
-        .out
-        .to_vec_f32(ctx)
-        .unwrap();
-    assert_eq!(got, want, "seed {seed}");
+    // O inside a pooled buffer, 1000 elements in (vec4 rows for the chunk kernels) or 1001
+    // (one element at a time)
+    for (mode, off) in [
+        (Mode::Recurrent, 1000),
+        (Mode::Chunk, 1000),
+        (Mode::Chunk, 1001),
+    ] {
+        let opts = LinearOptions {
+            mode,
+            ..opts.clone()
+        };
+        let n = b * t * h * k;
+        let pool = Tensor::filled(ctx, &[n + 2000], DType::F32, f32::NAN).unwrap();
+        let strides = vec![t * h * k, h * k, k, 1];
+        let out = pool.with_layout(vec![b, t, h, k], strides, off).unwrap();
+        let plan = linear_attention_into(ctx, &q, &kk, &v, &out, None, &opts).unwrap();
+        let got = out.to_vec_f32(ctx).unwrap();
+        let want = linear_attention(ctx, &plain.0, &plain.1, &plain.2, &opts)
+            .unwrap()
+            .out
+            .to_vec_f32(ctx)
+            .unwrap();
+        assert_eq!(got, want, "{mode:?} at {off}: {} seed {seed}", plan.label());
+    }
     // aliasing and dtypes
     let st = Tensor::filled(ctx, &[b, h, k, k], DType::F32, 0.0).unwrap();
     let with_init = LinearOptions {

@@ -133,9 +133,10 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of five generated kernels live in `shaders/<family>/` (the GPU plan and the
+/// Readable copies of seven generated kernels live in `shaders/<family>/` (the GPU plan and the
 /// lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64,
-/// and the recurrent gated-DeltaNet kernel at K = 64).
+/// the recurrent gated-DeltaNet kernel at K = 64, and lavapipe's two chunk passes of simple
+/// GLA).
 /// They are outputs, never inputs: this test fails when the generator changes and the copies do
 /// not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
 #[test]
@@ -185,6 +186,17 @@ fn shader_snapshots_match_the_generator() {
             )),
         ),
     ];
+    let mut keys = keys;
+    {
+        use wgpu_attention::linear::chunk::{ChunkKey, Stage};
+        use wgpu_attention::linear::shader::Decay;
+        use wgpu_attention::FeatureMap;
+        for stage in [Stage::States, Stage::Output] {
+            let map = FeatureMap::Identity;
+            let key = ChunkKey::new(stage, DType::F32, map, Decay::Scalar, false, true);
+            keys.push(("linear", Box::new(key.with_subgroups())));
+        }
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     let bless = std::env::var("WGPU_ATTENTION_BLESS").is_ok_and(|v| v == "1");
     for (family, key) in keys {

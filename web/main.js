@@ -72,6 +72,7 @@ function config(form) {
     grid: list(form.grid.value), kernel: list(form.kernel.value), dilation: list(form.dilation.value),
     stride: list(form.stride.value), grid_causal: list(form.grid_causal.value).map((x) => x !== 0),
     rule: form.rule.value, feature_map: form.feature_map.value, value_heads: n("value_heads"),
+    mode: form.mode.value,
     query: n("query"), repeats: n("repeats"), seed: Math.floor(Math.random() * 1e9),
   };
 }

@@ -5,7 +5,7 @@ struct LinParams {
     flags: u32, t_from: u32, t_to: u32, group: u32,
     scale: f32, eps: f32, feat_scale: f32, g_si: u32,
     q_st: vec4<u32>, k_st: vec4<u32>, v_st: vec4<u32>, o_st: vec4<u32>,
-    g_st: vec4<u32>, beta_st: vec4<u32>, state: vec4<u32>,
+    g_st: vec4<u32>, beta_st: vec4<u32>, state: vec4<u32>, chunk: vec4<u32>,
 }
 @group(0) @binding(0) var<uniform> p: LinParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;                  // [B, T, H, K]
@@ -23,6 +23,8 @@ const F_RESUME: u32 = 4u;
 const F_UPDATE: u32 = 8u;
 const F_OUTPUT: u32 = 16u;
 const F_WRITE_STATE: u32 = 32u;
+const F_GLOBAL: u32 = 64u;
+const F_CHUNKS: u32 = 128u;
 const FB4: u32 = 16u; // state rows / 4
 const TB: u32 = 16u; // tokens per block
 const WG: u32 = 64u;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use wgpu_attention::bench;
 use wgpu_attention::linear::reference::{compare_linear, LinearRefInputs};
-use wgpu_attention::pipeline::Kernel;
 use wgpu_attention::*;
 
 use crate::cli::npy;
@@ -257,7 +256,7 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
     let mut label = String::new();
     let t = bench::time_passes(&ctx, 1, a.repeat, |enc, ts| {
         let plan = encode_linear_attention(&ctx, enc, &q, &k, &v, &out, Some(&fin), &opts, ts)?;
-        label = plan.key.label();
+        label = plan.label();
         Ok(())
     })?;
     let got = out.to_vec_f32(&ctx)?;

@@ -22,6 +22,7 @@
 //! `o_t = S_t^T q'_t / (q'_t . z_t + eps)`, `eps` 1e-10 (1e-6 for Taylor). Variable-length
 //! packed sequences: `cu_seqlens` with B = 1, one state per sequence.
 
+pub mod chunk;
 pub mod reference;
 pub mod shader;
 
@@ -32,6 +33,7 @@ use crate::error::{AttnError, Result};
 use crate::pipeline::Kernel;
 use crate::softmax::{check_no_alias, BoundRange};
 use crate::tensor::{DType, Tensor};
+use chunk::{ChunkKey, Stage};
 use shader::{flags, Decay, LinearKey, LinearParams};
 
 /// The update rule (see the module docs).
@@ -117,14 +119,24 @@ impl FeatureMap {
     }
 }
 
-/// Which kernel: `Recurrent` (token by token) is the one built so far; `Auto` picks it.
+/// Which kernel. `Auto` takes `Chunk` where it is built (every rule but the delta rules, every
+/// map but Taylor) and a sequence is longer than [`AUTO_CHUNK_MIN_T`], else `Recurrent`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     #[default]
     Auto,
+    /// Token by token (decode, and the second implementation tests compare against).
     Recurrent,
-    /// The chunkwise-parallel kernel: not built yet (a typed error).
+    /// Chunkwise parallel: a state pass over chunks, then every chunk's output in parallel.
     Chunk,
+}
+
+/// `Auto` runs the chunk kernels from this many tokens in the longest sequence.
+pub const AUTO_CHUNK_MIN_T: usize = 64;
+
+/// Whether the chunk kernels cover these options (not yet: the delta rules, the Taylor map).
+pub fn chunk_supported(opts: &LinearOptions) -> bool {
+    !opts.rule.delta() && opts.feature_map != FeatureMap::Taylor
 }
 
 impl Mode {
@@ -165,6 +177,10 @@ pub struct LinearOptions {
     /// Packed variable-length sequences (B = 1): sequence n is tokens `cu[n]..cu[n+1]`,
     /// ascending from 0 to T.
     pub cu_seqlens: Option<Vec<u32>>,
+    /// The chunk kernels' variant: `None` lets the plan choose (subgroup shuffles where the
+    /// adapter has subgroups of 8 lanes or more and the options allow), `Some(false)` the
+    /// variant without subgroups (what a browser runs), `Some(true)` requires the subgroup one.
+    pub subgroups: Option<bool>,
 }
 
 impl Default for LinearOptions {
@@ -182,6 +198,7 @@ impl Default for LinearOptions {
             initial_state: None,
             output_final_state: false,
             cu_seqlens: None,
+            subgroups: None,
         }
     }
 }
@@ -290,14 +307,50 @@ pub struct LinearOutput {
     pub final_state: Option<Tensor>,
 }
 
+/// The kernels a plan runs.
+#[derive(Clone, Debug)]
+pub enum LinearKernel {
+    Recurrent {
+        key: LinearKey,
+        grid: [u32; 3],
+    },
+    Chunk {
+        states: ChunkKey,
+        output: ChunkKey,
+        states_grid: [u32; 3],
+        /// For a piece of `chunks_per_piece` chunks.
+        output_grid: [u32; 3],
+        chunks_per_piece: u32,
+    },
+}
+
 /// What the plan chose.
 #[derive(Clone, Debug)]
 pub struct LinearPlan {
-    pub key: LinearKey,
-    pub grid: [u32; 3],
-    /// Token ranges of the dispatches (lavapipe stops loops past 65535 iterations, so long
-    /// sequences run in pieces, the state carried through the final-state buffer).
+    pub kernel: LinearKernel,
+    /// Ranges of the dispatches: tokens (recurrent) or chunks (chunk). lavapipe stops loops
+    /// past 65535 iterations, and the chunk states of a piece must fit one binding, so long
+    /// sequences run in pieces, the state carried through the final-state buffer.
     pub pieces: Vec<(u32, u32)>,
+}
+
+impl LinearPlan {
+    /// The kernel labels, as `info` and `--json` print them.
+    pub fn label(&self) -> String {
+        match &self.kernel {
+            LinearKernel::Recurrent { key, .. } => key.label(),
+            LinearKernel::Chunk { states, output, .. } => {
+                format!("{} + {}", states.label(), output.label())
+            }
+        }
+    }
+    /// `Recurrent` or `Chunk`.
+    pub fn mode(&self) -> Mode {
+        match self.kernel {
+            LinearKernel::Recurrent { .. } => Mode::Recurrent,
+            LinearKernel::Chunk { .. } => Mode::Chunk,
+        }
+    }
 }
 
 fn dims4(t: &Tensor, what: &str, layout: &str) -> Result<[usize; 4]> {
@@ -406,11 +459,11 @@ pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
             ));
         }
     }
-    if opts.mode == Mode::Chunk {
+    if opts.mode == Mode::Chunk && !chunk_supported(opts) {
         return Err(AttnError::invalid(
             "mode",
-            "recurrent or auto (the chunk kernel is not built yet)",
-            "chunk",
+            "recurrent or auto (the chunk kernels do not cover the delta rules or the Taylor map yet)",
+            format!("chunk with rule {} and map {}", rule.name(), opts.feature_map.name()),
         ));
     }
     sequences(s, opts)?;
@@ -496,7 +549,7 @@ fn check_f32(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// The kernel key and the dispatches for this problem on this adapter.
+/// The kernels and the dispatches for this problem on this adapter.
 pub fn plan(
     ctx: &GpuContext,
     s: &LinearShape,
@@ -511,6 +564,159 @@ pub fn plan(
             needed_for: "f16 linear attention".into(),
         });
     }
+    let longest = longest_sequence(s, opts);
+    let chunked = match opts.mode {
+        Mode::Chunk => true,
+        Mode::Recurrent => false,
+        Mode::Auto => chunk_supported(opts) && longest >= AUTO_CHUNK_MIN_T,
+    };
+    if chunked {
+        plan_chunk(ctx, s, dtype, opts, longest)
+    } else {
+        plan_recurrent(ctx, s, dtype, opts)
+    }
+}
+
+/// Tokens of the longest sequence.
+fn longest_sequence(s: &LinearShape, opts: &LinearOptions) -> usize {
+    match &opts.cu_seqlens {
+        Some(cu) => cu
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]) as usize)
+            .max()
+            .unwrap_or(0),
+        None => s.t,
+    }
+}
+
+fn check_grid(ctx: &GpuContext, grid: &[u64; 3]) -> Result<()> {
+    let max = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
+    if let Some(&g) = grid.iter().find(|&&g| g > max || g == 0) {
+        return Err(if g == 0 {
+            AttnError::invalid("problem", "at least one sequence", "none")
+        } else {
+            AttnError::Limit {
+                what: "workgroups per dispatch dimension".into(),
+                needed: g,
+                limit: max,
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Bytes of chunk states one piece may hold (besides the binding limit).
+const CHUNK_STATES_BYTES: u64 = 64 << 20;
+
+fn plan_chunk(
+    ctx: &GpuContext,
+    s: &LinearShape,
+    dtype: DType,
+    opts: &LinearOptions,
+    longest: usize,
+) -> Result<LinearPlan> {
+    let normalize = LinearShape::normalized(opts);
+    let decay = opts.rule.decay();
+    // vec4 loads where K and V allow (the call checks the tensors' offsets and strides)
+    let aligned = s.k.is_multiple_of(4) && s.v.is_multiple_of(4);
+    // lavapipe loops over the lanes for every storage or workgroup load, so a value all lanes
+    // need costs eight loads there: the subgroup variants load each value once and shuffle
+    let sg_ok = ctx.caps.subgroups && ctx.caps.subgroup_min >= chunk::SG_LANES;
+    let sg = match opts.subgroups {
+        None => sg_ok && ChunkKey::sg_supported(decay, normalize),
+        Some(false) => false,
+        Some(true) if !sg_ok => {
+            return Err(AttnError::MissingFeature {
+                feature: "SUBGROUP (subgroups of 8 lanes or more)",
+                adapter: ctx.adapter_info.name.clone(),
+                needed_for: "the subgroup chunk kernels".into(),
+            })
+        }
+        Some(true) if !ChunkKey::sg_supported(decay, normalize) => {
+            return Err(AttnError::invalid(
+                "subgroups",
+                "None or false for GLA and a normalized output (no subgroup variant)",
+                "true",
+            ))
+        }
+        Some(true) => true,
+    };
+    let key = |stage| {
+        let k = ChunkKey::new(stage, dtype, opts.feature_map, decay, normalize, aligned);
+        if sg {
+            k.with_subgroups()
+        } else {
+            k
+        }
+    };
+    let (states, output) = (key(Stage::States), key(Stage::Output));
+    let c = u64::from(states.c);
+    let n = s.sequences(opts) as u64;
+    let hv = s.hv as u64;
+    let chunks = (longest as u64).div_ceil(c).max(1);
+    // one slot of chunk states: [N, HV, Fp, W4] vec4s
+    let slot = n * hv * chunk_state_vec4s(s, opts) * 16;
+    let budget = CHUNK_STATES_BYTES.min(ctx.limits.max_storage_buffer_binding_size);
+    let by_memory = budget / slot.max(1);
+    if by_memory == 0 {
+        return Err(AttnError::Limit {
+            what: "bytes of one chunk's states (all sequences and heads)".into(),
+            needed: slot,
+            limit: budget,
+        });
+    }
+    // the state pass's loops per chunk (the serial gate sum, the keys, the tokens, the
+    // values), against lavapipe's count
+    let by_loops = match ctx.caps.loop_limit {
+        None => u64::MAX,
+        Some(limit) => (limit / 2 / (4 * c + 8)).max(1),
+    };
+    let nvt_o = (s.v as u64).div_ceil(u64::from(output.out_cols()));
+    let max_dim = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
+    let by_grid = (max_dim / nvt_o).max(1);
+    let per_piece = chunks.min(by_memory).min(by_loops).min(by_grid);
+    let (tile_rows, tile_cols) = states.state_tile();
+    let states_grid = [
+        (s.v as u64).div_ceil(u64::from(tile_cols)),
+        (s.feature_dim(opts) as u64).div_ceil(u64::from(tile_rows)),
+        n * hv,
+    ];
+    let output_grid = [per_piece * nvt_o, hv, n];
+    check_grid(ctx, &states_grid)?;
+    check_grid(ctx, &output_grid)?;
+    let per = u32_of(per_piece as usize, "chunks per piece")?;
+    let total = u32_of(chunks as usize, "chunks")?;
+    let pieces = (0..total.div_ceil(per))
+        .map(|i| (i * per, (i * per).saturating_add(per).min(total)))
+        .collect();
+    Ok(LinearPlan {
+        kernel: LinearKernel::Chunk {
+            states,
+            output,
+            states_grid: states_grid.map(|g| g as u32),
+            output_grid: output_grid.map(|g| g as u32),
+            chunks_per_piece: per,
+        },
+        pieces,
+    })
+}
+
+/// vec4s of one chunk state: F padded to the state pass's 64 rows, times `W4` (V padded to the
+/// output pass's 64 columns, plus one for z).
+fn chunk_state_vec4s(s: &LinearShape, opts: &LinearOptions) -> u64 {
+    let fp = (s.feature_dim(opts) as u64).div_ceil(u64::from(chunk::STATE_ROWS))
+        * u64::from(chunk::STATE_ROWS);
+    let w4 = (s.v as u64).div_ceil(u64::from(chunk::OUT_COLS)) * u64::from(chunk::OUT_COLS) / 4
+        + u64::from(LinearShape::normalized(opts));
+    fp * w4
+}
+
+fn plan_recurrent(
+    ctx: &GpuContext,
+    s: &LinearShape,
+    dtype: DType,
+    opts: &LinearOptions,
+) -> Result<LinearPlan> {
     let key = LinearKey::new(
         dtype,
         s.k,
@@ -526,18 +732,7 @@ pub fn plan(
         s.hv as u64,
         s.sequences(opts) as u64,
     ];
-    let max = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
-    if let Some(&g) = grid.iter().find(|&&g| g > max || g == 0) {
-        return Err(if g == 0 {
-            AttnError::invalid("problem", "at least one sequence", "none")
-        } else {
-            AttnError::Limit {
-                what: "workgroups per dispatch dimension".into(),
-                needed: g,
-                limit: max,
-            }
-        });
-    }
+    check_grid(ctx, &grid)?;
     let t = u32_of(s.t, "T")?;
     // lavapipe counts the loop iterations of an invocation: a piece runs `len` tokens and
     // `len / tb` blocks. Measured: T = 61424 in one piece stopped after token 58255 (its
@@ -555,18 +750,23 @@ pub fn plan(
         .map(|i| (i * piece, (i * piece).saturating_add(piece).min(t)))
         .collect();
     Ok(LinearPlan {
-        key,
-        grid: grid.map(|g| g as u32),
+        kernel: LinearKernel::Recurrent {
+            key,
+            grid: grid.map(|g| g as u32),
+        },
         pieces: ranges,
     })
 }
 
 /// Every kernel the linear family can build (for naga in `cargo test`).
 pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
-    LinearKey::all()
+    let rec = LinearKey::all()
         .into_iter()
-        .map(|k| Box::new(k) as Box<dyn Kernel>)
-        .collect()
+        .map(|k| Box::new(k) as Box<dyn Kernel>);
+    let chunk = ChunkKey::all()
+        .into_iter()
+        .map(|k| Box::new(k) as Box<dyn Kernel>);
+    rec.chain(chunk).collect()
 }
 
 /// `[off, batch, token, head]` element strides of a rank-3/4 tensor's first axes; broadcast
@@ -593,7 +793,7 @@ pub fn encode_linear_attention(
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<LinearPlan> {
     let s = check_inputs(q, k, v)?;
-    let plan = plan(ctx, &s, q.dtype(), opts)?;
+    let mut plan = plan(ctx, &s, q.dtype(), opts)?;
     let want_out = [s.batch, s.t, s.hv, s.v];
     if out.shape() != want_out || out.dtype() != v.dtype() {
         return Err(AttnError::shape(
@@ -601,6 +801,16 @@ pub fn encode_linear_attention(
             format!("{want_out:?} {}", v.dtype()),
             (out.shape(), out.dtype()),
         ));
+    }
+    if let LinearKernel::Chunk { states, output, .. } = &mut plan.kernel {
+        // vec4 access needs every row to start on a vec4
+        let fours = |t: &Tensor| {
+            t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
+        };
+        if ![q, k, v, out].into_iter().all(fours) {
+            states.aligned = false;
+            output.aligned = false;
+        }
     }
     let state_shape = s.state_shape(opts);
     if let Some(fs) = final_state {
@@ -622,7 +832,10 @@ pub fn encode_linear_attention(
     }
     check_no_alias(&inputs, &outputs)?;
     // the state carried between pieces (and written at the end) needs a buffer
-    let scratch = if final_state.is_none() && plan.pieces.len() > 1 {
+    // (global attention in chunks reads the final state for every chunk's output)
+    let chunked = plan.mode() == Mode::Chunk;
+    let carry = plan.pieces.len() > 1 || (chunked && !opts.causal);
+    let scratch = if final_state.is_none() && carry {
         Some(Tensor::filled(ctx, &state_shape, DType::F32, 0.0)?)
     } else {
         None
@@ -715,7 +928,91 @@ pub fn encode_linear_attention(
             0,
             0,
         ],
+        chunk: [0; 4],
     };
+    let b = Bound {
+        q: &bq,
+        k: &bk,
+        v: &bv,
+        o: &bo,
+        g: bg.as_ref(),
+        beta: bb.as_ref(),
+        init: bi.as_ref(),
+        state: bs.as_ref(),
+    };
+    match &plan.kernel {
+        LinearKernel::Recurrent { key, grid } => {
+            encode_recurrent(ctx, encoder, key, grid, &plan, &base, &b, opts, timestamps)?
+        }
+        LinearKernel::Chunk { .. } => {
+            encode_chunk(ctx, encoder, &s, &plan, &base, &b, opts, timestamps)?
+        }
+    }
+    Ok(plan)
+}
+
+/// The bound buffers of a call.
+struct Bound<'a> {
+    q: &'a BoundRange<'a>,
+    k: &'a BoundRange<'a>,
+    v: &'a BoundRange<'a>,
+    o: &'a BoundRange<'a>,
+    g: Option<&'a BoundRange<'a>>,
+    beta: Option<&'a BoundRange<'a>>,
+    init: Option<&'a BoundRange<'a>>,
+    /// The state carried between pieces and written at the end (final state or scratch).
+    state: Option<&'a BoundRange<'a>>,
+}
+
+fn cu_buffer(ctx: &GpuContext, opts: &LinearOptions) -> Option<wgpu::Buffer> {
+    // offsets only for packed sequences (the kernels read them under F_VARLEN)
+    opts.cu_seqlens.as_ref().map(|cu| {
+        ctx.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("linear cu_seqlens"),
+                contents: bytemuck::cast_slice(cu),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+    })
+}
+
+/// A compute pass, its start and end timestamped when asked.
+fn begin_pass<'e>(
+    encoder: &'e mut wgpu::CommandEncoder,
+    label: &str,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> wgpu::ComputePass<'e> {
+    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: Some(i),
+            end_of_pass_write_index: Some(i + 1),
+        }),
+    })
+}
+
+fn params_buffer(ctx: &GpuContext, p: &LinearParams) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("linear params"),
+            contents: bytemuck::bytes_of(p),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_recurrent(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    key: &LinearKey,
+    grid: &[u32; 3],
+    plan: &LinearPlan,
+    base: &LinearParams,
+    bound: &Bound,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
     // one dispatch per piece; global attention runs the update pieces, then the output ones
     let mut steps: Vec<LinearParams> = Vec::new();
     let phases: &[u32] = if opts.causal {
@@ -725,7 +1022,7 @@ pub fn encode_linear_attention(
     };
     for (pi, &phase) in phases.iter().enumerate() {
         for (i, &(from, to)) in plan.pieces.iter().enumerate() {
-            let mut p = base;
+            let mut p = *base;
             p.t_from = from;
             p.t_to = to;
             p.flags |= phase;
@@ -745,39 +1042,28 @@ pub fn encode_linear_attention(
         }
     }
     ctx.scoped(|| {
-        let pipeline = ctx.pipeline(&plan.key)?;
+        let pipeline = ctx.pipeline(key)?;
         let dev = &ctx.device;
-        // offsets only for packed sequences (the kernel reads them under F_VARLEN)
-        let cu_buf = opts.cu_seqlens.as_ref().map(|cu| {
-            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("linear cu_seqlens"),
-                contents: bytemuck::cast_slice(cu),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-        });
+        let cu_buf = cu_buffer(ctx, opts);
         let dummy = BoundRange::whole(&ctx.dummy);
         let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
         let groups: Vec<wgpu::BindGroup> = steps
             .iter()
             .map(|p| {
-                let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("linear params"),
-                    contents: bytemuck::bytes_of(p),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
+                let params = params_buffer(ctx, p);
                 let entries = [
                     BoundRange::whole(&params).entry(0),
-                    bq.entry(1),
-                    bk.entry(2),
-                    bv.entry(3),
-                    bg.as_ref().unwrap_or(&dummy).entry(4),
-                    bb.as_ref().unwrap_or(&dummy).entry(5),
-                    bi.as_ref().unwrap_or(&dummy).entry(6),
+                    bound.q.entry(1),
+                    bound.k.entry(2),
+                    bound.v.entry(3),
+                    bound.g.unwrap_or(&dummy).entry(4),
+                    bound.beta.unwrap_or(&dummy).entry(5),
+                    bound.init.unwrap_or(&dummy).entry(6),
                     cu_buf
                         .as_ref()
                         .map_or(dummy.entry(7), |c| BoundRange::whole(c).entry(7)),
-                    bo.entry(8),
-                    bs.as_ref().unwrap_or(&dummy_rw).entry(9),
+                    bound.o.entry(8),
+                    bound.state.unwrap_or(&dummy_rw).entry(9),
                 ];
                 dev.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("linear bind group"),
@@ -786,23 +1072,170 @@ pub fn encode_linear_attention(
                 })
             })
             .collect();
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("linear attention"),
-            timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
-                query_set: set,
-                beginning_of_pass_write_index: Some(i),
-                end_of_pass_write_index: Some(i + 1),
-            }),
-        });
+        let mut pass = begin_pass(encoder, "linear attention", timestamps);
         pass.set_pipeline(&pipeline);
-        let [x, y, z] = plan.grid;
+        let [x, y, z] = *grid;
         for bg in &groups {
             pass.set_bind_group(0, bg, &[]);
             pass.dispatch_workgroups(x, y, z);
         }
         Ok(())
     })?;
-    Ok(plan)
+    Ok(())
+}
+
+/// The chunk passes: per piece the state pass (storing each chunk's starting state) and the
+/// output pass; global attention runs every state piece, then the output pieces against the
+/// final state.
+#[allow(clippy::too_many_arguments)]
+fn encode_chunk(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    s: &LinearShape,
+    plan: &LinearPlan,
+    base: &LinearParams,
+    bound: &Bound,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
+    let LinearKernel::Chunk {
+        states,
+        output,
+        states_grid,
+        output_grid,
+        chunks_per_piece,
+    } = &plan.kernel
+    else {
+        return Err(AttnError::invalid(
+            "plan",
+            "a chunk plan",
+            "a recurrent one",
+        ));
+    };
+    // chunk states [N, HV, P, Fp, W4] (vec4s; global attention: one slot, the final state)
+    let slot = chunk_state_vec4s(s, opts);
+    let slots = if opts.causal {
+        u64::from(*chunks_per_piece)
+    } else {
+        1
+    };
+    let per_nh = slot * slots;
+    let total = per_nh * u64::from(base.n_seq) * u64::from(base.hv);
+    let (slot, per_nh) = (
+        u32_of(slot as usize, "chunk state")?,
+        u32_of(per_nh as usize, "chunk states")?,
+    );
+    // (pass, params) in order
+    let mut steps: Vec<(Stage, LinearParams)> = Vec::new();
+    for (i, &(from, to)) in plan.pieces.iter().enumerate() {
+        let mut p = *base;
+        p.chunk = [from, to, per_nh, slot];
+        if i == 0 {
+            if opts.initial_state.is_some() {
+                p.flags |= flags::INIT;
+            }
+        } else {
+            p.flags |= flags::RESUME;
+        }
+        // (WRITE_STATE is in base whenever there is a state to carry or return)
+        p.flags |= if opts.causal {
+            flags::CHUNKS
+        } else {
+            flags::GLOBAL
+        };
+        steps.push((Stage::States, p));
+        if opts.causal {
+            let mut o = *base;
+            o.chunk = [from, to, per_nh, slot];
+            o.flags &= flags::VARLEN;
+            steps.push((Stage::Output, o));
+        }
+    }
+    if !opts.causal {
+        for &(from, to) in &plan.pieces {
+            let mut o = *base;
+            o.chunk = [from, to, per_nh, 0];
+            o.flags = (o.flags & flags::VARLEN) | flags::GLOBAL;
+            steps.push((Stage::Output, o));
+        }
+    }
+    ctx.scoped(|| {
+        let dev = &ctx.device;
+        let states_pipe = ctx.pipeline(states)?;
+        let output_pipe = ctx.pipeline(output)?;
+        let bytes = total.saturating_mul(16);
+        ctx.check_binding("chunk states", bytes)?;
+        let chunk_states = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("linear chunk states"),
+            size: bytes.max(16),
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let cu_buf = cu_buffer(ctx, opts);
+        let dummy = BoundRange::whole(&ctx.dummy);
+        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+        let cu = cu_buf
+            .as_ref()
+            .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
+        let cs = BoundRange::whole(&chunk_states);
+        let groups: Vec<(Stage, wgpu::BindGroup)> = steps
+            .iter()
+            .map(|(stage, p)| {
+                let params = params_buffer(ctx, p);
+                let pr = BoundRange::whole(&params);
+                let (layout, entries) = match stage {
+                    Stage::States => (
+                        states_pipe.get_bind_group_layout(0),
+                        vec![
+                            pr.entry(0),
+                            bound.k.entry(1),
+                            bound.v.entry(2),
+                            bound.g.unwrap_or(&dummy).entry(3),
+                            bound.init.unwrap_or(&dummy).entry(4),
+                            cu.entry(5),
+                            cs.entry(6),
+                            bound.state.unwrap_or(&dummy_rw).entry(7),
+                        ],
+                    ),
+                    Stage::Output => (
+                        output_pipe.get_bind_group_layout(0),
+                        vec![
+                            pr.entry(0),
+                            bound.q.entry(1),
+                            bound.k.entry(2),
+                            bound.v.entry(3),
+                            bound.g.unwrap_or(&dummy).entry(4),
+                            cu.entry(5),
+                            cs.entry(6),
+                            bound.o.entry(7),
+                        ],
+                    ),
+                };
+                let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("linear chunk bind group"),
+                    layout: &layout,
+                    entries: &entries,
+                });
+                (*stage, bg)
+            })
+            .collect();
+        let mut pass = begin_pass(encoder, "linear attention (chunks)", timestamps);
+        for (stage, bg) in &groups {
+            let [x, y, z] = match stage {
+                Stage::States => {
+                    pass.set_pipeline(&states_pipe);
+                    *states_grid
+                }
+                Stage::Output => {
+                    pass.set_pipeline(&output_pipe);
+                    *output_grid
+                }
+            };
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+        Ok(())
+    })
 }
 
 /// Runs into caller-provided outputs and submits the work.

@@ -23,6 +23,17 @@ pub enum Decay {
     Vector,
 }
 
+impl Decay {
+    /// The label's part: none, `_gs` or `_gv`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Decay::None => "",
+            Decay::Scalar => "_gs",
+            Decay::Vector => "_gv",
+        }
+    }
+}
+
 /// Runtime flags of [`LinearParams::flags`].
 pub mod flags {
     /// Packed sequences: token ranges from `cu_seqlens`.
@@ -37,6 +48,10 @@ pub mod flags {
     pub const OUTPUT: u32 = 16;
     /// Write the state at the end.
     pub const WRITE_STATE: u32 = 32;
+    /// Chunk kernels: the output reads one state for every chunk (global attention).
+    pub const GLOBAL: u32 = 64;
+    /// Chunk kernels: the state pass writes the state before every chunk.
+    pub const CHUNKS: u32 = 128;
 
     pub(crate) fn wgsl() -> String {
         [
@@ -46,6 +61,8 @@ pub mod flags {
             ("UPDATE", UPDATE),
             ("OUTPUT", OUTPUT),
             ("WRITE_STATE", WRITE_STATE),
+            ("GLOBAL", GLOBAL),
+            ("CHUNKS", CHUNKS),
         ]
         .iter()
         .map(|(n, v)| format!("const F_{n}: u32 = {v}u;\n"))
@@ -80,17 +97,20 @@ pub struct LinearParams {
     pub o_st: [u32; 4],
     pub g_st: [u32; 4],
     pub beta_st: [u32; 4],
-    /// `[initial_state offset, state offset, 0, 0]`
+    /// `[initial_state offset, state offset, chunk states offset, 0]`
     pub state: [u32; 4],
+    /// Chunk kernels: `[first chunk, end chunk, chunk states stride per (sequence, head),
+    /// per chunk]` (the piece's chunk states are `[N, HV, P, F, Vs]`).
+    pub chunk: [u32; 4],
 }
 
-const PARAMS_WGSL: &str = "struct LinParams {
+pub(super) const PARAMS_WGSL: &str = "struct LinParams {
     n_seq: u32, t: u32, h: u32, hv: u32,
     dk: u32, dv: u32, f: u32, vs: u32,
     flags: u32, t_from: u32, t_to: u32, group: u32,
     scale: f32, eps: f32, feat_scale: f32, g_si: u32,
     q_st: vec4<u32>, k_st: vec4<u32>, v_st: vec4<u32>, o_st: vec4<u32>,
-    g_st: vec4<u32>, beta_st: vec4<u32>, state: vec4<u32>,
+    g_st: vec4<u32>, beta_st: vec4<u32>, state: vec4<u32>, chunk: vec4<u32>,
 }
 ";
 
@@ -216,11 +236,7 @@ impl LinearKey {
 
 impl Kernel for LinearKey {
     fn label(&self) -> String {
-        let decay = match self.decay {
-            Decay::None => "",
-            Decay::Scalar => "_gs",
-            Decay::Vector => "_gv",
-        };
+        let decay = self.decay.suffix();
         format!(
             "linear_rec_{}_k{}_{}{decay}{}{}{}_t{}_wg{}",
             self.dtype,
@@ -270,7 +286,7 @@ impl Kernel for LinearKey {
         vec![
             crate::uniform_layout!(LinearParams, "LinParams"; n_seq, t, h, hv, dk, dv, f,
             vs, flags, t_from, t_to, group, scale, eps, feat_scale, g_si, q_st, k_st, v_st,
-            o_st, g_st, beta_st, state),
+            o_st, g_st, beta_st, state, chunk),
         ]
     }
 }
@@ -307,49 +323,12 @@ pub fn generate(key: &LinearKey) -> String {
         ));
         w.line(&format!("var<workgroup> rk: array<f32, TB * {}u>;", key.kb));
     }
-    // loaders: a zero where not `ok` (no load in control flow: lavapipe loops over lanes there)
-    for (name, st) in [("q", "q_st"), ("k", "k_st"), ("v", "v_st")] {
-        w.raw(&format!(
-            "fn ld_{name}(b: u32, t: u32, h: u32, i: u32, ok: bool) -> f32 {{
-    let idx = p.{st}.x + b * p.{st}.y + t * p.{st}.z + h * p.{st}.w + i;
-    return select(0.0, f32({name}[select(0u, idx, ok)]), ok);
-}}
-"
-        ));
-    }
-    w.raw(
-        "fn ld_g(b: u32, t: u32, h: u32, i: u32, ok: bool) -> f32 {
-    let idx = p.g_st.x + b * p.g_st.y + t * p.g_st.z + h * p.g_st.w + i * p.g_si;
-    return select(0.0, g[select(0u, idx, ok)], ok);
-}
-fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
-    let idx = p.beta_st.x + b * p.beta_st.y + t * p.beta_st.z + h * p.beta_st.w;
-    return select(0.0, beta[select(0u, idx, ok)], ok);
-}
-",
+    emit_loaders(
+        &mut w,
+        &["q", "k", "v", "g", "beta"],
+        key.decay != Decay::None,
     );
-    // The decay enters as `S += S (exp(g) - 1) + ...`: a factor exp(g) near 1 rounded to f32
-    // (error up to 6e-8) compounds over the ~1/|g| tokens it keeps (RetNet's slowest head,
-    // 1 - 2^-12, over 4096), while exp(g) - 1 keeps f32's relative precision
-    if key.decay != Decay::None {
-        w.raw(
-            "fn expm1(x: vec4<f32>) -> vec4<f32> {
-    let series = x * (1.0 + x * (0.5 + x * (0.16666667 + x * (0.041666668 + x * (0.008333334 + x * 0.0013888889)))));
-    return select(exp(x) - 1.0, series, abs(x) < vec4<f32>(0.1));
-}
-",
-        );
-    }
-    let phi = match key.map {
-        FeatureMap::Identity | FeatureMap::Taylor => None,
-        FeatureMap::Elu1 => Some("select(exp(x), x + 1.0, x > vec4<f32>(0.0))"),
-        FeatureMap::Relu => Some("max(x, vec4<f32>(0.0))"),
-    };
-    if let Some(phi) = phi {
-        w.raw(&format!(
-            "fn phi(x: vec4<f32>) -> vec4<f32> {{ return {phi}; }}\n"
-        ));
-    }
+    emit_phi(&mut w, key.map);
     if taylor {
         // feature f of a token: 1, then x (K), then x_a x_b / sqrt(2) (K^2), then padding
         for r in ["rq", "rk"] {
@@ -377,14 +356,7 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
     w.line("let hq = hv / p.group;");
     w.line("let live = col < p.dv;");
     w.line("let colc = min(col, p.dv - 1u);");
-    w.line("var b = n;");
-    w.line("var t0 = 0u;");
-    w.line("var len = p.t;");
-    w.open("if (p.flags & F_VARLEN) != 0u {");
-    w.line("b = 0u;");
-    w.line("t0 = cu[n];");
-    w.line("len = cu[n + 1u] - t0;");
-    w.close();
+    emit_sequence(&mut w);
     // the state column (and z)
     w.line("let srow = (n * p.hv + hv) * p.f; // first state row of this sequence and head");
     w.line("var s: array<vec4<f32>, FB4>;");
@@ -626,4 +598,77 @@ fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
 ",
     );
     w.finish()
+}
+
+/// `ld_q`/`ld_k`/`ld_v`/`ld_g`/`ld_beta` for the named bindings (a zero where not `ok`, and no
+/// load in control flow: lavapipe loops over the lanes there), and `expm1` when asked.
+pub(super) fn emit_loaders(w: &mut Wgsl, names: &[&str], expm1: bool) {
+    for (name, st) in [("q", "q_st"), ("k", "k_st"), ("v", "v_st")] {
+        if !names.contains(&name) {
+            continue;
+        }
+        w.raw(&format!(
+            "fn ld_{name}(b: u32, t: u32, h: u32, i: u32, ok: bool) -> f32 {{
+    let idx = p.{st}.x + b * p.{st}.y + t * p.{st}.z + h * p.{st}.w + i;
+    return select(0.0, f32({name}[select(0u, idx, ok)]), ok);
+}}
+"
+        ));
+    }
+    if names.contains(&"g") {
+        w.raw(
+            "fn ld_g(b: u32, t: u32, h: u32, i: u32, ok: bool) -> f32 {
+    let idx = p.g_st.x + b * p.g_st.y + t * p.g_st.z + h * p.g_st.w + i * p.g_si;
+    return select(0.0, g[select(0u, idx, ok)], ok);
+}
+",
+        );
+    }
+    if names.contains(&"beta") {
+        w.raw(
+            "fn ld_beta(b: u32, t: u32, h: u32, ok: bool) -> f32 {
+    let idx = p.beta_st.x + b * p.beta_st.y + t * p.beta_st.z + h * p.beta_st.w;
+    return select(0.0, beta[select(0u, idx, ok)], ok);
+}
+",
+        );
+    }
+    // The decay enters as `S += S (exp(g) - 1) + ...`: a factor exp(g) near 1 rounded to f32
+    // (error up to 6e-8) compounds over the ~1/|g| tokens it keeps (RetNet's slowest head,
+    // 1 - 2^-12, over 4096), while exp(g) - 1 keeps f32's relative precision
+    if expm1 {
+        w.raw(
+            "fn expm1(x: vec4<f32>) -> vec4<f32> {
+    let series = x * (1.0 + x * (0.5 + x * (0.16666667 + x * (0.041666668 + x * (0.008333334 + x * 0.0013888889)))));
+    return select(exp(x) - 1.0, series, abs(x) < vec4<f32>(0.1));
+}
+",
+        );
+    }
+}
+
+/// `phi(x)` of the elementwise feature maps (none for identity and Taylor).
+pub(super) fn emit_phi(w: &mut Wgsl, map: FeatureMap) {
+    let phi = match map {
+        FeatureMap::Identity | FeatureMap::Taylor => None,
+        FeatureMap::Elu1 => Some("select(exp(x), x + 1.0, x > vec4<f32>(0.0))"),
+        FeatureMap::Relu => Some("max(x, vec4<f32>(0.0))"),
+    };
+    if let Some(phi) = phi {
+        w.raw(&format!(
+            "fn phi(x: vec4<f32>) -> vec4<f32> {{ return {phi}; }}\n"
+        ));
+    }
+}
+
+/// The sequence's batch index, first token and length (`b`, `t0`, `len`), from `n`.
+pub(super) fn emit_sequence(w: &mut Wgsl) {
+    w.line("var b = n;");
+    w.line("var t0 = 0u;");
+    w.line("var len = p.t;");
+    w.open("if (p.flags & F_VARLEN) != 0u {");
+    w.line("b = 0u;");
+    w.line("t0 = cu[n];");
+    w.line("len = cu[n + 1u] - t0;");
+    w.close();
 }

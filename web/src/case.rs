@@ -56,7 +56,8 @@ pub struct Config {
     pub stride: Vec<usize>,
     pub grid_causal: Vec<bool>,
     /// Linear: the rule (`linear`, `retention`, `simple-gla`, `gla`, `delta`, `gated-delta`),
-    /// the feature map, `recurrent` or `auto`, and the value heads (0: as `heads`).
+    /// the feature map, the mode (`auto`, `chunk`, `recurrent`) and the value heads (0: as
+    /// `heads`).
     pub rule: String,
     pub feature_map: String,
     pub mode: String,

@@ -160,6 +160,18 @@ pub fn selftest_cases() -> Vec<Config> {
             64,
         ),
         lin("GLA T=65 K=16", "gla", "identity", 65, 1, 1, 16),
+        Config {
+            mode: "chunk".into(),
+            ..lin(
+                "retention chunks T=100 K=40 V=40",
+                "retention",
+                "identity",
+                100,
+                2,
+                2,
+                40,
+            )
+        },
         lin("Based (Taylor) T=64 K=16", "linear", "taylor", 64, 2, 2, 16),
     ]
 }

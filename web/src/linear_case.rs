@@ -5,7 +5,6 @@
 use wgpu_attention::bench::{pseudo_random, time_passes_async};
 use wgpu_attention::linear::reference::{compare_linear, LinearRefInputs};
 use wgpu_attention::linear::{self, LinearShape};
-use wgpu_attention::pipeline::Kernel;
 use wgpu_attention::{
     encode_linear_attention, AttnError, DType, FeatureMap, GpuContext, LinearOptions, Mode, Result,
     Rule, Tensor,
@@ -32,7 +31,7 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         )
     })?;
     let mode = Mode::parse(&cfg.mode)
-        .ok_or_else(|| AttnError::invalid("mode", "auto or recurrent", &cfg.mode))?;
+        .ok_or_else(|| AttnError::invalid("mode", "auto, recurrent or chunk", &cfg.mode))?;
     if cfg.dtype != "f32" {
         return Err(AttnError::invalid(
             "dtype",
@@ -119,7 +118,7 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
             time_passes_async(ctx, 1, cfg.repeats, |enc, ts| {
                 let plan =
                     encode_linear_attention(ctx, enc, &qt, &kt, &vt, &out, Some(&fin), &opts, ts)?;
-                kernel = plan.key.label();
+                kernel = plan.label();
                 Ok(())
             })
             .await?,
@@ -128,7 +127,7 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         ctx.submit(|enc| {
             let plan =
                 encode_linear_attention(ctx, enc, &qt, &kt, &vt, &out, Some(&fin), &opts, None)?;
-            kernel = plan.key.label();
+            kernel = plan.label();
             Ok(())
         })?;
         None
