@@ -53,7 +53,7 @@ fn feat(x: vec4<f32>, okc: vec4<bool>) -> vec4<f32> { return x; }
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let nvt = (p.dv + 63u) / 64u;
-    let c = p.chunk.x + wid.x / nvt;
+    let c0 = p.chunk.x + wid.x / nvt * 4u;
     let col0 = (wid.x % nvt) * 64u + lane * 4u; // this lane's columns: col0 + 32 j .. + 4
     let hv = wid.y;
     let n = wid.z;
@@ -67,1087 +67,935 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         t0 = cu[n];
         len = cu[n + 1u] - t0;
     }
-    if c * C >= len {
-        return;
-    }
-    let tc = t0 + c * C;
-    let nt = min(C, len - c * C);
-    let glob = (p.flags & F_GLOBAL) != 0u;
-    let sbase = (n * p.hv + hv) * p.chunk.z + (c - p.chunk.x) * p.chunk.w + col0 / 4u;
-    var acc: array<vec4<f32>, 64>; // [token][group]: o_t, this lane's columns
-    var a0: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 0, t = 4i .. 4i + 4
-    var a1: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 8, t = 4i .. 4i + 4
-    var a2: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 16, t = 4i .. 4i + 4
-    var a3: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 24, t = 4i .. 4i + 4
-    for (var f = 0u; f < p.f; f += 4u) {
-        let sr0_0 = states[sbase + (f + 0u) * W4 + 0u];
-        let sr0_1 = states[sbase + (f + 0u) * W4 + 8u];
-        let sr1_0 = states[sbase + (f + 1u) * W4 + 0u];
-        let sr1_1 = states[sbase + (f + 1u) * W4 + 8u];
-        let sr2_0 = states[sbase + (f + 2u) * W4 + 0u];
-        let sr2_1 = states[sbase + (f + 2u) * W4 + 8u];
-        let sr3_0 = states[sbase + (f + 3u) * W4 + 0u];
-        let sr3_1 = states[sbase + (f + 3u) * W4 + 8u];
-        let okm0 = lane + 0u < nt;
-        let qb0 = feat(ld4_q(b, tc + lane + 0u, hq, f, okm0), okk(okm0, f)) * p.scale;
-        let kb0 = feat(ld4_k(b, tc + lane + 0u, hq, f, okm0), okk(okm0, f));
-        let okm1 = lane + 8u < nt;
-        let qb1 = feat(ld4_q(b, tc + lane + 8u, hq, f, okm1), okk(okm1, f)) * p.scale;
-        let kb1 = feat(ld4_k(b, tc + lane + 8u, hq, f, okm1), okk(okm1, f));
-        let okm2 = lane + 16u < nt;
-        let qb2 = feat(ld4_q(b, tc + lane + 16u, hq, f, okm2), okk(okm2, f)) * p.scale;
-        let kb2 = feat(ld4_k(b, tc + lane + 16u, hq, f, okm2), okk(okm2, f));
-        let okm3 = lane + 24u < nt;
-        let qb3 = feat(ld4_q(b, tc + lane + 24u, hq, f, okm3), okk(okm3, f)) * p.scale;
-        let kb3 = feat(ld4_k(b, tc + lane + 24u, hq, f, okm3), okk(okm3, f));
-        let q0 = subgroupShuffle(qb0, 0u);
-        acc[0] += q0.x * sr0_0 + q0.y * sr1_0 + q0.z * sr2_0 + q0.w * sr3_0;
-        acc[1] += q0.x * sr0_1 + q0.y * sr1_1 + q0.z * sr2_1 + q0.w * sr3_1;
-        let q1 = subgroupShuffle(qb0, 1u);
-        acc[2] += q1.x * sr0_0 + q1.y * sr1_0 + q1.z * sr2_0 + q1.w * sr3_0;
-        acc[3] += q1.x * sr0_1 + q1.y * sr1_1 + q1.z * sr2_1 + q1.w * sr3_1;
-        let q2 = subgroupShuffle(qb0, 2u);
-        acc[4] += q2.x * sr0_0 + q2.y * sr1_0 + q2.z * sr2_0 + q2.w * sr3_0;
-        acc[5] += q2.x * sr0_1 + q2.y * sr1_1 + q2.z * sr2_1 + q2.w * sr3_1;
-        let q3 = subgroupShuffle(qb0, 3u);
-        acc[6] += q3.x * sr0_0 + q3.y * sr1_0 + q3.z * sr2_0 + q3.w * sr3_0;
-        acc[7] += q3.x * sr0_1 + q3.y * sr1_1 + q3.z * sr2_1 + q3.w * sr3_1;
-        let q4 = subgroupShuffle(qb0, 4u);
-        acc[8] += q4.x * sr0_0 + q4.y * sr1_0 + q4.z * sr2_0 + q4.w * sr3_0;
-        acc[9] += q4.x * sr0_1 + q4.y * sr1_1 + q4.z * sr2_1 + q4.w * sr3_1;
-        let q5 = subgroupShuffle(qb0, 5u);
-        acc[10] += q5.x * sr0_0 + q5.y * sr1_0 + q5.z * sr2_0 + q5.w * sr3_0;
-        acc[11] += q5.x * sr0_1 + q5.y * sr1_1 + q5.z * sr2_1 + q5.w * sr3_1;
-        let q6 = subgroupShuffle(qb0, 6u);
-        acc[12] += q6.x * sr0_0 + q6.y * sr1_0 + q6.z * sr2_0 + q6.w * sr3_0;
-        acc[13] += q6.x * sr0_1 + q6.y * sr1_1 + q6.z * sr2_1 + q6.w * sr3_1;
-        let q7 = subgroupShuffle(qb0, 7u);
-        acc[14] += q7.x * sr0_0 + q7.y * sr1_0 + q7.z * sr2_0 + q7.w * sr3_0;
-        acc[15] += q7.x * sr0_1 + q7.y * sr1_1 + q7.z * sr2_1 + q7.w * sr3_1;
-        let q8 = subgroupShuffle(qb1, 0u);
-        acc[16] += q8.x * sr0_0 + q8.y * sr1_0 + q8.z * sr2_0 + q8.w * sr3_0;
-        acc[17] += q8.x * sr0_1 + q8.y * sr1_1 + q8.z * sr2_1 + q8.w * sr3_1;
-        let q9 = subgroupShuffle(qb1, 1u);
-        acc[18] += q9.x * sr0_0 + q9.y * sr1_0 + q9.z * sr2_0 + q9.w * sr3_0;
-        acc[19] += q9.x * sr0_1 + q9.y * sr1_1 + q9.z * sr2_1 + q9.w * sr3_1;
-        let q10 = subgroupShuffle(qb1, 2u);
-        acc[20] += q10.x * sr0_0 + q10.y * sr1_0 + q10.z * sr2_0 + q10.w * sr3_0;
-        acc[21] += q10.x * sr0_1 + q10.y * sr1_1 + q10.z * sr2_1 + q10.w * sr3_1;
-        let q11 = subgroupShuffle(qb1, 3u);
-        acc[22] += q11.x * sr0_0 + q11.y * sr1_0 + q11.z * sr2_0 + q11.w * sr3_0;
-        acc[23] += q11.x * sr0_1 + q11.y * sr1_1 + q11.z * sr2_1 + q11.w * sr3_1;
-        let q12 = subgroupShuffle(qb1, 4u);
-        acc[24] += q12.x * sr0_0 + q12.y * sr1_0 + q12.z * sr2_0 + q12.w * sr3_0;
-        acc[25] += q12.x * sr0_1 + q12.y * sr1_1 + q12.z * sr2_1 + q12.w * sr3_1;
-        let q13 = subgroupShuffle(qb1, 5u);
-        acc[26] += q13.x * sr0_0 + q13.y * sr1_0 + q13.z * sr2_0 + q13.w * sr3_0;
-        acc[27] += q13.x * sr0_1 + q13.y * sr1_1 + q13.z * sr2_1 + q13.w * sr3_1;
-        let q14 = subgroupShuffle(qb1, 6u);
-        acc[28] += q14.x * sr0_0 + q14.y * sr1_0 + q14.z * sr2_0 + q14.w * sr3_0;
-        acc[29] += q14.x * sr0_1 + q14.y * sr1_1 + q14.z * sr2_1 + q14.w * sr3_1;
-        let q15 = subgroupShuffle(qb1, 7u);
-        acc[30] += q15.x * sr0_0 + q15.y * sr1_0 + q15.z * sr2_0 + q15.w * sr3_0;
-        acc[31] += q15.x * sr0_1 + q15.y * sr1_1 + q15.z * sr2_1 + q15.w * sr3_1;
-        let q16 = subgroupShuffle(qb2, 0u);
-        acc[32] += q16.x * sr0_0 + q16.y * sr1_0 + q16.z * sr2_0 + q16.w * sr3_0;
-        acc[33] += q16.x * sr0_1 + q16.y * sr1_1 + q16.z * sr2_1 + q16.w * sr3_1;
-        let q17 = subgroupShuffle(qb2, 1u);
-        acc[34] += q17.x * sr0_0 + q17.y * sr1_0 + q17.z * sr2_0 + q17.w * sr3_0;
-        acc[35] += q17.x * sr0_1 + q17.y * sr1_1 + q17.z * sr2_1 + q17.w * sr3_1;
-        let q18 = subgroupShuffle(qb2, 2u);
-        acc[36] += q18.x * sr0_0 + q18.y * sr1_0 + q18.z * sr2_0 + q18.w * sr3_0;
-        acc[37] += q18.x * sr0_1 + q18.y * sr1_1 + q18.z * sr2_1 + q18.w * sr3_1;
-        let q19 = subgroupShuffle(qb2, 3u);
-        acc[38] += q19.x * sr0_0 + q19.y * sr1_0 + q19.z * sr2_0 + q19.w * sr3_0;
-        acc[39] += q19.x * sr0_1 + q19.y * sr1_1 + q19.z * sr2_1 + q19.w * sr3_1;
-        let q20 = subgroupShuffle(qb2, 4u);
-        acc[40] += q20.x * sr0_0 + q20.y * sr1_0 + q20.z * sr2_0 + q20.w * sr3_0;
-        acc[41] += q20.x * sr0_1 + q20.y * sr1_1 + q20.z * sr2_1 + q20.w * sr3_1;
-        let q21 = subgroupShuffle(qb2, 5u);
-        acc[42] += q21.x * sr0_0 + q21.y * sr1_0 + q21.z * sr2_0 + q21.w * sr3_0;
-        acc[43] += q21.x * sr0_1 + q21.y * sr1_1 + q21.z * sr2_1 + q21.w * sr3_1;
-        let q22 = subgroupShuffle(qb2, 6u);
-        acc[44] += q22.x * sr0_0 + q22.y * sr1_0 + q22.z * sr2_0 + q22.w * sr3_0;
-        acc[45] += q22.x * sr0_1 + q22.y * sr1_1 + q22.z * sr2_1 + q22.w * sr3_1;
-        let q23 = subgroupShuffle(qb2, 7u);
-        acc[46] += q23.x * sr0_0 + q23.y * sr1_0 + q23.z * sr2_0 + q23.w * sr3_0;
-        acc[47] += q23.x * sr0_1 + q23.y * sr1_1 + q23.z * sr2_1 + q23.w * sr3_1;
-        let q24 = subgroupShuffle(qb3, 0u);
-        acc[48] += q24.x * sr0_0 + q24.y * sr1_0 + q24.z * sr2_0 + q24.w * sr3_0;
-        acc[49] += q24.x * sr0_1 + q24.y * sr1_1 + q24.z * sr2_1 + q24.w * sr3_1;
-        let q25 = subgroupShuffle(qb3, 1u);
-        acc[50] += q25.x * sr0_0 + q25.y * sr1_0 + q25.z * sr2_0 + q25.w * sr3_0;
-        acc[51] += q25.x * sr0_1 + q25.y * sr1_1 + q25.z * sr2_1 + q25.w * sr3_1;
-        let q26 = subgroupShuffle(qb3, 2u);
-        acc[52] += q26.x * sr0_0 + q26.y * sr1_0 + q26.z * sr2_0 + q26.w * sr3_0;
-        acc[53] += q26.x * sr0_1 + q26.y * sr1_1 + q26.z * sr2_1 + q26.w * sr3_1;
-        let q27 = subgroupShuffle(qb3, 3u);
-        acc[54] += q27.x * sr0_0 + q27.y * sr1_0 + q27.z * sr2_0 + q27.w * sr3_0;
-        acc[55] += q27.x * sr0_1 + q27.y * sr1_1 + q27.z * sr2_1 + q27.w * sr3_1;
-        let q28 = subgroupShuffle(qb3, 4u);
-        acc[56] += q28.x * sr0_0 + q28.y * sr1_0 + q28.z * sr2_0 + q28.w * sr3_0;
-        acc[57] += q28.x * sr0_1 + q28.y * sr1_1 + q28.z * sr2_1 + q28.w * sr3_1;
-        let q29 = subgroupShuffle(qb3, 5u);
-        acc[58] += q29.x * sr0_0 + q29.y * sr1_0 + q29.z * sr2_0 + q29.w * sr3_0;
-        acc[59] += q29.x * sr0_1 + q29.y * sr1_1 + q29.z * sr2_1 + q29.w * sr3_1;
-        let q30 = subgroupShuffle(qb3, 6u);
-        acc[60] += q30.x * sr0_0 + q30.y * sr1_0 + q30.z * sr2_0 + q30.w * sr3_0;
-        acc[61] += q30.x * sr0_1 + q30.y * sr1_1 + q30.z * sr2_1 + q30.w * sr3_1;
-        let q31 = subgroupShuffle(qb3, 7u);
-        acc[62] += q31.x * sr0_0 + q31.y * sr1_0 + q31.z * sr2_0 + q31.w * sr3_0;
-        acc[63] += q31.x * sr0_1 + q31.y * sr1_1 + q31.z * sr2_1 + q31.w * sr3_1;
+    // a few chunks per workgroup: lavapipe's cost per workgroup is not small
+    for (var ci = 0u; ci < 4u; ci++) {
+        let c = c0 + ci;
+        if c >= p.chunk.y || c * C >= len {
+            break;
+        }
+        let tc = t0 + c * C;
+        let nt = min(C, len - c * C);
+        let glob = (p.flags & F_GLOBAL) != 0u;
+        let sbase = (n * p.hv + hv) * p.chunk.z + (c - p.chunk.x) * p.chunk.w + col0 / 4u;
+        var acc: array<vec4<f32>, 64>; // [token][group]: o_t, this lane's columns
+        var a0: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 0, t = 4i .. 4i + 4
+        var a1: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 8, t = 4i .. 4i + 4
+        var a2: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 16, t = 4i .. 4i + 4
+        var a3: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 24, t = 4i .. 4i + 4
+        for (var f = 0u; f < p.f; f += 4u) {
+            let sr0_0 = states[sbase + (f + 0u) * W4 + 0u];
+            let sr0_1 = states[sbase + (f + 0u) * W4 + 8u];
+            let sr1_0 = states[sbase + (f + 1u) * W4 + 0u];
+            let sr1_1 = states[sbase + (f + 1u) * W4 + 8u];
+            let sr2_0 = states[sbase + (f + 2u) * W4 + 0u];
+            let sr2_1 = states[sbase + (f + 2u) * W4 + 8u];
+            let sr3_0 = states[sbase + (f + 3u) * W4 + 0u];
+            let sr3_1 = states[sbase + (f + 3u) * W4 + 8u];
+            let okm0 = lane + 0u < nt;
+            let qb0 = feat(ld4_q(b, tc + lane + 0u, hq, f, okm0), okk(okm0, f)) * p.scale;
+            let kb0 = feat(ld4_k(b, tc + lane + 0u, hq, f, okm0), okk(okm0, f));
+            let okm1 = lane + 8u < nt;
+            let qb1 = feat(ld4_q(b, tc + lane + 8u, hq, f, okm1), okk(okm1, f)) * p.scale;
+            let kb1 = feat(ld4_k(b, tc + lane + 8u, hq, f, okm1), okk(okm1, f));
+            let okm2 = lane + 16u < nt;
+            let qb2 = feat(ld4_q(b, tc + lane + 16u, hq, f, okm2), okk(okm2, f)) * p.scale;
+            let kb2 = feat(ld4_k(b, tc + lane + 16u, hq, f, okm2), okk(okm2, f));
+            let okm3 = lane + 24u < nt;
+            let qb3 = feat(ld4_q(b, tc + lane + 24u, hq, f, okm3), okk(okm3, f)) * p.scale;
+            let kb3 = feat(ld4_k(b, tc + lane + 24u, hq, f, okm3), okk(okm3, f));
+            let q0 = subgroupShuffle(qb0, 0u);
+            acc[0] += q0.x * sr0_0 + q0.y * sr1_0 + q0.z * sr2_0 + q0.w * sr3_0;
+            acc[1] += q0.x * sr0_1 + q0.y * sr1_1 + q0.z * sr2_1 + q0.w * sr3_1;
+            let q1 = subgroupShuffle(qb0, 1u);
+            acc[2] += q1.x * sr0_0 + q1.y * sr1_0 + q1.z * sr2_0 + q1.w * sr3_0;
+            acc[3] += q1.x * sr0_1 + q1.y * sr1_1 + q1.z * sr2_1 + q1.w * sr3_1;
+            let q2 = subgroupShuffle(qb0, 2u);
+            acc[4] += q2.x * sr0_0 + q2.y * sr1_0 + q2.z * sr2_0 + q2.w * sr3_0;
+            acc[5] += q2.x * sr0_1 + q2.y * sr1_1 + q2.z * sr2_1 + q2.w * sr3_1;
+            let q3 = subgroupShuffle(qb0, 3u);
+            acc[6] += q3.x * sr0_0 + q3.y * sr1_0 + q3.z * sr2_0 + q3.w * sr3_0;
+            acc[7] += q3.x * sr0_1 + q3.y * sr1_1 + q3.z * sr2_1 + q3.w * sr3_1;
+            let q4 = subgroupShuffle(qb0, 4u);
+            acc[8] += q4.x * sr0_0 + q4.y * sr1_0 + q4.z * sr2_0 + q4.w * sr3_0;
+            acc[9] += q4.x * sr0_1 + q4.y * sr1_1 + q4.z * sr2_1 + q4.w * sr3_1;
+            let q5 = subgroupShuffle(qb0, 5u);
+            acc[10] += q5.x * sr0_0 + q5.y * sr1_0 + q5.z * sr2_0 + q5.w * sr3_0;
+            acc[11] += q5.x * sr0_1 + q5.y * sr1_1 + q5.z * sr2_1 + q5.w * sr3_1;
+            let q6 = subgroupShuffle(qb0, 6u);
+            acc[12] += q6.x * sr0_0 + q6.y * sr1_0 + q6.z * sr2_0 + q6.w * sr3_0;
+            acc[13] += q6.x * sr0_1 + q6.y * sr1_1 + q6.z * sr2_1 + q6.w * sr3_1;
+            let q7 = subgroupShuffle(qb0, 7u);
+            acc[14] += q7.x * sr0_0 + q7.y * sr1_0 + q7.z * sr2_0 + q7.w * sr3_0;
+            acc[15] += q7.x * sr0_1 + q7.y * sr1_1 + q7.z * sr2_1 + q7.w * sr3_1;
+            let q8 = subgroupShuffle(qb1, 0u);
+            acc[16] += q8.x * sr0_0 + q8.y * sr1_0 + q8.z * sr2_0 + q8.w * sr3_0;
+            acc[17] += q8.x * sr0_1 + q8.y * sr1_1 + q8.z * sr2_1 + q8.w * sr3_1;
+            let q9 = subgroupShuffle(qb1, 1u);
+            acc[18] += q9.x * sr0_0 + q9.y * sr1_0 + q9.z * sr2_0 + q9.w * sr3_0;
+            acc[19] += q9.x * sr0_1 + q9.y * sr1_1 + q9.z * sr2_1 + q9.w * sr3_1;
+            let q10 = subgroupShuffle(qb1, 2u);
+            acc[20] += q10.x * sr0_0 + q10.y * sr1_0 + q10.z * sr2_0 + q10.w * sr3_0;
+            acc[21] += q10.x * sr0_1 + q10.y * sr1_1 + q10.z * sr2_1 + q10.w * sr3_1;
+            let q11 = subgroupShuffle(qb1, 3u);
+            acc[22] += q11.x * sr0_0 + q11.y * sr1_0 + q11.z * sr2_0 + q11.w * sr3_0;
+            acc[23] += q11.x * sr0_1 + q11.y * sr1_1 + q11.z * sr2_1 + q11.w * sr3_1;
+            let q12 = subgroupShuffle(qb1, 4u);
+            acc[24] += q12.x * sr0_0 + q12.y * sr1_0 + q12.z * sr2_0 + q12.w * sr3_0;
+            acc[25] += q12.x * sr0_1 + q12.y * sr1_1 + q12.z * sr2_1 + q12.w * sr3_1;
+            let q13 = subgroupShuffle(qb1, 5u);
+            acc[26] += q13.x * sr0_0 + q13.y * sr1_0 + q13.z * sr2_0 + q13.w * sr3_0;
+            acc[27] += q13.x * sr0_1 + q13.y * sr1_1 + q13.z * sr2_1 + q13.w * sr3_1;
+            let q14 = subgroupShuffle(qb1, 6u);
+            acc[28] += q14.x * sr0_0 + q14.y * sr1_0 + q14.z * sr2_0 + q14.w * sr3_0;
+            acc[29] += q14.x * sr0_1 + q14.y * sr1_1 + q14.z * sr2_1 + q14.w * sr3_1;
+            let q15 = subgroupShuffle(qb1, 7u);
+            acc[30] += q15.x * sr0_0 + q15.y * sr1_0 + q15.z * sr2_0 + q15.w * sr3_0;
+            acc[31] += q15.x * sr0_1 + q15.y * sr1_1 + q15.z * sr2_1 + q15.w * sr3_1;
+            let q16 = subgroupShuffle(qb2, 0u);
+            acc[32] += q16.x * sr0_0 + q16.y * sr1_0 + q16.z * sr2_0 + q16.w * sr3_0;
+            acc[33] += q16.x * sr0_1 + q16.y * sr1_1 + q16.z * sr2_1 + q16.w * sr3_1;
+            let q17 = subgroupShuffle(qb2, 1u);
+            acc[34] += q17.x * sr0_0 + q17.y * sr1_0 + q17.z * sr2_0 + q17.w * sr3_0;
+            acc[35] += q17.x * sr0_1 + q17.y * sr1_1 + q17.z * sr2_1 + q17.w * sr3_1;
+            let q18 = subgroupShuffle(qb2, 2u);
+            acc[36] += q18.x * sr0_0 + q18.y * sr1_0 + q18.z * sr2_0 + q18.w * sr3_0;
+            acc[37] += q18.x * sr0_1 + q18.y * sr1_1 + q18.z * sr2_1 + q18.w * sr3_1;
+            let q19 = subgroupShuffle(qb2, 3u);
+            acc[38] += q19.x * sr0_0 + q19.y * sr1_0 + q19.z * sr2_0 + q19.w * sr3_0;
+            acc[39] += q19.x * sr0_1 + q19.y * sr1_1 + q19.z * sr2_1 + q19.w * sr3_1;
+            let q20 = subgroupShuffle(qb2, 4u);
+            acc[40] += q20.x * sr0_0 + q20.y * sr1_0 + q20.z * sr2_0 + q20.w * sr3_0;
+            acc[41] += q20.x * sr0_1 + q20.y * sr1_1 + q20.z * sr2_1 + q20.w * sr3_1;
+            let q21 = subgroupShuffle(qb2, 5u);
+            acc[42] += q21.x * sr0_0 + q21.y * sr1_0 + q21.z * sr2_0 + q21.w * sr3_0;
+            acc[43] += q21.x * sr0_1 + q21.y * sr1_1 + q21.z * sr2_1 + q21.w * sr3_1;
+            let q22 = subgroupShuffle(qb2, 6u);
+            acc[44] += q22.x * sr0_0 + q22.y * sr1_0 + q22.z * sr2_0 + q22.w * sr3_0;
+            acc[45] += q22.x * sr0_1 + q22.y * sr1_1 + q22.z * sr2_1 + q22.w * sr3_1;
+            let q23 = subgroupShuffle(qb2, 7u);
+            acc[46] += q23.x * sr0_0 + q23.y * sr1_0 + q23.z * sr2_0 + q23.w * sr3_0;
+            acc[47] += q23.x * sr0_1 + q23.y * sr1_1 + q23.z * sr2_1 + q23.w * sr3_1;
+            let q24 = subgroupShuffle(qb3, 0u);
+            acc[48] += q24.x * sr0_0 + q24.y * sr1_0 + q24.z * sr2_0 + q24.w * sr3_0;
+            acc[49] += q24.x * sr0_1 + q24.y * sr1_1 + q24.z * sr2_1 + q24.w * sr3_1;
+            let q25 = subgroupShuffle(qb3, 1u);
+            acc[50] += q25.x * sr0_0 + q25.y * sr1_0 + q25.z * sr2_0 + q25.w * sr3_0;
+            acc[51] += q25.x * sr0_1 + q25.y * sr1_1 + q25.z * sr2_1 + q25.w * sr3_1;
+            let q26 = subgroupShuffle(qb3, 2u);
+            acc[52] += q26.x * sr0_0 + q26.y * sr1_0 + q26.z * sr2_0 + q26.w * sr3_0;
+            acc[53] += q26.x * sr0_1 + q26.y * sr1_1 + q26.z * sr2_1 + q26.w * sr3_1;
+            let q27 = subgroupShuffle(qb3, 3u);
+            acc[54] += q27.x * sr0_0 + q27.y * sr1_0 + q27.z * sr2_0 + q27.w * sr3_0;
+            acc[55] += q27.x * sr0_1 + q27.y * sr1_1 + q27.z * sr2_1 + q27.w * sr3_1;
+            let q28 = subgroupShuffle(qb3, 4u);
+            acc[56] += q28.x * sr0_0 + q28.y * sr1_0 + q28.z * sr2_0 + q28.w * sr3_0;
+            acc[57] += q28.x * sr0_1 + q28.y * sr1_1 + q28.z * sr2_1 + q28.w * sr3_1;
+            let q29 = subgroupShuffle(qb3, 5u);
+            acc[58] += q29.x * sr0_0 + q29.y * sr1_0 + q29.z * sr2_0 + q29.w * sr3_0;
+            acc[59] += q29.x * sr0_1 + q29.y * sr1_1 + q29.z * sr2_1 + q29.w * sr3_1;
+            let q30 = subgroupShuffle(qb3, 6u);
+            acc[60] += q30.x * sr0_0 + q30.y * sr1_0 + q30.z * sr2_0 + q30.w * sr3_0;
+            acc[61] += q30.x * sr0_1 + q30.y * sr1_1 + q30.z * sr2_1 + q30.w * sr3_1;
+            let q31 = subgroupShuffle(qb3, 7u);
+            acc[62] += q31.x * sr0_0 + q31.y * sr1_0 + q31.z * sr2_0 + q31.w * sr3_0;
+            acc[63] += q31.x * sr0_1 + q31.y * sr1_1 + q31.z * sr2_1 + q31.w * sr3_1;
+            if !glob {
+                a0[0].x += dot(q0, kb0);
+                a0[0].y += dot(q1, kb0);
+                a0[0].z += dot(q2, kb0);
+                a0[0].w += dot(q3, kb0);
+                a0[1].x += dot(q4, kb0);
+                a0[1].y += dot(q5, kb0);
+                a0[1].z += dot(q6, kb0);
+                a0[1].w += dot(q7, kb0);
+                a0[2].x += dot(q8, kb0);
+                a1[2].x += dot(q8, kb1);
+                a0[2].y += dot(q9, kb0);
+                a1[2].y += dot(q9, kb1);
+                a0[2].z += dot(q10, kb0);
+                a1[2].z += dot(q10, kb1);
+                a0[2].w += dot(q11, kb0);
+                a1[2].w += dot(q11, kb1);
+                a0[3].x += dot(q12, kb0);
+                a1[3].x += dot(q12, kb1);
+                a0[3].y += dot(q13, kb0);
+                a1[3].y += dot(q13, kb1);
+                a0[3].z += dot(q14, kb0);
+                a1[3].z += dot(q14, kb1);
+                a0[3].w += dot(q15, kb0);
+                a1[3].w += dot(q15, kb1);
+                a0[4].x += dot(q16, kb0);
+                a1[4].x += dot(q16, kb1);
+                a2[4].x += dot(q16, kb2);
+                a0[4].y += dot(q17, kb0);
+                a1[4].y += dot(q17, kb1);
+                a2[4].y += dot(q17, kb2);
+                a0[4].z += dot(q18, kb0);
+                a1[4].z += dot(q18, kb1);
+                a2[4].z += dot(q18, kb2);
+                a0[4].w += dot(q19, kb0);
+                a1[4].w += dot(q19, kb1);
+                a2[4].w += dot(q19, kb2);
+                a0[5].x += dot(q20, kb0);
+                a1[5].x += dot(q20, kb1);
+                a2[5].x += dot(q20, kb2);
+                a0[5].y += dot(q21, kb0);
+                a1[5].y += dot(q21, kb1);
+                a2[5].y += dot(q21, kb2);
+                a0[5].z += dot(q22, kb0);
+                a1[5].z += dot(q22, kb1);
+                a2[5].z += dot(q22, kb2);
+                a0[5].w += dot(q23, kb0);
+                a1[5].w += dot(q23, kb1);
+                a2[5].w += dot(q23, kb2);
+                a0[6].x += dot(q24, kb0);
+                a1[6].x += dot(q24, kb1);
+                a2[6].x += dot(q24, kb2);
+                a3[6].x += dot(q24, kb3);
+                a0[6].y += dot(q25, kb0);
+                a1[6].y += dot(q25, kb1);
+                a2[6].y += dot(q25, kb2);
+                a3[6].y += dot(q25, kb3);
+                a0[6].z += dot(q26, kb0);
+                a1[6].z += dot(q26, kb1);
+                a2[6].z += dot(q26, kb2);
+                a3[6].z += dot(q26, kb3);
+                a0[6].w += dot(q27, kb0);
+                a1[6].w += dot(q27, kb1);
+                a2[6].w += dot(q27, kb2);
+                a3[6].w += dot(q27, kb3);
+                a0[7].x += dot(q28, kb0);
+                a1[7].x += dot(q28, kb1);
+                a2[7].x += dot(q28, kb2);
+                a3[7].x += dot(q28, kb3);
+                a0[7].y += dot(q29, kb0);
+                a1[7].y += dot(q29, kb1);
+                a2[7].y += dot(q29, kb2);
+                a3[7].y += dot(q29, kb3);
+                a0[7].z += dot(q30, kb0);
+                a1[7].z += dot(q30, kb1);
+                a2[7].z += dot(q30, kb2);
+                a3[7].z += dot(q30, kb3);
+                a0[7].w += dot(q31, kb0);
+                a1[7].w += dot(q31, kb1);
+                a2[7].w += dot(q31, kb2);
+                a3[7].w += dot(q31, kb3);
+            }
+        }
+        let gl = vec4<f32>(ld_g(b, tc + lane + 0u, hv, 0u, lane + 0u < nt), ld_g(b, tc + lane + 8u, hv, 0u, lane + 8u < nt), ld_g(b, tc + lane + 16u, hv, 0u, lane + 16u < nt), ld_g(b, tc + lane + 24u, hv, 0u, lane + 24u < nt));
+        var run = 0.0;
+        run += subgroupShuffle(gl[0], 0u);
+        let b0 = run;
+        let e0 = exp(b0);
+        acc[0] *= e0;
+        acc[1] *= e0;
+        run += subgroupShuffle(gl[0], 1u);
+        let b1 = run;
+        let e1 = exp(b1);
+        acc[2] *= e1;
+        acc[3] *= e1;
+        run += subgroupShuffle(gl[0], 2u);
+        let b2 = run;
+        let e2 = exp(b2);
+        acc[4] *= e2;
+        acc[5] *= e2;
+        run += subgroupShuffle(gl[0], 3u);
+        let b3 = run;
+        let e3 = exp(b3);
+        acc[6] *= e3;
+        acc[7] *= e3;
+        run += subgroupShuffle(gl[0], 4u);
+        let b4 = run;
+        let e4 = exp(b4);
+        acc[8] *= e4;
+        acc[9] *= e4;
+        run += subgroupShuffle(gl[0], 5u);
+        let b5 = run;
+        let e5 = exp(b5);
+        acc[10] *= e5;
+        acc[11] *= e5;
+        run += subgroupShuffle(gl[0], 6u);
+        let b6 = run;
+        let e6 = exp(b6);
+        acc[12] *= e6;
+        acc[13] *= e6;
+        run += subgroupShuffle(gl[0], 7u);
+        let b7 = run;
+        let e7 = exp(b7);
+        acc[14] *= e7;
+        acc[15] *= e7;
+        run += subgroupShuffle(gl[1], 0u);
+        let b8 = run;
+        let e8 = exp(b8);
+        acc[16] *= e8;
+        acc[17] *= e8;
+        run += subgroupShuffle(gl[1], 1u);
+        let b9 = run;
+        let e9 = exp(b9);
+        acc[18] *= e9;
+        acc[19] *= e9;
+        run += subgroupShuffle(gl[1], 2u);
+        let b10 = run;
+        let e10 = exp(b10);
+        acc[20] *= e10;
+        acc[21] *= e10;
+        run += subgroupShuffle(gl[1], 3u);
+        let b11 = run;
+        let e11 = exp(b11);
+        acc[22] *= e11;
+        acc[23] *= e11;
+        run += subgroupShuffle(gl[1], 4u);
+        let b12 = run;
+        let e12 = exp(b12);
+        acc[24] *= e12;
+        acc[25] *= e12;
+        run += subgroupShuffle(gl[1], 5u);
+        let b13 = run;
+        let e13 = exp(b13);
+        acc[26] *= e13;
+        acc[27] *= e13;
+        run += subgroupShuffle(gl[1], 6u);
+        let b14 = run;
+        let e14 = exp(b14);
+        acc[28] *= e14;
+        acc[29] *= e14;
+        run += subgroupShuffle(gl[1], 7u);
+        let b15 = run;
+        let e15 = exp(b15);
+        acc[30] *= e15;
+        acc[31] *= e15;
+        run += subgroupShuffle(gl[2], 0u);
+        let b16 = run;
+        let e16 = exp(b16);
+        acc[32] *= e16;
+        acc[33] *= e16;
+        run += subgroupShuffle(gl[2], 1u);
+        let b17 = run;
+        let e17 = exp(b17);
+        acc[34] *= e17;
+        acc[35] *= e17;
+        run += subgroupShuffle(gl[2], 2u);
+        let b18 = run;
+        let e18 = exp(b18);
+        acc[36] *= e18;
+        acc[37] *= e18;
+        run += subgroupShuffle(gl[2], 3u);
+        let b19 = run;
+        let e19 = exp(b19);
+        acc[38] *= e19;
+        acc[39] *= e19;
+        run += subgroupShuffle(gl[2], 4u);
+        let b20 = run;
+        let e20 = exp(b20);
+        acc[40] *= e20;
+        acc[41] *= e20;
+        run += subgroupShuffle(gl[2], 5u);
+        let b21 = run;
+        let e21 = exp(b21);
+        acc[42] *= e21;
+        acc[43] *= e21;
+        run += subgroupShuffle(gl[2], 6u);
+        let b22 = run;
+        let e22 = exp(b22);
+        acc[44] *= e22;
+        acc[45] *= e22;
+        run += subgroupShuffle(gl[2], 7u);
+        let b23 = run;
+        let e23 = exp(b23);
+        acc[46] *= e23;
+        acc[47] *= e23;
+        run += subgroupShuffle(gl[3], 0u);
+        let b24 = run;
+        let e24 = exp(b24);
+        acc[48] *= e24;
+        acc[49] *= e24;
+        run += subgroupShuffle(gl[3], 1u);
+        let b25 = run;
+        let e25 = exp(b25);
+        acc[50] *= e25;
+        acc[51] *= e25;
+        run += subgroupShuffle(gl[3], 2u);
+        let b26 = run;
+        let e26 = exp(b26);
+        acc[52] *= e26;
+        acc[53] *= e26;
+        run += subgroupShuffle(gl[3], 3u);
+        let b27 = run;
+        let e27 = exp(b27);
+        acc[54] *= e27;
+        acc[55] *= e27;
+        run += subgroupShuffle(gl[3], 4u);
+        let b28 = run;
+        let e28 = exp(b28);
+        acc[56] *= e28;
+        acc[57] *= e28;
+        run += subgroupShuffle(gl[3], 5u);
+        let b29 = run;
+        let e29 = exp(b29);
+        acc[58] *= e29;
+        acc[59] *= e29;
+        run += subgroupShuffle(gl[3], 6u);
+        let b30 = run;
+        let e30 = exp(b30);
+        acc[60] *= e30;
+        acc[61] *= e30;
+        run += subgroupShuffle(gl[3], 7u);
+        let b31 = run;
+        let e31 = exp(b31);
+        acc[62] *= e31;
+        acc[63] *= e31;
+        var bs = vec4<f32>(b0, b8, b16, b24);
+        bs = select(bs, vec4<f32>(b1, b9, b17, b25), lane == 1u);
+        bs = select(bs, vec4<f32>(b2, b10, b18, b26), lane == 2u);
+        bs = select(bs, vec4<f32>(b3, b11, b19, b27), lane == 3u);
+        bs = select(bs, vec4<f32>(b4, b12, b20, b28), lane == 4u);
+        bs = select(bs, vec4<f32>(b5, b13, b21, b29), lane == 5u);
+        bs = select(bs, vec4<f32>(b6, b14, b22, b30), lane == 6u);
+        bs = select(bs, vec4<f32>(b7, b15, b23, b31), lane == 7u);
         if !glob {
-            a0[0].x += dot(q0, kb0);
-            a1[0].x += dot(q0, kb1);
-            a2[0].x += dot(q0, kb2);
-            a3[0].x += dot(q0, kb3);
-            a0[0].y += dot(q1, kb0);
-            a1[0].y += dot(q1, kb1);
-            a2[0].y += dot(q1, kb2);
-            a3[0].y += dot(q1, kb3);
-            a0[0].z += dot(q2, kb0);
-            a1[0].z += dot(q2, kb1);
-            a2[0].z += dot(q2, kb2);
-            a3[0].z += dot(q2, kb3);
-            a0[0].w += dot(q3, kb0);
-            a1[0].w += dot(q3, kb1);
-            a2[0].w += dot(q3, kb2);
-            a3[0].w += dot(q3, kb3);
-            a0[1].x += dot(q4, kb0);
-            a1[1].x += dot(q4, kb1);
-            a2[1].x += dot(q4, kb2);
-            a3[1].x += dot(q4, kb3);
-            a0[1].y += dot(q5, kb0);
-            a1[1].y += dot(q5, kb1);
-            a2[1].y += dot(q5, kb2);
-            a3[1].y += dot(q5, kb3);
-            a0[1].z += dot(q6, kb0);
-            a1[1].z += dot(q6, kb1);
-            a2[1].z += dot(q6, kb2);
-            a3[1].z += dot(q6, kb3);
-            a0[1].w += dot(q7, kb0);
-            a1[1].w += dot(q7, kb1);
-            a2[1].w += dot(q7, kb2);
-            a3[1].w += dot(q7, kb3);
-            a0[2].x += dot(q8, kb0);
-            a1[2].x += dot(q8, kb1);
-            a2[2].x += dot(q8, kb2);
-            a3[2].x += dot(q8, kb3);
-            a0[2].y += dot(q9, kb0);
-            a1[2].y += dot(q9, kb1);
-            a2[2].y += dot(q9, kb2);
-            a3[2].y += dot(q9, kb3);
-            a0[2].z += dot(q10, kb0);
-            a1[2].z += dot(q10, kb1);
-            a2[2].z += dot(q10, kb2);
-            a3[2].z += dot(q10, kb3);
-            a0[2].w += dot(q11, kb0);
-            a1[2].w += dot(q11, kb1);
-            a2[2].w += dot(q11, kb2);
-            a3[2].w += dot(q11, kb3);
-            a0[3].x += dot(q12, kb0);
-            a1[3].x += dot(q12, kb1);
-            a2[3].x += dot(q12, kb2);
-            a3[3].x += dot(q12, kb3);
-            a0[3].y += dot(q13, kb0);
-            a1[3].y += dot(q13, kb1);
-            a2[3].y += dot(q13, kb2);
-            a3[3].y += dot(q13, kb3);
-            a0[3].z += dot(q14, kb0);
-            a1[3].z += dot(q14, kb1);
-            a2[3].z += dot(q14, kb2);
-            a3[3].z += dot(q14, kb3);
-            a0[3].w += dot(q15, kb0);
-            a1[3].w += dot(q15, kb1);
-            a2[3].w += dot(q15, kb2);
-            a3[3].w += dot(q15, kb3);
-            a0[4].x += dot(q16, kb0);
-            a1[4].x += dot(q16, kb1);
-            a2[4].x += dot(q16, kb2);
-            a3[4].x += dot(q16, kb3);
-            a0[4].y += dot(q17, kb0);
-            a1[4].y += dot(q17, kb1);
-            a2[4].y += dot(q17, kb2);
-            a3[4].y += dot(q17, kb3);
-            a0[4].z += dot(q18, kb0);
-            a1[4].z += dot(q18, kb1);
-            a2[4].z += dot(q18, kb2);
-            a3[4].z += dot(q18, kb3);
-            a0[4].w += dot(q19, kb0);
-            a1[4].w += dot(q19, kb1);
-            a2[4].w += dot(q19, kb2);
-            a3[4].w += dot(q19, kb3);
-            a0[5].x += dot(q20, kb0);
-            a1[5].x += dot(q20, kb1);
-            a2[5].x += dot(q20, kb2);
-            a3[5].x += dot(q20, kb3);
-            a0[5].y += dot(q21, kb0);
-            a1[5].y += dot(q21, kb1);
-            a2[5].y += dot(q21, kb2);
-            a3[5].y += dot(q21, kb3);
-            a0[5].z += dot(q22, kb0);
-            a1[5].z += dot(q22, kb1);
-            a2[5].z += dot(q22, kb2);
-            a3[5].z += dot(q22, kb3);
-            a0[5].w += dot(q23, kb0);
-            a1[5].w += dot(q23, kb1);
-            a2[5].w += dot(q23, kb2);
-            a3[5].w += dot(q23, kb3);
-            a0[6].x += dot(q24, kb0);
-            a1[6].x += dot(q24, kb1);
-            a2[6].x += dot(q24, kb2);
-            a3[6].x += dot(q24, kb3);
-            a0[6].y += dot(q25, kb0);
-            a1[6].y += dot(q25, kb1);
-            a2[6].y += dot(q25, kb2);
-            a3[6].y += dot(q25, kb3);
-            a0[6].z += dot(q26, kb0);
-            a1[6].z += dot(q26, kb1);
-            a2[6].z += dot(q26, kb2);
-            a3[6].z += dot(q26, kb3);
-            a0[6].w += dot(q27, kb0);
-            a1[6].w += dot(q27, kb1);
-            a2[6].w += dot(q27, kb2);
-            a3[6].w += dot(q27, kb3);
-            a0[7].x += dot(q28, kb0);
-            a1[7].x += dot(q28, kb1);
-            a2[7].x += dot(q28, kb2);
-            a3[7].x += dot(q28, kb3);
-            a0[7].y += dot(q29, kb0);
-            a1[7].y += dot(q29, kb1);
-            a2[7].y += dot(q29, kb2);
-            a3[7].y += dot(q29, kb3);
-            a0[7].z += dot(q30, kb0);
-            a1[7].z += dot(q30, kb1);
-            a2[7].z += dot(q30, kb2);
-            a3[7].z += dot(q30, kb3);
-            a0[7].w += dot(q31, kb0);
-            a1[7].w += dot(q31, kb1);
-            a2[7].w += dot(q31, kb2);
-            a3[7].w += dot(q31, kb3);
+            let sidx = vec4<u32>(lane, lane + 8u, lane + 16u, lane + 24u);
+            let sc0 = vec4<f32>(a0[0].x, a1[0].x, a2[0].x, a3[0].x);
+            let ms0 = select(vec4<f32>(0.0), sc0 * exp(min(vec4<f32>(b0) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(0u));
+            a0[0].x = ms0.x;
+            a1[0].x = ms0.y;
+            a2[0].x = ms0.z;
+            a3[0].x = ms0.w;
+            let sc1 = vec4<f32>(a0[0].y, a1[0].y, a2[0].y, a3[0].y);
+            let ms1 = select(vec4<f32>(0.0), sc1 * exp(min(vec4<f32>(b1) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(1u));
+            a0[0].y = ms1.x;
+            a1[0].y = ms1.y;
+            a2[0].y = ms1.z;
+            a3[0].y = ms1.w;
+            let sc2 = vec4<f32>(a0[0].z, a1[0].z, a2[0].z, a3[0].z);
+            let ms2 = select(vec4<f32>(0.0), sc2 * exp(min(vec4<f32>(b2) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(2u));
+            a0[0].z = ms2.x;
+            a1[0].z = ms2.y;
+            a2[0].z = ms2.z;
+            a3[0].z = ms2.w;
+            let sc3 = vec4<f32>(a0[0].w, a1[0].w, a2[0].w, a3[0].w);
+            let ms3 = select(vec4<f32>(0.0), sc3 * exp(min(vec4<f32>(b3) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(3u));
+            a0[0].w = ms3.x;
+            a1[0].w = ms3.y;
+            a2[0].w = ms3.z;
+            a3[0].w = ms3.w;
+            let sc4 = vec4<f32>(a0[1].x, a1[1].x, a2[1].x, a3[1].x);
+            let ms4 = select(vec4<f32>(0.0), sc4 * exp(min(vec4<f32>(b4) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(4u));
+            a0[1].x = ms4.x;
+            a1[1].x = ms4.y;
+            a2[1].x = ms4.z;
+            a3[1].x = ms4.w;
+            let sc5 = vec4<f32>(a0[1].y, a1[1].y, a2[1].y, a3[1].y);
+            let ms5 = select(vec4<f32>(0.0), sc5 * exp(min(vec4<f32>(b5) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(5u));
+            a0[1].y = ms5.x;
+            a1[1].y = ms5.y;
+            a2[1].y = ms5.z;
+            a3[1].y = ms5.w;
+            let sc6 = vec4<f32>(a0[1].z, a1[1].z, a2[1].z, a3[1].z);
+            let ms6 = select(vec4<f32>(0.0), sc6 * exp(min(vec4<f32>(b6) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(6u));
+            a0[1].z = ms6.x;
+            a1[1].z = ms6.y;
+            a2[1].z = ms6.z;
+            a3[1].z = ms6.w;
+            let sc7 = vec4<f32>(a0[1].w, a1[1].w, a2[1].w, a3[1].w);
+            let ms7 = select(vec4<f32>(0.0), sc7 * exp(min(vec4<f32>(b7) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(7u));
+            a0[1].w = ms7.x;
+            a1[1].w = ms7.y;
+            a2[1].w = ms7.z;
+            a3[1].w = ms7.w;
+            let sc8 = vec4<f32>(a0[2].x, a1[2].x, a2[2].x, a3[2].x);
+            let ms8 = select(vec4<f32>(0.0), sc8 * exp(min(vec4<f32>(b8) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(8u));
+            a0[2].x = ms8.x;
+            a1[2].x = ms8.y;
+            a2[2].x = ms8.z;
+            a3[2].x = ms8.w;
+            let sc9 = vec4<f32>(a0[2].y, a1[2].y, a2[2].y, a3[2].y);
+            let ms9 = select(vec4<f32>(0.0), sc9 * exp(min(vec4<f32>(b9) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(9u));
+            a0[2].y = ms9.x;
+            a1[2].y = ms9.y;
+            a2[2].y = ms9.z;
+            a3[2].y = ms9.w;
+            let sc10 = vec4<f32>(a0[2].z, a1[2].z, a2[2].z, a3[2].z);
+            let ms10 = select(vec4<f32>(0.0), sc10 * exp(min(vec4<f32>(b10) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(10u));
+            a0[2].z = ms10.x;
+            a1[2].z = ms10.y;
+            a2[2].z = ms10.z;
+            a3[2].z = ms10.w;
+            let sc11 = vec4<f32>(a0[2].w, a1[2].w, a2[2].w, a3[2].w);
+            let ms11 = select(vec4<f32>(0.0), sc11 * exp(min(vec4<f32>(b11) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(11u));
+            a0[2].w = ms11.x;
+            a1[2].w = ms11.y;
+            a2[2].w = ms11.z;
+            a3[2].w = ms11.w;
+            let sc12 = vec4<f32>(a0[3].x, a1[3].x, a2[3].x, a3[3].x);
+            let ms12 = select(vec4<f32>(0.0), sc12 * exp(min(vec4<f32>(b12) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(12u));
+            a0[3].x = ms12.x;
+            a1[3].x = ms12.y;
+            a2[3].x = ms12.z;
+            a3[3].x = ms12.w;
+            let sc13 = vec4<f32>(a0[3].y, a1[3].y, a2[3].y, a3[3].y);
+            let ms13 = select(vec4<f32>(0.0), sc13 * exp(min(vec4<f32>(b13) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(13u));
+            a0[3].y = ms13.x;
+            a1[3].y = ms13.y;
+            a2[3].y = ms13.z;
+            a3[3].y = ms13.w;
+            let sc14 = vec4<f32>(a0[3].z, a1[3].z, a2[3].z, a3[3].z);
+            let ms14 = select(vec4<f32>(0.0), sc14 * exp(min(vec4<f32>(b14) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(14u));
+            a0[3].z = ms14.x;
+            a1[3].z = ms14.y;
+            a2[3].z = ms14.z;
+            a3[3].z = ms14.w;
+            let sc15 = vec4<f32>(a0[3].w, a1[3].w, a2[3].w, a3[3].w);
+            let ms15 = select(vec4<f32>(0.0), sc15 * exp(min(vec4<f32>(b15) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(15u));
+            a0[3].w = ms15.x;
+            a1[3].w = ms15.y;
+            a2[3].w = ms15.z;
+            a3[3].w = ms15.w;
+            let sc16 = vec4<f32>(a0[4].x, a1[4].x, a2[4].x, a3[4].x);
+            let ms16 = select(vec4<f32>(0.0), sc16 * exp(min(vec4<f32>(b16) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(16u));
+            a0[4].x = ms16.x;
+            a1[4].x = ms16.y;
+            a2[4].x = ms16.z;
+            a3[4].x = ms16.w;
+            let sc17 = vec4<f32>(a0[4].y, a1[4].y, a2[4].y, a3[4].y);
+            let ms17 = select(vec4<f32>(0.0), sc17 * exp(min(vec4<f32>(b17) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(17u));
+            a0[4].y = ms17.x;
+            a1[4].y = ms17.y;
+            a2[4].y = ms17.z;
+            a3[4].y = ms17.w;
+            let sc18 = vec4<f32>(a0[4].z, a1[4].z, a2[4].z, a3[4].z);
+            let ms18 = select(vec4<f32>(0.0), sc18 * exp(min(vec4<f32>(b18) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(18u));
+            a0[4].z = ms18.x;
+            a1[4].z = ms18.y;
+            a2[4].z = ms18.z;
+            a3[4].z = ms18.w;
+            let sc19 = vec4<f32>(a0[4].w, a1[4].w, a2[4].w, a3[4].w);
+            let ms19 = select(vec4<f32>(0.0), sc19 * exp(min(vec4<f32>(b19) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(19u));
+            a0[4].w = ms19.x;
+            a1[4].w = ms19.y;
+            a2[4].w = ms19.z;
+            a3[4].w = ms19.w;
+            let sc20 = vec4<f32>(a0[5].x, a1[5].x, a2[5].x, a3[5].x);
+            let ms20 = select(vec4<f32>(0.0), sc20 * exp(min(vec4<f32>(b20) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(20u));
+            a0[5].x = ms20.x;
+            a1[5].x = ms20.y;
+            a2[5].x = ms20.z;
+            a3[5].x = ms20.w;
+            let sc21 = vec4<f32>(a0[5].y, a1[5].y, a2[5].y, a3[5].y);
+            let ms21 = select(vec4<f32>(0.0), sc21 * exp(min(vec4<f32>(b21) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(21u));
+            a0[5].y = ms21.x;
+            a1[5].y = ms21.y;
+            a2[5].y = ms21.z;
+            a3[5].y = ms21.w;
+            let sc22 = vec4<f32>(a0[5].z, a1[5].z, a2[5].z, a3[5].z);
+            let ms22 = select(vec4<f32>(0.0), sc22 * exp(min(vec4<f32>(b22) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(22u));
+            a0[5].z = ms22.x;
+            a1[5].z = ms22.y;
+            a2[5].z = ms22.z;
+            a3[5].z = ms22.w;
+            let sc23 = vec4<f32>(a0[5].w, a1[5].w, a2[5].w, a3[5].w);
+            let ms23 = select(vec4<f32>(0.0), sc23 * exp(min(vec4<f32>(b23) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(23u));
+            a0[5].w = ms23.x;
+            a1[5].w = ms23.y;
+            a2[5].w = ms23.z;
+            a3[5].w = ms23.w;
+            let sc24 = vec4<f32>(a0[6].x, a1[6].x, a2[6].x, a3[6].x);
+            let ms24 = select(vec4<f32>(0.0), sc24 * exp(min(vec4<f32>(b24) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(24u));
+            a0[6].x = ms24.x;
+            a1[6].x = ms24.y;
+            a2[6].x = ms24.z;
+            a3[6].x = ms24.w;
+            let sc25 = vec4<f32>(a0[6].y, a1[6].y, a2[6].y, a3[6].y);
+            let ms25 = select(vec4<f32>(0.0), sc25 * exp(min(vec4<f32>(b25) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(25u));
+            a0[6].y = ms25.x;
+            a1[6].y = ms25.y;
+            a2[6].y = ms25.z;
+            a3[6].y = ms25.w;
+            let sc26 = vec4<f32>(a0[6].z, a1[6].z, a2[6].z, a3[6].z);
+            let ms26 = select(vec4<f32>(0.0), sc26 * exp(min(vec4<f32>(b26) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(26u));
+            a0[6].z = ms26.x;
+            a1[6].z = ms26.y;
+            a2[6].z = ms26.z;
+            a3[6].z = ms26.w;
+            let sc27 = vec4<f32>(a0[6].w, a1[6].w, a2[6].w, a3[6].w);
+            let ms27 = select(vec4<f32>(0.0), sc27 * exp(min(vec4<f32>(b27) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(27u));
+            a0[6].w = ms27.x;
+            a1[6].w = ms27.y;
+            a2[6].w = ms27.z;
+            a3[6].w = ms27.w;
+            let sc28 = vec4<f32>(a0[7].x, a1[7].x, a2[7].x, a3[7].x);
+            let ms28 = select(vec4<f32>(0.0), sc28 * exp(min(vec4<f32>(b28) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(28u));
+            a0[7].x = ms28.x;
+            a1[7].x = ms28.y;
+            a2[7].x = ms28.z;
+            a3[7].x = ms28.w;
+            let sc29 = vec4<f32>(a0[7].y, a1[7].y, a2[7].y, a3[7].y);
+            let ms29 = select(vec4<f32>(0.0), sc29 * exp(min(vec4<f32>(b29) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(29u));
+            a0[7].y = ms29.x;
+            a1[7].y = ms29.y;
+            a2[7].y = ms29.z;
+            a3[7].y = ms29.w;
+            let sc30 = vec4<f32>(a0[7].z, a1[7].z, a2[7].z, a3[7].z);
+            let ms30 = select(vec4<f32>(0.0), sc30 * exp(min(vec4<f32>(b30) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(30u));
+            a0[7].z = ms30.x;
+            a1[7].z = ms30.y;
+            a2[7].z = ms30.z;
+            a3[7].z = ms30.w;
+            let sc31 = vec4<f32>(a0[7].w, a1[7].w, a2[7].w, a3[7].w);
+            let ms31 = select(vec4<f32>(0.0), sc31 * exp(min(vec4<f32>(b31) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(31u));
+            a0[7].w = ms31.x;
+            a1[7].w = ms31.y;
+            a2[7].w = ms31.z;
+            a3[7].w = ms31.w;
+            for (var j = 0u; j < 8u; j++) {
+                let v0_0 = ld4_v(b, tc + 0u + j, hv, col0 + 0u, 0u + j < nt);
+                let v0_1 = ld4_v(b, tc + 0u + j, hv, col0 + 32u, 0u + j < nt);
+                let x0_0 = subgroupShuffle(a0[0], j);
+                acc[0] += x0_0.x * v0_0;
+                acc[1] += x0_0.x * v0_1;
+                acc[2] += x0_0.y * v0_0;
+                acc[3] += x0_0.y * v0_1;
+                acc[4] += x0_0.z * v0_0;
+                acc[5] += x0_0.z * v0_1;
+                acc[6] += x0_0.w * v0_0;
+                acc[7] += x0_0.w * v0_1;
+                let x0_1 = subgroupShuffle(a0[1], j);
+                acc[8] += x0_1.x * v0_0;
+                acc[9] += x0_1.x * v0_1;
+                acc[10] += x0_1.y * v0_0;
+                acc[11] += x0_1.y * v0_1;
+                acc[12] += x0_1.z * v0_0;
+                acc[13] += x0_1.z * v0_1;
+                acc[14] += x0_1.w * v0_0;
+                acc[15] += x0_1.w * v0_1;
+                let x0_2 = subgroupShuffle(a0[2], j);
+                acc[16] += x0_2.x * v0_0;
+                acc[17] += x0_2.x * v0_1;
+                acc[18] += x0_2.y * v0_0;
+                acc[19] += x0_2.y * v0_1;
+                acc[20] += x0_2.z * v0_0;
+                acc[21] += x0_2.z * v0_1;
+                acc[22] += x0_2.w * v0_0;
+                acc[23] += x0_2.w * v0_1;
+                let x0_3 = subgroupShuffle(a0[3], j);
+                acc[24] += x0_3.x * v0_0;
+                acc[25] += x0_3.x * v0_1;
+                acc[26] += x0_3.y * v0_0;
+                acc[27] += x0_3.y * v0_1;
+                acc[28] += x0_3.z * v0_0;
+                acc[29] += x0_3.z * v0_1;
+                acc[30] += x0_3.w * v0_0;
+                acc[31] += x0_3.w * v0_1;
+                let x0_4 = subgroupShuffle(a0[4], j);
+                acc[32] += x0_4.x * v0_0;
+                acc[33] += x0_4.x * v0_1;
+                acc[34] += x0_4.y * v0_0;
+                acc[35] += x0_4.y * v0_1;
+                acc[36] += x0_4.z * v0_0;
+                acc[37] += x0_4.z * v0_1;
+                acc[38] += x0_4.w * v0_0;
+                acc[39] += x0_4.w * v0_1;
+                let x0_5 = subgroupShuffle(a0[5], j);
+                acc[40] += x0_5.x * v0_0;
+                acc[41] += x0_5.x * v0_1;
+                acc[42] += x0_5.y * v0_0;
+                acc[43] += x0_5.y * v0_1;
+                acc[44] += x0_5.z * v0_0;
+                acc[45] += x0_5.z * v0_1;
+                acc[46] += x0_5.w * v0_0;
+                acc[47] += x0_5.w * v0_1;
+                let x0_6 = subgroupShuffle(a0[6], j);
+                acc[48] += x0_6.x * v0_0;
+                acc[49] += x0_6.x * v0_1;
+                acc[50] += x0_6.y * v0_0;
+                acc[51] += x0_6.y * v0_1;
+                acc[52] += x0_6.z * v0_0;
+                acc[53] += x0_6.z * v0_1;
+                acc[54] += x0_6.w * v0_0;
+                acc[55] += x0_6.w * v0_1;
+                let x0_7 = subgroupShuffle(a0[7], j);
+                acc[56] += x0_7.x * v0_0;
+                acc[57] += x0_7.x * v0_1;
+                acc[58] += x0_7.y * v0_0;
+                acc[59] += x0_7.y * v0_1;
+                acc[60] += x0_7.z * v0_0;
+                acc[61] += x0_7.z * v0_1;
+                acc[62] += x0_7.w * v0_0;
+                acc[63] += x0_7.w * v0_1;
+                let v1_0 = ld4_v(b, tc + 8u + j, hv, col0 + 0u, 8u + j < nt);
+                let v1_1 = ld4_v(b, tc + 8u + j, hv, col0 + 32u, 8u + j < nt);
+                let x1_2 = subgroupShuffle(a1[2], j);
+                acc[16] += x1_2.x * v1_0;
+                acc[17] += x1_2.x * v1_1;
+                acc[18] += x1_2.y * v1_0;
+                acc[19] += x1_2.y * v1_1;
+                acc[20] += x1_2.z * v1_0;
+                acc[21] += x1_2.z * v1_1;
+                acc[22] += x1_2.w * v1_0;
+                acc[23] += x1_2.w * v1_1;
+                let x1_3 = subgroupShuffle(a1[3], j);
+                acc[24] += x1_3.x * v1_0;
+                acc[25] += x1_3.x * v1_1;
+                acc[26] += x1_3.y * v1_0;
+                acc[27] += x1_3.y * v1_1;
+                acc[28] += x1_3.z * v1_0;
+                acc[29] += x1_3.z * v1_1;
+                acc[30] += x1_3.w * v1_0;
+                acc[31] += x1_3.w * v1_1;
+                let x1_4 = subgroupShuffle(a1[4], j);
+                acc[32] += x1_4.x * v1_0;
+                acc[33] += x1_4.x * v1_1;
+                acc[34] += x1_4.y * v1_0;
+                acc[35] += x1_4.y * v1_1;
+                acc[36] += x1_4.z * v1_0;
+                acc[37] += x1_4.z * v1_1;
+                acc[38] += x1_4.w * v1_0;
+                acc[39] += x1_4.w * v1_1;
+                let x1_5 = subgroupShuffle(a1[5], j);
+                acc[40] += x1_5.x * v1_0;
+                acc[41] += x1_5.x * v1_1;
+                acc[42] += x1_5.y * v1_0;
+                acc[43] += x1_5.y * v1_1;
+                acc[44] += x1_5.z * v1_0;
+                acc[45] += x1_5.z * v1_1;
+                acc[46] += x1_5.w * v1_0;
+                acc[47] += x1_5.w * v1_1;
+                let x1_6 = subgroupShuffle(a1[6], j);
+                acc[48] += x1_6.x * v1_0;
+                acc[49] += x1_6.x * v1_1;
+                acc[50] += x1_6.y * v1_0;
+                acc[51] += x1_6.y * v1_1;
+                acc[52] += x1_6.z * v1_0;
+                acc[53] += x1_6.z * v1_1;
+                acc[54] += x1_6.w * v1_0;
+                acc[55] += x1_6.w * v1_1;
+                let x1_7 = subgroupShuffle(a1[7], j);
+                acc[56] += x1_7.x * v1_0;
+                acc[57] += x1_7.x * v1_1;
+                acc[58] += x1_7.y * v1_0;
+                acc[59] += x1_7.y * v1_1;
+                acc[60] += x1_7.z * v1_0;
+                acc[61] += x1_7.z * v1_1;
+                acc[62] += x1_7.w * v1_0;
+                acc[63] += x1_7.w * v1_1;
+                let v2_0 = ld4_v(b, tc + 16u + j, hv, col0 + 0u, 16u + j < nt);
+                let v2_1 = ld4_v(b, tc + 16u + j, hv, col0 + 32u, 16u + j < nt);
+                let x2_4 = subgroupShuffle(a2[4], j);
+                acc[32] += x2_4.x * v2_0;
+                acc[33] += x2_4.x * v2_1;
+                acc[34] += x2_4.y * v2_0;
+                acc[35] += x2_4.y * v2_1;
+                acc[36] += x2_4.z * v2_0;
+                acc[37] += x2_4.z * v2_1;
+                acc[38] += x2_4.w * v2_0;
+                acc[39] += x2_4.w * v2_1;
+                let x2_5 = subgroupShuffle(a2[5], j);
+                acc[40] += x2_5.x * v2_0;
+                acc[41] += x2_5.x * v2_1;
+                acc[42] += x2_5.y * v2_0;
+                acc[43] += x2_5.y * v2_1;
+                acc[44] += x2_5.z * v2_0;
+                acc[45] += x2_5.z * v2_1;
+                acc[46] += x2_5.w * v2_0;
+                acc[47] += x2_5.w * v2_1;
+                let x2_6 = subgroupShuffle(a2[6], j);
+                acc[48] += x2_6.x * v2_0;
+                acc[49] += x2_6.x * v2_1;
+                acc[50] += x2_6.y * v2_0;
+                acc[51] += x2_6.y * v2_1;
+                acc[52] += x2_6.z * v2_0;
+                acc[53] += x2_6.z * v2_1;
+                acc[54] += x2_6.w * v2_0;
+                acc[55] += x2_6.w * v2_1;
+                let x2_7 = subgroupShuffle(a2[7], j);
+                acc[56] += x2_7.x * v2_0;
+                acc[57] += x2_7.x * v2_1;
+                acc[58] += x2_7.y * v2_0;
+                acc[59] += x2_7.y * v2_1;
+                acc[60] += x2_7.z * v2_0;
+                acc[61] += x2_7.z * v2_1;
+                acc[62] += x2_7.w * v2_0;
+                acc[63] += x2_7.w * v2_1;
+                let v3_0 = ld4_v(b, tc + 24u + j, hv, col0 + 0u, 24u + j < nt);
+                let v3_1 = ld4_v(b, tc + 24u + j, hv, col0 + 32u, 24u + j < nt);
+                let x3_6 = subgroupShuffle(a3[6], j);
+                acc[48] += x3_6.x * v3_0;
+                acc[49] += x3_6.x * v3_1;
+                acc[50] += x3_6.y * v3_0;
+                acc[51] += x3_6.y * v3_1;
+                acc[52] += x3_6.z * v3_0;
+                acc[53] += x3_6.z * v3_1;
+                acc[54] += x3_6.w * v3_0;
+                acc[55] += x3_6.w * v3_1;
+                let x3_7 = subgroupShuffle(a3[7], j);
+                acc[56] += x3_7.x * v3_0;
+                acc[57] += x3_7.x * v3_1;
+                acc[58] += x3_7.y * v3_0;
+                acc[59] += x3_7.y * v3_1;
+                acc[60] += x3_7.z * v3_0;
+                acc[61] += x3_7.z * v3_1;
+                acc[62] += x3_7.w * v3_0;
+                acc[63] += x3_7.w * v3_1;
+            }
         }
-    }
-    let gl = vec4<f32>(ld_g(b, tc + lane + 0u, hv, 0u, lane + 0u < nt), ld_g(b, tc + lane + 8u, hv, 0u, lane + 8u < nt), ld_g(b, tc + lane + 16u, hv, 0u, lane + 16u < nt), ld_g(b, tc + lane + 24u, hv, 0u, lane + 24u < nt));
-    var run = 0.0;
-    run += subgroupShuffle(gl[0], 0u);
-    let b0 = run;
-    let e0 = exp(b0);
-    acc[0] *= e0;
-    acc[1] *= e0;
-    run += subgroupShuffle(gl[0], 1u);
-    let b1 = run;
-    let e1 = exp(b1);
-    acc[2] *= e1;
-    acc[3] *= e1;
-    run += subgroupShuffle(gl[0], 2u);
-    let b2 = run;
-    let e2 = exp(b2);
-    acc[4] *= e2;
-    acc[5] *= e2;
-    run += subgroupShuffle(gl[0], 3u);
-    let b3 = run;
-    let e3 = exp(b3);
-    acc[6] *= e3;
-    acc[7] *= e3;
-    run += subgroupShuffle(gl[0], 4u);
-    let b4 = run;
-    let e4 = exp(b4);
-    acc[8] *= e4;
-    acc[9] *= e4;
-    run += subgroupShuffle(gl[0], 5u);
-    let b5 = run;
-    let e5 = exp(b5);
-    acc[10] *= e5;
-    acc[11] *= e5;
-    run += subgroupShuffle(gl[0], 6u);
-    let b6 = run;
-    let e6 = exp(b6);
-    acc[12] *= e6;
-    acc[13] *= e6;
-    run += subgroupShuffle(gl[0], 7u);
-    let b7 = run;
-    let e7 = exp(b7);
-    acc[14] *= e7;
-    acc[15] *= e7;
-    run += subgroupShuffle(gl[1], 0u);
-    let b8 = run;
-    let e8 = exp(b8);
-    acc[16] *= e8;
-    acc[17] *= e8;
-    run += subgroupShuffle(gl[1], 1u);
-    let b9 = run;
-    let e9 = exp(b9);
-    acc[18] *= e9;
-    acc[19] *= e9;
-    run += subgroupShuffle(gl[1], 2u);
-    let b10 = run;
-    let e10 = exp(b10);
-    acc[20] *= e10;
-    acc[21] *= e10;
-    run += subgroupShuffle(gl[1], 3u);
-    let b11 = run;
-    let e11 = exp(b11);
-    acc[22] *= e11;
-    acc[23] *= e11;
-    run += subgroupShuffle(gl[1], 4u);
-    let b12 = run;
-    let e12 = exp(b12);
-    acc[24] *= e12;
-    acc[25] *= e12;
-    run += subgroupShuffle(gl[1], 5u);
-    let b13 = run;
-    let e13 = exp(b13);
-    acc[26] *= e13;
-    acc[27] *= e13;
-    run += subgroupShuffle(gl[1], 6u);
-    let b14 = run;
-    let e14 = exp(b14);
-    acc[28] *= e14;
-    acc[29] *= e14;
-    run += subgroupShuffle(gl[1], 7u);
-    let b15 = run;
-    let e15 = exp(b15);
-    acc[30] *= e15;
-    acc[31] *= e15;
-    run += subgroupShuffle(gl[2], 0u);
-    let b16 = run;
-    let e16 = exp(b16);
-    acc[32] *= e16;
-    acc[33] *= e16;
-    run += subgroupShuffle(gl[2], 1u);
-    let b17 = run;
-    let e17 = exp(b17);
-    acc[34] *= e17;
-    acc[35] *= e17;
-    run += subgroupShuffle(gl[2], 2u);
-    let b18 = run;
-    let e18 = exp(b18);
-    acc[36] *= e18;
-    acc[37] *= e18;
-    run += subgroupShuffle(gl[2], 3u);
-    let b19 = run;
-    let e19 = exp(b19);
-    acc[38] *= e19;
-    acc[39] *= e19;
-    run += subgroupShuffle(gl[2], 4u);
-    let b20 = run;
-    let e20 = exp(b20);
-    acc[40] *= e20;
-    acc[41] *= e20;
-    run += subgroupShuffle(gl[2], 5u);
-    let b21 = run;
-    let e21 = exp(b21);
-    acc[42] *= e21;
-    acc[43] *= e21;
-    run += subgroupShuffle(gl[2], 6u);
-    let b22 = run;
-    let e22 = exp(b22);
-    acc[44] *= e22;
-    acc[45] *= e22;
-    run += subgroupShuffle(gl[2], 7u);
-    let b23 = run;
-    let e23 = exp(b23);
-    acc[46] *= e23;
-    acc[47] *= e23;
-    run += subgroupShuffle(gl[3], 0u);
-    let b24 = run;
-    let e24 = exp(b24);
-    acc[48] *= e24;
-    acc[49] *= e24;
-    run += subgroupShuffle(gl[3], 1u);
-    let b25 = run;
-    let e25 = exp(b25);
-    acc[50] *= e25;
-    acc[51] *= e25;
-    run += subgroupShuffle(gl[3], 2u);
-    let b26 = run;
-    let e26 = exp(b26);
-    acc[52] *= e26;
-    acc[53] *= e26;
-    run += subgroupShuffle(gl[3], 3u);
-    let b27 = run;
-    let e27 = exp(b27);
-    acc[54] *= e27;
-    acc[55] *= e27;
-    run += subgroupShuffle(gl[3], 4u);
-    let b28 = run;
-    let e28 = exp(b28);
-    acc[56] *= e28;
-    acc[57] *= e28;
-    run += subgroupShuffle(gl[3], 5u);
-    let b29 = run;
-    let e29 = exp(b29);
-    acc[58] *= e29;
-    acc[59] *= e29;
-    run += subgroupShuffle(gl[3], 6u);
-    let b30 = run;
-    let e30 = exp(b30);
-    acc[60] *= e30;
-    acc[61] *= e30;
-    run += subgroupShuffle(gl[3], 7u);
-    let b31 = run;
-    let e31 = exp(b31);
-    acc[62] *= e31;
-    acc[63] *= e31;
-    var bs = vec4<f32>(b0, b8, b16, b24);
-    bs = select(bs, vec4<f32>(b1, b9, b17, b25), lane == 1u);
-    bs = select(bs, vec4<f32>(b2, b10, b18, b26), lane == 2u);
-    bs = select(bs, vec4<f32>(b3, b11, b19, b27), lane == 3u);
-    bs = select(bs, vec4<f32>(b4, b12, b20, b28), lane == 4u);
-    bs = select(bs, vec4<f32>(b5, b13, b21, b29), lane == 5u);
-    bs = select(bs, vec4<f32>(b6, b14, b22, b30), lane == 6u);
-    bs = select(bs, vec4<f32>(b7, b15, b23, b31), lane == 7u);
-    if !glob {
-        let sidx = vec4<u32>(lane, lane + 8u, lane + 16u, lane + 24u);
-        let sc0 = vec4<f32>(a0[0].x, a1[0].x, a2[0].x, a3[0].x);
-        let ms0 = select(vec4<f32>(0.0), sc0 * exp(min(vec4<f32>(b0) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(0u));
-        a0[0].x = ms0.x;
-        a1[0].x = ms0.y;
-        a2[0].x = ms0.z;
-        a3[0].x = ms0.w;
-        let sc1 = vec4<f32>(a0[0].y, a1[0].y, a2[0].y, a3[0].y);
-        let ms1 = select(vec4<f32>(0.0), sc1 * exp(min(vec4<f32>(b1) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(1u));
-        a0[0].y = ms1.x;
-        a1[0].y = ms1.y;
-        a2[0].y = ms1.z;
-        a3[0].y = ms1.w;
-        let sc2 = vec4<f32>(a0[0].z, a1[0].z, a2[0].z, a3[0].z);
-        let ms2 = select(vec4<f32>(0.0), sc2 * exp(min(vec4<f32>(b2) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(2u));
-        a0[0].z = ms2.x;
-        a1[0].z = ms2.y;
-        a2[0].z = ms2.z;
-        a3[0].z = ms2.w;
-        let sc3 = vec4<f32>(a0[0].w, a1[0].w, a2[0].w, a3[0].w);
-        let ms3 = select(vec4<f32>(0.0), sc3 * exp(min(vec4<f32>(b3) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(3u));
-        a0[0].w = ms3.x;
-        a1[0].w = ms3.y;
-        a2[0].w = ms3.z;
-        a3[0].w = ms3.w;
-        let sc4 = vec4<f32>(a0[1].x, a1[1].x, a2[1].x, a3[1].x);
-        let ms4 = select(vec4<f32>(0.0), sc4 * exp(min(vec4<f32>(b4) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(4u));
-        a0[1].x = ms4.x;
-        a1[1].x = ms4.y;
-        a2[1].x = ms4.z;
-        a3[1].x = ms4.w;
-        let sc5 = vec4<f32>(a0[1].y, a1[1].y, a2[1].y, a3[1].y);
-        let ms5 = select(vec4<f32>(0.0), sc5 * exp(min(vec4<f32>(b5) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(5u));
-        a0[1].y = ms5.x;
-        a1[1].y = ms5.y;
-        a2[1].y = ms5.z;
-        a3[1].y = ms5.w;
-        let sc6 = vec4<f32>(a0[1].z, a1[1].z, a2[1].z, a3[1].z);
-        let ms6 = select(vec4<f32>(0.0), sc6 * exp(min(vec4<f32>(b6) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(6u));
-        a0[1].z = ms6.x;
-        a1[1].z = ms6.y;
-        a2[1].z = ms6.z;
-        a3[1].z = ms6.w;
-        let sc7 = vec4<f32>(a0[1].w, a1[1].w, a2[1].w, a3[1].w);
-        let ms7 = select(vec4<f32>(0.0), sc7 * exp(min(vec4<f32>(b7) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(7u));
-        a0[1].w = ms7.x;
-        a1[1].w = ms7.y;
-        a2[1].w = ms7.z;
-        a3[1].w = ms7.w;
-        let sc8 = vec4<f32>(a0[2].x, a1[2].x, a2[2].x, a3[2].x);
-        let ms8 = select(vec4<f32>(0.0), sc8 * exp(min(vec4<f32>(b8) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(8u));
-        a0[2].x = ms8.x;
-        a1[2].x = ms8.y;
-        a2[2].x = ms8.z;
-        a3[2].x = ms8.w;
-        let sc9 = vec4<f32>(a0[2].y, a1[2].y, a2[2].y, a3[2].y);
-        let ms9 = select(vec4<f32>(0.0), sc9 * exp(min(vec4<f32>(b9) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(9u));
-        a0[2].y = ms9.x;
-        a1[2].y = ms9.y;
-        a2[2].y = ms9.z;
-        a3[2].y = ms9.w;
-        let sc10 = vec4<f32>(a0[2].z, a1[2].z, a2[2].z, a3[2].z);
-        let ms10 = select(vec4<f32>(0.0), sc10 * exp(min(vec4<f32>(b10) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(10u));
-        a0[2].z = ms10.x;
-        a1[2].z = ms10.y;
-        a2[2].z = ms10.z;
-        a3[2].z = ms10.w;
-        let sc11 = vec4<f32>(a0[2].w, a1[2].w, a2[2].w, a3[2].w);
-        let ms11 = select(vec4<f32>(0.0), sc11 * exp(min(vec4<f32>(b11) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(11u));
-        a0[2].w = ms11.x;
-        a1[2].w = ms11.y;
-        a2[2].w = ms11.z;
-        a3[2].w = ms11.w;
-        let sc12 = vec4<f32>(a0[3].x, a1[3].x, a2[3].x, a3[3].x);
-        let ms12 = select(vec4<f32>(0.0), sc12 * exp(min(vec4<f32>(b12) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(12u));
-        a0[3].x = ms12.x;
-        a1[3].x = ms12.y;
-        a2[3].x = ms12.z;
-        a3[3].x = ms12.w;
-        let sc13 = vec4<f32>(a0[3].y, a1[3].y, a2[3].y, a3[3].y);
-        let ms13 = select(vec4<f32>(0.0), sc13 * exp(min(vec4<f32>(b13) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(13u));
-        a0[3].y = ms13.x;
-        a1[3].y = ms13.y;
-        a2[3].y = ms13.z;
-        a3[3].y = ms13.w;
-        let sc14 = vec4<f32>(a0[3].z, a1[3].z, a2[3].z, a3[3].z);
-        let ms14 = select(vec4<f32>(0.0), sc14 * exp(min(vec4<f32>(b14) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(14u));
-        a0[3].z = ms14.x;
-        a1[3].z = ms14.y;
-        a2[3].z = ms14.z;
-        a3[3].z = ms14.w;
-        let sc15 = vec4<f32>(a0[3].w, a1[3].w, a2[3].w, a3[3].w);
-        let ms15 = select(vec4<f32>(0.0), sc15 * exp(min(vec4<f32>(b15) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(15u));
-        a0[3].w = ms15.x;
-        a1[3].w = ms15.y;
-        a2[3].w = ms15.z;
-        a3[3].w = ms15.w;
-        let sc16 = vec4<f32>(a0[4].x, a1[4].x, a2[4].x, a3[4].x);
-        let ms16 = select(vec4<f32>(0.0), sc16 * exp(min(vec4<f32>(b16) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(16u));
-        a0[4].x = ms16.x;
-        a1[4].x = ms16.y;
-        a2[4].x = ms16.z;
-        a3[4].x = ms16.w;
-        let sc17 = vec4<f32>(a0[4].y, a1[4].y, a2[4].y, a3[4].y);
-        let ms17 = select(vec4<f32>(0.0), sc17 * exp(min(vec4<f32>(b17) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(17u));
-        a0[4].y = ms17.x;
-        a1[4].y = ms17.y;
-        a2[4].y = ms17.z;
-        a3[4].y = ms17.w;
-        let sc18 = vec4<f32>(a0[4].z, a1[4].z, a2[4].z, a3[4].z);
-        let ms18 = select(vec4<f32>(0.0), sc18 * exp(min(vec4<f32>(b18) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(18u));
-        a0[4].z = ms18.x;
-        a1[4].z = ms18.y;
-        a2[4].z = ms18.z;
-        a3[4].z = ms18.w;
-        let sc19 = vec4<f32>(a0[4].w, a1[4].w, a2[4].w, a3[4].w);
-        let ms19 = select(vec4<f32>(0.0), sc19 * exp(min(vec4<f32>(b19) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(19u));
-        a0[4].w = ms19.x;
-        a1[4].w = ms19.y;
-        a2[4].w = ms19.z;
-        a3[4].w = ms19.w;
-        let sc20 = vec4<f32>(a0[5].x, a1[5].x, a2[5].x, a3[5].x);
-        let ms20 = select(vec4<f32>(0.0), sc20 * exp(min(vec4<f32>(b20) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(20u));
-        a0[5].x = ms20.x;
-        a1[5].x = ms20.y;
-        a2[5].x = ms20.z;
-        a3[5].x = ms20.w;
-        let sc21 = vec4<f32>(a0[5].y, a1[5].y, a2[5].y, a3[5].y);
-        let ms21 = select(vec4<f32>(0.0), sc21 * exp(min(vec4<f32>(b21) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(21u));
-        a0[5].y = ms21.x;
-        a1[5].y = ms21.y;
-        a2[5].y = ms21.z;
-        a3[5].y = ms21.w;
-        let sc22 = vec4<f32>(a0[5].z, a1[5].z, a2[5].z, a3[5].z);
-        let ms22 = select(vec4<f32>(0.0), sc22 * exp(min(vec4<f32>(b22) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(22u));
-        a0[5].z = ms22.x;
-        a1[5].z = ms22.y;
-        a2[5].z = ms22.z;
-        a3[5].z = ms22.w;
-        let sc23 = vec4<f32>(a0[5].w, a1[5].w, a2[5].w, a3[5].w);
-        let ms23 = select(vec4<f32>(0.0), sc23 * exp(min(vec4<f32>(b23) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(23u));
-        a0[5].w = ms23.x;
-        a1[5].w = ms23.y;
-        a2[5].w = ms23.z;
-        a3[5].w = ms23.w;
-        let sc24 = vec4<f32>(a0[6].x, a1[6].x, a2[6].x, a3[6].x);
-        let ms24 = select(vec4<f32>(0.0), sc24 * exp(min(vec4<f32>(b24) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(24u));
-        a0[6].x = ms24.x;
-        a1[6].x = ms24.y;
-        a2[6].x = ms24.z;
-        a3[6].x = ms24.w;
-        let sc25 = vec4<f32>(a0[6].y, a1[6].y, a2[6].y, a3[6].y);
-        let ms25 = select(vec4<f32>(0.0), sc25 * exp(min(vec4<f32>(b25) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(25u));
-        a0[6].y = ms25.x;
-        a1[6].y = ms25.y;
-        a2[6].y = ms25.z;
-        a3[6].y = ms25.w;
-        let sc26 = vec4<f32>(a0[6].z, a1[6].z, a2[6].z, a3[6].z);
-        let ms26 = select(vec4<f32>(0.0), sc26 * exp(min(vec4<f32>(b26) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(26u));
-        a0[6].z = ms26.x;
-        a1[6].z = ms26.y;
-        a2[6].z = ms26.z;
-        a3[6].z = ms26.w;
-        let sc27 = vec4<f32>(a0[6].w, a1[6].w, a2[6].w, a3[6].w);
-        let ms27 = select(vec4<f32>(0.0), sc27 * exp(min(vec4<f32>(b27) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(27u));
-        a0[6].w = ms27.x;
-        a1[6].w = ms27.y;
-        a2[6].w = ms27.z;
-        a3[6].w = ms27.w;
-        let sc28 = vec4<f32>(a0[7].x, a1[7].x, a2[7].x, a3[7].x);
-        let ms28 = select(vec4<f32>(0.0), sc28 * exp(min(vec4<f32>(b28) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(28u));
-        a0[7].x = ms28.x;
-        a1[7].x = ms28.y;
-        a2[7].x = ms28.z;
-        a3[7].x = ms28.w;
-        let sc29 = vec4<f32>(a0[7].y, a1[7].y, a2[7].y, a3[7].y);
-        let ms29 = select(vec4<f32>(0.0), sc29 * exp(min(vec4<f32>(b29) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(29u));
-        a0[7].y = ms29.x;
-        a1[7].y = ms29.y;
-        a2[7].y = ms29.z;
-        a3[7].y = ms29.w;
-        let sc30 = vec4<f32>(a0[7].z, a1[7].z, a2[7].z, a3[7].z);
-        let ms30 = select(vec4<f32>(0.0), sc30 * exp(min(vec4<f32>(b30) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(30u));
-        a0[7].z = ms30.x;
-        a1[7].z = ms30.y;
-        a2[7].z = ms30.z;
-        a3[7].z = ms30.w;
-        let sc31 = vec4<f32>(a0[7].w, a1[7].w, a2[7].w, a3[7].w);
-        let ms31 = select(vec4<f32>(0.0), sc31 * exp(min(vec4<f32>(b31) - bs, vec4<f32>(0.0))), sidx <= vec4<u32>(31u));
-        a0[7].w = ms31.x;
-        a1[7].w = ms31.y;
-        a2[7].w = ms31.z;
-        a3[7].w = ms31.w;
-        for (var j = 0u; j < 8u; j++) {
-            let v0_0 = ld4_v(b, tc + 0u + j, hv, col0 + 0u, 0u + j < nt);
-            let v0_1 = ld4_v(b, tc + 0u + j, hv, col0 + 32u, 0u + j < nt);
-            let x0_0 = subgroupShuffle(a0[0], j);
-            acc[0] += x0_0.x * v0_0;
-            acc[1] += x0_0.x * v0_1;
-            acc[2] += x0_0.y * v0_0;
-            acc[3] += x0_0.y * v0_1;
-            acc[4] += x0_0.z * v0_0;
-            acc[5] += x0_0.z * v0_1;
-            acc[6] += x0_0.w * v0_0;
-            acc[7] += x0_0.w * v0_1;
-            let x0_1 = subgroupShuffle(a0[1], j);
-            acc[8] += x0_1.x * v0_0;
-            acc[9] += x0_1.x * v0_1;
-            acc[10] += x0_1.y * v0_0;
-            acc[11] += x0_1.y * v0_1;
-            acc[12] += x0_1.z * v0_0;
-            acc[13] += x0_1.z * v0_1;
-            acc[14] += x0_1.w * v0_0;
-            acc[15] += x0_1.w * v0_1;
-            let x0_2 = subgroupShuffle(a0[2], j);
-            acc[16] += x0_2.x * v0_0;
-            acc[17] += x0_2.x * v0_1;
-            acc[18] += x0_2.y * v0_0;
-            acc[19] += x0_2.y * v0_1;
-            acc[20] += x0_2.z * v0_0;
-            acc[21] += x0_2.z * v0_1;
-            acc[22] += x0_2.w * v0_0;
-            acc[23] += x0_2.w * v0_1;
-            let x0_3 = subgroupShuffle(a0[3], j);
-            acc[24] += x0_3.x * v0_0;
-            acc[25] += x0_3.x * v0_1;
-            acc[26] += x0_3.y * v0_0;
-            acc[27] += x0_3.y * v0_1;
-            acc[28] += x0_3.z * v0_0;
-            acc[29] += x0_3.z * v0_1;
-            acc[30] += x0_3.w * v0_0;
-            acc[31] += x0_3.w * v0_1;
-            let x0_4 = subgroupShuffle(a0[4], j);
-            acc[32] += x0_4.x * v0_0;
-            acc[33] += x0_4.x * v0_1;
-            acc[34] += x0_4.y * v0_0;
-            acc[35] += x0_4.y * v0_1;
-            acc[36] += x0_4.z * v0_0;
-            acc[37] += x0_4.z * v0_1;
-            acc[38] += x0_4.w * v0_0;
-            acc[39] += x0_4.w * v0_1;
-            let x0_5 = subgroupShuffle(a0[5], j);
-            acc[40] += x0_5.x * v0_0;
-            acc[41] += x0_5.x * v0_1;
-            acc[42] += x0_5.y * v0_0;
-            acc[43] += x0_5.y * v0_1;
-            acc[44] += x0_5.z * v0_0;
-            acc[45] += x0_5.z * v0_1;
-            acc[46] += x0_5.w * v0_0;
-            acc[47] += x0_5.w * v0_1;
-            let x0_6 = subgroupShuffle(a0[6], j);
-            acc[48] += x0_6.x * v0_0;
-            acc[49] += x0_6.x * v0_1;
-            acc[50] += x0_6.y * v0_0;
-            acc[51] += x0_6.y * v0_1;
-            acc[52] += x0_6.z * v0_0;
-            acc[53] += x0_6.z * v0_1;
-            acc[54] += x0_6.w * v0_0;
-            acc[55] += x0_6.w * v0_1;
-            let x0_7 = subgroupShuffle(a0[7], j);
-            acc[56] += x0_7.x * v0_0;
-            acc[57] += x0_7.x * v0_1;
-            acc[58] += x0_7.y * v0_0;
-            acc[59] += x0_7.y * v0_1;
-            acc[60] += x0_7.z * v0_0;
-            acc[61] += x0_7.z * v0_1;
-            acc[62] += x0_7.w * v0_0;
-            acc[63] += x0_7.w * v0_1;
-            let v1_0 = ld4_v(b, tc + 8u + j, hv, col0 + 0u, 8u + j < nt);
-            let v1_1 = ld4_v(b, tc + 8u + j, hv, col0 + 32u, 8u + j < nt);
-            let x1_0 = subgroupShuffle(a1[0], j);
-            acc[0] += x1_0.x * v1_0;
-            acc[1] += x1_0.x * v1_1;
-            acc[2] += x1_0.y * v1_0;
-            acc[3] += x1_0.y * v1_1;
-            acc[4] += x1_0.z * v1_0;
-            acc[5] += x1_0.z * v1_1;
-            acc[6] += x1_0.w * v1_0;
-            acc[7] += x1_0.w * v1_1;
-            let x1_1 = subgroupShuffle(a1[1], j);
-            acc[8] += x1_1.x * v1_0;
-            acc[9] += x1_1.x * v1_1;
-            acc[10] += x1_1.y * v1_0;
-            acc[11] += x1_1.y * v1_1;
-            acc[12] += x1_1.z * v1_0;
-            acc[13] += x1_1.z * v1_1;
-            acc[14] += x1_1.w * v1_0;
-            acc[15] += x1_1.w * v1_1;
-            let x1_2 = subgroupShuffle(a1[2], j);
-            acc[16] += x1_2.x * v1_0;
-            acc[17] += x1_2.x * v1_1;
-            acc[18] += x1_2.y * v1_0;
-            acc[19] += x1_2.y * v1_1;
-            acc[20] += x1_2.z * v1_0;
-            acc[21] += x1_2.z * v1_1;
-            acc[22] += x1_2.w * v1_0;
-            acc[23] += x1_2.w * v1_1;
-            let x1_3 = subgroupShuffle(a1[3], j);
-            acc[24] += x1_3.x * v1_0;
-            acc[25] += x1_3.x * v1_1;
-            acc[26] += x1_3.y * v1_0;
-            acc[27] += x1_3.y * v1_1;
-            acc[28] += x1_3.z * v1_0;
-            acc[29] += x1_3.z * v1_1;
-            acc[30] += x1_3.w * v1_0;
-            acc[31] += x1_3.w * v1_1;
-            let x1_4 = subgroupShuffle(a1[4], j);
-            acc[32] += x1_4.x * v1_0;
-            acc[33] += x1_4.x * v1_1;
-            acc[34] += x1_4.y * v1_0;
-            acc[35] += x1_4.y * v1_1;
-            acc[36] += x1_4.z * v1_0;
-            acc[37] += x1_4.z * v1_1;
-            acc[38] += x1_4.w * v1_0;
-            acc[39] += x1_4.w * v1_1;
-            let x1_5 = subgroupShuffle(a1[5], j);
-            acc[40] += x1_5.x * v1_0;
-            acc[41] += x1_5.x * v1_1;
-            acc[42] += x1_5.y * v1_0;
-            acc[43] += x1_5.y * v1_1;
-            acc[44] += x1_5.z * v1_0;
-            acc[45] += x1_5.z * v1_1;
-            acc[46] += x1_5.w * v1_0;
-            acc[47] += x1_5.w * v1_1;
-            let x1_6 = subgroupShuffle(a1[6], j);
-            acc[48] += x1_6.x * v1_0;
-            acc[49] += x1_6.x * v1_1;
-            acc[50] += x1_6.y * v1_0;
-            acc[51] += x1_6.y * v1_1;
-            acc[52] += x1_6.z * v1_0;
-            acc[53] += x1_6.z * v1_1;
-            acc[54] += x1_6.w * v1_0;
-            acc[55] += x1_6.w * v1_1;
-            let x1_7 = subgroupShuffle(a1[7], j);
-            acc[56] += x1_7.x * v1_0;
-            acc[57] += x1_7.x * v1_1;
-            acc[58] += x1_7.y * v1_0;
-            acc[59] += x1_7.y * v1_1;
-            acc[60] += x1_7.z * v1_0;
-            acc[61] += x1_7.z * v1_1;
-            acc[62] += x1_7.w * v1_0;
-            acc[63] += x1_7.w * v1_1;
-            let v2_0 = ld4_v(b, tc + 16u + j, hv, col0 + 0u, 16u + j < nt);
-            let v2_1 = ld4_v(b, tc + 16u + j, hv, col0 + 32u, 16u + j < nt);
-            let x2_0 = subgroupShuffle(a2[0], j);
-            acc[0] += x2_0.x * v2_0;
-            acc[1] += x2_0.x * v2_1;
-            acc[2] += x2_0.y * v2_0;
-            acc[3] += x2_0.y * v2_1;
-            acc[4] += x2_0.z * v2_0;
-            acc[5] += x2_0.z * v2_1;
-            acc[6] += x2_0.w * v2_0;
-            acc[7] += x2_0.w * v2_1;
-            let x2_1 = subgroupShuffle(a2[1], j);
-            acc[8] += x2_1.x * v2_0;
-            acc[9] += x2_1.x * v2_1;
-            acc[10] += x2_1.y * v2_0;
-            acc[11] += x2_1.y * v2_1;
-            acc[12] += x2_1.z * v2_0;
-            acc[13] += x2_1.z * v2_1;
-            acc[14] += x2_1.w * v2_0;
-            acc[15] += x2_1.w * v2_1;
-            let x2_2 = subgroupShuffle(a2[2], j);
-            acc[16] += x2_2.x * v2_0;
-            acc[17] += x2_2.x * v2_1;
-            acc[18] += x2_2.y * v2_0;
-            acc[19] += x2_2.y * v2_1;
-            acc[20] += x2_2.z * v2_0;
-            acc[21] += x2_2.z * v2_1;
-            acc[22] += x2_2.w * v2_0;
-            acc[23] += x2_2.w * v2_1;
-            let x2_3 = subgroupShuffle(a2[3], j);
-            acc[24] += x2_3.x * v2_0;
-            acc[25] += x2_3.x * v2_1;
-            acc[26] += x2_3.y * v2_0;
-            acc[27] += x2_3.y * v2_1;
-            acc[28] += x2_3.z * v2_0;
-            acc[29] += x2_3.z * v2_1;
-            acc[30] += x2_3.w * v2_0;
-            acc[31] += x2_3.w * v2_1;
-            let x2_4 = subgroupShuffle(a2[4], j);
-            acc[32] += x2_4.x * v2_0;
-            acc[33] += x2_4.x * v2_1;
-            acc[34] += x2_4.y * v2_0;
-            acc[35] += x2_4.y * v2_1;
-            acc[36] += x2_4.z * v2_0;
-            acc[37] += x2_4.z * v2_1;
-            acc[38] += x2_4.w * v2_0;
-            acc[39] += x2_4.w * v2_1;
-            let x2_5 = subgroupShuffle(a2[5], j);
-            acc[40] += x2_5.x * v2_0;
-            acc[41] += x2_5.x * v2_1;
-            acc[42] += x2_5.y * v2_0;
-            acc[43] += x2_5.y * v2_1;
-            acc[44] += x2_5.z * v2_0;
-            acc[45] += x2_5.z * v2_1;
-            acc[46] += x2_5.w * v2_0;
-            acc[47] += x2_5.w * v2_1;
-            let x2_6 = subgroupShuffle(a2[6], j);
-            acc[48] += x2_6.x * v2_0;
-            acc[49] += x2_6.x * v2_1;
-            acc[50] += x2_6.y * v2_0;
-            acc[51] += x2_6.y * v2_1;
-            acc[52] += x2_6.z * v2_0;
-            acc[53] += x2_6.z * v2_1;
-            acc[54] += x2_6.w * v2_0;
-            acc[55] += x2_6.w * v2_1;
-            let x2_7 = subgroupShuffle(a2[7], j);
-            acc[56] += x2_7.x * v2_0;
-            acc[57] += x2_7.x * v2_1;
-            acc[58] += x2_7.y * v2_0;
-            acc[59] += x2_7.y * v2_1;
-            acc[60] += x2_7.z * v2_0;
-            acc[61] += x2_7.z * v2_1;
-            acc[62] += x2_7.w * v2_0;
-            acc[63] += x2_7.w * v2_1;
-            let v3_0 = ld4_v(b, tc + 24u + j, hv, col0 + 0u, 24u + j < nt);
-            let v3_1 = ld4_v(b, tc + 24u + j, hv, col0 + 32u, 24u + j < nt);
-            let x3_0 = subgroupShuffle(a3[0], j);
-            acc[0] += x3_0.x * v3_0;
-            acc[1] += x3_0.x * v3_1;
-            acc[2] += x3_0.y * v3_0;
-            acc[3] += x3_0.y * v3_1;
-            acc[4] += x3_0.z * v3_0;
-            acc[5] += x3_0.z * v3_1;
-            acc[6] += x3_0.w * v3_0;
-            acc[7] += x3_0.w * v3_1;
-            let x3_1 = subgroupShuffle(a3[1], j);
-            acc[8] += x3_1.x * v3_0;
-            acc[9] += x3_1.x * v3_1;
-            acc[10] += x3_1.y * v3_0;
-            acc[11] += x3_1.y * v3_1;
-            acc[12] += x3_1.z * v3_0;
-            acc[13] += x3_1.z * v3_1;
-            acc[14] += x3_1.w * v3_0;
-            acc[15] += x3_1.w * v3_1;
-            let x3_2 = subgroupShuffle(a3[2], j);
-            acc[16] += x3_2.x * v3_0;
-            acc[17] += x3_2.x * v3_1;
-            acc[18] += x3_2.y * v3_0;
-            acc[19] += x3_2.y * v3_1;
-            acc[20] += x3_2.z * v3_0;
-            acc[21] += x3_2.z * v3_1;
-            acc[22] += x3_2.w * v3_0;
-            acc[23] += x3_2.w * v3_1;
-            let x3_3 = subgroupShuffle(a3[3], j);
-            acc[24] += x3_3.x * v3_0;
-            acc[25] += x3_3.x * v3_1;
-            acc[26] += x3_3.y * v3_0;
-            acc[27] += x3_3.y * v3_1;
-            acc[28] += x3_3.z * v3_0;
-            acc[29] += x3_3.z * v3_1;
-            acc[30] += x3_3.w * v3_0;
-            acc[31] += x3_3.w * v3_1;
-            let x3_4 = subgroupShuffle(a3[4], j);
-            acc[32] += x3_4.x * v3_0;
-            acc[33] += x3_4.x * v3_1;
-            acc[34] += x3_4.y * v3_0;
-            acc[35] += x3_4.y * v3_1;
-            acc[36] += x3_4.z * v3_0;
-            acc[37] += x3_4.z * v3_1;
-            acc[38] += x3_4.w * v3_0;
-            acc[39] += x3_4.w * v3_1;
-            let x3_5 = subgroupShuffle(a3[5], j);
-            acc[40] += x3_5.x * v3_0;
-            acc[41] += x3_5.x * v3_1;
-            acc[42] += x3_5.y * v3_0;
-            acc[43] += x3_5.y * v3_1;
-            acc[44] += x3_5.z * v3_0;
-            acc[45] += x3_5.z * v3_1;
-            acc[46] += x3_5.w * v3_0;
-            acc[47] += x3_5.w * v3_1;
-            let x3_6 = subgroupShuffle(a3[6], j);
-            acc[48] += x3_6.x * v3_0;
-            acc[49] += x3_6.x * v3_1;
-            acc[50] += x3_6.y * v3_0;
-            acc[51] += x3_6.y * v3_1;
-            acc[52] += x3_6.z * v3_0;
-            acc[53] += x3_6.z * v3_1;
-            acc[54] += x3_6.w * v3_0;
-            acc[55] += x3_6.w * v3_1;
-            let x3_7 = subgroupShuffle(a3[7], j);
-            acc[56] += x3_7.x * v3_0;
-            acc[57] += x3_7.x * v3_1;
-            acc[58] += x3_7.y * v3_0;
-            acc[59] += x3_7.y * v3_1;
-            acc[60] += x3_7.z * v3_0;
-            acc[61] += x3_7.z * v3_1;
-            acc[62] += x3_7.w * v3_0;
-            acc[63] += x3_7.w * v3_1;
+        if 0u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 0u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[0]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[1]); }
         }
-    }
-    if 0u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 0u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[0]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[1]); }
-    }
-    if 1u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 1u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[2]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[3]); }
-    }
-    if 2u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 2u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[4]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[5]); }
-    }
-    if 3u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 3u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[6]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[7]); }
-    }
-    if 4u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 4u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[8]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[9]); }
-    }
-    if 5u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 5u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[10]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[11]); }
-    }
-    if 6u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 6u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[12]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[13]); }
-    }
-    if 7u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 7u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[14]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[15]); }
-    }
-    if 8u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 8u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[16]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[17]); }
-    }
-    if 9u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 9u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[18]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[19]); }
-    }
-    if 10u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 10u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[20]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[21]); }
-    }
-    if 11u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 11u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[22]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[23]); }
-    }
-    if 12u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 12u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[24]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[25]); }
-    }
-    if 13u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 13u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[26]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[27]); }
-    }
-    if 14u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 14u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[28]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[29]); }
-    }
-    if 15u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 15u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[30]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[31]); }
-    }
-    if 16u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 16u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[32]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[33]); }
-    }
-    if 17u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 17u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[34]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[35]); }
-    }
-    if 18u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 18u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[36]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[37]); }
-    }
-    if 19u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 19u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[38]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[39]); }
-    }
-    if 20u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 20u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[40]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[41]); }
-    }
-    if 21u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 21u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[42]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[43]); }
-    }
-    if 22u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 22u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[44]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[45]); }
-    }
-    if 23u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 23u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[46]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[47]); }
-    }
-    if 24u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 24u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[48]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[49]); }
-    }
-    if 25u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 25u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[50]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[51]); }
-    }
-    if 26u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 26u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[52]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[53]); }
-    }
-    if 27u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 27u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[54]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[55]); }
-    }
-    if 28u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 28u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[56]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[57]); }
-    }
-    if 29u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 29u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[58]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[59]); }
-    }
-    if 30u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 30u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[60]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[61]); }
-    }
-    if 31u < nt {
-        let ob = p.o_st.x + b * p.o_st.y + (tc + 31u) * p.o_st.z + hv * p.o_st.w + col0;
-        if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[62]); }
-        if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[63]); }
+        if 1u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 1u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[2]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[3]); }
+        }
+        if 2u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 2u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[4]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[5]); }
+        }
+        if 3u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 3u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[6]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[7]); }
+        }
+        if 4u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 4u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[8]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[9]); }
+        }
+        if 5u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 5u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[10]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[11]); }
+        }
+        if 6u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 6u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[12]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[13]); }
+        }
+        if 7u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 7u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[14]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[15]); }
+        }
+        if 8u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 8u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[16]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[17]); }
+        }
+        if 9u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 9u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[18]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[19]); }
+        }
+        if 10u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 10u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[20]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[21]); }
+        }
+        if 11u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 11u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[22]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[23]); }
+        }
+        if 12u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 12u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[24]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[25]); }
+        }
+        if 13u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 13u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[26]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[27]); }
+        }
+        if 14u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 14u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[28]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[29]); }
+        }
+        if 15u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 15u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[30]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[31]); }
+        }
+        if 16u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 16u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[32]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[33]); }
+        }
+        if 17u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 17u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[34]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[35]); }
+        }
+        if 18u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 18u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[36]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[37]); }
+        }
+        if 19u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 19u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[38]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[39]); }
+        }
+        if 20u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 20u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[40]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[41]); }
+        }
+        if 21u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 21u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[42]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[43]); }
+        }
+        if 22u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 22u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[44]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[45]); }
+        }
+        if 23u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 23u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[46]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[47]); }
+        }
+        if 24u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 24u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[48]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[49]); }
+        }
+        if 25u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 25u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[50]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[51]); }
+        }
+        if 26u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 26u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[52]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[53]); }
+        }
+        if 27u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 27u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[54]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[55]); }
+        }
+        if 28u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 28u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[56]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[57]); }
+        }
+        if 29u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 29u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[58]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[59]); }
+        }
+        if 30u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 30u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[60]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[61]); }
+        }
+        if 31u < nt {
+            let ob = p.o_st.x + b * p.o_st.y + (tc + 31u) * p.o_st.z + hv * p.o_st.w + col0;
+            if col0 + 0u < p.dv { o[(ob + 0u) / 4u] = vec4<f32>(acc[62]); }
+            if col0 + 32u < p.dv { o[(ob + 32u) / 4u] = vec4<f32>(acc[63]); }
+        }
     }
 }

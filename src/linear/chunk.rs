@@ -52,6 +52,8 @@ pub const SG_LANES: u32 = 8;
 /// 64 columns (lane `l` owns `4l` and `32 + 4l`, four each); the output pass's chunk is 32
 /// tokens (four per lane's query and key loads). Each value loaded serves 64 FMAs.
 pub const SG_TILE: u32 = 64;
+/// Chunks per workgroup of the subgroup output pass.
+pub const SG_CHUNKS_PER_WG: u32 = 4;
 /// Column groups of four per lane in the subgroup output pass.
 const SG_GROUPS: u32 = SG_TILE / (4 * SG_LANES);
 /// The subgroup state pass's tile: `32 SG_RG` rows, `32 SG_CG` columns.
@@ -125,6 +127,14 @@ impl ChunkKey {
             (32 * SG_RG, 32 * SG_CG)
         } else {
             (STATE_ROWS, STATE_COLS)
+        }
+    }
+    /// Chunks one workgroup of the output pass runs.
+    pub fn chunks_per_workgroup(&self) -> u32 {
+        if self.sg {
+            SG_CHUNKS_PER_WG
+        } else {
+            1
         }
     }
     pub fn out_cols(&self) -> u32 {
@@ -1046,7 +1056,9 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
         "let nvt = (p.dv + {}u) / {SG_TILE}u;",
         SG_TILE - 1
     ));
-    w.line("let c = p.chunk.x + wid.x / nvt;");
+    w.line(&format!(
+        "let c0 = p.chunk.x + wid.x / nvt * {SG_CHUNKS_PER_WG}u;"
+    ));
     w.line(&format!(
         "let col0 = (wid.x % nvt) * {SG_TILE}u + lane * 4u; // this lane's columns: col0 + 32 j .. + 4"
     ));
@@ -1055,8 +1067,13 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
     w.line("let hq = hv / p.group;");
     w.line("let W4 = w4();");
     emit_sequence(&mut w);
-    w.open("if c * C >= len {");
-    w.line("return;");
+    w.line("// a few chunks per workgroup: lavapipe's cost per workgroup is not small");
+    w.open(&format!(
+        "for (var ci = 0u; ci < {SG_CHUNKS_PER_WG}u; ci++) {{"
+    ));
+    w.line("let c = c0 + ci;");
+    w.open("if c >= p.chunk.y || c * C >= len {");
+    w.line("break;");
     w.close();
     w.line("let tc = t0 + c * C;");
     w.line("let nt = min(C, len - c * C);");
@@ -1103,9 +1120,10 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
         }
     }
     w.open("if !glob {");
+    // key s = lane + 8m is masked for every t < 8m: those scores stay zero
     for t in 0..c {
         let comp = ["x", "y", "z", "w"][(t % 4) as usize];
-        for m in 0..4 {
+        for m in (0..4).filter(|m| t >= 8 * m) {
             w.line(&format!("a{m}[{}].{comp} += dot(q{t}, kb{m});", t / 4));
         }
     }
@@ -1180,7 +1198,8 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
                 8 * m
             ));
         }
-        for i in 0..8 {
+        // tokens 4i .. 4i + 4 all before key 8m see none of its scores
+        for i in (0..8).filter(|i| 4 * i + 3 >= 8 * m) {
             w.line(&format!("let x{m}_{i} = subgroupShuffle(a{m}[{i}], j);"));
             for cc in 0..4 {
                 let comp = ["x", "y", "z", "w"][cc];
@@ -1221,6 +1240,7 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
         }
         w.close();
     }
+    w.close(); // chunks
     w.close(); // main
     w.finish()
 }

@@ -681,7 +681,11 @@ fn plan_chunk(
         (s.feature_dim(opts) as u64).div_ceil(u64::from(tile_rows)),
         n * hv,
     ];
-    let output_grid = [per_piece * nvt_o, hv, n];
+    let output_grid = [
+        per_piece.div_ceil(u64::from(output.chunks_per_workgroup())) * nvt_o,
+        hv,
+        n,
+    ];
     check_grid(ctx, &states_grid)?;
     check_grid(ctx, &output_grid)?;
     let per = u32_of(per_piece as usize, "chunks per piece")?;
