@@ -120,7 +120,8 @@ impl FeatureMap {
 }
 
 /// Which kernel. `Auto` takes `Chunk` where it is built (every rule but the delta rules, every
-/// map but Taylor) and a sequence is longer than [`AUTO_CHUNK_MIN_T`], else `Recurrent`.
+/// map but Taylor) and the longest sequence has [`AUTO_CHUNK_MIN_T`] tokens
+/// ([`AUTO_CHUNK_MIN_T_SUBGROUPS`] with the subgroup variant), else `Recurrent`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     #[default]
@@ -131,8 +132,12 @@ pub enum Mode {
     Chunk,
 }
 
-/// `Auto` runs the chunk kernels from this many tokens in the longest sequence.
+/// `Auto` runs the chunk kernels from this many tokens in the longest sequence. Measured at
+/// H = 8, K = V = 64 (single runs): on SwiftShader the chunk kernels tie the recurrent one at
+/// T = 64 (10.2 against 10.8 ms) and win at 256 (23 against 33); with subgroups on lavapipe
+/// they win from T = 16 (0.54 against 0.80 ms; 0.58 against 0.38 at T = 4).
 pub const AUTO_CHUNK_MIN_T: usize = 64;
+pub const AUTO_CHUNK_MIN_T_SUBGROUPS: usize = 16;
 
 /// Whether the chunk kernels cover these options (not yet: the delta rules, the Taylor map).
 pub fn chunk_supported(opts: &LinearOptions) -> bool {
@@ -568,12 +573,42 @@ pub fn plan(
     let chunked = match opts.mode {
         Mode::Chunk => true,
         Mode::Recurrent => false,
-        Mode::Auto => chunk_supported(opts) && longest >= AUTO_CHUNK_MIN_T,
+        Mode::Auto => {
+            let min_t = if chunk_supported(opts) && chunk_subgroups(ctx, opts)? {
+                AUTO_CHUNK_MIN_T_SUBGROUPS
+            } else {
+                AUTO_CHUNK_MIN_T
+            };
+            chunk_supported(opts) && longest >= min_t
+        }
     };
     if chunked {
         plan_chunk(ctx, s, dtype, opts, longest)
     } else {
         plan_recurrent(ctx, s, dtype, opts)
+    }
+}
+
+/// Whether the chunk kernels run their subgroup variant. lavapipe loops over the lanes for
+/// every storage or workgroup load, so a value all lanes need costs eight loads there: the
+/// subgroup variants load each value once and shuffle.
+fn chunk_subgroups(ctx: &GpuContext, opts: &LinearOptions) -> Result<bool> {
+    let (decay, normalize) = (opts.rule.decay(), LinearShape::normalized(opts));
+    let sg_ok = ctx.caps.subgroups && ctx.caps.subgroup_min >= chunk::SG_LANES;
+    match opts.subgroups {
+        None => Ok(sg_ok && ChunkKey::sg_supported(decay, normalize)),
+        Some(false) => Ok(false),
+        Some(true) if !sg_ok => Err(AttnError::MissingFeature {
+            feature: "SUBGROUP (subgroups of 8 lanes or more)",
+            adapter: ctx.adapter_info.name.clone(),
+            needed_for: "the subgroup chunk kernels".into(),
+        }),
+        Some(true) if !ChunkKey::sg_supported(decay, normalize) => Err(AttnError::invalid(
+            "subgroups",
+            "None or false for GLA and a normalized output (no subgroup variant)",
+            "true",
+        )),
+        Some(true) => Ok(true),
     }
 }
 
@@ -619,28 +654,7 @@ fn plan_chunk(
     let decay = opts.rule.decay();
     // vec4 loads where K and V allow (the call checks the tensors' offsets and strides)
     let aligned = s.k.is_multiple_of(4) && s.v.is_multiple_of(4);
-    // lavapipe loops over the lanes for every storage or workgroup load, so a value all lanes
-    // need costs eight loads there: the subgroup variants load each value once and shuffle
-    let sg_ok = ctx.caps.subgroups && ctx.caps.subgroup_min >= chunk::SG_LANES;
-    let sg = match opts.subgroups {
-        None => sg_ok && ChunkKey::sg_supported(decay, normalize),
-        Some(false) => false,
-        Some(true) if !sg_ok => {
-            return Err(AttnError::MissingFeature {
-                feature: "SUBGROUP (subgroups of 8 lanes or more)",
-                adapter: ctx.adapter_info.name.clone(),
-                needed_for: "the subgroup chunk kernels".into(),
-            })
-        }
-        Some(true) if !ChunkKey::sg_supported(decay, normalize) => {
-            return Err(AttnError::invalid(
-                "subgroups",
-                "None or false for GLA and a normalized output (no subgroup variant)",
-                "true",
-            ))
-        }
-        Some(true) => true,
-    };
+    let sg = chunk_subgroups(ctx, opts)?;
     let key = |stage| {
         let k = ChunkKey::new(stage, dtype, opts.feature_map, decay, normalize, aligned);
         if sg {
