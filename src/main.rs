@@ -326,6 +326,46 @@ fn info() -> CliResult<()> {
             Err(e) => println!("  D={d} {dtype}: not available ({e})"),
         }
     }
+    println!("linear attention plans (B=1, H=HV=8, K=V=64, f32, mode auto):");
+    for (t, rule) in [
+        (1, Rule::SimpleGla),
+        (4096, Rule::SimpleGla),
+        (4096, Rule::Gla),
+        (4096, Rule::GatedDelta),
+    ] {
+        let s = linear::LinearShape {
+            batch: 1,
+            t,
+            h: 8,
+            hv: 8,
+            k: 64,
+            v: 64,
+        };
+        // the plan checks the options' shapes only: gates and beta as placeholders
+        let per_head = vec![1, t, 8];
+        let g_shape = if rule == Rule::Gla {
+            vec![1, t, 8, 64]
+        } else {
+            per_head.clone()
+        };
+        let plan = Tensor::filled(&ctx, &g_shape, DType::F32, -0.1).and_then(|g| {
+            let beta = rule
+                .delta()
+                .then(|| Tensor::filled(&ctx, &per_head, DType::F32, 0.5))
+                .transpose()?;
+            let opts = LinearOptions {
+                rule,
+                g: Some(g),
+                beta,
+                ..Default::default()
+            };
+            linear::plan(&ctx, &s, DType::F32, &opts)
+        });
+        match plan {
+            Ok(p) => println!("  T={t} {}: {}", rule.name(), p.label()),
+            Err(e) => println!("  T={t} {}: not available ({e})", rule.name()),
+        }
+    }
     Ok(())
 }
 

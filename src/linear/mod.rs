@@ -80,7 +80,8 @@ impl Rule {
             Rule::Gla => Decay::Vector,
         }
     }
-    fn delta(self) -> bool {
+    /// Whether the rule is a delta rule (takes beta).
+    pub fn delta(self) -> bool {
         matches!(self, Rule::Delta | Rule::GatedDelta)
     }
 }
