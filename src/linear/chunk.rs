@@ -15,9 +15,12 @@
 //! GLA's per-row gates cannot be factored out of `q_t . k_s`; the output pass takes their
 //! `exp(b_t - b_s)` per feature and pair (a smaller chunk keeps that affordable).
 //!
-//! Both passes hold `R = 4` rows per invocation and read the shared operand from workgroup
-//! memory at one address for all invocations (the Tiled flash kernel's pattern, which lavapipe
-//! runs as a broadcast). Features are streamed in slabs of 16, so K up to 256 fits in 16 KiB.
+//! Each pass has two variants. The *subgroup* one (8 lanes a workgroup, subgroups of 8 or
+//! more) has every lane load only its own rows and columns and hands them round with
+//! `subgroupShuffle`: lavapipe loops over the lanes for every storage or workgroup load, so an
+//! operand all lanes read at one address costs eight loads there. The *plain* one (SwiftShader,
+//! the browser, GLA, a normalized output) holds `R = 4` rows per invocation and stages shared
+//! operands in workgroup memory, features in slabs of 16, so K up to 256 fits in 16 KiB.
 
 use super::shader::{
     emit_loaders, emit_phi, emit_sequence, flags, Decay, LinearParams, PARAMS_WGSL,
@@ -48,15 +51,15 @@ pub const STATE_COLS: u32 = 32;
 pub const OUT_COLS: u32 = 64;
 /// Lanes per workgroup of the subgroup variants (one subgroup of at least 8).
 pub const SG_LANES: u32 = 8;
-/// The subgroup variants' tiles: 64 state rows (lane `l` loads rows `4l` and `32 + 4l`) and
-/// 64 columns (lane `l` owns `4l` and `32 + 4l`, four each); the output pass's chunk is 32
-/// tokens (four per lane's query and key loads). Each value loaded serves 64 FMAs.
+/// Columns per workgroup of the subgroup output pass (lane `l` owns `4l ..` and `32 + 4l ..`);
+/// its chunk is 32 tokens, four per lane's query and key loads.
 pub const SG_TILE: u32 = 64;
 /// Chunks per workgroup of the subgroup output pass.
 pub const SG_CHUNKS_PER_WG: u32 = 4;
 /// Column groups of four per lane in the subgroup output pass.
 const SG_GROUPS: u32 = SG_TILE / (4 * SG_LANES);
-/// The subgroup state pass's tile: `32 SG_RG` rows, `32 SG_CG` columns.
+/// The subgroup state pass's tile: `32 SG_RG` rows, `32 SG_CG` columns (32 x 64 measured as
+/// fast as 64 x 64 on lavapipe, with a quarter of its compile time; benches/RESULTS.md).
 pub const SG_RG: u32 = 1;
 pub const SG_CG: u32 = 2;
 
@@ -68,8 +71,6 @@ pub struct ChunkKey {
     pub map: FeatureMap,
     pub decay: Decay,
     pub normalize: bool,
-    /// Tokens per chunk.
-    pub c: u32,
     /// q, k, v and O read and written as vec4s: K and V multiples of 4, and every offset and
     /// stride too (else one element at a time).
     pub aligned: bool,
@@ -80,10 +81,10 @@ pub struct ChunkKey {
 }
 
 impl ChunkKey {
-    /// The chunk size the plan uses: 32, or 16 for GLA (its per-feature pair decays cost
-    /// `C K` exponentials per token).
-    pub fn chunk_for(decay: Decay) -> u32 {
-        if decay == Decay::Vector {
+    /// Tokens per chunk: 32, or 16 for GLA (its per-feature pair decays cost `C K`
+    /// exponentials per token).
+    pub fn c(&self) -> u32 {
+        if self.decay == Decay::Vector {
             16
         } else {
             32
@@ -104,7 +105,6 @@ impl ChunkKey {
             map,
             decay,
             normalize,
-            c: Self::chunk_for(decay),
             aligned,
             sg: false,
         }
@@ -152,7 +152,7 @@ impl ChunkKey {
         }
         match self.stage {
             Stage::States => STATE_ROWS / R,
-            Stage::Output => self.c / R,
+            Stage::Output => self.c() / R,
         }
     }
 
@@ -188,16 +188,16 @@ impl ChunkKey {
     /// (then the values of the chunk, in the same place).
     fn out_layout(&self) -> (u32, u32, u32, u32) {
         let fs4 = FS / 4;
-        let soff = self.c * fs4;
+        let soff = self.c() * fs4;
         let goff = soff + FS * (OUT_COLS / 4);
         let qoff = goff
             + if self.decay == Decay::Vector {
-                self.c * fs4
+                self.c() * fs4
             } else {
                 0
             };
-        let end = qoff + self.c * fs4;
-        (soff, goff, qoff, end.max(self.c * OUT_COLS / 4))
+        let end = qoff + self.c() * fs4;
+        (soff, goff, qoff, end.max(self.c() * OUT_COLS / 4))
     }
 }
 
@@ -213,7 +213,7 @@ impl Kernel for ChunkKey {
             self.dtype,
             self.map.name(),
             if self.normalize { "_norm" } else { "" },
-            self.c,
+            self.c(),
             if self.sg {
                 String::new()
             } else {
@@ -270,15 +270,15 @@ impl Kernel for ChunkKey {
         match self.stage {
             Stage::States => {
                 let scalar = if self.decay == Decay::Scalar {
-                    4 * (self.c + 1)
+                    4 * (self.c() + 1)
                 } else {
                     0
                 };
-                16 * self.c * (STATE_COLS / 4) + 16 * self.c * self.wg() + scalar
+                16 * self.c() * (STATE_COLS / 4) + 16 * self.c() * self.wg() + scalar
             }
             Stage::Output => {
                 let (_, _, _, sm) = self.out_layout();
-                16 * sm + 4 * self.c * self.c + 4 * self.c * 2 + 4 * FS
+                16 * sm + 4 * self.c() * self.c() + 4 * self.c() * 2 + 4 * FS
             }
         }
     }
@@ -311,7 +311,7 @@ fn header(w: &mut Wgsl, key: &ChunkKey) {
     w.raw(PARAMS_WGSL);
     w.raw(&declare_bindings(&key.bindings()));
     w.raw(&flags::wgsl());
-    w.line(&format!("const C: u32 = {}u; // tokens per chunk", key.c));
+    w.line(&format!("const C: u32 = {}u; // tokens per chunk", key.c()));
     w.line(&format!("const WG: u32 = {}u;", key.wg()));
     w.line(&format!(
         "const NORM: u32 = {}u; // a z column in the chunk states",

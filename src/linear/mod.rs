@@ -316,18 +316,19 @@ pub struct LinearOutput {
 /// The kernels a plan runs.
 #[derive(Clone, Debug)]
 pub enum LinearKernel {
-    Recurrent {
-        key: LinearKey,
-        grid: [u32; 3],
-    },
-    Chunk {
-        states: ChunkKey,
-        output: ChunkKey,
-        states_grid: [u32; 3],
-        /// For a piece of `chunks_per_piece` chunks.
-        output_grid: [u32; 3],
-        chunks_per_piece: u32,
-    },
+    Recurrent { key: LinearKey, grid: [u32; 3] },
+    Chunk(ChunkPlan),
+}
+
+/// The chunk passes of a plan.
+#[derive(Clone, Debug)]
+pub struct ChunkPlan {
+    pub states: ChunkKey,
+    pub output: ChunkKey,
+    pub states_grid: [u32; 3],
+    /// For a piece of `chunks_per_piece` chunks.
+    pub output_grid: [u32; 3],
+    pub chunks_per_piece: u32,
 }
 
 /// What the plan chose.
@@ -345,16 +346,14 @@ impl LinearPlan {
     pub fn label(&self) -> String {
         match &self.kernel {
             LinearKernel::Recurrent { key, .. } => key.label(),
-            LinearKernel::Chunk { states, output, .. } => {
-                format!("{} + {}", states.label(), output.label())
-            }
+            LinearKernel::Chunk(cp) => format!("{} + {}", cp.states.label(), cp.output.label()),
         }
     }
     /// `Recurrent` or `Chunk`.
     pub fn mode(&self) -> Mode {
         match self.kernel {
             LinearKernel::Recurrent { .. } => Mode::Recurrent,
-            LinearKernel::Chunk { .. } => Mode::Chunk,
+            LinearKernel::Chunk(_) => Mode::Chunk,
         }
     }
 }
@@ -665,7 +664,7 @@ fn plan_chunk(
         }
     };
     let (states, output) = (key(Stage::States), key(Stage::Output));
-    let c = u64::from(states.c);
+    let c = u64::from(states.c());
     let n = s.sequences(opts) as u64;
     let hv = s.hv as u64;
     let chunks = (longest as u64).div_ceil(c).max(1);
@@ -709,13 +708,13 @@ fn plan_chunk(
         .map(|i| (i * per, (i * per).saturating_add(per).min(total)))
         .collect();
     Ok(LinearPlan {
-        kernel: LinearKernel::Chunk {
+        kernel: LinearKernel::Chunk(ChunkPlan {
             states,
             output,
             states_grid: states_grid.map(|g| g as u32),
             output_grid: output_grid.map(|g| g as u32),
             chunks_per_piece: per,
-        },
+        }),
         pieces,
     })
 }
@@ -821,14 +820,14 @@ pub fn encode_linear_attention(
             (out.shape(), out.dtype()),
         ));
     }
-    if let LinearKernel::Chunk { states, output, .. } = &mut plan.kernel {
+    if let LinearKernel::Chunk(cp) = &mut plan.kernel {
         // vec4 access needs every row to start on a vec4
         let fours = |t: &Tensor| {
             t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
         };
         if ![q, k, v, out].into_iter().all(fours) {
-            states.aligned = false;
-            output.aligned = false;
+            cp.states.aligned = false;
+            cp.output.aligned = false;
         }
     }
     let state_shape = s.state_shape(opts);
@@ -963,9 +962,17 @@ pub fn encode_linear_attention(
         LinearKernel::Recurrent { key, grid } => {
             encode_recurrent(ctx, encoder, key, grid, &plan, &base, &b, opts, timestamps)?
         }
-        LinearKernel::Chunk { .. } => {
-            encode_chunk(ctx, encoder, &s, &plan, &base, &b, opts, timestamps)?
-        }
+        LinearKernel::Chunk(cp) => encode_chunk(
+            ctx,
+            encoder,
+            &s,
+            cp,
+            &plan.pieces,
+            &base,
+            &b,
+            opts,
+            timestamps,
+        )?,
     }
     Ok(plan)
 }
@@ -1111,26 +1118,20 @@ fn encode_chunk(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     s: &LinearShape,
-    plan: &LinearPlan,
+    cp: &ChunkPlan,
+    pieces: &[(u32, u32)],
     base: &LinearParams,
     bound: &Bound,
     opts: &LinearOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<()> {
-    let LinearKernel::Chunk {
+    let ChunkPlan {
         states,
         output,
         states_grid,
         output_grid,
         chunks_per_piece,
-    } = &plan.kernel
-    else {
-        return Err(AttnError::invalid(
-            "plan",
-            "a chunk plan",
-            "a recurrent one",
-        ));
-    };
+    } = cp;
     // chunk states [N, HV, P, Fp, W4] (vec4s; global attention: one slot, the final state)
     let slot = chunk_state_vec4s(s, opts);
     let slots = if opts.causal {
@@ -1146,7 +1147,7 @@ fn encode_chunk(
     );
     // (pass, params) in order
     let mut steps: Vec<(Stage, LinearParams)> = Vec::new();
-    for (i, &(from, to)) in plan.pieces.iter().enumerate() {
+    for (i, &(from, to)) in pieces.iter().enumerate() {
         let mut p = *base;
         p.chunk = [from, to, per_nh, slot];
         if i == 0 {
@@ -1171,7 +1172,7 @@ fn encode_chunk(
         }
     }
     if !opts.causal {
-        for &(from, to) in &plan.pieces {
+        for &(from, to) in pieces {
             let mut o = *base;
             o.chunk = [from, to, per_nh, 0];
             o.flags = (o.flags & flags::VARLEN) | flags::GLOBAL;
