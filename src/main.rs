@@ -817,6 +817,7 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
         (Rule::Linear, Mode::Recurrent),
         (Rule::SimpleGla, Mode::Chunk),
         (Rule::SimpleGla, Mode::Recurrent),
+        (Rule::GatedDelta, Mode::Chunk),
         (Rule::GatedDelta, Mode::Recurrent),
     ];
     let mode_name = |m: Mode| {

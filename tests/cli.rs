@@ -405,15 +405,7 @@ fn linear_random_and_from_files() {
             "--feature-map",
             "taylor",
         ],
-        vec![
-            "linear",
-            "--shape",
-            "1,8,1,1,8,8",
-            "--rule",
-            "delta",
-            "--mode",
-            "chunk",
-        ],
+        vec!["linear", "--shape", "1,8,1,1,8,8", "--mode", "sideways"],
         vec!["linear", "--shape", "1,8,1,1,8,8", "--cu-seqlens", "0,9"],
         vec!["linear", "--shape", "1,8,1,1,8"],
     ] {

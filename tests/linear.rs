@@ -203,9 +203,9 @@ fn subgroup_chunks(c: &Lin) -> bool {
         && !LinearShape::normalized(&c.opts)
 }
 
-/// The kernels a case runs: recurrent, and the chunk kernels where they cover the options (the
-/// subgroup variant where the adapter has it; SwiftShader's phase and the random cases run the
-/// one without); a case that names its mode runs that.
+/// The kernels a case runs: recurrent and chunk (the subgroup variant where the adapter has
+/// it; SwiftShader's phase and the random cases run the one without); a case that names its
+/// mode runs that.
 fn variants(c: &Lin) -> Vec<Lin> {
     if c.opts.mode != Mode::Auto {
         return vec![c.clone()];
@@ -214,11 +214,8 @@ fn variants(c: &Lin) -> Vec<Lin> {
     if runs_mode(Mode::Recurrent) {
         out.push(c.clone().with(|o| o.mode = Mode::Recurrent));
     }
-    if linear::chunk_supported(&c.opts) && runs_mode(Mode::Chunk) {
+    if runs_mode(Mode::Chunk) {
         out.push(c.clone().with(|o| o.mode = Mode::Chunk));
-    }
-    if out.is_empty() {
-        eprintln!("skipped (WGPU_ATTENTION_LINEAR_MODES=chunk, no chunk kernel): {c:?}");
     }
     out
 }
@@ -306,14 +303,9 @@ fn resumption_in_pieces_equals_one_pass() {
             o.normalize = rule == Rule::Linear;
             o.mode = mode;
         });
-        // Auto is the recurrent kernel where no chunk kernel exists; Auto and Recurrent mix in
-        // or are the recurrent kernel, which a chunk-only run leaves out
-        let chunk = linear::chunk_supported(&c.opts);
-        let skip = match mode {
-            Mode::Chunk => !chunk,
-            Mode::Auto => !chunk || !runs_mode(Mode::Recurrent),
-            Mode::Recurrent => !runs_mode(Mode::Recurrent),
-        };
+        // Auto and Recurrent mix in or are the recurrent kernel, which a chunk-only run
+        // leaves out
+        let skip = mode != Mode::Chunk && !runs_mode(Mode::Recurrent);
         if skip {
             continue;
         }
@@ -389,9 +381,24 @@ fn chunk_variants() {
         Lin::new(Rule::Linear, 1, 200, 1, 2, 64, 64)
             .f16()
             .with(|o| o.feature_map = FeatureMap::Elu1),
+        // the delta rules: K = 40 (64 state rows, 32 columns a workgroup), K = 128 with
+        // packed sequences, K = 256 (8 columns a workgroup) in pieces on lavapipe
+        Lin::new(Rule::Delta, 2, 113, 2, 4, 40, 36).with(|o| o.qk_l2norm = true),
+        Lin::new(Rule::GatedDelta, 1, 333, 2, 2, 128, 16).with(|o| {
+            o.qk_l2norm = true;
+            o.cu_seqlens = Some(vec![0, 1, 64, 200, 333]);
+        }),
+        Lin::new(Rule::GatedDelta, 1, 1000, 1, 1, 256, 24)
+            .init()
+            .with(|o| o.qk_l2norm = true),
     ];
     for c in cases {
         let c = c.with(|o| o.mode = Mode::Chunk);
+        if c.shape.k == 256 && ctx().caps.loop_limit.is_some() {
+            let opts = with_tensors(&c, &host_inputs(&c, 1));
+            let plan = linear::plan(ctx(), &c.shape, DType::F32, &opts).unwrap();
+            assert!(plan.pieces.len() > 1, "{plan:?}");
+        }
         if subgroup_chunks(&c) {
             check(&c.clone().with(|o| o.subgroups = Some(true)));
         } else {
@@ -547,12 +554,9 @@ fn random_linear_case(seed: u64) -> Lin {
     if r.random_bool(0.25) {
         c.dtype = DType::F16;
     }
-    // mostly what Auto picks; sometimes a named mode (the chunk one where it is built)
+    // mostly what Auto picks; sometimes a named mode
     let o = &mut c.opts;
     o.mode = [Mode::Auto, Mode::Auto, Mode::Recurrent, Mode::Chunk][r.random_range(0..4)];
-    if o.mode == Mode::Chunk && !linear::chunk_supported(o) {
-        o.mode = Mode::Recurrent;
-    }
     if r.random_bool(0.3) {
         o.subgroups = Some(false);
     }
@@ -607,15 +611,6 @@ fn bad_input_is_a_typed_error() {
                 ..Default::default()
             },
             "feature_map",
-        ),
-        (
-            LinearOptions {
-                rule: Rule::Delta,
-                beta: Some(t(&[1, 10, 2])),
-                mode: Mode::Chunk,
-                ..Default::default()
-            },
-            "mode",
         ),
         (
             LinearOptions {

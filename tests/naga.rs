@@ -133,10 +133,10 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of seven generated kernels live in `shaders/<family>/` (the GPU plan and the
+/// Readable copies of nine generated kernels live in `shaders/<family>/` (the GPU plan and the
 /// lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64,
-/// the recurrent gated-DeltaNet kernel at K = 64, and lavapipe's two chunk passes of simple
-/// GLA).
+/// the recurrent gated-DeltaNet kernel at K = 64, lavapipe's two chunk passes of simple GLA,
+/// and gated DeltaNet's solve and state passes at K = 64).
 /// They are outputs, never inputs: this test fails when the generator changes and the copies do
 /// not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
 #[test]
@@ -195,6 +195,10 @@ fn shader_snapshots_match_the_generator() {
             let map = FeatureMap::Identity;
             let key = ChunkKey::new(stage, DType::F32, map, Decay::Scalar, false, true);
             keys.push(("linear", Box::new(key.with_subgroups())));
+        }
+        for stage in [Stage::Solve, Stage::States] {
+            let key = ChunkKey::delta(stage, DType::F32, true, true, true, 64);
+            keys.push(("linear", Box::new(key)));
         }
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");

@@ -77,11 +77,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let nt = min(C, len - c * C);
         let glob = (p.flags & F_GLOBAL) != 0u;
         let sbase = (n * p.hv + hv) * p.chunk.z + (c - p.chunk.x) * p.chunk.w + col0 / 4u;
-        var acc: array<vec4<f32>, 64>; // [token][group]: o_t, this lane's columns
-        var a0: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 0, t = 4i .. 4i + 4
-        var a1: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 8, t = 4i .. 4i + 4
-        var a2: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 16, t = 4i .. 4i + 4
-        var a3: array<vec4<f32>, 8>; // q_t . k_s for s = lane + 24, t = 4i .. 4i + 4
+        var acc = array<vec4<f32>, 64>(); // [token][group]: o_t, this lane's columns
+        var a0 = array<vec4<f32>, 8>(); // q_t . k_s for s = lane + 0, t = 4i .. 4i + 4
+        var a1 = array<vec4<f32>, 8>(); // q_t . k_s for s = lane + 8, t = 4i .. 4i + 4
+        var a2 = array<vec4<f32>, 8>(); // q_t . k_s for s = lane + 16, t = 4i .. 4i + 4
+        var a3 = array<vec4<f32>, 8>(); // q_t . k_s for s = lane + 24, t = 4i .. 4i + 4
         for (var f = 0u; f < p.f; f += 4u) {
             let sr0_0 = states[sbase + (f + 0u) * W4 + 0u];
             let sr0_1 = states[sbase + (f + 0u) * W4 + 8u];

@@ -33,12 +33,16 @@ use crate::wgsl::Wgsl;
 /// Which pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
+    /// The delta rules' parallel per-chunk solve (`chunk_delta.rs`): `W` and `U'`.
+    Solve,
     /// The sequential walk over chunks that stores each chunk's starting state.
     States,
     /// The parallel per-chunk output.
     Output,
 }
 
+/// Tokens per chunk of the delta rules.
+pub const C_DELTA: u32 = 32;
 /// Rows (state rows or tokens) per invocation.
 pub const R: u32 = 4;
 /// Features per slab of the output pass.
@@ -78,6 +82,12 @@ pub struct ChunkKey {
     /// (no workgroup memory, no barriers). Needs SUBGROUP with subgroups of at least 8 lanes;
     /// not for GLA or a normalized output.
     pub sg: bool,
+    /// The delta rules (`chunk_delta.rs`): the output pass reads `u` in place of `v`.
+    pub delta: bool,
+    /// L2-normalized q and k (delta rules).
+    pub l2: bool,
+    /// State rows of the delta state pass (K padded to 64; 0 for every other pass).
+    pub fp: u32,
 }
 
 impl ChunkKey {
@@ -107,7 +117,22 @@ impl ChunkKey {
             normalize,
             aligned,
             sg: false,
+            delta: false,
+            l2: false,
+            fp: 0,
         }
+    }
+
+    /// A pass of the delta rules (`gated`: gated DeltaNet's scalar gate); `k` is K.
+    pub fn delta(stage: Stage, dtype: DType, gated: bool, l2: bool, aligned: bool, k: u32) -> Self {
+        let decay = if gated { Decay::Scalar } else { Decay::None };
+        let mut key = ChunkKey::new(stage, dtype, FeatureMap::Identity, decay, false, aligned);
+        key.delta = true;
+        key.l2 = l2;
+        if stage == Stage::States {
+            key.fp = k.div_ceil(64) * 64;
+        }
+        key
     }
 
     /// The subgroup variant of this key.
@@ -118,6 +143,7 @@ impl ChunkKey {
 
     /// Whether a subgroup variant exists for these options.
     pub fn sg_supported(decay: Decay, normalize: bool) -> bool {
+        // (the Taylor map is always normalized)
         decay != Decay::Vector && !normalize
     }
 
@@ -147,11 +173,17 @@ impl ChunkKey {
 
     /// Invocations per workgroup.
     pub fn wg(&self) -> u32 {
+        if self.delta && self.stage != Stage::Output {
+            return match self.stage {
+                Stage::States => super::chunk_delta::state_vt4(self.fp),
+                _ => super::chunk_delta::SOLVE_WG,
+            };
+        }
         if self.sg {
             return SG_LANES;
         }
         match self.stage {
-            Stage::States => STATE_ROWS / R,
+            Stage::States | Stage::Solve => STATE_ROWS / R,
             Stage::Output => self.c() / R,
         }
     }
@@ -181,6 +213,35 @@ impl ChunkKey {
                 }
             }
         }
+        for stage in [Stage::States, Stage::Output] {
+            for dtype in [DType::F32, DType::F16] {
+                let map = FeatureMap::Taylor;
+                out.push(ChunkKey::new(stage, dtype, map, Decay::None, true, false));
+            }
+        }
+        out.extend(Self::all_delta());
+        out
+    }
+
+    /// The delta rules' keys: the solve, the state pass for every K bucket, both output
+    /// variants.
+    pub fn all_delta() -> Vec<ChunkKey> {
+        let mut out = Vec::new();
+        for dtype in [DType::F32, DType::F16] {
+            for al in [false, true] {
+                for gated in [false, true] {
+                    for l2 in [false, true] {
+                        out.push(ChunkKey::delta(Stage::Solve, dtype, gated, l2, al, 0));
+                        for k in [64, 128, 192, 256] {
+                            out.push(ChunkKey::delta(Stage::States, dtype, gated, l2, al, k));
+                        }
+                        let o = ChunkKey::delta(Stage::Output, dtype, gated, l2, al, 0);
+                        out.push(o);
+                        out.push(o.with_subgroups());
+                    }
+                }
+            }
+        }
         out
     }
 
@@ -204,17 +265,24 @@ impl ChunkKey {
 impl Kernel for ChunkKey {
     fn label(&self) -> String {
         let decay = self.decay.suffix();
+        let map = if self.delta { "delta" } else { self.map.name() };
         format!(
-            "linear_chunk_{}_{}_{}{decay}{}_c{}{}{}",
+            "linear_chunk_{}_{}_{map}{decay}{}{}_c{}{}{}{}",
             match self.stage {
+                Stage::Solve => "w",
                 Stage::States => "h",
                 Stage::Output => "o",
             },
             self.dtype,
-            self.map.name(),
+            if self.l2 { "_l2" } else { "" },
             if self.normalize { "_norm" } else { "" },
             self.c(),
-            if self.sg {
+            if self.fp > 0 {
+                format!("_f{}", self.fp)
+            } else {
+                String::new()
+            },
+            if self.sg || (self.delta && self.stage != Stage::Output) {
                 String::new()
             } else {
                 format!("_r{R}")
@@ -225,6 +293,8 @@ impl Kernel for ChunkKey {
 
     fn source(&self) -> String {
         match (self.stage, self.sg) {
+            (Stage::Solve, _) => super::chunk_delta::generate_solve(self),
+            (Stage::States, _) if self.delta => super::chunk_delta::generate_states(self),
             (Stage::States, false) => generate_states(self),
             (Stage::Output, false) => generate_output(self),
             (Stage::States, true) => generate_states_sg(self),
@@ -239,7 +309,11 @@ impl Kernel for ChunkKey {
             self.dtype.wgsl().to_string()
         };
         let e = e.as_str();
+        if self.delta {
+            return super::chunk_delta::bindings(self, e);
+        }
         match self.stage {
+            Stage::Solve => Vec::new(),
             Stage::States => vec![
                 BindingDecl::uniform("p", "LinParams"),
                 BindingDecl::read("k", e, "[B, T, H, K]"),
@@ -264,23 +338,33 @@ impl Kernel for ChunkKey {
     }
 
     fn workgroup_bytes(&self) -> u32 {
+        if self.delta && self.stage != Stage::Output {
+            return super::chunk_delta::workgroup_bytes(self);
+        }
+        let delta_out = if self.delta && !self.sg {
+            8 * self.c()
+        } else {
+            0
+        };
         if self.sg {
             return 0;
         }
-        match self.stage {
-            Stage::States => {
-                let scalar = if self.decay == Decay::Scalar {
-                    4 * (self.c() + 1)
-                } else {
-                    0
-                };
-                16 * self.c() * (STATE_COLS / 4) + 16 * self.c() * self.wg() + scalar
+        delta_out
+            + match self.stage {
+                Stage::Solve => 0,
+                Stage::States => {
+                    let scalar = if self.decay == Decay::Scalar {
+                        4 * (self.c() + 1)
+                    } else {
+                        0
+                    };
+                    16 * self.c() * (STATE_COLS / 4) + 16 * self.c() * self.wg() + scalar
+                }
+                Stage::Output => {
+                    let (_, _, _, sm) = self.out_layout();
+                    16 * sm + 4 * self.c() * self.c() + 4 * self.c() * 2 + 4 * FS
+                }
             }
-            Stage::Output => {
-                let (_, _, _, sm) = self.out_layout();
-                16 * sm + 4 * self.c() * self.c() + 4 * self.c() * 2 + 4 * FS
-            }
-        }
     }
 
     fn capabilities(&self) -> naga::valid::Capabilities {
@@ -304,7 +388,7 @@ impl Kernel for ChunkKey {
     }
 }
 
-fn header(w: &mut Wgsl, key: &ChunkKey) {
+pub(super) fn header(w: &mut Wgsl, key: &ChunkKey) {
     if key.dtype == DType::F16 {
         w.line("enable f16;");
     }
@@ -327,9 +411,17 @@ fn okk(ok: bool, f: u32) -> vec4<bool> {
     );
 }
 
+/// `ld_state(idx, ok, from_init)`: an element of the initial state or of the state carried
+/// from the last piece (zero where not `ok`).
+pub(super) const LD_STATE_WGSL: &str = "fn ld_state(idx: u32, ok: bool, from_init: bool) -> f32 {
+    let i = select(0u, idx, ok);
+    return select(0.0, select(s_out[i], s_in[i], from_init), ok);
+}
+";
+
 /// `ld4_q`/`ld4_k`/`ld4_v(b, t, h, i, ok)`: elements `i .. i + 4` of a row (zeros where they
 /// do not exist), one vec4 load when the key is aligned.
-fn emit_loaders4(w: &mut Wgsl, key: &ChunkKey, names: &[&str]) {
+pub(super) fn emit_loaders4(w: &mut Wgsl, key: &ChunkKey, names: &[&str]) {
     for &name in names {
         let dim = if name == "v" { "p.dv" } else { "p.dk" };
         let idx = format!(
@@ -359,6 +451,17 @@ fn ld4_{name}(b: u32, t: u32, h: u32, i: u32, ok: bool) -> vec4<f32> {{
     }
 }
 
+/// The output pass's loaders: `ld4_q`, `ld4_k`, and `ld4_v` from v, or for the delta rules
+/// from the solved `u` (`chunk_delta.rs`).
+fn emit_output_loaders(w: &mut Wgsl, key: &ChunkKey) {
+    if key.delta {
+        emit_loaders4(w, key, &["q", "k"]);
+        super::chunk_delta::emit_u_access(w);
+    } else {
+        emit_loaders4(w, key, &["q", "k", "v"]);
+    }
+}
+
 /// `feat(x, okc)`: the feature map of four loaded features, zero where they do not exist.
 fn emit_feat(w: &mut Wgsl, map: FeatureMap) {
     emit_phi(w, map);
@@ -369,6 +472,38 @@ fn emit_feat(w: &mut Wgsl, map: FeatureMap) {
     w.raw(&format!(
         "fn feat(x: vec4<f32>, okc: vec4<bool>) -> vec4<f32> {{ return {body}; }}\n"
     ));
+}
+
+/// `fq4`/`fk4(b, t, h, f, ok)`: features `f .. f + 4` of a token's query or key (zeros past
+/// F or where not `ok`). Taylor's (`1`, `x_a`, `x_a x_b / sqrt(2)`, x scaled by
+/// `sqrt(scale)`, in the recurrent kernel's order) take one or two scalar loads each, so its
+/// keys are never `aligned`.
+fn emit_features4(w: &mut Wgsl, map: FeatureMap, names: &[&str]) {
+    for &n in names {
+        if map != FeatureMap::Taylor {
+            w.raw(&format!(
+                "fn f{n}4(b: u32, t: u32, h: u32, f: u32, ok: bool) -> vec4<f32> {{ return feat(ld4_{n}(b, t, h, f, ok), okk(ok, f)); }}\n"
+            ));
+            continue;
+        }
+        w.raw(&format!(
+            "fn tay_{n}(base: u32, f: u32, ok: bool) -> f32 {{
+    let k = p.dk;
+    let live = ok && f < p.f;
+    let quad = f > k;
+    let c = select(0u, f - 1u - k, quad);
+    let a = select(select(f - 1u, 0u, f == 0u), c / k, quad);
+    let xa = ld1_{n}(base + a, live) * p.feat_scale;
+    let xb = select(1.0, ld1_{n}(base + c % k, live && quad) * p.feat_scale * 0.70710678118654752, quad);
+    return select(0.0, select(xa * xb, 1.0, f == 0u), live);
+}}
+fn f{n}4(b: u32, t: u32, h: u32, f: u32, ok: bool) -> vec4<f32> {{
+    let base = p.{n}_st.x + b * p.{n}_st.y + t * p.{n}_st.z + h * p.{n}_st.w;
+    return vec4<f32>(tay_{n}(base, f, ok), tay_{n}(base, f + 1u, ok), tay_{n}(base, f + 2u, ok), tay_{n}(base, f + 3u, ok));
+}}
+"
+        ));
+    }
 }
 
 /// The state pass's final state, `[N, HV, F, Vs]` under `F_WRITE_STATE`: `rows` rows from
@@ -429,13 +564,8 @@ pub fn generate_states(key: &ChunkKey) -> String {
     emit_loaders(&mut w, &["g"], key.decay != Decay::None);
     emit_loaders4(&mut w, key, &["k", "v"]);
     emit_feat(&mut w, key.map);
-    w.raw(
-        "fn ld_state(idx: u32, ok: bool, from_init: bool) -> f32 {
-    let i = select(0u, idx, ok);
-    return select(0.0, select(s_out[i], s_in[i], from_init), ok);
-}
-",
-    );
+    emit_features4(&mut w, key.map, &["k"]);
+    w.raw(LD_STATE_WGSL);
     w.line("@compute @workgroup_size(WG)");
     w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {");
     w.line("let lid = lid3.x;");
@@ -529,7 +659,7 @@ pub fn generate_states(key: &ChunkKey) -> String {
     w.line("let u = C - 1u - uu;");
     w.line("let tt = tc + u;");
     w.line("let ok = u < nt;");
-    w.line("let kx = feat(ld4_k(b, tt, hq, f, ok), okk(ok, f));");
+    w.line("let kx = fk4(b, tt, hq, f, ok);");
     let stored = match key.decay {
         Decay::None => "kx",
         Decay::Scalar => "kx * sg[u]",
@@ -636,9 +766,13 @@ pub fn generate_output(key: &ChunkKey) -> String {
     w.line("var<workgroup> sb: array<f32, C>; // summed gates b_t");
     w.line("var<workgroup> sd: array<f32, C>; // normalizer per token");
     w.line("var<workgroup> sz: array<f32, FS>; // z slab");
+    if key.delta && key.l2 {
+        w.line("var<workgroup> srn: array<vec2<f32>, C>; // 1 / |k_t|, 1 / |q_t|");
+    }
     emit_loaders(&mut w, &["g"], false);
-    emit_loaders4(&mut w, key, &["q", "k", "v"]);
+    emit_output_loaders(&mut w, key);
     emit_feat(&mut w, key.map);
+    emit_features4(&mut w, key.map, &["q", "k"]);
     w.line("@compute @workgroup_size(WG)");
     w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {");
     w.line("let lid = lid3.x;");
@@ -662,6 +796,11 @@ pub fn generate_output(key: &ChunkKey) -> String {
     w.line("let glob = (p.flags & F_GLOBAL) != 0u;");
     w.line("let sbase = (n * p.hv + hv) * p.chunk.z + (c - p.chunk.x) * p.chunk.w;");
     w.line("let r0 = lid * 4u; // this invocation's tokens r0 .. r0 + 4");
+    if key.delta {
+        w.line("let tb = tok_base(n, hv, c);");
+        w.line("ubase = tb * vu4();");
+        w.line("utc = tc;");
+    }
     w.open("for (var e = lid; e < C * C; e += WG) {");
     w.line("sa[e] = 0.0;");
     w.close();
@@ -672,6 +811,9 @@ pub fn generate_output(key: &ChunkKey) -> String {
         "0.0"
     };
     w.line(&format!("sb[e] = {g0};"));
+    if key.delta && key.l2 {
+        w.line("srn[e] = tok[tb + e].zw;");
+    }
     w.close();
     w.line("workgroupBarrier();");
     if key.decay == Decay::Scalar {
@@ -693,8 +835,15 @@ pub fn generate_output(key: &ChunkKey) -> String {
     w.line("let u = e / FS4;");
     w.line("let f = f0 + (e % FS4) * 4u;");
     w.line("let tt = tc + u;");
-    w.line("sm[e] = feat(ld4_k(b, tt, hq, f, u < nt), okk(u < nt, f));");
-    w.line("sm[QOFF + e] = feat(ld4_q(b, tt, hq, f, u < nt), okk(u < nt, f)) * p.scale;");
+    let (rk, rq) = if key.delta && key.l2 {
+        (" * srn[u].x", " * srn[u].y")
+    } else {
+        ("", "")
+    };
+    w.line(&format!("sm[e] = fk4(b, tt, hq, f, u < nt){rk};"));
+    w.line(&format!(
+        "sm[QOFF + e] = fq4(b, tt, hq, f, u < nt) * p.scale{rq};"
+    ));
     if vector {
         let g: Vec<String> = (0..4)
             .map(|cc| format!("ld_g(b, tt, hv, f + {cc}u, u < nt && f + {cc}u < p.dk)"))
@@ -895,13 +1044,7 @@ pub fn generate_states_sg(key: &ChunkKey) -> String {
     emit_loaders(&mut w, &["g"], key.decay != Decay::None);
     emit_loaders4(&mut w, key, &["k", "v"]);
     emit_feat(&mut w, key.map);
-    w.raw(
-        "fn ld_state(idx: u32, ok: bool, from_init: bool) -> f32 {
-    let i = select(0u, idx, ok);
-    return select(0.0, select(s_out[i], s_in[i], from_init), ok);
-}
-",
-    );
+    w.raw(LD_STATE_WGSL);
     let (rg, cg) = (SG_RG, SG_CG);
     let rows = 32 * rg;
     let idx = |r: u32, j: u32| r * cg + j;
@@ -1048,7 +1191,7 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
     ));
     header(&mut w, key);
     emit_loaders(&mut w, &["g"], false);
-    emit_loaders4(&mut w, key, &["q", "k", "v"]);
+    emit_output_loaders(&mut w, key);
     emit_feat(&mut w, key.map);
     w.line("@compute @workgroup_size(WG)");
     w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {");
@@ -1079,13 +1222,25 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
     w.line("let nt = min(C, len - c * C);");
     w.line("let glob = (p.flags & F_GLOBAL) != 0u;");
     w.line("let sbase = (n * p.hv + hv) * p.chunk.z + (c - p.chunk.x) * p.chunk.w + col0 / 4u;");
+    if key.delta {
+        w.line("let tb = tok_base(n, hv, c);");
+        w.line("ubase = tb * vu4();");
+        w.line("utc = tc;");
+        if key.l2 {
+            for m in 0..4 {
+                w.line(&format!("let tk{m} = tok[tb + lane + {}u];", 8 * m));
+            }
+        }
+    }
+    // zeros written out: declared in a loop, and headless Chromium (Tint on SwiftShader) did not
+    // zero a bare `var x: array<..>;` again on each iteration (wrong delta-rule chunks there)
     w.line(&format!(
-        "var acc: array<vec4<f32>, {}>; // [token][group]: o_t, this lane's columns",
+        "var acc = array<vec4<f32>, {0}>(); // [token][group]: o_t, this lane's columns",
         c * cg
     ));
     for m in 0..4 {
         w.line(&format!(
-            "var a{m}: array<vec4<f32>, 8>; // q_t . k_s for s = lane + {}, t = 4i .. 4i + 4",
+            "var a{m} = array<vec4<f32>, 8>(); // q_t . k_s for s = lane + {}, t = 4i .. 4i + 4",
             8 * m
         ));
     }
@@ -1100,12 +1255,17 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
     }
     for m in 0..4 {
         w.line(&format!("let okm{m} = lane + {}u < nt;", 8 * m));
+        let (rk, rq) = if key.delta && key.l2 {
+            (format!(" * tk{m}.z"), format!(" * tk{m}.w"))
+        } else {
+            (String::new(), String::new())
+        };
         w.line(&format!(
-            "let qb{m} = feat(ld4_q(b, tc + lane + {}u, hq, f, okm{m}), okk(okm{m}, f)) * p.scale;",
+            "let qb{m} = feat(ld4_q(b, tc + lane + {}u, hq, f, okm{m}), okk(okm{m}, f)) * p.scale{rq};",
             8 * m
         ));
         w.line(&format!(
-            "let kb{m} = feat(ld4_k(b, tc + lane + {}u, hq, f, okm{m}), okk(okm{m}, f));",
+            "let kb{m} = feat(ld4_k(b, tc + lane + {}u, hq, f, okm{m}), okk(okm{m}, f)){rk};",
             8 * m
         ));
     }

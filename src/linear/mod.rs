@@ -23,6 +23,7 @@
 //! packed sequences: `cu_seqlens` with B = 1, one state per sequence.
 
 pub mod chunk;
+pub mod chunk_delta;
 pub mod reference;
 pub mod shader;
 
@@ -120,9 +121,8 @@ impl FeatureMap {
     }
 }
 
-/// Which kernel. `Auto` takes `Chunk` where it is built (every rule but the delta rules, every
-/// map but Taylor) and the longest sequence has [`AUTO_CHUNK_MIN_T`] tokens
-/// ([`AUTO_CHUNK_MIN_T_SUBGROUPS`] with the subgroup variant), else `Recurrent`.
+/// Which kernel. `Auto` takes `Chunk` where the longest sequence has [`auto_chunk_min_t`]
+/// tokens, else `Recurrent`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     #[default]
@@ -139,10 +139,37 @@ pub enum Mode {
 /// they win from T = 16 (0.54 against 0.80 ms; 0.58 against 0.38 at T = 4).
 pub const AUTO_CHUNK_MIN_T: usize = 64;
 pub const AUTO_CHUNK_MIN_T_SUBGROUPS: usize = 16;
+/// The delta rules on a GPU. Not measured on one yet: the choice follows fla, whose chunk
+/// kernels exist because T sequential steps leave a GPU idle, while the solve and output
+/// passes run every chunk in parallel. On the CPU adapters `Auto` keeps them recurrent: there
+/// the chunk passes measured 1.1-1.2x slower than the recurrent kernel from T = 128 to 1024
+/// (lavapipe: 45 against 38 ms at T = 1024; SwiftShader: 207 against 195 ms; gated DeltaNet,
+/// H = 8, K = V = 64, single runs), the solve pass more than half of it.
+pub const AUTO_CHUNK_MIN_T_DELTA: usize = 64;
+/// The Taylor map (its `1 + K + K^2` feature rows make the recurrent kernel's per-token work
+/// large): the chunk kernels won from T = 16 (lavapipe 5.3 against 11.4 ms, SwiftShader 16.9
+/// against 29.3; 3.9 and 4.1x at T = 256; K = 16, V = 64, H = 8, single runs).
+pub const AUTO_CHUNK_MIN_T_TAYLOR: usize = 16;
 
-/// Whether the chunk kernels cover these options (not yet: the delta rules, the Taylor map).
-pub fn chunk_supported(opts: &LinearOptions) -> bool {
-    !opts.rule.delta() && opts.feature_map != FeatureMap::Taylor
+/// The fewest tokens in the longest sequence for which `Auto` runs the chunk kernels
+/// (`subgroups`: their subgroup variant runs; `cpu`: a CPU adapter; see the constants for the
+/// measurements).
+pub fn auto_chunk_min_t(opts: &LinearOptions, subgroups: bool, cpu: bool) -> usize {
+    if opts.rule.delta() {
+        return if cpu {
+            usize::MAX
+        } else {
+            AUTO_CHUNK_MIN_T_DELTA
+        };
+    }
+    if opts.feature_map == FeatureMap::Taylor {
+        return AUTO_CHUNK_MIN_T_TAYLOR;
+    }
+    if subgroups {
+        AUTO_CHUNK_MIN_T_SUBGROUPS
+    } else {
+        AUTO_CHUNK_MIN_T
+    }
 }
 
 impl Mode {
@@ -323,6 +350,8 @@ pub enum LinearKernel {
 /// The chunk passes of a plan.
 #[derive(Clone, Debug)]
 pub struct ChunkPlan {
+    /// The delta rules' solve pass (`chunk_delta.rs`), one workgroup per chunk of a piece.
+    pub solve: Option<(ChunkKey, [u32; 3])>,
     pub states: ChunkKey,
     pub output: ChunkKey,
     pub states_grid: [u32; 3],
@@ -346,7 +375,13 @@ impl LinearPlan {
     pub fn label(&self) -> String {
         match &self.kernel {
             LinearKernel::Recurrent { key, .. } => key.label(),
-            LinearKernel::Chunk(cp) => format!("{} + {}", cp.states.label(), cp.output.label()),
+            LinearKernel::Chunk(cp) => {
+                let solve = cp
+                    .solve
+                    .as_ref()
+                    .map_or(String::new(), |(k, _)| format!("{} + ", k.label()));
+                format!("{solve}{} + {}", cp.states.label(), cp.output.label())
+            }
         }
     }
     /// `Recurrent` or `Chunk`.
@@ -464,13 +499,6 @@ pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
             ));
         }
     }
-    if opts.mode == Mode::Chunk && !chunk_supported(opts) {
-        return Err(AttnError::invalid(
-            "mode",
-            "recurrent or auto (the chunk kernels do not cover the delta rules or the Taylor map yet)",
-            format!("chunk with rule {} and map {}", rule.name(), opts.feature_map.name()),
-        ));
-    }
     sequences(s, opts)?;
     // the gate
     let g_shape: Option<Vec<usize>> = match rule {
@@ -574,12 +602,8 @@ pub fn plan(
         Mode::Chunk => true,
         Mode::Recurrent => false,
         Mode::Auto => {
-            let min_t = if chunk_supported(opts) && chunk_subgroups(ctx, opts)? {
-                AUTO_CHUNK_MIN_T_SUBGROUPS
-            } else {
-                AUTO_CHUNK_MIN_T
-            };
-            chunk_supported(opts) && longest >= min_t
+            let cpu = ctx.adapter_info.device_type == wgpu::DeviceType::Cpu;
+            longest >= auto_chunk_min_t(opts, chunk_subgroups(ctx, opts)?, cpu)
         }
     };
     if chunked {
@@ -653,11 +677,21 @@ fn plan_chunk(
     let normalize = LinearShape::normalized(opts);
     let decay = opts.rule.decay();
     // vec4 loads where K and V allow (the call checks the tensors' offsets and strides)
-    let aligned = s.k.is_multiple_of(4) && s.v.is_multiple_of(4);
+    // (Taylor's features are products of scalar loads)
+    let aligned =
+        s.k.is_multiple_of(4) && s.v.is_multiple_of(4) && opts.feature_map != FeatureMap::Taylor;
     let sg = chunk_subgroups(ctx, opts)?;
+    let delta = opts.rule.delta();
+    let k_u32 = u32_of(s.k, "K")?;
     let key = |stage| {
-        let k = ChunkKey::new(stage, dtype, opts.feature_map, decay, normalize, aligned);
-        if sg {
+        let k = if delta {
+            let gated = decay == Decay::Scalar;
+            ChunkKey::delta(stage, dtype, gated, opts.qk_l2norm, aligned, k_u32)
+        } else {
+            ChunkKey::new(stage, dtype, opts.feature_map, decay, normalize, aligned)
+        };
+        // (the delta rules' solve and state passes have one variant)
+        if sg && (!delta || stage == Stage::Output) {
             k.with_subgroups()
         } else {
             k
@@ -668,8 +702,9 @@ fn plan_chunk(
     let n = s.sequences(opts) as u64;
     let hv = s.hv as u64;
     let chunks = (longest as u64).div_ceil(c).max(1);
-    // one slot of chunk states: [N, HV, Fp, W4] vec4s
-    let slot = n * hv * chunk_state_vec4s(s, opts) * 16;
+    // one slot of chunk states: [N, HV, Fp, W4] vec4s, and the delta rules' per-token
+    // scratch of a chunk
+    let slot = n * hv * (chunk_state_vec4s(s, opts) + delta_scratch_vec4s(s, opts)) * 16;
     let budget = CHUNK_STATES_BYTES.min(ctx.limits.max_storage_buffer_binding_size);
     let by_memory = budget / slot.max(1);
     if by_memory == 0 {
@@ -681,20 +716,32 @@ fn plan_chunk(
     }
     // the state pass's loops per chunk (the serial gate sum, the keys, the tokens, the
     // values), against lavapipe's count
+    let loops = if delta {
+        chunk_delta::state_loops_per_chunk(&states, k_u32)
+    } else {
+        4 * c + 8
+    };
     let by_loops = match ctx.caps.loop_limit {
         None => u64::MAX,
-        Some(limit) => (limit / 2 / (4 * c + 8)).max(1),
+        Some(limit) => (limit / 2 / loops).max(1),
     };
     let nvt_o = (s.v as u64).div_ceil(u64::from(output.out_cols()));
     let max_dim = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
     let by_grid = (max_dim / nvt_o).max(1);
     let per_piece = chunks.min(by_memory).min(by_loops).min(by_grid);
-    let (tile_rows, tile_cols) = states.state_tile();
+    let (tile_rows, tile_cols) = if delta {
+        // every row, 4 WG columns
+        (s.k as u32, 4 * states.wg())
+    } else {
+        states.state_tile()
+    };
     let states_grid = [
         (s.v as u64).div_ceil(u64::from(tile_cols)),
         (s.feature_dim(opts) as u64).div_ceil(u64::from(tile_rows)),
         n * hv,
     ];
+    let solve_grid = [per_piece, hv, n];
+    check_grid(ctx, &solve_grid)?;
     let output_grid = [
         per_piece.div_ceil(u64::from(output.chunks_per_workgroup())) * nvt_o,
         hv,
@@ -709,6 +756,7 @@ fn plan_chunk(
         .collect();
     Ok(LinearPlan {
         kernel: LinearKernel::Chunk(ChunkPlan {
+            solve: delta.then(|| (key(Stage::Solve), solve_grid.map(|g| g as u32))),
             states,
             output,
             states_grid: states_grid.map(|g| g as u32),
@@ -721,6 +769,16 @@ fn plan_chunk(
 
 /// vec4s of one chunk state: F padded to the state pass's 64 rows, times `W4` (V padded to the
 /// output pass's 64 columns, plus one for z).
+/// vec4s of the delta rules' scratch per chunk: per token `(beta, b, 1/|k|, 1/|q|)`, a row of
+/// W (K padded to 64) and of U (V padded to 64).
+fn delta_scratch_vec4s(s: &LinearShape, opts: &LinearOptions) -> u64 {
+    if !opts.rule.delta() {
+        return 0;
+    }
+    let pad4 = |x: usize| (x as u64).div_ceil(64) * 16;
+    u64::from(chunk::C_DELTA) * (1 + pad4(s.k) + pad4(s.v))
+}
+
 fn chunk_state_vec4s(s: &LinearShape, opts: &LinearOptions) -> u64 {
     let fp = (s.feature_dim(opts) as u64).div_ceil(u64::from(chunk::STATE_ROWS))
         * u64::from(chunk::STATE_ROWS);
@@ -1126,6 +1184,7 @@ fn encode_chunk(
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<()> {
     let ChunkPlan {
+        solve,
         states,
         output,
         states_grid,
@@ -1163,6 +1222,9 @@ fn encode_chunk(
         } else {
             flags::GLOBAL
         };
+        if solve.is_some() {
+            steps.push((Stage::Solve, p));
+        }
         steps.push((Stage::States, p));
         if opts.causal {
             let mut o = *base;
@@ -1183,13 +1245,38 @@ fn encode_chunk(
         let dev = &ctx.device;
         let states_pipe = ctx.pipeline(states)?;
         let output_pipe = ctx.pipeline(output)?;
-        let bytes = total.saturating_mul(16);
-        ctx.check_binding("chunk states", bytes)?;
-        let chunk_states = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("linear chunk states"),
-            size: bytes.max(16),
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
+        let solve_pipe = solve.as_ref().map(|(k, _)| ctx.pipeline(k)).transpose()?;
+        let scratch = |label: &'static str, vec4s: u64| -> Result<wgpu::Buffer> {
+            let bytes = vec4s.saturating_mul(16);
+            ctx.check_binding(label, bytes)?;
+            Ok(dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }))
+        };
+        let chunk_states = scratch("linear chunk states", total)?;
+        // the delta rules' per-token scratch of a piece: (beta, b, 1/|k|, 1/|q|), W, U
+        let toks = u64::from(*chunks_per_piece)
+            * u64::from(chunk::C_DELTA)
+            * u64::from(base.n_seq)
+            * u64::from(base.hv);
+        let pad4 = |x: usize| (x as u64).div_ceil(64) * 16;
+        let delta_bufs = match solve {
+            Some(_) => Some((
+                scratch("linear delta tokens", toks)?,
+                scratch("linear delta W", toks * pad4(s.k))?,
+                scratch("linear delta U", toks * pad4(s.v))?,
+            )),
+            None => None,
+        };
+        let delta_ranges = delta_bufs.as_ref().map(|(t, w, u)| {
+            (
+                BoundRange::whole(t),
+                BoundRange::whole(w),
+                BoundRange::whole(u),
+            )
         });
         let cu_buf = cu_buffer(ctx, opts);
         let dummy = BoundRange::whole(&ctx.dummy);
@@ -1203,8 +1290,58 @@ fn encode_chunk(
             .map(|(stage, p)| {
                 let params = params_buffer(ctx, p);
                 let pr = BoundRange::whole(&params);
-                let (layout, entries) = match stage {
-                    Stage::States => (
+                let (layout, entries) = match (stage, &delta_ranges, &solve_pipe) {
+                    (Stage::Solve, Some((tk, wr, ur)), Some(sp)) => (
+                        sp.get_bind_group_layout(0),
+                        vec![
+                            pr.entry(0),
+                            bound.q.entry(1),
+                            bound.k.entry(2),
+                            bound.v.entry(3),
+                            bound.g.unwrap_or(&dummy).entry(4),
+                            bound.beta.unwrap_or(&dummy).entry(5),
+                            cu.entry(6),
+                            tk.entry(7),
+                            wr.entry(8),
+                            ur.entry(9),
+                        ],
+                    ),
+                    (Stage::States, Some((tk, wr, ur)), _) => (
+                        states_pipe.get_bind_group_layout(0),
+                        vec![
+                            pr.entry(0),
+                            bound.k.entry(1),
+                            bound.init.unwrap_or(&dummy).entry(2),
+                            cu.entry(3),
+                            tk.entry(4),
+                            wr.entry(5),
+                            ur.entry(6),
+                            cs.entry(7),
+                            bound.state.unwrap_or(&dummy_rw).entry(8),
+                        ],
+                    ),
+                    (Stage::Output, Some((tk, _, ur)), _) => (
+                        output_pipe.get_bind_group_layout(0),
+                        vec![
+                            pr.entry(0),
+                            bound.q.entry(1),
+                            bound.k.entry(2),
+                            ur.entry(3),
+                            bound.g.unwrap_or(&dummy).entry(4),
+                            cu.entry(5),
+                            cs.entry(6),
+                            bound.o.entry(7),
+                            tk.entry(8),
+                        ],
+                    ),
+                    (Stage::Solve, _, _) => {
+                        return Err(AttnError::invalid(
+                            "chunk plan",
+                            "a solve pass only for the delta rules",
+                            "a solve pass without its scratch",
+                        ))
+                    }
+                    (Stage::States, None, _) => (
                         states_pipe.get_bind_group_layout(0),
                         vec![
                             pr.entry(0),
@@ -1217,7 +1354,7 @@ fn encode_chunk(
                             bound.state.unwrap_or(&dummy_rw).entry(7),
                         ],
                     ),
-                    Stage::Output => (
+                    (Stage::Output, None, _) => (
                         output_pipe.get_bind_group_layout(0),
                         vec![
                             pr.entry(0),
@@ -1236,17 +1373,22 @@ fn encode_chunk(
                     layout: &layout,
                     entries: &entries,
                 });
-                (*stage, bg)
+                Ok((*stage, bg))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut pass = begin_pass(encoder, "linear attention (chunks)", timestamps);
         for (stage, bg) in &groups {
-            let [x, y, z] = match stage {
-                Stage::States => {
+            let [x, y, z] = match (stage, &solve_pipe, solve) {
+                (Stage::Solve, Some(sp), Some((_, grid))) => {
+                    pass.set_pipeline(sp);
+                    *grid
+                }
+                (Stage::Solve, _, _) => continue,
+                (Stage::States, _, _) => {
                     pass.set_pipeline(&states_pipe);
                     *states_grid
                 }
-                Stage::Output => {
+                (Stage::Output, _, _) => {
                     pass.set_pipeline(&output_pipe);
                     *output_grid
                 }

@@ -173,6 +173,37 @@ pub fn selftest_cases() -> Vec<Config> {
             )
         },
         lin("Based (Taylor) T=64 K=16", "linear", "taylor", 64, 2, 2, 16),
+        // Auto runs the gated DeltaNet case above recurrent on a CPU adapter (the page's
+        // SwiftShader is a fallback adapter) and in chunks elsewhere, and Based in chunks from
+        // T = 16: the other kernel of each rule named here
+        Config {
+            mode: "recurrent".into(),
+            ..lin(
+                "DeltaNet recurrent T=50 K=40",
+                "delta",
+                "identity",
+                50,
+                1,
+                2,
+                40,
+            )
+        },
+        Config {
+            mode: "recurrent".into(),
+            ..lin("Based recurrent T=20 K=8", "linear", "taylor", 20, 1, 1, 8)
+        },
+        Config {
+            mode: "chunk".into(),
+            ..lin(
+                "DeltaNet chunks T=70 K=96",
+                "delta",
+                "identity",
+                70,
+                1,
+                1,
+                96,
+            )
+        },
     ]
 }
 

@@ -1,0 +1,423 @@
+//! The delta rules in chunks (fla's `chunk_delta_rule` / `chunk_gated_delta_rule`, the UT
+//! form). With `b_t` the gates summed from the chunk's start, `g_t = exp(b_t)` (1 for DeltaNet)
+//! and `S_0` the state before the chunk, the recurrence `S_t = a_t (I - beta_t k_t k_t^T)
+//! S_{t-1} + beta_t k_t v_t^T` is `S_t = g_t S_0 + sum_{s <= t} (g_t / g_s) k_s u_s^T` with
+//!
+//! `u_t = beta_t (v_t - g_t S_0^T k_t) - sum_{s < t} beta_t (g_t / g_s) (k_t . k_s) u_s`,
+//!
+//! that is `(I + M) U = diag(beta) V - diag(beta g) K S_0`, `M` strictly lower triangular.
+//! Three passes per piece:
+//!
+//! - the **solve pass** (`Stage::Solve`, every chunk in parallel) forms `M` and solves
+//!   `(I + M) [W | U'] = [diag(beta g) K | diag(beta) V]` by forward substitution (the
+//!   triangular solve), and stores `W`, `U'` and per token `(beta, b, 1/|k|, 1/|q|)`;
+//! - the **state pass** (`Stage::States`, chunks in order) stores `S_0`, forms
+//!   `U = U' - W S_0` (written over `U'`, for the output pass) and applies the chunk,
+//!   `S <- exp(b_C) S_0 + sum_s exp(b_C - b_s) k_s u_s^T`;
+//! - the **output pass** is `chunk.rs`'s, with `u` in place of `v`: `o_t = g_t q_t S_0 +
+//!   sum_{s <= t} (g_t / g_s) (q_t . k_s) u_s`.
+//!
+//! Every exponent is again a difference of summed gates in order, so none is positive. The
+//! state pass holds all `K` rows of its columns (`u` needs the whole `S_0^T k`): the rows in
+//! workgroup memory, `STATE_VEC4S` vec4s, so fewer columns per workgroup as K grows.
+
+use super::chunk::{emit_loaders4, header, ChunkKey, Stage, LD_STATE_WGSL};
+use super::shader::{emit_loaders, emit_sequence, Decay};
+use crate::pipeline::{BindingDecl, Kernel};
+use crate::wgsl::Wgsl;
+
+/// Invocations of the solve pass.
+pub const SOLVE_WG: u32 = 64;
+/// vec4s of state the delta state pass keeps in workgroup memory (8 KiB).
+pub const STATE_VEC4S: u32 = 512;
+/// Features per key slab (vec4s: `KS4`).
+const KS: u32 = 16;
+
+/// Column vec4s (and invocations) of a delta state-pass workgroup holding `fp` rows.
+pub fn state_vt4(fp: u32) -> u32 {
+    match STATE_VEC4S / fp.max(64) {
+        x if x >= 8 => 8,
+        x if x >= 4 => 4,
+        _ => 2,
+    }
+}
+
+/// Loop iterations of one chunk in the delta state pass (lavapipe's loop limit).
+pub fn state_loops_per_chunk(key: &ChunkKey, k: u32) -> u64 {
+    let wg = u64::from(key.wg());
+    let c = u64::from(key.c());
+    let slabs = u64::from(k.div_ceil(KS));
+    u64::from(key.fp) / 4 + c / wg + 1 + 2 * slabs * (c * 4 / wg + 5)
+}
+
+pub fn bindings(key: &ChunkKey, e: &str) -> Vec<BindingDecl> {
+    let v4 = "vec4<f32>";
+    match key.stage {
+        Stage::Solve => vec![
+            BindingDecl::uniform("p", "LinParams"),
+            BindingDecl::read("q", e, "[B, T, H, K]"),
+            BindingDecl::read("k", e, "[B, T, H, K]"),
+            BindingDecl::read("v", e, "[B, T, HV, V]"),
+            BindingDecl::read("g", "f32", "gates (natural log)"),
+            BindingDecl::read("beta", "f32", "[B, T, HV]"),
+            BindingDecl::read("cu", "u32", "cu_seqlens"),
+            BindingDecl::read_write("tok", v4, "per token (beta, b, 1/|k|, 1/|q|) [N, HV, P C]"),
+            BindingDecl::read_write("wsc", v4, "W [N, HV, P C, Kp/4]"),
+            BindingDecl::read_write("usc", v4, "U' [N, HV, P C, Vp/4]"),
+        ],
+        Stage::States => vec![
+            BindingDecl::uniform("p", "LinParams"),
+            BindingDecl::read("k", e, "[B, T, H, K]"),
+            BindingDecl::read("s_in", "f32", "initial state [N, HV, F, Vs]"),
+            BindingDecl::read("cu", "u32", "cu_seqlens"),
+            BindingDecl::read("tok", v4, "per token (beta, b, 1/|k|, 1/|q|) [N, HV, P C]"),
+            BindingDecl::read("wsc", v4, "W [N, HV, P C, Kp/4]"),
+            BindingDecl::read_write("usc", v4, "U' in, U out [N, HV, P C, Vp/4]"),
+            BindingDecl::read_write("states", v4, "chunk states [N, HV, P, Fp, W4]"),
+            BindingDecl::read_write("s_out", "f32", "state [N, HV, F, Vs]"),
+        ],
+        Stage::Output => vec![
+            BindingDecl::uniform("p", "LinParams"),
+            BindingDecl::read("q", e, "[B, T, H, K]"),
+            BindingDecl::read("k", e, "[B, T, H, K]"),
+            BindingDecl::read("v", v4, "U from the state pass [N, HV, P C, Vp/4]"),
+            BindingDecl::read("g", "f32", "gates (natural log)"),
+            BindingDecl::read("cu", "u32", "cu_seqlens"),
+            BindingDecl::read("states", v4, "chunk states [N, HV, P, Fp, W4]"),
+            BindingDecl::read_write("o", e, "[B, T, HV, V]"),
+            BindingDecl::read("tok", v4, "per token (beta, b, 1/|k|, 1/|q|) [N, HV, P C]"),
+        ],
+    }
+}
+
+pub fn workgroup_bytes(key: &ChunkKey) -> u32 {
+    let c = key.c();
+    match key.stage {
+        Stage::Solve => 16 * c * (KS / 4) + 4 * c * c + 16 * c,
+        Stage::States => 16 * key.fp * key.wg() + 16 * c * (KS / 4) + 16 * c,
+        Stage::Output => 0,
+    }
+}
+
+/// `tok_base(n, hv, c)`: the first token of chunk `c` in the per-token scratch of a piece
+/// (`p.chunk.z / p.chunk.w` chunks per sequence and head); `vu4()`: vec4s of a `u` row.
+fn emit_scratch_index(w: &mut Wgsl) {
+    w.raw(
+        "fn tok_base(n: u32, hv: u32, c: u32) -> u32 {
+    return ((n * p.hv + hv) * (p.chunk.z / p.chunk.w) + c - p.chunk.x) * C;
+}
+fn vu4() -> u32 { return (p.dv + 63u) / 64u * 16u; }
+fn kp4() -> u32 { return (p.dk + 63u) / 64u * 16u; }
+",
+    );
+}
+
+/// For the output pass: `ld4_v` reads `u` of the chunk set in `ubase` (its first token `utc`).
+pub fn emit_u_access(w: &mut Wgsl) {
+    emit_scratch_index(w);
+    w.raw(
+        "var<private> ubase: u32;
+var<private> utc: u32;
+fn ld4_v(b: u32, t: u32, h: u32, i: u32, ok: bool) -> vec4<f32> {
+    let idx = ubase + (t - utc) * vu4() + i / 4u;
+    return select(vec4<f32>(0.0), v[select(0u, idx, ok)], ok);
+}
+",
+    );
+}
+
+/// The solve pass: one workgroup per (chunk, value head, sequence).
+pub fn generate_solve(key: &ChunkKey) -> String {
+    let gated = key.decay == Decay::Scalar;
+    let mut w = Wgsl::new(&format!(
+        "{}: chunked delta rule, solve pass (generated by wgpu-attention)",
+        key.label()
+    ));
+    header(&mut w, key);
+    w.line(&format!(
+        "const KS4: u32 = {}u; // vec4s per key slab",
+        KS / 4
+    ));
+    w.line("var<workgroup> sk: array<vec4<f32>, C * KS4>; // a slab of the chunk's keys");
+    w.line("var<workgroup> sa: array<f32, C * C>; // k_t . k_s, then M");
+    w.line("var<workgroup> st: array<vec4<f32>, C>; // beta, b, 1/|k|, 1/|q|");
+    emit_loaders(&mut w, &["g", "beta"], false);
+    emit_loaders4(&mut w, key, &["q", "k", "v"]);
+    emit_scratch_index(&mut w);
+    w.line("@compute @workgroup_size(WG)");
+    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {");
+    w.line("let lid = lid3.x;");
+    w.line("let n = wid.z;");
+    w.line("let hv = wid.y;");
+    w.line("let hq = hv / p.group;");
+    emit_sequence(&mut w);
+    w.line("let c = p.chunk.x + wid.x;");
+    w.open("if c >= p.chunk.y || c * C >= len {");
+    w.line("return;");
+    w.close();
+    w.line("let tc = t0 + c * C;");
+    w.line("let nt = min(C, len - c * C);");
+    w.line("let tb = tok_base(n, hv, c);");
+    w.line("let kp = kp4();");
+    w.line("let vu = vu4();");
+    w.open("if lid < C {");
+    w.line("let ok = lid < nt;");
+    w.line("let t = tc + lid;");
+    w.line("var rk = 1.0;");
+    w.line("var rq = 1.0;");
+    if key.l2 {
+        w.line("var ak = vec4<f32>(0.0);");
+        w.line("var aq = vec4<f32>(0.0);");
+        w.open("for (var f = 0u; f < p.dk; f += 4u) {");
+        w.line("let x = ld4_k(b, t, hq, f, ok);");
+        w.line("let y = ld4_q(b, t, hq, f, ok);");
+        w.line("ak += x * x;");
+        w.line("aq += y * y;");
+        w.close();
+        w.line("rk = inverseSqrt(ak.x + ak.y + ak.z + ak.w + 1e-6);");
+        w.line("rq = inverseSqrt(aq.x + aq.y + aq.z + aq.w + 1e-6);");
+    }
+    let g = if gated {
+        "ld_g(b, t, hv, 0u, ok)"
+    } else {
+        "0.0"
+    };
+    w.line(&format!(
+        "st[lid] = vec4<f32>(ld_beta(b, t, hv, ok), {g}, rk, rq);"
+    ));
+    w.close();
+    w.open("for (var e = lid; e < C * C; e += WG) {");
+    w.line("sa[e] = 0.0;");
+    w.close();
+    w.line("workgroupBarrier();");
+    if gated {
+        w.open("if lid == 0u {");
+        w.line("var run = 0.0;");
+        w.open("for (var e = 0u; e < C; e++) {");
+        w.line("run += st[e].y;");
+        w.line("st[e].y = run;");
+        w.close();
+        w.close();
+        w.line("workgroupBarrier();");
+    }
+    w.open("if lid < C {");
+    w.line("tok[tb + lid] = st[lid];");
+    w.close();
+    w.line("// the Gram matrix of the (normalized) keys, slab by slab");
+    w.open("for (var f0 = 0u; f0 < p.dk; f0 += KS4 * 4u) {");
+    w.line("workgroupBarrier();");
+    w.open("for (var e = lid; e < C * KS4; e += WG) {");
+    w.line("let u = e / KS4;");
+    w.line("sk[e] = ld4_k(b, tc + u, hq, f0 + (e % KS4) * 4u, u < nt) * st[u].z;");
+    w.close();
+    w.line("workgroupBarrier();");
+    w.open("for (var e = lid; e < C * C; e += WG) {");
+    w.line("let t = e / C;");
+    w.line("let s = e % C;");
+    w.open("if s < t {");
+    let d: Vec<String> = (0..KS / 4)
+        .map(|i| format!("dot(sk[t * KS4 + {i}u], sk[s * KS4 + {i}u])"))
+        .collect();
+    w.line(&format!("sa[e] += {};", d.join(" + ")));
+    w.close();
+    w.close();
+    w.close();
+    w.line("workgroupBarrier();");
+    w.line("// M_ts = beta_t exp(b_t - b_s) k_t . k_s below the diagonal");
+    w.open("for (var e = lid; e < C * C; e += WG) {");
+    w.line("let t = e / C;");
+    w.line("let s = e % C;");
+    let m = if gated {
+        "st[t].x * exp(st[t].y - st[s].y) * sa[e]"
+    } else {
+        "st[t].x * sa[e]"
+    };
+    w.line(&format!("sa[e] = select(0.0, {m}, s < t);"));
+    w.close();
+    w.line("workgroupBarrier();");
+    w.line("// (I + M) Y = R by forward substitution, one vec4 column of [W | U'] per invocation");
+    w.open("for (var e = lid; e < kp + vu; e += WG) {");
+    w.line("let isk = e < kp;");
+    w.line("let col = select(e - kp, e, isk) * 4u;");
+    w.line("var y: array<vec4<f32>, C>;");
+    // loops, not unrolled: SwiftShader took minutes and 24 GB to compile the unrolled solve
+    w.open("for (var t = 0u; t < C; t++) {");
+    w.line("let a = st[t];");
+    let kf = if gated {
+        "a.x * a.z * exp(a.y)"
+    } else {
+        "a.x * a.z"
+    };
+    w.line(&format!(
+        "var x = select(ld4_v(b, tc + t, hv, col, t < nt && !isk) * a.x, ld4_k(b, tc + t, hq, col, t < nt && isk) * ({kf}), isk);"
+    ));
+    w.open("for (var s = 0u; s < t; s++) {");
+    w.line("x -= sa[t * C + s] * y[s];");
+    w.close();
+    w.line("y[t] = x;");
+    w.open("if isk {");
+    w.line("wsc[(tb + t) * kp + e] = x;");
+    w.close();
+    w.open("else {");
+    w.line("usc[(tb + t) * vu + e - kp] = x;");
+    w.close();
+    w.close();
+    w.close();
+    w.close(); // main
+    w.finish()
+}
+
+/// The delta state pass: a workgroup owns `4 WG` columns of V and all state rows (in `ss`),
+/// invocation `lid` the vec4 column `j`.
+pub fn generate_states(key: &ChunkKey) -> String {
+    let c = key.c();
+    let gated = key.decay == Decay::Scalar;
+    let mut w = Wgsl::new(&format!(
+        "{}: chunked delta rule, state pass (generated by wgpu-attention)",
+        key.label()
+    ));
+    header(&mut w, key);
+    w.line(&format!("const FP: u32 = {}u; // state rows held", key.fp));
+    w.line(&format!(
+        "const KS4: u32 = {}u; // vec4s per key slab",
+        KS / 4
+    ));
+    w.line("var<workgroup> ss: array<vec4<f32>, FP * WG>; // the state: row f, vec4 column lid");
+    w.line("var<workgroup> sk: array<vec4<f32>, C * KS4>; // a slab of W or of the keys");
+    w.line("var<workgroup> stt: array<vec4<f32>, C>; // beta, b, 1/|k|, 1/|q|");
+    emit_loaders(&mut w, &[], gated);
+    emit_loaders4(&mut w, key, &["k"]);
+    emit_scratch_index(&mut w);
+    w.raw(LD_STATE_WGSL);
+    w.line("@compute @workgroup_size(WG)");
+    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {");
+    w.line("let lid = lid3.x;");
+    w.line("let j = wid.x * WG + lid; // this invocation's vec4 column");
+    w.line("let col = j * 4u;");
+    w.line("let n = wid.z / p.hv;");
+    w.line("let hv = wid.z % p.hv;");
+    w.line("let hq = hv / p.group;");
+    w.line("let W4 = w4();");
+    emit_sequence(&mut w);
+    w.line("let nch = (len + C - 1u) / C;");
+    w.line("let srow = (n * p.hv + hv) * p.f;");
+    w.line("let kp = kp4();");
+    w.line("let vu = vu4();");
+    w.line("let k16 = (p.dk + 15u) / 16u * 16u; // rows past K stay zero");
+    w.line("let from_init = (p.flags & F_INIT) != 0u;");
+    w.line("let load = from_init || (p.flags & F_RESUME) != 0u;");
+    w.line("let off = select(p.state.y, p.state.x, from_init);");
+    w.open("for (var f = 0u; f < FP; f++) {");
+    w.line("let rok = load && f < p.f;");
+    let comps: Vec<String> = (0..4)
+        .map(|cc| {
+            format!("ld_state(off + (srow + f) * p.vs + col + {cc}u, rok && col + {cc}u < p.dv, from_init)")
+        })
+        .collect();
+    w.line(&format!(
+        "ss[f * WG + lid] = vec4<f32>({});",
+        comps.join(", ")
+    ));
+    w.close();
+    w.line("let c_to = min(p.chunk.y, nch);");
+    w.open("for (var c = p.chunk.x; c < c_to; c++) {");
+    w.line("let tc = t0 + c * C;");
+    w.line("let nt = min(C, len - c * C);");
+    w.line("let cb = (n * p.hv + hv) * p.chunk.z + (c - p.chunk.x) * p.chunk.w + j;");
+    w.open("for (var f = 0u; f < FP; f += 4u) {");
+    for i in 0..4 {
+        w.line(&format!(
+            "states[cb + (f + {i}u) * W4] = ss[(f + {i}u) * WG + lid];"
+        ));
+    }
+    w.close();
+    w.line("let tb = tok_base(n, hv, c);");
+    w.line("workgroupBarrier(); // the previous chunk is done with stt and sk");
+    w.open("for (var e = lid; e < C; e += WG) {");
+    w.line("stt[e] = tok[tb + e];");
+    w.close();
+    // (zeros written out: Tint on SwiftShader kept the last chunk's values in a bare
+    // `var x: array<..>;` declared in the loop)
+    w.line(&format!(
+        "var x = array<vec4<f32>, {c}>(); // W S_0, then u, then u exp(b_C - b_s)"
+    ));
+    // sweep the feature slabs: `mul` adds a slab's product to the registers or the state
+    let sweep = |w: &mut Wgsl, load: &str, body: &dyn Fn(&mut Wgsl)| {
+        w.open("for (var f0 = 0u; f0 < k16; f0 += KS4 * 4u) {");
+        w.line("workgroupBarrier();");
+        w.open("for (var e = lid; e < C * KS4; e += WG) {");
+        w.line("let u = e / KS4;");
+        w.line(&format!("sk[e] = {load};"));
+        w.close();
+        w.line("workgroupBarrier();");
+        w.open("for (var f4 = 0u; f4 < KS4; f4++) {");
+        w.line("let r = (f0 + f4 * 4u) * WG + lid;");
+        body(w);
+        w.close();
+        w.close();
+    };
+    sweep(
+        &mut w,
+        "wsc[(tb + u) * kp + f0 / 4u + e % KS4]",
+        &|w: &mut Wgsl| {
+            for i in 0..4 {
+                w.line(&format!("let s{i} = ss[r + {i}u * WG];"));
+            }
+            for t in 0..c {
+                w.line(&format!("let k{t} = sk[{t}u * KS4 + f4];"));
+                w.line(&format!(
+                    "x[{t}] += k{t}.x * s0 + k{t}.y * s1 + k{t}.z * s2 + k{t}.w * s3;"
+                ));
+            }
+        },
+    );
+    w.line(&format!("let bc = stt[{}u].y;", c - 1));
+    for t in 0..c {
+        w.line(&format!("let ui{t} = (tb + {t}u) * vu + j;"));
+        w.line(&format!("let u{t} = usc[ui{t}] - x[{t}];"));
+        w.line(&format!("usc[ui{t}] = u{t};"));
+        if gated {
+            w.line(&format!("x[{t}] = u{t} * exp(bc - stt[{t}u].y);"));
+        } else {
+            w.line(&format!("x[{t}] = u{t};"));
+        }
+    }
+    if gated {
+        w.line("let dec = expm1(vec4<f32>(bc));");
+    }
+    sweep(
+        &mut w,
+        "ld4_k(b, tc + u, hq, f0 + (e % KS4) * 4u, u < nt) * stt[u].z",
+        &|w: &mut Wgsl| {
+            for i in 0..4 {
+                w.line(&format!("var s{i} = ss[r + {i}u * WG];"));
+                if gated {
+                    w.line(&format!("s{i} += s{i} * dec.x;"));
+                }
+            }
+            for t in 0..c {
+                w.line(&format!("let k{t} = sk[{t}u * KS4 + f4];"));
+                for (i, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+                    w.line(&format!("s{i} += k{t}.{comp} * x[{t}];"));
+                }
+            }
+            for i in 0..4 {
+                w.line(&format!("ss[r + {i}u * WG] = s{i};"));
+            }
+        },
+    );
+    w.close(); // chunks
+    w.open("if (p.flags & F_WRITE_STATE) != 0u {");
+    w.open("for (var f = 0u; f < p.f; f++) {");
+    w.line("let s = ss[f * WG + lid];");
+    w.line("let rb = p.state.y + (srow + f) * p.vs + col;");
+    for cc in 0..4 {
+        w.line(&format!(
+            "if col + {cc}u < p.dv {{ s_out[rb + {cc}u] = s[{cc}]; }}"
+        ));
+    }
+    w.close();
+    w.close();
+    w.close(); // main
+    w.finish()
+}
