@@ -66,7 +66,6 @@ fn vu4() -> u32 { return (p.dv + 63u) / 64u * 16u; }
 fn kp4() -> u32 { return (p.dk + 63u) / 64u * 16u; }
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let lid = lid3.x;
     let n = wid.z;
     let hv = wid.y;
     let hq = hv / p.group;
@@ -87,6 +86,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let tb = tok_base(n, hv, c);
     let kp = kp4();
     let vu = vu4();
+    let lid = lid3.x;
     if lid < C {
         let ok = lid < nt;
         let t = tc + lid;

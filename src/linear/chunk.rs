@@ -176,6 +176,7 @@ impl ChunkKey {
         if self.delta && self.stage != Stage::Output {
             return match self.stage {
                 Stage::States => super::chunk_delta::state_vt4(self.fp),
+                _ if self.sg => SG_LANES,
                 _ => super::chunk_delta::SOLVE_WG,
             };
         }
@@ -231,7 +232,9 @@ impl ChunkKey {
             for al in [false, true] {
                 for gated in [false, true] {
                     for l2 in [false, true] {
-                        out.push(ChunkKey::delta(Stage::Solve, dtype, gated, l2, al, 0));
+                        let solve = ChunkKey::delta(Stage::Solve, dtype, gated, l2, al, 0);
+                        out.push(solve);
+                        out.push(solve.with_subgroups());
                         for k in [64, 128, 192, 256] {
                             out.push(ChunkKey::delta(Stage::States, dtype, gated, l2, al, k));
                         }
@@ -293,7 +296,8 @@ impl Kernel for ChunkKey {
 
     fn source(&self) -> String {
         match (self.stage, self.sg) {
-            (Stage::Solve, _) => super::chunk_delta::generate_solve(self),
+            (Stage::Solve, false) => super::chunk_delta::generate_solve(self),
+            (Stage::Solve, true) => super::chunk_delta::generate_solve_sg(self),
             (Stage::States, _) if self.delta => super::chunk_delta::generate_states(self),
             (Stage::States, false) => generate_states(self),
             (Stage::Output, false) => generate_output(self),
@@ -338,7 +342,7 @@ impl Kernel for ChunkKey {
     }
 
     fn workgroup_bytes(&self) -> u32 {
-        if self.delta && self.stage != Stage::Output {
+        if self.delta && self.stage != Stage::Output && !self.sg {
             return super::chunk_delta::workgroup_bytes(self);
         }
         let delta_out = if self.delta && !self.sg {

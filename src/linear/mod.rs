@@ -139,12 +139,16 @@ pub enum Mode {
 /// they win from T = 16 (0.54 against 0.80 ms; 0.58 against 0.38 at T = 4).
 pub const AUTO_CHUNK_MIN_T: usize = 64;
 pub const AUTO_CHUNK_MIN_T_SUBGROUPS: usize = 16;
-/// The delta rules on a GPU. Not measured on one yet: the choice follows fla, whose chunk
-/// kernels exist because T sequential steps leave a GPU idle, while the solve and output
-/// passes run every chunk in parallel. On the CPU adapters `Auto` keeps them recurrent: there
-/// the chunk passes measured 1.1-1.2x slower than the recurrent kernel from T = 128 to 1024
-/// (lavapipe: 45 against 38 ms at T = 1024; SwiftShader: 207 against 195 ms; gated DeltaNet,
-/// H = 8, K = V = 64, single runs), the solve pass more than half of it.
+/// The delta rules with the subgroup solve pass: on lavapipe the chunk kernels won from
+/// T = 32 (2.0 against 2.7 ms; 20.7 against 38.7 at T = 1024, 88 against 158 at 4096; gated
+/// DeltaNet with L2 norm, H = 8, K = V = 64, single runs).
+pub const AUTO_CHUNK_MIN_T_DELTA_SUBGROUPS: usize = 32;
+/// The delta rules without subgroups, on a GPU. Not measured on one yet: the choice follows
+/// fla, whose chunk kernels exist because T sequential steps leave a GPU idle, while the solve
+/// and output passes run every chunk in parallel. On a CPU adapter without subgroups of 8
+/// (SwiftShader, the page's fallback adapter) `Auto` keeps them recurrent: there the chunk
+/// passes measured 1.06-1.15x slower from T = 64 to 1024 (207 against 195 ms at T = 1024,
+/// same shape), the loop-form solve pass the larger part.
 pub const AUTO_CHUNK_MIN_T_DELTA: usize = 64;
 /// The Taylor map (its `1 + K + K^2` feature rows make the recurrent kernel's per-token work
 /// large): the chunk kernels won from T = 16 (lavapipe 5.3 against 11.4 ms, SwiftShader 16.9
@@ -156,7 +160,9 @@ pub const AUTO_CHUNK_MIN_T_TAYLOR: usize = 16;
 /// measurements).
 pub fn auto_chunk_min_t(opts: &LinearOptions, subgroups: bool, cpu: bool) -> usize {
     if opts.rule.delta() {
-        return if cpu {
+        return if subgroups {
+            AUTO_CHUNK_MIN_T_DELTA_SUBGROUPS
+        } else if cpu {
             usize::MAX
         } else {
             AUTO_CHUNK_MIN_T_DELTA
@@ -690,8 +696,8 @@ fn plan_chunk(
         } else {
             ChunkKey::new(stage, dtype, opts.feature_map, decay, normalize, aligned)
         };
-        // (the delta rules' solve and state passes have one variant)
-        if sg && (!delta || stage == Stage::Output) {
+        // (the delta rules' state pass has one variant)
+        if sg && (!delta || stage != Stage::States) {
             k.with_subgroups()
         } else {
             k
