@@ -198,9 +198,9 @@ struct BenchArgs {
     /// lengths (comma-separated), for each strategy the adapter runs, interleaved.
     #[arg(long, value_delimiter = ',')]
     causal_sweep: Option<Vec<usize>>,
-    /// Instead of the registry: linear attention (rules linear and gated-delta, recurrent) at
-    /// B=1, H=HV=8, K=V=64 over these lengths, interleaved with dense causal flash attention
-    /// (B=1, H=8, D=64) up to --dense-max.
+    /// Instead of the registry: linear attention (rules linear, simple-gla and gated-delta, each
+    /// through its chunk and its recurrent kernel) at B=1, H=HV=8, K=V=64 over these lengths,
+    /// interleaved with dense causal flash attention (B=1, H=8, D=64) up to --dense-max.
     #[arg(long, value_delimiter = ',')]
     linear_sweep: Option<Vec<usize>>,
     /// The longest sequence the linear sweep also runs dense causal attention at.
