@@ -10,7 +10,10 @@
 //!
 //! - the **solve pass** (`Stage::Solve`, every chunk in parallel) forms `M` and solves
 //!   `(I + M) [W | U'] = [diag(beta g) K | diag(beta) V]` by forward substitution (the
-//!   triangular solve), and stores `W`, `U'` and per token `(beta, b, 1/|k|, 1/|q|)`;
+//!   triangular solve), and stores `W`, `U'` and per token `(beta, b, 1/|k|, 1/|q|)`; with
+//!   subgroups of 8 (lavapipe, GPUs) each lane owns four tokens and shuffles hand their keys
+//!   and rows of `M` round ([`generate_solve_sg`]), else loops over workgroup memory
+//!   ([`generate_solve`]: the unrolled form took SwiftShader minutes and 24 GB to compile);
 //! - the **state pass** (`Stage::States`, chunks in order) stores `S_0`, forms
 //!   `U = U' - W S_0` (written over `U'`, for the output pass) and applies the chunk,
 //!   `S <- exp(b_C) S_0 + sum_s exp(b_C - b_s) k_s u_s^T`;
