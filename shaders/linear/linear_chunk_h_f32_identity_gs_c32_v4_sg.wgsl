@@ -54,7 +54,7 @@ fn ld_state(idx: u32, ok: bool, from_init: bool) -> f32 {
     return select(0.0, select(s_out[i], s_in[i], from_init), ok);
 }
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let col0 = wid.x * 64u + lane * 4u; // this lane's columns: col0 + 32 j .. + 4
     let row0 = wid.y * 32u;
     let n = wid.z / p.hv;

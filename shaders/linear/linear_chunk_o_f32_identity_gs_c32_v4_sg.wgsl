@@ -51,7 +51,7 @@ fn ld4_v(b: u32, t: u32, h: u32, i: u32, ok: bool) -> vec4<f32> {
 }
 fn feat(x: vec4<f32>, okc: vec4<bool>) -> vec4<f32> { return x; }
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let nvt = (p.dv + 63u) / 64u;
     let c0 = p.chunk.x + wid.x / nvt * 4u;
     let col0 = (wid.x % nvt) * 64u + lane * 4u; // this lane's columns: col0 + 32 j .. + 4

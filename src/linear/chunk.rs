@@ -16,8 +16,9 @@
 //! `exp(b_t - b_s)` per feature and pair (a smaller chunk keeps that affordable).
 //!
 //! Each pass has two variants. The *subgroup* one (8 lanes a workgroup, subgroups of 8 or
-//! more) has every lane load only its own rows and columns and hands them round with
-//! `subgroupShuffle`: lavapipe loops over the lanes for every storage or workgroup load, so an
+//! more; a lane is its `subgroup_invocation_id`, the index shuffles address, not its index in
+//! the workgroup, which a GPU need not map to the same) has every lane load only its own rows
+//! and columns and hands them round with `subgroupShuffle`: lavapipe loops over the lanes for every storage or workgroup load, so an
 //! operand all lanes read at one address costs eight loads there. The *plain* one (SwiftShader,
 //! the browser, GLA, a normalized output) holds `R = 4` rows per invocation and stages shared
 //! operands in workgroup memory, features in slabs of 16, so K up to 256 fits in 16 KiB.
@@ -1053,7 +1054,7 @@ pub fn generate_states_sg(key: &ChunkKey) -> String {
     let rows = 32 * rg;
     let idx = |r: u32, j: u32| r * cg + j;
     w.line("@compute @workgroup_size(WG)");
-    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {");
+    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {");
     w.line(&format!(
         "let col0 = wid.x * {}u + lane * 4u; // this lane's columns: col0 + 32 j .. + 4",
         32 * cg
@@ -1198,7 +1199,7 @@ pub fn generate_output_sg(key: &ChunkKey) -> String {
     emit_output_loaders(&mut w, key);
     emit_feat(&mut w, key.map);
     w.line("@compute @workgroup_size(WG)");
-    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {");
+    w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {");
     w.line(&format!(
         "let nvt = (p.dv + {}u) / {SG_TILE}u;",
         SG_TILE - 1

@@ -296,7 +296,7 @@ pub fn generate_solve_sg(key: &ChunkKey) -> String {
         key.label()
     ));
     header(&mut w, key);
-    solve_prologue(&mut w, key, "local_invocation_index) lane: u32");
+    solve_prologue(&mut w, key, "subgroup_invocation_id) lane: u32");
     let four = |f: &dyn Fn(u32) -> String| -> String {
         let v: Vec<String> = (0..4).map(f).collect();
         format!("vec4<f32>({})", v.join(", "))
