@@ -38,7 +38,7 @@ sw() { VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader "$@"; }
 # each new specialization compiles for seconds there, and lavapipe already ran the full count.
 # Linear attention runs only its chunk kernels here (the browser's variant, without subgroups):
 # lavapipe ran every case through the recurrent kernel too.
-phase "GPU tests on SwiftShader" sw env WGPU_ATTENTION_CASES="${WGPU_ATTENTION_CASES:-12}" WGPU_ATTENTION_LINEAR_MODES=chunk timeout 900 cargo test --test flash --test errors --test neighborhood --test linear -- --test-threads=2
+phase "GPU tests on SwiftShader" sw env WGPU_ATTENTION_CASES="${WGPU_ATTENTION_CASES:-12}" WGPU_ATTENTION_LINEAR_MODES=chunk timeout 900 cargo test --test flash --test errors --test neighborhood --test linear --test sparse -- --test-threads=2
 phase "browser: wasm build" web/build.sh
 phase "browser: self-test in headless Chromium" timeout 900 web/test.py --screenshot target/web-screenshot.png
 echo "== phase times"

@@ -1,6 +1,7 @@
-//! Sparse attention, first step (issue 13): FlexAttention's `BlockMask` and `mask_mod`s on the
-//! host. Nothing here runs on the GPU yet: the kernel path (a geometry whose key passes walk a
-//! block list), `create_block_mask` on the GPU, WGSL snippets and top-k routing come next.
+//! Sparse attention, first steps (issue 13): FlexAttention's `BlockMask` and `mask_mod`s on the
+//! host, and WGSL `mask_mod`/`score_mod` snippets checked by naga with `create_block_mask`
+//! evaluating a snippet on the GPU ([`snippet`]). Not built yet: the kernel path (a geometry
+//! whose key passes walk a block list), the snippets inside it, top-k routing.
 //!
 //! A `mask_mod(b, h, q_idx, kv_idx) -> bool` says whether query `q_idx` sees key `kv_idx`
 //! (positions in the sequence, `h` the query head). A [`BlockMask`] cuts the (query, key)
@@ -10,6 +11,8 @@
 //! broadcast. Padded tail tiles (past Lq or Lk) are never full. Masks that depend on Lq and Lk
 //! align as the library's `causal` does: bottom-right (query i sees key j iff
 //! `j <= i + Lk - Lq`), as FlashAttention does.
+
+pub mod snippet;
 
 use std::sync::Arc;
 
@@ -206,39 +209,49 @@ impl BlockMask {
     pub fn from_mask_mod(mask: &MaskMod, layout: BlockLayout) -> Result<BlockMask> {
         layout.check()?;
         let l = layout;
+        let (nq, _) = l.blocks();
+        Ok(BlockMask::from_counts(layout, |r, j| {
+            let (b, h, i) = (r / (l.heads * nq), r / nq % l.heads, r % nq);
+            let rows = i * l.q_block..((i + 1) * l.q_block).min(l.lq);
+            let cols = j * l.kv_block..((j + 1) * l.kv_block).min(l.lk);
+            rows.map(|q| cols.clone().filter(|&k| mask.eval(b, h, q, k)).count())
+                .sum()
+        }))
+    }
+
+    /// From the visible pairs of every tile, `count(r, j)` for query-block row
+    /// `r = (b * heads + h) * nQ + i` and key block `j`: all = full (never a tile cut by Lq or
+    /// Lk), some = partial, none = skipped.
+    pub(crate) fn from_counts(
+        layout: BlockLayout,
+        mut count: impl FnMut(usize, usize) -> usize,
+    ) -> BlockMask {
+        let l = layout;
         let (nq, nk) = l.blocks();
-        let mut full = Vec::with_capacity(l.batch * l.heads * nq);
-        let mut partial = Vec::with_capacity(l.batch * l.heads * nq);
-        for b in 0..l.batch {
-            for h in 0..l.heads {
-                for i in 0..nq {
-                    let (mut f, mut p) = (Vec::new(), Vec::new());
-                    let rows = i * l.q_block..((i + 1) * l.q_block).min(l.lq);
-                    let padded_q = (i + 1) * l.q_block > l.lq;
-                    for j in 0..nk {
-                        let cols = j * l.kv_block..((j + 1) * l.kv_block).min(l.lk);
-                        let padded = padded_q || (j + 1) * l.kv_block > l.lk;
-                        let mut seen = 0usize;
-                        for q in rows.clone() {
-                            seen += cols.clone().filter(|&k| mask.eval(b, h, q, k)).count();
-                        }
-                        let total = rows.len() * cols.len();
-                        if seen == total && !padded {
-                            f.push(j as u32);
-                        } else if seen > 0 {
-                            p.push(j as u32);
-                        }
-                    }
-                    full.push(f);
-                    partial.push(p);
+        let n = l.batch * l.heads * nq;
+        let (mut full, mut partial) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for r in 0..n {
+            let i = r % nq;
+            let rows = l.lq.min((i + 1) * l.q_block) - i * l.q_block;
+            let (mut f, mut p) = (Vec::new(), Vec::new());
+            for j in 0..nk {
+                let cols = l.lk.min((j + 1) * l.kv_block) - j * l.kv_block;
+                let cut = (i + 1) * l.q_block > l.lq || (j + 1) * l.kv_block > l.lk;
+                let seen = count(r, j);
+                if seen == rows * cols && !cut {
+                    f.push(j as u32);
+                } else if seen > 0 {
+                    p.push(j as u32);
                 }
             }
+            full.push(f);
+            partial.push(p);
         }
-        Ok(BlockMask {
+        BlockMask {
             layout,
             full,
             partial,
-        })
+        }
     }
 
     /// From a dense boolean block mask `[batch|1, heads|1, nQ, nK]` (row-major): every listed

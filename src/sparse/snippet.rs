@@ -1,0 +1,515 @@
+//! FlexAttention in WGSL, first step: a user's `mask_mod` / `score_mod` snippet, checked before
+//! anything is built, and `create_block_mask` evaluating a `mask_mod` on the GPU.
+//!
+//! A snippet is plain WGSL defining
+//! `fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool` or
+//! `fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32` (`h` the query
+//! head, `q_idx`/`kv_idx` positions in the sequence), with helper functions and constants of
+//! its own. It may read up to four read-only buffers the library binds as `aux0`..`aux3`
+//! (`array<f32>`, `array<i32>` or `array<u32>`, from the [`Aux`] values passed). It may not
+//! declare bindings, entry points or directives (`enable`, `requires`, `diagnostic`): the
+//! library owns those. naga validates it inside a small module that calls the function with
+//! its signature, and an error quotes naga's message and the snippet's own line.
+//!
+//! Not built yet (issue 13): the snippets inside the attention kernels, their elementwise
+//! reference evaluator for `--check`, the CLI flags.
+
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::pipeline::{declare_bindings, BindingDecl, Kernel, UniformLayout};
+use crate::sparse::{BlockLayout, BlockMask};
+use crate::tensor::{DType, Tensor};
+use crate::wgsl::Wgsl;
+use wgpu::util::DeviceExt;
+
+/// Which function a snippet defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SnippetKind {
+    MaskMod,
+    ScoreMod,
+}
+
+impl SnippetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SnippetKind::MaskMod => "mask_mod",
+            SnippetKind::ScoreMod => "score_mod",
+        }
+    }
+    /// The signature the snippet must define.
+    pub fn signature(self) -> &'static str {
+        match self {
+            SnippetKind::MaskMod => "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool",
+            SnippetKind::ScoreMod => {
+                "fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32"
+            }
+        }
+    }
+    /// A call with that signature, typed so that naga refuses any other.
+    fn check_call(self) -> &'static str {
+        match self {
+            SnippetKind::MaskMod => "let m: bool = mask_mod(0u, 0u, 0u, 0u);",
+            SnippetKind::ScoreMod => "let s: f32 = score_mod(0.0, 0u, 0u, 0u, 0u);",
+        }
+    }
+}
+
+/// A read-only buffer a snippet reads as `aux0`..`aux3`, flattened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Aux {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    U32(Vec<u32>),
+}
+
+impl Aux {
+    /// The WGSL element type.
+    pub fn wgsl(&self) -> &'static str {
+        match self {
+            Aux::F32(_) => "f32",
+            Aux::I32(_) => "i32",
+            Aux::U32(_) => "u32",
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Aux::F32(x) => bytemuck::cast_slice(x),
+            Aux::I32(x) => bytemuck::cast_slice(x),
+            Aux::U32(x) => bytemuck::cast_slice(x),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Aux::F32(x) => x.len(),
+            Aux::I32(x) => x.len(),
+            Aux::U32(x) => x.len(),
+        }
+    }
+}
+
+/// At most this many aux buffers.
+pub const MAX_AUX: usize = 4;
+const AUX_NAMES: [&str; MAX_AUX] = ["aux0", "aux1", "aux2", "aux3"];
+
+/// A validated snippet, with the element types of its aux buffers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Snippet {
+    pub kind: SnippetKind,
+    pub source: String,
+    /// `f32`, `i32` or `u32` per aux buffer.
+    pub aux: Vec<&'static str>,
+}
+
+/// FNV-1a, 64 bits: a content hash that is the same in every build (pipeline labels and the
+/// disk cache key on it).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The snippet without its comments (kept line for line), for the declaration checks.
+fn strip_comments(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_block = 0usize;
+    for line in src.lines() {
+        let mut kept = String::new();
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, chars.peek()) {
+                ('/', Some('*')) => {
+                    chars.next();
+                    in_block += 1;
+                }
+                ('*', Some('/')) if in_block > 0 => {
+                    chars.next();
+                    in_block -= 1;
+                }
+                ('/', Some('/')) if in_block == 0 => break,
+                _ if in_block == 0 => kept.push(c),
+                _ => {}
+            }
+        }
+        out.push(kept);
+    }
+    out
+}
+
+impl Snippet {
+    /// Checks `source` as a snippet of `kind` reading `aux` (element types from the values).
+    pub fn new(kind: SnippetKind, source: &str, aux: &[Aux]) -> Result<Snippet> {
+        let what = kind.name();
+        if aux.len() > MAX_AUX {
+            return Err(AttnError::invalid(
+                format!("{what} aux buffers"),
+                format!("at most {MAX_AUX}"),
+                aux.len(),
+            ));
+        }
+        for (i, line) in strip_comments(source).iter().enumerate() {
+            let t = line.trim_start();
+            let refused = ["@group", "@binding", "@compute", "@vertex", "@fragment"]
+                .into_iter()
+                .find(|a| line.contains(a))
+                .or_else(|| {
+                    ["enable ", "requires ", "diagnostic"]
+                        .into_iter()
+                        .find(|d| t.starts_with(d))
+                });
+            if let Some(r) = refused {
+                return Err(AttnError::invalid(
+                    what,
+                    "WGSL functions and constants only: the library declares the bindings (aux0..aux3), the entry point and the directives",
+                    format!("`{}` at line {} of the snippet: `{}`", r.trim(), i + 1, line.trim()),
+                ));
+            }
+        }
+        let snippet = Snippet {
+            kind,
+            source: source.to_string(),
+            aux: aux.iter().map(Aux::wgsl).collect(),
+        };
+        snippet.validate()?;
+        Ok(snippet)
+    }
+
+    /// The snippet's content hash (with its aux types), as it appears in pipeline labels.
+    pub fn hash(&self) -> String {
+        let mut bytes = self.source.as_bytes().to_vec();
+        for a in &self.aux {
+            bytes.extend_from_slice(a.as_bytes());
+        }
+        format!("{:016x}", fnv1a(&bytes))
+    }
+
+    /// The aux declarations for a kernel whose bindings start at `first`.
+    fn aux_bindings(&self) -> Vec<BindingDecl> {
+        self.aux
+            .iter()
+            .zip(AUX_NAMES)
+            .map(|(ty, name)| BindingDecl::read(name, *ty, "the snippet's aux buffer"))
+            .collect()
+    }
+
+    /// naga on the snippet inside a module that declares its aux buffers and calls it with its
+    /// signature; errors point at the snippet's own lines.
+    fn validate(&self) -> Result<()> {
+        let prelude = declare_bindings(&self.aux_bindings());
+        let offset = prelude.lines().count();
+        let check = format!(
+            "{prelude}{}\n@compute @workgroup_size(1)\nfn wgpu_attention_check() {{\n    {}\n}}\n",
+            self.source,
+            self.kind.check_call()
+        );
+        let what = self.kind.name();
+        let lines: Vec<&str> = self.source.lines().collect();
+        let at = |line: Option<u32>| match line {
+            Some(l) if (l as usize) > offset && (l as usize) <= offset + lines.len() => {
+                let n = l as usize - offset;
+                format!(" at line {n} of the snippet: `{}`", lines[n - 1].trim())
+            }
+            _ => format!(" (the snippet must define `{}`)", self.kind.signature()),
+        };
+        let fail = |msg: String, line: Option<u32>| {
+            AttnError::invalid(
+                what,
+                format!("valid WGSL defining `{}`", self.kind.signature()),
+                format!("naga: {}{}", msg.trim(), at(line)),
+            )
+        };
+        let module = naga::front::wgsl::parse_str(&check).map_err(|e| {
+            let line = e.location(&check).map(|l| l.line_number);
+            fail(e.message().to_string(), line)
+        })?;
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .map_err(|e| {
+            // the innermost span is the most precise place
+            let line = e
+                .spans()
+                .last()
+                .map(|(span, _)| span.location(&check).line_number);
+            // the error and its causes, outermost first
+            let mut msg = e.as_inner().to_string();
+            let mut cause = std::error::Error::source(e.as_inner());
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
+            }
+            fail(msg, line)
+        })?;
+        Ok(())
+    }
+}
+
+/// Uniforms of the block-count kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CountParams {
+    pub heads: u32,
+    pub lq: u32,
+    pub lk: u32,
+    pub q_block: u32,
+    pub kv_block: u32,
+    pub nq: u32,
+    pub nk: u32,
+    pub pad: u32,
+}
+
+const COUNT_PARAMS_WGSL: &str = "struct CountParams {
+    heads: u32, lq: u32, lk: u32, q_block: u32, kv_block: u32, nq: u32, nk: u32, pad: u32,
+}
+";
+
+/// Invocations of the block-count kernel.
+const COUNT_WG: u32 = 64;
+
+/// The kernel that counts, per (batch, head, query block, key block), the pairs a `mask_mod`
+/// snippet makes visible: one workgroup a tile, its invocations striding over the tile's
+/// pairs (at most 256 x 256 / 64 = 1024 each, under lavapipe's loop limit).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlockCountKey {
+    pub snippet: Snippet,
+}
+
+impl Kernel for BlockCountKey {
+    fn label(&self) -> String {
+        format!("sparse_block_count_{}", self.snippet.hash())
+    }
+    fn source(&self) -> String {
+        let mut w = Wgsl::new(&format!(
+            "{}: counts the visible pairs of every tile of a mask_mod (generated by wgpu-attention)",
+            self.label()
+        ));
+        w.raw(COUNT_PARAMS_WGSL);
+        w.raw(&declare_bindings(&self.bindings()));
+        w.line("// the user's snippet");
+        w.raw(&self.snippet.source);
+        w.line("");
+        w.line(&format!("var<workgroup> partial: array<u32, {COUNT_WG}>;"));
+        w.line(&format!("@compute @workgroup_size({COUNT_WG})"));
+        w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {");
+        w.line("let b = wid.z / p.heads;");
+        w.line("let h = wid.z % p.heads;");
+        w.line("let q0 = wid.y * p.q_block;");
+        w.line("let k0 = wid.x * p.kv_block;");
+        w.line("var n = 0u;");
+        w.open(&format!(
+            "for (var e = lid; e < p.q_block * p.kv_block; e += {COUNT_WG}u) {{"
+        ));
+        w.line("let q = q0 + e / p.kv_block;");
+        w.line("let k = k0 + e % p.kv_block;");
+        w.open("if q < p.lq && k < p.lk {");
+        w.line("n += select(0u, 1u, mask_mod(b, h, q, k));");
+        w.close();
+        w.close();
+        w.line("partial[lid] = n;");
+        w.line("workgroupBarrier();");
+        w.open("if lid == 0u {");
+        w.line("var total = 0u;");
+        w.open(&format!("for (var i = 0u; i < {COUNT_WG}u; i++) {{"));
+        w.line("total += partial[i];");
+        w.close();
+        w.line("counts[(wid.z * p.nq + wid.y) * p.nk + wid.x] = f32(total);");
+        w.close();
+        w.close();
+        w.finish()
+    }
+    fn bindings(&self) -> Vec<BindingDecl> {
+        let mut b = vec![
+            BindingDecl::uniform("p", "CountParams"),
+            BindingDecl::read_write("counts", "f32", "visible pairs per tile [B, H, nQ, nK]"),
+        ];
+        b.extend(self.snippet.aux_bindings());
+        b
+    }
+    fn workgroup_bytes(&self) -> u32 {
+        4 * COUNT_WG
+    }
+    fn capabilities(&self) -> naga::valid::Capabilities {
+        naga::valid::Capabilities::empty()
+    }
+    fn uniforms(&self) -> Vec<UniformLayout> {
+        vec![
+            crate::uniform_layout!(CountParams, "CountParams"; heads, lq, lk, q_block,
+            kv_block, nq, nk, pad),
+        ]
+    }
+}
+
+/// FlexAttention's `create_block_mask` for a WGSL `mask_mod`: the snippet runs on the GPU over
+/// every pair of every tile; a tile all of whose pairs are visible is full (never one cut by
+/// Lq or Lk), one with some is partial, one with none is skipped. `aux` must be what the
+/// snippet was checked with (same count and types). `batch`/`heads` of 1 evaluate at b = 0 /
+/// h = 0 and broadcast.
+pub fn create_block_mask(
+    ctx: &GpuContext,
+    snippet: &Snippet,
+    aux: &[Aux],
+    layout: BlockLayout,
+) -> Result<BlockMask> {
+    if snippet.kind != SnippetKind::MaskMod {
+        return Err(AttnError::invalid(
+            "create_block_mask",
+            "a mask_mod snippet",
+            snippet.kind.name(),
+        ));
+    }
+    let types: Vec<&str> = aux.iter().map(Aux::wgsl).collect();
+    if types != snippet.aux {
+        return Err(AttnError::invalid(
+            "aux buffers",
+            format!("{:?}, as the snippet was checked with", snippet.aux),
+            format!("{types:?}"),
+        ));
+    }
+    if let Some(i) = aux.iter().position(|a| a.len() == 0) {
+        return Err(AttnError::invalid(
+            AUX_NAMES[i],
+            "at least one element",
+            "an empty buffer",
+        ));
+    }
+    layout.check()?;
+    let (nq, nk) = layout.blocks();
+    let u = |x: usize, what: &str| {
+        u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
+    };
+    let tiles = layout.batch * layout.heads;
+    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    if let Some((what, n)) = [
+        ("key blocks", nk),
+        ("query blocks", nq),
+        ("batch x heads", tiles),
+    ]
+    .into_iter()
+    .find(|&(_, n)| n > max)
+    {
+        return Err(AttnError::Limit {
+            what: format!("{what} (workgroups per dispatch dimension)"),
+            needed: n as u64,
+            limit: max as u64,
+        });
+    }
+    let params = CountParams {
+        heads: u(layout.heads, "heads")?,
+        lq: u(layout.lq, "Lq")?,
+        lk: u(layout.lk, "Lk")?,
+        q_block: u(layout.q_block, "query block")?,
+        kv_block: u(layout.kv_block, "key block")?,
+        nq: u(nq, "query blocks")?,
+        nk: u(nk, "key blocks")?,
+        pad: 0,
+    };
+    let counts = Tensor::filled(ctx, &[tiles, nq, nk], DType::F32, f32::NAN)?;
+    let key = BlockCountKey {
+        snippet: snippet.clone(),
+    };
+    ctx.submit(|enc| {
+        let pipeline = ctx.pipeline(&key)?;
+        let dev = &ctx.device;
+        let pbuf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("block count params"),
+            contents: bytemuck::bytes_of(&params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let aux_bufs: Vec<wgpu::Buffer> = aux
+            .iter()
+            .map(|a| {
+                dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("mask_mod aux"),
+                    contents: a.bytes(),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+            })
+            .collect();
+        let mut entries = vec![
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: pbuf.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: counts.buffer().as_entire_binding(),
+            },
+        ];
+        for (i, b) in aux_bufs.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 2 + i as u32,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("block count"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("create_block_mask"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(params.nk, params.nq, tiles as u32);
+        Ok(())
+    })?;
+    let counts = counts.to_vec_f32(ctx)?;
+    if let Some(i) = counts.iter().position(|n| !n.is_finite()) {
+        return Err(AttnError::Gpu(format!(
+            "create_block_mask: tile {i} was not counted"
+        )));
+    }
+    Ok(BlockMask::from_counts(layout, |r, j| {
+        counts[r * nk + j] as usize
+    }))
+}
+
+/// Every pipeline key the sparse family can build, for naga in `cargo test`: the block
+/// counter of the shipped example snippets.
+pub fn example_kernels() -> Vec<Box<dyn Kernel>> {
+    EXAMPLES
+        .iter()
+        .filter_map(|(_, src, aux)| {
+            let aux: Vec<Aux> = aux
+                .iter()
+                .map(|t| match *t {
+                    "f32" => Aux::F32(vec![0.0]),
+                    "i32" => Aux::I32(vec![0]),
+                    _ => Aux::U32(vec![0]),
+                })
+                .collect();
+            Snippet::new(SnippetKind::MaskMod, src, &aux).ok()
+        })
+        .map(|snippet| Box::new(BlockCountKey { snippet }) as Box<dyn Kernel>)
+        .collect()
+}
+
+/// Shipped `mask_mod` examples (name, source, aux element types), tested against their Rust
+/// twins in `tests/sparse.rs`.
+pub const EXAMPLES: [(&str, &str, &[&str]); 3] = [
+    (
+        "causal (bottom-right aligned, aux0[0] = Lk - Lq as i32)",
+        "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {
+    return i32(kv_idx) <= i32(q_idx) + aux0[0];
+}",
+        &["i32"],
+    ),
+    (
+        "document masking (aux0: a document id per token)",
+        "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {
+    return aux0[q_idx] == aux0[kv_idx];
+}",
+        &["u32"],
+    ),
+    (
+        "prefix-LM (aux0[0]: the prefix length; causal after it)",
+        "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {
+    return kv_idx < aux0[0] || kv_idx <= q_idx;
+}",
+        &["u32"],
+    ),
+];

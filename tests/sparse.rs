@@ -1,0 +1,217 @@
+//! Sparse attention's first GPU piece: WGSL `mask_mod` / `score_mod` snippets checked by naga,
+//! and `create_block_mask` evaluating a snippet on the GPU, against the host builder's block
+//! mask from the same mask written in Rust.
+
+mod common;
+use common::*;
+use rand::{Rng, SeedableRng};
+use wgpu_attention::sparse::snippet::{create_block_mask, Aux, Snippet, SnippetKind, EXAMPLES};
+use wgpu_attention::sparse::{patterns, BlockLayout, BlockMask, MaskMod};
+
+fn layout(batch: usize, heads: usize, lq: usize, lk: usize, bq: usize, bk: usize) -> BlockLayout {
+    BlockLayout {
+        batch,
+        heads,
+        lq,
+        lk,
+        q_block: bq,
+        kv_block: bk,
+    }
+}
+
+/// The GPU's block mask for `src` equals the host builder's for `twin`.
+fn same_mask(src: &str, aux: &[Aux], twin: &MaskMod, l: BlockLayout) {
+    let snippet = Snippet::new(SnippetKind::MaskMod, src, aux).unwrap();
+    let gpu = create_block_mask(ctx(), &snippet, aux, l).unwrap();
+    let host = BlockMask::from_mask_mod(twin, l).unwrap();
+    assert_eq!(gpu, host, "{} on {l:?}", twin.name);
+    // the test could fail: the mask has skipped or partial blocks where it should
+    assert!(gpu.visited_blocks() > 0, "{l:?}");
+}
+
+#[test]
+fn shipped_examples_equal_their_rust_twins() {
+    let (lq, lk) = (113, 200);
+    for (bq, bk) in [(16, 32), (64, 128), (256, 16)] {
+        let l = layout(1, 1, lq, lk, bq, bk);
+        // causal, bottom-right aligned
+        let src = EXAMPLES[0].1;
+        same_mask(
+            src,
+            &[Aux::I32(vec![lk as i32 - lq as i32])],
+            &patterns::causal(lq, lk),
+            l,
+        );
+        // prefix-LM with a prefix of 40
+        let prefix = 40usize;
+        let twin = MaskMod::new("prefix", move |_, _, q, k| k < prefix || k <= q);
+        same_mask(EXAMPLES[2].1, &[Aux::U32(vec![prefix as u32])], &twin, l);
+    }
+    // document masking, self-attention over 4 documents
+    let offsets = [0usize, 17, 90, 91, 150];
+    let ids = patterns::document_ids(&offsets, 150);
+    for (bq, bk) in [(16, 16), (32, 64)] {
+        same_mask(
+            EXAMPLES[1].1,
+            &[Aux::U32(ids.clone())],
+            &patterns::document(ids.clone(), ids.clone()),
+            layout(1, 1, 150, 150, bq, bk),
+        );
+    }
+}
+
+/// Per batch and head (`b`, `h` reach the snippet), and an f32 aux buffer.
+#[test]
+fn batch_head_and_f32_aux() {
+    let src = "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {
+    // a window whose width comes from a per-head table
+    let d = f32(q_idx) - f32(kv_idx);
+    return d >= 0.0 && d < aux0[h] + f32(b);
+}";
+    let widths = vec![5.0f32, 40.0, 77.5];
+    let w2 = widths.clone();
+    let twin = MaskMod::new("window per head", move |b, h, q, k| {
+        let d = q as f32 - k as f32;
+        d >= 0.0 && d < w2[h] + b as f32
+    });
+    same_mask(
+        src,
+        &[Aux::F32(widths)],
+        &twin,
+        layout(2, 3, 130, 130, 16, 32),
+    );
+}
+
+/// Random layouts and a random modular pattern; the seed is printed on failure.
+#[test]
+fn random_layouts() {
+    let cases = std::env::var("WGPU_ATTENTION_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6usize);
+    for _ in 0..cases {
+        let seed = fresh_seed();
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let pick = |r: &mut rand::rngs::StdRng| 16 * r.random_range(1..=16usize);
+        let l = layout(
+            r.random_range(1..=2),
+            r.random_range(1..=2),
+            r.random_range(1..=300),
+            r.random_range(1..=300),
+            pick(&mut r),
+            pick(&mut r),
+        );
+        let m = r.random_range(2..=7u32);
+        let src = format!(
+            "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {{
+    return (q_idx / 7u + kv_idx / 5u + b + h) % {m}u != 0u;
+}}"
+        );
+        let twin = MaskMod::new("random pattern", move |b, h, q, k| {
+            (q / 7 + k / 5 + b + h) % m as usize != 0
+        });
+        let snippet = Snippet::new(SnippetKind::MaskMod, &src, &[]).unwrap();
+        let gpu = create_block_mask(ctx(), &snippet, &[], l).unwrap();
+        let host = BlockMask::from_mask_mod(&twin, l).unwrap();
+        assert_eq!(gpu, host, "seed {seed}: {l:?}, m = {m}");
+    }
+}
+
+/// What a snippet may not do, and naga's errors pointing at the snippet's own line.
+#[test]
+fn bad_snippets_are_refused_with_their_line() {
+    let refused = [
+        (
+            "@group(0) @binding(0) var<storage> x: array<f32>;\nfn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool { return true; }",
+            "line 1",
+        ),
+        (
+            "enable f16;\nfn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool { return true; }",
+            "`enable` at line 1",
+        ),
+        (
+            "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool { return true; }\n\n@compute @workgroup_size(1) fn main() {}",
+            "line 3",
+        ),
+        // a syntax error on the snippet's second line
+        (
+            "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    return q_idx <= ;\n}",
+            "line 2 of the snippet",
+        ),
+        // a type error on the third line
+        (
+            "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    let x = 1.0;\n    return x + q_idx;\n}",
+            "of the snippet",
+        ),
+        // wrong signature, and no function at all
+        (
+            "fn mask_mod(q_idx: u32, kv_idx: u32) -> bool { return true; }",
+            "must define",
+        ),
+        ("const X: u32 = 3u;", "must define"),
+        // an aux buffer it was not given
+        (
+            "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool { return aux0[0] > 0u; }",
+            "of the snippet",
+        ),
+    ];
+    for (src, want) in refused {
+        let err = Snippet::new(SnippetKind::MaskMod, src, &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(want), "{src:?}: wanted {want:?} in: {msg}");
+        assert!(msg.contains("mask_mod"), "{msg}");
+    }
+    // a comment may mention what code may not
+    let ok = "// not @group(0)\nfn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool { /* enable */ return true; }";
+    Snippet::new(SnippetKind::MaskMod, ok, &[]).unwrap();
+    // score_mod's signature
+    let sm = "fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32 { return score * 0.5; }";
+    Snippet::new(SnippetKind::ScoreMod, sm, &[]).unwrap();
+    let err = Snippet::new(SnippetKind::ScoreMod, EXAMPLES[0].1, &[Aux::I32(vec![0])])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("score_mod"), "{err}");
+    // five aux buffers; aux buffers other than the checked ones; a score_mod for a mask
+    let five = vec![Aux::U32(vec![1]); 5];
+    assert!(Snippet::new(SnippetKind::MaskMod, EXAMPLES[1].1, &five).is_err());
+    let s = Snippet::new(SnippetKind::MaskMod, EXAMPLES[1].1, &[Aux::U32(vec![0; 8])]).unwrap();
+    let l = layout(1, 1, 8, 8, 16, 16);
+    let err = create_block_mask(ctx(), &s, &[Aux::F32(vec![0.0; 8])], l).unwrap_err();
+    assert!(err.to_string().contains("aux"), "{err}");
+    let err = create_block_mask(ctx(), &s, &[Aux::U32(vec![])], l).unwrap_err();
+    assert!(err.to_string().contains("aux0"), "{err}");
+    let bad_block = layout(1, 1, 8, 8, 24, 16);
+    let err = create_block_mask(ctx(), &s, &[Aux::U32(vec![0; 8])], bad_block).unwrap_err();
+    assert!(err.to_string().contains("multiple of 16"), "{err}");
+    let sm = Snippet::new(SnippetKind::ScoreMod, sm, &[]).unwrap();
+    assert!(create_block_mask(ctx(), &sm, &[], l).is_err());
+}
+
+/// The classification itself, spelled out (the GPU and host paths share it): causal over
+/// 64 x 64 in blocks of 16 has the blocks left of the diagonal full and the diagonal partial;
+/// at Lq = Lk = 56 the last row of blocks is cut by Lq, so nothing in it is full.
+#[test]
+fn causal_blocks_spelled_out() {
+    let s = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![0])]).unwrap();
+    let bm = create_block_mask(
+        ctx(),
+        &s,
+        &[Aux::I32(vec![0])],
+        layout(1, 1, 64, 64, 16, 16),
+    )
+    .unwrap();
+    for i in 0..4u32 {
+        assert_eq!(bm.full[i as usize], (0..i).collect::<Vec<_>>(), "row {i}");
+        assert_eq!(bm.partial[i as usize], vec![i], "row {i}");
+    }
+    let bm = create_block_mask(
+        ctx(),
+        &s,
+        &[Aux::I32(vec![0])],
+        layout(1, 1, 56, 56, 16, 16),
+    )
+    .unwrap();
+    assert_eq!(bm.full[3], Vec::<u32>::new());
+    assert_eq!(bm.partial[3], vec![0, 1, 2, 3]);
+    assert_eq!(bm.full[2], vec![0, 1]);
+}
