@@ -69,6 +69,7 @@ impl MaskMod {
 /// [`BlockMask::from_mask_mod`]).
 pub mod patterns {
     use super::MaskMod;
+    use crate::error::{AttnError, Result};
 
     /// The diagonal offset of bottom-right alignment: query i sits at key position `i + off`.
     fn offset(lq: usize, lk: usize) -> i64 {
@@ -136,6 +137,173 @@ pub mod patterns {
             }
         }
         ids
+    }
+    fn positive(what: &str, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(AttnError::invalid(what, "at least 1", 0));
+        }
+        Ok(())
+    }
+
+    /// Sparse Transformer's strided pattern (Child et al.), causal: a query sees the `stride`
+    /// keys before it (itself included) and every `stride`-th key before those,
+    /// `0 <= d < stride || d % stride == 0` with `d = q + off - kv`.
+    pub fn strided(lq: usize, lk: usize, stride: usize) -> Result<MaskMod> {
+        positive("stride", stride)?;
+        let off = offset(lq, lk);
+        let s = stride as i64;
+        Ok(MaskMod::new(
+            format!("strided({stride})"),
+            move |_, _, q, k| {
+                let d = q as i64 + off - k as i64;
+                d >= 0 && (d < s || d % s == 0)
+            },
+        ))
+    }
+
+    /// Sparse Transformer's fixed pattern, causal: a query sees the earlier keys of its own
+    /// block of `block` positions, and the last `summary` positions of every earlier block.
+    pub fn fixed(lq: usize, lk: usize, block: usize, summary: usize) -> Result<MaskMod> {
+        positive("block", block)?;
+        if summary == 0 || summary > block {
+            return Err(AttnError::invalid(
+                "summary",
+                format!("1 to the block ({block})"),
+                summary,
+            ));
+        }
+        let off = offset(lq, lk);
+        Ok(MaskMod::new(
+            format!("fixed({block},{summary})"),
+            move |_, _, q, k| {
+                let qk = q as i64 + off;
+                let k = k as i64;
+                let (bl, c) = (block as i64, summary as i64);
+                k <= qk && (k.div_euclid(bl) == qk.div_euclid(bl) || k % bl >= bl - c)
+            },
+        ))
+    }
+
+    /// A deterministic generator (splitmix64) for seeded patterns.
+    fn splitmix(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// BigBird (Zaheer et al.) in blocks of `block` tokens: a query block sees the key blocks
+    /// within `window` blocks of its own (`|qb - kb| <= window`), the first `global` blocks
+    /// (which also see every block), and `random` key blocks drawn per query block from
+    /// `seed` (distinct; fewer when there are fewer blocks). Not causal: AND it with
+    /// [`causal`] for a decoder.
+    pub fn bigbird(
+        lq: usize,
+        lk: usize,
+        block: usize,
+        window: usize,
+        global: usize,
+        random: usize,
+        seed: u64,
+    ) -> Result<MaskMod> {
+        positive("block", block)?;
+        let (nq, nk) = (lq.div_ceil(block), lk.div_ceil(block));
+        let mut state = seed;
+        let picks: Vec<Vec<usize>> = (0..nq)
+            .map(|_| {
+                let mut pool: Vec<usize> = (0..nk).collect();
+                let n = random.min(nk);
+                // a partial Fisher-Yates shuffle: the first n of the pool
+                for i in 0..n {
+                    let j = i + (splitmix(&mut state) % (nk - i) as u64) as usize;
+                    pool.swap(i, j);
+                }
+                let mut p = pool[..n].to_vec();
+                p.sort_unstable();
+                p
+            })
+            .collect();
+        Ok(MaskMod::new(
+            format!("bigbird({block},{window},{global},{random},{seed})"),
+            move |_, _, q, k| {
+                let (qb, kb) = (q / block, k / block);
+                qb.abs_diff(kb) <= window
+                    || qb < global
+                    || kb < global
+                    || picks.get(qb).is_some_and(|p| p.binary_search(&kb).is_ok())
+            },
+        ))
+    }
+
+    /// LongLoRA's shifted sparse attention (S²-Attn): tokens in groups of `group`; heads
+    /// `h < heads / 2` attend within their group, the other half within groups shifted by
+    /// half a group (the sequence rolled by `group / 2`, so the last half group and the first
+    /// form one); `causal` adds `kv <= q` (self-attention: Lq = Lk = `len`).
+    pub fn longlora_shifted(
+        len: usize,
+        heads: usize,
+        group: usize,
+        causal: bool,
+    ) -> Result<MaskMod> {
+        positive("group", group)?;
+        positive("heads", heads)?;
+        positive("len", len)?;
+        let shift = group / 2;
+        Ok(MaskMod::new(
+            format!("longlora({group},{heads})"),
+            move |_, h, q, k| {
+                let gid = |x: usize| {
+                    if h < heads / 2 {
+                        x / group
+                    } else {
+                        (x + len - shift % len) % len / group
+                    }
+                };
+                gid(q) == gid(k) && (!causal || k <= q)
+            },
+        ))
+    }
+
+    fn grid_check(what: &str, side: usize, n: usize) -> Result<()> {
+        if n == 0 || side == 0 || !side.is_multiple_of(n) {
+            return Err(AttnError::invalid(
+                what,
+                format!("a divisor of the grid side {side}"),
+                n,
+            ));
+        }
+        Ok(())
+    }
+
+    /// MaxViT's block attention on an `height x width` token grid (row-major): a token sees
+    /// the tokens of its own `window x window` window.
+    pub fn maxvit_block(height: usize, width: usize, window: usize) -> Result<MaskMod> {
+        grid_check("window (height)", height, window)?;
+        grid_check("window (width)", width, window)?;
+        Ok(MaskMod::new(
+            format!("maxvit_block({window})"),
+            move |_, _, q, k| {
+                let (qy, qx, ky, kx) = (q / width, q % width, k / width, k % width);
+                qy / window == ky / window && qx / window == kx / window
+            },
+        ))
+    }
+
+    /// MaxViT's grid attention: a `grid x grid` grid dilated over the image, so a token sees
+    /// the tokens `height / grid` rows and `width / grid` columns apart from it
+    /// (`y % (height / grid)` and `x % (width / grid)` equal).
+    pub fn maxvit_grid(height: usize, width: usize, grid: usize) -> Result<MaskMod> {
+        grid_check("grid (height)", height, grid)?;
+        grid_check("grid (width)", width, grid)?;
+        let (sy, sx) = (height / grid, width / grid);
+        Ok(MaskMod::new(
+            format!("maxvit_grid({grid})"),
+            move |_, _, q, k| {
+                let (qy, qx, ky, kx) = (q / width, q % width, k / width, k % width);
+                qy % sy == ky % sy && qx % sx == kx % sx
+            },
+        ))
     }
 }
 
@@ -425,5 +593,88 @@ mod tests {
                 BlockMask::from_mask_mod(&causal(64, 64), lay(1, 1, 64, 64, bad, 16)).unwrap_err();
             assert!(err.to_string().contains("multiple of 16"), "{err}");
         }
+    }
+
+    /// The structured-sparsity builders, pair by pair against their papers' definitions.
+    #[test]
+    fn strided_and_fixed_patterns() {
+        let st = strided(64, 64, 4).unwrap();
+        // the last 4 keys, then every 4th before them, never the future
+        let seen: Vec<usize> = (0..64).filter(|&k| st.eval(0, 0, 20, k)).collect();
+        assert_eq!(seen, vec![0, 4, 8, 12, 16, 17, 18, 19, 20]);
+        let fx = fixed(64, 64, 8, 2).unwrap();
+        // block 2 (keys 16..24) up to 20, and the last 2 of blocks 0 and 1
+        let seen: Vec<usize> = (0..64).filter(|&k| fx.eval(0, 0, 20, k)).collect();
+        assert_eq!(seen, vec![6, 7, 14, 15, 16, 17, 18, 19, 20]);
+        assert!(strided(8, 8, 0).is_err() && fixed(8, 8, 4, 5).is_err());
+        // bottom-right alignment: with Lk = Lq + 10 query 0 sits at key 10
+        assert!(strided(6, 16, 4).unwrap().eval(0, 0, 0, 10));
+        assert!(!strided(6, 16, 4).unwrap().eval(0, 0, 0, 11));
+    }
+
+    #[test]
+    fn bigbird_window_global_and_seeded_random_blocks() {
+        let (l, bs) = (16 * 20, 16);
+        let bb = bigbird(l, l, bs, 1, 1, 2, 7).unwrap();
+        let row = |m: &MaskMod, qb: usize| -> Vec<usize> {
+            (0..20)
+                .filter(|&kb| m.eval(0, 0, qb * bs, kb * bs))
+                .collect()
+        };
+        for qb in 1..20 {
+            let r = row(&bb, qb);
+            // the global block, the window, and two random ones (some may coincide)
+            assert!(
+                r.contains(&0) && r.contains(&qb) && r.contains(&(qb - 1)),
+                "{r:?}"
+            );
+            let fixed = [0, qb - 1, qb, (qb + 1).min(19)];
+            let extra = r.iter().filter(|k| !fixed.contains(k)).count();
+            assert!(extra <= 2, "row {qb}: {r:?}");
+            // tokens of one block share its row
+            assert_eq!(
+                (0..l).filter(|&k| bb.eval(0, 0, qb * bs + 5, k)).count(),
+                r.len() * bs
+            );
+        }
+        // the global block sees everything
+        assert_eq!(row(&bb, 0).len(), 20);
+        // the same seed gives the same mask, another seed another
+        let again = bigbird(l, l, bs, 1, 1, 2, 7).unwrap();
+        let other = bigbird(l, l, bs, 1, 1, 2, 8).unwrap();
+        let all = |m: &MaskMod| (0..20).map(|q| row(m, q)).collect::<Vec<_>>();
+        assert_eq!(all(&bb), all(&again));
+        assert_ne!(all(&bb), all(&other));
+    }
+
+    #[test]
+    fn longlora_shifts_half_the_heads() {
+        let m = longlora_shifted(32, 4, 8, false).unwrap();
+        // unshifted heads: groups 0..8, 8..16, ...
+        assert!(m.eval(0, 0, 7, 0) && !m.eval(0, 1, 8, 7));
+        // shifted heads: groups 4..12, 12..20, ..., and 28..32 + 0..4 wrapped
+        assert!(m.eval(0, 2, 8, 7) && !m.eval(0, 3, 4, 3) && m.eval(0, 2, 1, 30));
+        let c = longlora_shifted(32, 4, 8, true).unwrap();
+        assert!(!c.eval(0, 2, 7, 8) && c.eval(0, 2, 8, 7));
+        assert!(longlora_shifted(32, 4, 0, true).is_err());
+    }
+
+    #[test]
+    fn maxvit_block_and_grid() {
+        // an 8 x 12 grid of tokens, row-major
+        let blk = maxvit_block(8, 12, 4).unwrap();
+        let grid = maxvit_grid(8, 12, 2).unwrap();
+        let at = |y: usize, x: usize| y * 12 + x;
+        assert!(blk.eval(0, 0, at(1, 1), at(3, 3)) && !blk.eval(0, 0, at(1, 1), at(1, 4)));
+        // grid 2 x 2: tokens 4 rows and 6 columns apart share a group
+        assert!(grid.eval(0, 0, at(1, 1), at(5, 7)) && grid.eval(0, 0, at(1, 1), at(1, 7)));
+        assert!(!grid.eval(0, 0, at(1, 1), at(2, 1)));
+        for t in 0..96 {
+            let n = (0..96).filter(|&k| grid.eval(0, 0, t, k)).count();
+            assert_eq!(n, 4, "token {t}: a 2 x 2 group");
+            let n = (0..96).filter(|&k| blk.eval(0, 0, t, k)).count();
+            assert_eq!(n, 16, "token {t}: a 4 x 4 window");
+        }
+        assert!(maxvit_block(8, 12, 5).is_err() && maxvit_grid(8, 12, 0).is_err());
     }
 }
