@@ -5,7 +5,9 @@
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
-use wgpu_attention::sparse::snippet::{create_block_mask, Aux, Snippet, SnippetKind, EXAMPLES};
+use wgpu_attention::sparse::snippet::{
+    create_block_mask, eval_snippet, Aux, Snippet, SnippetKind, EXAMPLES, SCORE_EXAMPLES,
+};
 use wgpu_attention::sparse::{patterns, BlockLayout, BlockMask, MaskMod};
 
 fn layout(batch: usize, heads: usize, lq: usize, lk: usize, bq: usize, bk: usize) -> BlockLayout {
@@ -214,4 +216,96 @@ fn causal_blocks_spelled_out() {
     assert_eq!(bm.full[3], Vec::<u32>::new());
     assert_eq!(bm.partial[3], vec![0, 1, 2, 3]);
     assert_eq!(bm.full[2], vec![0, 1]);
+}
+
+/// The reference's evaluator: mask_mods at every pair of a rectangle equal their Rust twins.
+#[test]
+fn evaluator_masks_equal_their_twins() {
+    let (lq, lk) = (60, 100);
+    let causal = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![40])]).unwrap();
+    let twin = patterns::causal(lq, lk);
+    let (q, k) = (3..50, 10..90);
+    let got = eval_snippet(
+        ctx(),
+        &causal,
+        &[Aux::I32(vec![40])],
+        (0, 0),
+        q.clone(),
+        k.clone(),
+        None,
+    )
+    .unwrap();
+    let want: Vec<f32> = q
+        .clone()
+        .flat_map(|i| k.clone().map(move |j| (i, j)))
+        .map(|(i, j)| if twin.eval(0, 0, i, j) { 1.0 } else { 0.0 })
+        .collect();
+    assert_eq!(got, want);
+    assert!(want.contains(&0.0) && want.contains(&1.0));
+}
+
+/// The shipped score_mods against the same maths in f64 (scores with standard deviation 3).
+#[test]
+fn evaluator_score_mods_match_f64() {
+    let seed = fresh_seed();
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let (lq, lk, heads) = (37, 150, 3);
+    let (q, k) = (0..lq, 0..lk);
+    let n = lq * lk;
+    let scores: Vec<f32> = (0..n).map(|_| 3.0 * r.random_range(-1.7f32..1.7)).collect();
+    let slopes: Vec<f32> = (0..heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect();
+    let table: Vec<f32> = (0..129).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let temp: Vec<f32> = (0..lq).map(|_| r.random_range(0.2f32..2.0)).collect();
+    let qe: Vec<f32> = (0..lq * 4).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let ke: Vec<f32> = (0..lk * 4).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    type Ref<'a> = Box<dyn Fn(f64, usize, usize, usize) -> f64 + 'a>;
+    let cases: Vec<(Vec<Aux>, Ref)> = vec![
+        (vec![], Box::new(|s, _, _, _| 30.0 * (s / 30.0).tanh())),
+        (
+            vec![Aux::F32(slopes.clone())],
+            Box::new(|s, h, i, j| s - slopes[h] as f64 * (i as f64 - j as f64).abs()),
+        ),
+        (
+            vec![Aux::F32(table.clone())],
+            Box::new(|s, _, i, j| {
+                s + table[((j as i64 - i as i64).clamp(-64, 64) + 64) as usize] as f64
+            }),
+        ),
+        (
+            vec![Aux::F32(temp.clone())],
+            Box::new(|s, _, i, _| s * temp[i] as f64),
+        ),
+        (
+            vec![Aux::F32(qe.clone()), Aux::F32(ke.clone())],
+            Box::new(|s, _, i, j| {
+                s + (0..4)
+                    .map(|c| qe[i * 4 + c] as f64 * ke[j * 4 + c] as f64)
+                    .sum::<f64>()
+            }),
+        ),
+    ];
+    for ((name, src, _), (aux, reference)) in SCORE_EXAMPLES.iter().zip(cases) {
+        let snippet = Snippet::new(SnippetKind::ScoreMod, src, &aux).unwrap();
+        for h in 0..heads {
+            let got = eval_snippet(
+                ctx(),
+                &snippet,
+                &aux,
+                (0, h),
+                q.clone(),
+                k.clone(),
+                Some(&scores),
+            )
+            .unwrap();
+            for (e, (&g, &s)) in got.iter().zip(&scores).enumerate() {
+                let want = reference(s as f64, h, e / lk, e % lk);
+                // f32 arithmetic on a handful of terms: a few ulps of the largest
+                let tol = 4e-6 * (1.0 + want.abs());
+                assert!(
+                    (g as f64 - want).abs() <= tol,
+                    "seed {seed}: {name}, head {h}, pair {e}: {g} against {want}"
+                );
+            }
+        }
+    }
 }

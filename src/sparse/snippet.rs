@@ -11,8 +11,12 @@
 //! library owns those. naga validates it inside a small module that calls the function with
 //! its signature, and an error quotes naga's message and the snippet's own line.
 //!
-//! Not built yet (issue 13): the snippets inside the attention kernels, their elementwise
-//! reference evaluator for `--check`, the CLI flags.
+//! [`eval_snippet`] is the reference's half of a snippet: it runs the snippet on the GPU at
+//! every pair of a rectangle (a `score_mod` on scores the caller computed in f64 and rounded to
+//! f32), so the f64 reference can do the softmax and products on the CPU around a function it
+//! cannot run itself. Shipped examples: [`EXAMPLES`] (`mask_mod`) and [`SCORE_EXAMPLES`].
+//!
+//! Not built yet (issue 13): the snippets inside the attention kernels, the CLI flags.
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
@@ -359,21 +363,7 @@ pub fn create_block_mask(
             snippet.kind.name(),
         ));
     }
-    let types: Vec<&str> = aux.iter().map(Aux::wgsl).collect();
-    if types != snippet.aux {
-        return Err(AttnError::invalid(
-            "aux buffers",
-            format!("{:?}, as the snippet was checked with", snippet.aux),
-            format!("{types:?}"),
-        ));
-    }
-    if let Some(i) = aux.iter().position(|a| a.len() == 0) {
-        return Err(AttnError::invalid(
-            AUX_NAMES[i],
-            "at least one element",
-            "an empty buffer",
-        ));
-    }
+    check_aux(snippet, aux)?;
     layout.check()?;
     let (nq, nk) = layout.blocks();
     let u = |x: usize, what: &str| {
@@ -409,54 +399,14 @@ pub fn create_block_mask(
     let key = BlockCountKey {
         snippet: snippet.clone(),
     };
-    ctx.submit(|enc| {
-        let pipeline = ctx.pipeline(&key)?;
-        let dev = &ctx.device;
-        let pbuf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("block count params"),
-            contents: bytemuck::bytes_of(&params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let aux_bufs: Vec<wgpu::Buffer> = aux
-            .iter()
-            .map(|a| {
-                dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("mask_mod aux"),
-                    contents: a.bytes(),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-            })
-            .collect();
-        let mut entries = vec![
-            wgpu::BindGroupEntry {
-                binding: 0,
-                resource: pbuf.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 1,
-                resource: counts.buffer().as_entire_binding(),
-            },
-        ];
-        for (i, b) in aux_bufs.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 2 + i as u32,
-                resource: b.as_entire_binding(),
-            });
-        }
-        let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("block count"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("create_block_mask"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(params.nk, params.nq, tiles as u32);
-        Ok(())
-    })?;
+    run_snippet_kernel(
+        ctx,
+        &key,
+        bytemuck::bytes_of(&params),
+        &[counts.buffer()],
+        aux,
+        [params.nk, params.nq, tiles as u32],
+    )?;
     let counts = counts.to_vec_f32(ctx)?;
     if let Some(i) = counts.iter().position(|n| !n.is_finite()) {
         return Err(AttnError::Gpu(format!(
@@ -468,25 +418,314 @@ pub fn create_block_mask(
     }))
 }
 
-/// Every pipeline key the sparse family can build, for naga in `cargo test`: the block
-/// counter of the shipped example snippets.
-pub fn example_kernels() -> Vec<Box<dyn Kernel>> {
-    EXAMPLES
-        .iter()
-        .filter_map(|(_, src, aux)| {
-            let aux: Vec<Aux> = aux
-                .iter()
-                .map(|t| match *t {
-                    "f32" => Aux::F32(vec![0.0]),
-                    "i32" => Aux::I32(vec![0]),
-                    _ => Aux::U32(vec![0]),
-                })
-                .collect();
-            Snippet::new(SnippetKind::MaskMod, src, &aux).ok()
-        })
-        .map(|snippet| Box::new(BlockCountKey { snippet }) as Box<dyn Kernel>)
-        .collect()
+/// Uniforms of the elementwise evaluator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EvalParams {
+    pub b: u32,
+    pub h: u32,
+    pub q0: u32,
+    pub k0: u32,
+    pub nq: u32,
+    pub nk: u32,
+    /// Workgroups per row of the grid (`x`).
+    pub row: u32,
+    pub pad: u32,
 }
+
+const EVAL_PARAMS_WGSL: &str = "struct EvalParams {
+    b: u32, h: u32, q0: u32, k0: u32, nq: u32, nk: u32, row: u32, pad: u32,
+}
+";
+
+/// The reference's evaluator: the snippet at every pair of a `[q0, q0 + nq) x [k0, k0 + nk)`
+/// rectangle of one (batch, head), one invocation a pair: `mask_mod` as 1 or 0, `score_mod`
+/// of the given score (computed in f64 and rounded to f32 by the caller).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SnippetEvalKey {
+    pub snippet: Snippet,
+}
+
+impl Kernel for SnippetEvalKey {
+    fn label(&self) -> String {
+        format!(
+            "sparse_eval_{}_{}",
+            self.snippet.kind.name(),
+            self.snippet.hash()
+        )
+    }
+    fn source(&self) -> String {
+        let mut w = Wgsl::new(&format!(
+            "{}: evaluates a snippet elementwise for the reference (generated by wgpu-attention)",
+            self.label()
+        ));
+        w.raw(EVAL_PARAMS_WGSL);
+        w.raw(&declare_bindings(&self.bindings()));
+        w.line("// the user's snippet");
+        w.raw(&self.snippet.source);
+        w.line("");
+        w.line(&format!("@compute @workgroup_size({COUNT_WG})"));
+        w.open("fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {");
+        w.line(&format!(
+            "let e = (wid.y * p.row + wid.x) * {COUNT_WG}u + lid;"
+        ));
+        w.open("if e >= p.nq * p.nk {");
+        w.line("return;");
+        w.close();
+        w.line("let q = p.q0 + e / p.nk;");
+        w.line("let k = p.k0 + e % p.nk;");
+        match self.snippet.kind {
+            SnippetKind::MaskMod => w.line("out[e] = select(0.0, 1.0, mask_mod(p.b, p.h, q, k));"),
+            SnippetKind::ScoreMod => w.line("out[e] = score_mod(scores[e], p.b, p.h, q, k);"),
+        }
+        w.close();
+        w.finish()
+    }
+    fn bindings(&self) -> Vec<BindingDecl> {
+        let mut b = vec![
+            BindingDecl::uniform("p", "EvalParams"),
+            BindingDecl::read("scores", "f32", "scores [nq, nk] (score_mod)"),
+            BindingDecl::read_write("out", "f32", "results [nq, nk]"),
+        ];
+        b.extend(self.snippet.aux_bindings());
+        b
+    }
+    fn workgroup_bytes(&self) -> u32 {
+        0
+    }
+    fn capabilities(&self) -> naga::valid::Capabilities {
+        naga::valid::Capabilities::empty()
+    }
+    fn uniforms(&self) -> Vec<UniformLayout> {
+        vec![crate::uniform_layout!(EvalParams, "EvalParams"; b, h, q0, k0, nq, nk, row, pad)]
+    }
+}
+
+/// Checks that `aux` are the buffers `snippet` was checked with and not empty.
+fn check_aux(snippet: &Snippet, aux: &[Aux]) -> Result<()> {
+    let types: Vec<&str> = aux.iter().map(Aux::wgsl).collect();
+    if types != snippet.aux {
+        return Err(AttnError::invalid(
+            "aux buffers",
+            format!("{:?}, as the snippet was checked with", snippet.aux),
+            format!("{types:?}"),
+        ));
+    }
+    if let Some(i) = aux.iter().position(|a| a.len() == 0) {
+        return Err(AttnError::invalid(
+            AUX_NAMES[i],
+            "at least one element",
+            "an empty buffer",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `key` once over `grid` with its uniform `params`, `first` buffers bound after it
+/// (binding 1 on), then the aux buffers.
+fn run_snippet_kernel(
+    ctx: &GpuContext,
+    key: &dyn Kernel,
+    params: &[u8],
+    first: &[&wgpu::Buffer],
+    aux: &[Aux],
+    grid: [u32; 3],
+) -> Result<()> {
+    ctx.submit(|enc| {
+        let pipeline = ctx.pipeline(key)?;
+        let dev = &ctx.device;
+        let init = |label, contents: &[u8], usage| {
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage,
+            })
+        };
+        let pbuf = init("snippet params", params, wgpu::BufferUsages::UNIFORM);
+        let aux_bufs: Vec<wgpu::Buffer> = aux
+            .iter()
+            .map(|a| init("snippet aux", a.bytes(), wgpu::BufferUsages::STORAGE))
+            .collect();
+        let buffers = std::iter::once(&pbuf)
+            .chain(first.iter().copied())
+            .chain(aux_bufs.iter());
+        let entries: Vec<wgpu::BindGroupEntry> = (0u32..)
+            .zip(buffers)
+            .map(|(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("snippet kernel"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("snippet kernel"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        Ok(())
+    })
+}
+
+/// The snippet at every pair of `q x k` for batch `b` and query head `h`, row-major: for a
+/// `mask_mod` 1 or 0, for a `score_mod` the modified `scores` (one per pair; the reference
+/// passes scores computed in f64 and rounded to f32).
+pub fn eval_snippet(
+    ctx: &GpuContext,
+    snippet: &Snippet,
+    aux: &[Aux],
+    (b, h): (usize, usize),
+    q: std::ops::Range<usize>,
+    k: std::ops::Range<usize>,
+    scores: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_aux(snippet, aux)?;
+    let n = q.len() * k.len();
+    let u = |x: usize, what: &str| {
+        u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
+    };
+    match (snippet.kind, scores) {
+        (SnippetKind::ScoreMod, Some(s)) if s.len() != n => {
+            return Err(AttnError::invalid(
+                "scores",
+                format!("{n} (one per pair)"),
+                s.len(),
+            ))
+        }
+        (SnippetKind::ScoreMod, None) => {
+            return Err(AttnError::invalid(
+                "scores",
+                "scores for a score_mod",
+                "none",
+            ))
+        }
+        _ => {}
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let groups = n.div_ceil(COUNT_WG as usize);
+    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let row = groups.min(max);
+    let rows = groups.div_ceil(row);
+    if rows > max {
+        return Err(AttnError::Limit {
+            what: "pairs a snippet evaluation covers".into(),
+            needed: n as u64,
+            limit: (max * max * COUNT_WG as usize) as u64,
+        });
+    }
+    let params = EvalParams {
+        b: u(b, "batch index")?,
+        h: u(h, "head index")?,
+        q0: u(q.start, "first query")?,
+        k0: u(k.start, "first key")?,
+        nq: u(q.len(), "queries")?,
+        nk: u(k.len(), "keys")?,
+        row: row as u32,
+        pad: 0,
+    };
+    u(n, "pairs")?;
+    let out = Tensor::filled(ctx, &[n], DType::F32, f32::NAN)?;
+    let input = Tensor::from_f32(
+        ctx,
+        scores.unwrap_or(&[0.0]),
+        &[scores.map_or(1, <[f32]>::len)],
+    )?;
+    let key = SnippetEvalKey {
+        snippet: snippet.clone(),
+    };
+    run_snippet_kernel(
+        ctx,
+        &key,
+        bytemuck::bytes_of(&params),
+        &[input.buffer(), out.buffer()],
+        aux,
+        [row as u32, rows as u32, 1],
+    )?;
+    out.to_vec_f32(ctx)
+}
+
+/// Every pipeline key the sparse family can build, for naga in `cargo test`: the block
+/// counter and the evaluator of the shipped example snippets.
+pub fn example_kernels() -> Vec<Box<dyn Kernel>> {
+    let aux = |types: &[&str]| -> Vec<Aux> {
+        types
+            .iter()
+            .map(|t| match *t {
+                "f32" => Aux::F32(vec![0.0]),
+                "i32" => Aux::I32(vec![0]),
+                _ => Aux::U32(vec![0]),
+            })
+            .collect()
+    };
+    let mut out: Vec<Box<dyn Kernel>> = Vec::new();
+    for (_, src, types) in EXAMPLES {
+        if let Ok(snippet) = Snippet::new(SnippetKind::MaskMod, src, &aux(types)) {
+            out.push(Box::new(BlockCountKey {
+                snippet: snippet.clone(),
+            }));
+            out.push(Box::new(SnippetEvalKey { snippet }));
+        }
+    }
+    for (_, src, types) in SCORE_EXAMPLES {
+        if let Ok(snippet) = Snippet::new(SnippetKind::ScoreMod, src, &aux(types)) {
+            out.push(Box::new(SnippetEvalKey { snippet }));
+        }
+    }
+    out
+}
+
+/// Shipped `score_mod` examples (name, source, aux element types), tested against the same
+/// maths in Rust in `tests/sparse.rs`.
+pub const SCORE_EXAMPLES: [(&str, &str, &[&str]); 5] = [
+    (
+        "softcap 30 (Gemma 2; equal to the built-in softcap)",
+        "fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32 {
+    return 30.0 * tanh(score / 30.0);
+}",
+        &[],
+    ),
+    (
+        "ALiBi (aux0: a slope per head; equal to the built-in ALiBi for Lq = Lk)",
+        "fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32 {
+    return score - aux0[h] * abs(f32(i32(q_idx) - i32(kv_idx)));
+}",
+        &["f32"],
+    ),
+    (
+        "relative position bias from a table (aux0: 2 R + 1 biases, distance clamped to R = 64)",
+        "const R: i32 = 64;
+fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32 {
+    let d = clamp(i32(kv_idx) - i32(q_idx), -R, R);
+    return score + aux0[u32(d + R)];
+}",
+        &["f32"],
+    ),
+    (
+        "per-query temperature (selective attention; aux0: a factor per query)",
+        "fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32 {
+    return score * aux0[q_idx];
+}",
+        &["f32"],
+    ),
+    (
+        "FlashBias low-rank bias s + qe[q] . ke[k] (aux0: qe [Lq, 4], aux1: ke [Lk, 4])",
+        "fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32 {
+    var s = score;
+    for (var i = 0u; i < 4u; i++) {
+        s += aux0[q_idx * 4u + i] * aux1[kv_idx * 4u + i];
+    }
+    return s;
+}",
+        &["f32", "f32"],
+    ),
+];
 
 /// Shipped `mask_mod` examples (name, source, aux element types), tested against their Rust
 /// twins in `tests/sparse.rs`.
