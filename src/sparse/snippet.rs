@@ -356,6 +356,42 @@ pub fn create_block_mask(
     aux: &[Aux],
     layout: BlockLayout,
 ) -> Result<BlockMask> {
+    let counts = count_blocks(ctx, snippet, aux, layout)?;
+    classify(layout, counts.to_vec_f32(ctx)?)
+}
+
+/// [`create_block_mask`] without blocking (what a browser needs: the readback resolves when
+/// the device is done).
+pub async fn create_block_mask_async(
+    ctx: &GpuContext,
+    snippet: &Snippet,
+    aux: &[Aux],
+    layout: BlockLayout,
+) -> Result<BlockMask> {
+    let counts = count_blocks(ctx, snippet, aux, layout)?;
+    classify(layout, counts.to_vec_f32_async(ctx).await?)
+}
+
+/// Full, partial and skipped tiles from the visible pairs the GPU counted.
+fn classify(layout: BlockLayout, counts: Vec<f32>) -> Result<BlockMask> {
+    let (_, nk) = layout.blocks();
+    if let Some(i) = counts.iter().position(|n| !n.is_finite()) {
+        return Err(AttnError::Gpu(format!(
+            "create_block_mask: tile {i} was not counted"
+        )));
+    }
+    Ok(BlockMask::from_counts(layout, |r, j| {
+        counts[r * nk + j] as usize
+    }))
+}
+
+/// Submits the block count: visible pairs per tile, `[batch x heads, nQ, nK]`.
+fn count_blocks(
+    ctx: &GpuContext,
+    snippet: &Snippet,
+    aux: &[Aux],
+    layout: BlockLayout,
+) -> Result<Tensor> {
     if snippet.kind != SnippetKind::MaskMod {
         return Err(AttnError::invalid(
             "create_block_mask",
@@ -407,15 +443,7 @@ pub fn create_block_mask(
         aux,
         [params.nk, params.nq, tiles as u32],
     )?;
-    let counts = counts.to_vec_f32(ctx)?;
-    if let Some(i) = counts.iter().position(|n| !n.is_finite()) {
-        return Err(AttnError::Gpu(format!(
-            "create_block_mask: tile {i} was not counted"
-        )));
-    }
-    Ok(BlockMask::from_counts(layout, |r, j| {
-        counts[r * nk + j] as usize
-    }))
+    Ok(counts)
 }
 
 /// Uniforms of the elementwise evaluator.

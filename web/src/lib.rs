@@ -246,6 +246,48 @@ pub struct SelftestCase {
     pub problem: Option<String>,
 }
 
+/// The sparse family's GPU piece in the page: `create_block_mask` of the shipped causal WGSL
+/// `mask_mod` (Tint compiles the snippet inside the block-count kernel) against the host
+/// builder's block mask.
+async fn sparse_block_mask_case(ctx: &GpuContext) -> SelftestCase {
+    use wgpu_attention::sparse::snippet::{create_block_mask_async, Aux, Snippet, SnippetKind};
+    use wgpu_attention::sparse::{patterns, snippet::EXAMPLES, BlockLayout, BlockMask};
+    let (lq, lk) = (113, 200);
+    let layout = BlockLayout {
+        batch: 1,
+        heads: 1,
+        lq,
+        lk,
+        q_block: 16,
+        kv_block: 32,
+    };
+    let aux = [Aux::I32(vec![lk as i32 - lq as i32])];
+    let run = async {
+        let snippet = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &aux)?;
+        let gpu = create_block_mask_async(ctx, &snippet, &aux, layout).await?;
+        let host = BlockMask::from_mask_mod(&patterns::causal(lq, lk), layout)?;
+        Ok::<_, wgpu_attention::AttnError>((gpu == host, snippet.hash()))
+    };
+    let (passed, kernel, problem) = match run.await {
+        Ok((true, h)) => (true, format!("sparse_block_count_{h}"), None),
+        Ok((false, h)) => (
+            false,
+            format!("sparse_block_count_{h}"),
+            Some("the GPU's block mask differs from the host builder's".to_string()),
+        ),
+        Err(e) => (false, String::new(), Some(e.to_string())),
+    };
+    SelftestCase {
+        name: "sparse: create_block_mask, WGSL causal mask_mod, 113 x 200 in 16 x 32".into(),
+        passed,
+        kernel,
+        max_abs: None,
+        tolerance_abs: None,
+        gpu_ms: None,
+        problem,
+    }
+}
+
 /// Runs every self-test case; a case that errors counts as failed and the rest still run.
 pub async fn selftest(ctx: &GpuContext) -> SelftestReport {
     let mut cases = vec![];
@@ -271,6 +313,7 @@ pub async fn selftest(ctx: &GpuContext) -> SelftestReport {
             },
         });
     }
+    cases.push(sparse_block_mask_case(ctx).await);
     SelftestReport {
         adapter: adapter_report(ctx),
         passed: !cases.is_empty() && cases.iter().all(|c| c.passed),
@@ -407,7 +450,8 @@ mod tests {
         let r = pollster::block_on(super::selftest(&ctx));
         let text = serde_json::to_string_pretty(&r).unwrap();
         assert!(r.passed, "{text}");
-        assert_eq!(r.cases.len(), super::selftest_cases().len());
+        // the configured cases and the sparse block-mask case
+        assert_eq!(r.cases.len(), super::selftest_cases().len() + 1);
     }
 
     use super::*;
