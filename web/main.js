@@ -60,6 +60,44 @@ async function main() {
   form.variant.addEventListener("change", sync);
   sync();
   $("run").addEventListener("click", () => runOnce(attn, form));
+  $("mask-run").addEventListener("click", () => blockMask(attn));
+}
+
+// The sparse panel: the page's WGSL mask_mod as a block mask, or naga's error.
+async function blockMask(attn) {
+  const status = $("mask-status");
+  status.dataset.state = "running";
+  status.textContent = "Evaluating the mask_mod on the GPU...";
+  const n = (id) => Number($(id).value);
+  const cfg = {
+    source: $("mask-src").value, lq: n("mask-lq"), lk: n("mask-lk"),
+    q_block: n("mask-bq"), kv_block: n("mask-bk"), aux0: list($("mask-aux").value),
+  };
+  try {
+    const r = JSON.parse(await attn.block_mask(JSON.stringify(cfg)));
+    const full = r.full.reduce((a, x) => a + x.length, 0);
+    drawBlocks(r);
+    status.dataset.state = "done";
+    status.textContent = `${r.nq} x ${r.nk} blocks: ${full} full, ${r.visited - full} partial, ` +
+      `${r.nq * r.nk - r.visited} skipped (kernel ${r.kernel}).`;
+  } catch (e) {
+    status.dataset.state = "error";
+    status.innerHTML = `<span class="fail">Refused:</span> <pre>${esc(e && e.message ? e.message : e)}</pre>`;
+  }
+}
+
+function drawBlocks(r) {
+  const cv = $("mask-map");
+  const g = cv.getContext("2d");
+  g.fillStyle = "#fff";
+  g.fillRect(0, 0, cv.width, cv.height);
+  const cw = cv.width / r.nk, ch = cv.height / r.nq;
+  for (let i = 0; i < r.nq; i++) {
+    for (const [blocks, color] of [[r.full[i], "#1f4e8c"], [r.partial[i], "#9cc3f0"]]) {
+      g.fillStyle = color;
+      for (const j of blocks) g.fillRect(j * cw, i * ch, Math.max(cw, 1), Math.max(ch, 1));
+    }
+  }
 }
 
 function config(form) {

@@ -6,6 +6,7 @@
 
 pub mod case;
 pub mod linear_case;
+pub mod sparse_case;
 
 use case::{Config, Variant};
 use serde::Serialize;
@@ -382,6 +383,20 @@ mod bindings {
             })
         }
 
+        /// A block mask from a WGSL `mask_mod` (JSON [`crate::sparse_case::MaskConfig`]);
+        /// resolves to the JSON [`crate::sparse_case::MaskReport`], rejects with naga's error.
+        pub fn block_mask(&self, config: String) -> js_sys::Promise {
+            let ctx = self.ctx.clone();
+            future_to_promise(async move {
+                let cfg: crate::sparse_case::MaskConfig =
+                    serde_json::from_str(&config).map_err(js_err)?;
+                let r = crate::sparse_case::block_mask(&ctx, &cfg)
+                    .await
+                    .map_err(js_err)?;
+                json(&r)
+            })
+        }
+
         /// Runs the self-test list; resolves to the JSON [`crate::SelftestReport`].
         pub fn selftest(&self) -> js_sys::Promise {
             let ctx = self.ctx.clone();
@@ -444,6 +459,30 @@ mod tests {
     use wgpu_attention::NeighborhoodOptions;
 
     /// The page's self-test natively, on the default adapter (lavapipe in CI).
+    #[test]
+    fn sparse_panel_natively() {
+        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
+        let cfg = |source: &str| crate::sparse_case::MaskConfig {
+            source: source.into(),
+            lq: 100,
+            lk: 100,
+            q_block: 32,
+            kv_block: 16,
+            aux0: vec![],
+        };
+        let ok = "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    return kv_idx <= q_idx;\n}";
+        let r = pollster::block_on(crate::sparse_case::block_mask(&ctx, &cfg(ok))).unwrap();
+        assert_eq!((r.nq, r.nk), (4, 7));
+        // query block 1 (rows 32..64): key blocks 0 and 1 full, 2 and 3 partial
+        assert_eq!(
+            (r.full[1].clone(), r.partial[1].clone()),
+            (vec![0, 1], vec![2, 3])
+        );
+        let bad = "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    return kv_idx <= ;\n}";
+        let err = pollster::block_on(crate::sparse_case::block_mask(&ctx, &cfg(bad))).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
     #[test]
     fn selftest_passes_natively() {
         let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
