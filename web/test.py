@@ -187,20 +187,22 @@ def main():
             sys.exit("interactive run did not pass its check")
         # the sparse panel: the default mask_mod as a block mask, then a broken one refused
         # with naga's message and the snippet's line
-        driver.js("document.getElementById('mask-run').click()")
-        state = driver.wait_for("const s = document.getElementById('mask-status').dataset.state;"
-                                "return s === 'done' || s === 'error' ? s : null", args.timeout,
-                                "the block mask")
-        text = driver.js("return document.getElementById('mask-status').innerText")
+        def block_mask(what, source=None):
+            """Clicks the panel's button (with `source` in the textarea); its state and text."""
+            if source is not None:
+                driver.js("document.getElementById('mask-src').value = arguments[0]", source)
+            driver.js("document.getElementById('mask-run').click()")
+            state = driver.wait_for("const s = document.getElementById('mask-status').dataset.state;"
+                                    "return s === 'done' || s === 'error' ? s : null",
+                                    args.timeout, what)
+            return state, driver.js("return document.getElementById('mask-status').innerText")
+
+        state, text = block_mask("the block mask")
         if state != "done" or "full" not in text:
             sys.exit("sparse panel failed: " + text)
         print(f"sparse panel: {text}")
-        driver.js("document.getElementById('mask-src').value = 'fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\\n  return kv_idx <= ;\\n}';"
-                  "document.getElementById('mask-run').click()")
-        state = driver.wait_for("const s = document.getElementById('mask-status').dataset.state;"
-                                "return s === 'error' || s === 'done' ? s : null", args.timeout,
-                                "the refused block mask")
-        text = driver.js("return document.getElementById('mask-status').innerText")
+        broken = "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n  return kv_idx <= ;\n}"
+        state, text = block_mask("the refused block mask", broken)
         if state != "error" or "line 2 of the snippet" not in text:
             sys.exit("the sparse panel did not refuse a broken mask_mod with its line: " + text)
         print("sparse panel refuses a broken mask_mod: " + text.splitlines()[-1][:100])
