@@ -152,7 +152,7 @@ pub const AUTO_CHUNK_MIN_T_DELTA_SUBGROUPS: usize = 32;
 pub const AUTO_CHUNK_MIN_T_DELTA: usize = 64;
 /// The Taylor map (its `1 + K + K^2` feature rows make the recurrent kernel's per-token work
 /// large): the chunk kernels won from T = 16 (lavapipe 5.3 against 11.4 ms, SwiftShader 16.9
-/// against 29.3; 3.9 and 4.1x at T = 256; K = 16, V = 64, H = 8, single runs).
+/// against 29.3; 2.6 and 4.1x at T = 256; K = 16, V = 64, H = 8, single runs).
 pub const AUTO_CHUNK_MIN_T_TAYLOR: usize = 16;
 
 /// The fewest tokens in the longest sequence for which `Auto` runs the chunk kernels
