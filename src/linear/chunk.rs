@@ -1,5 +1,6 @@
-//! The chunkwise-parallel linear-attention kernels (fla's `chunk` form) for the rules without
-//! the delta rule: a sequence is cut into chunks of `C` tokens and
+//! The chunkwise-parallel linear-attention kernels (fla's `chunk` form): a sequence is cut into
+//! chunks of `C` tokens and (the delta rules' solve and state passes are `chunk_delta.rs`'s;
+//! their output pass is this one, reading `u` for `v`)
 //!
 //! - the **state pass** (`Stage::States`) walks the chunks of one (sequence, value head, tile of
 //!   64 state rows x 32 columns) in order, writes the state *before* each chunk to a buffer,

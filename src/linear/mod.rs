@@ -773,18 +773,23 @@ fn plan_chunk(
     })
 }
 
-/// vec4s of one chunk state: F padded to the state pass's 64 rows, times `W4` (V padded to the
-/// output pass's 64 columns, plus one for z).
+/// vec4s of a row of the delta rules' W or U scratch: K or V padded to 64 (the WGSL's `kp4()`,
+/// `vu4()`).
+fn delta_row_vec4s(x: usize) -> u64 {
+    (x as u64).div_ceil(64) * 16
+}
+
 /// vec4s of the delta rules' scratch per chunk: per token `(beta, b, 1/|k|, 1/|q|)`, a row of
-/// W (K padded to 64) and of U (V padded to 64).
+/// W and of U.
 fn delta_scratch_vec4s(s: &LinearShape, opts: &LinearOptions) -> u64 {
     if !opts.rule.delta() {
         return 0;
     }
-    let pad4 = |x: usize| (x as u64).div_ceil(64) * 16;
-    u64::from(chunk::C_DELTA) * (1 + pad4(s.k) + pad4(s.v))
+    u64::from(chunk::C_DELTA) * (1 + delta_row_vec4s(s.k) + delta_row_vec4s(s.v))
 }
 
+/// vec4s of one chunk state: F padded to the state pass's 64 rows, times `W4` (V padded to the
+/// output pass's 64 columns, plus one for z).
 fn chunk_state_vec4s(s: &LinearShape, opts: &LinearOptions) -> u64 {
     let fp = (s.feature_dim(opts) as u64).div_ceil(u64::from(chunk::STATE_ROWS))
         * u64::from(chunk::STATE_ROWS);
@@ -1268,12 +1273,11 @@ fn encode_chunk(
             * u64::from(chunk::C_DELTA)
             * u64::from(base.n_seq)
             * u64::from(base.hv);
-        let pad4 = |x: usize| (x as u64).div_ceil(64) * 16;
         let delta_bufs = match solve {
             Some(_) => Some((
                 scratch("linear delta tokens", toks)?,
-                scratch("linear delta W", toks * pad4(s.k))?,
-                scratch("linear delta U", toks * pad4(s.v))?,
+                scratch("linear delta W", toks * delta_row_vec4s(s.k))?,
+                scratch("linear delta U", toks * delta_row_vec4s(s.v))?,
             )),
             None => None,
         };

@@ -186,7 +186,7 @@ impl Snippet {
         format!("{:016x}", fnv1a(&bytes))
     }
 
-    /// The aux declarations for a kernel whose bindings start at `first`.
+    /// The aux declarations, bound after a kernel's own bindings.
     fn aux_bindings(&self) -> Vec<BindingDecl> {
         self.aux
             .iter()
@@ -402,9 +402,6 @@ fn count_blocks(
     check_aux(snippet, aux)?;
     layout.check()?;
     let (nq, nk) = layout.blocks();
-    let u = |x: usize, what: &str| {
-        u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
-    };
     let tiles = layout.batch * layout.heads;
     let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
     if let Some((what, n)) = [
@@ -529,6 +526,11 @@ impl Kernel for SnippetEvalKey {
     }
 }
 
+/// A size as a uniform's u32, or a typed error.
+fn u(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
+}
+
 /// Checks that `aux` are the buffers `snippet` was checked with and not empty.
 fn check_aux(snippet: &Snippet, aux: &[Aux]) -> Result<()> {
     let types: Vec<&str> = aux.iter().map(Aux::wgsl).collect();
@@ -614,9 +616,6 @@ pub fn eval_snippet(
 ) -> Result<Vec<f32>> {
     check_aux(snippet, aux)?;
     let n = q.len() * k.len();
-    let u = |x: usize, what: &str| {
-        u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
-    };
     match (snippet.kind, scores) {
         (SnippetKind::ScoreMod, Some(s)) if s.len() != n => {
             return Err(AttnError::invalid(
