@@ -152,6 +152,26 @@ struct RunArgs {
     /// Spatial grid X[,Y[,Z]] for random neighborhood inputs (--shape's LQ and LK = its product).
     #[arg(long)]
     na_grid: Option<String>,
+    /// Sparse: a dense block mask, .npy bool or uint8 [B|1, Hq|1, nQ, nK] (every true block
+    /// visited, in full), blocks of --block-size.
+    #[arg(long)]
+    block_mask: Option<PathBuf>,
+    /// Sparse: block sizes BQ,BK (multiples of 16 from 16 to 256; default 128,128).
+    #[arg(long)]
+    block_size: Option<String>,
+    /// Sparse: a WGSL file defining
+    /// `fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool` (evaluated on the GPU
+    /// to make the block mask when --block-mask is absent, and on its partial blocks).
+    #[arg(long)]
+    mask_mod: Option<PathBuf>,
+    /// Sparse: a WGSL file defining
+    /// `fn score_mod(score: f32, b: u32, h: u32, q_idx: u32, kv_idx: u32) -> f32`.
+    #[arg(long)]
+    score_mod: Option<PathBuf>,
+    /// Sparse: a buffer the snippets read as aux0, aux1, .. (repeatable; .npy float32, int32
+    /// or uint32 of any shape, flattened).
+    #[arg(long)]
+    aux: Vec<PathBuf>,
     /// Kernel strategy.
     #[arg(long, value_enum, default_value = "auto")]
     strategy: StrategyArg,
@@ -596,6 +616,21 @@ fn run(a: &RunArgs) -> CliResult<()> {
     if let Some(p) = &a.kv_lens {
         opts.kv_lens = Some(npy::read_lens(p, s.batch)?);
     }
+    let sparse_args = cli::sparse::SparseArgs {
+        block_mask: a.block_mask.as_deref(),
+        block_size: a.block_size.as_deref(),
+        mask_mod: a.mask_mod.as_deref(),
+        score_mod: a.score_mod.as_deref(),
+        aux: &a.aux,
+    };
+    // a sparse call: its block mask made once, before the timed runs
+    let sparse = if sparse_args.any() {
+        let mut sp = cli::sparse::options(&sparse_args, &s, opts.clone())?;
+        sp.block_mask = Some(sparse::attention::resolve_block_mask(&ctx, &s, &sp)?);
+        Some(sp)
+    } else {
+        None
+    };
     let out = Tensor::filled(&ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), f32::NAN)?;
     let want_lse = a.lse.is_some() || a.check;
     let lse = if want_lse {
@@ -610,8 +645,22 @@ fn run(a: &RunArgs) -> CliResult<()> {
     };
     let mut label = String::new();
     let t = bench::time_passes(&ctx, 1, a.repeat, |enc, ts| {
-        let plan =
-            flash::encode_flash_attention(&ctx, enc, &q, &k, &v, &out, lse.as_ref(), &opts, ts)?;
+        let plan = match &sparse {
+            Some(sp) => sparse::attention::encode_sparse_attention(
+                &ctx,
+                enc,
+                &q,
+                &k,
+                &v,
+                &out,
+                lse.as_ref(),
+                sp,
+                ts,
+            )?,
+            None => {
+                flash::encode_flash_attention(&ctx, enc, &q, &k, &v, &out, lse.as_ref(), &opts, ts)?
+            }
+        };
         label = plan.key.label();
         Ok(())
     })?;
@@ -627,6 +676,16 @@ fn run(a: &RunArgs) -> CliResult<()> {
         npy::write(p, &[s.batch, s.hq, s.lq], DType::F32, l)?;
     }
     let flops = match opts.window {
+        // the pairs the block mask visits (dense masks inside them not counted)
+        _ if sparse.is_some() => {
+            let m = sparse.as_ref().and_then(|sp| sp.block_mask.as_ref());
+            m.map_or(0.0, |m| {
+                let l = &m.layout;
+                let per_mask = (m.visited_blocks() * l.q_block * l.kv_block) as u64;
+                let copies = (s.batch * s.hq / (l.batch * l.heads)) as u64;
+                s.flops_for_pairs(per_mask * copies) / (s.batch * s.hq) as f64
+            })
+        }
         (None, None) => s.flops(a.causal),
         (l, r) => {
             // count what the window lets through (sinks aside)
@@ -648,10 +707,12 @@ fn run(a: &RunArgs) -> CliResult<()> {
     let gflops = flops / (t.median_ms * 1e6);
     let cmp = if a.check {
         Some(check(
+            &ctx,
             &inp,
             &s,
             bias_host.as_ref(),
             &opts,
+            sparse.as_ref(),
             &got,
             got_lse.as_deref(),
         )?)
@@ -740,11 +801,14 @@ fn report(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check(
+    ctx: &GpuContext,
     inp: &Inputs,
     s: &AttnShape,
     bias: Option<&npy::Array>,
     opts: &FlashOptions,
+    sparse: Option<&sparse::attention::SparseOptions>,
     got: &[f32],
     got_lse: Option<&[f32]>,
 ) -> wgpu_attention::Result<Comparison> {
@@ -755,10 +819,23 @@ fn check(
         v: &inp.v.data,
         bias: bias.map(|b| (b.data.as_slice(), [b.shape[0], b.shape[1]])),
     };
-    let r = attention_reference(&ri, opts)?;
-    let plain = (inp.q.dtype == DType::F16)
-        .then(|| attention_plain_f16(&ri, opts))
-        .transpose()?;
+    let f16 = inp.q.dtype == DType::F16;
+    let (r, plain) = match sparse.and_then(|sp| sp.block_mask.as_ref().map(|m| (sp, m))) {
+        Some((sp, m)) => {
+            use wgpu_attention::flash::reference::round_f16;
+            let r = sparse::attention::sparse_reference(ctx, &ri, sp, m, |p| p)?;
+            let plain = f16
+                .then(|| sparse::attention::sparse_reference(ctx, &ri, sp, m, round_f16))
+                .transpose()?
+                .map(|o| o.out.into_iter().map(round_f16).collect::<Vec<_>>());
+            (r, plain)
+        }
+        None => {
+            let r = attention_reference(&ri, opts)?;
+            let plain = f16.then(|| attention_plain_f16(&ri, opts)).transpose()?;
+            (r, plain)
+        }
+    };
     Ok(compare(got, got_lse, &r, plain.as_deref()))
 }
 

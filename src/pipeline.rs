@@ -136,6 +136,7 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     all.extend(crate::neighborhood::plan::all_kernels());
     all.extend(crate::linear::all_kernels());
     all.extend(crate::sparse::snippet::example_kernels());
+    all.extend(crate::sparse::attention::all_kernels());
     all.extend(crate::baseline::all_kernels());
     all
 }

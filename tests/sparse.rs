@@ -309,3 +309,333 @@ fn evaluator_score_mods_match_f64() {
         }
     }
 }
+
+// ---- sparse attention: the kernels against the f64 reference ----
+
+use std::sync::Arc;
+use wgpu_attention::sparse::attention::{sparse_attention, SparseOptions};
+use wgpu_attention::{flash_attention, AttnError, DType, FlashOptions, StrategyChoice, Tensor};
+
+/// A random dense block mask of `density` over `l` (seeded), as FlexAttention's
+/// `BlockMask.from_kv_blocks` with every block full.
+fn random_blocks(l: BlockLayout, density: f64, seed: u64) -> BlockMask {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let (nq, nk) = l.blocks();
+    let on: Vec<bool> = (0..l.batch * l.heads * nq * nk)
+        .map(|_| r.random_bool(density))
+        .collect();
+    BlockMask::from_dense(&on, l).unwrap()
+}
+
+fn sparse_with(mask: BlockMask) -> SparseOptions {
+    SparseOptions {
+        block_mask: Some(Arc::new(mask)),
+        ..Default::default()
+    }
+}
+
+fn assert_sparse(case: &Case, sp: &SparseOptions, what: &str) {
+    let seed = fresh_seed();
+    let c = run_sparse(case, seed, sp);
+    assert!(c.passed, "{what}: {case:?} seed {seed}: {c:?}");
+}
+
+/// The strategies a snippet's geometry is tested on: the one the plan picks on this adapter,
+/// or every one under `WGPU_ATTENTION_EXHAUSTIVE=1`. Each snippet is a kernel of its own, and
+/// SwiftShader (no shader cache) compiles each for seconds; the plain geometry runs on every
+/// strategy in the other tests.
+fn snippet_strategies() -> Vec<StrategyChoice> {
+    if exhaustive() {
+        return strategies()
+            .into_iter()
+            .map(StrategyChoice::Force)
+            .collect();
+    }
+    eprintln!("snippets run on the planned strategy only (WGPU_ATTENTION_EXHAUSTIVE=1: all)");
+    vec![StrategyChoice::Auto]
+}
+
+/// Block sizes of the fixed tests: the random cases draw from the same, so that they run
+/// through kernels the fixed tests compile anyway.
+const BLOCKS: [(usize, usize); 2] = [(16, 16), (64, 32)];
+
+/// Random block masks at densities 0 (every row empty: O = 0, LSE = -inf), 5%, 50% and 100%,
+/// batch and head lists broadcast or not, on every strategy.
+#[test]
+fn block_masks_at_densities() {
+    for st in strategies() {
+        for (i, &(density, (bq, bk), lb, lh)) in [
+            (0.0, BLOCKS[0], 1, 1),
+            (0.05, BLOCKS[0], 2, 3),
+            (0.5, BLOCKS[1], 1, 3),
+            (1.0, BLOCKS[1], 2, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let case = Case::new(2, 113, 200, 3, 1, 64, 64).strategy(st);
+            let l = layout(lb, lh, 113, 200, bq, bk);
+            let mask = random_blocks(l, density, fresh_seed());
+            assert_sparse(
+                &case,
+                &sparse_with(mask),
+                &format!("density {density} #{i} {st:?}"),
+            );
+        }
+    }
+}
+
+/// Causal and a window with sinks on top of a block mask, lengths per batch, GQA, Lq = 1,
+/// and D = 40 with Dv = 96 on the planned strategy.
+#[test]
+fn block_masks_compose_with_the_dense_options() {
+    for st in strategies() {
+        let case = Case::new(2, 100, 160, 4, 2, 64, 64).strategy(st).with(|o| {
+            o.causal = true;
+            o.window = (Some(50), None);
+            o.sinks = 3;
+            o.kv_lens = Some(vec![160, 97]);
+        });
+        let (bq, bk) = BLOCKS[1];
+        let mask = random_blocks(layout(1, 4, 100, 160, bq, bk), 0.6, fresh_seed());
+        assert_sparse(&case, &sparse_with(mask), &format!("composed {st:?}"));
+        let one = Case::new(1, 1, 1000, 2, 2, 64, 64).strategy(st);
+        let mask = random_blocks(layout(1, 1, 1, 1000, bq, bk), 0.5, fresh_seed());
+        assert_sparse(&one, &sparse_with(mask), &format!("Lq = 1 {st:?}"));
+    }
+    let (bq, bk) = BLOCKS[1];
+    let odd = Case::new(1, 90, 70, 2, 1, 40, 96).with(|o| o.q_lens = Some(vec![77]));
+    let mask = random_blocks(layout(1, 2, 90, 70, bq, bk), 0.7, fresh_seed());
+    assert_sparse(&odd, &sparse_with(mask), "D = 40, Dv = 96");
+}
+
+/// The shipped mask_mods through the kernel (the block mask made on the GPU from the snippet,
+/// the snippet evaluated on partial blocks).
+#[test]
+fn mask_mod_snippets_through_the_kernel() {
+    let (lq, lk) = (113, 150);
+    let offsets = [0usize, 17, 90, 91, 150];
+    let ids = patterns::document_ids(&offsets, 150);
+    let cases: Vec<(&str, Vec<Aux>)> = vec![
+        (EXAMPLES[0].1, vec![Aux::I32(vec![lk as i32 - lq as i32])]),
+        (EXAMPLES[1].1, vec![Aux::U32(ids)]),
+        (EXAMPLES[2].1, vec![Aux::U32(vec![40])]),
+    ];
+    for st in snippet_strategies() {
+        for (src, aux) in &cases {
+            let sp = SparseOptions {
+                mask_mod: Some(Snippet::new(SnippetKind::MaskMod, src, aux).unwrap()),
+                aux: aux.clone(),
+                block_size: Some(BLOCKS[1]),
+                ..Default::default()
+            };
+            let mut case = Case::new(1, lq, lk, 2, 1, 64, 64);
+            case.opts.strategy = st;
+            assert_sparse(&case, &sp, src);
+        }
+    }
+}
+
+/// The shipped score_mods against the reference (which runs the snippet on f64 scores rounded
+/// to f32), every block full, with the built-in causal mask on.
+#[test]
+fn score_mod_snippets_through_the_kernel() {
+    let (lq, lk) = (70, 90);
+    for (i, (name, src, types)) in SCORE_EXAMPLES.iter().enumerate() {
+        let aux: Vec<Aux> = match i {
+            1 => vec![Aux::F32(vec![0.25, 0.0625])],
+            2 => vec![Aux::F32(random(129, 1.0, fresh_seed()))],
+            3 => vec![Aux::F32(
+                random(lq, 2.0, fresh_seed())
+                    .iter()
+                    .map(|x| x.abs())
+                    .collect(),
+            )],
+            4 => vec![
+                Aux::F32(random(lq * 4, 1.0, fresh_seed())),
+                Aux::F32(random(lk * 4, 1.0, fresh_seed())),
+            ],
+            _ => vec![],
+        };
+        assert_eq!(aux.len(), types.len(), "{name}");
+        let sp = SparseOptions {
+            score_mod: Some(Snippet::new(SnippetKind::ScoreMod, src, &aux).unwrap()),
+            aux,
+            block_size: Some(BLOCKS[1]),
+            ..Default::default()
+        };
+        for st in snippet_strategies() {
+            let mut case = Case::new(1, lq, lk, 2, 2, 64, 64).with(|o| o.causal = true);
+            case.opts.strategy = st;
+            assert_sparse(&case, &sp, name);
+        }
+    }
+}
+
+/// Max |a - b| over two outputs, and the largest |a|.
+fn max_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let (a, b) = (a.to_vec_f32(ctx()).unwrap(), b.to_vec_f32(ctx()).unwrap());
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    let m = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
+    (d, m)
+}
+
+/// Snippets equal to the built-ins give the built-ins' outputs: causal as a mask_mod, softcap
+/// and ALiBi as score_mods, against dense calls with the flags.
+#[test]
+fn snippets_equal_the_built_ins() {
+    let c = ctx();
+    let (l, h, d) = (97, 2, 64);
+    let seed = fresh_seed();
+    let amp = amp_for_logit_std(3.0, 1.0 / (d as f64).sqrt(), d);
+    let t = |s: u64| Tensor::from_f32(c, &random(l * h * d, amp, s), &[1, l, h, d]).unwrap();
+    let (q, k, v) = (t(seed), t(seed ^ 1), t(seed ^ 2));
+    let slopes = vec![0.5f32, 0.125];
+    let pairs: Vec<(SnippetKind, &str, Vec<Aux>, FlashOptions)> = vec![
+        (
+            SnippetKind::MaskMod,
+            EXAMPLES[0].1,
+            vec![Aux::I32(vec![0])],
+            FlashOptions {
+                causal: true,
+                ..Default::default()
+            },
+        ),
+        (
+            SnippetKind::ScoreMod,
+            SCORE_EXAMPLES[0].1,
+            vec![],
+            FlashOptions {
+                softcap: Some(30.0),
+                ..Default::default()
+            },
+        ),
+        (
+            SnippetKind::ScoreMod,
+            SCORE_EXAMPLES[1].1,
+            vec![Aux::F32(slopes.clone())],
+            FlashOptions {
+                alibi_slopes: Some(slopes.clone()),
+                ..Default::default()
+            },
+        ),
+    ];
+    for st in snippet_strategies() {
+        for (kind, src, aux, builtin) in &pairs {
+            let sn = Snippet::new(*kind, src, aux).unwrap();
+            let mut sp = SparseOptions {
+                aux: aux.clone(),
+                block_size: Some(BLOCKS[1]),
+                ..Default::default()
+            };
+            sp.flash.strategy = st;
+            match kind {
+                SnippetKind::MaskMod => sp.mask_mod = Some(sn),
+                SnippetKind::ScoreMod => sp.score_mod = Some(sn),
+            }
+            let mut dense = builtin.clone();
+            dense.strategy = st;
+            let a = sparse_attention(c, &q, &k, &v, &sp).unwrap();
+            let b = flash_attention(c, &q, &k, &v, &dense).unwrap();
+            let (diff, max) = max_diff(&a.out, &b.out);
+            assert!(
+                max > 0.0 && diff <= 2e-5 * max,
+                "{src} {st:?} seed {seed}: {diff} of {max}"
+            );
+        }
+    }
+}
+
+/// The sparse family's random cases: shapes, lengths and heads, the fixed tests' block sizes,
+/// a random block mask (any strategy) or the prefix-LM mask_mod, sometimes the softcap
+/// score_mod over a block mask (the planned strategy), the dense masks.
+#[test]
+fn random_sparse_cases() {
+    for_each_case("sparse", 4, |seed| {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let (bq, bk) = BLOCKS[r.random_range(0..BLOCKS.len())];
+        let batch = r.random_range(1..=2);
+        let lq = r.random_range(1..260);
+        let lk = r.random_range(1..260);
+        let hkv = r.random_range(1..=2);
+        let hq = hkv * r.random_range(1..=2);
+        let d = 64;
+        let mut case = Case::new(batch, lq, lk, hq, hkv, d, d);
+        case.amp = amp_for_logit_std(r.random_range(1.0..4.0), 1.0 / (d as f64).sqrt(), d);
+        if r.random_bool(0.3) {
+            case.opts.causal = true;
+        }
+        if r.random_bool(0.2) {
+            case.opts.window = (Some(r.random_range(0..100)), None);
+        }
+        let mut sp = SparseOptions::default();
+        match r.random_range(0..3) {
+            0 | 1 => {
+                let l = layout(
+                    [1, batch][r.random_range(0..2)],
+                    [1, hq][r.random_range(0..2)],
+                    lq,
+                    lk,
+                    bq,
+                    bk,
+                );
+                sp.block_mask = Some(Arc::new(random_blocks(l, r.random_range(0.0..1.0), seed)));
+                if r.random_bool(0.3) {
+                    let src = SCORE_EXAMPLES[0].1;
+                    sp.score_mod = Some(Snippet::new(SnippetKind::ScoreMod, src, &[]).unwrap());
+                } else {
+                    let all = strategies();
+                    case.opts.strategy = StrategyChoice::Force(all[r.random_range(0..all.len())]);
+                }
+            }
+            _ => {
+                let prefix = r.random_range(0..lk as u32 + 1);
+                sp.aux = vec![Aux::U32(vec![prefix])];
+                sp.mask_mod =
+                    Some(Snippet::new(SnippetKind::MaskMod, EXAMPLES[2].1, &sp.aux).unwrap());
+                sp.block_size = Some(BLOCKS[1]);
+            }
+        }
+        let c = run_sparse(&case, seed, &sp);
+        assert!(c.passed, "{case:?} blocks {bq}x{bk}: {c:?}");
+        format!(
+            "{case:?} blocks {bq}x{bk} mask_mod {} score_mod {}: max rel {:.1e}",
+            sp.mask_mod.is_some(),
+            sp.score_mod.is_some(),
+            c.max_rel
+        )
+    });
+}
+
+/// Bad sparse calls are typed errors that say what was expected.
+#[test]
+fn bad_sparse_calls_are_refused() {
+    let c = ctx();
+    let t = |l: usize| Tensor::filled(c, &[1, l, 2, 64], DType::F32, 0.5).unwrap();
+    let (q, k) = (t(64), t(80));
+    // a block mask for other lengths
+    let sp = sparse_with(random_blocks(layout(1, 1, 64, 64, 16, 16), 0.5, 1));
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    assert!(e.to_string().contains("Lk = 80"), "{e}");
+    // aux buffers other than the snippet was checked with
+    let sn = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![0])]).unwrap();
+    let sp = SparseOptions {
+        mask_mod: Some(sn),
+        aux: vec![Aux::F32(vec![0.0])],
+        ..Default::default()
+    };
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(e.to_string().contains("aux"), "{e}");
+    // a block size that is not a multiple of 16
+    let sp = SparseOptions {
+        block_size: Some((24, 16)),
+        ..Default::default()
+    };
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(e.to_string().contains("multiple of 16"), "{e}");
+}

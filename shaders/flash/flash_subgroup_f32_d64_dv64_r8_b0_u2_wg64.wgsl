@@ -18,9 +18,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> v_buf: array<f32>;              // [B, Lk, Hkv, Dv]
 @group(0) @binding(4) var<storage, read_write> o_buf: array<f32>;        // [B, Lq, Hq, Dv]
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;      // [B, Hq, Lq] (strides in p.lse)
-@group(0) @binding(6) var<storage, read> bias_buf: array<f32>;           // [B|1, Hq|1, Lq, Lk]
-@group(0) @binding(7) var<storage, read> alibi_buf: array<f32>;          // [Hq]
-@group(0) @binding(8) var<storage, read> lens_buf: array<u32>;           // [2B]: q lens, kv lens
+@group(0) @binding(6) var<storage, read> lens_buf: array<u32>;           // [2B]: q lens, kv lens
 const F_CAUSAL: u32 = 1u;
 const F_SOFTCAP: u32 = 2u;
 const F_ALIBI: u32 = 4u;

@@ -2,6 +2,7 @@
 pub mod linear;
 pub mod na;
 pub mod npy;
+pub mod sparse;
 pub mod svg;
 
 use wgpu_attention::AttnError;

@@ -194,6 +194,51 @@ fn write_as<T: npyz::AutoSerialize>(
     out.finish()
 }
 
+/// Reads a bool or uint8 array (a dense block mask) as booleans, with its shape.
+pub fn read_bools(path: &Path) -> Result<(Vec<usize>, Vec<bool>)> {
+    let npy = open(path)?;
+    let shape = npy.shape().iter().map(|&x| x as usize).collect();
+    let ts = type_str(&npy);
+    let read_err = |e: std::io::Error| io_err(path, format!("reading data: {e}"));
+    let data = match ts.as_str() {
+        "|b1" => npy.into_vec::<bool>().map_err(read_err)?,
+        "|u1" => npy
+            .into_vec::<u8>()
+            .map_err(read_err)?
+            .into_iter()
+            .map(|x| x != 0)
+            .collect(),
+        _ => {
+            return Err(Failure::from(AttnError::DType {
+                what: path.display().to_string(),
+                expected: "bool (|b1) or uint8 (|u1)".into(),
+                actual: ts,
+            }))
+        }
+    };
+    Ok((shape, data))
+}
+
+/// Reads an aux buffer for a WGSL snippet: float32, int32 or uint32 of any shape, flattened.
+pub fn read_aux(path: &Path) -> Result<wgpu_attention::sparse::snippet::Aux> {
+    use wgpu_attention::sparse::snippet::Aux;
+    let npy = open(path)?;
+    let ts = type_str(&npy);
+    let read_err = |e: std::io::Error| io_err(path, format!("reading data: {e}"));
+    Ok(match ts.as_str() {
+        "<f4" | "=f4" => Aux::F32(npy.into_vec().map_err(read_err)?),
+        "<i4" | "=i4" => Aux::I32(npy.into_vec().map_err(read_err)?),
+        "<u4" | "=u4" => Aux::U32(npy.into_vec().map_err(read_err)?),
+        _ => {
+            return Err(Failure::from(AttnError::DType {
+                what: path.display().to_string(),
+                expected: "float32 (<f4), int32 (<i4) or uint32 (<u4)".into(),
+                actual: ts,
+            }))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     //! The reader against files that lie: every malformed input is an error naming the file,

@@ -15,7 +15,7 @@ use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::pipeline::Kernel;
+use crate::pipeline::{BindingKind, Kernel};
 use crate::softmax::shader::{flags, FlashKey, FlashParams, Strategy};
 use crate::softmax::{
     check_no_alias, copy_to_texture, kernel_key, make_textures, texture_texels, BoundRange,
@@ -245,6 +245,19 @@ pub fn tunable(key: &FlashKey) -> bool {
     key.d4 == key.dv4 && !key.mods && key.strategy != Strategy::Sweep
 }
 
+/// The caller's tile when it is one of `candidates`, else an error listing them.
+pub(crate) fn wanted_tile(key: &FlashKey, candidates: &[Tile], t: Tile) -> Result<Tile> {
+    if candidates.contains(&t) {
+        return Ok(t);
+    }
+    let list: Vec<String> = candidates.iter().map(|c| c.to_string()).collect();
+    Err(AttnError::invalid(
+        "tile",
+        format!("one of {} for {}", list.join(", "), key.label()),
+        t,
+    ))
+}
+
 /// The key with its tile: the caller's (checked against the candidates), else the tuned one of
 /// this class, else [`heuristic_tile`].
 fn choose_tile(
@@ -256,15 +269,7 @@ fn choose_tile(
 ) -> Result<FlashKey> {
     let candidates = candidates(&key);
     let tile = match wanted {
-        Some(t) if candidates.contains(&t) => t,
-        Some(t) => {
-            let list: Vec<String> = candidates.iter().map(|c| c.to_string()).collect();
-            return Err(AttnError::invalid(
-                "tile",
-                format!("one of {} for {}", list.join(", "), key.label()),
-                t,
-            ));
-        }
+        Some(t) => wanted_tile(&key, &candidates, t)?,
         None => {
             let class = ShapeClass::new(key.strategy, key.dtype, key.d4 * 4, masked, shape.lq);
             ctx.tuned(&class)
@@ -362,6 +367,11 @@ pub(crate) trait CallLayout {
         dtype: DType,
         opts: &FlashOptions,
     ) -> Result<(FlashPlan, Vec<u8>)>;
+    /// The bytes of the family's read-only storage buffers for this plan, bound in order after
+    /// its uniform block (the sparse family's block lists and aux buffers); none by default.
+    fn storage(&self, _ctx: &GpuContext, _plan: &FlashPlan) -> Result<Vec<Vec<u8>>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Dense calls: no extra checks, LSE `[B, Hq, Lq]`, [`plan`], no uniform of their own.
@@ -731,6 +741,7 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
     let c = check_call(ctx, call, layout)?;
     // 2. plan
     let (plan, family_uniform, texels) = plan_call(ctx, &c, call, layout)?;
+    let family_storage = layout.storage(ctx, &plan)?;
     // 3. params: each tensor binds the sub-range its view spans
     let ranges =
         [(q, "q"), (k, "k"), (v, "v"), (out, "out")].map(|(t, what)| BoundRange::new(ctx, t, what));
@@ -807,30 +818,7 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
                 .map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default()))
         });
         let dummy = BoundRange::whole(&ctx.dummy);
-        let mut entries = vec![
-            BoundRange::whole(&params_buf).entry(0),
-            rq.entry(1),
-            rk.entry(2),
-            rv.entry(3),
-            ro.entry(4),
-            rl.as_ref()
-                .unwrap_or(&BoundRange::whole(&ctx.dummy_rw))
-                .entry(5),
-            rb.as_ref().unwrap_or(&dummy).entry(6),
-            alibi_buf
-                .as_ref()
-                .map_or(dummy.entry(7), |b| BoundRange::whole(b).entry(7)),
-            lens_buf
-                .as_ref()
-                .map_or(dummy.entry(8), |b| BoundRange::whole(b).entry(8)),
-        ];
-        for (binding, view) in (9..).zip(views.iter().flatten()) {
-            entries.push(wgpu::BindGroupEntry {
-                binding,
-                resource: wgpu::BindingResource::TextureView(view),
-            });
-        }
-        // the family's uniform block follows the shared bindings (its declared position)
+        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
         let family_buf = (!family_uniform.is_empty()).then(|| {
             init(
                 "family params",
@@ -838,8 +826,54 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
                 wgpu::BufferUsages::UNIFORM,
             )
         });
-        if let Some(buf) = &family_buf {
-            entries.push(BoundRange::whole(buf).entry(entries.len() as u32));
+        let storage_bufs: Vec<wgpu::Buffer> = family_storage
+            .iter()
+            .map(|bytes| init("family storage", bytes, wgpu::BufferUsages::STORAGE))
+            .collect();
+        // Entries in the key's declared order (optional ones are declared only where the key
+        // uses them): shared bindings by name, then the family's uniform and storage buffers.
+        let mut family = storage_bufs.iter();
+        let mut entries = Vec::new();
+        for (i, decl) in (0u32..).zip(plan.key.bindings()) {
+            let tex = |n: usize| {
+                views.as_ref().map(|v| wgpu::BindGroupEntry {
+                    binding: i,
+                    resource: wgpu::BindingResource::TextureView(&v[n]),
+                })
+            };
+            let entry = match decl.name {
+                "p" => Some(BoundRange::whole(&params_buf).entry(i)),
+                "q_buf" => Some(rq.entry(i)),
+                "k_buf" => Some(rk.entry(i)),
+                "v_buf" => Some(rv.entry(i)),
+                "o_buf" => Some(ro.entry(i)),
+                "lse_buf" => Some(rl.as_ref().unwrap_or(&dummy_rw).entry(i)),
+                "bias_buf" => Some(rb.as_ref().unwrap_or(&dummy).entry(i)),
+                "alibi_buf" => Some(
+                    alibi_buf
+                        .as_ref()
+                        .map_or(dummy.entry(i), |b| BoundRange::whole(b).entry(i)),
+                ),
+                "lens_buf" => Some(
+                    lens_buf
+                        .as_ref()
+                        .map_or(dummy.entry(i), |b| BoundRange::whole(b).entry(i)),
+                ),
+                "q_tex" => tex(0),
+                "k_tex" => tex(1),
+                "v_tex" => tex(2),
+                _ => match decl.kind {
+                    BindingKind::Uniform(_) => family_buf.as_ref().map(|b| BoundRange::whole(b).entry(i)),
+                    _ => family.next().map(|b| BoundRange::whole(b).entry(i)),
+                },
+            };
+            entries.push(entry.ok_or_else(|| {
+                AttnError::Gpu(format!(
+                    "{}: nothing to bind to `{}` (a family's plan gave fewer buffers than its kernel declares)",
+                    plan.key.label(),
+                    decl.name
+                ))
+            })?);
         }
         let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("flash bind group"),

@@ -125,49 +125,87 @@ pub fn attention_reference_masked(
     mask: &dyn Fn(usize, usize, usize) -> bool,
     round_p: impl Fn(f64) -> f64,
 ) -> Result<RefOutput> {
-    inp.check(opts)?;
+    let hooks = RefHooks {
+        mask: &|b, _, i, j| mask(b, i, j),
+        score: &|_, _, _, _, x| x,
+    };
+    attention_reference_hooked(inp, opts, &hooks, round_p)
+}
+
+/// What another family changes in the reference: the mask `mask(batch, head, query, key)` in
+/// place of [`visible`], and `score(batch, head, query, key, s)` run on each visible score
+/// after the built-in modifications (the sparse family's `score_mod`).
+pub struct RefHooks<'a> {
+    pub mask: &'a dyn Fn(usize, usize, usize, usize) -> bool,
+    pub score: &'a dyn Fn(usize, usize, usize, usize, f64) -> f64,
+}
+
+/// The score of query `i` and key `j` of batch `b`, query head `h`: `scale * q . k`, then
+/// softcap, ALiBi and bias as `opts` asks (no mask), in f64.
+pub fn raw_score(
+    inp: &RefInputs,
+    opts: &FlashOptions,
+    b: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+) -> f64 {
     let s = inp.shape;
     let scale = opts
         .scale
         .map(f64::from)
         .unwrap_or(1.0 / (s.d as f64).sqrt());
+    let hk = h / (s.hq / s.hkv);
+    let qlen = opts.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize);
+    let kvlen = opts.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize);
+    let qrow = &inp.q[((b * s.lq + i) * s.hq + h) * s.d..][..s.d];
+    let krow = &inp.k[((b * s.lk + j) * s.hkv + hk) * s.d..][..s.d];
+    let mut x: f64 = qrow
+        .iter()
+        .zip(krow)
+        .map(|(&a, &c)| a as f64 * c as f64)
+        .sum::<f64>()
+        * scale;
+    if let Some(c) = opts.softcap {
+        let c = c as f64;
+        x = c * (x / c).tanh();
+    }
+    if let Some(sl) = &opts.alibi_slopes {
+        let dist = (i as i64 + kvlen as i64 - qlen as i64 - j as i64).abs() as f64;
+        x -= sl[h] as f64 * dist;
+    }
+    if let Some((bias, [bb, bh])) = inp.bias {
+        let bi = if bb == 1 { 0 } else { b };
+        let hi = if bh == 1 { 0 } else { h };
+        x += bias[((bi * bh + hi) * s.lq + i) * s.lk + j] as f64;
+    }
+    x
+}
+
+/// The reference with another family's [`RefHooks`].
+pub fn attention_reference_hooked(
+    inp: &RefInputs,
+    opts: &FlashOptions,
+    hooks: &RefHooks,
+    round_p: impl Fn(f64) -> f64,
+) -> Result<RefOutput> {
+    inp.check(opts)?;
+    let s = inp.shape;
     let group = s.hq / s.hkv;
     let mut out = vec![0.0; s.batch * s.lq * s.hq * s.dv];
     let mut lse = vec![f64::NEG_INFINITY; s.batch * s.hq * s.lq];
     let mut scores = vec![0.0f64; s.lk];
     for b in 0..s.batch {
-        let qlen = opts.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize);
-        let kvlen = opts.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize);
         for h in 0..s.hq {
             let hk = h / group;
             for i in 0..s.lq {
-                let qrow = &inp.q[((b * s.lq + i) * s.hq + h) * s.d..][..s.d];
                 let mut max = f64::NEG_INFINITY;
                 for (j, sc) in scores.iter_mut().enumerate() {
                     *sc = f64::NEG_INFINITY;
-                    if !mask(b, i, j) {
+                    if !(hooks.mask)(b, h, i, j) {
                         continue;
                     }
-                    let krow = &inp.k[((b * s.lk + j) * s.hkv + hk) * s.d..][..s.d];
-                    let mut x: f64 = qrow
-                        .iter()
-                        .zip(krow)
-                        .map(|(&a, &c)| a as f64 * c as f64)
-                        .sum::<f64>()
-                        * scale;
-                    if let Some(c) = opts.softcap {
-                        let c = c as f64;
-                        x = c * (x / c).tanh();
-                    }
-                    if let Some(sl) = &opts.alibi_slopes {
-                        let dist = (i as i64 + kvlen as i64 - qlen as i64 - j as i64).abs() as f64;
-                        x -= sl[h] as f64 * dist;
-                    }
-                    if let Some((bias, [bb, bh])) = inp.bias {
-                        let bi = if bb == 1 { 0 } else { b };
-                        let hi = if bh == 1 { 0 } else { h };
-                        x += bias[((bi * bh + hi) * s.lq + i) * s.lk + j] as f64;
-                    }
+                    let x = (hooks.score)(b, h, i, j, raw_score(inp, opts, b, h, i, j));
                     *sc = x;
                     max = max.max(x);
                 }
@@ -216,7 +254,7 @@ pub fn attention_plain_f16_masked(
     Ok(o.out.into_iter().map(round_f16).collect())
 }
 
-fn round_f16(x: f64) -> f64 {
+pub fn round_f16(x: f64) -> f64 {
     half::f16::from_f64(x).to_f64()
 }
 

@@ -20,7 +20,7 @@ impl Sequence {
 
 /// Masking of sequence kernels: key `j` lives at row `j` (clamped: overhanging lanes load a valid
 /// row), and `visible()` applies causality, the window and the sinks.
-const SEQ_WGSL: &str = "
+pub(crate) const SEQ_WGSL: &str = "
 fn key_row(j: u32) -> u32 { return min(j, p.lk - 1u); }
 
 // Does query row i see key j? FlashAttention alignment: the diagonal is j = i + kvlen - qlen.
@@ -88,10 +88,28 @@ impl Geometry for Sequence {
 /// order (scale is folded into q; then softcap, ALiBi, bias). Returns the score in base 2, or
 /// MASKED. Branch-free like `visible()`.
 fn modify_fn(w: &mut Wgsl, mods: bool) {
-    w.raw(
-        "fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32) -> f32 {
+    modify_fn_with(w, mods, &ModifyHooks::default());
+}
+
+/// What another family adds to `modify()` (the sparse family: a user's `score_mod` and the
+/// block mask with its `mask_mod`).
+#[derive(Default)]
+pub(crate) struct ModifyHooks<'a> {
+    /// Extra parameters after `kvlen`, with their leading comma (`, st: u32`).
+    pub params: &'a str,
+    /// Lines run after the built-in modifications, on `s` (natural-log units).
+    pub score: &'a str,
+    /// A WGSL boolean ANDed with `visible()`, with its leading ` & `.
+    pub mask: &'a str,
+}
+
+/// [`modify_fn`] with another family's hooks.
+pub(crate) fn modify_fn_with(w: &mut Wgsl, mods: bool, hooks: &ModifyHooks) {
+    w.raw(&format!(
+        "fn modify(raw: f32, b: u32, h: u32, i: u32, j: u32, qlen: u32, kvlen: u32{}) -> f32 {{
     var s = raw;",
-    );
+        hooks.params
+    ));
     if mods {
         w.raw(
             "    s = select(s, p.softcap * tanh_safe(s / p.softcap), has(F_SOFTCAP));
@@ -101,12 +119,16 @@ fn modify_fn(w: &mut Wgsl, mods: bool) {
     s = s + select(0.0, bias_buf[bias_at], has(F_BIAS));",
         );
     }
-    w.raw(
+    if !hooks.score.is_empty() {
+        w.raw(hooks.score);
+    }
+    w.raw(&format!(
         "    let t = s * LOG2E;
     // -inf from an additive mask becomes MASKED; NaN stays NaN.
-    return select(MASKED, select(t, MASKED, t <= MASKED), visible(i, j, qlen, kvlen));
-}",
-    );
+    return select(MASKED, select(t, MASKED, t <= MASKED), visible(i, j, qlen, kvlen){});
+}}",
+        hooks.mask
+    ));
 }
 
 /// The key range `[{pre}lo, {pre}hi)` that rows `first ..= last` can see (causality, the window;
@@ -126,7 +148,7 @@ fn key_bounds(pre: &str, first: &str, last: &str) -> String {
 
 /// Sequence kernels: rows `row0 .. row0 + R` of the sequence; the key range `[kv_lo, kv_hi)`
 /// from causality and the window, bounded per subgroup (Subgroup) or workgroup (Tiled).
-fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
+pub(crate) fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
     let r_n = key.rows;
     w.raw(&format!(
         "    let b = wid.z;

@@ -166,9 +166,9 @@ impl FlashKey {
         .to_lowercase()
     }
 
-    /// Bind group 0: params, Q, K, V, O, LSE, bias, ALiBi slopes, lengths (optional inputs
-    /// get a dummy buffer, so every specialization binds alike), and for the Sweep kernel the
-    /// Q/K/V textures.
+    /// Bind group 0: params, Q, K, V, O, LSE, (with `mods`) bias and ALiBi slopes, lengths
+    /// (optional inputs get a dummy buffer), for the Sweep kernel the Q/K/V textures, then the
+    /// geometry's own.
     pub fn bindings(&self) -> Vec<BindingDecl> {
         let t = self.dtype.wgsl();
         let mut b = vec![
@@ -178,10 +178,18 @@ impl FlashKey {
             BindingDecl::read("v_buf", t, "[B, Lk, Hkv, Dv]"),
             BindingDecl::read_write("o_buf", t, "[B, Lq, Hq, Dv]"),
             BindingDecl::read_write("lse_buf", "f32", "[B, Hq, Lq] (strides in p.lse)"),
-            BindingDecl::read("bias_buf", "f32", "[B|1, Hq|1, Lq, Lk]"),
-            BindingDecl::read("alibi_buf", "f32", "[Hq]"),
-            BindingDecl::read("lens_buf", "u32", "[2B]: q lens, kv lens"),
         ];
+        // the score modifications' inputs exist only in keys that have them: the storage
+        // buffers of a stage are few (8 by WebGPU's default, 10 on SwiftShader)
+        if self.mods {
+            b.push(BindingDecl::read("bias_buf", "f32", "[B|1, Hq|1, Lq, Lk]"));
+            b.push(BindingDecl::read("alibi_buf", "f32", "[Hq]"));
+        }
+        b.push(BindingDecl::read(
+            "lens_buf",
+            "u32",
+            "[2B]: q lens, kv lens",
+        ));
         if self.strategy == Strategy::Sweep {
             b.push(BindingDecl::texture(
                 "q_tex",

@@ -1,7 +1,8 @@
-//! Sparse attention, first steps (issue 13): FlexAttention's `BlockMask` and `mask_mod`s on the
-//! host, and WGSL `mask_mod`/`score_mod` snippets checked by naga with `create_block_mask`
-//! evaluating a snippet on the GPU ([`snippet`]). Not built yet: the kernel path (a geometry
-//! whose key passes walk a block list), the snippets inside it, top-k routing.
+//! Sparse attention (issue 13): FlexAttention's `BlockMask` and `mask_mod`s on the host, WGSL
+//! `mask_mod`/`score_mod` snippets checked by naga with `create_block_mask` evaluating a
+//! snippet on the GPU ([`snippet`]), and block-sparse attention itself ([`attention`]: the
+//! flash call path with the [`shader::BlockSparse`] geometry, whose key passes walk a block
+//! list, the snippets spliced in). Not built yet: sigmoid attention, top-k routing.
 //!
 //! A `mask_mod(b, h, q_idx, kv_idx) -> bool` says whether query `q_idx` sees key `kv_idx`
 //! (positions in the sequence, `h` the query head). A [`BlockMask`] cuts the (query, key)
@@ -12,6 +13,8 @@
 //! align as the library's `causal` does: bottom-right (query i sees key j iff
 //! `j <= i + Lk - Lq`), as FlashAttention does.
 
+pub mod attention;
+pub mod shader;
 pub mod snippet;
 
 use std::sync::Arc;
@@ -472,6 +475,20 @@ impl BlockMask {
             return true;
         }
         self.partial[r].binary_search(&j).is_ok() && mask.is_none_or(|m| m.eval(b, h, q, kv))
+    }
+
+    /// The state of the block of query `q` and key `kv`: [`shader::FULL`], [`shader::PARTIAL`]
+    /// or [`shader::SKIPPED`].
+    pub fn state(&self, b: usize, h: usize, q: usize, kv: usize) -> u32 {
+        let r = self.row(b, h, q);
+        let j = (kv / self.layout.kv_block) as u32;
+        if self.full[r].binary_search(&j).is_ok() {
+            shader::FULL
+        } else if self.partial[r].binary_search(&j).is_ok() {
+            shader::PARTIAL
+        } else {
+            shader::SKIPPED
+        }
     }
 
     /// Key blocks visited per (batch, head, query block), summed: the work the kernel does.

@@ -16,7 +16,7 @@
 //! f32), so the f64 reference can do the softmax and products on the CPU around a function it
 //! cannot run itself. Shipped examples: [`EXAMPLES`] (`mask_mod`) and [`SCORE_EXAMPLES`].
 //!
-//! Not built yet (issue 13): the snippets inside the attention kernels, the CLI flags.
+//! The attention kernels splice the same snippets in (`sparse::shader`).
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
@@ -75,7 +75,7 @@ impl Aux {
             Aux::U32(_) => "u32",
         }
     }
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Aux::F32(x) => bytemuck::cast_slice(x),
             Aux::I32(x) => bytemuck::cast_slice(x),
@@ -93,7 +93,7 @@ impl Aux {
 
 /// At most this many aux buffers.
 pub const MAX_AUX: usize = 4;
-const AUX_NAMES: [&str; MAX_AUX] = ["aux0", "aux1", "aux2", "aux3"];
+pub(crate) const AUX_NAMES: [&str; MAX_AUX] = ["aux0", "aux1", "aux2", "aux3"];
 
 /// A validated snippet, with the element types of its aux buffers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -532,7 +532,7 @@ fn u(x: usize, what: &str) -> Result<u32> {
 }
 
 /// Checks that `aux` are the buffers `snippet` was checked with and not empty.
-fn check_aux(snippet: &Snippet, aux: &[Aux]) -> Result<()> {
+pub(crate) fn check_aux(snippet: &Snippet, aux: &[Aux]) -> Result<()> {
     let types: Vec<&str> = aux.iter().map(Aux::wgsl).collect();
     if types != snippet.aux {
         return Err(AttnError::invalid(

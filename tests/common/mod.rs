@@ -6,8 +6,9 @@ use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
 use wgpu_attention::flash::reference::{
-    attention_plain_f16, attention_reference, compare, Comparison, RefInputs,
+    attention_plain_f16, attention_reference, compare, round_f16, Comparison, RefInputs,
 };
+use wgpu_attention::sparse::attention::{sparse_attention_into, sparse_reference, SparseOptions};
 use wgpu_attention::*;
 
 pub fn ctx() -> &'static GpuContext {
@@ -139,6 +140,16 @@ pub fn run(case: &Case) -> Comparison {
 }
 
 pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
+    run_family(case, seed, None)
+}
+
+/// [`run_seeded`] as a sparse call with `sparse`'s block mask, snippets and aux buffers (its
+/// `flash` options are the case's), against the sparse reference.
+pub fn run_sparse(case: &Case, seed: u64, sparse: &SparseOptions) -> Comparison {
+    run_family(case, seed, Some(sparse))
+}
+
+fn run_family(case: &Case, seed: u64, sparse: Option<&SparseOptions>) -> Comparison {
     let ctx = ctx();
     let s = case.shape;
     let round = |v: Vec<f32>| -> Vec<f32> {
@@ -176,8 +187,25 @@ pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
     let vt = upload(ctx, &v, [s.batch, s.lk, s.hkv, s.dv], case.dtype, case.bhsd);
     let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], case.dtype, f32::NAN).unwrap();
     let lse = Tensor::filled(ctx, &[s.batch, s.hq, s.lq], DType::F32, f32::NAN).unwrap();
-    flash_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts)
-        .unwrap_or_else(|e| panic!("{case:?}: dispatch failed: {e}"));
+    let sparse = sparse.map(|sp| SparseOptions {
+        flash: opts.clone(),
+        ..sp.clone()
+    });
+    let mask = sparse.as_ref().map(|sp| {
+        wgpu_attention::sparse::attention::resolve_block_mask(ctx, &s, sp)
+            .unwrap_or_else(|e| panic!("{case:?}: block mask failed: {e}"))
+    });
+    match (&sparse, &mask) {
+        (Some(sp), Some(m)) => {
+            let sp = SparseOptions {
+                block_mask: Some(m.clone()),
+                ..sp.clone()
+            };
+            sparse_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &sp)
+        }
+        _ => flash_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts),
+    }
+    .unwrap_or_else(|e| panic!("{case:?}: dispatch failed: {e}"));
     let got = out.to_vec_f32(ctx).unwrap();
     let got_lse = lse.to_vec_f32(ctx).unwrap();
 
@@ -188,8 +216,24 @@ pub fn run_seeded(case: &Case, seed: u64) -> Comparison {
         v: &v,
         bias: bias_host.as_ref().map(|(x, d)| (x.as_slice(), *d)),
     };
-    let r = attention_reference(&inp, &opts).unwrap();
-    let plain = (case.dtype == DType::F16).then(|| attention_plain_f16(&inp, &opts).unwrap());
+    let (r, plain) = match (&sparse, &mask) {
+        (Some(sp), Some(m)) => {
+            let refer = |round: &dyn Fn(f64) -> f64| {
+                sparse_reference(ctx, &inp, sp, m, round)
+                    .unwrap_or_else(|e| panic!("{case:?}: sparse reference failed: {e}"))
+            };
+            let r = refer(&|p| p);
+            let plain = (case.dtype == DType::F16)
+                .then(|| refer(&round_f16).out.into_iter().map(round_f16).collect());
+            (r, plain)
+        }
+        _ => {
+            let r = attention_reference(&inp, &opts).unwrap();
+            let plain =
+                (case.dtype == DType::F16).then(|| attention_plain_f16(&inp, &opts).unwrap());
+            (r, plain)
+        }
+    };
     compare(&got, Some(&got_lse), &r, plain.as_deref())
 }
 

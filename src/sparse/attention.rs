@@ -1,0 +1,616 @@
+//! Block-sparse attention on the flash call path (FlexAttention's `flex_attention`): a
+//! [`BlockMask`], a WGSL `mask_mod` evaluated on its partial blocks, a WGSL `score_mod`, and
+//! every option of a dense call (causal, window and sinks, lengths, softcap, ALiBi, bias, LSE).
+//!
+//! Order for one score (FlexAttention's): `s = scale * q . k`; softcap, ALiBi, bias; the
+//! user's `score_mod`; then every mask ANDed: causal, window/sinks, lengths, the block mask and,
+//! on partial blocks only, the `mask_mod`. A row that sees no key gives O = 0 and LSE = -inf.
+//!
+//! The plan takes dense attention's strategy and tile, with the tile shrunk so a workgroup's
+//! rows sit inside one query block where a candidate allows (its key passes are then exactly
+//! that block's list), and the Tiled kernel's key tile shrunk to divide the key block.
+
+use std::sync::Arc;
+
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::flash::reference::{
+    attention_reference_hooked, raw_score, RefHooks, RefInputs, RefOutput,
+};
+use crate::flash::{self, AttentionOutput, AttnShape, CallLayout, FlashOptions, FlashPlan};
+use crate::pipeline::BindingKind;
+use crate::softmax::shader::{Geo, Strategy};
+use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
+use crate::sparse::snippet::{
+    check_aux, create_block_mask, eval_snippet, Aux, Snippet, SnippetKind,
+};
+use crate::sparse::{BlockLayout, BlockMask};
+use crate::tensor::{DType, Tensor};
+
+/// FlexAttention's default block size.
+pub const DEFAULT_BLOCK: usize = 128;
+
+/// A sparse attention call's options: a dense call's, and what makes it sparse.
+#[derive(Clone, Debug, Default)]
+pub struct SparseOptions {
+    /// Every dense option applies (its masks are ANDed with the block mask).
+    pub flash: FlashOptions,
+    /// The blocks to visit. `None`: made from `mask_mod` on the GPU ([`create_block_mask`])
+    /// with `block_size`, or every block full when there is no `mask_mod` either.
+    pub block_mask: Option<Arc<BlockMask>>,
+    /// `fn mask_mod(b, h, q_idx, kv_idx) -> bool`, evaluated on partial blocks.
+    pub mask_mod: Option<Snippet>,
+    /// `fn score_mod(score, b, h, q_idx, kv_idx) -> f32`, after the built-in modifications.
+    pub score_mod: Option<Snippet>,
+    /// The snippets' `aux0`..`aux3` (both snippets read the same buffers).
+    pub aux: Vec<Aux>,
+    /// Query and key block sizes when the block mask is made here; `None` is 128 x 128.
+    pub block_size: Option<(usize, usize)>,
+}
+
+/// The block mask a call runs with: the caller's, or one made from its `mask_mod`, or every
+/// block full. Checked against the problem.
+pub fn resolve_block_mask(
+    ctx: &GpuContext,
+    s: &AttnShape,
+    opts: &SparseOptions,
+) -> Result<Arc<BlockMask>> {
+    for sn in [&opts.mask_mod, &opts.score_mod].into_iter().flatten() {
+        check_aux(sn, &opts.aux)?;
+    }
+    for (sn, kind) in [
+        (&opts.mask_mod, SnippetKind::MaskMod),
+        (&opts.score_mod, SnippetKind::ScoreMod),
+    ] {
+        if let Some(sn) = sn.as_ref().filter(|sn| sn.kind != kind) {
+            return Err(AttnError::invalid(
+                kind.name(),
+                format!("a {} snippet", kind.name()),
+                sn.kind.name(),
+            ));
+        }
+    }
+    if opts.mask_mod.is_none() && opts.score_mod.is_none() && !opts.aux.is_empty() {
+        return Err(AttnError::invalid(
+            "aux buffers",
+            "none without a mask_mod or score_mod",
+            opts.aux.len(),
+        ));
+    }
+    let (bq, bk) = opts.block_size.unwrap_or((DEFAULT_BLOCK, DEFAULT_BLOCK));
+    let mask = match (&opts.block_mask, &opts.mask_mod) {
+        (Some(m), _) => m.clone(),
+        (None, Some(mm)) => {
+            let layout = BlockLayout {
+                batch: s.batch,
+                heads: s.hq,
+                lq: s.lq,
+                lk: s.lk,
+                q_block: bq,
+                kv_block: bk,
+            };
+            Arc::new(create_block_mask(ctx, mm, &opts.aux, layout)?)
+        }
+        (None, None) => {
+            let layout = BlockLayout {
+                batch: 1,
+                heads: 1,
+                lq: s.lq,
+                lk: s.lk,
+                q_block: bq,
+                kv_block: bk,
+            };
+            let (nq, nk) = layout.blocks();
+            Arc::new(BlockMask::from_dense(&vec![true; nq * nk], layout)?)
+        }
+    };
+    check_mask(&mask, s)?;
+    Ok(mask)
+}
+
+/// The block mask fits the problem: its lengths, batch and heads (or 1), block sizes, lists.
+fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
+    let l = &m.layout;
+    crate::sparse::check_block_size("query block size", l.q_block)?;
+    crate::sparse::check_block_size("key block size", l.kv_block)?;
+    let ok = l.lq == s.lq
+        && l.lk == s.lk
+        && (l.batch == 1 || l.batch == s.batch)
+        && (l.heads == 1 || l.heads == s.hq);
+    if !ok {
+        return Err(AttnError::shape(
+            "block mask",
+            format!(
+                "lengths Lq = {}, Lk = {}, batch {}|1, heads {}|1",
+                s.lq, s.lk, s.batch, s.hq
+            ),
+            format!(
+                "Lq = {}, Lk = {}, batch {}, heads {}",
+                l.lq, l.lk, l.batch, l.heads
+            ),
+        ));
+    }
+    let (nq, nk) = l.blocks();
+    let rows = l.batch * l.heads * nq;
+    if m.full.len() != rows || m.partial.len() != rows {
+        return Err(AttnError::invalid(
+            "block mask",
+            format!("{rows} lists of full and of partial blocks"),
+            format!("{} and {}", m.full.len(), m.partial.len()),
+        ));
+    }
+    for list in m.full.iter().chain(&m.partial) {
+        if !list.windows(2).all(|w| w[0] < w[1]) || list.last().is_some_and(|&j| j as usize >= nk) {
+            return Err(AttnError::invalid(
+                "block mask",
+                format!("ascending key blocks below {nk}"),
+                format!("{list:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The sparse family on the flash call path.
+struct SparseLayout {
+    mask: Arc<BlockMask>,
+    geo: Geo,
+    aux: Vec<Aux>,
+    /// The block tables of the last plan (lists, then states), for [`CallLayout::storage`].
+    tab: std::sync::Mutex<Vec<u32>>,
+}
+
+/// The largest power of two (at most `cap`) that divides `n`.
+fn pow2_dividing(n: u32, cap: u32) -> u32 {
+    let mut p = cap.max(1);
+    while p > 1 && !n.is_multiple_of(p) {
+        p /= 2;
+    }
+    p
+}
+
+impl SparseLayout {
+    /// Query rows per row tile of this plan: a workgroup's (Tiled), a subgroup's of the
+    /// largest size (Subgroup; smaller subgroups sit inside one such tile).
+    fn tile_rows(ctx: &GpuContext, plan: &FlashPlan) -> u32 {
+        match plan.key.strategy {
+            Strategy::Tiled => plan.key.rows_per_workgroup(),
+            Strategy::Subgroup | Strategy::Sweep => ctx.caps.subgroup_max.max(1) * plan.key.rows,
+        }
+    }
+}
+
+impl CallLayout for SparseLayout {
+    fn check(&self, s: &AttnShape) -> Result<()> {
+        check_mask(&self.mask, s)
+    }
+    fn lse_heads_last(&self) -> bool {
+        false
+    }
+    fn plan(
+        &self,
+        ctx: &GpuContext,
+        s: &AttnShape,
+        dtype: DType,
+        opts: &FlashOptions,
+    ) -> Result<(FlashPlan, Vec<u8>)> {
+        // base_key refuses a forced Sweep (neighborhood calls only)
+        let mut key = flash::base_key(ctx, s, dtype, opts)?;
+        if key.strategy == Strategy::Subgroup && key.wg > 64 {
+            // subgroups over 64 lanes: GPUs, which take the Tiled kernel (see sparse_tiles)
+            if opts.strategy != flash::StrategyChoice::Auto {
+                return Err(AttnError::invalid(
+                    "strategy Subgroup",
+                    "subgroups of at most 64 lanes for sparse attention",
+                    ctx.caps.subgroup_max,
+                ));
+            }
+            let mut o = opts.clone();
+            o.strategy = flash::StrategyChoice::Force(Strategy::Tiled);
+            key = flash::base_key(ctx, s, dtype, &o)?;
+        }
+        key.geometry = self.geo;
+        let l = &self.mask.layout;
+        let (bq, bk) = (l.q_block as u32, l.kv_block as u32);
+        let candidates = sparse_tiles(&key);
+        let tile = match opts.tile {
+            Some(t) => flash::wanted_tile(&key, &candidates, t)?,
+            None => {
+                // tiles inside one query block, where there are any
+                let inside: Vec<_> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|t| key.strategy != Strategy::Tiled || bq.is_multiple_of(t.wg * t.rows))
+                    .collect();
+                let from = if inside.is_empty() {
+                    &candidates
+                } else {
+                    &inside
+                };
+                flash::heuristic_tile(ctx, &key, from, s, true)
+            }
+        };
+        let mut key = crate::softmax::with_tile(key, tile);
+        if key.strategy == Strategy::Tiled {
+            key.block = pow2_dividing(bk, key.block);
+            key.group = key.group.min(key.block);
+        }
+        let plan = FlashPlan { key, grid: [0; 3] };
+        let g = Self::tile_rows(ctx, &plan);
+        let (nq, nk) = l.blocks();
+        // Trips of the key loops: every key block, its steps and groups.
+        let step = match key.strategy {
+            Strategy::Tiled => key.block,
+            Strategy::Subgroup | Strategy::Sweep => ctx.caps.subgroup_min.max(1),
+        } as u64;
+        let steps = (bk as u64).div_ceil(step);
+        let trips = nk as u64 * (1 + steps * (1 + step / key.group as u64));
+        crate::softmax::check_trips(ctx, trips, s.lk)?;
+        let x = (s.lq as u64).div_ceil(key.rows_per_workgroup() as u64);
+        let plan = FlashPlan {
+            key,
+            grid: crate::softmax::grid(ctx, x, s)?,
+        };
+        let tiles = s.lq.div_ceil(g as usize);
+        let u = |x: usize, what: &str| {
+            u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
+        };
+        let params = SparseParams {
+            q_block: bq,
+            kv_block: bk,
+            nq: u(nq, "query blocks")?,
+            nk: u(nk, "key blocks")?,
+            tile_rows: g,
+            tiles: u(tiles, "row tiles")?,
+            list_b: if l.batch == 1 {
+                0
+            } else {
+                u(l.heads * tiles, "list stride")?
+            },
+            list_h: if l.heads == 1 {
+                0
+            } else {
+                u(tiles, "list stride")?
+            },
+            state_b: if l.batch == 1 {
+                0
+            } else {
+                u(l.heads * nq * nk, "block table stride")?
+            },
+            state_h: if l.heads == 1 {
+                0
+            } else {
+                u(nq * nk, "block table stride")?
+            },
+            state_base: 0,
+            pad: 0,
+        };
+        let (mut tab, states) = block_tables(&self.mask, g as usize);
+        let params = SparseParams {
+            state_base: u(tab.len(), "block list words")?,
+            ..params
+        };
+        tab.extend(states);
+        *self.tab.lock().unwrap_or_else(|e| e.into_inner()) = tab;
+        // every storage buffer the kernel declares must fit the stage's limit
+        let storage = key
+            .bindings()
+            .iter()
+            .filter(|b| matches!(b.kind, BindingKind::Read(_) | BindingKind::ReadWrite(_)))
+            .count() as u64;
+        let limit = ctx.limits.max_storage_buffers_per_shader_stage as u64;
+        if storage > limit {
+            return Err(AttnError::Limit {
+                what: format!(
+                    "storage buffers of a sparse kernel ({} aux buffers{})",
+                    self.aux.len(),
+                    if key.mods {
+                        ", softcap/ALiBi/bias inputs"
+                    } else {
+                        ""
+                    }
+                ),
+                needed: storage,
+                limit,
+            });
+        }
+        Ok((plan, bytemuck::bytes_of(&params).to_vec()))
+    }
+    fn storage(&self, ctx: &GpuContext, _plan: &FlashPlan) -> Result<Vec<Vec<u8>>> {
+        let tab = std::mem::take(&mut *self.tab.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = vec![bytemuck::cast_slice(&tab).to_vec()];
+        out.extend(self.aux.iter().map(|a| a.bytes().to_vec()));
+        let limit = ctx.limits.max_storage_buffer_binding_size;
+        for (i, b) in out.iter().enumerate() {
+            if b.len() as u64 > limit {
+                return Err(AttnError::Limit {
+                    what: match i {
+                        0 => "sparse attention: block table bytes".into(),
+                        i => format!("sparse attention: aux{} bytes", i - 1),
+                    },
+                    needed: b.len() as u64,
+                    limit,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The tiles a sparse key may take: the budgets' rows with 16 to 128 invocations (Tiled,
+/// where dense attention would offer tiles: [`flash::tunable`]), else its default. Fewer than
+/// dense attention's, so that naga checks every sparse specialization in the test budget:
+/// the workgroup size is what fits a tile inside a query block.
+pub fn sparse_tiles(key: &crate::softmax::shader::FlashKey) -> Vec<crate::softmax::Tile> {
+    if key.strategy != Strategy::Tiled || !flash::tunable(key) {
+        return vec![key.tile()];
+    }
+    crate::softmax::tile_candidates(key)
+        .into_iter()
+        .filter(|t| t.rows == key.rows)
+        .collect()
+}
+
+/// The kernel's tables for row tiles of `g` query rows: per (batch|1, head|1, row tile) the
+/// (start, count) of its key blocks (the union of its query blocks' full and partial lists,
+/// ascending), then the lists; and the 2-bit block states, 16 to a u32 (bound after the lists,
+/// at `SparseParams::state_base`).
+pub fn block_tables(m: &BlockMask, g: usize) -> (Vec<u32>, Vec<u32>) {
+    let l = &m.layout;
+    let (nq, nk) = l.blocks();
+    let tiles = l.lq.div_ceil(g);
+    let n_lists = l.batch * l.heads * tiles;
+    let mut lists = vec![0u32; 2 * n_lists];
+    let mut seen = vec![false; nk];
+    for bh in 0..l.batch * l.heads {
+        for t in 0..tiles {
+            let first = t * g / l.q_block;
+            let last = (((t + 1) * g).min(l.lq) - 1) / l.q_block;
+            seen.fill(false);
+            for qi in first..=last.min(nq - 1) {
+                let r = bh * nq + qi;
+                for &j in m.full[r].iter().chain(&m.partial[r]) {
+                    seen[j as usize] = true;
+                }
+            }
+            let li = bh * tiles + t;
+            let start = lists.len() as u32;
+            lists.extend((0..nk as u32).filter(|&j| seen[j as usize]));
+            lists[2 * li] = start;
+            lists[2 * li + 1] = lists.len() as u32 - start;
+        }
+    }
+    let n = l.batch * l.heads * nq * nk;
+    let mut states = vec![0u32; n.div_ceil(16).max(1)];
+    for r in 0..l.batch * l.heads * nq {
+        for (list, st) in [(&m.partial[r], PARTIAL), (&m.full[r], FULL)] {
+            for &j in list {
+                let e = r * nk + j as usize;
+                states[e / 16] |= st << ((e % 16) * 2);
+            }
+        }
+    }
+    (lists, states)
+}
+
+/// Records sparse attention into `encoder` (for embedders that batch their own work). The
+/// block mask is made here when `opts` has none (see [`SparseOptions::block_mask`]); that
+/// submits its own small pass first.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_sparse_attention(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &SparseOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<FlashPlan> {
+    let s = flash::check_inputs(q, k, v)?;
+    let mask = resolve_block_mask(ctx, &s, opts)?;
+    encode_with_mask(ctx, encoder, q, k, v, out, lse, opts, mask, timestamps)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_with_mask(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &SparseOptions,
+    mask: Arc<BlockMask>,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<FlashPlan> {
+    let aux_types: Vec<&'static str> = opts.aux.iter().map(Aux::wgsl).collect();
+    let layout = SparseLayout {
+        mask,
+        geo: geometry(opts.mask_mod.as_ref(), opts.score_mod.as_ref(), &aux_types),
+        aux: opts.aux.clone(),
+        tab: Default::default(),
+    };
+    let call = flash::Call {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        opts: &opts.flash,
+    };
+    flash::encode_with(ctx, encoder, &call, &layout, timestamps)
+}
+
+/// Runs sparse attention into caller-provided outputs and submits the work.
+pub fn sparse_attention_into(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+    opts: &SparseOptions,
+) -> Result<FlashPlan> {
+    let s = flash::check_inputs(q, k, v)?;
+    let mask = resolve_block_mask(ctx, &s, opts)?;
+    ctx.submit(|enc| encode_with_mask(ctx, enc, q, k, v, out, lse, opts, mask, None))
+}
+
+/// Sparse attention: returns O `[B, Lq, Hq, Dv]` and, with `opts.flash.return_lse`, LSE
+/// `[B, Hq, Lq]`.
+pub fn sparse_attention(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SparseOptions,
+) -> Result<AttentionOutput> {
+    let s = flash::check_inputs(q, k, v)?;
+    let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), 0.0)?;
+    let lse = opts
+        .flash
+        .return_lse
+        .then(|| Tensor::filled(ctx, &[s.batch, s.hq, s.lq], DType::F32, 0.0))
+        .transpose()?;
+    sparse_attention_into(ctx, q, k, v, &out, lse.as_ref(), opts)?;
+    Ok(AttentionOutput { out, lse })
+}
+
+/// The f64 reference of a sparse call, `mask` the block mask it runs with
+/// ([`resolve_block_mask`]) and `round_p` as in the dense reference. The snippets run on the
+/// GPU ([`eval_snippet`]): `mask_mod` at every pair, `score_mod` on the f64 scores rounded to
+/// f32; the softmax and the products are done here in f64.
+pub fn sparse_reference(
+    ctx: &GpuContext,
+    inp: &RefInputs,
+    opts: &SparseOptions,
+    mask: &BlockMask,
+    round_p: impl Fn(f64) -> f64,
+) -> Result<RefOutput> {
+    let s = inp.shape;
+    let fo = &opts.flash;
+    inp.check(fo)?;
+    let per_bh = |f: &mut dyn FnMut(usize, usize) -> Result<Vec<f32>>| -> Result<Vec<Vec<f32>>> {
+        let mut all = Vec::with_capacity(s.batch * s.hq);
+        for b in 0..s.batch {
+            for h in 0..s.hq {
+                all.push(f(b, h)?);
+            }
+        }
+        Ok(all)
+    };
+    let mm = match &opts.mask_mod {
+        Some(sn) => Some(per_bh(&mut |b, h| {
+            eval_snippet(ctx, sn, &opts.aux, (b, h), 0..s.lq, 0..s.lk, None)
+        })?),
+        None => None,
+    };
+    let sm = match &opts.score_mod {
+        Some(sn) => Some(per_bh(&mut |b, h| {
+            let mut raw = Vec::with_capacity(s.lq * s.lk);
+            for i in 0..s.lq {
+                for j in 0..s.lk {
+                    raw.push(raw_score(inp, fo, b, h, i, j) as f32);
+                }
+            }
+            eval_snippet(ctx, sn, &opts.aux, (b, h), 0..s.lq, 0..s.lk, Some(&raw))
+        })?),
+        None => None,
+    };
+    let lens = |b: usize| {
+        (
+            fo.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize),
+            fo.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize),
+        )
+    };
+    let mask_fn = |b: usize, h: usize, i: usize, j: usize| {
+        let (qlen, kvlen) = lens(b);
+        if !crate::flash::reference::visible(fo, i, j, qlen, kvlen) {
+            return false;
+        }
+        let e = i * s.lk + j;
+        let table = mm.as_ref().map(|t| &t[b * s.hq + h]);
+        match mask.state(b, h, i, j) {
+            FULL => true,
+            PARTIAL => table.is_none_or(|t| t[e] != 0.0),
+            _ => false,
+        }
+    };
+    let score_fn = |b: usize, h: usize, i: usize, j: usize, x: f64| match &sm {
+        Some(t) => t[b * s.hq + h][i * s.lk + j] as f64,
+        None => x,
+    };
+    let hooks = RefHooks {
+        mask: &mask_fn,
+        score: &score_fn,
+    };
+    attention_reference_hooked(inp, fo, &hooks, round_p)
+}
+
+/// Every sparse attention specialization the host can build, for naga in `cargo test`: the
+/// plain geometry on every shape, tile and key tile the plan may pick, and each shipped
+/// example snippet's geometry on the f32 D = 64 keys of both strategies (a snippet changes
+/// only its own text; the rest of the kernel is the plain geometry's).
+pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
+    use crate::softmax::{kernel_key, with_tile};
+    use crate::sparse::snippet::{EXAMPLES, SCORE_EXAMPLES};
+    let plain = geometry(None, None, &[]);
+    let mut keys = Vec::new();
+    let push_tiles = |keys: &mut Vec<_>, key: crate::softmax::shader::FlashKey| {
+        if key.strategy == Strategy::Subgroup && key.wg > 64 {
+            return; // never planned (see SparseLayout::plan)
+        }
+        for t in sparse_tiles(&key) {
+            let k = with_tile(key, t);
+            keys.push(k);
+            if k.strategy == Strategy::Tiled && k.block > 16 {
+                // a key block of 16 (or 48, 80, ..) shrinks the key tile to 16
+                let mut k16 = k;
+                k16.block = 16;
+                k16.group = k16.group.min(16);
+                keys.push(k16);
+            }
+        }
+    };
+    crate::softmax::for_each_shared_shape(|strategy, dtype, d, dv, sg| {
+        for mods in [false, true] {
+            push_tiles(
+                &mut keys,
+                kernel_key(strategy, dtype, d, dv, sg, mods, plain),
+            );
+        }
+    });
+    let aux = |types: &[&'static str]| -> Vec<&'static str> { types.to_vec() };
+    let snippets = EXAMPLES
+        .iter()
+        .map(|(_, src, t)| (SnippetKind::MaskMod, *src, aux(t)))
+        .chain(
+            SCORE_EXAMPLES
+                .iter()
+                .map(|(_, src, t)| (SnippetKind::ScoreMod, *src, aux(t))),
+        );
+    for (kind, src, types) in snippets {
+        let values: Vec<Aux> = types
+            .iter()
+            .map(|t| match *t {
+                "f32" => Aux::F32(vec![0.0]),
+                "i32" => Aux::I32(vec![0]),
+                _ => Aux::U32(vec![0]),
+            })
+            .collect();
+        let Ok(sn) = Snippet::new(kind, src, &values) else {
+            continue; // the snippet tests report a broken example
+        };
+        let geo = match kind {
+            SnippetKind::MaskMod => geometry(Some(&sn), None, &types),
+            SnippetKind::ScoreMod => geometry(None, Some(&sn), &types),
+        };
+        for (strategy, sg) in [(Strategy::Tiled, (0, 0)), (Strategy::Subgroup, (8, 8))] {
+            keys.push(kernel_key(strategy, DType::F32, 64, 64, sg, false, geo));
+        }
+    }
+    crate::softmax::boxed(crate::softmax::sorted(keys))
+}
