@@ -418,3 +418,83 @@ fn linear_random_and_from_files() {
         );
     }
 }
+
+/// FlexAttention in WGSL from the command line: a mask_mod with an aux buffer, a dense block
+/// mask with a score_mod, each checked against the f64 reference; bad masks and snippets exit 2.
+#[test]
+fn run_sparse_with_snippets_and_block_masks() {
+    use wgpu_attention::sparse::snippet::{EXAMPLES, SCORE_EXAMPLES};
+    let doc = tmp("doc.wgsl");
+    std::fs::write(&doc, EXAMPLES[1].1).unwrap();
+    let ids: Vec<u32> = (0..150u32).map(|i| i / 40).collect();
+    let ids_path = tmp("doc_ids.npy");
+    write_npy(&ids_path, &[150], &ids);
+    let softcap = tmp("softcap.wgsl");
+    std::fs::write(&softcap, SCORE_EXAMPLES[0].1).unwrap();
+    let blocks = tmp("blocks.npy");
+    let on: Vec<u8> = (0..3 * 5).map(|i| u8::from(i % 3 != 1)).collect();
+    write_npy(&blocks, &[1, 1, 3, 5], &on);
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    for args in [
+        vec![
+            "--shape",
+            "1,150,150,2,1,64",
+            "--mask-mod",
+            &s(&doc),
+            "--aux",
+            &s(&ids_path),
+            "--block-size",
+            "64,32",
+        ],
+        vec![
+            "--shape",
+            "1,150,150,2,2,64",
+            "--block-mask",
+            &s(&blocks),
+            "--block-size",
+            "64,32",
+            "--score-mod",
+            &s(&softcap),
+            "--causal",
+        ],
+    ] {
+        let out = cli()
+            .arg("run")
+            .args(&args)
+            .args(["--check", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j = json_of(&out);
+        assert_eq!(j["check"]["passed"], true, "{j}");
+        assert!(j["kernel"].as_str().unwrap().contains("sparse"), "{j}");
+    }
+    // a block mask of the wrong shape, a snippet naga refuses, a block size off the grid
+    let broken = tmp("broken.wgsl");
+    std::fs::write(
+        &broken,
+        "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    return q_idx <= ;\n}",
+    )
+    .unwrap();
+    for (args, says) in [
+        (
+            vec!["--block-mask", &s(&blocks), "--block-size", "32,32"],
+            "[1|1, 2|1, 5, 5]",
+        ),
+        (vec!["--mask-mod", &s(&broken)], "line 2"),
+        (vec!["--block-size", "24,16"], "multiple of 16"),
+    ] {
+        let out = cli()
+            .args(["run", "--shape", "1,150,150,2,2,64"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
