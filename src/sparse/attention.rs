@@ -227,7 +227,17 @@ impl CallLayout for SparseLayout {
                 } else {
                     &inside
                 };
-                flash::heuristic_tile(ctx, &key, from, s, true)
+                let t = flash::heuristic_tile(ctx, &key, from, s, true);
+                // the GPU heuristic falls back to the key's default tile when no candidate
+                // fits its register budget: take the largest tile that stays inside instead
+                match from.contains(&t) {
+                    true => t,
+                    false => from
+                        .iter()
+                        .copied()
+                        .max_by_key(|t| t.wg * t.rows)
+                        .unwrap_or(t),
+                }
             }
         };
         let mut key = crate::softmax::with_tile(key, tile);
