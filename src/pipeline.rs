@@ -208,10 +208,22 @@ impl GpuContext {
                 limit: wg_limit,
             });
         }
+        let bindings = kernel.bindings();
+        let storage = bindings
+            .iter()
+            .filter(|b| matches!(b.kind, BindingKind::Read(_) | BindingKind::ReadWrite(_)))
+            .count() as u64;
+        let storage_limit = self.limits.max_storage_buffers_per_shader_stage as u64;
+        if storage > storage_limit {
+            return Err(AttnError::Limit {
+                what: format!("storage buffers of {label}"),
+                needed: storage,
+                limit: storage_limit,
+            });
+        }
         let source = kernel.source();
         validate_wgsl(&label, &source, kernel.capabilities())?;
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
-            .bindings()
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
             .iter()
             .enumerate()
             .map(|(i, b)| layout_entry(i, b))

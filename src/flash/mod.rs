@@ -349,29 +349,31 @@ pub fn heuristic_tile(
     .unwrap_or(default)
 }
 
-/// How a family that runs on the flash call path (dense calls, and the neighborhood family,
-/// whose options map to [`FlashOptions`]) lays out its call: its extra checks, its LSE layout
-/// and its plan, with the bytes of its own uniform block (bound after the shared bindings;
-/// empty when it has none).
+/// How a family that runs on the flash call path (dense calls, the neighborhood and sparse
+/// families, whose options map to [`FlashOptions`]) lays out its call: its extra checks, its
+/// LSE layout and its plan, with the buffers of its own ([`FamilyData`]).
 pub(crate) trait CallLayout {
     /// Checks of the shape beyond the shared ones.
     fn check(&self, s: &AttnShape) -> Result<()>;
     /// LSE is `[B, L, Hq]` (NATTEN) rather than `[B, Hq, L]`.
     fn lse_heads_last(&self) -> bool;
-    /// The plan for `opts` (whose strategy may be a forced fallback), and the family's uniform
-    /// bytes.
+    /// The plan for `opts` (whose strategy may be a forced fallback), and the family's buffers.
     fn plan(
         &self,
         ctx: &GpuContext,
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, Vec<u8>)>;
-    /// The bytes of the family's read-only storage buffers for this plan, bound in order after
-    /// its uniform block (the sparse family's block lists and aux buffers); none by default.
-    fn storage(&self, _ctx: &GpuContext, _plan: &FlashPlan) -> Result<Vec<Vec<u8>>> {
-        Ok(Vec::new())
-    }
+    ) -> Result<(FlashPlan, FamilyData)>;
+}
+
+/// A family's own buffers for one planned call, bound after the shared bindings in the
+/// order its geometry declares them: the bytes of its uniform block (empty: none) and of its
+/// read-only storage buffers (the sparse block tables and aux buffers).
+#[derive(Default)]
+pub(crate) struct FamilyData {
+    pub uniform: Vec<u8>,
+    pub storage: Vec<Vec<u8>>,
 }
 
 /// Dense calls: no extra checks, LSE `[B, Hq, Lq]`, [`plan`], no uniform of their own.
@@ -390,8 +392,8 @@ impl CallLayout for Dense {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, Vec<u8>)> {
-        Ok((plan(ctx, s, dtype, opts)?, Vec::new()))
+    ) -> Result<(FlashPlan, FamilyData)> {
+        Ok((plan(ctx, s, dtype, opts)?, FamilyData::default()))
     }
 }
 
@@ -669,20 +671,20 @@ fn plan_call(
     c: &Checked,
     call: &Call,
     layout: &dyn CallLayout,
-) -> Result<(FlashPlan, Vec<u8>, Option<[u64; 3]>)> {
+) -> Result<(FlashPlan, FamilyData, Option<[u64; 3]>)> {
     let dtype = call.q.dtype();
-    let (plan, uniform) = layout.plan(ctx, &c.s, dtype, call.opts)?;
+    let (plan, family) = layout.plan(ctx, &c.s, dtype, call.opts)?;
     if plan.key.strategy != Strategy::Sweep {
-        return Ok((plan, uniform, None));
+        return Ok((plan, family, None));
     }
     let counts = [call.q, call.k, call.v].map(|t| texture_texels(ctx, t));
     match counts.iter().find_map(|c| c.as_ref().err()).cloned() {
-        None => Ok((plan, uniform, Some(counts.map(|c| c.unwrap_or(0))))),
+        None => Ok((plan, family, Some(counts.map(|c| c.unwrap_or(0))))),
         Some(_) if call.opts.strategy == StrategyChoice::Auto => {
             let mut o = call.opts.clone();
             o.strategy = StrategyChoice::Force(Strategy::Subgroup);
-            let (plan, uniform) = layout.plan(ctx, &c.s, dtype, &o)?;
-            Ok((plan, uniform, None))
+            let (plan, family) = layout.plan(ctx, &c.s, dtype, &o)?;
+            Ok((plan, family, None))
         }
         Some(why) => Err(AttnError::invalid(
             "strategy Sweep",
@@ -740,8 +742,15 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
     // 1. checks
     let c = check_call(ctx, call, layout)?;
     // 2. plan
-    let (plan, family_uniform, texels) = plan_call(ctx, &c, call, layout)?;
-    let family_storage = layout.storage(ctx, &plan)?;
+    let (plan, family, texels) = plan_call(ctx, &c, call, layout)?;
+    let limit = ctx.limits.max_storage_buffer_binding_size;
+    if let Some(b) = family.storage.iter().find(|b| b.len() as u64 > limit) {
+        return Err(AttnError::Limit {
+            what: format!("bytes of a storage buffer of {}", plan.key.label()),
+            needed: b.len() as u64,
+            limit,
+        });
+    }
     // 3. params: each tensor binds the sub-range its view spans
     let ranges =
         [(q, "q"), (k, "k"), (v, "v"), (out, "out")].map(|(t, what)| BoundRange::new(ctx, t, what));
@@ -819,14 +828,15 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
         });
         let dummy = BoundRange::whole(&ctx.dummy);
         let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
-        let family_buf = (!family_uniform.is_empty()).then(|| {
+        let family_buf = (!family.uniform.is_empty()).then(|| {
             init(
                 "family params",
-                &family_uniform,
+                &family.uniform,
                 wgpu::BufferUsages::UNIFORM,
             )
         });
-        let storage_bufs: Vec<wgpu::Buffer> = family_storage
+        let storage_bufs: Vec<wgpu::Buffer> = family
+            .storage
             .iter()
             .map(|bytes| init("family storage", bytes, wgpu::BufferUsages::STORAGE))
             .collect();

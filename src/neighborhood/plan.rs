@@ -4,7 +4,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::flash::{AttnShape, CallLayout, FlashOptions, FlashPlan, StrategyChoice};
+use crate::flash::{AttnShape, CallLayout, FamilyData, FlashOptions, FlashPlan, StrategyChoice};
 use crate::pipeline::Kernel;
 use crate::softmax::shader::{FlashKey, Strategy};
 use crate::softmax::{kernel_key, subgroup_ranges, HEAD_DIM_BUCKETS};
@@ -340,9 +340,13 @@ impl CallLayout for NaLayout<'_> {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, Vec<u8>)> {
+    ) -> Result<(FlashPlan, FamilyData)> {
         let p = plan(ctx, s, dtype, opts, self.0)?;
-        Ok((p.flash, bytemuck::bytes_of(&p.params()).to_vec()))
+        let family = FamilyData {
+            uniform: bytemuck::bytes_of(&p.params()).to_vec(),
+            storage: Vec::new(),
+        };
+        Ok((p.flash, family))
     }
 }
 

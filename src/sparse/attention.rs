@@ -17,12 +17,13 @@ use crate::error::{AttnError, Result};
 use crate::flash::reference::{
     attention_reference_hooked, raw_score, RefHooks, RefInputs, RefOutput,
 };
-use crate::flash::{self, AttentionOutput, AttnShape, CallLayout, FlashOptions, FlashPlan};
-use crate::pipeline::BindingKind;
+use crate::flash::{
+    self, AttentionOutput, AttnShape, CallLayout, FamilyData, FlashOptions, FlashPlan,
+};
 use crate::softmax::shader::{Geo, Strategy};
 use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
 use crate::sparse::snippet::{
-    check_aux, create_block_mask, eval_snippet, Aux, Snippet, SnippetKind,
+    check_aux, create_block_mask, eval_snippet, u, Aux, Snippet, SnippetKind,
 };
 use crate::sparse::{BlockLayout, BlockMask};
 use crate::tensor::{DType, Tensor};
@@ -78,28 +79,23 @@ pub fn resolve_block_mask(
         ));
     }
     let (bq, bk) = opts.block_size.unwrap_or((DEFAULT_BLOCK, DEFAULT_BLOCK));
+    // made from the mask_mod per (batch, head); all full broadcasts
+    let (batch, heads) = match opts.mask_mod {
+        Some(_) => (s.batch, s.hq),
+        None => (1, 1),
+    };
+    let layout = BlockLayout {
+        batch,
+        heads,
+        lq: s.lq,
+        lk: s.lk,
+        q_block: bq,
+        kv_block: bk,
+    };
     let mask = match (&opts.block_mask, &opts.mask_mod) {
         (Some(m), _) => m.clone(),
-        (None, Some(mm)) => {
-            let layout = BlockLayout {
-                batch: s.batch,
-                heads: s.hq,
-                lq: s.lq,
-                lk: s.lk,
-                q_block: bq,
-                kv_block: bk,
-            };
-            Arc::new(create_block_mask(ctx, mm, &opts.aux, layout)?)
-        }
+        (None, Some(mm)) => Arc::new(create_block_mask(ctx, mm, &opts.aux, layout)?),
         (None, None) => {
-            let layout = BlockLayout {
-                batch: 1,
-                heads: 1,
-                lq: s.lq,
-                lk: s.lk,
-                q_block: bq,
-                kv_block: bk,
-            };
             let (nq, nk) = layout.blocks();
             Arc::new(BlockMask::from_dense(&vec![true; nq * nk], layout)?)
         }
@@ -111,8 +107,7 @@ pub fn resolve_block_mask(
 /// The block mask fits the problem: its lengths, batch and heads (or 1), block sizes, lists.
 fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
     let l = &m.layout;
-    crate::sparse::check_block_size("query block size", l.q_block)?;
-    crate::sparse::check_block_size("key block size", l.kv_block)?;
+    l.check()?;
     let ok = l.lq == s.lq
         && l.lk == s.lk
         && (l.batch == 1 || l.batch == s.batch)
@@ -156,8 +151,6 @@ struct SparseLayout {
     mask: Arc<BlockMask>,
     geo: Geo,
     aux: Vec<Aux>,
-    /// The block tables of the last plan (lists, then states), for [`CallLayout::storage`].
-    tab: std::sync::Mutex<Vec<u32>>,
 }
 
 /// The largest power of two (at most `cap`) that divides `n`.
@@ -193,7 +186,7 @@ impl CallLayout for SparseLayout {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, Vec<u8>)> {
+    ) -> Result<(FlashPlan, FamilyData)> {
         // base_key refuses a forced Sweep (neighborhood calls only)
         let mut key = flash::base_key(ctx, s, dtype, opts)?;
         if key.strategy == Strategy::Subgroup && key.wg > 64 {
@@ -262,9 +255,9 @@ impl CallLayout for SparseLayout {
             grid: crate::softmax::grid(ctx, x, s)?,
         };
         let tiles = s.lq.div_ceil(g as usize);
-        let u = |x: usize, what: &str| {
-            u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
-        };
+        let (mut tab, states) = block_tables(&self.mask, g as usize);
+        // a size-1 axis broadcasts: stride 0
+        let stride = |n: usize, x: usize, what: &str| if n == 1 { Ok(0) } else { u(x, what) };
         let params = SparseParams {
             q_block: bq,
             kv_block: bk,
@@ -272,78 +265,21 @@ impl CallLayout for SparseLayout {
             nk: u(nk, "key blocks")?,
             tile_rows: g,
             tiles: u(tiles, "row tiles")?,
-            list_b: if l.batch == 1 {
-                0
-            } else {
-                u(l.heads * tiles, "list stride")?
-            },
-            list_h: if l.heads == 1 {
-                0
-            } else {
-                u(tiles, "list stride")?
-            },
-            state_b: if l.batch == 1 {
-                0
-            } else {
-                u(l.heads * nq * nk, "block table stride")?
-            },
-            state_h: if l.heads == 1 {
-                0
-            } else {
-                u(nq * nk, "block table stride")?
-            },
-            state_base: 0,
+            list_b: stride(l.batch, l.heads * tiles, "list stride")?,
+            list_h: stride(l.heads, tiles, "list stride")?,
+            state_b: stride(l.batch, l.heads * nq * nk, "block table stride")?,
+            state_h: stride(l.heads, nq * nk, "block table stride")?,
+            state_base: u(tab.len(), "block list words")?,
             pad: 0,
         };
-        let (mut tab, states) = block_tables(&self.mask, g as usize);
-        let params = SparseParams {
-            state_base: u(tab.len(), "block list words")?,
-            ..params
-        };
         tab.extend(states);
-        *self.tab.lock().unwrap_or_else(|e| e.into_inner()) = tab;
-        // every storage buffer the kernel declares must fit the stage's limit
-        let storage = key
-            .bindings()
-            .iter()
-            .filter(|b| matches!(b.kind, BindingKind::Read(_) | BindingKind::ReadWrite(_)))
-            .count() as u64;
-        let limit = ctx.limits.max_storage_buffers_per_shader_stage as u64;
-        if storage > limit {
-            return Err(AttnError::Limit {
-                what: format!(
-                    "storage buffers of a sparse kernel ({} aux buffers{})",
-                    self.aux.len(),
-                    if key.mods {
-                        ", softcap/ALiBi/bias inputs"
-                    } else {
-                        ""
-                    }
-                ),
-                needed: storage,
-                limit,
-            });
-        }
-        Ok((plan, bytemuck::bytes_of(&params).to_vec()))
-    }
-    fn storage(&self, ctx: &GpuContext, _plan: &FlashPlan) -> Result<Vec<Vec<u8>>> {
-        let tab = std::mem::take(&mut *self.tab.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut out = vec![bytemuck::cast_slice(&tab).to_vec()];
-        out.extend(self.aux.iter().map(|a| a.bytes().to_vec()));
-        let limit = ctx.limits.max_storage_buffer_binding_size;
-        for (i, b) in out.iter().enumerate() {
-            if b.len() as u64 > limit {
-                return Err(AttnError::Limit {
-                    what: match i {
-                        0 => "sparse attention: block table bytes".into(),
-                        i => format!("sparse attention: aux{} bytes", i - 1),
-                    },
-                    needed: b.len() as u64,
-                    limit,
-                });
-            }
-        }
-        Ok(out)
+        let mut storage = vec![bytemuck::cast_slice(&tab).to_vec()];
+        storage.extend(self.aux.iter().map(|a| a.bytes().to_vec()));
+        let family = FamilyData {
+            uniform: bytemuck::bytes_of(&params).to_vec(),
+            storage,
+        };
+        Ok((plan, family))
     }
 }
 
@@ -441,7 +377,6 @@ fn encode_with_mask(
         mask,
         geo: geometry(opts.mask_mod.as_ref(), opts.score_mod.as_ref(), &aux_types),
         aux: opts.aux.clone(),
-        tab: Default::default(),
     };
     let call = flash::Call {
         q,
@@ -593,24 +528,16 @@ pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
             );
         }
     });
-    let aux = |types: &[&'static str]| -> Vec<&'static str> { types.to_vec() };
     let snippets = EXAMPLES
         .iter()
-        .map(|(_, src, t)| (SnippetKind::MaskMod, *src, aux(t)))
+        .map(|(_, src, t)| (SnippetKind::MaskMod, *src, t.to_vec()))
         .chain(
             SCORE_EXAMPLES
                 .iter()
-                .map(|(_, src, t)| (SnippetKind::ScoreMod, *src, aux(t))),
+                .map(|(_, src, t)| (SnippetKind::ScoreMod, *src, t.to_vec())),
         );
     for (kind, src, types) in snippets {
-        let values: Vec<Aux> = types
-            .iter()
-            .map(|t| match *t {
-                "f32" => Aux::F32(vec![0.0]),
-                "i32" => Aux::I32(vec![0]),
-                _ => Aux::U32(vec![0]),
-            })
-            .collect();
+        let values: Vec<Aux> = types.iter().map(|t| Aux::placeholder(t)).collect();
         let Ok(sn) = Snippet::new(kind, src, &values) else {
             continue; // the snippet tests report a broken example
         };

@@ -331,7 +331,7 @@ impl BlockLayout {
         )
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         check_block_size("query block size", self.q_block)?;
         check_block_size("key block size", self.kv_block)?;
         if self.lq == 0 || self.lk == 0 || self.batch == 0 || self.heads == 0 {

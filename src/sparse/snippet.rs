@@ -75,6 +75,15 @@ impl Aux {
             Aux::U32(_) => "u32",
         }
     }
+    /// A one-element stand-in of WGSL element type `ty` (`f32`, `i32`, else `u32`): what
+    /// the naga enumeration checks an example snippet with.
+    pub fn placeholder(ty: &str) -> Aux {
+        match ty {
+            "f32" => Aux::F32(vec![0.0]),
+            "i32" => Aux::I32(vec![0]),
+            _ => Aux::U32(vec![0]),
+        }
+    }
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Aux::F32(x) => bytemuck::cast_slice(x),
@@ -527,7 +536,7 @@ impl Kernel for SnippetEvalKey {
 }
 
 /// A size as a uniform's u32, or a typed error.
-fn u(x: usize, what: &str) -> Result<u32> {
+pub(crate) fn u(x: usize, what: &str) -> Result<u32> {
     u32::try_from(x).map_err(|_| AttnError::invalid(what, "at most u32::MAX", x))
 }
 
@@ -681,16 +690,7 @@ pub fn eval_snippet(
 /// Every pipeline key the sparse family can build, for naga in `cargo test`: the block
 /// counter and the evaluator of the shipped example snippets.
 pub fn example_kernels() -> Vec<Box<dyn Kernel>> {
-    let aux = |types: &[&str]| -> Vec<Aux> {
-        types
-            .iter()
-            .map(|t| match *t {
-                "f32" => Aux::F32(vec![0.0]),
-                "i32" => Aux::I32(vec![0]),
-                _ => Aux::U32(vec![0]),
-            })
-            .collect()
-    };
+    let aux = |types: &[&str]| -> Vec<Aux> { types.iter().map(|t| Aux::placeholder(t)).collect() };
     let mut out: Vec<Box<dyn Kernel>> = Vec::new();
     for (_, src, types) in EXAMPLES {
         if let Ok(snippet) = Snippet::new(SnippetKind::MaskMod, src, &aux(types)) {
