@@ -172,6 +172,10 @@ struct RunArgs {
     /// or uint32 of any shape, flattened).
     #[arg(long)]
     aux: Vec<PathBuf>,
+    /// Sparse: softmax, or sigmoid[:BIAS] (sigmoid attention: each weight sigmoid(s + BIAS),
+    /// no row sum, no LSE; BIAS defaults to -ln(LK)).
+    #[arg(long)]
+    normalizer: Option<String>,
     /// Kernel strategy.
     #[arg(long, value_enum, default_value = "auto")]
     strategy: StrategyArg,
@@ -622,6 +626,7 @@ fn run(a: &RunArgs) -> CliResult<()> {
         mask_mod: a.mask_mod.as_deref(),
         score_mod: a.score_mod.as_deref(),
         aux: &a.aux,
+        normalizer: a.normalizer.as_deref(),
     };
     // a sparse call: its block mask made once, before the timed runs
     let sparse = if sparse_args.any() {
@@ -632,7 +637,11 @@ fn run(a: &RunArgs) -> CliResult<()> {
         None
     };
     let out = Tensor::filled(&ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), f32::NAN)?;
-    let want_lse = a.lse.is_some() || a.check;
+    // sigmoid attention has no LSE: --check compares O alone (--lse is refused)
+    let sigmoid = sparse
+        .as_ref()
+        .is_some_and(|sp| sp.normalizer != sparse::attention::Normalizer::Softmax);
+    let want_lse = a.lse.is_some() || (a.check && !sigmoid);
     let lse = if want_lse {
         Some(Tensor::filled(
             &ctx,

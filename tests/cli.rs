@@ -457,6 +457,13 @@ fn run_sparse_with_snippets_and_block_masks() {
             &s(&softcap),
             "--causal",
         ],
+        vec![
+            "--shape",
+            "1,150,150,2,1,64",
+            "--normalizer",
+            "sigmoid:-3",
+            "--causal",
+        ],
     ] {
         let out = cli()
             .arg("run")
@@ -487,6 +494,11 @@ fn run_sparse_with_snippets_and_block_masks() {
         ),
         (vec!["--mask-mod", &s(&broken)], "line 2"),
         (vec!["--block-size", "24,16"], "multiple of 16"),
+        (vec!["--normalizer", "sigmoid:x"], "sigmoid:BIAS"),
+        (
+            vec!["--normalizer", "sigmoid", "--lse", "/tmp/x.npy"],
+            "no LSE",
+        ),
     ] {
         let out = cli()
             .args(["run", "--shape", "1,150,150,2,2,64"])

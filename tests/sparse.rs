@@ -313,7 +313,7 @@ fn evaluator_score_mods_match_f64() {
 // ---- sparse attention: the kernels against the f64 reference ----
 
 use std::sync::Arc;
-use wgpu_attention::sparse::attention::{sparse_attention, SparseOptions};
+use wgpu_attention::sparse::attention::{sparse_attention, Normalizer, SparseOptions};
 use wgpu_attention::{flash_attention, AttnError, DType, FlashOptions, StrategyChoice, Tensor};
 
 /// A random dense block mask of `density` over `l` (seeded), as FlexAttention's
@@ -472,6 +472,49 @@ fn score_mod_snippets_through_the_kernel() {
     }
 }
 
+/// Sigmoid attention (FlashSigmoid): each visible key's weight is `sigmoid(s + bias)`, no row
+/// sum. With the default bias `-ln(Lk)` and a given one, a block mask under causal + window +
+/// sinks + lengths + GQA on every strategy; a score_mod and f16 on the planned strategy.
+#[test]
+fn sigmoid_normalizer() {
+    let (bq, bk) = BLOCKS[1];
+    for st in strategies() {
+        for bias in [None, Some(1.5)] {
+            let case = Case::new(2, 100, 160, 4, 2, 64, 64).strategy(st).with(|o| {
+                o.causal = true;
+                o.window = (Some(70), None);
+                o.sinks = 2;
+                o.kv_lens = Some(vec![160, 97]);
+            });
+            let mask = random_blocks(layout(1, 4, 100, 160, bq, bk), 0.6, fresh_seed());
+            let sp = SparseOptions {
+                normalizer: Normalizer::Sigmoid { bias },
+                ..sparse_with(mask)
+            };
+            assert_sparse(&case, &sp, &format!("sigmoid bias {bias:?} {st:?}"));
+        }
+    }
+    let sp = SparseOptions {
+        normalizer: Normalizer::Sigmoid { bias: None },
+        score_mod: Some(Snippet::new(SnippetKind::ScoreMod, SCORE_EXAMPLES[0].1, &[]).unwrap()),
+        block_size: Some(BLOCKS[1]),
+        ..Default::default()
+    };
+    let case = Case::new(1, 113, 90, 2, 1, 64, 64);
+    assert_sparse(&case, &sp, "sigmoid with a score_mod");
+    let mut f16 = Case::new(1, 113, 200, 2, 2, 64, 64).with(|o| o.causal = true);
+    f16.dtype = DType::F16;
+    if ctx().caps.f16 {
+        let sp = SparseOptions {
+            normalizer: Normalizer::Sigmoid { bias: None },
+            ..Default::default()
+        };
+        assert_sparse(&f16, &sp, "sigmoid f16");
+    } else {
+        eprintln!("sigmoid f16 skipped: this adapter has no SHADER_F16");
+    }
+}
+
 /// Max |a - b| over two outputs, and the largest |a|.
 fn max_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
     let (a, b) = (a.to_vec_f32(ctx()).unwrap(), b.to_vec_f32(ctx()).unwrap());
@@ -600,12 +643,17 @@ fn random_sparse_cases() {
                 sp.block_size = Some(BLOCKS[1]);
             }
         }
+        if r.random_bool(0.25) {
+            let bias = r.random_bool(0.5).then(|| r.random_range(-4.0..2.0));
+            sp.normalizer = Normalizer::Sigmoid { bias };
+        }
         let c = run_sparse(&case, seed, &sp);
         assert!(c.passed, "{case:?} blocks {bq}x{bk}: {c:?}");
         format!(
-            "{case:?} blocks {bq}x{bk} mask_mod {} score_mod {}: max rel {:.1e}",
+            "{case:?} blocks {bq}x{bk} mask_mod {} score_mod {} {:?}: max rel {:.1e}",
             sp.mask_mod.is_some(),
             sp.score_mod.is_some(),
+            sp.normalizer,
             c.max_rel
         )
     });
@@ -638,4 +686,20 @@ fn bad_sparse_calls_are_refused() {
     };
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("multiple of 16"), "{e}");
+    // sigmoid attention has no LSE; its bias must be finite
+    let mut sp = SparseOptions {
+        normalizer: Normalizer::Sigmoid { bias: None },
+        ..Default::default()
+    };
+    sp.flash.return_lse = true;
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(e.to_string().contains("sigmoid"), "{e}");
+    let sp = SparseOptions {
+        normalizer: Normalizer::Sigmoid {
+            bias: Some(f32::NAN),
+        },
+        ..Default::default()
+    };
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(e.to_string().contains("finite"), "{e}");
 }

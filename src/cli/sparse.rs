@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use wgpu_attention::sparse::attention::SparseOptions;
+use wgpu_attention::sparse::attention::{Normalizer, SparseOptions};
 use wgpu_attention::sparse::snippet::{Snippet, SnippetKind};
 use wgpu_attention::sparse::{BlockLayout, BlockMask};
 use wgpu_attention::{AttnShape, FlashOptions};
@@ -20,6 +20,7 @@ pub struct SparseArgs<'a> {
     pub mask_mod: Option<&'a Path>,
     pub score_mod: Option<&'a Path>,
     pub aux: &'a [PathBuf],
+    pub normalizer: Option<&'a str>,
 }
 
 impl SparseArgs<'_> {
@@ -30,6 +31,25 @@ impl SparseArgs<'_> {
             || self.mask_mod.is_some()
             || self.score_mod.is_some()
             || !self.aux.is_empty()
+            || self.normalizer.is_some()
+    }
+}
+
+/// `softmax`, `sigmoid` or `sigmoid:BIAS`.
+fn parse_normalizer(s: &str) -> Result<Normalizer> {
+    let bad = || {
+        Failure::Input(format!(
+            "--normalizer: expected softmax, sigmoid or sigmoid:BIAS (a finite number), got {s:?}"
+        ))
+    };
+    match s.trim().split_once(':') {
+        None if s.trim() == "softmax" => Ok(Normalizer::Softmax),
+        None if s.trim() == "sigmoid" => Ok(Normalizer::Sigmoid { bias: None }),
+        Some(("sigmoid", b)) => match b.trim().parse::<f32>() {
+            Ok(x) if x.is_finite() => Ok(Normalizer::Sigmoid { bias: Some(x) }),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
     }
 }
 
@@ -63,6 +83,11 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
         .map(|p| npy::read_aux(p))
         .collect::<Result<Vec<_>>>()?;
     let block_size = a.block_size.map(parse_block_size).transpose()?;
+    let normalizer = a
+        .normalizer
+        .map(parse_normalizer)
+        .transpose()?
+        .unwrap_or_default();
     let mask_mod = a
         .mask_mod
         .map(|p| read_snippet(p, SnippetKind::MaskMod, &aux))
@@ -108,5 +133,6 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
         score_mod,
         aux,
         block_size,
+        normalizer,
     })
 }

@@ -128,16 +128,20 @@ pub fn attention_reference_masked(
     let hooks = RefHooks {
         mask: &|b, _, i, j| mask(b, i, j),
         score: &|_, _, _, _, x| x,
+        sigmoid_bias: None,
     };
     attention_reference_hooked(inp, opts, &hooks, round_p)
 }
 
 /// What another family changes in the reference: the mask `mask(batch, head, query, key)` in
 /// place of [`visible`], and `score(batch, head, query, key, s)` run on each visible score
-/// after the built-in modifications (the sparse family's `score_mod`).
+/// after the built-in modifications (the sparse family's `score_mod`); with `sigmoid_bias`
+/// the weights are `sigmoid(s + bias)`, not a softmax (the sparse family's sigmoid normalizer:
+/// no row sum, LSE left at -inf).
 pub struct RefHooks<'a> {
     pub mask: &'a dyn Fn(usize, usize, usize, usize) -> bool,
     pub score: &'a dyn Fn(usize, usize, usize, usize, f64) -> f64,
+    pub sigmoid_bias: Option<f64>,
 }
 
 /// The score of query `i` and key `j` of batch `b`, query head `h`: `scale * q . k`, then
@@ -212,9 +216,22 @@ pub fn attention_reference_hooked(
                 if max == f64::NEG_INFINITY {
                     continue; // no visible key: O = 0, LSE = -inf
                 }
+                let orow = &mut out[((b * s.lq + i) * s.hq + h) * s.dv..][..s.dv];
+                if let Some(bias) = hooks.sigmoid_bias {
+                    for (j, &x) in scores.iter().enumerate() {
+                        if x == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let p = round_p(1.0 / (1.0 + (-(x + bias)).exp()));
+                        let vrow = &inp.v[((b * s.lk + j) * s.hkv + hk) * s.dv..][..s.dv];
+                        for (o, &vv) in orow.iter_mut().zip(vrow) {
+                            *o += p * vv as f64;
+                        }
+                    }
+                    continue;
+                }
                 let sum: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
                 lse[(b * s.hq + h) * s.lq + i] = max + sum.ln();
-                let orow = &mut out[((b * s.lq + i) * s.hq + h) * s.dv..][..s.dv];
                 for (j, &x) in scores.iter().enumerate() {
                     if x == f64::NEG_INFINITY {
                         continue;

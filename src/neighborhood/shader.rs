@@ -293,7 +293,7 @@ fn sweep_kernel(w: &mut Wgsl, key: &FlashKey) {
             "let row = na_token(gc, vec3<u32>(u32({x}), lane_yz));"
         ));
         let state = |v: &str| format!("{pre}{v}{r}");
-        store_row(w, dv4, &state("m"), &state("l"), &state("acc"));
+        store_row(w, dv4, &state("m"), &state("l"), &state("acc"), false);
         w.close();
     };
     // One plane (x = xs): its union box in blocks of one key per lane, shuffled round.

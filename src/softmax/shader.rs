@@ -80,6 +80,12 @@ pub trait Geometry: Sync + Send + 'static {
     fn open_passes(&self, w: &mut Wgsl, key: &FlashKey);
     /// Subgroup strategies: defines `kj`, the K/V row of key `kb + lane`.
     fn lane_key(&self, w: &mut Wgsl);
+    /// Sigmoid attention (FlashSigmoid): the WGSL expression of the bias `b` in log2 units;
+    /// weights are `sigmoid(s + b)` each, not normalized over the row. `None` (the default):
+    /// softmax.
+    fn sigmoid_bias(&self) -> Option<&'static str> {
+        None
+    }
     /// Tiled strategy: a WGSL condition, false when none of this invocation's rows can see a
     /// key of the tile `[kb, kb + block)`, so it skips the tile's arithmetic (the tile is still
     /// loaded: the workgroup shares it). `None`: every invocation computes every tile.
@@ -407,11 +413,19 @@ pub(crate) fn loaders(w: &mut Wgsl, t: &str, textured: bool) {
 
 /// Writes one query row's O and LSE from its online-softmax state (`m`, `l`, `acc`); `row` is
 /// in scope. Rows with no visible key give O = 0 and LSE = -inf.
-pub(crate) fn store_row(w: &mut Wgsl, dv4: u32, m: &str, l: &str, acc: &str) {
-    w.line(&format!("let inv = select(0.0, 1.0 / {l}, {l} > 0.0);"));
+/// Sigmoid attention (`sigmoid`) writes `acc` as it is and no LSE (the host refuses to ask).
+pub(crate) fn store_row(w: &mut Wgsl, dv4: u32, m: &str, l: &str, acc: &str, sigmoid: bool) {
+    if sigmoid {
+        w.line("let inv = 1.0;");
+    } else {
+        w.line(&format!("let inv = select(0.0, 1.0 / {l}, {l} > 0.0);"));
+    }
     w.line("let ob = p.o.x + b * p.o.y + row * p.o.z + h * p.o.w;");
     for i in 0..dv4 {
         w.line(&format!("st_o(ob, {}u, {acc}[{i}] * inv);", i * 4));
+    }
+    if sigmoid {
+        return;
     }
     w.open("if (has(F_LSE)) {");
     w.line(&format!(
@@ -568,6 +582,7 @@ pub fn generate(key: &FlashKey) -> String {
             &format!("m{r}"),
             &format!("l{r}"),
             &format!("acc{r}"),
+            geo.sigmoid_bias().is_some(),
         );
         w.close();
     }
@@ -606,6 +621,15 @@ pub(crate) fn group_body(
         for u in 0..u_n {
             w.line(&format!("s{r}_{u} = {};", score(r, u)));
         }
+        if let Some(bias) = key.geometry.0.sigmoid_bias() {
+            // sigmoid attention: each weight on its own, no running max, no row sum
+            for u in 0..u_n {
+                w.line(&format!(
+                    "let p{r}_{u} = select(0.0, 1.0 / (1.0 + exp2(-(s{r}_{u} + {bias}))), s{r}_{u} > MASKED);"
+                ));
+            }
+            continue;
+        }
         let maxes = (0..u_n).fold(format!("{pre}m{r}"), |acc, u| {
             format!("max({acc}, s{r}_{u})")
         });
@@ -623,9 +647,12 @@ pub(crate) fn group_body(
         w.line(&format!("{pre}l{r} = {pre}l{r} * c{r} + {sum};"));
         w.line(&format!("{pre}m{r} = mx{r};"));
     }
+    let softmax = key.geometry.0.sigmoid_bias().is_none();
     for i in 0..key.dv4 {
         for r in 0..r_n {
-            w.line(&format!("{pre}acc{r}[{i}] *= c{r};"));
+            if softmax {
+                w.line(&format!("{pre}acc{r}[{i}] *= c{r};"));
+            }
         }
         for u in 0..u_n {
             let e = fetch("vr", u, i);

@@ -47,6 +47,32 @@ pub struct SparseOptions {
     pub aux: Vec<Aux>,
     /// Query and key block sizes when the block mask is made here; `None` is 128 x 128.
     pub block_size: Option<(usize, usize)>,
+    /// How a row's scores become weights: softmax (the default) or sigmoid.
+    pub normalizer: Normalizer,
+}
+
+/// How a row's scores become the weights of its values.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Normalizer {
+    /// `softmax(s)` over the row's visible keys.
+    #[default]
+    Softmax,
+    /// Sigmoid attention (FlashSigmoid, "Theory, Analysis, and Best Practices for Sigmoid
+    /// Self-Attention"): weight `sigmoid(s + bias)` for each visible key on its own, no row
+    /// normalization, so a row has no LSE (refused). `bias: None` is `-ln(Lk)`.
+    Sigmoid { bias: Option<f32> },
+}
+
+impl Normalizer {
+    /// The sigmoid bias in natural units for keys of length `lk`; `None` for softmax.
+    pub fn sigmoid_bias(&self, lk: usize) -> Option<f64> {
+        match *self {
+            Normalizer::Softmax => None,
+            Normalizer::Sigmoid { bias } => {
+                Some(bias.map_or_else(|| -(lk.max(1) as f64).ln(), f64::from))
+            }
+        }
+    }
 }
 
 /// The block mask a call runs with: the caller's, or one made from its `mask_mod`, or every
@@ -70,6 +96,20 @@ pub fn resolve_block_mask(
                 sn.kind.name(),
             ));
         }
+    }
+    if opts.normalizer != Normalizer::Softmax && opts.flash.return_lse {
+        return Err(AttnError::invalid(
+            "return_lse",
+            "no LSE with the sigmoid normalizer (its weights have no row sum)",
+            "return_lse = true",
+        ));
+    }
+    if let Some(b) = opts
+        .normalizer
+        .sigmoid_bias(s.lk)
+        .filter(|b| !b.is_finite())
+    {
+        return Err(AttnError::invalid("sigmoid bias", "a finite number", b));
     }
     if opts.mask_mod.is_none() && opts.score_mod.is_none() && !opts.aux.is_empty() {
         return Err(AttnError::invalid(
@@ -151,6 +191,8 @@ struct SparseLayout {
     mask: Arc<BlockMask>,
     geo: Geo,
     aux: Vec<Aux>,
+    /// Sigmoid attention's bias in log2 units (0 for softmax).
+    sig_bias: f32,
 }
 
 /// The largest power of two (at most `cap`) that divides `n`.
@@ -270,7 +312,7 @@ impl CallLayout for SparseLayout {
             state_b: stride(l.batch, l.heads * nq * nk, "block table stride")?,
             state_h: stride(l.heads, nq * nk, "block table stride")?,
             state_base: u(tab.len(), "block list words")?,
-            pad: 0,
+            sig_bias: self.sig_bias,
         };
         tab.extend(states);
         let mut storage = vec![bytemuck::cast_slice(&tab).to_vec()];
@@ -372,11 +414,25 @@ fn encode_with_mask(
     mask: Arc<BlockMask>,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
+    if lse.is_some() && opts.normalizer != Normalizer::Softmax {
+        return Err(AttnError::invalid(
+            "lse",
+            "no LSE output with the sigmoid normalizer (its weights have no row sum)",
+            "an LSE tensor",
+        ));
+    }
     let aux_types: Vec<&'static str> = opts.aux.iter().map(Aux::wgsl).collect();
+    let sig_bias = opts.normalizer.sigmoid_bias(mask.layout.lk);
     let layout = SparseLayout {
         mask,
-        geo: geometry(opts.mask_mod.as_ref(), opts.score_mod.as_ref(), &aux_types),
+        geo: geometry(
+            opts.mask_mod.as_ref(),
+            opts.score_mod.as_ref(),
+            &aux_types,
+            sig_bias.is_some(),
+        ),
         aux: opts.aux.clone(),
+        sig_bias: sig_bias.map_or(0.0, |b| (b * std::f64::consts::LOG2_E) as f32),
     };
     let call = flash::Call {
         q,
@@ -491,6 +547,7 @@ pub fn sparse_reference(
     let hooks = RefHooks {
         mask: &mask_fn,
         score: &score_fn,
+        sigmoid_bias: opts.normalizer.sigmoid_bias(s.lk),
     };
     attention_reference_hooked(inp, fo, &hooks, round_p)
 }
@@ -502,31 +559,36 @@ pub fn sparse_reference(
 pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
     use crate::softmax::{kernel_key, with_tile};
     use crate::sparse::snippet::{EXAMPLES, SCORE_EXAMPLES};
-    let plain = geometry(None, None, &[]);
+    let plain = geometry(None, None, &[], false);
+    let sigmoid = geometry(None, None, &[], true);
     let mut keys = Vec::new();
-    let push_tiles = |keys: &mut Vec<_>, key: crate::softmax::shader::FlashKey| {
-        if key.strategy == Strategy::Subgroup && key.wg > 64 {
+    // the key, and its twin with a key tile of 16 (a key block of 16, 48, 80, .. shrinks the
+    // Tiled key tile to 16)
+    let with_k16 = |keys: &mut Vec<_>, k: crate::softmax::shader::FlashKey| {
+        if k.strategy == Strategy::Subgroup && k.wg > 64 {
             return; // never planned (see SparseLayout::plan)
         }
-        for t in sparse_tiles(&key) {
-            let k = with_tile(key, t);
-            keys.push(k);
-            if k.strategy == Strategy::Tiled && k.block > 16 {
-                // a key block of 16 (or 48, 80, ..) shrinks the key tile to 16
-                let mut k16 = k;
-                k16.block = 16;
-                k16.group = k16.group.min(16);
-                keys.push(k16);
-            }
+        keys.push(k);
+        if k.strategy == Strategy::Tiled && k.block > 16 {
+            let mut k16 = k;
+            k16.block = 16;
+            k16.group = k16.group.min(16);
+            keys.push(k16);
         }
     };
     crate::softmax::for_each_shared_shape(|strategy, dtype, d, dv, sg| {
         for mods in [false, true] {
-            push_tiles(
-                &mut keys,
-                kernel_key(strategy, dtype, d, dv, sg, mods, plain),
-            );
+            let key = kernel_key(strategy, dtype, d, dv, sg, mods, plain);
+            for t in sparse_tiles(&key) {
+                with_k16(&mut keys, with_tile(key, t));
+            }
         }
+        // the sigmoid normalizer changes the key loop's arithmetic and the epilogue: every
+        // shape at its default tile
+        with_k16(
+            &mut keys,
+            kernel_key(strategy, dtype, d, dv, sg, false, sigmoid),
+        );
     });
     let snippets = EXAMPLES
         .iter()
@@ -542,8 +604,8 @@ pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
             continue; // the snippet tests report a broken example
         };
         let geo = match kind {
-            SnippetKind::MaskMod => geometry(Some(&sn), None, &types),
-            SnippetKind::ScoreMod => geometry(None, Some(&sn), &types),
+            SnippetKind::MaskMod => geometry(Some(&sn), None, &types, false),
+            SnippetKind::ScoreMod => geometry(None, Some(&sn), &types, false),
         };
         for (strategy, sg) in [(Strategy::Tiled, (0, 0)), (Strategy::Subgroup, (8, 8))] {
             keys.push(kernel_key(strategy, DType::F32, 64, 64, sg, false, geo));

@@ -46,13 +46,14 @@ pub struct SparseParams {
     pub state_h: u32,
     /// Where the state table starts in `sp_tab`, in words.
     pub state_base: u32,
-    pub pad: u32,
+    /// Sigmoid attention's bias, in log2 units (`b * log2(e)`); unused by softmax kernels.
+    pub sig_bias: f32,
 }
 
 const SPARSE_WGSL: &str = "struct SparseParams {
     q_block: u32, kv_block: u32, nq: u32, nk: u32,
     tile_rows: u32, tiles: u32, list_b: u32, list_h: u32,
-    state_b: u32, state_h: u32, state_base: u32, pad: u32,
+    state_b: u32, state_h: u32, state_base: u32, sig_bias: f32,
 }
 
 // The state of key block kblk for query row i: 0 skipped, 1 partial, 2 full.
@@ -69,13 +70,16 @@ pub struct BlockSparse {
     mask_mod: Option<Snippet>,
     score_mod: Option<Snippet>,
     aux: Vec<&'static str>,
+    sigmoid: bool,
 }
 
-/// The geometry for these snippets (made once per distinct content, then shared).
+/// The geometry for these snippets and normalizer (made once per distinct content, then
+/// shared).
 pub fn geometry(
     mask_mod: Option<&Snippet>,
     score_mod: Option<&Snippet>,
     aux: &[&'static str],
+    sigmoid: bool,
 ) -> Geo {
     let mut suffix = "_sparse".to_string();
     if let Some(m) = mask_mod {
@@ -87,6 +91,9 @@ pub fn geometry(
     if !aux.is_empty() {
         suffix += &format!("_a{}", aux.join(""));
     }
+    if sigmoid {
+        suffix += "_sigmoid";
+    }
     static REGISTRY: OnceLock<Mutex<HashMap<String, &'static BlockSparse>>> = OnceLock::new();
     let reg = REGISTRY.get_or_init(Default::default);
     // a poisoned lock only means another thread panicked while inserting: the map is intact
@@ -97,6 +104,7 @@ pub fn geometry(
             mask_mod: mask_mod.cloned(),
             score_mod: score_mod.cloned(),
             aux: aux.to_vec(),
+            sigmoid,
         }))
     });
     Geo(geo)
@@ -126,7 +134,7 @@ impl Geometry for BlockSparse {
     fn uniforms(&self) -> Vec<UniformLayout> {
         vec![
             crate::uniform_layout!(SparseParams, "SparseParams"; q_block, kv_block, nq, nk,
-            tile_rows, tiles, list_b, list_h, state_b, state_h, state_base, pad),
+            tile_rows, tiles, list_b, list_h, state_b, state_h, state_base, sig_bias),
         ]
     }
     fn helpers(&self, w: &mut Wgsl, key: &FlashKey) {
@@ -187,6 +195,9 @@ impl Geometry for BlockSparse {
         for r in 0..key.rows {
             w.line(&format!("let bs{r} = blk_state(b, h, tok{r}, kblk);"));
         }
+    }
+    fn sigmoid_bias(&self) -> Option<&'static str> {
+        self.sigmoid.then_some("sp.sig_bias")
     }
     fn lane_key(&self, w: &mut Wgsl) {
         w.line("let kj = key_row(kb + lane);");
