@@ -5,10 +5,10 @@ use naga::back::{hlsl, msl, spv};
 use wgpu_attention::pipeline::{all_kernels, validate_wgsl, Kernel};
 use wgpu_attention::{DType, Strategy};
 
-fn translate(key: &dyn Kernel) -> Result<(), String> {
+fn translate(key: &dyn Kernel, source: &str) -> Result<(), String> {
     let label = key.label();
     let (module, info) =
-        validate_wgsl(&label, &key.source(), key.capabilities()).map_err(|e| e.to_string())?;
+        validate_wgsl(&label, source, key.capabilities()).map_err(|e| e.to_string())?;
     check_uniform_layout(key, &module)?;
     spv::write_vec(&module, &info, &spv::Options::default(), None)
         .map_err(|e| format!("{label}: SPIR-V: {e}"))?;
@@ -86,11 +86,81 @@ fn check_one_uniform(
     Ok(())
 }
 
+/// naga's version in Cargo.lock: a new naga checks every kernel again.
+fn naga_version() -> String {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock"))
+        .unwrap_or_default();
+    let mut lines = lock.lines();
+    while let Some(l) = lines.next() {
+        if l == "name = \"naga\"" {
+            return lines.next().unwrap_or("").to_string();
+        }
+    }
+    "unknown naga".to_string()
+}
+
+/// The text of the checks: this file from `fn translate` to here, and the library's
+/// `validate_wgsl`.
+fn checks_text() -> [&'static str; 2] {
+    let cut = |all: &'static str, from: &str, to: &str| {
+        let start = all.find(from).unwrap_or(0);
+        let end = all[start..].find(to).map_or(all.len(), |e| start + e);
+        &all[start..end]
+    };
+    [
+        cut(
+            include_str!("naga.rs"),
+            "fn translate(",
+            "/// naga's version in Cargo.lock",
+        ),
+        cut(
+            include_str!("../src/pipeline.rs"),
+            "pub fn validate_wgsl(",
+            "\n}\n",
+        ),
+    ]
+}
+
+/// What decides a kernel's outcome here: naga's version, the checks' text, the kernel's text,
+/// its capabilities and its Rust uniform layouts. Two independent 64-bit hashes of it.
+fn fingerprint(key: &dyn Kernel, source: &str, naga: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut out = String::new();
+    for salt in [0u64, 0x9e37_79b9_7f4a_7c15] {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        naga.hash(&mut h);
+        checks_text().hash(&mut h);
+        source.hash(&mut h);
+        format!("{:?} {:?}", key.capabilities(), key.uniforms()).hash(&mut h);
+        out += &format!("{:016x}", h.finish());
+    }
+    out
+}
+
+/// The record of kernels this machine's naga already validated and translated:
+/// `WGPU_ATTENTION_NAGA_RECORD` (empty: none, every kernel is checked), else
+/// `<cache dir>/naga-checked.txt` (the pipeline cache's folder).
+fn record_file() -> Option<std::path::PathBuf> {
+    match std::env::var("WGPU_ATTENTION_NAGA_RECORD") {
+        Ok(p) if p.is_empty() => None,
+        Ok(p) => Some(p.into()),
+        Err(_) => wgpu_attention::context::cache_dir().map(|d| d.join("naga-checked.txt")),
+    }
+}
+
+/// Every kernel the host can build (`pipeline::all_kernels`) is valid WGSL for naga, its
+/// uniform structs match the Rust ones, and it translates to SPIR-V, MSL and HLSL. A kernel
+/// whose exact text (with naga's version, this file and its layouts) passed here before on this
+/// machine is found in a record instead of parsed again: parsing is 95% of the cost (2-5 MB/s
+/// of WGSL, 320 MB in all) and most kernels do not change between runs. The record holds only
+/// passes; a changed kernel, a new naga or a changed check is checked in full.
 #[test]
 fn every_specialization_validates_and_translates() {
     let keys = all_kernels();
     assert!(keys.len() > 100, "only {} keys", keys.len());
     // WGPU_ATTENTION_LABELS=linear_ checks only the labels starting so (while developing)
+    let filtered = std::env::var("WGPU_ATTENTION_LABELS").is_ok();
     let keys: Vec<_> = match std::env::var("WGPU_ATTENTION_LABELS") {
         Ok(prefix) => {
             let some: Vec<_> = keys
@@ -102,15 +172,30 @@ fn every_specialization_validates_and_translates() {
         }
         Err(_) => keys,
     };
+    let naga = naga_version();
+    let record = record_file();
+    let done: std::collections::HashSet<String> = record
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = keys.len().div_ceil(threads);
-    let failures: Vec<String> = std::thread::scope(|s| {
+    // per kernel: its fingerprint, and the failure if any (None when found in the record)
+    let results: Vec<(String, Option<Result<(), String>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = keys
             .chunks(chunk)
             .map(|part| {
+                let done = &done;
+                let naga = &naga;
                 s.spawn(move || {
                     part.iter()
-                        .filter_map(|k| translate(k.as_ref()).err())
+                        .map(|k| {
+                            let src = k.source();
+                            let f = fingerprint(k.as_ref(), &src, naga);
+                            let r = (!done.contains(&f)).then(|| translate(k.as_ref(), &src));
+                            (f, r)
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -120,16 +205,46 @@ fn every_specialization_validates_and_translates() {
             .flat_map(|h| h.join().expect("naga thread panicked"))
             .collect()
     });
+    let checked = results.iter().filter(|(_, r)| r.is_some()).count();
+    let failures: Vec<&String> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref()?.as_ref().err())
+        .collect();
+    if let Some(p) = &record {
+        let passed = results
+            .iter()
+            .filter(|(_, r)| matches!(r, None | Some(Ok(()))))
+            .map(|(f, _)| f.as_str());
+        // the kernels of today (and, checking a few labels, every earlier pass)
+        let mut all: std::collections::BTreeSet<&str> = match filtered {
+            true => done.iter().map(String::as_str).collect(),
+            false => Default::default(),
+        };
+        all.extend(passed);
+        let text: String = all.into_iter().map(|f| format!("{f}\n")).collect();
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(p, text) {
+            eprintln!("could not write the record {}: {e}", p.display());
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} of {} specializations failed:\n{}",
         failures.len(),
         keys.len(),
-        failures.join("\n")
+        failures
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     eprintln!(
-        "{} specializations valid in WGSL, SPIR-V, MSL and HLSL",
-        keys.len()
+        "{} specializations valid in WGSL, SPIR-V, MSL and HLSL ({naga}): {checked} checked now, {} found in the record {} (WGPU_ATTENTION_NAGA_RECORD= checks all)",
+        keys.len(),
+        keys.len() - checked,
+        record.map_or("(none)".to_string(), |p| p.display().to_string()),
     );
 }
 
