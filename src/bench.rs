@@ -417,6 +417,40 @@ pub fn flash_pass<'a>(
     }))
 }
 
+/// A recorder of one pass of sparse attention on a case's q, k, v (the same pseudo-random
+/// inputs as [`flash_pass`]) with `opts` (its `flash` options take the case's causal flag).
+pub fn sparse_pass<'a>(
+    ctx: &'a GpuContext,
+    case: &BenchCase,
+    mut opts: crate::sparse::attention::SparseOptions,
+) -> Result<Record<'a>> {
+    let s = case.shape();
+    let t = |n: usize, seed, dims: &[usize]| Tensor::from_f32(ctx, &pseudo_random(n, seed), dims);
+    let q = t(s.batch * s.lq * s.hq * s.d, 1, &[s.batch, s.lq, s.hq, s.d])?;
+    let k = t(
+        s.batch * s.lk * s.hkv * s.d,
+        2,
+        &[s.batch, s.lk, s.hkv, s.d],
+    )?;
+    let v = t(
+        s.batch * s.lk * s.hkv * s.dv,
+        3,
+        &[s.batch, s.lk, s.hkv, s.dv],
+    )?;
+    let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], DType::F32, 0.0)?;
+    opts.flash.causal = case.causal;
+    // the block mask made once, outside the timed passes
+    opts.block_mask = Some(crate::sparse::attention::resolve_block_mask(
+        ctx, &s, &opts,
+    )?);
+    Ok(Box::new(move |enc, ts| {
+        let plan = crate::sparse::attention::encode_sparse_attention(
+            ctx, enc, &q, &k, &v, &out, None, &opts, ts,
+        )?;
+        Ok(format!("sparse-{:?}", plan.key.strategy).to_lowercase())
+    }))
+}
+
 /// Inputs for linear attention (pseudo-random q, k, v; gates in [-1, 0); beta in [0, 1); unit
 /// keys for the delta rules) and a recorder of one pass.
 pub fn linear_pass<'a>(

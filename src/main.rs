@@ -176,6 +176,20 @@ struct RunArgs {
     /// no row sum, no LSE; BIAS defaults to -ln(LK)).
     #[arg(long)]
     normalizer: Option<String>,
+    /// Sparse: content-routed blocks: each query block attends to its K best key blocks by
+    /// pooled scores (mean q . mean k), in blocks of --block-size N,N.
+    #[arg(long)]
+    topk_blocks: Option<usize>,
+    /// Sparse, with --topk-blocks: the diagonal key block and the L - 1 before it are kept.
+    #[arg(long, default_value_t = 0)]
+    local_blocks: usize,
+    /// Sparse, with --topk-blocks: the first S key blocks are kept.
+    #[arg(long, default_value_t = 0)]
+    sink_blocks: usize,
+    /// Sparse, with --topk-blocks: writes the selected key blocks here (.npy int32
+    /// [B, Hq, nQ, slots], ascending, padded with -1).
+    #[arg(long)]
+    selected: Option<PathBuf>,
     /// Kernel strategy.
     #[arg(long, value_enum, default_value = "auto")]
     strategy: StrategyArg,
@@ -227,6 +241,17 @@ struct BenchArgs {
     /// interleaved with dense causal flash attention (B=1, H=8, D=64) up to --dense-max.
     #[arg(long, value_delimiter = ',')]
     linear_sweep: Option<Vec<usize>>,
+    /// Instead of the registry: block-sparse attention at 5/10/25/50% block density (blocks of
+    /// 128) against dense, and causal through a mask_mod against the built-in flag, at B=1,
+    /// H=--heads, D=64 and this length, interleaved.
+    #[arg(long)]
+    sparse_sweep: Option<usize>,
+    /// Heads of the sparse sweep.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Strategy of every kernel of the sparse sweep (dense and sparse alike).
+    #[arg(long, value_enum, default_value = "auto")]
+    strategy: StrategyArg,
     /// The longest sequence the linear sweep also runs dense causal attention at.
     #[arg(long, default_value_t = 16384)]
     dense_max: usize,
@@ -627,10 +652,26 @@ fn run(a: &RunArgs) -> CliResult<()> {
         score_mod: a.score_mod.as_deref(),
         aux: &a.aux,
         normalizer: a.normalizer.as_deref(),
+        topk: a.topk_blocks,
+        local_blocks: a.local_blocks,
+        sink_blocks: a.sink_blocks,
     };
+    if a.selected.is_some() && a.topk_blocks.is_none() {
+        return Err(Failure::Input(
+            "--selected goes with --topk-blocks K".into(),
+        ));
+    }
     // a sparse call: its block mask made once, before the timed runs
     let sparse = if sparse_args.any() {
         let mut sp = cli::sparse::options(&sparse_args, &s, opts.clone())?;
+        if let Some(t) = sp.topk.take() {
+            let routing = sparse::routing::route_blocks(&ctx, &q, &k, &opts, &t)?;
+            if let Some(p) = &a.selected {
+                let (nq, _) = t.layout(&s).blocks();
+                npy::write_i32(p, &[s.batch, s.hq, nq, routing.slots], &routing.selected)?;
+            }
+            sp.block_mask = Some(std::sync::Arc::new(routing.mask));
+        }
         sp.block_mask = Some(sparse::attention::resolve_block_mask(&ctx, &s, &sp)?);
         Some(sp)
     } else {
@@ -851,6 +892,9 @@ fn check(
 fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new()?;
     println!("adapter: {}", ctx.describe());
+    if let Some(l) = a.sparse_sweep {
+        return cli::sparse::sweep(&ctx, l, a.heads, a.strategy.choice(), a.repeat, &a.out_dir);
+    }
     if let Some(lens) = &a.linear_sweep {
         return linear_sweep(&ctx, a, lens);
     }

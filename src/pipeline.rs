@@ -137,8 +137,49 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     all.extend(crate::linear::all_kernels());
     all.extend(crate::sparse::snippet::example_kernels());
     all.extend(crate::sparse::attention::all_kernels());
+    all.extend(crate::sparse::routing::all_kernels());
     all.extend(crate::baseline::all_kernels());
     all
+}
+
+/// Runs a one-off kernel and submits it: `params` bound as the uniform at binding 0, then
+/// `resources` at bindings 1, 2, .. in the order the kernel declares them, one dispatch of
+/// `grid` (the small helper kernels: block counts, snippet evaluation, pooling).
+pub(crate) fn run_once(
+    ctx: &GpuContext,
+    key: &dyn Kernel,
+    params: &[u8],
+    resources: Vec<wgpu::BindingResource>,
+    grid: [u32; 3],
+) -> Result<()> {
+    use wgpu::util::DeviceExt;
+    ctx.submit(|enc| {
+        let pipeline = ctx.pipeline(key)?;
+        let pbuf = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("kernel params"),
+                contents: params,
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let entries: Vec<wgpu::BindGroupEntry> = (0u32..)
+            .zip(std::iter::once(pbuf.as_entire_binding()).chain(resources))
+            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
+            .collect();
+        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("one-off kernel"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("one-off kernel"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        Ok(())
+    })
 }
 
 /// Parses and validates WGSL with naga; the error names the shader and the line.

@@ -435,6 +435,9 @@ fn run_sparse_with_snippets_and_block_masks() {
     let on: Vec<u8> = (0..3 * 5).map(|i| u8::from(i % 3 != 1)).collect();
     write_npy(&blocks, &[1, 1, 3, 5], &on);
     let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let selected_path = tmp("selected.npy");
+    let _ = std::fs::remove_file(&selected_path);
+    let selected = s(&selected_path);
     for args in [
         vec![
             "--shape",
@@ -464,6 +467,21 @@ fn run_sparse_with_snippets_and_block_masks() {
             "sigmoid:-3",
             "--causal",
         ],
+        vec![
+            "--shape",
+            "1,150,150,2,1,64",
+            "--topk-blocks",
+            "2",
+            "--block-size",
+            "32,32",
+            "--local-blocks",
+            "1",
+            "--sink-blocks",
+            "1",
+            "--causal",
+            "--selected",
+            &selected,
+        ],
     ] {
         let out = cli()
             .arg("run")
@@ -480,6 +498,13 @@ fn run_sparse_with_snippets_and_block_masks() {
         assert_eq!(j["check"]["passed"], true, "{j}");
         assert!(j["kernel"].as_str().unwrap().contains("sparse"), "{j}");
     }
+    // the routing's choice: [B, Hq, nQ, k + local + sinks] int32
+    let npy = std::fs::read(&selected_path).unwrap();
+    let header = String::from_utf8_lossy(&npy[..npy.len().min(128)]);
+    assert!(
+        header.contains("<i4") && header.contains("(1, 2, 5, 4, )"),
+        "{header}"
+    );
     // a block mask of the wrong shape, a snippet naga refuses, a block size off the grid
     let broken = tmp("broken.wgsl");
     std::fs::write(
@@ -495,6 +520,11 @@ fn run_sparse_with_snippets_and_block_masks() {
         (vec!["--mask-mod", &s(&broken)], "line 2"),
         (vec!["--block-size", "24,16"], "multiple of 16"),
         (vec!["--normalizer", "sigmoid:x"], "sigmoid:BIAS"),
+        (
+            vec!["--topk-blocks", "2", "--block-size", "32,64"],
+            "one block size",
+        ),
+        (vec!["--local-blocks", "2"], "--topk-blocks"),
         (
             vec!["--normalizer", "sigmoid", "--lse", "/tmp/x.npy"],
             "no LSE",

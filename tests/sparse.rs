@@ -515,6 +515,171 @@ fn sigmoid_normalizer() {
     }
 }
 
+/// Top-k routing (MoBA/NSA-style): the GPU's selection against the f64 routing (block means
+/// of the inputs in f64), allowing only swaps between blocks whose f64 scores tie within f32
+/// rounding; the lists ascending and padded with -1; then attention over the selection against
+/// the reference. Causal with lengths and GQA, and non-causal with Lq != Lk.
+#[test]
+fn topk_routing() {
+    use wgpu_attention::flash::reference::RefInputs;
+    use wgpu_attention::sparse::routing::{reference_scores, route_blocks, route_reference, TopK};
+    let c = ctx();
+    for (i, (causal, lq, lk, topk)) in [
+        (
+            true,
+            200,
+            200,
+            TopK {
+                k: 2,
+                block: 32,
+                local: 1,
+                sinks: 1,
+            },
+        ),
+        (
+            false,
+            113,
+            260,
+            TopK {
+                k: 3,
+                block: 16,
+                local: 2,
+                sinks: 0,
+            },
+        ),
+        (
+            true,
+            1,
+            1000,
+            TopK {
+                k: 4,
+                block: 64,
+                local: 1,
+                sinks: 2,
+            },
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut case = Case::new(2, lq, lk, 4, 2, 64, 64).with(|o| o.causal = causal);
+        if i == 0 {
+            case.opts.q_lens = Some(vec![200, 150]);
+            case.opts.kv_lens = Some(vec![200, 170]);
+        }
+        let s = case.shape;
+        let seed = fresh_seed();
+        // the inputs run_sparse makes from this seed
+        let q = random(s.batch * s.lq * s.hq * s.d, case.amp, seed);
+        let k = random(s.batch * s.lk * s.hkv * s.d, case.amp, seed ^ 1);
+        let v = random(s.batch * s.lk * s.hkv * s.dv, 1.0, seed ^ 2);
+        let qt = Tensor::from_f32(c, &q, &[s.batch, s.lq, s.hq, s.d]).unwrap();
+        let kt = Tensor::from_f32(c, &k, &[s.batch, s.lk, s.hkv, s.d]).unwrap();
+        let got = route_blocks(c, &qt, &kt, &case.opts, &topk).unwrap();
+        let inp = RefInputs {
+            shape: s,
+            q: &q,
+            k: &k,
+            v: &v,
+            bias: None,
+        };
+        let want = route_reference(&inp, &case.opts, &topk).unwrap();
+        let scores = reference_scores(&inp, &case.opts, &topk);
+        let (nq, nk) = topk.layout(&s).blocks();
+        assert_eq!(got.slots, want.slots, "seed {seed}");
+        assert_eq!(got.selected.len(), s.batch * s.hq * nq * got.slots);
+        let mut swaps = 0;
+        for (r, (g, w)) in got
+            .selected
+            .chunks(got.slots)
+            .zip(want.selected.chunks(want.slots))
+            .enumerate()
+        {
+            let valid = g.iter().take_while(|&&x| x >= 0).count();
+            assert!(
+                g[valid..].iter().all(|&x| x == -1),
+                "row {r}: {g:?} seed {seed}"
+            );
+            assert!(
+                g[..valid].windows(2).all(|p| p[0] < p[1]),
+                "row {r}: {g:?} seed {seed}"
+            );
+            if g == w {
+                continue;
+            }
+            // a swap is allowed only between blocks that tie within f32 rounding
+            let sc = &scores[r * nk..][..nk];
+            let tol = 1e-4 * (1.0 + sc.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+            let only = |a: &[i32], b: &[i32]| -> Vec<f64> {
+                a.iter()
+                    .filter(|x| **x >= 0 && !b.contains(x))
+                    .map(|&x| sc[x as usize])
+                    .collect()
+            };
+            let (gs, ws) = (only(g, w), only(w, g));
+            assert_eq!(
+                gs.len(),
+                ws.len(),
+                "row {r}: got {g:?}, f64 routing {w:?} seed {seed}"
+            );
+            for (a, b) in gs.iter().zip(&ws) {
+                assert!(
+                    (a - b).abs() <= tol,
+                    "row {r}: got {g:?}, f64 routing {w:?}, scores {a} vs {b} seed {seed}"
+                );
+            }
+            swaps += 1;
+        }
+        eprintln!("top-k case {i}: {swaps} rows differ from the f64 routing by near-ties");
+        let sp = SparseOptions {
+            block_mask: Some(Arc::new(got.mask)),
+            ..Default::default()
+        };
+        let cmp = run_sparse(&case, seed, &sp);
+        assert!(cmp.passed, "top-k case {i}: {case:?} seed {seed}: {cmp:?}");
+        // the same through sparse_attention's own routing
+        let sp = SparseOptions {
+            topk: Some(topk),
+            ..Default::default()
+        };
+        let mut o = case.opts.clone();
+        o.return_lse = false;
+        let vt = Tensor::from_f32(c, &v, &[s.batch, s.lk, s.hkv, s.dv]).unwrap();
+        let routed = sparse_attention(
+            c,
+            &qt,
+            &kt,
+            &vt,
+            &SparseOptions {
+                flash: o.clone(),
+                ..sp
+            },
+        )
+        .unwrap()
+        .out
+        .to_vec_f32(c)
+        .unwrap();
+        let direct = sparse_attention(
+            c,
+            &qt,
+            &kt,
+            &vt,
+            &SparseOptions {
+                flash: o,
+                block_mask: Some(Arc::new(
+                    route_blocks(c, &qt, &kt, &case.opts, &topk).unwrap().mask,
+                )),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .out
+        .to_vec_f32(c)
+        .unwrap();
+        assert_eq!(routed, direct, "top-k case {i}: routing inside the call");
+    }
+}
+
 /// Max |a - b| over two outputs, and the largest |a|.
 fn max_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
     let (a, b) = (a.to_vec_f32(ctx()).unwrap(), b.to_vec_f32(ctx()).unwrap());
@@ -686,6 +851,30 @@ fn bad_sparse_calls_are_refused() {
     };
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("multiple of 16"), "{e}");
+    // top-k routing: blocks on the grid, and the only source of blocks
+    use wgpu_attention::sparse::routing::TopK;
+    let topk = |block| TopK {
+        k: 1,
+        block,
+        local: 0,
+        sinks: 0,
+    };
+    let sp = SparseOptions {
+        topk: Some(topk(24)),
+        ..Default::default()
+    };
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(e.to_string().contains("multiple of 16"), "{e}");
+    let sp = SparseOptions {
+        topk: Some(topk(16)),
+        mask_mod: Some(
+            Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![0])]).unwrap(),
+        ),
+        aux: vec![Aux::I32(vec![0])],
+        ..Default::default()
+    };
+    let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
+    assert!(e.to_string().contains("top-k"), "{e}");
     // sigmoid attention has no LSE; its bias must be finite
     let mut sp = SparseOptions {
         normalizer: Normalizer::Sigmoid { bias: None },

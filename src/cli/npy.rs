@@ -180,6 +180,15 @@ pub fn write(path: &Path, shape: &[usize], dtype: DType, data: &[f32]) -> Result
     Ok(())
 }
 
+/// Writes int32 `data` with `shape` (the top-k routing's selected blocks).
+pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> Result<()> {
+    let f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+    let mut w = std::io::BufWriter::new(f);
+    let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
+    write_as(&mut w, &shape, data.iter().copied()).map_err(|e| io_err(path, e))?;
+    Ok(())
+}
+
 fn write_as<T: npyz::AutoSerialize>(
     w: &mut impl std::io::Write,
     shape: &[u64],

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wgpu_attention::sparse::attention::{Normalizer, SparseOptions};
+use wgpu_attention::sparse::routing::TopK;
 use wgpu_attention::sparse::snippet::{Snippet, SnippetKind};
 use wgpu_attention::sparse::{BlockLayout, BlockMask};
 use wgpu_attention::{AttnShape, FlashOptions};
@@ -21,6 +22,9 @@ pub struct SparseArgs<'a> {
     pub score_mod: Option<&'a Path>,
     pub aux: &'a [PathBuf],
     pub normalizer: Option<&'a str>,
+    pub topk: Option<usize>,
+    pub local_blocks: usize,
+    pub sink_blocks: usize,
 }
 
 impl SparseArgs<'_> {
@@ -32,6 +36,8 @@ impl SparseArgs<'_> {
             || self.score_mod.is_some()
             || !self.aux.is_empty()
             || self.normalizer.is_some()
+            || self.topk.is_some()
+            || self.local_blocks + self.sink_blocks > 0
     }
 }
 
@@ -96,6 +102,31 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
         .score_mod
         .map(|p| read_snippet(p, SnippetKind::ScoreMod, &aux))
         .transpose()?;
+    let topk = match a.topk {
+        Some(k) => {
+            let block = match block_size {
+                None => 128,
+                Some((q, kv)) if q == kv => q,
+                Some((q, kv)) => {
+                    return Err(Failure::Input(format!(
+                        "--topk-blocks: routing needs one block size for queries and keys (--block-size N,N), got {q},{kv}"
+                    )))
+                }
+            };
+            Some(TopK {
+                k,
+                block,
+                local: a.local_blocks,
+                sinks: a.sink_blocks,
+            })
+        }
+        None if a.local_blocks + a.sink_blocks > 0 => {
+            return Err(Failure::Input(
+                "--local-blocks and --sink-blocks go with --topk-blocks K".into(),
+            ))
+        }
+        None => None,
+    };
     let block_mask = match a.block_mask {
         Some(p) => {
             let (bq, bk) = block_size.unwrap_or((128, 128));
@@ -134,5 +165,139 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
         aux,
         block_size,
         normalizer,
+        topk,
     })
+}
+
+/// `bench --sparse-sweep L`: block-sparse attention over random block masks at 5, 10, 25 and
+/// 50% density (blocks of 128 x 128, one mask per head) against dense attention, and causal
+/// attention through the shipped causal `mask_mod` against the built-in flag, at B = 1,
+/// `heads` heads, D = 64, f32; all interleaved in one run. Prints the table and writes
+/// `sparse.json` under `out_dir`.
+pub fn sweep(
+    ctx: &wgpu_attention::GpuContext,
+    l: usize,
+    heads: usize,
+    strategy: wgpu_attention::StrategyChoice,
+    rounds: usize,
+    out_dir: &Path,
+) -> Result<()> {
+    use wgpu_attention::bench;
+    use wgpu_attention::sparse::snippet::{Aux, EXAMPLES};
+    let block = 128;
+    let mut dense = bench::registry(true)[0].clone();
+    (dense.lq, dense.lk, dense.hq, dense.hkv) = (l, l, heads, heads);
+    dense.name = format!("L{l}-H{heads}-D64");
+    let mut causal = dense.clone();
+    causal.causal = true;
+    let layout = BlockLayout {
+        batch: 1,
+        heads,
+        lq: l,
+        lk: l,
+        q_block: block,
+        kv_block: block,
+    };
+    let (nq, nk) = layout.blocks();
+    let densities = [0.05, 0.10, 0.25, 0.50];
+    let mut masks = Vec::new();
+    for (i, &d) in densities.iter().enumerate() {
+        let r = bench::pseudo_random(heads * nq * nk, 100 + i as u64);
+        let on: Vec<bool> = r.iter().map(|x| (x + 1.0) * 0.5 < d as f32).collect();
+        let m = BlockMask::from_dense(&on, layout)?;
+        let share = m.visited_blocks() as f64 / (heads * nq * nk) as f64;
+        masks.push((d, share, Arc::new(m)));
+    }
+    let causal_mod = Snippet::new(
+        SnippetKind::MaskMod,
+        EXAMPLES[0].1,
+        &[Aux::I32(vec![0])], // Lk - Lq: bottom-right aligned, as the built-in flag
+    )?;
+    let mut records = vec![bench::flash_pass(ctx, &dense, strategy)?];
+    let base = SparseOptions {
+        flash: wgpu_attention::FlashOptions {
+            strategy,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for (_, _, m) in &masks {
+        let opts = SparseOptions {
+            block_mask: Some(m.clone()),
+            ..base.clone()
+        };
+        records.push(bench::sparse_pass(ctx, &dense, opts)?);
+    }
+    records.push(bench::flash_pass(ctx, &causal, strategy)?);
+    let mut via_mod = dense.clone();
+    via_mod.causal = false;
+    records.push(bench::sparse_pass(
+        ctx,
+        &via_mod,
+        SparseOptions {
+            mask_mod: Some(causal_mod),
+            aux: vec![Aux::I32(vec![0])],
+            block_size: Some((block, block)),
+            ..base.clone()
+        },
+    )?);
+    let t = bench::time_interleaved(ctx, bench::WARMUP, rounds, &mut records)?;
+    let dense_t = &t[0].1;
+    let span = |x: &bench::Timing| format!("{:.1}-{:.1}", x.min_ms, x.max_ms);
+    println!(
+        "{} blocks of {block}x{block}, {rounds} interleaved rounds (medians; ratios are medians of per-round ratios)",
+        dense.name
+    );
+    println!(
+        "{:<28} {:>8} {:>10} {:>14} {:>9} {:>9} {:>9}",
+        "kernel", "density", "ms", "(min-max)", "speed-up", "ideal", "of ideal"
+    );
+    println!(
+        "{:<28} {:>8} {:>10.1} {:>14} {:>9} {:>9} {:>9}",
+        format!("dense {}", t[0].0),
+        "1.000",
+        dense_t.median_ms,
+        span(dense_t),
+        "1.00",
+        "1.00",
+        "-"
+    );
+    let mut rows = Vec::new();
+    for ((d, share, _), (label, x)) in masks.iter().zip(&t[1..]) {
+        let up = bench::median_paired(dense_t, x, |a, b| a / b);
+        println!(
+            "{:<28} {share:>8.3} {:>10.1} {:>14} {up:>9.2} {:>9.2} {:>8.0}%",
+            format!("{label} {:.0}%", d * 100.0),
+            x.median_ms,
+            span(x),
+            1.0 / share,
+            100.0 * up * share
+        );
+        rows.push(serde_json::json!({
+            "density": d, "visited": share, "kernel": label, "timing": x,
+            "speedup": up, "ideal": 1.0 / share, "share_of_ideal": up * share,
+        }));
+    }
+    let n = masks.len() + 1;
+    let (builtin, via) = (&t[n].1, &t[n + 1].1);
+    let ratio = bench::median_paired(via, builtin, |a, b| a / b);
+    println!(
+        "causal: built-in flag ({}) {:.1} ms ({}), mask_mod ({}) {:.1} ms ({}): mask_mod / built-in {ratio:.2}",
+        t[n].0,
+        builtin.median_ms,
+        span(builtin),
+        t[n + 1].0,
+        via.median_ms,
+        span(via)
+    );
+    let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", out_dir.display()));
+    std::fs::create_dir_all(out_dir).map_err(io)?;
+    let json = serde_json::json!({
+        "adapter": ctx.describe(), "case": dense.name, "block": block, "rounds": rounds,
+        "dense": dense_t, "rows": rows,
+        "causal": { "builtin": builtin, "mask_mod": via, "ratio": ratio },
+    });
+    std::fs::write(out_dir.join("sparse.json"), json.to_string()).map_err(io)?;
+    println!("wrote {}/sparse.json", out_dir.display());
+    Ok(())
 }

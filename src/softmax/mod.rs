@@ -425,12 +425,16 @@ impl<'a> BoundRange<'a> {
     pub fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'a> {
         wgpu::BindGroupEntry {
             binding,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: self.buffer,
-                offset: self.offset,
-                size: std::num::NonZeroU64::new(self.size),
-            }),
+            resource: self.resource(),
         }
+    }
+
+    pub fn resource(&self) -> wgpu::BindingResource<'a> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer,
+            offset: self.offset,
+            size: std::num::NonZeroU64::new(self.size),
+        })
     }
 }
 

@@ -21,6 +21,7 @@ use crate::flash::{
     self, AttentionOutput, AttnShape, CallLayout, FamilyData, FlashOptions, FlashPlan,
 };
 use crate::softmax::shader::{Geo, Strategy};
+use crate::sparse::routing::{route_blocks, TopK};
 use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
 use crate::sparse::snippet::{
     check_aux, create_block_mask, eval_snippet, u, Aux, Snippet, SnippetKind,
@@ -49,6 +50,10 @@ pub struct SparseOptions {
     pub block_size: Option<(usize, usize)>,
     /// How a row's scores become weights: softmax (the default) or sigmoid.
     pub normalizer: Normalizer,
+    /// Content-routed blocks: the block mask is each query block's top-k key blocks by pooled
+    /// scores ([`route_blocks`]), made per call from q and k (not with `block_mask` or
+    /// `mask_mod`).
+    pub topk: Option<TopK>,
 }
 
 /// How a row's scores become the weights of its values.
@@ -97,6 +102,13 @@ pub fn resolve_block_mask(
             ));
         }
     }
+    if opts.topk.is_some() && (opts.block_mask.is_some() || opts.mask_mod.is_some()) {
+        return Err(AttnError::invalid(
+            "topk",
+            "top-k routing alone as the source of blocks (no block_mask, no mask_mod)",
+            "top-k routing with a block mask or mask_mod",
+        ));
+    }
     if opts.normalizer != Normalizer::Softmax && opts.flash.return_lse {
         return Err(AttnError::invalid(
             "return_lse",
@@ -132,6 +144,13 @@ pub fn resolve_block_mask(
         q_block: bq,
         kv_block: bk,
     };
+    if opts.block_mask.is_none() && opts.topk.is_some() {
+        return Err(AttnError::invalid(
+            "block mask",
+            "a block mask routed from q and k (route_blocks; sparse_attention routes itself)",
+            "top-k routing without q and k",
+        ));
+    }
     let mask = match (&opts.block_mask, &opts.mask_mod) {
         (Some(m), _) => m.clone(),
         (None, Some(mm)) => Arc::new(create_block_mask(ctx, mm, &opts.aux, layout)?),
@@ -325,17 +344,19 @@ impl CallLayout for SparseLayout {
     }
 }
 
-/// The tiles a sparse key may take: the budgets' rows with 16 to 128 invocations (Tiled,
-/// where dense attention would offer tiles: [`flash::tunable`]), else its default. Fewer than
-/// dense attention's, so that naga checks every sparse specialization in the test budget:
-/// the workgroup size is what fits a tile inside a query block.
+/// The tiles a sparse key may take: the budgets' rows or more (up to twice, at most 8) with 16
+/// to 128 invocations (Tiled, where dense attention would offer tiles: [`flash::tunable`]),
+/// else its default. Fewer than dense attention's (no fewer rows), to bound what naga checks;
+/// the workgroup size is what fits a tile inside a query block, and more rows per invocation
+/// keep a small workgroup's K/V tile loads paid by as many rows as a dense one's (on lavapipe
+/// 4 rows x 16 invocations ran blocks of 128 at half the speed per block of 8 x 128).
 pub fn sparse_tiles(key: &crate::softmax::shader::FlashKey) -> Vec<crate::softmax::Tile> {
     if key.strategy != Strategy::Tiled || !flash::tunable(key) {
         return vec![key.tile()];
     }
     crate::softmax::tile_candidates(key)
         .into_iter()
-        .filter(|t| t.rows == key.rows)
+        .filter(|t| t.rows >= key.rows)
         .collect()
 }
 
@@ -396,9 +417,32 @@ pub fn encode_sparse_attention(
     opts: &SparseOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
-    let s = flash::check_inputs(q, k, v)?;
-    let mask = resolve_block_mask(ctx, &s, opts)?;
+    let mask = call_mask(ctx, q, k, v, opts)?;
     encode_with_mask(ctx, encoder, q, k, v, out, lse, opts, mask, timestamps)
+}
+
+/// The block mask of a call: routed from q and k with `opts.topk` (when the caller gave no
+/// mask), else [`resolve_block_mask`].
+fn call_mask(
+    ctx: &GpuContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &SparseOptions,
+) -> Result<Arc<BlockMask>> {
+    let s = flash::check_inputs(q, k, v)?;
+    match (&opts.topk, &opts.block_mask) {
+        (Some(t), None) => {
+            if opts.mask_mod.is_some() {
+                return resolve_block_mask(ctx, &s, opts); // refused there, with the reason
+            }
+            let mut o = opts.clone();
+            o.block_mask = Some(Arc::new(route_blocks(ctx, q, k, &opts.flash, t)?.mask));
+            o.topk = None;
+            resolve_block_mask(ctx, &s, &o)
+        }
+        _ => resolve_block_mask(ctx, &s, opts),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -455,8 +499,7 @@ pub fn sparse_attention_into(
     lse: Option<&Tensor>,
     opts: &SparseOptions,
 ) -> Result<FlashPlan> {
-    let s = flash::check_inputs(q, k, v)?;
-    let mask = resolve_block_mask(ctx, &s, opts)?;
+    let mask = call_mask(ctx, q, k, v, opts)?;
     ctx.submit(|enc| encode_with_mask(ctx, enc, q, k, v, out, lse, opts, mask, None))
 }
 

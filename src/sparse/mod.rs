@@ -14,6 +14,7 @@
 //! `j <= i + Lk - Lq`), as FlashAttention does.
 
 pub mod attention;
+pub mod routing;
 pub mod shader;
 pub mod snippet;
 

@@ -570,45 +570,24 @@ fn run_snippet_kernel(
     aux: &[Aux],
     grid: [u32; 3],
 ) -> Result<()> {
-    ctx.submit(|enc| {
-        let pipeline = ctx.pipeline(key)?;
-        let dev = &ctx.device;
-        let init = |label, contents: &[u8], usage| {
-            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage,
-            })
-        };
-        let pbuf = init("snippet params", params, wgpu::BufferUsages::UNIFORM);
-        let aux_bufs: Vec<wgpu::Buffer> = aux
-            .iter()
-            .map(|a| init("snippet aux", a.bytes(), wgpu::BufferUsages::STORAGE))
-            .collect();
-        let buffers = std::iter::once(&pbuf)
-            .chain(first.iter().copied())
-            .chain(aux_bufs.iter());
-        let entries: Vec<wgpu::BindGroupEntry> = (0u32..)
-            .zip(buffers)
-            .map(|(binding, b)| wgpu::BindGroupEntry {
-                binding,
-                resource: b.as_entire_binding(),
-            })
-            .collect();
-        let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("snippet kernel"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("snippet kernel"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-        Ok(())
-    })
+    let aux_bufs: Vec<wgpu::Buffer> = aux
+        .iter()
+        .map(|a| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("snippet aux"),
+                    contents: a.bytes(),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        })
+        .collect();
+    let resources = first
+        .iter()
+        .copied()
+        .chain(aux_bufs.iter())
+        .map(|b| b.as_entire_binding())
+        .collect();
+    crate::pipeline::run_once(ctx, key, params, resources, grid)
 }
 
 /// The snippet at every pair of `q x k` for batch `b` and query head `h`, row-major: for a
