@@ -54,7 +54,7 @@ async function main() {
     for (const el of form.querySelectorAll("[data-for]")) {
       const f = el.dataset.for;
       el.hidden = !(f === "seq" ? v !== "neighborhood" : f === "window" ? v === "window" :
-        f === "linear" ? v === "linear" : v === "neighborhood");
+        f === "linear" ? v === "linear" : f === "sparse" ? v === "sparse" : v === "neighborhood");
     }
   };
   form.variant.addEventListener("change", sync);
@@ -110,7 +110,7 @@ function config(form) {
     grid: list(form.grid.value), kernel: list(form.kernel.value), dilation: list(form.dilation.value),
     stride: list(form.stride.value), grid_causal: list(form.grid_causal.value).map((x) => x !== 0),
     rule: form.rule.value, feature_map: form.feature_map.value, value_heads: n("value_heads"),
-    mode: form.mode.value,
+    mode: form.mode.value, block: list(form.block.value), density: n("density"),
     query: n("query"), repeats: n("repeats"), seed: Math.floor(Math.random() * 1e9),
   };
 }

@@ -3,12 +3,15 @@
 //! for the heat maps. Plain Rust (no wasm-bindgen), so it also runs natively in `cargo test`.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use wgpu_attention::bench::{pseudo_random, time_passes_async, Clock, Timing};
 use wgpu_attention::flash::reference::{
-    attention_plain_f16, attention_reference, compare, visible, Comparison, RefInputs,
+    attention_plain_f16, attention_reference, compare, round_f16, visible, Comparison, RefInputs,
 };
 use wgpu_attention::neighborhood::reference::{neighborhood_plain_f16, neighborhood_reference};
 use wgpu_attention::neighborhood::NaSpec;
+use wgpu_attention::sparse::attention::{encode_sparse_attention, sparse_reference, SparseOptions};
+use wgpu_attention::sparse::{BlockLayout, BlockMask};
 use wgpu_attention::wgpu;
 use wgpu_attention::{
     encode_flash_attention, encode_neighborhood_attention, AttnError, AttnShape, DType,
@@ -28,6 +31,9 @@ pub enum Variant {
     /// Linear attention (fla's rules) over `lq` tokens: `heads` q/k heads, `value_heads` value
     /// heads, K = V = `d`.
     Linear,
+    /// Block-sparse attention (FlexAttention's block masks) over sequences: a seeded random
+    /// block mask of `density`, blocks of `block` (query, key), with `causal`.
+    Sparse,
 }
 
 /// A case, as JSON from the page. Missing fields take the defaults below.
@@ -62,6 +68,9 @@ pub struct Config {
     pub feature_map: String,
     pub mode: String,
     pub value_heads: usize,
+    /// Sparse: query and key block sizes, and the share of blocks listed.
+    pub block: [usize; 2],
+    pub density: f64,
     /// The query whose attention weights the page draws (batch 0, head 0).
     pub query: usize,
     /// Timed runs after one warm-up; the median is reported.
@@ -93,6 +102,8 @@ impl Default for Config {
             feature_map: "identity".into(),
             mode: "auto".into(),
             value_heads: 0,
+            block: [64, 64],
+            density: 0.5,
             query: 0,
             repeats: 5,
             seed: 1,
@@ -151,6 +162,8 @@ struct Problem {
     dtype: DType,
     flash: FlashOptions,
     na: Option<(NeighborhoodOptions, NaSpec)>,
+    /// Sparse cases: the options, their block mask set.
+    sparse: Option<SparseOptions>,
     /// The token grid of a neighborhood case (empty for sequences).
     grid: Vec<usize>,
     q: Vec<f32>,
@@ -196,7 +209,7 @@ impl Problem {
             dv: cfg.d,
         };
         let flash = match cfg.variant {
-            Variant::Dense => FlashOptions {
+            Variant::Dense | Variant::Sparse => FlashOptions {
                 causal: cfg.causal,
                 ..Default::default()
             },
@@ -226,10 +239,34 @@ impl Problem {
             cfg.batch * lk * cfg.kv_heads * cfg.d,
             seed + 2,
         ));
+        let sparse = match cfg.variant {
+            Variant::Sparse => {
+                let layout = BlockLayout {
+                    batch: 1,
+                    heads: 1,
+                    lq,
+                    lk,
+                    q_block: cfg.block[0],
+                    kv_block: cfg.block[1],
+                };
+                let (nq, nk) = layout.blocks();
+                let on: Vec<bool> = pseudo_random(nq * nk, seed + 3)
+                    .iter()
+                    .map(|x| f64::from(x + 1.0) * 0.5 < cfg.density)
+                    .collect();
+                Some(SparseOptions {
+                    flash: flash.clone(),
+                    block_mask: Some(Arc::new(BlockMask::from_dense(&on, layout)?)),
+                    ..Default::default()
+                })
+            }
+            _ => None,
+        };
         Ok(Problem {
             shape,
             dtype,
             flash,
+            sparse,
             grid: if na.is_some() {
                 cfg.grid.clone()
             } else {
@@ -264,9 +301,17 @@ impl Problem {
     }
 
     fn sees(&self, i: usize, j: usize) -> bool {
+        let listed = |sp: &SparseOptions| {
+            sp.block_mask
+                .as_ref()
+                .is_some_and(|m| m.state(0, 0, i, j) != 0)
+        };
         match &self.na {
             Some((_, spec)) => spec.sees(i, j),
-            None => visible(&self.flash, i, j, self.shape.lq, self.shape.lk),
+            None => {
+                visible(&self.flash, i, j, self.shape.lq, self.shape.lk)
+                    && self.sparse.as_ref().is_none_or(listed)
+            }
         }
     }
 
@@ -279,7 +324,12 @@ impl Problem {
         }
     }
 
-    fn check(&self, got: &[f32], lse: &[f32]) -> wgpu_attention::Result<Comparison> {
+    fn check(
+        &self,
+        ctx: &GpuContext,
+        got: &[f32],
+        lse: &[f32],
+    ) -> wgpu_attention::Result<Comparison> {
         let ri = RefInputs {
             shape: self.shape,
             q: &self.q,
@@ -288,6 +338,21 @@ impl Problem {
             bias: None,
         };
         let f16 = self.dtype == DType::F16;
+        if let Some(sp) = &self.sparse {
+            let mask = sp
+                .block_mask
+                .as_deref()
+                .ok_or_else(|| AttnError::invalid("sparse case", "a block mask", "none"))?;
+            // no snippets here: the sparse reference runs on the CPU alone
+            let r = sparse_reference(ctx, &ri, sp, mask, |p| p)?;
+            let plain = f16
+                .then(|| {
+                    sparse_reference(ctx, &ri, sp, mask, round_f16)
+                        .map(|o| o.out.into_iter().map(round_f16).collect::<Vec<_>>())
+                })
+                .transpose()?;
+            return Ok(compare(got, Some(lse), &r, plain.as_deref()));
+        }
         match &self.na {
             Some((o, spec)) => {
                 let r = neighborhood_reference(&ri, spec, o.scale)?;
@@ -405,9 +470,10 @@ impl Prepared {
         ts: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<String> {
         let (q, k, v, out, lse) = (&self.q, &self.k, &self.v, &self.out, Some(&self.lse));
-        let plan = match &self.p.na {
-            Some((o, _)) => encode_neighborhood_attention(ctx, enc, q, k, v, out, lse, o, ts)?,
-            None => encode_flash_attention(ctx, enc, q, k, v, out, lse, &self.p.flash, ts)?,
+        let plan = match (&self.p.na, &self.p.sparse) {
+            (Some((o, _)), _) => encode_neighborhood_attention(ctx, enc, q, k, v, out, lse, o, ts)?,
+            (None, Some(sp)) => encode_sparse_attention(ctx, enc, q, k, v, out, lse, sp, ts)?,
+            (None, None) => encode_flash_attention(ctx, enc, q, k, v, out, lse, &self.p.flash, ts)?,
         };
         Ok(plan.key.label())
     }
@@ -494,7 +560,7 @@ pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         clock: timing.as_ref().map(|t| t.clock),
         gflops: timing.as_ref().map(|t| flops / (t.median_ms * 1e6)),
         visible_pairs: pairs,
-        check: p.check(&got, &got_lse)?,
+        check: p.check(ctx, &got, &got_lse)?,
         pattern: p.pattern(),
         weights: p.weights(cfg.query),
     })

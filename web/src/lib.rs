@@ -45,8 +45,8 @@ pub fn adapter_report(ctx: &GpuContext) -> AdapterReport {
 }
 
 /// The self-test: every variant in f32 on awkward shapes (L = 1 and 113, Lq != Lk, D = 40 and
-/// 96, GQA, bottom-right causal, windows with sinks, 1D/2D/3D neighborhoods with dilation,
-/// stride and causal axes).
+/// 96, GQA, bottom-right causal, windows with sinks, a random block mask, 1D/2D/3D
+/// neighborhoods with dilation, stride and causal axes).
 pub fn selftest_cases() -> Vec<Config> {
     let seq = |name: &str, variant, lq, lk, heads, kv_heads, d| Config {
         name: name.into(),
@@ -118,6 +118,20 @@ pub fn selftest_cases() -> Vec<Config> {
                 2,
                 2,
                 40,
+            )
+        },
+        Config {
+            causal: true,
+            block: [16, 32],
+            density: 0.5,
+            ..seq(
+                "sparse causal half the blocks of 16x32 Lq=113 Lk=200 GQA 4/2",
+                Variant::Sparse,
+                113,
+                200,
+                4,
+                2,
+                64,
             )
         },
         Config {
