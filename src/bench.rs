@@ -379,30 +379,27 @@ fn row(case: &BenchCase, kernel: String, t: &Timing, flops: f64) -> BenchRow {
     }
 }
 
-/// Inputs for flash attention on a case (pseudo-random, fixed seeds) and a recorder of one pass
-/// with `strategy`.
+/// A case's q, k, v (pseudo-random, fixed seeds) and its output, f32 `[B, L, H, D]`.
+fn case_tensors(ctx: &GpuContext, s: &AttnShape) -> Result<[Tensor; 4]> {
+    let t = |dims: [usize; 4], seed| {
+        Tensor::from_f32(ctx, &pseudo_random(dims.iter().product(), seed), &dims)
+    };
+    Ok([
+        t([s.batch, s.lq, s.hq, s.d], 1)?,
+        t([s.batch, s.lk, s.hkv, s.d], 2)?,
+        t([s.batch, s.lk, s.hkv, s.dv], 3)?,
+        Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], DType::F32, 0.0)?,
+    ])
+}
+
+/// Inputs for flash attention on a case ([`case_tensors`]) and a recorder of one pass with
+/// `strategy`.
 pub fn flash_pass<'a>(
     ctx: &'a GpuContext,
     case: &BenchCase,
     strategy: StrategyChoice,
 ) -> Result<Record<'a>> {
-    let s = case.shape();
-    let q = Tensor::from_f32(
-        ctx,
-        &pseudo_random(s.batch * s.lq * s.hq * s.d, 1),
-        &[s.batch, s.lq, s.hq, s.d],
-    )?;
-    let k = Tensor::from_f32(
-        ctx,
-        &pseudo_random(s.batch * s.lk * s.hkv * s.d, 2),
-        &[s.batch, s.lk, s.hkv, s.d],
-    )?;
-    let v = Tensor::from_f32(
-        ctx,
-        &pseudo_random(s.batch * s.lk * s.hkv * s.dv, 3),
-        &[s.batch, s.lk, s.hkv, s.dv],
-    )?;
-    let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], DType::F32, 0.0)?;
+    let [q, k, v, out] = case_tensors(ctx, &case.shape())?;
     let opts = FlashOptions {
         causal: case.causal,
         window: case
@@ -417,27 +414,15 @@ pub fn flash_pass<'a>(
     }))
 }
 
-/// A recorder of one pass of sparse attention on a case's q, k, v (the same pseudo-random
-/// inputs as [`flash_pass`]) with `opts` (its `flash` options take the case's causal flag).
+/// A recorder of one pass of sparse attention on a case's q, k, v ([`case_tensors`], the
+/// inputs of [`flash_pass`]) with `opts` (its `flash` options take the case's causal flag).
 pub fn sparse_pass<'a>(
     ctx: &'a GpuContext,
     case: &BenchCase,
     mut opts: crate::sparse::attention::SparseOptions,
 ) -> Result<Record<'a>> {
     let s = case.shape();
-    let t = |n: usize, seed, dims: &[usize]| Tensor::from_f32(ctx, &pseudo_random(n, seed), dims);
-    let q = t(s.batch * s.lq * s.hq * s.d, 1, &[s.batch, s.lq, s.hq, s.d])?;
-    let k = t(
-        s.batch * s.lk * s.hkv * s.d,
-        2,
-        &[s.batch, s.lk, s.hkv, s.d],
-    )?;
-    let v = t(
-        s.batch * s.lk * s.hkv * s.dv,
-        3,
-        &[s.batch, s.lk, s.hkv, s.dv],
-    )?;
-    let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], DType::F32, 0.0)?;
+    let [q, k, v, out] = case_tensors(ctx, &s)?;
     opts.flash.causal = case.causal;
     // the block mask made once, outside the timed passes
     opts.block_mask = Some(crate::sparse::attention::resolve_block_mask(

@@ -664,7 +664,10 @@ fn run(a: &RunArgs) -> CliResult<()> {
     // a sparse call: its block mask made once, before the timed runs
     let sparse = if sparse_args.any() {
         let mut sp = cli::sparse::options(&sparse_args, &s, opts.clone())?;
-        if let Some(t) = sp.topk.take() {
+        // routing makes the block mask; with --block-mask or --mask-mod it is refused below
+        let route = sp.block_mask.is_none() && sp.mask_mod.is_none();
+        if let Some(t) = sp.topk.filter(|_| route) {
+            sp.topk = None;
             let routing = sparse::routing::route_blocks(&ctx, &q, &k, &opts, &t)?;
             if let Some(p) = &a.selected {
                 let (nq, _) = t.layout(&s).blocks();

@@ -144,7 +144,8 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
 
 /// Runs a one-off kernel and submits it: `params` bound as the uniform at binding 0, then
 /// `resources` at bindings 1, 2, .. in the order the kernel declares them, one dispatch of
-/// `grid` (the small helper kernels: block counts, snippet evaluation, pooling).
+/// `grid` (the small helper kernels: block counts, snippet evaluation, pooling; their grids
+/// come from [`dispatch_grid`]).
 pub(crate) fn run_once(
     ctx: &GpuContext,
     key: &dyn Kernel,
@@ -180,6 +181,24 @@ pub(crate) fn run_once(
         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
         Ok(())
     })
+}
+
+/// A helper kernel's grid, each axis named for the error when it exceeds the adapter's
+/// workgroups per dispatch dimension.
+pub(crate) fn dispatch_grid(ctx: &GpuContext, grid: [(&str, usize); 3]) -> Result<[u32; 3]> {
+    let max = ctx.limits.max_compute_workgroups_per_dimension;
+    let mut dims = [0u32; 3];
+    for (d, (what, n)) in dims.iter_mut().zip(grid) {
+        *d = u32::try_from(n)
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or_else(|| AttnError::Limit {
+                what: format!("{what} (workgroups per dispatch dimension)"),
+                needed: n as u64,
+                limit: u64::from(max),
+            })?;
+    }
+    Ok(dims)
 }
 
 /// Parses and validates WGSL with naga; the error names the shader and the line.
@@ -240,27 +259,30 @@ impl GpuContext {
         }
         // Built without holding the lock: driver compiles take seconds on CPU adapters and two
         // threads may build different kernels at once (a rare duplicate build is harmless).
-        let wg_bytes = kernel.workgroup_bytes() as u64;
-        let wg_limit = self.limits.max_compute_workgroup_storage_size as u64;
-        if wg_bytes > wg_limit {
-            return Err(AttnError::Limit {
-                what: format!("workgroup memory of {label}"),
-                needed: wg_bytes,
-                limit: wg_limit,
-            });
-        }
         let bindings = kernel.bindings();
         let storage = bindings
             .iter()
             .filter(|b| matches!(b.kind, BindingKind::Read(_) | BindingKind::ReadWrite(_)))
             .count() as u64;
-        let storage_limit = self.limits.max_storage_buffers_per_shader_stage as u64;
-        if storage > storage_limit {
-            return Err(AttnError::Limit {
-                what: format!("storage buffers of {label}"),
-                needed: storage,
-                limit: storage_limit,
-            });
+        for (what, needed, limit) in [
+            (
+                "workgroup memory",
+                u64::from(kernel.workgroup_bytes()),
+                self.limits.max_compute_workgroup_storage_size,
+            ),
+            (
+                "storage buffers",
+                storage,
+                self.limits.max_storage_buffers_per_shader_stage,
+            ),
+        ] {
+            if needed > u64::from(limit) {
+                return Err(AttnError::Limit {
+                    what: format!("{what} of {label}"),
+                    needed,
+                    limit: u64::from(limit),
+                });
+            }
         }
         let source = kernel.source();
         validate_wgsl(&label, &source, kernel.capabilities())?;

@@ -526,6 +526,19 @@ fn run_sparse_with_snippets_and_block_masks() {
         ),
         (vec!["--local-blocks", "2"], "--topk-blocks"),
         (
+            vec![
+                "--topk-blocks",
+                "2",
+                "--mask-mod",
+                &s(&doc),
+                "--aux",
+                &s(&ids_path),
+                "--block-size",
+                "64,64",
+            ],
+            "top-k routing alone",
+        ),
+        (
             vec!["--normalizer", "sigmoid", "--lse", "/tmp/x.npy"],
             "no LSE",
         ),

@@ -477,7 +477,12 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnShape> {
     })
 }
 
-fn check_lens(lens: &Option<Vec<u32>>, what: &str, batch: usize, max: usize) -> Result<()> {
+pub(crate) fn check_lens(
+    lens: &Option<Vec<u32>>,
+    what: &str,
+    batch: usize,
+    max: usize,
+) -> Result<()> {
     if let Some(l) = lens {
         if l.len() != batch {
             return Err(AttnError::shape(

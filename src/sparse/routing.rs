@@ -15,7 +15,9 @@ use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::flash::reference::RefInputs;
 use crate::flash::{AttnShape, FlashOptions};
-use crate::pipeline::{declare_bindings, run_once, BindingDecl, Kernel, UniformLayout};
+use crate::pipeline::{
+    declare_bindings, dispatch_grid, run_once, BindingDecl, Kernel, UniformLayout,
+};
 use crate::softmax::BoundRange;
 use crate::sparse::snippet::u;
 use crate::sparse::{check_block_size, BlockLayout, BlockMask};
@@ -185,16 +187,14 @@ fn pool(
     let shape = t.shape();
     let [batch, len, heads, d] = [shape[0], shape[1], shape[2], shape[3]];
     let blocks = len.div_ceil(block);
-    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
-    for (axis, n) in [("blocks", blocks), ("heads", heads), ("batch", batch)] {
-        if n > max {
-            return Err(AttnError::Limit {
-                what: format!("{what} {axis} (workgroups per dispatch dimension)"),
-                needed: n as u64,
-                limit: max as u64,
-            });
-        }
-    }
+    let grid = dispatch_grid(
+        ctx,
+        [
+            (&format!("{what} blocks"), blocks),
+            (&format!("{what} heads"), heads),
+            (&format!("{what} batch"), batch),
+        ],
+    )?;
     let bound = BoundRange::new(ctx, t, what)?;
     let st = t.strides();
     let params = PoolParams {
@@ -226,7 +226,6 @@ fn pool(
         lens_buf.as_entire_binding(),
         out.buffer().as_entire_binding(),
     ];
-    let grid = [params.blocks, params.heads, u(batch, "batch")?];
     run_once(ctx, &key, bytemuck::bytes_of(&params), resources, grid)?;
     let means = out.to_vec_f32(ctx)?;
     if means.iter().any(|x| !x.is_finite()) {
@@ -332,20 +331,8 @@ pub fn route_blocks(
 ) -> Result<Routing> {
     let s = crate::flash::check_inputs(q, k, k)?;
     topk.check(&s)?;
-    for (name, lens, len) in [
-        ("q_lens", &opts.q_lens, s.lq),
-        ("kv_lens", &opts.kv_lens, s.lk),
-    ] {
-        if let Some(l) = lens {
-            if l.len() != s.batch || l.iter().any(|&x| x as usize > len) {
-                return Err(AttnError::invalid(
-                    name,
-                    format!("{} lengths of at most {len}", s.batch),
-                    format!("{l:?}"),
-                ));
-            }
-        }
-    }
+    crate::flash::check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
+    crate::flash::check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
     let qm = pool(ctx, q, "q", topk.block, opts.q_lens.as_deref())?;
     let km = pool(ctx, k, "k", topk.block, opts.kv_lens.as_deref())?;
     let (nq, nk) = topk.layout(&s).blocks();

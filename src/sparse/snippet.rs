@@ -412,21 +412,14 @@ fn count_blocks(
     layout.check()?;
     let (nq, nk) = layout.blocks();
     let tiles = layout.batch * layout.heads;
-    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
-    if let Some((what, n)) = [
-        ("key blocks", nk),
-        ("query blocks", nq),
-        ("batch x heads", tiles),
-    ]
-    .into_iter()
-    .find(|&(_, n)| n > max)
-    {
-        return Err(AttnError::Limit {
-            what: format!("{what} (workgroups per dispatch dimension)"),
-            needed: n as u64,
-            limit: max as u64,
-        });
-    }
+    let grid = crate::pipeline::dispatch_grid(
+        ctx,
+        [
+            ("key blocks", nk),
+            ("query blocks", nq),
+            ("batch x heads", tiles),
+        ],
+    )?;
     let params = CountParams {
         heads: u(layout.heads, "heads")?,
         lq: u(layout.lq, "Lq")?,
@@ -447,7 +440,7 @@ fn count_blocks(
         bytemuck::bytes_of(&params),
         &[counts.buffer()],
         aux,
-        [params.nk, params.nq, tiles as u32],
+        grid,
     )?;
     Ok(counts)
 }
