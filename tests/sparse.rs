@@ -62,6 +62,105 @@ fn shipped_examples_equal_their_rust_twins() {
     }
 }
 
+/// Every builder's WGSL twin ([`MaskMod::snippet`]) decides every pair as the builder's
+/// closure does (evaluated elementwise on the GPU, per batch and head), and makes the same
+/// block mask on the GPU as the closure on the host, at awkward lengths and block sizes.
+#[test]
+fn builders_wgsl_twins_equal_their_closures() {
+    let docs = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
+    let mut checked = 0;
+    for (lq, lk) in [(150, 150), (37, 150), (150, 113)] {
+        let mut masks = vec![
+            patterns::causal(lq, lk),
+            patterns::sliding_window(lq, lk, Some(20), Some(3)),
+            patterns::sliding_window(lq, lk, None, Some(0)),
+            patterns::sliding_window(lq, lk, Some(5), None),
+            patterns::prefix_lm(lq, lk, 40),
+            patterns::global_tokens(vec![0, 64, 149]).or(&patterns::sliding_window(
+                lq,
+                lk,
+                Some(8),
+                Some(8),
+            )),
+            patterns::document(docs[..lq].to_vec(), docs[..lk].to_vec())
+                .and(&patterns::causal(lq, lk)),
+            patterns::strided(lq, lk, 7).unwrap(),
+            patterns::fixed(lq, lk, 16, 3).unwrap(),
+            patterns::bigbird(lq, lk, 16, 1, 1, 2, 7).unwrap(),
+            patterns::bigbird(lq, lk, 32, 0, 0, 0, 7)
+                .unwrap()
+                .and(&patterns::causal(lq, lk)),
+        ];
+        if lq == lk {
+            masks.push(patterns::longlora_shifted(lq, 4, 32, true).unwrap());
+            masks.push(patterns::longlora_shifted(lq, 4, 50, false).unwrap());
+        }
+        if lq == 150 && lk == 150 {
+            // a 10 x 15 token grid
+            masks.push(patterns::maxvit_block(10, 15, 5).unwrap());
+            masks.push(patterns::maxvit_grid(10, 15, 5).unwrap());
+        }
+        for m in &masks {
+            let (sn, aux) = m.snippet().unwrap_or_else(|e| panic!("{m:?}: {e}"));
+            let heads = if m.name.starts_with("longlora") { 4 } else { 1 };
+            for h in 0..heads {
+                let got = eval_snippet(ctx(), &sn, &aux, (0, h), 0..lq, 0..lk, None).unwrap();
+                for (e, &g) in got.iter().enumerate() {
+                    let (q, k) = (e / lk, e % lk);
+                    assert_eq!(g == 1.0, m.eval(0, h, q, k), "{m:?} h{h} q{q} k{k}");
+                }
+            }
+            let l = layout(1, heads, lq, lk, 16, 32);
+            let gpu = create_block_mask(ctx(), &sn, &aux, l).unwrap();
+            assert_eq!(gpu, BlockMask::from_mask_mod(m, l).unwrap(), "{m:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * 11 + 2 + 2);
+    // the samples naga checks in tests/naga.rs all have their twin
+    let samples = patterns::samples();
+    assert_eq!(samples.len(), 11);
+    for m in &samples {
+        assert!(m.snippet().is_ok(), "{m:?}");
+    }
+    // a closure has no twin, and a combination past four aux buffers is refused
+    let own = MaskMod::new("own", |_, _, q, k| k <= q);
+    assert!(matches!(own.snippet(), Err(AttnError::Invalid { .. })));
+    let d = patterns::document(docs.clone(), docs.clone());
+    let err = d.and(&d).and(&d).snippet().unwrap_err().to_string();
+    assert!(err.contains("at most 4"), "{err}");
+}
+
+/// A builder's mask through the kernel ([`SparseOptions::from_mask_mod`]): the block mask made
+/// from its twin, the twin evaluated on partial blocks, against the f64 reference; and a block
+/// mask with partial blocks but no mask_mod to evaluate there is refused.
+#[test]
+fn builders_through_the_kernel() {
+    let (lq, lk) = (113, 150);
+    let docs = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
+    let m = patterns::document(docs[..lq].to_vec(), docs.clone())
+        .and(&patterns::causal(lq, lk))
+        .or(&patterns::sinks(3));
+    let sp = SparseOptions::from_mask_mod(&m, Some(BLOCKS[1])).unwrap();
+    for st in snippet_strategies() {
+        let mut case = Case::new(1, lq, lk, 2, 1, 64, 64);
+        case.opts.strategy = st;
+        assert_sparse(&case, &sp, &format!("{m:?} {st:?}"));
+    }
+    let host = BlockMask::from_mask_mod(&m, layout(1, 1, lq, lk, 32, 32)).unwrap();
+    assert!(host.partial.iter().any(|p| !p.is_empty()));
+    let q = Tensor::from_f32(ctx(), &vec![0.5; lq * 2 * 64], &[1, lq, 2, 64]).unwrap();
+    let kv = Tensor::from_f32(ctx(), &vec![0.5; lk * 64], &[1, lk, 1, 64]).unwrap();
+    let Err(err) = sparse_attention(ctx(), &q, &kv, &kv, &sparse_with(host)) else {
+        panic!("partial blocks without a mask_mod ran");
+    };
+    assert!(
+        err.to_string()
+            .contains("partial blocks only with a mask_mod"),
+        "{err}"
+    );
+}
+
 /// Per batch and head (`b`, `h` reach the snippet), and an f32 aux buffer.
 #[test]
 fn batch_head_and_f32_aux() {

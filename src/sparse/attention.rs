@@ -26,7 +26,7 @@ use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
 use crate::sparse::snippet::{
     check_aux, create_block_mask, eval_snippet, u, Aux, Snippet, SnippetKind,
 };
-use crate::sparse::{BlockLayout, BlockMask};
+use crate::sparse::{BlockLayout, BlockMask, MaskMod};
 use crate::tensor::{DType, Tensor};
 
 /// FlexAttention's default block size.
@@ -54,6 +54,22 @@ pub struct SparseOptions {
     /// scores ([`route_blocks`]), made per call from q and k (not with `block_mask` or
     /// `mask_mod`).
     pub topk: Option<TopK>,
+}
+
+impl SparseOptions {
+    /// FlexAttention's `create_block_mask(mask_mod, ..)` with a builder's mask
+    /// ([`crate::sparse::patterns`], combinators included): its WGSL twin
+    /// ([`MaskMod::snippet`]) as the `mask_mod` with its aux buffers, the block mask made from
+    /// it on the GPU per call in blocks of `block_size` (`None`: 128 x 128).
+    pub fn from_mask_mod(mask: &MaskMod, block_size: Option<(usize, usize)>) -> Result<Self> {
+        let (snippet, aux) = mask.snippet()?;
+        Ok(SparseOptions {
+            mask_mod: Some(snippet),
+            aux,
+            block_size,
+            ..Default::default()
+        })
+    }
 }
 
 /// How a row's scores become the weights of its values.
@@ -160,6 +176,15 @@ pub fn resolve_block_mask(
         }
     };
     check_mask(&mask, s)?;
+    let partial: usize = mask.partial.iter().map(Vec::len).sum();
+    if partial > 0 && opts.mask_mod.is_none() {
+        return Err(AttnError::invalid(
+            "block mask",
+            "partial blocks only with a mask_mod to evaluate on them (a builder's \
+             MaskMod::snippet, or SparseOptions::from_mask_mod, gives its WGSL twin)",
+            format!("{partial} partial blocks and no mask_mod"),
+        ));
+    }
     Ok(mask)
 }
 
@@ -597,7 +622,7 @@ pub fn sparse_reference(
 
 /// Every sparse attention specialization the host can build, for naga in `cargo test`: the
 /// plain geometry on every shape, tile and key tile the plan may pick, and each shipped
-/// example snippet's geometry on the f32 D = 64 keys of both strategies (a snippet changes
+/// example snippet's and builder twin's geometry on the f32 D = 64 keys of both strategies (a snippet changes
 /// only its own text; the rest of the kernel is the plain geometry's).
 pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
     use crate::softmax::{kernel_key, with_tile};
@@ -641,11 +666,25 @@ pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
                 .iter()
                 .map(|(_, src, t)| (SnippetKind::ScoreMod, *src, t.to_vec())),
         );
+    let mut built: Vec<(SnippetKind, Snippet, Vec<&str>)> = Vec::new();
     for (kind, src, types) in snippets {
         let values: Vec<Aux> = types.iter().map(|t| Aux::placeholder(t)).collect();
-        let Ok(sn) = Snippet::new(kind, src, &values) else {
-            continue; // the snippet tests report a broken example
-        };
+        if let Ok(sn) = Snippet::new(kind, src, &values) {
+            built.push((kind, sn, types)); // else the snippet tests report a broken example
+        }
+    }
+    // the builders' WGSL twins
+    for (sn, aux) in crate::sparse::patterns::samples()
+        .iter()
+        .filter_map(|m| m.snippet().ok())
+    {
+        built.push((
+            SnippetKind::MaskMod,
+            sn,
+            aux.iter().map(Aux::wgsl).collect(),
+        ));
+    }
+    for (kind, sn, types) in built {
         let geo = match kind {
             SnippetKind::MaskMod => geometry(Some(&sn), None, &types, false),
             SnippetKind::ScoreMod => geometry(None, Some(&sn), &types, false),

@@ -2,7 +2,8 @@
 //! `mask_mod`/`score_mod` snippets checked by naga with `create_block_mask` evaluating a
 //! snippet on the GPU ([`snippet`]), and block-sparse attention itself ([`attention`]: the
 //! flash call path with the [`shader::BlockSparse`] geometry, whose key passes walk a block
-//! list, the snippets spliced in). Not built yet: sigmoid attention, top-k routing.
+//! list, the snippets spliced in), with sigmoid attention as a normalizer, and content-routed
+//! top-k blocks ([`routing`]).
 //!
 //! A `mask_mod(b, h, q_idx, kv_idx) -> bool` says whether query `q_idx` sees key `kv_idx`
 //! (positions in the sequence, `h` the query head). A [`BlockMask`] cuts the (query, key)
@@ -21,15 +22,61 @@ pub mod snippet;
 use std::sync::Arc;
 
 use crate::error::{AttnError, Result};
+use snippet::{Aux, Snippet, SnippetKind};
 
 /// `mask_mod(b, h, q_idx, kv_idx)`: whether the query sees the key.
 pub type MaskFn = Arc<dyn Fn(usize, usize, usize, usize) -> bool + Send + Sync>;
 
-/// A named `mask_mod` (the name shows in errors and labels).
+/// A named `mask_mod` (the name shows in errors and labels), with the WGSL twin the kernel
+/// evaluates on partial blocks when a builder made it ([`MaskMod::snippet`]).
 #[derive(Clone)]
 pub struct MaskMod {
     pub name: String,
     pub f: MaskFn,
+    /// The same mask in WGSL; `None` for a closure of the caller's ([`MaskMod::new`]).
+    pub wgsl: Option<MaskWgsl>,
+}
+
+/// A builder's mask in WGSL: a `bool` expression over `b`, `h`, `q_idx` and `kv_idx` (the
+/// `mask_mod` parameters) that reads its aux buffers as `$0`, `$1`, .. (renumbered when masks
+/// combine; [`MaskMod::snippet`] names them `aux0`..`aux3`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaskWgsl {
+    pub expr: String,
+    pub aux: Vec<Aux>,
+}
+
+impl MaskWgsl {
+    fn new(expr: impl Into<String>, aux: Vec<Aux>) -> Option<MaskWgsl> {
+        Some(MaskWgsl {
+            expr: expr.into(),
+            aux,
+        })
+    }
+
+    /// `self op other`, the other's aux references shifted past this one's.
+    fn combine(&self, op: &str, other: &MaskWgsl) -> MaskWgsl {
+        let n = self.aux.len();
+        let mut shifted = String::with_capacity(other.expr.len());
+        let mut chars = other.expr.chars().peekable();
+        while let Some(c) = chars.next() {
+            shifted.push(c);
+            if c == '$' {
+                let mut digits = String::new();
+                while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                    digits.push(d);
+                }
+                let i: usize = digits.parse().unwrap_or(0);
+                shifted.push_str(&(i + n).to_string());
+            }
+        }
+        let mut aux = self.aux.clone();
+        aux.extend(other.aux.iter().cloned());
+        MaskWgsl {
+            expr: format!("({}) {op} ({shifted})", self.expr),
+            aux,
+        }
+    }
 }
 
 impl std::fmt::Debug for MaskMod {
@@ -46,7 +93,13 @@ impl MaskMod {
         MaskMod {
             name: name.into(),
             f: Arc::new(f),
+            wgsl: None,
         }
+    }
+    /// With its WGSL twin (the builders' way).
+    fn with_wgsl(mut self, wgsl: Option<MaskWgsl>) -> Self {
+        self.wgsl = wgsl;
+        self
     }
     pub fn eval(&self, b: usize, h: usize, q: usize, kv: usize) -> bool {
         (self.f)(b, h, q, kv)
@@ -58,6 +111,7 @@ impl MaskMod {
             format!("({} & {})", self.name, other.name),
             move |b, h, q, k| a(b, h, q, k) && o(b, h, q, k),
         )
+        .with_wgsl(self.combine_wgsl("&&", other))
     }
     /// Either mask (FlexAttention's `or_masks`).
     pub fn or(&self, other: &MaskMod) -> MaskMod {
@@ -66,13 +120,48 @@ impl MaskMod {
             format!("({} | {})", self.name, other.name),
             move |b, h, q, k| a(b, h, q, k) || o(b, h, q, k),
         )
+        .with_wgsl(self.combine_wgsl("||", other))
+    }
+    fn combine_wgsl(&self, op: &str, other: &MaskMod) -> Option<MaskWgsl> {
+        Some(self.wgsl.as_ref()?.combine(op, other.wgsl.as_ref()?))
+    }
+
+    /// The WGSL `mask_mod` snippet of a builder's mask (combinators included) and the aux
+    /// buffers it reads, for [`SparseOptions`](attention::SparseOptions)' `mask_mod` and
+    /// `aux` ([`attention::SparseOptions::from_mask_mod`] sets both): the kernel evaluates it
+    /// on partial blocks. Refused for a caller's closure (no twin) and past four aux buffers.
+    pub fn snippet(&self) -> Result<(Snippet, Vec<Aux>)> {
+        let Some(w) = &self.wgsl else {
+            return Err(AttnError::invalid(
+                "mask_mod",
+                "a builder's mask (a closure has no WGSL twin: write a WGSL mask_mod snippet)",
+                format!("the closure {}", self.name),
+            ));
+        };
+        if w.aux.len() > snippet::MAX_AUX {
+            return Err(AttnError::invalid(
+                "mask_mod aux buffers",
+                format!("at most {} in all", snippet::MAX_AUX),
+                format!("{} in {}", w.aux.len(), self.name),
+            ));
+        }
+        let body = w.expr.replace('$', "aux");
+        let src = format!(
+            "// {}\nfn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {{\n    return {body};\n}}",
+            self.name.replace('\n', " ")
+        );
+        let sn = Snippet::new(SnippetKind::MaskMod, &src, &w.aux)?;
+        Ok((sn, w.aux.clone()))
     }
 }
 
-/// Builders: each gives the `mask_mod` of a pattern (its block mask comes from
-/// [`BlockMask::from_mask_mod`]).
+/// Builders: each gives the `mask_mod` of a pattern as a Rust closure (its block mask on the
+/// host from [`BlockMask::from_mask_mod`]) with its WGSL twin, the snippet the kernel evaluates
+/// on partial blocks ([`MaskMod::snippet`]; `and`/`or` combine both, aux buffers renumbered).
+/// Data a pattern needs (document ids, global positions, BigBird's random blocks as a bitmap)
+/// travels as aux buffers; lengths and sizes are literals in the snippet.
 pub mod patterns {
-    use super::MaskMod;
+    use super::{Aux, MaskMod, MaskWgsl};
     use crate::error::{AttnError, Result};
 
     /// The diagonal offset of bottom-right alignment: query i sits at key position `i + off`.
@@ -80,10 +169,41 @@ pub mod patterns {
         lk as i64 - lq as i64
     }
 
+    /// A WGSL `i32` literal, clamped to its range (indices are `u32`, so a clamped bound or
+    /// offset decides as the unclamped one would).
+    fn lit_i(x: i64) -> String {
+        format!("({}i)", x.clamp(i32::MIN as i64 + 1, i32::MAX as i64))
+    }
+    /// A WGSL `u32` literal, clamped to its range.
+    fn lit_u(x: usize) -> String {
+        format!("{}u", x.min(u32::MAX as usize))
+    }
+
+    /// A bitmap of `n` bits with the given ones set, in `u32` words.
+    fn bitmap(n: usize, ones: impl IntoIterator<Item = usize>) -> Vec<u32> {
+        let mut w = vec![0u32; n.div_ceil(32).max(1)];
+        for i in ones.into_iter().filter(|&i| i < n) {
+            w[i / 32] |= 1 << (i % 32);
+        }
+        w
+    }
+    /// Bit `idx` (a `u32` WGSL expression) of the bitmap of `n` bits in aux buffer `slot`.
+    fn bit(slot: &str, idx: &str, n: usize) -> String {
+        format!(
+            "({idx} < {} && ((${slot}[({idx}) / 32u] >> (({idx}) % 32u)) & 1u) != 0u)",
+            lit_u(n)
+        )
+    }
+
     /// Causal, bottom-right aligned: `kv <= q + Lk - Lq`.
     pub fn causal(lq: usize, lk: usize) -> MaskMod {
         let off = offset(lq, lk);
-        MaskMod::new("causal", move |_, _, q, k| k as i64 <= q as i64 + off)
+        MaskMod::new("causal", move |_, _, q, k| k as i64 <= q as i64 + off).with_wgsl(
+            MaskWgsl::new(
+                format!("i32(kv_idx) <= i32(q_idx) + {}", lit_i(off)),
+                vec![],
+            ),
+        )
     }
 
     /// Sliding window around the (bottom-right aligned) diagonal: `q + off - left <= kv <=
@@ -95,15 +215,31 @@ pub mod patterns {
         right: Option<usize>,
     ) -> MaskMod {
         let off = offset(lq, lk);
+        let d = format!("(i32(kv_idx) - i32(q_idx) - {})", lit_i(off));
+        let mut sides: Vec<String> = Vec::new();
+        if let Some(l) = left {
+            sides.push(format!(
+                "{d} >= {}",
+                lit_i(-(l.min(i64::MAX as usize) as i64))
+            ));
+        }
+        if let Some(r) = right {
+            sides.push(format!("{d} <= {}", lit_i(r.min(i64::MAX as usize) as i64)));
+        }
+        if sides.is_empty() {
+            sides.push("true".into());
+        }
         MaskMod::new(format!("window({left:?},{right:?})"), move |_, _, q, k| {
             let d = k as i64 - (q as i64 + off);
             left.is_none_or(|l| d >= -(l as i64)) && right.is_none_or(|r| d <= r as i64)
         })
+        .with_wgsl(MaskWgsl::new(sides.join(" && "), vec![]))
     }
 
     /// The first `n` keys (attention sinks, StreamingLLM), visible to every query.
     pub fn sinks(n: usize) -> MaskMod {
         MaskMod::new(format!("sinks({n})"), move |_, _, _, k| k < n)
+            .with_wgsl(MaskWgsl::new(format!("kv_idx < {}", lit_u(n)), vec![]))
     }
 
     /// Global tokens (Longformer, BigBird): these positions see every key and are seen by every
@@ -112,9 +248,22 @@ pub mod patterns {
         let mut p = positions;
         p.sort_unstable();
         p.dedup();
+        // a bitmap over positions 0..=max in aux0
+        let wgsl = match p.last() {
+            None => MaskWgsl::new("false", vec![]),
+            Some(&last) => MaskWgsl::new(
+                format!(
+                    "{} || {}",
+                    bit("0", "q_idx", last + 1),
+                    bit("0", "kv_idx", last + 1)
+                ),
+                vec![Aux::U32(bitmap(last + 1, p.iter().copied()))],
+            ),
+        };
         MaskMod::new(format!("global({})", p.len()), move |_, _, q, k| {
             p.binary_search(&q).is_ok() || p.binary_search(&k).is_ok()
         })
+        .with_wgsl(wgsl)
     }
 
     /// Prefix-LM: the first `prefix` keys are visible to every query, the rest causally.
@@ -126,10 +275,24 @@ pub mod patterns {
     /// a query sees the keys of its own document only (AND it with `causal` for causal
     /// documents).
     pub fn document(q_docs: Vec<u32>, kv_docs: Vec<u32>) -> MaskMod {
+        // aux0: the queries' ids, aux1: the keys'
+        let wgsl = if q_docs.is_empty() || kv_docs.is_empty() {
+            MaskWgsl::new("false", vec![])
+        } else {
+            MaskWgsl::new(
+                format!(
+                    "q_idx < {} && kv_idx < {} && $0[q_idx] == $1[kv_idx]",
+                    lit_u(q_docs.len()),
+                    lit_u(kv_docs.len())
+                ),
+                vec![Aux::U32(q_docs.clone()), Aux::U32(kv_docs.clone())],
+            )
+        };
         MaskMod::new(
             "document",
             move |_, _, q, k| matches!((q_docs.get(q), kv_docs.get(k)), (Some(a), Some(b)) if a == b),
         )
+        .with_wgsl(wgsl)
     }
 
     /// Document ids from offsets (`cu_seqlens`: document d is tokens `offsets[d]..offsets[d+1]`).
@@ -156,13 +319,18 @@ pub mod patterns {
         positive("stride", stride)?;
         let off = offset(lq, lk);
         let s = stride as i64;
-        Ok(MaskMod::new(
-            format!("strided({stride})"),
-            move |_, _, q, k| {
+        let d = format!("(i32(q_idx) + {} - i32(kv_idx))", lit_i(off));
+        let si = lit_i(s);
+        Ok(
+            MaskMod::new(format!("strided({stride})"), move |_, _, q, k| {
                 let d = q as i64 + off - k as i64;
                 d >= 0 && (d < s || d % s == 0)
-            },
-        ))
+            })
+            .with_wgsl(MaskWgsl::new(
+                format!("{d} >= 0i && ({d} < {si} || {d} % {si} == 0i)"),
+                vec![],
+            )),
+        )
     }
 
     /// Sparse Transformer's fixed pattern, causal: a query sees the earlier keys of its own
@@ -177,15 +345,24 @@ pub mod patterns {
             ));
         }
         let off = offset(lq, lk);
-        Ok(MaskMod::new(
-            format!("fixed({block},{summary})"),
-            move |_, _, q, k| {
+        // k <= qk makes qk >= 0 before the divisions: truncating = flooring there
+        let qk = format!("(i32(q_idx) + {})", lit_i(off));
+        let (bl, c) = (lit_i(block as i64), lit_i(summary as i64));
+        let wgsl = MaskWgsl::new(
+            format!(
+                "i32(kv_idx) <= {qk} && (i32(kv_idx) / {bl} == {qk} / {bl} || i32(kv_idx) % {bl} >= {bl} - {c})"
+            ),
+            vec![],
+        );
+        Ok(
+            MaskMod::new(format!("fixed({block},{summary})"), move |_, _, q, k| {
                 let qk = q as i64 + off;
                 let k = k as i64;
                 let (bl, c) = (block as i64, summary as i64);
                 k <= qk && (k.div_euclid(bl) == qk.div_euclid(bl) || k % bl >= bl - c)
-            },
-        ))
+            })
+            .with_wgsl(wgsl),
+        )
     }
 
     /// A deterministic generator (splitmix64) for seeded patterns.
@@ -228,6 +405,46 @@ pub mod patterns {
                 p
             })
             .collect();
+        // the random blocks as a bitmap over (query block, key block) in aux0
+        let mut terms = vec![
+            format!("max(qb, kb) - min(qb, kb) <= {}", lit_u(window)),
+            format!("qb < {0} || kb < {0}", lit_u(global)),
+        ];
+        if picks.iter().any(|p| !p.is_empty()) {
+            let n = nq
+                .checked_mul(nk)
+                .filter(|&n| n <= u32::MAX as usize)
+                .ok_or_else(|| {
+                    AttnError::invalid(
+                        "bigbird blocks",
+                        "at most 2^32 (query block, key block) pairs",
+                        format!("{nq} x {nk}"),
+                    )
+                })?;
+            terms.push(format!(
+                "(kb < {} && {})",
+                lit_u(nk),
+                bit("0", &format!("qb * {} + kb", lit_u(nk)), n)
+            ));
+        }
+        let aux = match terms.len() {
+            3 => {
+                let ones = picks
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, p)| p.iter().map(move |&j| i * nk + j));
+                vec![Aux::U32(bitmap(nq * nk, ones))]
+            }
+            _ => vec![],
+        };
+        let b = lit_u(block);
+        let wgsl = MaskWgsl::new(
+            terms
+                .join(" || ")
+                .replace("qb", &format!("(q_idx / {b})"))
+                .replace("kb", &format!("(kv_idx / {b})")),
+            aux,
+        );
         Ok(MaskMod::new(
             format!("bigbird({block},{window},{global},{random},{seed})"),
             move |_, _, q, k| {
@@ -237,7 +454,8 @@ pub mod patterns {
                     || kb < global
                     || picks.get(qb).is_some_and(|p| p.binary_search(&kb).is_ok())
             },
-        ))
+        )
+        .with_wgsl(wgsl))
     }
 
     /// LongLoRA's shifted sparse attention (S²-Attn): tokens in groups of `group`; heads
@@ -254,9 +472,21 @@ pub mod patterns {
         positive("heads", heads)?;
         positive("len", len)?;
         let shift = group / 2;
-        Ok(MaskMod::new(
-            format!("longlora({group},{heads})"),
-            move |_, h, q, k| {
+        let gid = |x: &str| {
+            format!(
+                "select(({x} + {}) % {} / {g}, {x} / {g}, h < {})",
+                lit_u(len - shift % len),
+                lit_u(len),
+                lit_u(heads / 2),
+                g = lit_u(group)
+            )
+        };
+        let mut expr = format!("{} == {}", gid("q_idx"), gid("kv_idx"));
+        if causal {
+            expr.push_str(" && kv_idx <= q_idx");
+        }
+        Ok(
+            MaskMod::new(format!("longlora({group},{heads})"), move |_, h, q, k| {
                 let gid = |x: usize| {
                     if h < heads / 2 {
                         x / group
@@ -265,8 +495,37 @@ pub mod patterns {
                     }
                 };
                 gid(q) == gid(k) && (!causal || k <= q)
-            },
-        ))
+            })
+            .with_wgsl(MaskWgsl::new(expr, vec![])),
+        )
+    }
+
+    /// One mask of each builder (and both combinators) at a small size: the twins whose
+    /// kernels naga checks and translates in `cargo test` (a twin differs from these in its
+    /// literals and aux data only).
+    pub fn samples() -> Vec<MaskMod> {
+        let (l, lq) = (96, 80);
+        let docs = document_ids(&[0, 30, 96], l);
+        let mut out = vec![
+            causal(lq, l).or(&sinks(4)),
+            sliding_window(lq, l, Some(8), Some(2)),
+            prefix_lm(lq, l, 16),
+            global_tokens(vec![0, 50]),
+            document(docs[..lq].to_vec(), docs).and(&causal(lq, l)),
+        ];
+        out.extend(
+            [
+                strided(lq, l, 8),
+                fixed(lq, l, 16, 4),
+                bigbird(lq, l, 16, 1, 1, 1, 3),
+                longlora_shifted(l, 4, 32, true),
+                maxvit_block(8, 12, 4),
+                maxvit_grid(8, 12, 4),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        out
     }
 
     fn grid_check(what: &str, side: usize, n: usize) -> Result<()> {
@@ -291,7 +550,15 @@ pub mod patterns {
                 let (qy, qx, ky, kx) = (q / width, q % width, k / width, k % width);
                 qy / window == ky / window && qx / window == kx / window
             },
-        ))
+        )
+        .with_wgsl(MaskWgsl::new(
+            format!(
+                "q_idx / {w} / {n} == kv_idx / {w} / {n} && q_idx % {w} / {n} == kv_idx % {w} / {n}",
+                w = lit_u(width),
+                n = lit_u(window)
+            ),
+            vec![],
+        )))
     }
 
     /// MaxViT's grid attention: a `grid x grid` grid dilated over the image, so a token sees
@@ -307,7 +574,16 @@ pub mod patterns {
                 let (qy, qx, ky, kx) = (q / width, q % width, k / width, k % width);
                 qy % sy == ky % sy && qx % sx == kx % sx
             },
-        ))
+        )
+        .with_wgsl(MaskWgsl::new(
+            format!(
+                "q_idx / {w} % {sy} == kv_idx / {w} % {sy} && q_idx % {w} % {sx} == kv_idx % {w} % {sx}",
+                w = lit_u(width),
+                sy = lit_u(sy),
+                sx = lit_u(sx)
+            ),
+            vec![],
+        )))
     }
 }
 
