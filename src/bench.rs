@@ -380,7 +380,7 @@ fn row(case: &BenchCase, kernel: String, t: &Timing, flops: f64) -> BenchRow {
 }
 
 /// A case's q, k, v (pseudo-random, fixed seeds) and its output, f32 `[B, L, H, D]`.
-fn case_tensors(ctx: &GpuContext, s: &AttnShape) -> Result<[Tensor; 4]> {
+pub fn case_tensors(ctx: &GpuContext, s: &AttnShape) -> Result<[Tensor; 4]> {
     let t = |dims: [usize; 4], seed| {
         Tensor::from_f32(ctx, &pseudo_random(dims.iter().product(), seed), &dims)
     };

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wgpu_attention::sparse::attention::{Normalizer, SparseOptions};
-use wgpu_attention::sparse::routing::TopK;
+use wgpu_attention::sparse::routing::{route_blocks, TopK};
 use wgpu_attention::sparse::snippet::{Snippet, SnippetKind};
 use wgpu_attention::sparse::{BlockLayout, BlockMask};
 use wgpu_attention::{AttnShape, FlashOptions};
@@ -170,10 +170,12 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
 }
 
 /// `bench --sparse-sweep L`: block-sparse attention over random block masks at 5, 10, 25 and
-/// 50% density (blocks of 128 x 128, one mask per head) against dense attention, and causal
-/// attention through the shipped causal `mask_mod` against the built-in flag, at B = 1,
-/// `heads` heads, D = 64, f32; all interleaved in one run. Prints the table and writes
-/// `sparse.json` under `out_dir`.
+/// 50% density (blocks of 128 x 128, one mask per head) against dense attention, causal
+/// attention through the shipped causal `mask_mod` against the built-in flag, and attention
+/// over content-routed top-k blocks (k = 8 of L / 128, routed once from the same q and k) at
+/// B = 1, `heads` heads, D = 64, f32; all interleaved in one run. The routing itself (GPU block
+/// means, their readback, the host's selection) is timed apart, by the wall clock. Prints the
+/// table and writes `sparse.json` under `out_dir`.
 pub fn sweep(
     ctx: &wgpu_attention::GpuContext,
     l: usize,
@@ -241,6 +243,37 @@ pub fn sweep(
             ..base.clone()
         },
     )?);
+    // top-k: k = 8 key blocks per query block, routed from the case's own q and k
+    let topk = TopK {
+        k: 8,
+        block,
+        local: 0,
+        sinks: 0,
+    };
+    let [q, k, _, _] = bench::case_tensors(ctx, &dense.shape())?;
+    let fo = FlashOptions::default();
+    route_blocks(ctx, &q, &k, &fo, &topk)?; // warm-up: the pooling pipeline
+    let mut route_ms = Vec::new();
+    let mut routing = None;
+    for _ in 0..rounds.max(1) {
+        let t0 = std::time::Instant::now();
+        let r = route_blocks(ctx, &q, &k, &fo, &topk)?;
+        route_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        routing = Some(r);
+    }
+    route_ms.sort_by(f64::total_cmp);
+    let routed = routing.map(|r| Arc::new(r.mask));
+    let topk_share = routed
+        .as_ref()
+        .map_or(0.0, |m| m.visited_blocks() as f64 / (heads * nq * nk) as f64);
+    records.push(bench::sparse_pass(
+        ctx,
+        &dense,
+        SparseOptions {
+            block_mask: routed,
+            ..base.clone()
+        },
+    )?);
     let t = bench::time_interleaved(ctx, bench::WARMUP, rounds, &mut records)?;
     let dense_t = &t[0].1;
     let span = |x: &bench::Timing| format!("{:.1}-{:.1}", x.min_ms, x.max_ms);
@@ -290,12 +323,28 @@ pub fn sweep(
         via.median_ms,
         span(via)
     );
+    let tk = &t[n + 2].1;
+    let tk_up = bench::median_paired(dense_t, tk, |a, b| a / b);
+    let route_med = route_ms[route_ms.len() / 2];
+    println!(
+        "top-k {} of {nk} blocks ({}): visited {topk_share:.3}, {:.1} ms ({}), {tk_up:.2}x dense (ideal {:.2}, {:.0}% of it); routing (wall clock: pooling, readback, host selection) {route_med:.1} ms ({:.1}-{:.1})",
+        topk.k,
+        t[n + 2].0,
+        tk.median_ms,
+        span(tk),
+        1.0 / topk_share,
+        100.0 * tk_up * topk_share,
+        route_ms[0],
+        route_ms[route_ms.len() - 1],
+    );
     let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", out_dir.display()));
     std::fs::create_dir_all(out_dir).map_err(io)?;
     let json = serde_json::json!({
         "adapter": ctx.describe(), "case": dense.name, "block": block, "rounds": rounds,
         "dense": dense_t, "rows": rows,
         "causal": { "builtin": builtin, "mask_mod": via, "ratio": ratio },
+        "topk": { "k": topk.k, "blocks": nk, "visited": topk_share, "timing": tk,
+                  "speedup": tk_up, "routing_wall_ms": route_ms },
     });
     std::fs::write(out_dir.join("sparse.json"), json.to_string()).map_err(io)?;
     println!("wrote {}/sparse.json", out_dir.display());
