@@ -552,8 +552,8 @@ fn load_inputs(a: &RunArgs) -> CliResult<Inputs> {
                     .map(|_| {
                         let x: f32 = rng.random_range(-1.0..1.0);
                         match dtype {
-                            DType::F32 => x,
                             DType::F16 => half::f16::from_f32(x).to_f32(),
+                            _ => x,
                         }
                     })
                     .collect();
@@ -572,12 +572,13 @@ fn load_inputs(a: &RunArgs) -> CliResult<Inputs> {
 }
 
 fn upload(ctx: &GpuContext, a: &npy::Array) -> CliResult<Tensor> {
+    // .npy inputs are read as f32 or f16 (npy::read)
     Ok(match a.dtype {
-        DType::F32 => Tensor::from_f32(ctx, &a.data, &a.shape)?,
         DType::F16 => {
             let h: Vec<half::f16> = a.data.iter().map(|&x| half::f16::from_f32(x)).collect();
             Tensor::from_f16(ctx, &h, &a.shape)?
         }
+        _ => Tensor::from_f32(ctx, &a.data, &a.shape)?,
     })
 }
 

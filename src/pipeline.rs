@@ -153,8 +153,20 @@ pub(crate) fn run_once(
     resources: Vec<wgpu::BindingResource>,
     grid: [u32; 3],
 ) -> Result<()> {
+    ctx.submit(|enc| encode_once(ctx, enc, key, params, resources, grid))
+}
+
+/// [`run_once`] recorded into `enc` (one compute pass), submitted by the caller.
+pub(crate) fn encode_once(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    key: &dyn Kernel,
+    params: &[u8],
+    resources: Vec<wgpu::BindingResource>,
+    grid: [u32; 3],
+) -> Result<()> {
     use wgpu::util::DeviceExt;
-    ctx.submit(|enc| {
+    {
         let pipeline = ctx.pipeline(key)?;
         let pbuf = ctx
             .device
@@ -180,7 +192,7 @@ pub(crate) fn run_once(
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
         Ok(())
-    })
+    }
 }
 
 /// A helper kernel's grid, each axis named for the error when it exceeds the adapter's

@@ -11,17 +11,21 @@ use wgpu::util::DeviceExt;
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 
-/// Element type of a tensor.
+/// Element type of a tensor. Attention's inputs and outputs are `F32` or `F16`; the integer
+/// types are for data that snippets read (the sparse family's aux buffers: document ids,
+/// tables).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
+    I32,
+    U32,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F16 => 2,
         }
     }
@@ -29,7 +33,24 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
+            DType::I32 => "i32",
+            DType::U32 => "u32",
         }
+    }
+    /// `F32` or `F16`: what attention computes with.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16)
+    }
+    /// A typed error unless `F32` or `F16` (`what` names the tensor).
+    pub fn require_float(self, what: &str) -> Result<()> {
+        if self.is_float() {
+            return Ok(());
+        }
+        Err(AttnError::DType {
+            what: what.to_string(),
+            expected: "f32 or f16".into(),
+            actual: self.to_string(),
+        })
     }
 }
 
@@ -120,6 +141,18 @@ impl Tensor {
         Self::upload(ctx, bytemuck::cast_slice(data), shape, DType::F32)
     }
 
+    /// Uploads row-major i32 data (snippets' aux buffers).
+    pub fn from_i32(ctx: &GpuContext, data: &[i32], shape: &[usize]) -> Result<Self> {
+        Self::check_len(shape, data.len())?;
+        Self::upload(ctx, bytemuck::cast_slice(data), shape, DType::I32)
+    }
+
+    /// Uploads row-major u32 data (snippets' aux buffers).
+    pub fn from_u32(ctx: &GpuContext, data: &[u32], shape: &[usize]) -> Result<Self> {
+        Self::check_len(shape, data.len())?;
+        Self::upload(ctx, bytemuck::cast_slice(data), shape, DType::U32)
+    }
+
     /// Uploads row-major f16 data.
     pub fn from_f16(ctx: &GpuContext, data: &[half::f16], shape: &[usize]) -> Result<Self> {
         Self::check_len(shape, data.len())?;
@@ -134,13 +167,15 @@ impl Tensor {
         t.with_layout(vec![b, s, h, d], vec![h * s * d, d, s * d, 1], 0)
     }
 
-    /// A tensor of `shape` with every element equal to `value` (tests poison outputs with NaN).
+    /// A float tensor of `shape` with every element equal to `value` (tests poison outputs
+    /// with NaN); integer dtypes are refused.
     pub fn filled(ctx: &GpuContext, shape: &[usize], dtype: DType, value: f32) -> Result<Self> {
+        dtype.require_float("filled tensor")?;
         let n = checked_numel(shape)?;
         ctx.check_binding("tensor", (n as u64).saturating_mul(dtype.size() as u64))?;
         match dtype {
-            DType::F32 => Self::from_f32(ctx, &vec![value; n], shape),
             DType::F16 => Self::from_f16(ctx, &vec![half::f16::from_f32(value); n], shape),
+            _ => Self::from_f32(ctx, &vec![value; n], shape),
         }
     }
 
@@ -304,12 +339,27 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// Row-major strides of `shape` (the last axis fastest).
+    pub fn contiguous_strides_of(shape: &[usize]) -> Vec<usize> {
+        contiguous_strides(shape)
+    }
+
+    /// The same view of the same buffer (shape, strides, offset, dtype).
+    pub fn same_view(&self, other: &Tensor) -> bool {
+        self.buffer == other.buffer
+            && self.shape == other.shape
+            && self.strides == other.strides
+            && self.offset == other.offset
+            && self.dtype == other.dtype
+    }
+
     /// Row-major with no gaps and no offset (outputs that kernels index directly).
     pub fn is_contiguous(&self) -> bool {
         self.offset == 0 && self.strides == contiguous_strides(&self.shape)
     }
 
-    /// Downloads the tensor in row-major order of its shape, as f32. Blocks.
+    /// Downloads the tensor in row-major order of its shape, as f32 (float tensors; integer
+    /// ones are refused rather than rounded). Blocks.
     pub fn to_vec_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         pollster::block_on(self.to_vec_f32_async(ctx))
     }
@@ -322,7 +372,10 @@ impl Tensor {
         &self,
         ctx: &GpuContext,
     ) -> impl std::future::Future<Output = Result<Vec<f32>>> {
-        let started = self.start_readback(ctx);
+        let started = self
+            .dtype
+            .require_float("tensor read back as f32")
+            .and_then(|()| self.start_readback(ctx));
         let this = self.clone();
         let device = ctx.device.clone();
         async move {
@@ -340,16 +393,55 @@ impl Tensor {
                 .get_mapped_range(..)
                 .map_err(|e| AttnError::Gpu(format!("readback mapping failed: {e:?}")))?;
             let raw: Vec<f32> = match this.dtype {
-                DType::F32 => bytemuck::cast_slice::<u8, f32>(&view).to_vec(),
                 DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&view)
                     .iter()
                     .map(|h| h.to_f32())
                     .collect(),
+                // refused above for the integer types
+                _ => bytemuck::cast_slice::<u8, f32>(&view).to_vec(),
             };
             drop(view);
             staging.unmap();
-            Ok(this.gather(&raw, base))
+            Ok(this.gather(&raw, base, f32::NAN))
         }
+    }
+
+    /// Downloads an i32 tensor (the routing's selection) in row-major order. Blocks.
+    pub fn to_vec_i32(&self, ctx: &GpuContext) -> Result<Vec<i32>> {
+        Ok(bytemuck::cast_vec(self.read_words(ctx, DType::I32)?))
+    }
+
+    /// Downloads a u32 tensor (a routed block table) in row-major order. Blocks.
+    pub fn to_vec_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        self.read_words(ctx, DType::U32)
+    }
+
+    /// The 4-byte elements of a tensor of dtype `want`, as raw words. Blocks.
+    fn read_words(&self, ctx: &GpuContext, want: DType) -> Result<Vec<u32>> {
+        if self.dtype != want {
+            return Err(AttnError::DType {
+                what: format!("tensor read back as {want}"),
+                expected: want.to_string(),
+                actual: self.dtype.to_string(),
+            });
+        }
+        let (staging, base, rx) = self.start_readback(ctx)?;
+        ctx.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| AttnError::Gpu(e.to_string()))?;
+        pollster::block_on(rx)
+            .map_err(|_| AttnError::Gpu("readback was cancelled".into()))?
+            .map_err(|e| AttnError::Gpu(format!("readback failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| AttnError::Gpu(format!("readback mapping failed: {e:?}")))?;
+        let raw: Vec<u32> = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(self.gather(&raw, base, 0))
     }
 
     /// Copies the view's bytes into a mappable buffer and asks for the mapping: the staging
@@ -397,7 +489,7 @@ impl Tensor {
     }
 
     /// Picks this view's elements, row-major, out of the whole buffer's contents.
-    fn gather(&self, raw: &[f32], base: usize) -> Vec<f32> {
+    fn gather<T: Copy>(&self, raw: &[T], base: usize, fill: T) -> Vec<T> {
         let n = self.numel();
         let mut out = Vec::with_capacity(n);
         let mut idx = vec![0usize; self.shape.len()];
@@ -408,7 +500,7 @@ impl Tensor {
                     .zip(&self.strides)
                     .map(|(i, s)| i * s)
                     .sum::<usize>();
-            out.push(raw.get(off).copied().unwrap_or(f32::NAN));
+            out.push(raw.get(off).copied().unwrap_or(fill));
             for ax in (0..idx.len()).rev() {
                 idx[ax] += 1;
                 if idx[ax] < self.shape[ax] {

@@ -336,11 +336,12 @@ impl Inputs {
         let make = |seed| {
             let x = crate::bench::pseudo_random(dims.iter().product(), seed);
             match dtype {
-                DType::F32 => crate::Tensor::from_f32(ctx, &x, &dims),
                 DType::F16 => {
                     let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
                     crate::Tensor::from_f16(ctx, &h, &dims)
                 }
+                // an integer dtype is refused by the attention call's checks
+                _ => crate::Tensor::from_f32(ctx, &x, &dims),
             }
         };
         Ok(Inputs {

@@ -136,11 +136,11 @@ fn host_inputs(c: &Lin, seed: u64) -> Host {
 fn upload(x: &[f32], shape: &[usize], dtype: DType) -> Tensor {
     let ctx = ctx();
     match dtype {
-        DType::F32 => Tensor::from_f32(ctx, x, shape).unwrap(),
         DType::F16 => {
             let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
             Tensor::from_f16(ctx, &h, shape).unwrap()
         }
+        _ => Tensor::from_f32(ctx, x, shape).unwrap(),
     }
 }
 

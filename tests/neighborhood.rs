@@ -54,11 +54,11 @@ impl NaCase {
 
 fn upload(ctx: &GpuContext, x: &[f32], shape: &[usize], dtype: DType) -> Tensor {
     match dtype {
-        DType::F32 => Tensor::from_f32(ctx, x, shape).unwrap(),
         DType::F16 => {
             let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
             Tensor::from_f16(ctx, &h, shape).unwrap()
         }
+        _ => Tensor::from_f32(ctx, x, shape).unwrap(),
     }
 }
 
@@ -88,7 +88,7 @@ fn run_seeded(c: &NaCase, st: Strategy, seed: u64) -> bool {
                 .into_iter()
                 .map(|x| half::f16::from_f32(x).to_f32())
                 .collect(),
-            DType::F32 => v,
+            _ => v,
         }
     };
     let q = round(random(c.batch * l * c.hq * c.d, c.amp, seed));

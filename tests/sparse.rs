@@ -621,7 +621,10 @@ fn sigmoid_normalizer() {
 #[test]
 fn topk_routing() {
     use wgpu_attention::flash::reference::RefInputs;
-    use wgpu_attention::sparse::routing::{reference_scores, route_blocks, route_reference, TopK};
+    use wgpu_attention::sparse::attention::block_tables;
+    use wgpu_attention::sparse::routing::{
+        encode_route, reference_scores, route_blocks, route_reference, TopK,
+    };
     let c = ctx();
     for (i, (causal, lq, lk, topk)) in [
         (
@@ -687,49 +690,63 @@ fn topk_routing() {
         let (nq, nk) = topk.layout(&s).blocks();
         assert_eq!(got.slots, want.slots, "seed {seed}");
         assert_eq!(got.selected.len(), s.batch * s.hq * nq * got.slots);
-        let mut swaps = 0;
-        for (r, (g, w)) in got
-            .selected
-            .chunks(got.slots)
-            .zip(want.selected.chunks(want.slots))
-            .enumerate()
-        {
-            let valid = g.iter().take_while(|&&x| x >= 0).count();
-            assert!(
-                g[valid..].iter().all(|&x| x == -1),
-                "row {r}: {g:?} seed {seed}"
-            );
-            assert!(
-                g[..valid].windows(2).all(|p| p[0] < p[1]),
-                "row {r}: {g:?} seed {seed}"
-            );
-            if g == w {
-                continue;
-            }
-            // a swap is allowed only between blocks that tie within f32 rounding
-            let sc = &scores[r * nk..][..nk];
-            let tol = 1e-4 * (1.0 + sc.iter().fold(0.0f64, |m, x| m.max(x.abs())));
-            let only = |a: &[i32], b: &[i32]| -> Vec<f64> {
-                a.iter()
-                    .filter(|x| **x >= 0 && !b.contains(x))
-                    .map(|&x| sc[x as usize])
-                    .collect()
-            };
-            let (gs, ws) = (only(g, w), only(w, g));
+        check_selection(
+            &got.selected,
+            &want.selected,
+            want.slots,
+            &scores,
+            nk,
+            seed,
+            "host",
+        );
+        // the device routing (f32 scores and selection, no readback), and its block table
+        // against the host's for the same selection
+        let tile_rows = [16, 64, 128][i];
+        let dev = c
+            .submit(|enc| encode_route(c, enc, &qt, &kt, &case.opts, &topk, tile_rows))
+            .unwrap();
+        let dev_sel = dev.selected.to_vec_i32(c).unwrap();
+        check_selection(
+            &dev_sel,
+            &want.selected,
+            want.slots,
+            &scores,
+            nk,
+            seed,
+            "device",
+        );
+        let dev_mask = mask_of(&dev_sel, got.slots, topk.layout(&s));
+        let (lists, states) = block_tables(&dev_mask, tile_rows);
+        let tab = dev.table.to_vec_u32(c).unwrap();
+        let n_lists = s.batch * s.hq * s.lq.div_ceil(tile_rows);
+        for li in 0..n_lists {
+            let (hs, hn) = (lists[2 * li] as usize, lists[2 * li + 1] as usize);
+            let (ds, dn) = (tab[2 * li] as usize, tab[2 * li + 1] as usize);
             assert_eq!(
-                gs.len(),
-                ws.len(),
-                "row {r}: got {g:?}, f64 routing {w:?} seed {seed}"
+                &tab[ds..ds + dn],
+                &lists[hs..hs + hn],
+                "list {li} of the device table, seed {seed}"
             );
-            for (a, b) in gs.iter().zip(&ws) {
-                assert!(
-                    (a - b).abs() <= tol,
-                    "row {r}: got {g:?}, f64 routing {w:?}, scores {a} vs {b} seed {seed}"
-                );
-            }
-            swaps += 1;
         }
-        eprintln!("top-k case {i}: {swaps} rows differ from the f64 routing by near-ties");
+        assert_eq!(
+            &tab[tab.len() - states.len()..],
+            &states[..],
+            "states, seed {seed}"
+        );
+        // the call's own routing runs on the device: its outputs are the block mask of the
+        // device's selection, to the bit, and that mask against the reference
+        let cmp = run_sparse(
+            &case,
+            seed,
+            &SparseOptions {
+                block_mask: Some(Arc::new(dev_mask.clone())),
+                ..Default::default()
+            },
+        );
+        assert!(
+            cmp.passed,
+            "device top-k case {i}: {case:?} seed {seed}: {cmp:?}"
+        );
         let sp = SparseOptions {
             block_mask: Some(Arc::new(got.mask)),
             ..Default::default()
@@ -765,9 +782,7 @@ fn topk_routing() {
             &vt,
             &SparseOptions {
                 flash: o,
-                block_mask: Some(Arc::new(
-                    route_blocks(c, &qt, &kt, &case.opts, &topk).unwrap().mask,
-                )),
+                block_mask: Some(Arc::new(dev_mask)),
                 ..Default::default()
             },
         )
@@ -775,8 +790,78 @@ fn topk_routing() {
         .out
         .to_vec_f32(c)
         .unwrap();
-        assert_eq!(routed, direct, "top-k case {i}: routing inside the call");
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&routed),
+            bits(&direct),
+            "top-k case {i}: routing inside the call"
+        );
     }
+}
+
+/// The block mask of a selection `[B, Hq, nQ, slots]` (every listed block full).
+fn mask_of(sel: &[i32], slots: usize, layout: BlockLayout) -> BlockMask {
+    let (_, nk) = layout.blocks();
+    let mut on = vec![false; sel.len() / slots * nk];
+    for (r, row) in sel.chunks(slots).enumerate() {
+        for &j in row.iter().filter(|&&j| j >= 0) {
+            on[r * nk + j as usize] = true;
+        }
+    }
+    BlockMask::from_dense(&on, layout).unwrap()
+}
+
+/// A routing's selection against the f64 one: padding and order, and rows that differ only by
+/// swaps between blocks whose f64 scores tie within f32 rounding.
+#[allow(clippy::too_many_arguments)]
+fn check_selection(
+    got: &[i32],
+    want: &[i32],
+    slots: usize,
+    scores: &[f64],
+    nk: usize,
+    seed: u64,
+    what: &str,
+) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let mut swaps = 0;
+    for (r, (g, w)) in got.chunks(slots).zip(want.chunks(slots)).enumerate() {
+        let valid = g.iter().take_while(|&&x| x >= 0).count();
+        assert!(
+            g[valid..].iter().all(|&x| x == -1),
+            "row {r}: {g:?} seed {seed}"
+        );
+        assert!(
+            g[..valid].windows(2).all(|p| p[0] < p[1]),
+            "row {r}: {g:?} seed {seed}"
+        );
+        if g == w {
+            continue;
+        }
+        // a swap is allowed only between blocks that tie within f32 rounding
+        let sc = &scores[r * nk..][..nk];
+        let tol = 1e-4 * (1.0 + sc.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+        let only = |a: &[i32], b: &[i32]| -> Vec<f64> {
+            a.iter()
+                .filter(|x| **x >= 0 && !b.contains(x))
+                .map(|&x| sc[x as usize])
+                .collect()
+        };
+        let (gs, ws) = (only(g, w), only(w, g));
+        assert_eq!(
+            gs.len(),
+            ws.len(),
+            "row {r}: got {g:?}, f64 routing {w:?} seed {seed}"
+        );
+        for (a, b) in gs.iter().zip(&ws) {
+            assert!(
+                (a - b).abs() <= tol,
+                "row {r}: got {g:?}, f64 routing {w:?}, scores {a} vs {b} seed {seed}"
+            );
+        }
+        swaps += 1;
+    }
+    eprintln!("{what} top-k: {swaps} rows differ from the f64 routing by near-ties");
 }
 
 /// Max |a - b| over two outputs, and the largest |a|.
@@ -990,4 +1075,100 @@ fn bad_sparse_calls_are_refused() {
     };
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("finite"), "{e}");
+}
+
+/// Aux buffers as device tensors (an embedder's own data, integer dtypes included) give the
+/// same outputs as the same data from the host, bit for bit, and against the reference; an
+/// f16, strided or misaligned aux tensor, an integer q and an integer readback are refused.
+#[test]
+fn aux_tensors_equal_host_aux() {
+    let c = ctx();
+    let (lq, lk, h, d) = (113, 150, 2, 64);
+    let seed = fresh_seed();
+    let amp = amp_for_logit_std(3.0, 1.0 / (d as f64).sqrt(), d);
+    let t =
+        |l: usize, s: u64| Tensor::from_f32(c, &random(l * h * d, amp, s), &[1, l, h, d]).unwrap();
+    let (q, k, v) = (t(lq, seed), t(lk, seed ^ 1), t(lk, seed ^ 2));
+    let ids = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
+    let table = random(129, 1.0, seed ^ 3);
+    // document masking (u32 ids), causal (an i32 offset), a relative bias table (f32)
+    let host = [
+        (
+            EXAMPLES[1].1,
+            SnippetKind::MaskMod,
+            Aux::U32(ids.clone()),
+            Aux::Tensor(Tensor::from_u32(c, &ids, &[5, 30]).unwrap()),
+        ),
+        (
+            EXAMPLES[0].1,
+            SnippetKind::MaskMod,
+            Aux::I32(vec![lk as i32 - lq as i32]),
+            Aux::Tensor(Tensor::from_i32(c, &[lk as i32 - lq as i32], &[1]).unwrap()),
+        ),
+        (
+            SCORE_EXAMPLES[2].1,
+            SnippetKind::ScoreMod,
+            Aux::F32(table.clone()),
+            Aux::Tensor(Tensor::from_f32(c, &table, &[129]).unwrap()),
+        ),
+    ];
+    for (src, kind, on_host, on_device) in host {
+        let run = |aux: Aux| {
+            let sn = Snippet::new(kind, src, std::slice::from_ref(&aux)).unwrap();
+            let mut sp = SparseOptions {
+                aux: vec![aux],
+                block_size: Some(BLOCKS[1]),
+                ..Default::default()
+            };
+            match kind {
+                SnippetKind::MaskMod => sp.mask_mod = Some(sn),
+                SnippetKind::ScoreMod => sp.score_mod = Some(sn),
+            }
+            let o = sparse_attention(c, &q, &k, &v, &sp).unwrap();
+            (o.out.to_vec_f32(c).unwrap(), sp)
+        };
+        let (a, _) = run(on_host);
+        let (b, sp) = run(on_device);
+        assert!(a.iter().any(|x| *x != 0.0), "{src}");
+        assert_eq!(
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{src}: device aux differs from host aux"
+        );
+        assert_sparse(&Case::new(1, lq, lk, h, h, d, d), &sp, src);
+    }
+
+    // refusals
+    let refused = |aux: Aux, want: &str| {
+        let sn = Snippet::new(
+            SnippetKind::ScoreMod,
+            SCORE_EXAMPLES[2].1,
+            &[Aux::F32(vec![0.0])],
+        );
+        let sp = SparseOptions {
+            score_mod: Some(sn.unwrap()),
+            aux: vec![aux],
+            ..Default::default()
+        };
+        let Err(e) = sparse_attention(c, &q, &k, &v, &sp) else {
+            panic!("{want}: ran");
+        };
+        assert!(e.to_string().contains(want), "{want}: {e}");
+    };
+    let half: Vec<half::f16> = table.iter().map(|&x| half::f16::from_f32(x)).collect();
+    refused(
+        Aux::Tensor(Tensor::from_f16(c, &half, &[129]).unwrap()),
+        "f32, i32 or u32",
+    );
+    let wide = Tensor::from_f32(c, &random(2 * 130, 1.0, 1), &[2, 130]).unwrap();
+    let strided = wide.with_layout(vec![2, 129], vec![130, 1], 0).unwrap();
+    refused(Aux::Tensor(strided), "contiguous");
+    let shifted = wide.with_layout(vec![129], vec![1], 1).unwrap();
+    refused(Aux::Tensor(shifted), "storage offset alignment");
+    let ints = Tensor::from_i32(c, &vec![1; lq * h * d], &[1, lq, h, d]).unwrap();
+    let Err(e) = sparse_attention(c, &ints, &k, &v, &SparseOptions::default()) else {
+        panic!("an i32 q ran");
+    };
+    assert!(matches!(e, AttnError::DType { .. }), "{e}");
+    assert!(matches!(ints.to_vec_f32(c), Err(AttnError::DType { .. })));
 }

@@ -124,8 +124,8 @@ fn random_inputs(a: &LinearArgs, rule: Rule, map: FeatureMap, s: &str) -> CliRes
             .map(|_| {
                 let x = f(rng.random_range(-1.0f32..1.0));
                 match dt {
-                    DType::F32 => x,
                     DType::F16 => half::f16::from_f32(x).to_f32(),
+                    _ => x,
                 }
             })
             .collect();

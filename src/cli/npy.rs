@@ -172,9 +172,10 @@ pub fn write(path: &Path, shape: &[usize], dtype: DType, data: &[f32]) -> Result
     let f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
     let mut w = std::io::BufWriter::new(f);
     let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
+    // outputs are f32 or f16 (the float data of an f32 or f16 tensor)
     match dtype {
-        DType::F32 => write_as(&mut w, &shape, data.iter().copied()),
         DType::F16 => write_as(&mut w, &shape, data.iter().map(|&x| half::f16::from_f32(x))),
+        _ => write_as(&mut w, &shape, data.iter().copied()),
     }
     .map_err(|e| io_err(path, e))?;
     Ok(())

@@ -369,11 +369,12 @@ pub(crate) trait CallLayout {
 
 /// A family's own buffers for one planned call, bound after the shared bindings in the
 /// order its geometry declares them: the bytes of its uniform block (empty: none) and of its
-/// read-only storage buffers (the sparse block tables and aux buffers).
+/// read-only storage buffers (the sparse block tables and aux buffers: host bytes uploaded per
+/// call, or a caller's tensor bound as it is).
 #[derive(Default)]
 pub(crate) struct FamilyData {
     pub uniform: Vec<u8>,
-    pub storage: Vec<Vec<u8>>,
+    pub storage: Vec<crate::softmax::StorageData>,
 }
 
 /// Dense calls: no extra checks, LSE `[B, Hq, Lq]`, [`plan`], no uniform of their own.
@@ -459,6 +460,7 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnShape> {
             format!("Hq = {hq}"),
         ));
     }
+    q.dtype().require_float("q")?;
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         return Err(AttnError::DType {
             what: "q, k, v".into(),
@@ -749,10 +751,15 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
     // 2. plan
     let (plan, family, texels) = plan_call(ctx, &c, call, layout)?;
     let limit = ctx.limits.max_storage_buffer_binding_size;
-    if let Some(b) = family.storage.iter().find(|b| b.len() as u64 > limit) {
+    if let Some(b) = family
+        .storage
+        .iter()
+        .map(crate::softmax::StorageData::host_bytes)
+        .find(|&n| n > limit)
+    {
         return Err(AttnError::Limit {
             what: format!("bytes of a storage buffer of {}", plan.key.label()),
-            needed: b.len() as u64,
+            needed: b,
             limit,
         });
     }
@@ -840,14 +847,18 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
                 wgpu::BufferUsages::UNIFORM,
             )
         });
-        let storage_bufs: Vec<wgpu::Buffer> = family
+        let storage_bufs = family
             .storage
             .iter()
-            .map(|bytes| init("family storage", bytes, wgpu::BufferUsages::STORAGE))
-            .collect();
+            .map(|a| a.upload(ctx, "family storage"))
+            .collect::<Result<Vec<_>>>()?;
+        let storage_ranges = storage_bufs
+            .iter()
+            .map(|b| b.range(ctx, "family storage"))
+            .collect::<Result<Vec<_>>>()?;
         // Entries in the key's declared order (optional ones are declared only where the key
         // uses them): shared bindings by name, then the family's uniform and storage buffers.
-        let mut family = storage_bufs.iter();
+        let mut family = storage_ranges.iter();
         let mut entries = Vec::new();
         for (i, decl) in (0u32..).zip(plan.key.bindings()) {
             let tex = |n: usize| {
@@ -879,7 +890,7 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
                 "v_tex" => tex(2),
                 _ => match decl.kind {
                     BindingKind::Uniform(_) => family_buf.as_ref().map(|b| BoundRange::whole(b).entry(i)),
-                    _ => family.next().map(|b| BoundRange::whole(b).entry(i)),
+                    _ => family.next().map(|r| r.entry(i)),
                 },
             };
             entries.push(entry.ok_or_else(|| {

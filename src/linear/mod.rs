@@ -432,6 +432,7 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<LinearShape> {
             v.shape(),
         ));
     }
+    q.dtype().require_float("q")?;
     for (x, what) in [(k, "k"), (v, "v")] {
         if x.dtype() != q.dtype() {
             return Err(AttnError::DType {

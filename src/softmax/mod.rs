@@ -374,6 +374,76 @@ pub(crate) fn copy_to_texture(
     }
 }
 
+/// A read-only storage buffer a kernel binds beside its shared ones (the sparse family's
+/// block tables and aux buffers): host bytes uploaded per call, or a caller's tensor bound as
+/// it is (no copy).
+pub(crate) enum StorageData {
+    Bytes(Vec<u8>),
+    View(Tensor),
+}
+
+impl StorageData {
+    /// Bytes uploaded per call (0 for a tensor).
+    pub fn host_bytes(&self) -> u64 {
+        match self {
+            StorageData::Bytes(b) => b.len() as u64,
+            StorageData::View(_) => 0,
+        }
+    }
+    /// Uploads the bytes (a tensor is kept as it is).
+    pub fn upload(&self, ctx: &GpuContext, label: &str) -> Result<HeldStorage> {
+        use wgpu::util::DeviceExt;
+        match self {
+            StorageData::View(t) => Ok(HeldStorage::View(t.clone())),
+            StorageData::Bytes(bytes) => {
+                ctx.check_binding(label, bytes.len() as u64)?;
+                // storage bindings are whole words, and never empty
+                let mut padded = bytes.clone();
+                padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+                ctx.scoped(|| {
+                    Ok(HeldStorage::Owned(ctx.device.create_buffer_init(
+                        &wgpu::util::BufferInitDescriptor {
+                            label: Some(label),
+                            contents: &padded,
+                            usage: wgpu::BufferUsages::STORAGE,
+                        },
+                    )))
+                })
+            }
+        }
+    }
+}
+
+/// A [`StorageData`] on the device, ready to bind.
+pub(crate) enum HeldStorage {
+    Owned(wgpu::Buffer),
+    View(Tensor),
+}
+
+impl HeldStorage {
+    /// The binding: a whole uploaded buffer, or the tensor's range, whose first element must
+    /// sit at the range's start (kernels index these from 0): refused otherwise.
+    pub fn range<'a>(&'a self, ctx: &GpuContext, what: &str) -> Result<BoundRange<'a>> {
+        match self {
+            HeldStorage::Owned(b) => Ok(BoundRange::whole(b)),
+            HeldStorage::View(t) => {
+                let r = BoundRange::new(ctx, t, what)?;
+                if r.elem_offset != 0 {
+                    return Err(AttnError::invalid(
+                        what,
+                        format!(
+                            "a tensor starting at a multiple of {} bytes (the storage offset alignment)",
+                            ctx.limits.min_storage_buffer_offset_alignment
+                        ),
+                        format!("element offset {}", t.offset()),
+                    ));
+                }
+                Ok(r)
+            }
+        }
+    }
+}
+
 /// A tensor's bytes as a binding: the sub-range its view spans, started on the adapter's
 /// storage-offset alignment (so a view into a pooled allocation binds without the whole
 /// buffer), and the element offset of the view inside that range.
@@ -470,9 +540,10 @@ pub(crate) fn make_textures(
     dtype: DType,
     counts: [u64; 3],
 ) -> [(wgpu::Texture, u64); 3] {
+    // inputs are f32 or f16 (integer dtypes are refused by the input checks)
     let format = match dtype {
-        DType::F32 => wgpu::TextureFormat::Rgba32Float,
         DType::F16 => wgpu::TextureFormat::Rgba16Float,
+        _ => wgpu::TextureFormat::Rgba32Float,
     };
     let make = |label, texels: u64| {
         let tex = ctx.device.create_texture(&wgpu::TextureDescriptor {

@@ -21,7 +21,8 @@ use crate::flash::{
     self, AttentionOutput, AttnShape, CallLayout, FamilyData, FlashOptions, FlashPlan,
 };
 use crate::softmax::shader::{Geo, Strategy};
-use crate::sparse::routing::{route_blocks, TopK};
+use crate::softmax::StorageData;
+use crate::sparse::routing::{encode_route, DeviceRouting, TopK};
 use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
 use crate::sparse::snippet::{
     check_aux, create_block_mask, eval_snippet, u, Aux, Snippet, SnippetKind,
@@ -51,8 +52,8 @@ pub struct SparseOptions {
     /// How a row's scores become weights: softmax (the default) or sigmoid.
     pub normalizer: Normalizer,
     /// Content-routed blocks: the block mask is each query block's top-k key blocks by pooled
-    /// scores ([`route_blocks`]), made per call from q and k (not with `block_mask` or
-    /// `mask_mod`).
+    /// scores, routed per call from q and k on the device and recorded into the same encoder
+    /// ([`encode_route`]; not with `block_mask` or `mask_mod`).
     pub topk: Option<TopK>,
 }
 
@@ -103,6 +104,52 @@ pub fn resolve_block_mask(
     s: &AttnShape,
     opts: &SparseOptions,
 ) -> Result<Arc<BlockMask>> {
+    check_options(s, opts)?;
+    let (bq, bk) = opts.block_size.unwrap_or((DEFAULT_BLOCK, DEFAULT_BLOCK));
+    // made from the mask_mod per (batch, head); all full broadcasts
+    let (batch, heads) = match opts.mask_mod {
+        Some(_) => (s.batch, s.hq),
+        None => (1, 1),
+    };
+    let layout = BlockLayout {
+        batch,
+        heads,
+        lq: s.lq,
+        lk: s.lk,
+        q_block: bq,
+        kv_block: bk,
+    };
+    if opts.block_mask.is_none() && opts.topk.is_some() {
+        return Err(AttnError::invalid(
+            "block mask",
+            "a block mask routed from q and k (route_blocks; sparse_attention routes itself)",
+            "top-k routing without q and k",
+        ));
+    }
+    let mask = match (&opts.block_mask, &opts.mask_mod) {
+        (Some(m), _) => m.clone(),
+        (None, Some(mm)) => Arc::new(create_block_mask(ctx, mm, &opts.aux, layout)?),
+        (None, None) => {
+            let (nq, nk) = layout.blocks();
+            Arc::new(BlockMask::from_dense(&vec![true; nq * nk], layout)?)
+        }
+    };
+    check_mask(&mask, s)?;
+    let partial: usize = mask.partial.iter().map(Vec::len).sum();
+    if partial > 0 && opts.mask_mod.is_none() {
+        return Err(AttnError::invalid(
+            "block mask",
+            "partial blocks only with a mask_mod to evaluate on them (a builder's \
+             MaskMod::snippet, or SparseOptions::from_mask_mod, gives its WGSL twin)",
+            format!("{partial} partial blocks and no mask_mod"),
+        ));
+    }
+    Ok(mask)
+}
+
+/// The options' own consistency: snippet kinds and aux buffers, top-k alone, the sigmoid
+/// normalizer without LSE and with a finite bias.
+fn check_options(s: &AttnShape, opts: &SparseOptions) -> Result<()> {
     for sn in [&opts.mask_mod, &opts.score_mod].into_iter().flatten() {
         check_aux(sn, &opts.aux)?;
     }
@@ -146,46 +193,7 @@ pub fn resolve_block_mask(
             opts.aux.len(),
         ));
     }
-    let (bq, bk) = opts.block_size.unwrap_or((DEFAULT_BLOCK, DEFAULT_BLOCK));
-    // made from the mask_mod per (batch, head); all full broadcasts
-    let (batch, heads) = match opts.mask_mod {
-        Some(_) => (s.batch, s.hq),
-        None => (1, 1),
-    };
-    let layout = BlockLayout {
-        batch,
-        heads,
-        lq: s.lq,
-        lk: s.lk,
-        q_block: bq,
-        kv_block: bk,
-    };
-    if opts.block_mask.is_none() && opts.topk.is_some() {
-        return Err(AttnError::invalid(
-            "block mask",
-            "a block mask routed from q and k (route_blocks; sparse_attention routes itself)",
-            "top-k routing without q and k",
-        ));
-    }
-    let mask = match (&opts.block_mask, &opts.mask_mod) {
-        (Some(m), _) => m.clone(),
-        (None, Some(mm)) => Arc::new(create_block_mask(ctx, mm, &opts.aux, layout)?),
-        (None, None) => {
-            let (nq, nk) = layout.blocks();
-            Arc::new(BlockMask::from_dense(&vec![true; nq * nk], layout)?)
-        }
-    };
-    check_mask(&mask, s)?;
-    let partial: usize = mask.partial.iter().map(Vec::len).sum();
-    if partial > 0 && opts.mask_mod.is_none() {
-        return Err(AttnError::invalid(
-            "block mask",
-            "partial blocks only with a mask_mod to evaluate on them (a builder's \
-             MaskMod::snippet, or SparseOptions::from_mask_mod, gives its WGSL twin)",
-            format!("{partial} partial blocks and no mask_mod"),
-        ));
-    }
-    Ok(mask)
+    Ok(())
 }
 
 /// The block mask fits the problem: its lengths, batch and heads (or 1), block sizes, lists.
@@ -230,9 +238,19 @@ fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
     Ok(())
 }
 
+/// Where a call's block table comes from.
+enum TableSource {
+    /// Built here from the block mask, uploaded with the call.
+    Host(Arc<BlockMask>),
+    /// Routed on the device ([`encode_route`]) for row tiles of its `tile_rows`.
+    Device(DeviceRouting),
+    /// Not built yet: planning only (to learn the row tiles a device table must have).
+    Pending(BlockLayout),
+}
+
 /// The sparse family on the flash call path.
 struct SparseLayout {
-    mask: Arc<BlockMask>,
+    source: TableSource,
     geo: Geo,
     aux: Vec<Aux>,
     /// Sigmoid attention's bias in log2 units (0 for softmax).
@@ -249,6 +267,14 @@ fn pow2_dividing(n: u32, cap: u32) -> u32 {
 }
 
 impl SparseLayout {
+    fn layout(&self) -> &BlockLayout {
+        match &self.source {
+            TableSource::Host(m) => &m.layout,
+            TableSource::Device(r) => &r.layout,
+            TableSource::Pending(l) => l,
+        }
+    }
+
     /// Query rows per row tile of this plan: a workgroup's (Tiled), a subgroup's of the
     /// largest size (Subgroup; smaller subgroups sit inside one such tile).
     fn tile_rows(ctx: &GpuContext, plan: &FlashPlan) -> u32 {
@@ -259,20 +285,15 @@ impl SparseLayout {
     }
 }
 
-impl CallLayout for SparseLayout {
-    fn check(&self, s: &AttnShape) -> Result<()> {
-        check_mask(&self.mask, s)
-    }
-    fn lse_heads_last(&self) -> bool {
-        false
-    }
-    fn plan(
+impl SparseLayout {
+    /// The kernel key, its grid, and the rows of its row tiles.
+    fn plan_key(
         &self,
         ctx: &GpuContext,
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, FamilyData)> {
+    ) -> Result<(FlashPlan, u32)> {
         // base_key refuses a forced Sweep (neighborhood calls only)
         let mut key = flash::base_key(ctx, s, dtype, opts)?;
         if key.strategy == Strategy::Subgroup && key.wg > 64 {
@@ -289,7 +310,7 @@ impl CallLayout for SparseLayout {
             key = flash::base_key(ctx, s, dtype, &o)?;
         }
         key.geometry = self.geo;
-        let l = &self.mask.layout;
+        let l = self.layout();
         let (bq, bk) = (l.q_block as u32, l.kv_block as u32);
         let candidates = sparse_tiles(&key);
         let tile = match opts.tile {
@@ -326,7 +347,7 @@ impl CallLayout for SparseLayout {
         }
         let plan = FlashPlan { key, grid: [0; 3] };
         let g = Self::tile_rows(ctx, &plan);
-        let (nq, nk) = l.blocks();
+        let (_, nk) = l.blocks();
         // Trips of the key loops: every key block, its steps and groups.
         let step = match key.strategy {
             Strategy::Tiled => key.block,
@@ -340,8 +361,71 @@ impl CallLayout for SparseLayout {
             key,
             grid: crate::softmax::grid(ctx, x, s)?,
         };
+        Ok((plan, g))
+    }
+}
+
+impl CallLayout for SparseLayout {
+    fn check(&self, s: &AttnShape) -> Result<()> {
+        match &self.source {
+            TableSource::Host(m) => check_mask(m, s),
+            TableSource::Device(DeviceRouting { layout: l, .. }) | TableSource::Pending(l) => {
+                if l.lq != s.lq || l.lk != s.lk || l.batch != s.batch || l.heads != s.hq {
+                    return Err(AttnError::shape(
+                        "routed block table",
+                        format!(
+                            "Lq = {}, Lk = {}, batch {}, heads {}",
+                            s.lq, s.lk, s.batch, s.hq
+                        ),
+                        format!("{l:?}"),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+    fn lse_heads_last(&self) -> bool {
+        false
+    }
+    fn plan(
+        &self,
+        ctx: &GpuContext,
+        s: &AttnShape,
+        dtype: DType,
+        opts: &FlashOptions,
+    ) -> Result<(FlashPlan, FamilyData)> {
+        let (plan, g) = self.plan_key(ctx, s, dtype, opts)?;
+        let l = self.layout();
+        let (bq, bk) = (l.q_block as u32, l.kv_block as u32);
+        let (nq, nk) = l.blocks();
         let tiles = s.lq.div_ceil(g as usize);
-        let (mut tab, states) = block_tables(&self.mask, g as usize);
+        let (table, state_base) = match &self.source {
+            TableSource::Host(m) => {
+                let (mut tab, states) = block_tables(m, g as usize);
+                let base = tab.len();
+                tab.extend(states);
+                (
+                    StorageData::Bytes(bytemuck::cast_slice(&tab).to_vec()),
+                    base,
+                )
+            }
+            TableSource::Device(r) => {
+                if r.tile_rows != g as usize {
+                    return Err(AttnError::invalid(
+                        "routed block table",
+                        format!("row tiles of {g} rows, as this call's plan"),
+                        format!("row tiles of {}", r.tile_rows),
+                    ));
+                }
+                let (_, _, base) = DeviceRouting::table_layout(l, g as usize);
+                (StorageData::View(r.table.clone()), base)
+            }
+            TableSource::Pending(_) => {
+                return Err(AttnError::Gpu(
+                    "sparse attention planned without its block table".into(),
+                ))
+            }
+        };
         // a size-1 axis broadcasts: stride 0
         let stride = |n: usize, x: usize, what: &str| if n == 1 { Ok(0) } else { u(x, what) };
         let params = SparseParams {
@@ -355,12 +439,11 @@ impl CallLayout for SparseLayout {
             list_h: stride(l.heads, tiles, "list stride")?,
             state_b: stride(l.batch, l.heads * nq * nk, "block table stride")?,
             state_h: stride(l.heads, nq * nk, "block table stride")?,
-            state_base: u(tab.len(), "block list words")?,
+            state_base: u(state_base, "block list words")?,
             sig_bias: self.sig_bias,
         };
-        tab.extend(states);
-        let mut storage = vec![bytemuck::cast_slice(&tab).to_vec()];
-        storage.extend(self.aux.iter().map(|a| a.bytes().to_vec()));
+        let mut storage = vec![table];
+        storage.extend(self.aux.iter().map(Aux::storage));
         let family = FamilyData {
             uniform: bytemuck::bytes_of(&params).to_vec(),
             storage,
@@ -428,8 +511,9 @@ pub fn block_tables(m: &BlockMask, g: usize) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Records sparse attention into `encoder` (for embedders that batch their own work). The
-/// block mask is made here when `opts` has none (see [`SparseOptions::block_mask`]); that
-/// submits its own small pass first.
+/// block mask is made here when `opts` has none (see [`SparseOptions::block_mask`]): from a
+/// `mask_mod`, that submits its own small pass first; top-k routing (`opts.topk`) is recorded
+/// into `encoder` before the attention, with no readback ([`encode_route`]).
 #[allow(clippy::too_many_arguments)]
 pub fn encode_sparse_attention(
     ctx: &GpuContext,
@@ -442,36 +526,40 @@ pub fn encode_sparse_attention(
     opts: &SparseOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
-    let mask = call_mask(ctx, q, k, v, opts)?;
-    encode_with_mask(ctx, encoder, q, k, v, out, lse, opts, mask, timestamps)
+    let s = flash::check_inputs(q, k, v)?;
+    let source = match (&opts.topk, &opts.block_mask) {
+        (Some(t), None) => {
+            check_options(&s, opts)?;
+            // the row tiles the plan will take, then the table for them
+            let probe = sparse_layout(opts, TableSource::Pending(t.layout(&s)), s.lk);
+            let (_, g) = probe.plan_key(ctx, &s, q.dtype(), &opts.flash)?;
+            let routed = encode_route(ctx, encoder, q, k, &opts.flash, t, g as usize)?;
+            TableSource::Device(routed)
+        }
+        _ => TableSource::Host(resolve_block_mask(ctx, &s, opts)?),
+    };
+    encode_with_source(ctx, encoder, q, k, v, out, lse, opts, source, timestamps)
 }
 
-/// The block mask of a call: routed from q and k with `opts.topk` (when the caller gave no
-/// mask), else [`resolve_block_mask`].
-fn call_mask(
-    ctx: &GpuContext,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    opts: &SparseOptions,
-) -> Result<Arc<BlockMask>> {
-    let s = flash::check_inputs(q, k, v)?;
-    match (&opts.topk, &opts.block_mask) {
-        (Some(t), None) => {
-            if opts.mask_mod.is_some() {
-                return resolve_block_mask(ctx, &s, opts); // refused there, with the reason
-            }
-            let mut o = opts.clone();
-            o.block_mask = Some(Arc::new(route_blocks(ctx, q, k, &opts.flash, t)?.mask));
-            o.topk = None;
-            resolve_block_mask(ctx, &s, &o)
-        }
-        _ => resolve_block_mask(ctx, &s, opts),
+/// The layout of a call: its geometry (the snippets, the normalizer) and its table's source.
+fn sparse_layout(opts: &SparseOptions, source: TableSource, lk: usize) -> SparseLayout {
+    let aux_types: Vec<&'static str> = opts.aux.iter().map(Aux::wgsl).collect();
+    let sig_bias = opts.normalizer.sigmoid_bias(lk);
+    SparseLayout {
+        source,
+        geo: geometry(
+            opts.mask_mod.as_ref(),
+            opts.score_mod.as_ref(),
+            &aux_types,
+            sig_bias.is_some(),
+        ),
+        aux: opts.aux.clone(),
+        sig_bias: sig_bias.map_or(0.0, |b| (b * std::f64::consts::LOG2_E) as f32),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn encode_with_mask(
+fn encode_with_source(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
     q: &Tensor,
@@ -480,7 +568,7 @@ fn encode_with_mask(
     out: &Tensor,
     lse: Option<&Tensor>,
     opts: &SparseOptions,
-    mask: Arc<BlockMask>,
+    source: TableSource,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
     if lse.is_some() && opts.normalizer != Normalizer::Softmax {
@@ -490,19 +578,7 @@ fn encode_with_mask(
             "an LSE tensor",
         ));
     }
-    let aux_types: Vec<&'static str> = opts.aux.iter().map(Aux::wgsl).collect();
-    let sig_bias = opts.normalizer.sigmoid_bias(mask.layout.lk);
-    let layout = SparseLayout {
-        mask,
-        geo: geometry(
-            opts.mask_mod.as_ref(),
-            opts.score_mod.as_ref(),
-            &aux_types,
-            sig_bias.is_some(),
-        ),
-        aux: opts.aux.clone(),
-        sig_bias: sig_bias.map_or(0.0, |b| (b * std::f64::consts::LOG2_E) as f32),
-    };
+    let layout = sparse_layout(opts, source, k.shape().get(1).copied().unwrap_or(0));
     let call = flash::Call {
         q,
         k,
@@ -524,8 +600,7 @@ pub fn sparse_attention_into(
     lse: Option<&Tensor>,
     opts: &SparseOptions,
 ) -> Result<FlashPlan> {
-    let mask = call_mask(ctx, q, k, v, opts)?;
-    ctx.submit(|enc| encode_with_mask(ctx, enc, q, k, v, out, lse, opts, mask, None))
+    ctx.submit(|enc| encode_sparse_attention(ctx, enc, q, k, v, out, lse, opts, None))
 }
 
 /// Sparse attention: returns O `[B, Lq, Hq, Dv]` and, with `opts.flash.return_lse`, LSE

@@ -21,10 +21,10 @@
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::pipeline::{declare_bindings, BindingDecl, Kernel, UniformLayout};
+use crate::softmax::StorageData;
 use crate::sparse::{BlockLayout, BlockMask};
 use crate::tensor::{DType, Tensor};
 use crate::wgsl::Wgsl;
-use wgpu::util::DeviceExt;
 
 /// Which function a snippet defines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,21 +58,46 @@ impl SnippetKind {
     }
 }
 
-/// A read-only buffer a snippet reads as `aux0`..`aux3`, flattened.
-#[derive(Clone, Debug, PartialEq)]
+/// A read-only buffer a snippet reads as `aux0`..`aux3`, flattened: host data (uploaded per
+/// call), or a tensor already on the device (bound as it is, no copy: an embedder's own
+/// buffer) of dtype f32, i32 or u32, contiguous, starting at a storage-aligned offset.
+#[derive(Clone, Debug)]
 pub enum Aux {
     F32(Vec<f32>),
     I32(Vec<i32>),
     U32(Vec<u32>),
+    Tensor(Tensor),
+}
+
+impl PartialEq for Aux {
+    fn eq(&self, other: &Aux) -> bool {
+        match (self, other) {
+            (Aux::F32(a), Aux::F32(b)) => a == b,
+            (Aux::I32(a), Aux::I32(b)) => a == b,
+            (Aux::U32(a), Aux::U32(b)) => a == b,
+            (Aux::Tensor(a), Aux::Tensor(b)) => a.same_view(b),
+            _ => false,
+        }
+    }
 }
 
 impl Aux {
-    /// The WGSL element type.
+    /// The WGSL element type (a tensor's dtype; `f16` is refused by the checks).
     pub fn wgsl(&self) -> &'static str {
         match self {
             Aux::F32(_) => "f32",
             Aux::I32(_) => "i32",
             Aux::U32(_) => "u32",
+            Aux::Tensor(t) => t.dtype().wgsl(),
+        }
+    }
+    /// What a kernel binds: the host data's bytes, or the tensor.
+    pub(crate) fn storage(&self) -> StorageData {
+        match self {
+            Aux::F32(x) => StorageData::Bytes(bytemuck::cast_slice(x).to_vec()),
+            Aux::I32(x) => StorageData::Bytes(bytemuck::cast_slice(x).to_vec()),
+            Aux::U32(x) => StorageData::Bytes(bytemuck::cast_slice(x).to_vec()),
+            Aux::Tensor(t) => StorageData::View(t.clone()),
         }
     }
     /// A one-element stand-in of WGSL element type `ty` (`f32`, `i32`, else `u32`): what
@@ -84,18 +109,12 @@ impl Aux {
             _ => Aux::U32(vec![0]),
         }
     }
-    pub(crate) fn bytes(&self) -> &[u8] {
-        match self {
-            Aux::F32(x) => bytemuck::cast_slice(x),
-            Aux::I32(x) => bytemuck::cast_slice(x),
-            Aux::U32(x) => bytemuck::cast_slice(x),
-        }
-    }
     fn len(&self) -> usize {
         match self {
             Aux::F32(x) => x.len(),
             Aux::I32(x) => x.len(),
             Aux::U32(x) => x.len(),
+            Aux::Tensor(t) => t.numel(),
         }
     }
 }
@@ -535,6 +554,24 @@ pub(crate) fn u(x: usize, what: &str) -> Result<u32> {
 
 /// Checks that `aux` are the buffers `snippet` was checked with and not empty.
 pub(crate) fn check_aux(snippet: &Snippet, aux: &[Aux]) -> Result<()> {
+    for (a, name) in aux.iter().zip(AUX_NAMES) {
+        if let Aux::Tensor(t) = a {
+            if t.dtype() == DType::F16 {
+                return Err(AttnError::DType {
+                    what: format!("{name} tensor"),
+                    expected: "f32, i32 or u32".into(),
+                    actual: t.dtype().to_string(),
+                });
+            }
+            if t.strides() != Tensor::contiguous_strides_of(t.shape()) {
+                return Err(AttnError::invalid(
+                    format!("{name} tensor"),
+                    "a contiguous tensor (read flattened, row-major)",
+                    format!("shape {:?} strides {:?}", t.shape(), t.strides()),
+                ));
+            }
+        }
+    }
     let types: Vec<&str> = aux.iter().map(Aux::wgsl).collect();
     if types != snippet.aux {
         return Err(AttnError::invalid(
@@ -563,22 +600,19 @@ fn run_snippet_kernel(
     aux: &[Aux],
     grid: [u32; 3],
 ) -> Result<()> {
-    let aux_bufs: Vec<wgpu::Buffer> = aux
+    let aux_bufs = aux
         .iter()
-        .map(|a| {
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("snippet aux"),
-                    contents: a.bytes(),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-        })
-        .collect();
+        .map(|a| a.storage().upload(ctx, "snippet aux"))
+        .collect::<Result<Vec<_>>>()?;
+    let aux_ranges = aux_bufs
+        .iter()
+        .zip(AUX_NAMES)
+        .map(|(b, name)| b.range(ctx, name))
+        .collect::<Result<Vec<_>>>()?;
     let resources = first
         .iter()
-        .copied()
-        .chain(aux_bufs.iter())
         .map(|b| b.as_entire_binding())
+        .chain(aux_ranges.iter().map(|r| r.resource()))
         .collect();
     crate::pipeline::run_once(ctx, key, params, resources, grid)
 }

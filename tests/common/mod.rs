@@ -127,11 +127,11 @@ fn upload(ctx: &GpuContext, x: &[f32], dims: [usize; 4], dtype: DType, bhsd: boo
         return Tensor::from_bhsd(ctx, &to_bhsd(x, dims), [b, h, l, d]).unwrap();
     }
     match dtype {
-        DType::F32 => Tensor::from_f32(ctx, x, &dims).unwrap(),
         DType::F16 => {
             let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
             Tensor::from_f16(ctx, &h, &dims).unwrap()
         }
+        _ => Tensor::from_f32(ctx, x, &dims).unwrap(),
     }
 }
 

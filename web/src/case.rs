@@ -223,11 +223,11 @@ impl Problem {
         };
         // random in [-1, 1), rounded to f16 first where the kernel reads f16
         let round = |x: Vec<f32>| match dtype {
-            DType::F32 => x,
             DType::F16 => x
                 .into_iter()
                 .map(|v| half::f16::from_f32(v).to_f32())
                 .collect(),
+            _ => x,
         };
         let seed = cfg.seed.wrapping_mul(3);
         let q = round(pseudo_random(cfg.batch * lq * cfg.heads * cfg.d, seed));
@@ -291,12 +291,13 @@ impl Problem {
     }
 
     fn upload(&self, ctx: &GpuContext, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+        // the page's dtypes are f32 and f16 (parsed above)
         match self.dtype {
-            DType::F32 => Tensor::from_f32(ctx, data, dims),
             DType::F16 => {
                 let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
                 Tensor::from_f16(ctx, &h, dims)
             }
+            _ => Tensor::from_f32(ctx, data, dims),
         }
     }
 
