@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wgpu_attention::sparse::attention::{Normalizer, SparseOptions};
-use wgpu_attention::sparse::routing::{route_blocks, TopK};
+use wgpu_attention::sparse::routing::{encode_route, route_blocks, TopK};
 use wgpu_attention::sparse::snippet::{Snippet, SnippetKind};
 use wgpu_attention::sparse::{BlockLayout, BlockMask};
 use wgpu_attention::{AttnShape, FlashOptions};
@@ -173,8 +173,9 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
 /// 50% density (blocks of 128 x 128, one mask per head) against dense attention, causal
 /// attention through the shipped causal `mask_mod` against the built-in flag, and attention
 /// over content-routed top-k blocks (k = 8 of L / 128, routed once from the same q and k) at
-/// B = 1, `heads` heads, D = 64, f32; all interleaved in one run. The routing itself (GPU block
-/// means, their readback, the host's selection) is timed apart, by the wall clock. Prints the
+/// B = 1, `heads` heads, D = 64, f32; all interleaved in one run. The routing itself is timed
+/// apart, by the wall clock: on the host (GPU block means, their readback, the host's
+/// selection) and on the device (pooling, selection and block table, no readback). Prints the
 /// table and writes `sparse.json` under `out_dir`.
 pub fn sweep(
     ctx: &wgpu_attention::GpuContext,
@@ -262,10 +263,24 @@ pub fn sweep(
         routing = Some(r);
     }
     route_ms.sort_by(f64::total_cmp);
+    // the same routing on the device (selection and block table, no readback), submitted and
+    // waited for: the wall clock again, for rows of 64 queries
+    let on_device = || -> Result<()> {
+        ctx.submit(|enc| encode_route(ctx, enc, &q, &k, &fo, &topk, 64).map(|_| ()))?;
+        Ok(ctx.wait()?)
+    };
+    on_device()?; // warm-up: the pipelines
+    let mut device_ms = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let t0 = std::time::Instant::now();
+        on_device()?;
+        device_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    device_ms.sort_by(f64::total_cmp);
     let routed = routing.map(|r| Arc::new(r.mask));
-    let topk_share = routed
-        .as_ref()
-        .map_or(0.0, |m| m.visited_blocks() as f64 / (heads * nq * nk) as f64);
+    let topk_share = routed.as_ref().map_or(0.0, |m| {
+        m.visited_blocks() as f64 / (heads * nq * nk) as f64
+    });
     records.push(bench::sparse_pass(
         ctx,
         &dense,
@@ -337,6 +352,12 @@ pub fn sweep(
         route_ms[0],
         route_ms[route_ms.len() - 1],
     );
+    println!(
+        "routing on the device (pooling, selection and block table, submitted and waited for; wall clock): {:.1} ms ({:.1}-{:.1})",
+        device_ms[device_ms.len() / 2],
+        device_ms[0],
+        device_ms[device_ms.len() - 1],
+    );
     let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", out_dir.display()));
     std::fs::create_dir_all(out_dir).map_err(io)?;
     let json = serde_json::json!({
@@ -344,7 +365,8 @@ pub fn sweep(
         "dense": dense_t, "rows": rows,
         "causal": { "builtin": builtin, "mask_mod": via, "ratio": ratio },
         "topk": { "k": topk.k, "blocks": nk, "visited": topk_share, "timing": tk,
-                  "speedup": tk_up, "routing_wall_ms": route_ms },
+                  "speedup": tk_up, "routing_wall_ms": route_ms,
+                  "device_routing_wall_ms": device_ms },
     });
     std::fs::write(out_dir.join("sparse.json"), json.to_string()).map_err(io)?;
     println!("wrote {}/sparse.json", out_dir.display());
