@@ -120,7 +120,7 @@ fn builders_wgsl_twins_equal_their_closures() {
     // the samples naga checks in tests/naga.rs all have their twin
     let samples = patterns::samples();
     assert_eq!(samples.len(), 11);
-    for m in &samples {
+    for (m, ..) in &samples {
         assert!(m.snippet().is_ok(), "{m:?}");
     }
     // a closure has no twin, and a combination past four aux buffers is refused
@@ -131,11 +131,18 @@ fn builders_wgsl_twins_equal_their_closures() {
     assert!(err.contains("at most 4"), "{err}");
 }
 
-/// A builder's mask through the kernel ([`SparseOptions::from_mask_mod`]): the block mask made
-/// from its twin, the twin evaluated on partial blocks, against the f64 reference; and a block
-/// mask with partial blocks but no mask_mod to evaluate there is refused.
+/// Every builder's mask through the kernel ([`SparseOptions::from_mask_mod`], blocks of 16 x
+/// 32 so most masks have full, partial and skipped blocks): the block mask made from its twin,
+/// the twin evaluated on partial blocks, against the f64 reference; a combination on every
+/// strategy; and a block mask with partial blocks but no mask_mod to evaluate there is refused.
 #[test]
 fn builders_through_the_kernel() {
+    for (m, lq, lk, heads) in patterns::samples() {
+        let sp = SparseOptions::from_mask_mod(&m, Some((16, 32))).unwrap();
+        let mut case = Case::new(1, lq, lk, heads, 1, 64, 64);
+        case.amp = amp_for_logit_std(3.0, 1.0 / 8.0, 64);
+        assert_sparse(&case, &sp, &format!("{m:?}"));
+    }
     let (lq, lk) = (113, 150);
     let docs = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
     let m = patterns::document(docs[..lq].to_vec(), docs.clone())

@@ -751,7 +751,7 @@ pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
     // the builders' WGSL twins
     for (sn, aux) in crate::sparse::patterns::samples()
         .iter()
-        .filter_map(|m| m.snippet().ok())
+        .filter_map(|(m, ..)| m.snippet().ok())
     {
         built.push((
             SnippetKind::MaskMod,

@@ -500,31 +500,36 @@ pub mod patterns {
         )
     }
 
-    /// One mask of each builder (and both combinators) at a small size: the twins whose
-    /// kernels naga checks and translates in `cargo test` (a twin differs from these in its
-    /// literals and aux data only).
-    pub fn samples() -> Vec<MaskMod> {
+    /// One mask of each builder (and both combinators) at a small size, with the shape it was
+    /// built for, `(mask, Lq, Lk, query heads)`: the twins whose kernels naga checks and
+    /// translates in `cargo test` (a twin differs from these in its literals and aux data
+    /// only), and that the tests run through the kernel.
+    pub fn samples() -> Vec<(MaskMod, usize, usize, usize)> {
         let (l, lq) = (96, 80);
         let docs = document_ids(&[0, 30, 96], l);
-        let mut out = vec![
+        let mut out: Vec<_> = [
             causal(lq, l).or(&sinks(4)),
             sliding_window(lq, l, Some(8), Some(2)),
             prefix_lm(lq, l, 16),
             global_tokens(vec![0, 50]),
             document(docs[..lq].to_vec(), docs).and(&causal(lq, l)),
-        ];
-        out.extend(
+        ]
+        .into_iter()
+        .chain(
             [
                 strided(lq, l, 8),
                 fixed(lq, l, 16, 4),
                 bigbird(lq, l, 16, 1, 1, 1, 3),
-                longlora_shifted(l, 4, 32, true),
-                maxvit_block(8, 12, 4),
-                maxvit_grid(8, 12, 4),
             ]
             .into_iter()
             .flatten(),
-        );
+        )
+        .map(|m| (m, lq, l, 1))
+        .collect();
+        // self-attention over 96 tokens: 4 heads (half of them shifted), an 8 x 12 grid
+        out.extend(longlora_shifted(l, 4, 32, true).map(|m| (m, l, l, 4)));
+        out.extend(maxvit_block(8, 12, 4).map(|m| (m, l, l, 1)));
+        out.extend(maxvit_grid(8, 12, 4).map(|m| (m, l, l, 1)));
         out
     }
 

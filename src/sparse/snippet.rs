@@ -714,7 +714,7 @@ pub fn example_kernels() -> Vec<Box<dyn Kernel>> {
     // the builders' WGSL twins (a broken one is reported by tests/sparse.rs)
     for (snippet, _) in crate::sparse::patterns::samples()
         .iter()
-        .filter_map(|m| m.snippet().ok())
+        .filter_map(|(m, ..)| m.snippet().ok())
     {
         out.push(Box::new(BlockCountKey {
             snippet: snippet.clone(),
