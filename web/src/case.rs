@@ -11,6 +11,7 @@ use wgpu_attention::flash::reference::{
 use wgpu_attention::neighborhood::reference::{neighborhood_plain_f16, neighborhood_reference};
 use wgpu_attention::neighborhood::NaSpec;
 use wgpu_attention::sparse::attention::{encode_sparse_attention, sparse_reference, SparseOptions};
+use wgpu_attention::sparse::routing::TopK;
 use wgpu_attention::sparse::{BlockLayout, BlockMask};
 use wgpu_attention::wgpu;
 use wgpu_attention::{
@@ -71,6 +72,10 @@ pub struct Config {
     /// Sparse: query and key block sizes, and the share of blocks listed.
     pub block: [usize; 2],
     pub density: f64,
+    /// Sparse: with `topk > 0`, content-routed blocks (the best `topk` key blocks of
+    /// `block[0]` per query block, routed on the device) instead of the random mask. The check
+    /// needs `topk` at least the key blocks (every allowed block kept: the case's masks alone).
+    pub topk: usize,
     /// The query whose attention weights the page draws (batch 0, head 0).
     pub query: usize,
     /// Timed runs after one warm-up; the median is reported.
@@ -104,6 +109,7 @@ impl Default for Config {
             value_heads: 0,
             block: [64, 64],
             density: 0.5,
+            topk: 0,
             query: 0,
             repeats: 5,
             seed: 1,
@@ -162,8 +168,10 @@ struct Problem {
     dtype: DType,
     flash: FlashOptions,
     na: Option<(NeighborhoodOptions, NaSpec)>,
-    /// Sparse cases: the options, their block mask set.
+    /// Sparse cases: the options (a block mask, or top-k routing on the device), and the
+    /// block mask of the reference and the drawing.
     sparse: Option<SparseOptions>,
+    mask: Option<Arc<BlockMask>>,
     /// The token grid of a neighborhood case (empty for sequences).
     grid: Vec<usize>,
     q: Vec<f32>,
@@ -239,7 +247,7 @@ impl Problem {
             cfg.batch * lk * cfg.kv_heads * cfg.d,
             seed + 2,
         ));
-        let sparse = match cfg.variant {
+        let (sparse, mask) = match cfg.variant {
             Variant::Sparse => {
                 let layout = BlockLayout {
                     batch: 1,
@@ -250,23 +258,47 @@ impl Problem {
                     kv_block: cfg.block[1],
                 };
                 let (nq, nk) = layout.blocks();
+                if cfg.topk > 0 && cfg.topk < nk {
+                    return Err(AttnError::invalid(
+                        "topk",
+                        format!("at least the {nk} key blocks (the page checks routing that keeps every allowed block)"),
+                        cfg.topk,
+                    ));
+                }
                 let on: Vec<bool> = pseudo_random(nq * nk, seed + 3)
                     .iter()
-                    .map(|x| f64::from(x + 1.0) * 0.5 < cfg.density)
+                    .map(|x| f64::from(x + 1.0) * 0.5 < cfg.density || cfg.topk > 0)
                     .collect();
-                Some(SparseOptions {
-                    flash: flash.clone(),
-                    block_mask: Some(Arc::new(BlockMask::from_dense(&on, layout)?)),
-                    ..Default::default()
-                })
+                let mask = Arc::new(BlockMask::from_dense(&on, layout)?);
+                let options = match cfg.topk {
+                    0 => SparseOptions {
+                        flash: flash.clone(),
+                        block_mask: Some(mask.clone()),
+                        ..Default::default()
+                    },
+                    // routed on the device: the mask (every block) is the reference's
+                    k => SparseOptions {
+                        flash: flash.clone(),
+                        topk: Some(TopK {
+                            k,
+                            block: cfg.block[0],
+                            local: 1,
+                            sinks: 1,
+                        }),
+                        block_mask: None,
+                        ..Default::default()
+                    },
+                };
+                (Some(options), Some(mask))
             }
-            _ => None,
+            _ => (None, None),
         };
         Ok(Problem {
             shape,
             dtype,
             flash,
             sparse,
+            mask,
             grid: if na.is_some() {
                 cfg.grid.clone()
             } else {
@@ -302,16 +334,12 @@ impl Problem {
     }
 
     fn sees(&self, i: usize, j: usize) -> bool {
-        let listed = |sp: &SparseOptions| {
-            sp.block_mask
-                .as_ref()
-                .is_some_and(|m| m.state(0, 0, i, j) != 0)
-        };
+        let listed = |m: &Arc<BlockMask>| m.state(0, 0, i, j) != 0;
         match &self.na {
             Some((_, spec)) => spec.sees(i, j),
             None => {
                 visible(&self.flash, i, j, self.shape.lq, self.shape.lk)
-                    && self.sparse.as_ref().is_none_or(listed)
+                    && self.mask.as_ref().is_none_or(listed)
             }
         }
     }
@@ -340,8 +368,8 @@ impl Problem {
         };
         let f16 = self.dtype == DType::F16;
         if let Some(sp) = &self.sparse {
-            let mask = sp
-                .block_mask
+            let mask = self
+                .mask
                 .as_deref()
                 .ok_or_else(|| AttnError::invalid("sparse case", "a block mask", "none"))?;
             // no snippets here: the sparse reference runs on the CPU alone

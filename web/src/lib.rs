@@ -134,6 +134,21 @@ pub fn selftest_cases() -> Vec<Config> {
                 64,
             )
         },
+        // the routing kernels (selection by tree reduction, block table) through Tint
+        Config {
+            causal: true,
+            block: [32, 32],
+            topk: 7,
+            ..seq(
+                "sparse top-k routed on the device (k = every block) causal Lq=150 Lk=200",
+                Variant::Sparse,
+                150,
+                200,
+                2,
+                1,
+                64,
+            )
+        },
         Config {
             dilation: vec![2],
             ..na("neighborhood 1D 97 kernel 7 dilation 2", &[97], &[7])
