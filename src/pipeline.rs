@@ -166,33 +166,31 @@ pub(crate) fn encode_once(
     grid: [u32; 3],
 ) -> Result<()> {
     use wgpu::util::DeviceExt;
-    {
-        let pipeline = ctx.pipeline(key)?;
-        let pbuf = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("kernel params"),
-                contents: params,
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let entries: Vec<wgpu::BindGroupEntry> = (0u32..)
-            .zip(std::iter::once(pbuf.as_entire_binding()).chain(resources))
-            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-            .collect();
-        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("one-off kernel"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
+    let pipeline = ctx.pipeline(key)?;
+    let pbuf = ctx
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("kernel params"),
+            contents: params,
+            usage: wgpu::BufferUsages::UNIFORM,
         });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("one-off kernel"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-        Ok(())
-    }
+    let entries: Vec<wgpu::BindGroupEntry> = (0u32..)
+        .zip(std::iter::once(pbuf.as_entire_binding()).chain(resources))
+        .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
+        .collect();
+    let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("one-off kernel"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("one-off kernel"),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bg, &[]);
+    pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+    Ok(())
 }
 
 /// A helper kernel's grid, each axis named for the error when it exceeds the adapter's
@@ -211,6 +209,30 @@ pub(crate) fn dispatch_grid(ctx: &GpuContext, grid: [(&str, usize); 3]) -> Resul
             })?;
     }
     Ok(dims)
+}
+
+/// A run of `items` invocations in workgroups of `wg`, folded into rows of at most the
+/// adapter's workgroups per dispatch dimension: the grid and the workgroups per row (a kernel
+/// indexes `gid.y * row * wg + gid.x`). `what` names the items for the error past `max^2`
+/// workgroups.
+pub(crate) fn folded_grid(
+    ctx: &GpuContext,
+    what: &str,
+    items: usize,
+    wg: u32,
+) -> Result<([u32; 3], u32)> {
+    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
+    let groups = items.div_ceil(wg as usize).max(1);
+    let row = groups.min(max);
+    let rows = groups.div_ceil(row);
+    if rows > max {
+        return Err(AttnError::Limit {
+            what: what.into(),
+            needed: items as u64,
+            limit: (max * max * wg as usize) as u64,
+        });
+    }
+    Ok(([row as u32, rows as u32, 1], row as u32))
 }
 
 /// Parses and validates WGSL with naga; the error names the shader and the line.

@@ -340,7 +340,7 @@ impl Tensor {
     }
 
     /// Row-major strides of `shape` (the last axis fastest).
-    pub fn contiguous_strides_of(shape: &[usize]) -> Vec<usize> {
+    pub(crate) fn contiguous_strides_of(shape: &[usize]) -> Vec<usize> {
         contiguous_strides(shape)
     }
 
@@ -372,10 +372,59 @@ impl Tensor {
         &self,
         ctx: &GpuContext,
     ) -> impl std::future::Future<Output = Result<Vec<f32>>> {
-        let started = self
-            .dtype
-            .require_float("tensor read back as f32")
-            .and_then(|()| self.start_readback(ctx));
+        let dtype = self.dtype;
+        let decode = move |bytes: &[u8]| -> Vec<f32> {
+            match dtype {
+                DType::F16 => bytemuck::cast_slice::<u8, half::f16>(bytes)
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+                // refused before the readback for the integer types
+                _ => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
+            }
+        };
+        self.read_async(
+            ctx,
+            dtype.require_float("tensor read back as f32"),
+            decode,
+            f32::NAN,
+        )
+    }
+
+    /// Downloads an i32 tensor (the routing's selection) in row-major order. Blocks.
+    pub fn to_vec_i32(&self, ctx: &GpuContext) -> Result<Vec<i32>> {
+        Ok(bytemuck::cast_vec(self.read_words(ctx, DType::I32)?))
+    }
+
+    /// Downloads a u32 tensor (a routed block table) in row-major order. Blocks.
+    pub fn to_vec_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
+        self.read_words(ctx, DType::U32)
+    }
+
+    /// The 4-byte elements of a tensor of dtype `want`, as raw words. Blocks.
+    fn read_words(&self, ctx: &GpuContext, want: DType) -> Result<Vec<u32>> {
+        let check = match self.dtype == want {
+            true => Ok(()),
+            false => Err(AttnError::DType {
+                what: format!("tensor read back as {want}"),
+                expected: want.to_string(),
+                actual: self.dtype.to_string(),
+            }),
+        };
+        let decode = |bytes: &[u8]| bytemuck::cast_slice::<u8, u32>(bytes).to_vec();
+        pollster::block_on(self.read_async(ctx, check, decode, 0))
+    }
+
+    /// The readback shared by the `to_vec_*` calls: after `check`, the view's bytes copied out,
+    /// mapped, decoded to elements and gathered row-major (`fill` where none was read).
+    fn read_async<T: Copy>(
+        &self,
+        ctx: &GpuContext,
+        check: Result<()>,
+        decode: impl FnOnce(&[u8]) -> Vec<T>,
+        fill: T,
+    ) -> impl std::future::Future<Output = Result<Vec<T>>> {
+        let started = check.and_then(|()| self.start_readback(ctx));
         let this = self.clone();
         let device = ctx.device.clone();
         async move {
@@ -392,56 +441,11 @@ impl Tensor {
             let view = staging
                 .get_mapped_range(..)
                 .map_err(|e| AttnError::Gpu(format!("readback mapping failed: {e:?}")))?;
-            let raw: Vec<f32> = match this.dtype {
-                DType::F16 => bytemuck::cast_slice::<u8, half::f16>(&view)
-                    .iter()
-                    .map(|h| h.to_f32())
-                    .collect(),
-                // refused above for the integer types
-                _ => bytemuck::cast_slice::<u8, f32>(&view).to_vec(),
-            };
+            let raw = decode(&view);
             drop(view);
             staging.unmap();
-            Ok(this.gather(&raw, base, f32::NAN))
+            Ok(this.gather(&raw, base, fill))
         }
-    }
-
-    /// Downloads an i32 tensor (the routing's selection) in row-major order. Blocks.
-    pub fn to_vec_i32(&self, ctx: &GpuContext) -> Result<Vec<i32>> {
-        Ok(bytemuck::cast_vec(self.read_words(ctx, DType::I32)?))
-    }
-
-    /// Downloads a u32 tensor (a routed block table) in row-major order. Blocks.
-    pub fn to_vec_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>> {
-        self.read_words(ctx, DType::U32)
-    }
-
-    /// The 4-byte elements of a tensor of dtype `want`, as raw words. Blocks.
-    fn read_words(&self, ctx: &GpuContext, want: DType) -> Result<Vec<u32>> {
-        if self.dtype != want {
-            return Err(AttnError::DType {
-                what: format!("tensor read back as {want}"),
-                expected: want.to_string(),
-                actual: self.dtype.to_string(),
-            });
-        }
-        let (staging, base, rx) = self.start_readback(ctx)?;
-        ctx.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| AttnError::Gpu(e.to_string()))?;
-        pollster::block_on(rx)
-            .map_err(|_| AttnError::Gpu("readback was cancelled".into()))?
-            .map_err(|e| AttnError::Gpu(format!("readback failed: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| AttnError::Gpu(format!("readback mapping failed: {e:?}")))?;
-        let raw: Vec<u32> = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(self.gather(&raw, base, 0))
     }
 
     /// Copies the view's bytes into a mappable buffer and asks for the mapping: the staging

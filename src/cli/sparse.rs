@@ -253,39 +253,32 @@ pub fn sweep(
     };
     let [q, k, _, _] = bench::case_tensors(ctx, &dense.shape())?;
     let fo = FlashOptions::default();
-    route_blocks(ctx, &q, &k, &fo, &topk)?; // warm-up: the pooling pipeline
-    let mut route_ms = Vec::new();
-    let mut routing = None;
-    for _ in 0..rounds.max(1) {
-        let t0 = std::time::Instant::now();
-        let r = route_blocks(ctx, &q, &k, &fo, &topk)?;
-        route_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        routing = Some(r);
-    }
-    route_ms.sort_by(f64::total_cmp);
-    // the same routing on the device (selection and block table, no readback), submitted and
-    // waited for: the wall clock again, for rows of 64 queries
-    let on_device = || -> Result<()> {
-        ctx.submit(|enc| encode_route(ctx, enc, &q, &k, &fo, &topk, 64).map(|_| ()))?;
-        Ok(ctx.wait()?)
+    // wall-clock milliseconds of `f` over the rounds after one warm-up (the pipelines), sorted
+    let wall = |f: &mut dyn FnMut() -> wgpu_attention::Result<()>| -> Result<Vec<f64>> {
+        f()?;
+        let mut ms = Vec::new();
+        for _ in 0..rounds.max(1) {
+            let t0 = std::time::Instant::now();
+            f()?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms)
     };
-    on_device()?; // warm-up: the pipelines
-    let mut device_ms = Vec::new();
-    for _ in 0..rounds.max(1) {
-        let t0 = std::time::Instant::now();
-        on_device()?;
-        device_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    device_ms.sort_by(f64::total_cmp);
-    let routed = routing.map(|r| Arc::new(r.mask));
-    let topk_share = routed.as_ref().map_or(0.0, |m| {
-        m.visited_blocks() as f64 / (heads * nq * nk) as f64
-    });
+    let route_ms = wall(&mut || route_blocks(ctx, &q, &k, &fo, &topk).map(|_| ()))?;
+    // the same routing on the device (selection and block table, no readback), submitted and
+    // waited for, for rows of 64 queries
+    let device_ms = wall(&mut || {
+        ctx.submit(|enc| encode_route(ctx, enc, &q, &k, &fo, &topk, 64).map(|_| ()))?;
+        ctx.wait()
+    })?;
+    let routed = Arc::new(route_blocks(ctx, &q, &k, &fo, &topk)?.mask);
+    let topk_share = routed.visited_blocks() as f64 / (heads * nq * nk) as f64;
     records.push(bench::sparse_pass(
         ctx,
         &dense,
         SparseOptions {
-            block_mask: routed,
+            block_mask: Some(routed),
             ..base.clone()
         },
     )?);

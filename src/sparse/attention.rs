@@ -196,9 +196,8 @@ fn check_options(s: &AttnShape, opts: &SparseOptions) -> Result<()> {
     Ok(())
 }
 
-/// The block mask fits the problem: its lengths, batch and heads (or 1), block sizes, lists.
-fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
-    let l = &m.layout;
+/// A block layout fits the problem: valid block sizes, its lengths, batch and heads (or 1).
+fn check_layout(l: &BlockLayout, s: &AttnShape) -> Result<()> {
     l.check()?;
     let ok = l.lq == s.lq
         && l.lk == s.lk
@@ -217,6 +216,13 @@ fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// The block mask fits the problem: its layout ([`check_layout`]) and its lists.
+fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
+    let l = &m.layout;
+    check_layout(l, s)?;
     let (nq, nk) = l.blocks();
     let rows = l.batch * l.heads * nq;
     if m.full.len() != rows || m.partial.len() != rows {
@@ -370,17 +376,7 @@ impl CallLayout for SparseLayout {
         match &self.source {
             TableSource::Host(m) => check_mask(m, s),
             TableSource::Device(DeviceRouting { layout: l, .. }) | TableSource::Pending(l) => {
-                if l.lq != s.lq || l.lk != s.lk || l.batch != s.batch || l.heads != s.hq {
-                    return Err(AttnError::shape(
-                        "routed block table",
-                        format!(
-                            "Lq = {}, Lk = {}, batch {}, heads {}",
-                            s.lq, s.lk, s.batch, s.hq
-                        ),
-                        format!("{l:?}"),
-                    ));
-                }
-                Ok(())
+                check_layout(l, s)
             }
         }
     }
@@ -417,7 +413,7 @@ impl CallLayout for SparseLayout {
                         format!("row tiles of {}", r.tile_rows),
                     ));
                 }
-                let (_, _, base) = DeviceRouting::table_layout(l, g as usize);
+                let (_, base) = DeviceRouting::table_layout(l, g as usize);
                 (StorageData::View(r.table.clone()), base)
             }
             TableSource::Pending(_) => {
@@ -527,18 +523,37 @@ pub fn encode_sparse_attention(
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
     let s = flash::check_inputs(q, k, v)?;
-    let source = match (&opts.topk, &opts.block_mask) {
+    if lse.is_some() && opts.normalizer != Normalizer::Softmax {
+        return Err(AttnError::invalid(
+            "lse",
+            "no LSE output with the sigmoid normalizer (its weights have no row sum)",
+            "an LSE tensor",
+        ));
+    }
+    let layout = match (&opts.topk, &opts.block_mask) {
         (Some(t), None) => {
             check_options(&s, opts)?;
             // the row tiles the plan will take, then the table for them
-            let probe = sparse_layout(opts, TableSource::Pending(t.layout(&s)), s.lk);
-            let (_, g) = probe.plan_key(ctx, &s, q.dtype(), &opts.flash)?;
+            let mut layout = sparse_layout(opts, TableSource::Pending(t.layout(&s)), s.lk);
+            let (_, g) = layout.plan_key(ctx, &s, q.dtype(), &opts.flash)?;
             let routed = encode_route(ctx, encoder, q, k, &opts.flash, t, g as usize)?;
-            TableSource::Device(routed)
+            layout.source = TableSource::Device(routed);
+            layout
         }
-        _ => TableSource::Host(resolve_block_mask(ctx, &s, opts)?),
+        _ => {
+            let mask = resolve_block_mask(ctx, &s, opts)?;
+            sparse_layout(opts, TableSource::Host(mask), s.lk)
+        }
     };
-    encode_with_source(ctx, encoder, q, k, v, out, lse, opts, source, timestamps)
+    let call = flash::Call {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        opts: &opts.flash,
+    };
+    flash::encode_with(ctx, encoder, &call, &layout, timestamps)
 }
 
 /// The layout of a call: its geometry (the snippets, the normalizer) and its table's source.
@@ -556,38 +571,6 @@ fn sparse_layout(opts: &SparseOptions, source: TableSource, lk: usize) -> Sparse
         aux: opts.aux.clone(),
         sig_bias: sig_bias.map_or(0.0, |b| (b * std::f64::consts::LOG2_E) as f32),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn encode_with_source(
-    ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    lse: Option<&Tensor>,
-    opts: &SparseOptions,
-    source: TableSource,
-    timestamps: Option<(&wgpu::QuerySet, u32)>,
-) -> Result<FlashPlan> {
-    if lse.is_some() && opts.normalizer != Normalizer::Softmax {
-        return Err(AttnError::invalid(
-            "lse",
-            "no LSE output with the sigmoid normalizer (its weights have no row sum)",
-            "an LSE tensor",
-        ));
-    }
-    let layout = sparse_layout(opts, source, k.shape().get(1).copied().unwrap_or(0));
-    let call = flash::Call {
-        q,
-        k,
-        v,
-        out,
-        lse,
-        opts: &opts.flash,
-    };
-    flash::encode_with(ctx, encoder, &call, &layout, timestamps)
 }
 
 /// Runs sparse attention into caller-provided outputs and submits the work.
@@ -741,28 +724,18 @@ pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
                 .iter()
                 .map(|(_, src, t)| (SnippetKind::ScoreMod, *src, t.to_vec())),
         );
-    let mut built: Vec<(SnippetKind, Snippet, Vec<&str>)> = Vec::new();
-    for (kind, src, types) in snippets {
+    // a broken example or twin is reported by the snippet tests
+    let examples = snippets.filter_map(|(kind, src, types)| {
         let values: Vec<Aux> = types.iter().map(|t| Aux::placeholder(t)).collect();
-        if let Ok(sn) = Snippet::new(kind, src, &values) {
-            built.push((kind, sn, types)); // else the snippet tests report a broken example
-        }
-    }
-    // the builders' WGSL twins
-    for (sn, aux) in crate::sparse::patterns::samples()
-        .iter()
-        .filter_map(|(m, ..)| m.snippet().ok())
-    {
-        built.push((
-            SnippetKind::MaskMod,
-            sn,
-            aux.iter().map(Aux::wgsl).collect(),
-        ));
-    }
-    for (kind, sn, types) in built {
-        let geo = match kind {
-            SnippetKind::MaskMod => geometry(Some(&sn), None, &types, false),
-            SnippetKind::ScoreMod => geometry(None, Some(&sn), &types, false),
+        Snippet::new(kind, src, &values).ok()
+    });
+    let twins = crate::sparse::patterns::samples()
+        .into_iter()
+        .filter_map(|(m, ..)| m.snippet().ok().map(|(sn, _)| sn));
+    for sn in examples.chain(twins) {
+        let geo = match sn.kind {
+            SnippetKind::MaskMod => geometry(Some(&sn), None, &sn.aux, false),
+            SnippetKind::ScoreMod => geometry(None, Some(&sn), &sn.aux, false),
         };
         for (strategy, sg) in [(Strategy::Tiled, (0, 0)), (Strategy::Subgroup, (8, 8))] {
             keys.push(kernel_key(strategy, DType::F32, 64, 64, sg, false, geo));

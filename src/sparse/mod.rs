@@ -405,11 +405,14 @@ pub mod patterns {
                 p
             })
             .collect();
-        // the random blocks as a bitmap over (query block, key block) in aux0
+        let b = lit_u(block);
+        let (qb, kb) = (format!("(q_idx / {b})"), format!("(kv_idx / {b})"));
         let mut terms = vec![
-            format!("max(qb, kb) - min(qb, kb) <= {}", lit_u(window)),
-            format!("qb < {0} || kb < {0}", lit_u(global)),
+            format!("max({qb}, {kb}) - min({qb}, {kb}) <= {}", lit_u(window)),
+            format!("{qb} < {g} || {kb} < {g}", g = lit_u(global)),
         ];
+        let mut aux = Vec::new();
+        // the random blocks as a bitmap over (query block, key block) in aux0
         if picks.iter().any(|p| !p.is_empty()) {
             let n = nq
                 .checked_mul(nk)
@@ -422,29 +425,17 @@ pub mod patterns {
                     )
                 })?;
             terms.push(format!(
-                "(kb < {} && {})",
+                "({kb} < {} && {})",
                 lit_u(nk),
-                bit("0", &format!("qb * {} + kb", lit_u(nk)), n)
+                bit("0", &format!("{qb} * {} + {kb}", lit_u(nk)), n)
             ));
+            let ones = picks
+                .iter()
+                .enumerate()
+                .flat_map(|(i, p)| p.iter().map(move |&j| i * nk + j));
+            aux.push(Aux::U32(bitmap(n, ones)));
         }
-        let aux = match terms.len() {
-            3 => {
-                let ones = picks
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, p)| p.iter().map(move |&j| i * nk + j));
-                vec![Aux::U32(bitmap(nq * nk, ones))]
-            }
-            _ => vec![],
-        };
-        let b = lit_u(block);
-        let wgsl = MaskWgsl::new(
-            terms
-                .join(" || ")
-                .replace("qb", &format!("(q_idx / {b})"))
-                .replace("kb", &format!("(kv_idx / {b})")),
-            aux,
-        );
+        let wgsl = MaskWgsl::new(terms.join(" || "), aux);
         Ok(MaskMod::new(
             format!("bigbird({block},{window},{global},{random},{seed})"),
             move |_, _, q, k| {

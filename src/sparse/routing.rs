@@ -21,7 +21,7 @@ use crate::error::{AttnError, Result};
 use crate::flash::reference::RefInputs;
 use crate::flash::{AttnShape, FlashOptions};
 use crate::pipeline::{
-    declare_bindings, dispatch_grid, encode_once, BindingDecl, Kernel, UniformLayout,
+    declare_bindings, dispatch_grid, encode_once, folded_grid, BindingDecl, Kernel, UniformLayout,
 };
 use crate::softmax::BoundRange;
 use crate::sparse::snippet::u;
@@ -341,6 +341,15 @@ fn scale_of(s: &AttnShape, opts: &FlashOptions) -> f64 {
         .unwrap_or(1.0 / (s.d as f64).sqrt())
 }
 
+/// The shape of a routing of `q` against `k`: the inputs, the block size, the lengths.
+fn check_route(q: &Tensor, k: &Tensor, opts: &FlashOptions, topk: &TopK) -> Result<AttnShape> {
+    let s = crate::flash::check_inputs(q, k, k)?;
+    topk.check(&s)?;
+    crate::flash::check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
+    crate::flash::check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
+    Ok(s)
+}
+
 /// Routes `q` against `k` (see the module docs): the block means on the GPU, the selection
 /// here. `opts` gives the scale, causality and the lengths.
 pub fn route_blocks(
@@ -350,10 +359,7 @@ pub fn route_blocks(
     opts: &FlashOptions,
     topk: &TopK,
 ) -> Result<Routing> {
-    let s = crate::flash::check_inputs(q, k, k)?;
-    topk.check(&s)?;
-    crate::flash::check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
-    crate::flash::check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
+    let s = check_route(q, k, opts, topk)?;
     let qm = pool(ctx, q, "q", topk.block, opts.q_lens.as_deref())?;
     let km = pool(ctx, k, "k", topk.block, opts.kv_lens.as_deref())?;
     let (nq, nk) = topk.layout(&s).blocks();
@@ -480,6 +486,12 @@ var<workgroup> winner: u32;
 
 const NONE: u32 = 0xffffffffu;
 
+// key block kj holds valid keys and, causal, its first key is visible to the query block's last
+// query (`last`, shifted by the bottom-right alignment `diag_off`)
+fn allowed(kj: u32, key_blocks: u32, last: i32, diag_off: i32) -> bool {
+    return kj < key_blocks && (p.causal == 0u || i32(kj * p.block) <= last + diag_off);
+}
+
 // (s, i) beats (t, j): a real entry with a higher score, or the same score and a lower index
 fn beats(s: f32, i: u32, t: f32, j: u32) -> bool {
     if (i == NONE) { return false; }
@@ -518,10 +530,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var bs = 0.0;
         var bi = NONE;
         for (var kj = lid; kj < p.nk; kj += 64u) {
-            let allowed = live && kj < key_blocks
-                && (p.causal == 0u || i32(kj * p.block) <= last + diag_off);
             let s = scores[row * p.nk + kj];
-            if (allowed && keep[row * p.nk + kj] == 0u && beats(s, kj, bs, bi)) {
+            if (live && allowed(kj, key_blocks, last, diag_off) && keep[row * p.nk + kj] == 0u && beats(s, kj, bs, bi)) {
                 bs = s;
                 bi = kj;
             }
@@ -547,10 +557,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // the diagonal block and those before it, and the first blocks, when allowed
     let diag = u32(clamp(last + diag_off, 0, i32(max(kvlen, 1u)) - 1)) / p.block;
     for (var kj = lid; kj < p.nk; kj += 64u) {
-        let allowed = live && kj < key_blocks
-            && (p.causal == 0u || i32(kj * p.block) <= last + diag_off);
         let near = kj <= diag && diag - kj < p.local;
-        if (allowed && (near || kj < p.sinks)) {
+        if (live && allowed(kj, key_blocks, last, diag_off) && (near || kj < p.sinks)) {
             keep[row * p.nk + kj] = 1u;
         }
     }
@@ -623,25 +631,25 @@ pub struct TableParams {
     pub nq: u32,
     pub nk: u32,
     pub lq: u32,
-    /// Words per list (`nk`) and where the state table starts.
-    pub cap: u32,
+    /// Where the state table starts (lists are `nk` words apart).
     pub state_base: u32,
     /// `B * Hq * nQ * nK`: the keep flags.
     pub flags: u32,
     /// Invocations per grid row (the grid is 2D past the dispatch limit).
     pub row: u32,
+    pub pad: u32,
 }
 
 const TABLE_PARAMS_WGSL: &str = "struct TableParams {
     lists: u32, words: u32, tiles: u32, tile_rows: u32,
     block: u32, nq: u32, nk: u32, lq: u32,
-    cap: u32, state_base: u32, flags: u32, row: u32,
+    state_base: u32, flags: u32, row: u32, pad: u32,
 }
 ";
 
 /// The block table of the attention kernel from the `keep` flags, in the host's format
 /// ([`crate::sparse::attention::block_tables`]): invocation `i < lists` writes row tile `i`'s
-/// list (the ascending union of its query blocks' kept blocks, at `2 * lists + i * cap`) and its
+/// list (the ascending union of its query blocks' kept blocks, at `2 * lists + i * nK`) and its
 /// header (start, count); the next `words` invocations pack 16 block states each (2 = full).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TableKey;
@@ -654,7 +662,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let t = i % p.tiles;
         let first = t * p.tile_rows / p.block;
         let last = min((min((t + 1u) * p.tile_rows, p.lq) - 1u) / p.block, p.nq - 1u);
-        let start = 2u * p.lists + i * p.cap;
+        let start = 2u * p.lists + i * p.nk;
         var n = 0u;
         for (var kj = 0u; kj < p.nk; kj++) {
             var any = false;
@@ -712,7 +720,7 @@ impl Kernel for TableKey {
     fn uniforms(&self) -> Vec<UniformLayout> {
         vec![
             crate::uniform_layout!(TableParams, "TableParams"; lists, words, tiles, tile_rows,
-            block, nq, nk, lq, cap, state_base, flags, row),
+            block, nq, nk, lq, state_base, flags, row, pad),
         ]
     }
 }
@@ -731,11 +739,12 @@ pub struct DeviceRouting {
 }
 
 impl DeviceRouting {
-    /// Lists (batch x heads x row tiles), the words of one list, where the states start.
-    pub fn table_layout(layout: &BlockLayout, tile_rows: usize) -> (usize, usize, usize) {
+    /// Lists (batch x heads x row tiles) and where the states start (headers, then the
+    /// lists `nK` words apart).
+    pub fn table_layout(layout: &BlockLayout, tile_rows: usize) -> (usize, usize) {
         let (_, nk) = layout.blocks();
         let lists = layout.batch * layout.heads * layout.lq.div_ceil(tile_rows.max(1));
-        (lists, nk, 2 * lists + lists * nk)
+        (lists, 2 * lists + lists * nk)
     }
 }
 
@@ -752,10 +761,7 @@ pub fn encode_route(
     topk: &TopK,
     tile_rows: usize,
 ) -> Result<DeviceRouting> {
-    let s = crate::flash::check_inputs(q, k, k)?;
-    topk.check(&s)?;
-    crate::flash::check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
-    crate::flash::check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
+    let s = check_route(q, k, opts, topk)?;
     if tile_rows == 0 {
         return Err(AttnError::invalid("tile rows", "at least 1", 0));
     }
@@ -797,19 +803,28 @@ pub fn encode_route(
                 contents: bytemuck::cast_slice(&lens),
                 usage: wgpu::BufferUsages::STORAGE,
             });
-        let scratch = |what: &str, words: usize| -> Result<wgpu::Buffer> {
+        // buffers the kernels fill entirely (nothing uploaded)
+        let scratch = |what: &'static str, words: usize, usage| -> Result<wgpu::Buffer> {
             let bytes = (words.max(1) as u64).saturating_mul(4);
             ctx.check_binding(what, bytes)?;
             Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("route scratch"),
+                label: Some(what),
                 size: bytes,
-                usage: wgpu::BufferUsages::STORAGE,
+                usage: wgpu::BufferUsages::STORAGE | usage,
                 mapped_at_creation: false,
             }))
         };
-        let scores = scratch("route scores", flags)?;
-        let keep = scratch("route flags", flags)?;
-        let selected = Tensor::from_i32(ctx, &vec![-1; rows * slots], &[s.batch, s.hq, nq, slots])?;
+        let none = wgpu::BufferUsages::empty();
+        let readable = wgpu::BufferUsages::COPY_SRC;
+        let scores = scratch("route scores", flags, none)?;
+        let keep = scratch("route flags", flags, none)?;
+        let selected = Tensor::from_buffer(
+            scratch("route selection", rows * slots, readable)?,
+            vec![s.batch, s.hq, nq, slots],
+            vec![s.hq * nq * slots, nq * slots, slots, 1],
+            0,
+            DType::I32,
+        )?;
         let grid = dispatch_grid(
             ctx,
             [
@@ -858,34 +873,17 @@ pub fn encode_route(
             grid,
         )?;
 
-        let (lists, cap, state_base) = DeviceRouting::table_layout(&layout, tile_rows);
+        let (lists, state_base) = DeviceRouting::table_layout(&layout, tile_rows);
         let words = flags.div_ceil(16).max(1);
         let total = state_base + words;
         let table = Tensor::from_buffer(
-            ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("routed block table"),
-                size: (total as u64).saturating_mul(4),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            }),
+            scratch("routed block table", total, readable)?,
             vec![total],
             vec![1],
             0,
             DType::U32,
         )?;
-        ctx.check_binding("routed block table", (total as u64).saturating_mul(4))?;
-        let items = lists + words;
-        let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
-        let groups = items.div_ceil(64);
-        let per_row = groups.min(max);
-        let grid = dispatch_grid(
-            ctx,
-            [
-                ("table workgroups", per_row),
-                ("table rows", groups.div_ceil(per_row)),
-                ("", 1),
-            ],
-        )?;
+        let (grid, row) = folded_grid(ctx, "routed block table entries", lists + words, 64)?;
         let params = TableParams {
             lists: u(lists, "row tile lists")?,
             words: u(words, "state words")?,
@@ -893,12 +891,12 @@ pub fn encode_route(
             tile_rows: u(tile_rows, "tile rows")?,
             block: u(topk.block, "block")?,
             nq: u(nq, "query blocks")?,
-            nk: u(cap, "key blocks")?,
+            nk: u(nk, "key blocks")?,
             lq: u(s.lq, "Lq")?,
-            cap: u(cap, "list words")?,
             state_base: u(state_base, "block table words")?,
             flags: u(flags, "block flags")?,
-            row: u(per_row * 64, "table row")?,
+            row: row * 64,
+            pad: 0,
         };
         let tr = BoundRange::new(ctx, &table, "routed block table")?;
         let resources = vec![keep.as_entire_binding(), tr.resource()];

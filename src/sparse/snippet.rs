@@ -651,17 +651,8 @@ pub fn eval_snippet(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let groups = n.div_ceil(COUNT_WG as usize);
-    let max = ctx.limits.max_compute_workgroups_per_dimension as usize;
-    let row = groups.min(max);
-    let rows = groups.div_ceil(row);
-    if rows > max {
-        return Err(AttnError::Limit {
-            what: "pairs a snippet evaluation covers".into(),
-            needed: n as u64,
-            limit: (max * max * COUNT_WG as usize) as u64,
-        });
-    }
+    let (grid, row) =
+        crate::pipeline::folded_grid(ctx, "pairs a snippet evaluation covers", n, COUNT_WG)?;
     let params = EvalParams {
         b: u(b, "batch index")?,
         h: u(h, "head index")?,
@@ -669,7 +660,7 @@ pub fn eval_snippet(
         k0: u(k.start, "first key")?,
         nq: u(q.len(), "queries")?,
         nk: u(k.len(), "keys")?,
-        row: row as u32,
+        row,
         pad: 0,
     };
     u(n, "pairs")?;
@@ -688,7 +679,7 @@ pub fn eval_snippet(
         bytemuck::bytes_of(&params),
         &[input.buffer(), out.buffer()],
         aux,
-        [row as u32, rows as u32, 1],
+        grid,
     )?;
     out.to_vec_f32(ctx)
 }
