@@ -946,7 +946,8 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
 fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
     use wgpu_attention::linear::LinearShape;
     // (rule, mode); a chunk row is also compared with its rule's recurrent row
-    let variants = [
+    let fused = ctx.caps.subgroups && ctx.caps.subgroup_min >= 8;
+    let mut variants = vec![
         (Rule::Linear, Mode::Chunk),
         (Rule::Linear, Mode::Recurrent),
         (Rule::SimpleGla, Mode::Chunk),
@@ -954,12 +955,14 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
         (Rule::GatedDelta, Mode::Chunk),
         (Rule::GatedDelta, Mode::Recurrent),
     ];
-    let mode_name = |m: Mode| {
-        if m == Mode::Chunk {
-            "chunk"
-        } else {
-            "recurrent"
-        }
+    if fused {
+        variants.push((Rule::Linear, Mode::FusedChunk));
+        variants.push((Rule::SimpleGla, Mode::FusedChunk));
+    }
+    let mode_name = |m: Mode| match m {
+        Mode::Chunk => "chunk",
+        Mode::FusedChunk => "fused chunk",
+        _ => "recurrent",
     };
     println!(
         "{:<8} {:<22} {:>10} {:>16} {:>9} {:>12} {:>14}",
@@ -977,7 +980,7 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
         };
         let mut records = Vec::new();
         let mut names = Vec::new();
-        for (rule, mode) in variants {
+        for &(rule, mode) in &variants {
             let opts = LinearOptions {
                 rule,
                 mode,
@@ -1014,7 +1017,7 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
             };
             // the same rule's recurrent row
             let rec = variants.get(i).and_then(|&(rule, mode)| {
-                (mode == Mode::Chunk)
+                (mode != Mode::Recurrent)
                     .then(|| {
                         variants
                             .iter()

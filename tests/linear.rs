@@ -203,9 +203,22 @@ fn subgroup_chunks(c: &Lin) -> bool {
         && !LinearShape::normalized(&c.opts)
 }
 
-/// The kernels a case runs: recurrent and chunk (the subgroup variant where the adapter has
-/// it; SwiftShader's phase and the random cases run the one without); a case that names its
-/// mode runs that.
+/// Whether the fused chunk kernel runs these options on this adapter; options it could run
+/// on an adapter without subgroups of 8 say so in the output.
+fn fused_runs(c: &Lin) -> bool {
+    if linear::fused_unsupported(&c.shape, &c.opts).is_some() || c.opts.subgroups == Some(false) {
+        return false;
+    }
+    if !linear::fused_adapter(ctx()) {
+        eprintln!("fused chunk kernel skipped (no subgroups of 8 on this adapter): {c:?}");
+        return false;
+    }
+    true
+}
+
+/// The kernels a case runs: recurrent, chunk (the subgroup variant where the adapter has it;
+/// SwiftShader's phase and the random cases run the one without) and the fused chunk kernel
+/// where it runs; a case that names its mode runs that.
 fn variants(c: &Lin) -> Vec<Lin> {
     if c.opts.mode != Mode::Auto {
         return vec![c.clone()];
@@ -217,14 +230,17 @@ fn variants(c: &Lin) -> Vec<Lin> {
     if runs_mode(Mode::Chunk) {
         out.push(c.clone().with(|o| o.mode = Mode::Chunk));
     }
+    if runs_mode(Mode::FusedChunk) && fused_runs(c) {
+        out.push(c.clone().with(|o| o.mode = Mode::FusedChunk));
+    }
     out
 }
 
 /// `WGPU_ATTENTION_LINEAR_MODES=chunk` runs only the chunk kernels (scripts/test.sh sets it for
-/// SwiftShader, whose chunk kernels are the browser's, after lavapipe ran both); unset: both.
+/// SwiftShader, whose chunk kernels are the browser's, after lavapipe ran both); unset: all.
 fn runs_mode(mode: Mode) -> bool {
     match std::env::var("WGPU_ATTENTION_LINEAR_MODES").as_deref() {
-        Ok("chunk") => mode == Mode::Chunk,
+        Ok("chunk") => matches!(mode, Mode::Chunk | Mode::FusedChunk),
         _ => true,
     }
 }
@@ -296,17 +312,18 @@ fn resumption_in_pieces_equals_one_pass() {
     let ctx = ctx();
     for (rule, mode) in Rule::ALL
         .into_iter()
-        .flat_map(|r| [Mode::Auto, Mode::Recurrent, Mode::Chunk].map(|m| (r, m)))
+        .flat_map(|r| [Mode::Auto, Mode::Recurrent, Mode::Chunk, Mode::FusedChunk].map(|m| (r, m)))
     {
         let c = Lin::new(rule, 1, 150, 2, 2, 24, 24).with(|o| {
             o.output_final_state = true;
-            o.normalize = rule == Rule::Linear;
+            // (normalized: not the fused kernel's)
+            o.normalize = rule == Rule::Linear && mode != Mode::FusedChunk;
             o.mode = mode;
         });
         // Auto and Recurrent mix in or are the recurrent kernel, which a chunk-only run
         // leaves out
-        let skip = mode != Mode::Chunk && !runs_mode(Mode::Recurrent);
-        if skip {
+        let skip = (mode == Mode::Auto || mode == Mode::Recurrent) && !runs_mode(Mode::Recurrent);
+        if skip || (mode == Mode::FusedChunk && !fused_runs(&c)) {
             continue;
         }
         let seed = fresh_seed();
@@ -493,7 +510,11 @@ fn packed_sequences() {
 #[test]
 fn long_sequence_in_pieces() {
     let c = Lin::new(Rule::SimpleGla, 1, 70_000, 1, 1, 16, 16);
-    for mode in [Mode::Recurrent, Mode::Chunk] {
+    let mut modes = vec![Mode::Recurrent, Mode::Chunk];
+    if linear::fused_adapter(ctx()) {
+        modes.push(Mode::FusedChunk);
+    }
+    for mode in modes {
         let opts = with_tensors(&c, &host_inputs(&c, 1));
         let opts = LinearOptions { mode, ..opts };
         let plan = linear::plan(ctx(), &c.shape, DType::F32, &opts).unwrap();
@@ -559,6 +580,12 @@ fn random_linear_case(seed: u64) -> Lin {
     o.mode = [Mode::Auto, Mode::Auto, Mode::Recurrent, Mode::Chunk][r.random_range(0..4)];
     if r.random_bool(0.3) {
         o.subgroups = Some(false);
+    }
+    // the fused chunk kernel where it can run these options
+    let fused =
+        linear::fused_adapter(ctx()) && linear::fused_unsupported(&c.shape, &c.opts).is_none();
+    if r.random_bool(0.25) && fused && c.opts.subgroups != Some(false) {
+        c.opts.mode = Mode::FusedChunk;
     }
     c
 }
@@ -631,6 +658,31 @@ fn bad_input_is_a_typed_error() {
         ),
         (
             LinearOptions {
+                rule: Rule::Gla,
+                g: Some(t(&[1, 10, 2, 8])),
+                mode: Mode::FusedChunk,
+                ..Default::default()
+            },
+            "fused-chunk",
+        ),
+        (
+            LinearOptions {
+                causal: false,
+                mode: Mode::FusedChunk,
+                ..Default::default()
+            },
+            "fused-chunk",
+        ),
+        (
+            LinearOptions {
+                mode: Mode::FusedChunk,
+                subgroups: Some(false),
+                ..Default::default()
+            },
+            "subgroups",
+        ),
+        (
+            LinearOptions {
                 initial_state: Some(t(&[1, 2, 8, 9])),
                 ..Default::default()
             },
@@ -699,11 +751,15 @@ fn strided_views_and_aliasing() {
     );
     // O inside a pooled buffer, 1000 elements in (vec4 rows for the chunk kernels) or 1001
     // (one element at a time)
-    for (mode, off) in [
+    let mut modes = vec![
         (Mode::Recurrent, 1000),
         (Mode::Chunk, 1000),
         (Mode::Chunk, 1001),
-    ] {
+    ];
+    if linear::fused_adapter(ctx) {
+        modes.extend([(Mode::FusedChunk, 1000), (Mode::FusedChunk, 1001)]);
+    }
+    for (mode, off) in modes {
         let opts = LinearOptions {
             mode,
             ..opts.clone()

@@ -311,6 +311,8 @@ fn shader_snapshots_match_the_generator() {
             let key = ChunkKey::new(stage, DType::F32, map, Decay::Scalar, false, true);
             keys.push(("linear", Box::new(key.with_subgroups())));
         }
+        let fused = ChunkKey::fused(DType::F32, FeatureMap::Identity, Decay::Scalar, true);
+        keys.push(("linear", Box::new(fused)));
         for stage in [Stage::Solve, Stage::States] {
             let key = ChunkKey::delta(stage, DType::F32, true, true, true, 64);
             keys.push(("linear", Box::new(key)));

@@ -56,7 +56,7 @@ fn ld_state(idx: u32, ok: bool, from_init: bool) -> f32 {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let col0 = wid.x * 64u + lane * 4u; // this lane's columns: col0 + 32 j .. + 4
-    let row0 = wid.y * 32u;
+    let row0 = wid.y * 64u;
     let n = wid.z / p.hv;
     let hv = wid.z % p.hv;
     let hq = hv / p.group;
@@ -71,74 +71,143 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     }
     let nch = (len + C - 1u) / C;
     let srow = (n * p.hv + hv) * p.f + row0;
-    var s: array<vec4<f32>, 64>; // [row][group]: rows row0 .., this lane's columns
+    var s = array<vec4<f32>, 128>(); // [row][group]: rows row0 .., this lane's columns
     let from_init = (p.flags & F_INIT) != 0u;
     if from_init || (p.flags & F_RESUME) != 0u {
         let off = select(p.state.y, p.state.x, from_init);
-        s[0] = vec4<f32>(ld_state(off + (srow + 0u) * p.vs + col0 + 0u, row0 + 0u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 0u) * p.vs + col0 + 1u, row0 + 0u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 0u) * p.vs + col0 + 2u, row0 + 0u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 0u) * p.vs + col0 + 3u, row0 + 0u < p.f && col0 + 3u < p.dv, from_init));
-        s[1] = vec4<f32>(ld_state(off + (srow + 0u) * p.vs + col0 + 32u, row0 + 0u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 0u) * p.vs + col0 + 33u, row0 + 0u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 0u) * p.vs + col0 + 34u, row0 + 0u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 0u) * p.vs + col0 + 35u, row0 + 0u < p.f && col0 + 35u < p.dv, from_init));
-        s[2] = vec4<f32>(ld_state(off + (srow + 1u) * p.vs + col0 + 0u, row0 + 1u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 1u) * p.vs + col0 + 1u, row0 + 1u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 1u) * p.vs + col0 + 2u, row0 + 1u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 1u) * p.vs + col0 + 3u, row0 + 1u < p.f && col0 + 3u < p.dv, from_init));
-        s[3] = vec4<f32>(ld_state(off + (srow + 1u) * p.vs + col0 + 32u, row0 + 1u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 1u) * p.vs + col0 + 33u, row0 + 1u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 1u) * p.vs + col0 + 34u, row0 + 1u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 1u) * p.vs + col0 + 35u, row0 + 1u < p.f && col0 + 35u < p.dv, from_init));
-        s[4] = vec4<f32>(ld_state(off + (srow + 2u) * p.vs + col0 + 0u, row0 + 2u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 2u) * p.vs + col0 + 1u, row0 + 2u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 2u) * p.vs + col0 + 2u, row0 + 2u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 2u) * p.vs + col0 + 3u, row0 + 2u < p.f && col0 + 3u < p.dv, from_init));
-        s[5] = vec4<f32>(ld_state(off + (srow + 2u) * p.vs + col0 + 32u, row0 + 2u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 2u) * p.vs + col0 + 33u, row0 + 2u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 2u) * p.vs + col0 + 34u, row0 + 2u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 2u) * p.vs + col0 + 35u, row0 + 2u < p.f && col0 + 35u < p.dv, from_init));
-        s[6] = vec4<f32>(ld_state(off + (srow + 3u) * p.vs + col0 + 0u, row0 + 3u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 3u) * p.vs + col0 + 1u, row0 + 3u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 3u) * p.vs + col0 + 2u, row0 + 3u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 3u) * p.vs + col0 + 3u, row0 + 3u < p.f && col0 + 3u < p.dv, from_init));
-        s[7] = vec4<f32>(ld_state(off + (srow + 3u) * p.vs + col0 + 32u, row0 + 3u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 3u) * p.vs + col0 + 33u, row0 + 3u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 3u) * p.vs + col0 + 34u, row0 + 3u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 3u) * p.vs + col0 + 35u, row0 + 3u < p.f && col0 + 35u < p.dv, from_init));
-        s[8] = vec4<f32>(ld_state(off + (srow + 4u) * p.vs + col0 + 0u, row0 + 4u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 4u) * p.vs + col0 + 1u, row0 + 4u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 4u) * p.vs + col0 + 2u, row0 + 4u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 4u) * p.vs + col0 + 3u, row0 + 4u < p.f && col0 + 3u < p.dv, from_init));
-        s[9] = vec4<f32>(ld_state(off + (srow + 4u) * p.vs + col0 + 32u, row0 + 4u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 4u) * p.vs + col0 + 33u, row0 + 4u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 4u) * p.vs + col0 + 34u, row0 + 4u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 4u) * p.vs + col0 + 35u, row0 + 4u < p.f && col0 + 35u < p.dv, from_init));
-        s[10] = vec4<f32>(ld_state(off + (srow + 5u) * p.vs + col0 + 0u, row0 + 5u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 5u) * p.vs + col0 + 1u, row0 + 5u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 5u) * p.vs + col0 + 2u, row0 + 5u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 5u) * p.vs + col0 + 3u, row0 + 5u < p.f && col0 + 3u < p.dv, from_init));
-        s[11] = vec4<f32>(ld_state(off + (srow + 5u) * p.vs + col0 + 32u, row0 + 5u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 5u) * p.vs + col0 + 33u, row0 + 5u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 5u) * p.vs + col0 + 34u, row0 + 5u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 5u) * p.vs + col0 + 35u, row0 + 5u < p.f && col0 + 35u < p.dv, from_init));
-        s[12] = vec4<f32>(ld_state(off + (srow + 6u) * p.vs + col0 + 0u, row0 + 6u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 6u) * p.vs + col0 + 1u, row0 + 6u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 6u) * p.vs + col0 + 2u, row0 + 6u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 6u) * p.vs + col0 + 3u, row0 + 6u < p.f && col0 + 3u < p.dv, from_init));
-        s[13] = vec4<f32>(ld_state(off + (srow + 6u) * p.vs + col0 + 32u, row0 + 6u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 6u) * p.vs + col0 + 33u, row0 + 6u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 6u) * p.vs + col0 + 34u, row0 + 6u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 6u) * p.vs + col0 + 35u, row0 + 6u < p.f && col0 + 35u < p.dv, from_init));
-        s[14] = vec4<f32>(ld_state(off + (srow + 7u) * p.vs + col0 + 0u, row0 + 7u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 7u) * p.vs + col0 + 1u, row0 + 7u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 7u) * p.vs + col0 + 2u, row0 + 7u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 7u) * p.vs + col0 + 3u, row0 + 7u < p.f && col0 + 3u < p.dv, from_init));
-        s[15] = vec4<f32>(ld_state(off + (srow + 7u) * p.vs + col0 + 32u, row0 + 7u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 7u) * p.vs + col0 + 33u, row0 + 7u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 7u) * p.vs + col0 + 34u, row0 + 7u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 7u) * p.vs + col0 + 35u, row0 + 7u < p.f && col0 + 35u < p.dv, from_init));
-        s[16] = vec4<f32>(ld_state(off + (srow + 8u) * p.vs + col0 + 0u, row0 + 8u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 8u) * p.vs + col0 + 1u, row0 + 8u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 8u) * p.vs + col0 + 2u, row0 + 8u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 8u) * p.vs + col0 + 3u, row0 + 8u < p.f && col0 + 3u < p.dv, from_init));
-        s[17] = vec4<f32>(ld_state(off + (srow + 8u) * p.vs + col0 + 32u, row0 + 8u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 8u) * p.vs + col0 + 33u, row0 + 8u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 8u) * p.vs + col0 + 34u, row0 + 8u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 8u) * p.vs + col0 + 35u, row0 + 8u < p.f && col0 + 35u < p.dv, from_init));
-        s[18] = vec4<f32>(ld_state(off + (srow + 9u) * p.vs + col0 + 0u, row0 + 9u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 9u) * p.vs + col0 + 1u, row0 + 9u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 9u) * p.vs + col0 + 2u, row0 + 9u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 9u) * p.vs + col0 + 3u, row0 + 9u < p.f && col0 + 3u < p.dv, from_init));
-        s[19] = vec4<f32>(ld_state(off + (srow + 9u) * p.vs + col0 + 32u, row0 + 9u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 9u) * p.vs + col0 + 33u, row0 + 9u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 9u) * p.vs + col0 + 34u, row0 + 9u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 9u) * p.vs + col0 + 35u, row0 + 9u < p.f && col0 + 35u < p.dv, from_init));
-        s[20] = vec4<f32>(ld_state(off + (srow + 10u) * p.vs + col0 + 0u, row0 + 10u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 10u) * p.vs + col0 + 1u, row0 + 10u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 10u) * p.vs + col0 + 2u, row0 + 10u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 10u) * p.vs + col0 + 3u, row0 + 10u < p.f && col0 + 3u < p.dv, from_init));
-        s[21] = vec4<f32>(ld_state(off + (srow + 10u) * p.vs + col0 + 32u, row0 + 10u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 10u) * p.vs + col0 + 33u, row0 + 10u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 10u) * p.vs + col0 + 34u, row0 + 10u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 10u) * p.vs + col0 + 35u, row0 + 10u < p.f && col0 + 35u < p.dv, from_init));
-        s[22] = vec4<f32>(ld_state(off + (srow + 11u) * p.vs + col0 + 0u, row0 + 11u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 11u) * p.vs + col0 + 1u, row0 + 11u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 11u) * p.vs + col0 + 2u, row0 + 11u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 11u) * p.vs + col0 + 3u, row0 + 11u < p.f && col0 + 3u < p.dv, from_init));
-        s[23] = vec4<f32>(ld_state(off + (srow + 11u) * p.vs + col0 + 32u, row0 + 11u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 11u) * p.vs + col0 + 33u, row0 + 11u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 11u) * p.vs + col0 + 34u, row0 + 11u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 11u) * p.vs + col0 + 35u, row0 + 11u < p.f && col0 + 35u < p.dv, from_init));
-        s[24] = vec4<f32>(ld_state(off + (srow + 12u) * p.vs + col0 + 0u, row0 + 12u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 12u) * p.vs + col0 + 1u, row0 + 12u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 12u) * p.vs + col0 + 2u, row0 + 12u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 12u) * p.vs + col0 + 3u, row0 + 12u < p.f && col0 + 3u < p.dv, from_init));
-        s[25] = vec4<f32>(ld_state(off + (srow + 12u) * p.vs + col0 + 32u, row0 + 12u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 12u) * p.vs + col0 + 33u, row0 + 12u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 12u) * p.vs + col0 + 34u, row0 + 12u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 12u) * p.vs + col0 + 35u, row0 + 12u < p.f && col0 + 35u < p.dv, from_init));
-        s[26] = vec4<f32>(ld_state(off + (srow + 13u) * p.vs + col0 + 0u, row0 + 13u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 13u) * p.vs + col0 + 1u, row0 + 13u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 13u) * p.vs + col0 + 2u, row0 + 13u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 13u) * p.vs + col0 + 3u, row0 + 13u < p.f && col0 + 3u < p.dv, from_init));
-        s[27] = vec4<f32>(ld_state(off + (srow + 13u) * p.vs + col0 + 32u, row0 + 13u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 13u) * p.vs + col0 + 33u, row0 + 13u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 13u) * p.vs + col0 + 34u, row0 + 13u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 13u) * p.vs + col0 + 35u, row0 + 13u < p.f && col0 + 35u < p.dv, from_init));
-        s[28] = vec4<f32>(ld_state(off + (srow + 14u) * p.vs + col0 + 0u, row0 + 14u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 14u) * p.vs + col0 + 1u, row0 + 14u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 14u) * p.vs + col0 + 2u, row0 + 14u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 14u) * p.vs + col0 + 3u, row0 + 14u < p.f && col0 + 3u < p.dv, from_init));
-        s[29] = vec4<f32>(ld_state(off + (srow + 14u) * p.vs + col0 + 32u, row0 + 14u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 14u) * p.vs + col0 + 33u, row0 + 14u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 14u) * p.vs + col0 + 34u, row0 + 14u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 14u) * p.vs + col0 + 35u, row0 + 14u < p.f && col0 + 35u < p.dv, from_init));
-        s[30] = vec4<f32>(ld_state(off + (srow + 15u) * p.vs + col0 + 0u, row0 + 15u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 15u) * p.vs + col0 + 1u, row0 + 15u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 15u) * p.vs + col0 + 2u, row0 + 15u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 15u) * p.vs + col0 + 3u, row0 + 15u < p.f && col0 + 3u < p.dv, from_init));
-        s[31] = vec4<f32>(ld_state(off + (srow + 15u) * p.vs + col0 + 32u, row0 + 15u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 15u) * p.vs + col0 + 33u, row0 + 15u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 15u) * p.vs + col0 + 34u, row0 + 15u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 15u) * p.vs + col0 + 35u, row0 + 15u < p.f && col0 + 35u < p.dv, from_init));
-        s[32] = vec4<f32>(ld_state(off + (srow + 16u) * p.vs + col0 + 0u, row0 + 16u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 16u) * p.vs + col0 + 1u, row0 + 16u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 16u) * p.vs + col0 + 2u, row0 + 16u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 16u) * p.vs + col0 + 3u, row0 + 16u < p.f && col0 + 3u < p.dv, from_init));
-        s[33] = vec4<f32>(ld_state(off + (srow + 16u) * p.vs + col0 + 32u, row0 + 16u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 16u) * p.vs + col0 + 33u, row0 + 16u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 16u) * p.vs + col0 + 34u, row0 + 16u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 16u) * p.vs + col0 + 35u, row0 + 16u < p.f && col0 + 35u < p.dv, from_init));
-        s[34] = vec4<f32>(ld_state(off + (srow + 17u) * p.vs + col0 + 0u, row0 + 17u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 17u) * p.vs + col0 + 1u, row0 + 17u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 17u) * p.vs + col0 + 2u, row0 + 17u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 17u) * p.vs + col0 + 3u, row0 + 17u < p.f && col0 + 3u < p.dv, from_init));
-        s[35] = vec4<f32>(ld_state(off + (srow + 17u) * p.vs + col0 + 32u, row0 + 17u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 17u) * p.vs + col0 + 33u, row0 + 17u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 17u) * p.vs + col0 + 34u, row0 + 17u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 17u) * p.vs + col0 + 35u, row0 + 17u < p.f && col0 + 35u < p.dv, from_init));
-        s[36] = vec4<f32>(ld_state(off + (srow + 18u) * p.vs + col0 + 0u, row0 + 18u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 18u) * p.vs + col0 + 1u, row0 + 18u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 18u) * p.vs + col0 + 2u, row0 + 18u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 18u) * p.vs + col0 + 3u, row0 + 18u < p.f && col0 + 3u < p.dv, from_init));
-        s[37] = vec4<f32>(ld_state(off + (srow + 18u) * p.vs + col0 + 32u, row0 + 18u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 18u) * p.vs + col0 + 33u, row0 + 18u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 18u) * p.vs + col0 + 34u, row0 + 18u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 18u) * p.vs + col0 + 35u, row0 + 18u < p.f && col0 + 35u < p.dv, from_init));
-        s[38] = vec4<f32>(ld_state(off + (srow + 19u) * p.vs + col0 + 0u, row0 + 19u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 19u) * p.vs + col0 + 1u, row0 + 19u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 19u) * p.vs + col0 + 2u, row0 + 19u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 19u) * p.vs + col0 + 3u, row0 + 19u < p.f && col0 + 3u < p.dv, from_init));
-        s[39] = vec4<f32>(ld_state(off + (srow + 19u) * p.vs + col0 + 32u, row0 + 19u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 19u) * p.vs + col0 + 33u, row0 + 19u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 19u) * p.vs + col0 + 34u, row0 + 19u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 19u) * p.vs + col0 + 35u, row0 + 19u < p.f && col0 + 35u < p.dv, from_init));
-        s[40] = vec4<f32>(ld_state(off + (srow + 20u) * p.vs + col0 + 0u, row0 + 20u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 20u) * p.vs + col0 + 1u, row0 + 20u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 20u) * p.vs + col0 + 2u, row0 + 20u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 20u) * p.vs + col0 + 3u, row0 + 20u < p.f && col0 + 3u < p.dv, from_init));
-        s[41] = vec4<f32>(ld_state(off + (srow + 20u) * p.vs + col0 + 32u, row0 + 20u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 20u) * p.vs + col0 + 33u, row0 + 20u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 20u) * p.vs + col0 + 34u, row0 + 20u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 20u) * p.vs + col0 + 35u, row0 + 20u < p.f && col0 + 35u < p.dv, from_init));
-        s[42] = vec4<f32>(ld_state(off + (srow + 21u) * p.vs + col0 + 0u, row0 + 21u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 21u) * p.vs + col0 + 1u, row0 + 21u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 21u) * p.vs + col0 + 2u, row0 + 21u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 21u) * p.vs + col0 + 3u, row0 + 21u < p.f && col0 + 3u < p.dv, from_init));
-        s[43] = vec4<f32>(ld_state(off + (srow + 21u) * p.vs + col0 + 32u, row0 + 21u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 21u) * p.vs + col0 + 33u, row0 + 21u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 21u) * p.vs + col0 + 34u, row0 + 21u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 21u) * p.vs + col0 + 35u, row0 + 21u < p.f && col0 + 35u < p.dv, from_init));
-        s[44] = vec4<f32>(ld_state(off + (srow + 22u) * p.vs + col0 + 0u, row0 + 22u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 22u) * p.vs + col0 + 1u, row0 + 22u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 22u) * p.vs + col0 + 2u, row0 + 22u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 22u) * p.vs + col0 + 3u, row0 + 22u < p.f && col0 + 3u < p.dv, from_init));
-        s[45] = vec4<f32>(ld_state(off + (srow + 22u) * p.vs + col0 + 32u, row0 + 22u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 22u) * p.vs + col0 + 33u, row0 + 22u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 22u) * p.vs + col0 + 34u, row0 + 22u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 22u) * p.vs + col0 + 35u, row0 + 22u < p.f && col0 + 35u < p.dv, from_init));
-        s[46] = vec4<f32>(ld_state(off + (srow + 23u) * p.vs + col0 + 0u, row0 + 23u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 23u) * p.vs + col0 + 1u, row0 + 23u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 23u) * p.vs + col0 + 2u, row0 + 23u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 23u) * p.vs + col0 + 3u, row0 + 23u < p.f && col0 + 3u < p.dv, from_init));
-        s[47] = vec4<f32>(ld_state(off + (srow + 23u) * p.vs + col0 + 32u, row0 + 23u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 23u) * p.vs + col0 + 33u, row0 + 23u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 23u) * p.vs + col0 + 34u, row0 + 23u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 23u) * p.vs + col0 + 35u, row0 + 23u < p.f && col0 + 35u < p.dv, from_init));
-        s[48] = vec4<f32>(ld_state(off + (srow + 24u) * p.vs + col0 + 0u, row0 + 24u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 24u) * p.vs + col0 + 1u, row0 + 24u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 24u) * p.vs + col0 + 2u, row0 + 24u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 24u) * p.vs + col0 + 3u, row0 + 24u < p.f && col0 + 3u < p.dv, from_init));
-        s[49] = vec4<f32>(ld_state(off + (srow + 24u) * p.vs + col0 + 32u, row0 + 24u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 24u) * p.vs + col0 + 33u, row0 + 24u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 24u) * p.vs + col0 + 34u, row0 + 24u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 24u) * p.vs + col0 + 35u, row0 + 24u < p.f && col0 + 35u < p.dv, from_init));
-        s[50] = vec4<f32>(ld_state(off + (srow + 25u) * p.vs + col0 + 0u, row0 + 25u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 25u) * p.vs + col0 + 1u, row0 + 25u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 25u) * p.vs + col0 + 2u, row0 + 25u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 25u) * p.vs + col0 + 3u, row0 + 25u < p.f && col0 + 3u < p.dv, from_init));
-        s[51] = vec4<f32>(ld_state(off + (srow + 25u) * p.vs + col0 + 32u, row0 + 25u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 25u) * p.vs + col0 + 33u, row0 + 25u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 25u) * p.vs + col0 + 34u, row0 + 25u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 25u) * p.vs + col0 + 35u, row0 + 25u < p.f && col0 + 35u < p.dv, from_init));
-        s[52] = vec4<f32>(ld_state(off + (srow + 26u) * p.vs + col0 + 0u, row0 + 26u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 26u) * p.vs + col0 + 1u, row0 + 26u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 26u) * p.vs + col0 + 2u, row0 + 26u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 26u) * p.vs + col0 + 3u, row0 + 26u < p.f && col0 + 3u < p.dv, from_init));
-        s[53] = vec4<f32>(ld_state(off + (srow + 26u) * p.vs + col0 + 32u, row0 + 26u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 26u) * p.vs + col0 + 33u, row0 + 26u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 26u) * p.vs + col0 + 34u, row0 + 26u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 26u) * p.vs + col0 + 35u, row0 + 26u < p.f && col0 + 35u < p.dv, from_init));
-        s[54] = vec4<f32>(ld_state(off + (srow + 27u) * p.vs + col0 + 0u, row0 + 27u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 27u) * p.vs + col0 + 1u, row0 + 27u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 27u) * p.vs + col0 + 2u, row0 + 27u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 27u) * p.vs + col0 + 3u, row0 + 27u < p.f && col0 + 3u < p.dv, from_init));
-        s[55] = vec4<f32>(ld_state(off + (srow + 27u) * p.vs + col0 + 32u, row0 + 27u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 27u) * p.vs + col0 + 33u, row0 + 27u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 27u) * p.vs + col0 + 34u, row0 + 27u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 27u) * p.vs + col0 + 35u, row0 + 27u < p.f && col0 + 35u < p.dv, from_init));
-        s[56] = vec4<f32>(ld_state(off + (srow + 28u) * p.vs + col0 + 0u, row0 + 28u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 28u) * p.vs + col0 + 1u, row0 + 28u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 28u) * p.vs + col0 + 2u, row0 + 28u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 28u) * p.vs + col0 + 3u, row0 + 28u < p.f && col0 + 3u < p.dv, from_init));
-        s[57] = vec4<f32>(ld_state(off + (srow + 28u) * p.vs + col0 + 32u, row0 + 28u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 28u) * p.vs + col0 + 33u, row0 + 28u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 28u) * p.vs + col0 + 34u, row0 + 28u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 28u) * p.vs + col0 + 35u, row0 + 28u < p.f && col0 + 35u < p.dv, from_init));
-        s[58] = vec4<f32>(ld_state(off + (srow + 29u) * p.vs + col0 + 0u, row0 + 29u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 29u) * p.vs + col0 + 1u, row0 + 29u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 29u) * p.vs + col0 + 2u, row0 + 29u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 29u) * p.vs + col0 + 3u, row0 + 29u < p.f && col0 + 3u < p.dv, from_init));
-        s[59] = vec4<f32>(ld_state(off + (srow + 29u) * p.vs + col0 + 32u, row0 + 29u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 29u) * p.vs + col0 + 33u, row0 + 29u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 29u) * p.vs + col0 + 34u, row0 + 29u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 29u) * p.vs + col0 + 35u, row0 + 29u < p.f && col0 + 35u < p.dv, from_init));
-        s[60] = vec4<f32>(ld_state(off + (srow + 30u) * p.vs + col0 + 0u, row0 + 30u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 30u) * p.vs + col0 + 1u, row0 + 30u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 30u) * p.vs + col0 + 2u, row0 + 30u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 30u) * p.vs + col0 + 3u, row0 + 30u < p.f && col0 + 3u < p.dv, from_init));
-        s[61] = vec4<f32>(ld_state(off + (srow + 30u) * p.vs + col0 + 32u, row0 + 30u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 30u) * p.vs + col0 + 33u, row0 + 30u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 30u) * p.vs + col0 + 34u, row0 + 30u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 30u) * p.vs + col0 + 35u, row0 + 30u < p.f && col0 + 35u < p.dv, from_init));
-        s[62] = vec4<f32>(ld_state(off + (srow + 31u) * p.vs + col0 + 0u, row0 + 31u < p.f && col0 + 0u < p.dv, from_init), ld_state(off + (srow + 31u) * p.vs + col0 + 1u, row0 + 31u < p.f && col0 + 1u < p.dv, from_init), ld_state(off + (srow + 31u) * p.vs + col0 + 2u, row0 + 31u < p.f && col0 + 2u < p.dv, from_init), ld_state(off + (srow + 31u) * p.vs + col0 + 3u, row0 + 31u < p.f && col0 + 3u < p.dv, from_init));
-        s[63] = vec4<f32>(ld_state(off + (srow + 31u) * p.vs + col0 + 32u, row0 + 31u < p.f && col0 + 32u < p.dv, from_init), ld_state(off + (srow + 31u) * p.vs + col0 + 33u, row0 + 31u < p.f && col0 + 33u < p.dv, from_init), ld_state(off + (srow + 31u) * p.vs + col0 + 34u, row0 + 31u < p.f && col0 + 34u < p.dv, from_init), ld_state(off + (srow + 31u) * p.vs + col0 + 35u, row0 + 31u < p.f && col0 + 35u < p.dv, from_init));
+        for (var r = 0u; r < min(p.f - row0, 64u); r++) {
+            let rb = off + (srow + r) * p.vs + col0;
+            let x0 = vec4<f32>(ld_state(rb + 0u, col0 + 0u < p.dv, from_init), ld_state(rb + 1u, col0 + 1u < p.dv, from_init), ld_state(rb + 2u, col0 + 2u < p.dv, from_init), ld_state(rb + 3u, col0 + 3u < p.dv, from_init));
+            let x1 = vec4<f32>(ld_state(rb + 32u, col0 + 32u < p.dv, from_init), ld_state(rb + 33u, col0 + 33u < p.dv, from_init), ld_state(rb + 34u, col0 + 34u < p.dv, from_init), ld_state(rb + 35u, col0 + 35u < p.dv, from_init));
+            s[0] = select(s[0], x0, r == 0u);
+            s[1] = select(s[1], x1, r == 0u);
+            s[2] = select(s[2], x0, r == 1u);
+            s[3] = select(s[3], x1, r == 1u);
+            s[4] = select(s[4], x0, r == 2u);
+            s[5] = select(s[5], x1, r == 2u);
+            s[6] = select(s[6], x0, r == 3u);
+            s[7] = select(s[7], x1, r == 3u);
+            s[8] = select(s[8], x0, r == 4u);
+            s[9] = select(s[9], x1, r == 4u);
+            s[10] = select(s[10], x0, r == 5u);
+            s[11] = select(s[11], x1, r == 5u);
+            s[12] = select(s[12], x0, r == 6u);
+            s[13] = select(s[13], x1, r == 6u);
+            s[14] = select(s[14], x0, r == 7u);
+            s[15] = select(s[15], x1, r == 7u);
+            s[16] = select(s[16], x0, r == 8u);
+            s[17] = select(s[17], x1, r == 8u);
+            s[18] = select(s[18], x0, r == 9u);
+            s[19] = select(s[19], x1, r == 9u);
+            s[20] = select(s[20], x0, r == 10u);
+            s[21] = select(s[21], x1, r == 10u);
+            s[22] = select(s[22], x0, r == 11u);
+            s[23] = select(s[23], x1, r == 11u);
+            s[24] = select(s[24], x0, r == 12u);
+            s[25] = select(s[25], x1, r == 12u);
+            s[26] = select(s[26], x0, r == 13u);
+            s[27] = select(s[27], x1, r == 13u);
+            s[28] = select(s[28], x0, r == 14u);
+            s[29] = select(s[29], x1, r == 14u);
+            s[30] = select(s[30], x0, r == 15u);
+            s[31] = select(s[31], x1, r == 15u);
+            s[32] = select(s[32], x0, r == 16u);
+            s[33] = select(s[33], x1, r == 16u);
+            s[34] = select(s[34], x0, r == 17u);
+            s[35] = select(s[35], x1, r == 17u);
+            s[36] = select(s[36], x0, r == 18u);
+            s[37] = select(s[37], x1, r == 18u);
+            s[38] = select(s[38], x0, r == 19u);
+            s[39] = select(s[39], x1, r == 19u);
+            s[40] = select(s[40], x0, r == 20u);
+            s[41] = select(s[41], x1, r == 20u);
+            s[42] = select(s[42], x0, r == 21u);
+            s[43] = select(s[43], x1, r == 21u);
+            s[44] = select(s[44], x0, r == 22u);
+            s[45] = select(s[45], x1, r == 22u);
+            s[46] = select(s[46], x0, r == 23u);
+            s[47] = select(s[47], x1, r == 23u);
+            s[48] = select(s[48], x0, r == 24u);
+            s[49] = select(s[49], x1, r == 24u);
+            s[50] = select(s[50], x0, r == 25u);
+            s[51] = select(s[51], x1, r == 25u);
+            s[52] = select(s[52], x0, r == 26u);
+            s[53] = select(s[53], x1, r == 26u);
+            s[54] = select(s[54], x0, r == 27u);
+            s[55] = select(s[55], x1, r == 27u);
+            s[56] = select(s[56], x0, r == 28u);
+            s[57] = select(s[57], x1, r == 28u);
+            s[58] = select(s[58], x0, r == 29u);
+            s[59] = select(s[59], x1, r == 29u);
+            s[60] = select(s[60], x0, r == 30u);
+            s[61] = select(s[61], x1, r == 30u);
+            s[62] = select(s[62], x0, r == 31u);
+            s[63] = select(s[63], x1, r == 31u);
+            s[64] = select(s[64], x0, r == 32u);
+            s[65] = select(s[65], x1, r == 32u);
+            s[66] = select(s[66], x0, r == 33u);
+            s[67] = select(s[67], x1, r == 33u);
+            s[68] = select(s[68], x0, r == 34u);
+            s[69] = select(s[69], x1, r == 34u);
+            s[70] = select(s[70], x0, r == 35u);
+            s[71] = select(s[71], x1, r == 35u);
+            s[72] = select(s[72], x0, r == 36u);
+            s[73] = select(s[73], x1, r == 36u);
+            s[74] = select(s[74], x0, r == 37u);
+            s[75] = select(s[75], x1, r == 37u);
+            s[76] = select(s[76], x0, r == 38u);
+            s[77] = select(s[77], x1, r == 38u);
+            s[78] = select(s[78], x0, r == 39u);
+            s[79] = select(s[79], x1, r == 39u);
+            s[80] = select(s[80], x0, r == 40u);
+            s[81] = select(s[81], x1, r == 40u);
+            s[82] = select(s[82], x0, r == 41u);
+            s[83] = select(s[83], x1, r == 41u);
+            s[84] = select(s[84], x0, r == 42u);
+            s[85] = select(s[85], x1, r == 42u);
+            s[86] = select(s[86], x0, r == 43u);
+            s[87] = select(s[87], x1, r == 43u);
+            s[88] = select(s[88], x0, r == 44u);
+            s[89] = select(s[89], x1, r == 44u);
+            s[90] = select(s[90], x0, r == 45u);
+            s[91] = select(s[91], x1, r == 45u);
+            s[92] = select(s[92], x0, r == 46u);
+            s[93] = select(s[93], x1, r == 46u);
+            s[94] = select(s[94], x0, r == 47u);
+            s[95] = select(s[95], x1, r == 47u);
+            s[96] = select(s[96], x0, r == 48u);
+            s[97] = select(s[97], x1, r == 48u);
+            s[98] = select(s[98], x0, r == 49u);
+            s[99] = select(s[99], x1, r == 49u);
+            s[100] = select(s[100], x0, r == 50u);
+            s[101] = select(s[101], x1, r == 50u);
+            s[102] = select(s[102], x0, r == 51u);
+            s[103] = select(s[103], x1, r == 51u);
+            s[104] = select(s[104], x0, r == 52u);
+            s[105] = select(s[105], x1, r == 52u);
+            s[106] = select(s[106], x0, r == 53u);
+            s[107] = select(s[107], x1, r == 53u);
+            s[108] = select(s[108], x0, r == 54u);
+            s[109] = select(s[109], x1, r == 54u);
+            s[110] = select(s[110], x0, r == 55u);
+            s[111] = select(s[111], x1, r == 55u);
+            s[112] = select(s[112], x0, r == 56u);
+            s[113] = select(s[113], x1, r == 56u);
+            s[114] = select(s[114], x0, r == 57u);
+            s[115] = select(s[115], x1, r == 57u);
+            s[116] = select(s[116], x0, r == 58u);
+            s[117] = select(s[117], x1, r == 58u);
+            s[118] = select(s[118], x0, r == 59u);
+            s[119] = select(s[119], x1, r == 59u);
+            s[120] = select(s[120], x0, r == 60u);
+            s[121] = select(s[121], x1, r == 60u);
+            s[122] = select(s[122], x0, r == 61u);
+            s[123] = select(s[123], x1, r == 61u);
+            s[124] = select(s[124], x0, r == 62u);
+            s[125] = select(s[125], x1, r == 62u);
+            s[126] = select(s[126], x0, r == 63u);
+            s[127] = select(s[127], x1, r == 63u);
+        }
     }
     let c_to = min(p.chunk.y, nch);
     for (var c = p.chunk.x; c < c_to; c++) {
@@ -210,6 +279,70 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             states[cb + 30u * W4 + 8u] = s[61];
             states[cb + 31u * W4 + 0u] = s[62];
             states[cb + 31u * W4 + 8u] = s[63];
+            states[cb + 32u * W4 + 0u] = s[64];
+            states[cb + 32u * W4 + 8u] = s[65];
+            states[cb + 33u * W4 + 0u] = s[66];
+            states[cb + 33u * W4 + 8u] = s[67];
+            states[cb + 34u * W4 + 0u] = s[68];
+            states[cb + 34u * W4 + 8u] = s[69];
+            states[cb + 35u * W4 + 0u] = s[70];
+            states[cb + 35u * W4 + 8u] = s[71];
+            states[cb + 36u * W4 + 0u] = s[72];
+            states[cb + 36u * W4 + 8u] = s[73];
+            states[cb + 37u * W4 + 0u] = s[74];
+            states[cb + 37u * W4 + 8u] = s[75];
+            states[cb + 38u * W4 + 0u] = s[76];
+            states[cb + 38u * W4 + 8u] = s[77];
+            states[cb + 39u * W4 + 0u] = s[78];
+            states[cb + 39u * W4 + 8u] = s[79];
+            states[cb + 40u * W4 + 0u] = s[80];
+            states[cb + 40u * W4 + 8u] = s[81];
+            states[cb + 41u * W4 + 0u] = s[82];
+            states[cb + 41u * W4 + 8u] = s[83];
+            states[cb + 42u * W4 + 0u] = s[84];
+            states[cb + 42u * W4 + 8u] = s[85];
+            states[cb + 43u * W4 + 0u] = s[86];
+            states[cb + 43u * W4 + 8u] = s[87];
+            states[cb + 44u * W4 + 0u] = s[88];
+            states[cb + 44u * W4 + 8u] = s[89];
+            states[cb + 45u * W4 + 0u] = s[90];
+            states[cb + 45u * W4 + 8u] = s[91];
+            states[cb + 46u * W4 + 0u] = s[92];
+            states[cb + 46u * W4 + 8u] = s[93];
+            states[cb + 47u * W4 + 0u] = s[94];
+            states[cb + 47u * W4 + 8u] = s[95];
+            states[cb + 48u * W4 + 0u] = s[96];
+            states[cb + 48u * W4 + 8u] = s[97];
+            states[cb + 49u * W4 + 0u] = s[98];
+            states[cb + 49u * W4 + 8u] = s[99];
+            states[cb + 50u * W4 + 0u] = s[100];
+            states[cb + 50u * W4 + 8u] = s[101];
+            states[cb + 51u * W4 + 0u] = s[102];
+            states[cb + 51u * W4 + 8u] = s[103];
+            states[cb + 52u * W4 + 0u] = s[104];
+            states[cb + 52u * W4 + 8u] = s[105];
+            states[cb + 53u * W4 + 0u] = s[106];
+            states[cb + 53u * W4 + 8u] = s[107];
+            states[cb + 54u * W4 + 0u] = s[108];
+            states[cb + 54u * W4 + 8u] = s[109];
+            states[cb + 55u * W4 + 0u] = s[110];
+            states[cb + 55u * W4 + 8u] = s[111];
+            states[cb + 56u * W4 + 0u] = s[112];
+            states[cb + 56u * W4 + 8u] = s[113];
+            states[cb + 57u * W4 + 0u] = s[114];
+            states[cb + 57u * W4 + 8u] = s[115];
+            states[cb + 58u * W4 + 0u] = s[116];
+            states[cb + 58u * W4 + 8u] = s[117];
+            states[cb + 59u * W4 + 0u] = s[118];
+            states[cb + 59u * W4 + 8u] = s[119];
+            states[cb + 60u * W4 + 0u] = s[120];
+            states[cb + 60u * W4 + 8u] = s[121];
+            states[cb + 61u * W4 + 0u] = s[122];
+            states[cb + 61u * W4 + 8u] = s[123];
+            states[cb + 62u * W4 + 0u] = s[124];
+            states[cb + 62u * W4 + 8u] = s[125];
+            states[cb + 63u * W4 + 0u] = s[126];
+            states[cb + 63u * W4 + 8u] = s[127];
         }
         let gl = vec4<f32>(ld_g(b, tc + lane + 0u, hv, 0u, lane + 0u < nt), ld_g(b, tc + lane + 8u, hv, 0u, lane + 8u < nt), ld_g(b, tc + lane + 16u, hv, 0u, lane + 16u < nt), ld_g(b, tc + lane + 24u, hv, 0u, lane + 24u < nt));
         let total = subgroupAdd(gl.x + gl.y + gl.z + gl.w);
@@ -278,6 +411,70 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
         s[61] += s[61] * dec;
         s[62] += s[62] * dec;
         s[63] += s[63] * dec;
+        s[64] += s[64] * dec;
+        s[65] += s[65] * dec;
+        s[66] += s[66] * dec;
+        s[67] += s[67] * dec;
+        s[68] += s[68] * dec;
+        s[69] += s[69] * dec;
+        s[70] += s[70] * dec;
+        s[71] += s[71] * dec;
+        s[72] += s[72] * dec;
+        s[73] += s[73] * dec;
+        s[74] += s[74] * dec;
+        s[75] += s[75] * dec;
+        s[76] += s[76] * dec;
+        s[77] += s[77] * dec;
+        s[78] += s[78] * dec;
+        s[79] += s[79] * dec;
+        s[80] += s[80] * dec;
+        s[81] += s[81] * dec;
+        s[82] += s[82] * dec;
+        s[83] += s[83] * dec;
+        s[84] += s[84] * dec;
+        s[85] += s[85] * dec;
+        s[86] += s[86] * dec;
+        s[87] += s[87] * dec;
+        s[88] += s[88] * dec;
+        s[89] += s[89] * dec;
+        s[90] += s[90] * dec;
+        s[91] += s[91] * dec;
+        s[92] += s[92] * dec;
+        s[93] += s[93] * dec;
+        s[94] += s[94] * dec;
+        s[95] += s[95] * dec;
+        s[96] += s[96] * dec;
+        s[97] += s[97] * dec;
+        s[98] += s[98] * dec;
+        s[99] += s[99] * dec;
+        s[100] += s[100] * dec;
+        s[101] += s[101] * dec;
+        s[102] += s[102] * dec;
+        s[103] += s[103] * dec;
+        s[104] += s[104] * dec;
+        s[105] += s[105] * dec;
+        s[106] += s[106] * dec;
+        s[107] += s[107] * dec;
+        s[108] += s[108] * dec;
+        s[109] += s[109] * dec;
+        s[110] += s[110] * dec;
+        s[111] += s[111] * dec;
+        s[112] += s[112] * dec;
+        s[113] += s[113] * dec;
+        s[114] += s[114] * dec;
+        s[115] += s[115] * dec;
+        s[116] += s[116] * dec;
+        s[117] += s[117] * dec;
+        s[118] += s[118] * dec;
+        s[119] += s[119] * dec;
+        s[120] += s[120] * dec;
+        s[121] += s[121] * dec;
+        s[122] += s[122] * dec;
+        s[123] += s[123] * dec;
+        s[124] += s[124] * dec;
+        s[125] += s[125] * dec;
+        s[126] += s[126] * dec;
+        s[127] += s[127] * dec;
         var run = 0.0; // the gates of the tokens after u
         // tokens last to first (the decay of a key is the sum of the gates after it)
         for (var uu = 0u; uu < C; uu++) {
@@ -285,8 +482,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             let ok = u < nt;
             let kr0 = row0 + 0u + lane * 4u;
             var kq0 = feat(ld4_k(b, tc + u, hq, kr0, ok), okk(ok, kr0));
+            let kr1 = row0 + 32u + lane * 4u;
+            var kq1 = feat(ld4_k(b, tc + u, hq, kr1, ok), okk(ok, kr1));
             let dk = exp(run);
             kq0 *= dk;
+            kq1 *= dk;
             run += subgroupShuffle(gl[u / 8u], u % 8u);
             let v0 = ld4_v(b, tc + u, hv, col0 + 0u, ok);
             let v1 = ld4_v(b, tc + u, hv, col0 + 32u, ok);
@@ -362,6 +562,78 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
             s[61] += k0_7[2] * v1;
             s[62] += k0_7[3] * v0;
             s[63] += k0_7[3] * v1;
+            let k1_0 = subgroupShuffle(kq1, 0u);
+            s[64] += k1_0[0] * v0;
+            s[65] += k1_0[0] * v1;
+            s[66] += k1_0[1] * v0;
+            s[67] += k1_0[1] * v1;
+            s[68] += k1_0[2] * v0;
+            s[69] += k1_0[2] * v1;
+            s[70] += k1_0[3] * v0;
+            s[71] += k1_0[3] * v1;
+            let k1_1 = subgroupShuffle(kq1, 1u);
+            s[72] += k1_1[0] * v0;
+            s[73] += k1_1[0] * v1;
+            s[74] += k1_1[1] * v0;
+            s[75] += k1_1[1] * v1;
+            s[76] += k1_1[2] * v0;
+            s[77] += k1_1[2] * v1;
+            s[78] += k1_1[3] * v0;
+            s[79] += k1_1[3] * v1;
+            let k1_2 = subgroupShuffle(kq1, 2u);
+            s[80] += k1_2[0] * v0;
+            s[81] += k1_2[0] * v1;
+            s[82] += k1_2[1] * v0;
+            s[83] += k1_2[1] * v1;
+            s[84] += k1_2[2] * v0;
+            s[85] += k1_2[2] * v1;
+            s[86] += k1_2[3] * v0;
+            s[87] += k1_2[3] * v1;
+            let k1_3 = subgroupShuffle(kq1, 3u);
+            s[88] += k1_3[0] * v0;
+            s[89] += k1_3[0] * v1;
+            s[90] += k1_3[1] * v0;
+            s[91] += k1_3[1] * v1;
+            s[92] += k1_3[2] * v0;
+            s[93] += k1_3[2] * v1;
+            s[94] += k1_3[3] * v0;
+            s[95] += k1_3[3] * v1;
+            let k1_4 = subgroupShuffle(kq1, 4u);
+            s[96] += k1_4[0] * v0;
+            s[97] += k1_4[0] * v1;
+            s[98] += k1_4[1] * v0;
+            s[99] += k1_4[1] * v1;
+            s[100] += k1_4[2] * v0;
+            s[101] += k1_4[2] * v1;
+            s[102] += k1_4[3] * v0;
+            s[103] += k1_4[3] * v1;
+            let k1_5 = subgroupShuffle(kq1, 5u);
+            s[104] += k1_5[0] * v0;
+            s[105] += k1_5[0] * v1;
+            s[106] += k1_5[1] * v0;
+            s[107] += k1_5[1] * v1;
+            s[108] += k1_5[2] * v0;
+            s[109] += k1_5[2] * v1;
+            s[110] += k1_5[3] * v0;
+            s[111] += k1_5[3] * v1;
+            let k1_6 = subgroupShuffle(kq1, 6u);
+            s[112] += k1_6[0] * v0;
+            s[113] += k1_6[0] * v1;
+            s[114] += k1_6[1] * v0;
+            s[115] += k1_6[1] * v1;
+            s[116] += k1_6[2] * v0;
+            s[117] += k1_6[2] * v1;
+            s[118] += k1_6[3] * v0;
+            s[119] += k1_6[3] * v1;
+            let k1_7 = subgroupShuffle(kq1, 7u);
+            s[120] += k1_7[0] * v0;
+            s[121] += k1_7[0] * v1;
+            s[122] += k1_7[1] * v0;
+            s[123] += k1_7[1] * v1;
+            s[124] += k1_7[2] * v0;
+            s[125] += k1_7[2] * v1;
+            s[126] += k1_7[3] * v0;
+            s[127] += k1_7[3] * v1;
         }
     }
     if (p.flags & F_GLOBAL) != 0u {
@@ -430,359 +702,210 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
         states[cb + 30u * W4 + 8u] = s[61];
         states[cb + 31u * W4 + 0u] = s[62];
         states[cb + 31u * W4 + 8u] = s[63];
+        states[cb + 32u * W4 + 0u] = s[64];
+        states[cb + 32u * W4 + 8u] = s[65];
+        states[cb + 33u * W4 + 0u] = s[66];
+        states[cb + 33u * W4 + 8u] = s[67];
+        states[cb + 34u * W4 + 0u] = s[68];
+        states[cb + 34u * W4 + 8u] = s[69];
+        states[cb + 35u * W4 + 0u] = s[70];
+        states[cb + 35u * W4 + 8u] = s[71];
+        states[cb + 36u * W4 + 0u] = s[72];
+        states[cb + 36u * W4 + 8u] = s[73];
+        states[cb + 37u * W4 + 0u] = s[74];
+        states[cb + 37u * W4 + 8u] = s[75];
+        states[cb + 38u * W4 + 0u] = s[76];
+        states[cb + 38u * W4 + 8u] = s[77];
+        states[cb + 39u * W4 + 0u] = s[78];
+        states[cb + 39u * W4 + 8u] = s[79];
+        states[cb + 40u * W4 + 0u] = s[80];
+        states[cb + 40u * W4 + 8u] = s[81];
+        states[cb + 41u * W4 + 0u] = s[82];
+        states[cb + 41u * W4 + 8u] = s[83];
+        states[cb + 42u * W4 + 0u] = s[84];
+        states[cb + 42u * W4 + 8u] = s[85];
+        states[cb + 43u * W4 + 0u] = s[86];
+        states[cb + 43u * W4 + 8u] = s[87];
+        states[cb + 44u * W4 + 0u] = s[88];
+        states[cb + 44u * W4 + 8u] = s[89];
+        states[cb + 45u * W4 + 0u] = s[90];
+        states[cb + 45u * W4 + 8u] = s[91];
+        states[cb + 46u * W4 + 0u] = s[92];
+        states[cb + 46u * W4 + 8u] = s[93];
+        states[cb + 47u * W4 + 0u] = s[94];
+        states[cb + 47u * W4 + 8u] = s[95];
+        states[cb + 48u * W4 + 0u] = s[96];
+        states[cb + 48u * W4 + 8u] = s[97];
+        states[cb + 49u * W4 + 0u] = s[98];
+        states[cb + 49u * W4 + 8u] = s[99];
+        states[cb + 50u * W4 + 0u] = s[100];
+        states[cb + 50u * W4 + 8u] = s[101];
+        states[cb + 51u * W4 + 0u] = s[102];
+        states[cb + 51u * W4 + 8u] = s[103];
+        states[cb + 52u * W4 + 0u] = s[104];
+        states[cb + 52u * W4 + 8u] = s[105];
+        states[cb + 53u * W4 + 0u] = s[106];
+        states[cb + 53u * W4 + 8u] = s[107];
+        states[cb + 54u * W4 + 0u] = s[108];
+        states[cb + 54u * W4 + 8u] = s[109];
+        states[cb + 55u * W4 + 0u] = s[110];
+        states[cb + 55u * W4 + 8u] = s[111];
+        states[cb + 56u * W4 + 0u] = s[112];
+        states[cb + 56u * W4 + 8u] = s[113];
+        states[cb + 57u * W4 + 0u] = s[114];
+        states[cb + 57u * W4 + 8u] = s[115];
+        states[cb + 58u * W4 + 0u] = s[116];
+        states[cb + 58u * W4 + 8u] = s[117];
+        states[cb + 59u * W4 + 0u] = s[118];
+        states[cb + 59u * W4 + 8u] = s[119];
+        states[cb + 60u * W4 + 0u] = s[120];
+        states[cb + 60u * W4 + 8u] = s[121];
+        states[cb + 61u * W4 + 0u] = s[122];
+        states[cb + 61u * W4 + 8u] = s[123];
+        states[cb + 62u * W4 + 0u] = s[124];
+        states[cb + 62u * W4 + 8u] = s[125];
+        states[cb + 63u * W4 + 0u] = s[126];
+        states[cb + 63u * W4 + 8u] = s[127];
     }
     if (p.flags & F_WRITE_STATE) != 0u {
-        if row0 + 0u < p.f {
-            let rb = p.state.y + (srow + 0u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[0][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[0][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[0][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[0][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[1][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[1][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[1][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[1][3]; }
-        }
-        if row0 + 1u < p.f {
-            let rb = p.state.y + (srow + 1u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[2][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[2][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[2][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[2][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[3][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[3][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[3][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[3][3]; }
-        }
-        if row0 + 2u < p.f {
-            let rb = p.state.y + (srow + 2u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[4][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[4][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[4][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[4][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[5][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[5][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[5][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[5][3]; }
-        }
-        if row0 + 3u < p.f {
-            let rb = p.state.y + (srow + 3u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[6][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[6][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[6][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[6][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[7][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[7][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[7][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[7][3]; }
-        }
-        if row0 + 4u < p.f {
-            let rb = p.state.y + (srow + 4u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[8][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[8][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[8][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[8][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[9][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[9][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[9][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[9][3]; }
-        }
-        if row0 + 5u < p.f {
-            let rb = p.state.y + (srow + 5u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[10][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[10][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[10][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[10][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[11][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[11][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[11][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[11][3]; }
-        }
-        if row0 + 6u < p.f {
-            let rb = p.state.y + (srow + 6u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[12][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[12][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[12][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[12][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[13][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[13][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[13][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[13][3]; }
-        }
-        if row0 + 7u < p.f {
-            let rb = p.state.y + (srow + 7u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[14][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[14][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[14][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[14][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[15][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[15][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[15][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[15][3]; }
-        }
-        if row0 + 8u < p.f {
-            let rb = p.state.y + (srow + 8u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[16][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[16][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[16][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[16][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[17][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[17][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[17][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[17][3]; }
-        }
-        if row0 + 9u < p.f {
-            let rb = p.state.y + (srow + 9u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[18][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[18][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[18][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[18][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[19][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[19][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[19][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[19][3]; }
-        }
-        if row0 + 10u < p.f {
-            let rb = p.state.y + (srow + 10u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[20][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[20][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[20][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[20][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[21][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[21][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[21][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[21][3]; }
-        }
-        if row0 + 11u < p.f {
-            let rb = p.state.y + (srow + 11u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[22][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[22][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[22][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[22][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[23][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[23][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[23][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[23][3]; }
-        }
-        if row0 + 12u < p.f {
-            let rb = p.state.y + (srow + 12u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[24][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[24][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[24][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[24][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[25][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[25][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[25][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[25][3]; }
-        }
-        if row0 + 13u < p.f {
-            let rb = p.state.y + (srow + 13u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[26][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[26][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[26][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[26][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[27][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[27][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[27][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[27][3]; }
-        }
-        if row0 + 14u < p.f {
-            let rb = p.state.y + (srow + 14u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[28][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[28][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[28][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[28][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[29][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[29][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[29][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[29][3]; }
-        }
-        if row0 + 15u < p.f {
-            let rb = p.state.y + (srow + 15u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[30][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[30][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[30][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[30][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[31][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[31][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[31][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[31][3]; }
-        }
-        if row0 + 16u < p.f {
-            let rb = p.state.y + (srow + 16u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[32][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[32][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[32][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[32][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[33][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[33][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[33][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[33][3]; }
-        }
-        if row0 + 17u < p.f {
-            let rb = p.state.y + (srow + 17u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[34][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[34][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[34][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[34][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[35][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[35][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[35][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[35][3]; }
-        }
-        if row0 + 18u < p.f {
-            let rb = p.state.y + (srow + 18u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[36][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[36][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[36][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[36][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[37][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[37][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[37][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[37][3]; }
-        }
-        if row0 + 19u < p.f {
-            let rb = p.state.y + (srow + 19u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[38][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[38][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[38][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[38][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[39][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[39][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[39][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[39][3]; }
-        }
-        if row0 + 20u < p.f {
-            let rb = p.state.y + (srow + 20u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[40][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[40][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[40][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[40][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[41][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[41][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[41][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[41][3]; }
-        }
-        if row0 + 21u < p.f {
-            let rb = p.state.y + (srow + 21u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[42][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[42][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[42][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[42][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[43][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[43][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[43][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[43][3]; }
-        }
-        if row0 + 22u < p.f {
-            let rb = p.state.y + (srow + 22u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[44][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[44][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[44][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[44][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[45][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[45][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[45][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[45][3]; }
-        }
-        if row0 + 23u < p.f {
-            let rb = p.state.y + (srow + 23u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[46][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[46][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[46][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[46][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[47][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[47][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[47][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[47][3]; }
-        }
-        if row0 + 24u < p.f {
-            let rb = p.state.y + (srow + 24u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[48][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[48][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[48][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[48][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[49][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[49][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[49][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[49][3]; }
-        }
-        if row0 + 25u < p.f {
-            let rb = p.state.y + (srow + 25u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[50][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[50][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[50][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[50][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[51][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[51][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[51][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[51][3]; }
-        }
-        if row0 + 26u < p.f {
-            let rb = p.state.y + (srow + 26u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[52][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[52][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[52][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[52][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[53][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[53][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[53][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[53][3]; }
-        }
-        if row0 + 27u < p.f {
-            let rb = p.state.y + (srow + 27u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[54][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[54][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[54][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[54][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[55][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[55][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[55][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[55][3]; }
-        }
-        if row0 + 28u < p.f {
-            let rb = p.state.y + (srow + 28u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[56][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[56][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[56][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[56][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[57][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[57][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[57][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[57][3]; }
-        }
-        if row0 + 29u < p.f {
-            let rb = p.state.y + (srow + 29u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[58][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[58][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[58][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[58][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[59][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[59][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[59][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[59][3]; }
-        }
-        if row0 + 30u < p.f {
-            let rb = p.state.y + (srow + 30u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[60][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[60][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[60][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[60][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[61][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[61][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[61][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[61][3]; }
-        }
-        if row0 + 31u < p.f {
-            let rb = p.state.y + (srow + 31u) * p.vs + col0;
-            if col0 + 0u < p.dv { s_out[rb + 0u] = s[62][0]; }
-            if col0 + 1u < p.dv { s_out[rb + 1u] = s[62][1]; }
-            if col0 + 2u < p.dv { s_out[rb + 2u] = s[62][2]; }
-            if col0 + 3u < p.dv { s_out[rb + 3u] = s[62][3]; }
-            if col0 + 32u < p.dv { s_out[rb + 32u] = s[63][0]; }
-            if col0 + 33u < p.dv { s_out[rb + 33u] = s[63][1]; }
-            if col0 + 34u < p.dv { s_out[rb + 34u] = s[63][2]; }
-            if col0 + 35u < p.dv { s_out[rb + 35u] = s[63][3]; }
+        for (var r = 0u; r < min(p.f - row0, 64u); r++) {
+            var x0 = s[0];
+            x0 = select(x0, s[2], r == 1u);
+            x0 = select(x0, s[4], r == 2u);
+            x0 = select(x0, s[6], r == 3u);
+            x0 = select(x0, s[8], r == 4u);
+            x0 = select(x0, s[10], r == 5u);
+            x0 = select(x0, s[12], r == 6u);
+            x0 = select(x0, s[14], r == 7u);
+            x0 = select(x0, s[16], r == 8u);
+            x0 = select(x0, s[18], r == 9u);
+            x0 = select(x0, s[20], r == 10u);
+            x0 = select(x0, s[22], r == 11u);
+            x0 = select(x0, s[24], r == 12u);
+            x0 = select(x0, s[26], r == 13u);
+            x0 = select(x0, s[28], r == 14u);
+            x0 = select(x0, s[30], r == 15u);
+            x0 = select(x0, s[32], r == 16u);
+            x0 = select(x0, s[34], r == 17u);
+            x0 = select(x0, s[36], r == 18u);
+            x0 = select(x0, s[38], r == 19u);
+            x0 = select(x0, s[40], r == 20u);
+            x0 = select(x0, s[42], r == 21u);
+            x0 = select(x0, s[44], r == 22u);
+            x0 = select(x0, s[46], r == 23u);
+            x0 = select(x0, s[48], r == 24u);
+            x0 = select(x0, s[50], r == 25u);
+            x0 = select(x0, s[52], r == 26u);
+            x0 = select(x0, s[54], r == 27u);
+            x0 = select(x0, s[56], r == 28u);
+            x0 = select(x0, s[58], r == 29u);
+            x0 = select(x0, s[60], r == 30u);
+            x0 = select(x0, s[62], r == 31u);
+            x0 = select(x0, s[64], r == 32u);
+            x0 = select(x0, s[66], r == 33u);
+            x0 = select(x0, s[68], r == 34u);
+            x0 = select(x0, s[70], r == 35u);
+            x0 = select(x0, s[72], r == 36u);
+            x0 = select(x0, s[74], r == 37u);
+            x0 = select(x0, s[76], r == 38u);
+            x0 = select(x0, s[78], r == 39u);
+            x0 = select(x0, s[80], r == 40u);
+            x0 = select(x0, s[82], r == 41u);
+            x0 = select(x0, s[84], r == 42u);
+            x0 = select(x0, s[86], r == 43u);
+            x0 = select(x0, s[88], r == 44u);
+            x0 = select(x0, s[90], r == 45u);
+            x0 = select(x0, s[92], r == 46u);
+            x0 = select(x0, s[94], r == 47u);
+            x0 = select(x0, s[96], r == 48u);
+            x0 = select(x0, s[98], r == 49u);
+            x0 = select(x0, s[100], r == 50u);
+            x0 = select(x0, s[102], r == 51u);
+            x0 = select(x0, s[104], r == 52u);
+            x0 = select(x0, s[106], r == 53u);
+            x0 = select(x0, s[108], r == 54u);
+            x0 = select(x0, s[110], r == 55u);
+            x0 = select(x0, s[112], r == 56u);
+            x0 = select(x0, s[114], r == 57u);
+            x0 = select(x0, s[116], r == 58u);
+            x0 = select(x0, s[118], r == 59u);
+            x0 = select(x0, s[120], r == 60u);
+            x0 = select(x0, s[122], r == 61u);
+            x0 = select(x0, s[124], r == 62u);
+            x0 = select(x0, s[126], r == 63u);
+            var x1 = s[1];
+            x1 = select(x1, s[3], r == 1u);
+            x1 = select(x1, s[5], r == 2u);
+            x1 = select(x1, s[7], r == 3u);
+            x1 = select(x1, s[9], r == 4u);
+            x1 = select(x1, s[11], r == 5u);
+            x1 = select(x1, s[13], r == 6u);
+            x1 = select(x1, s[15], r == 7u);
+            x1 = select(x1, s[17], r == 8u);
+            x1 = select(x1, s[19], r == 9u);
+            x1 = select(x1, s[21], r == 10u);
+            x1 = select(x1, s[23], r == 11u);
+            x1 = select(x1, s[25], r == 12u);
+            x1 = select(x1, s[27], r == 13u);
+            x1 = select(x1, s[29], r == 14u);
+            x1 = select(x1, s[31], r == 15u);
+            x1 = select(x1, s[33], r == 16u);
+            x1 = select(x1, s[35], r == 17u);
+            x1 = select(x1, s[37], r == 18u);
+            x1 = select(x1, s[39], r == 19u);
+            x1 = select(x1, s[41], r == 20u);
+            x1 = select(x1, s[43], r == 21u);
+            x1 = select(x1, s[45], r == 22u);
+            x1 = select(x1, s[47], r == 23u);
+            x1 = select(x1, s[49], r == 24u);
+            x1 = select(x1, s[51], r == 25u);
+            x1 = select(x1, s[53], r == 26u);
+            x1 = select(x1, s[55], r == 27u);
+            x1 = select(x1, s[57], r == 28u);
+            x1 = select(x1, s[59], r == 29u);
+            x1 = select(x1, s[61], r == 30u);
+            x1 = select(x1, s[63], r == 31u);
+            x1 = select(x1, s[65], r == 32u);
+            x1 = select(x1, s[67], r == 33u);
+            x1 = select(x1, s[69], r == 34u);
+            x1 = select(x1, s[71], r == 35u);
+            x1 = select(x1, s[73], r == 36u);
+            x1 = select(x1, s[75], r == 37u);
+            x1 = select(x1, s[77], r == 38u);
+            x1 = select(x1, s[79], r == 39u);
+            x1 = select(x1, s[81], r == 40u);
+            x1 = select(x1, s[83], r == 41u);
+            x1 = select(x1, s[85], r == 42u);
+            x1 = select(x1, s[87], r == 43u);
+            x1 = select(x1, s[89], r == 44u);
+            x1 = select(x1, s[91], r == 45u);
+            x1 = select(x1, s[93], r == 46u);
+            x1 = select(x1, s[95], r == 47u);
+            x1 = select(x1, s[97], r == 48u);
+            x1 = select(x1, s[99], r == 49u);
+            x1 = select(x1, s[101], r == 50u);
+            x1 = select(x1, s[103], r == 51u);
+            x1 = select(x1, s[105], r == 52u);
+            x1 = select(x1, s[107], r == 53u);
+            x1 = select(x1, s[109], r == 54u);
+            x1 = select(x1, s[111], r == 55u);
+            x1 = select(x1, s[113], r == 56u);
+            x1 = select(x1, s[115], r == 57u);
+            x1 = select(x1, s[117], r == 58u);
+            x1 = select(x1, s[119], r == 59u);
+            x1 = select(x1, s[121], r == 60u);
+            x1 = select(x1, s[123], r == 61u);
+            x1 = select(x1, s[125], r == 62u);
+            x1 = select(x1, s[127], r == 63u);
+            let rb = p.state.y + (srow + r) * p.vs + col0;
+            if col0 + 0u < p.dv { s_out[rb + 0u] = x0[0]; }
+            if col0 + 1u < p.dv { s_out[rb + 1u] = x0[1]; }
+            if col0 + 2u < p.dv { s_out[rb + 2u] = x0[2]; }
+            if col0 + 3u < p.dv { s_out[rb + 3u] = x0[3]; }
+            if col0 + 32u < p.dv { s_out[rb + 32u] = x1[0]; }
+            if col0 + 33u < p.dv { s_out[rb + 33u] = x1[1]; }
+            if col0 + 34u < p.dv { s_out[rb + 34u] = x1[2]; }
+            if col0 + 35u < p.dv { s_out[rb + 35u] = x1[3]; }
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct LinearArgs {
     /// Query scale (default K^-0.5).
     #[arg(long)]
     scale: Option<f32>,
-    /// recurrent, chunk or auto.
+    /// recurrent, chunk, fused-chunk or auto.
     #[arg(long, default_value = "auto")]
     mode: String,
     /// Packed sequences (B = 1): offsets 0,...,T, comma-separated.
@@ -193,7 +193,12 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
         FeatureMap::parse,
         "identity, elu1, relu, taylor",
     )?;
-    let mode = parse("mode", &a.mode, Mode::parse, "recurrent, chunk, auto")?;
+    let mode = parse(
+        "mode",
+        &a.mode,
+        Mode::parse,
+        "recurrent, chunk, fused-chunk, auto",
+    )?;
     let mut host = match (&a.q, &a.k, &a.v, &a.shape) {
         (Some(q), Some(k), Some(v), None) => Host {
             q: npy::read_float(q)?,

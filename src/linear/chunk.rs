@@ -41,6 +41,8 @@ pub enum Stage {
     States,
     /// The parallel per-chunk output.
     Output,
+    /// The fused kernel (`chunk_fused.rs`): outputs and states in one sequential walk.
+    Fused,
 }
 
 /// Tokens per chunk of the delta rules.
@@ -64,9 +66,11 @@ pub const SG_TILE: u32 = 64;
 pub const SG_CHUNKS_PER_WG: u32 = 4;
 /// Column groups of four per lane in the subgroup output pass.
 const SG_GROUPS: u32 = SG_TILE / (4 * SG_LANES);
-/// The subgroup state pass's tile: `32 SG_RG` rows, `32 SG_CG` columns (32 x 64 measured as
-/// fast as 64 x 64 on lavapipe, with a quarter of its compile time; benches/RESULTS.md).
-pub const SG_RG: u32 = 1;
+/// The subgroup state pass's tile: `32 SG_RG` rows, `32 SG_CG` columns. 64 x 64 ran the
+/// state pass 12-24% faster than 32 x 64 on lavapipe (T = 16384, K = V = 64) once its state
+/// load and store became row loops (`chunk_fused::emit_load_state`); unrolled, they took 44 s
+/// of its compile (benches/RESULTS.md).
+pub const SG_RG: u32 = 2;
 pub const SG_CG: u32 = 2;
 
 /// One specialization of a chunk pass.
@@ -137,6 +141,11 @@ impl ChunkKey {
         key
     }
 
+    /// The fused kernel (`chunk_fused.rs`; subgroups only).
+    pub fn fused(dtype: DType, map: FeatureMap, decay: Decay, aligned: bool) -> Self {
+        ChunkKey::new(Stage::Fused, dtype, map, decay, false, aligned).with_subgroups()
+    }
+
     /// The subgroup variant of this key.
     pub fn with_subgroups(mut self) -> Self {
         self.sg = true;
@@ -187,7 +196,7 @@ impl ChunkKey {
         }
         match self.stage {
             Stage::States | Stage::Solve => STATE_ROWS / R,
-            Stage::Output => self.c() / R,
+            Stage::Output | Stage::Fused => self.c() / R,
         }
     }
 
@@ -214,6 +223,19 @@ impl ChunkKey {
                         ChunkKey::new(stage, dtype, FeatureMap::Identity, Decay::Scalar, false, al);
                     out.push(k.with_subgroups());
                 }
+            }
+        }
+        for dtype in [DType::F32, DType::F16] {
+            for al in [false, true] {
+                for map in [FeatureMap::Identity, FeatureMap::Elu1, FeatureMap::Relu] {
+                    out.push(ChunkKey::fused(dtype, map, Decay::None, al));
+                }
+                out.push(ChunkKey::fused(
+                    dtype,
+                    FeatureMap::Identity,
+                    Decay::Scalar,
+                    al,
+                ));
             }
         }
         for stage in [Stage::States, Stage::Output] {
@@ -277,6 +299,7 @@ impl Kernel for ChunkKey {
                 Stage::Solve => "w",
                 Stage::States => "h",
                 Stage::Output => "o",
+                Stage::Fused => "f",
             },
             self.dtype,
             if self.l2 { "_l2" } else { "" },
@@ -305,6 +328,7 @@ impl Kernel for ChunkKey {
             (Stage::Output, false) => generate_output(self),
             (Stage::States, true) => generate_states_sg(self),
             (Stage::Output, true) => generate_output_sg(self),
+            (Stage::Fused, _) => super::chunk_fused::generate(self),
         }
     }
 
@@ -340,6 +364,17 @@ impl Kernel for ChunkKey {
                 BindingDecl::read("states", "vec4<f32>", "chunk states [N, HV, P, Fp, W4]"),
                 BindingDecl::read_write("o", e, "[B, T, HV, V]"),
             ],
+            Stage::Fused => vec![
+                BindingDecl::uniform("p", "LinParams"),
+                BindingDecl::read("q", e, "[B, T, H, K]"),
+                BindingDecl::read("k", e, "[B, T, H, K]"),
+                BindingDecl::read("v", e, "[B, T, HV, V]"),
+                BindingDecl::read("g", "f32", "gates (natural log)"),
+                BindingDecl::read("s_in", "f32", "initial state [N, HV, F, Vs]"),
+                BindingDecl::read("cu", "u32", "cu_seqlens"),
+                BindingDecl::read_write("s_out", "f32", "state [N, HV, F, Vs]"),
+                BindingDecl::read_write("o", e, "[B, T, HV, V]"),
+            ],
         }
     }
 
@@ -357,7 +392,7 @@ impl Kernel for ChunkKey {
         }
         delta_out
             + match self.stage {
-                Stage::Solve => 0,
+                Stage::Solve | Stage::Fused => 0,
                 Stage::States => {
                     let scalar = if self.decay == Decay::Scalar {
                         4 * (self.c() + 1)
@@ -469,7 +504,7 @@ fn emit_output_loaders(w: &mut Wgsl, key: &ChunkKey) {
 }
 
 /// `feat(x, okc)`: the feature map of four loaded features, zero where they do not exist.
-fn emit_feat(w: &mut Wgsl, map: FeatureMap) {
+pub(super) fn emit_feat(w: &mut Wgsl, map: FeatureMap) {
     emit_phi(w, map);
     let body = match map {
         FeatureMap::Identity | FeatureMap::Taylor => "x",
@@ -515,7 +550,7 @@ fn f{n}4(b: u32, t: u32, h: u32, f: u32, ok: bool) -> vec4<f32> {{
 /// The state pass's final state, `[N, HV, F, Vs]` under `F_WRITE_STATE`: `rows` rows from
 /// `row0`, `groups` vec4s of columns `step` apart from `col0` (`val(row, group)`), z from the
 /// workgroup of the first columns.
-fn emit_final_state(
+pub(super) fn emit_final_state(
     w: &mut Wgsl,
     rows: u32,
     groups: u32,
@@ -1069,28 +1104,10 @@ pub fn generate_states_sg(key: &ChunkKey) -> String {
     w.line("let nch = (len + C - 1u) / C;");
     w.line("let srow = (n * p.hv + hv) * p.f + row0;");
     w.line(&format!(
-        "var s: array<vec4<f32>, {}>; // [row][group]: rows row0 .., this lane's columns",
+        "var s = array<vec4<f32>, {}>(); // [row][group]: rows row0 .., this lane's columns",
         rows * cg
     ));
-    w.line("let from_init = (p.flags & F_INIT) != 0u;");
-    w.open("if from_init || (p.flags & F_RESUME) != 0u {");
-    w.line("let off = select(p.state.y, p.state.x, from_init);");
-    for r in 0..rows {
-        for j in 0..cg {
-            let comps: Vec<String> = (0..4)
-                .map(|cc| {
-                    let col = format!("col0 + {}u", j * 32 + cc);
-                    format!("ld_state(off + (srow + {r}u) * p.vs + {col}, row0 + {r}u < p.f && {col} < p.dv, from_init)")
-                })
-                .collect();
-            w.line(&format!(
-                "s[{}] = vec4<f32>({});",
-                idx(r, j),
-                comps.join(", ")
-            ));
-        }
-    }
-    w.close();
+    super::chunk_fused::emit_load_state(&mut w, rows, cg, 32, &|r, j| format!("s[{}]", idx(r, j)));
     let store_chunk = |w: &mut Wgsl, cb: &str| {
         w.line(&format!("let cb = {cb} + row0 * W4 + col0 / 4u;"));
         for r in 0..rows {
@@ -1171,14 +1188,7 @@ pub fn generate_states_sg(key: &ChunkKey) -> String {
     w.open("if (p.flags & F_GLOBAL) != 0u {");
     store_chunk(&mut w, "(n * p.hv + hv) * p.chunk.z");
     w.close();
-    emit_final_state(
-        &mut w,
-        rows,
-        cg,
-        32,
-        &|r, j| format!("s[{}]", idx(r, j)),
-        None,
-    );
+    super::chunk_fused::emit_store_state(&mut w, rows, cg, 32, &|r, j| format!("s[{}]", idx(r, j)));
     w.close(); // main
     w.finish()
 }

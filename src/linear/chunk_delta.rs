@@ -83,7 +83,7 @@ pub fn bindings(key: &ChunkKey, e: &str) -> Vec<BindingDecl> {
             BindingDecl::read_write("states", v4, "chunk states [N, HV, P, Fp, W4]"),
             BindingDecl::read_write("s_out", "f32", "state [N, HV, F, Vs]"),
         ],
-        Stage::Output => vec![
+        Stage::Output | Stage::Fused => vec![
             BindingDecl::uniform("p", "LinParams"),
             BindingDecl::read("q", e, "[B, T, H, K]"),
             BindingDecl::read("k", e, "[B, T, H, K]"),
@@ -102,7 +102,7 @@ pub fn workgroup_bytes(key: &ChunkKey) -> u32 {
     match key.stage {
         Stage::Solve => 16 * c * (KS / 4) + 4 * c * c + 16 * c,
         Stage::States => 16 * key.fp * key.wg() + 16 * c * (KS / 4) + 16 * c,
-        Stage::Output => 0,
+        Stage::Output | Stage::Fused => 0,
     }
 }
 

@@ -24,6 +24,7 @@
 
 pub mod chunk;
 pub mod chunk_delta;
+pub mod chunk_fused;
 pub mod reference;
 pub mod shader;
 
@@ -131,6 +132,11 @@ pub enum Mode {
     Recurrent,
     /// Chunkwise parallel: a state pass over chunks, then every chunk's output in parallel.
     Chunk,
+    /// Chunkwise in one sequential kernel (fla's `fused_chunk`): each workgroup walks its
+    /// chunks with the state in registers, computing each chunk's outputs, then applying it.
+    /// Causal `Linear` (identity, ELU+1, ReLU, not normalized), `Retention` and `SimpleGla`
+    /// with K up to 64, on adapters with subgroups of 8 lanes or more.
+    FusedChunk,
 }
 
 /// `Auto` runs the chunk kernels from this many tokens in the longest sequence. Measured at
@@ -184,6 +190,7 @@ impl Mode {
             "auto" => Some(Mode::Auto),
             "recurrent" => Some(Mode::Recurrent),
             "chunk" => Some(Mode::Chunk),
+            "fused-chunk" => Some(Mode::FusedChunk),
             _ => None,
         }
     }
@@ -349,8 +356,16 @@ pub struct LinearOutput {
 /// The kernels a plan runs.
 #[derive(Clone, Debug)]
 pub enum LinearKernel {
-    Recurrent { key: LinearKey, grid: [u32; 3] },
+    Recurrent {
+        key: LinearKey,
+        grid: [u32; 3],
+    },
     Chunk(ChunkPlan),
+    /// `chunk_fused.rs`: one dispatch per piece of chunks.
+    Fused {
+        key: ChunkKey,
+        grid: [u32; 3],
+    },
 }
 
 /// The chunk passes of a plan.
@@ -381,6 +396,7 @@ impl LinearPlan {
     pub fn label(&self) -> String {
         match &self.kernel {
             LinearKernel::Recurrent { key, .. } => key.label(),
+            LinearKernel::Fused { key, .. } => key.label(),
             LinearKernel::Chunk(cp) => {
                 let solve = cp
                     .solve
@@ -390,11 +406,12 @@ impl LinearPlan {
             }
         }
     }
-    /// `Recurrent` or `Chunk`.
+    /// `Recurrent`, `Chunk` or `FusedChunk`.
     pub fn mode(&self) -> Mode {
         match self.kernel {
             LinearKernel::Recurrent { .. } => Mode::Recurrent,
             LinearKernel::Chunk(_) => Mode::Chunk,
+            LinearKernel::Fused { .. } => Mode::FusedChunk,
         }
     }
 }
@@ -606,11 +623,21 @@ pub fn plan(
     }
     let longest = longest_sequence(s, opts);
     let chunked = match opts.mode {
+        Mode::FusedChunk => return plan_fused(ctx, s, dtype, opts, longest),
         Mode::Chunk => true,
         Mode::Recurrent => false,
         Mode::Auto => {
             let cpu = ctx.adapter_info.device_type == wgpu::DeviceType::Cpu;
-            longest >= auto_chunk_min_t(opts, chunk_subgroups(ctx, opts)?, cpu)
+            let chunked = longest >= auto_chunk_min_t(opts, chunk_subgroups(ctx, opts)?, cpu);
+            // a CPU adapter: the fused kernel where it runs (benches/RESULTS.md)
+            let fused = cpu
+                && opts.subgroups != Some(false)
+                && fused_adapter(ctx)
+                && fused_unsupported(s, opts).is_none();
+            if chunked && fused {
+                return plan_fused(ctx, s, dtype, opts, longest);
+            }
+            chunked
         }
     };
     if chunked {
@@ -730,7 +757,8 @@ fn plan_chunk(
     };
     let by_loops = match ctx.caps.loop_limit {
         None => u64::MAX,
-        Some(limit) => (limit / 2 / loops).max(1),
+        // (and the state's row-loop load and store)
+        Some(limit) => ((limit / 2).saturating_sub(chunk_fused::LOOPS_PER_DISPATCH) / loops).max(1),
     };
     let nvt_o = (s.v as u64).div_ceil(u64::from(output.out_cols()));
     let max_dim = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
@@ -770,6 +798,90 @@ fn plan_chunk(
             output_grid: output_grid.map(|g| g as u32),
             chunks_per_piece: per,
         }),
+        pieces,
+    })
+}
+
+/// Whether the adapter runs the fused chunk kernel (subgroups of 8 lanes or more).
+pub fn fused_adapter(ctx: &GpuContext) -> bool {
+    ctx.caps.subgroups && ctx.caps.subgroup_min >= chunk::SG_LANES
+}
+
+/// What the fused chunk kernel needs that these options lack, if anything.
+pub fn fused_unsupported(s: &LinearShape, opts: &LinearOptions) -> Option<&'static str> {
+    if opts.rule.delta() || opts.rule == Rule::Gla {
+        Some("Linear, Retention or SimpleGla")
+    } else if !opts.causal {
+        Some("causal attention")
+    } else if LinearShape::normalized(opts) {
+        Some("an output that is not normalized (no Taylor map, no normalize)")
+    } else if s.feature_dim(opts) > chunk_fused::FUSED_ROWS as usize {
+        Some("K of at most 64")
+    } else {
+        None
+    }
+}
+
+/// The fused chunk kernel's plan (`Mode::FusedChunk`), or why it cannot run these options.
+///
+/// `Auto` takes it on CPU adapters (lavapipe: 1.6-1.9x faster than the two passes, 0.31
+/// against 1.09 ms for the recurrent kernel already at T = 4; one workgroup, H = 1, T = 1024:
+/// 1.47 against 2.85 ms for the two passes; simple GLA, K = V = 64, single runs). A GPU keeps
+/// the two passes: the fused kernel's one workgroup per sequence, head and 64 columns would
+/// leave most of its compute units idle (not measured: no GPU has run it).
+fn plan_fused(
+    ctx: &GpuContext,
+    s: &LinearShape,
+    dtype: DType,
+    opts: &LinearOptions,
+    longest: usize,
+) -> Result<LinearPlan> {
+    if let Some(why) = fused_unsupported(s, opts) {
+        return Err(AttnError::invalid(
+            "mode",
+            format!("chunk, recurrent or auto, or fused-chunk with {why}"),
+            "fused-chunk",
+        ));
+    }
+    if opts.subgroups == Some(false) {
+        return Err(AttnError::invalid(
+            "subgroups",
+            "None or true for the fused chunk kernel (it has no variant without subgroups)",
+            "false",
+        ));
+    }
+    if !fused_adapter(ctx) {
+        return Err(AttnError::MissingFeature {
+            feature: "SUBGROUP (subgroups of 8 lanes or more)",
+            adapter: ctx.adapter_info.name.clone(),
+            needed_for: "the fused chunk kernel".into(),
+        });
+    }
+    let aligned = s.k.is_multiple_of(4) && s.v.is_multiple_of(4);
+    let key = ChunkKey::fused(dtype, opts.feature_map, opts.rule.decay(), aligned);
+    let grid = [
+        (s.v as u64).div_ceil(u64::from(chunk_fused::FUSED_COLS)),
+        1,
+        s.sequences(opts) as u64 * s.hv as u64,
+    ];
+    check_grid(ctx, &grid)?;
+    let chunks = (longest as u64).div_ceil(u64::from(key.c())).max(1);
+    let per_piece = match ctx.caps.loop_limit {
+        None => chunks,
+        Some(limit) => ((limit / 2).saturating_sub(chunk_fused::LOOPS_PER_DISPATCH)
+            / chunk_fused::loops_per_chunk(&key))
+        .max(1),
+    };
+    let per = u32_of(per_piece.min(chunks) as usize, "chunks per piece")?;
+    let total = u32_of(chunks as usize, "chunks")?;
+    let pieces = (0..total.div_ceil(per))
+        .map(|i| (i * per, (i * per).saturating_add(per).min(total)))
+        .collect();
+    Ok(LinearPlan {
+        kernel: LinearKernel::Fused {
+            key,
+            grid: grid.map(|g| g as u32),
+        },
         pieces,
     })
 }
@@ -898,6 +1010,14 @@ pub fn encode_linear_attention(
         if ![q, k, v, out].into_iter().all(fours) {
             cp.states.aligned = false;
             cp.output.aligned = false;
+        }
+    }
+    if let LinearKernel::Fused { key, .. } = &mut plan.kernel {
+        let fours = |t: &Tensor| {
+            t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
+        };
+        if ![q, k, v, out].into_iter().all(fours) {
+            key.aligned = false;
         }
     }
     let state_shape = s.state_shape(opts);
@@ -1043,6 +1163,17 @@ pub fn encode_linear_attention(
             opts,
             timestamps,
         )?,
+        LinearKernel::Fused { key, grid } => encode_fused(
+            ctx,
+            encoder,
+            key,
+            grid,
+            &plan.pieces,
+            &base,
+            &b,
+            opts,
+            timestamps,
+        )?,
     }
     Ok(plan)
 }
@@ -1137,38 +1268,65 @@ fn encode_recurrent(
             steps.push(p);
         }
     }
+    let cu_buf = cu_buffer(ctx, opts);
+    let dummy = BoundRange::whole(&ctx.dummy);
+    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+    let cu = cu_buf
+        .as_ref()
+        .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
+    let rest = [
+        bound.q.entry(1),
+        bound.k.entry(2),
+        bound.v.entry(3),
+        bound.g.unwrap_or(&dummy).entry(4),
+        bound.beta.unwrap_or(&dummy).entry(5),
+        bound.init.unwrap_or(&dummy).entry(6),
+        cu.entry(7),
+        bound.o.entry(8),
+        bound.state.unwrap_or(&dummy_rw).entry(9),
+    ];
+    encode_steps(
+        ctx,
+        encoder,
+        key,
+        grid,
+        &steps,
+        &rest,
+        "linear attention",
+        timestamps,
+    )
+}
+
+/// One kernel dispatched once per step, the same buffers bound at 1.. and the step's
+/// parameters at 0.
+#[allow(clippy::too_many_arguments)]
+fn encode_steps(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    kernel: &dyn Kernel,
+    grid: &[u32; 3],
+    steps: &[LinearParams],
+    rest: &[wgpu::BindGroupEntry],
+    label: &str,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
     ctx.scoped(|| {
-        let pipeline = ctx.pipeline(key)?;
-        let dev = &ctx.device;
-        let cu_buf = cu_buffer(ctx, opts);
-        let dummy = BoundRange::whole(&ctx.dummy);
-        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+        let pipeline = ctx.pipeline(kernel)?;
+        let layout = pipeline.get_bind_group_layout(0);
         let groups: Vec<wgpu::BindGroup> = steps
             .iter()
             .map(|p| {
                 let params = params_buffer(ctx, p);
-                let entries = [
-                    BoundRange::whole(&params).entry(0),
-                    bound.q.entry(1),
-                    bound.k.entry(2),
-                    bound.v.entry(3),
-                    bound.g.unwrap_or(&dummy).entry(4),
-                    bound.beta.unwrap_or(&dummy).entry(5),
-                    bound.init.unwrap_or(&dummy).entry(6),
-                    cu_buf
-                        .as_ref()
-                        .map_or(dummy.entry(7), |c| BoundRange::whole(c).entry(7)),
-                    bound.o.entry(8),
-                    bound.state.unwrap_or(&dummy_rw).entry(9),
-                ];
-                dev.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("linear bind group"),
-                    layout: &pipeline.get_bind_group_layout(0),
+                let mut entries = vec![BoundRange::whole(&params).entry(0)];
+                entries.extend(rest.iter().cloned());
+                ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &layout,
                     entries: &entries,
                 })
             })
             .collect();
-        let mut pass = begin_pass(encoder, "linear attention", timestamps);
+        let mut pass = begin_pass(encoder, label, timestamps);
         pass.set_pipeline(&pipeline);
         let [x, y, z] = *grid;
         for bg in &groups {
@@ -1176,8 +1334,55 @@ fn encode_recurrent(
             pass.dispatch_workgroups(x, y, z);
         }
         Ok(())
-    })?;
-    Ok(())
+    })
+}
+
+/// The fused chunk kernel: one dispatch per piece of chunks, the state carried through the
+/// final-state buffer.
+#[allow(clippy::too_many_arguments)]
+fn encode_fused(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    key: &ChunkKey,
+    grid: &[u32; 3],
+    pieces: &[(u32, u32)],
+    base: &LinearParams,
+    bound: &Bound,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
+    let steps: Vec<LinearParams> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, &(from, to))| {
+            let mut p = *base;
+            p.chunk = [from, to, 0, 0];
+            if i > 0 {
+                p.flags |= flags::RESUME;
+            } else if opts.initial_state.is_some() {
+                p.flags |= flags::INIT;
+            }
+            p
+        })
+        .collect();
+    let cu_buf = cu_buffer(ctx, opts);
+    let dummy = BoundRange::whole(&ctx.dummy);
+    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+    let cu = cu_buf
+        .as_ref()
+        .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
+    let rest = [
+        bound.q.entry(1),
+        bound.k.entry(2),
+        bound.v.entry(3),
+        bound.g.unwrap_or(&dummy).entry(4),
+        bound.init.unwrap_or(&dummy).entry(5),
+        cu.entry(6),
+        bound.state.unwrap_or(&dummy_rw).entry(7),
+        bound.o.entry(8),
+    ];
+    let label = "linear attention (fused chunks)";
+    encode_steps(ctx, encoder, key, grid, &steps, &rest, label, timestamps)
 }
 
 /// The chunk passes: per piece the state pass (storing each chunk's starting state) and the
@@ -1345,11 +1550,11 @@ fn encode_chunk(
                             tk.entry(8),
                         ],
                     ),
-                    (Stage::Solve, _, _) => {
+                    (Stage::Solve | Stage::Fused, _, _) => {
                         return Err(AttnError::invalid(
                             "chunk plan",
-                            "a solve pass only for the delta rules",
-                            "a solve pass without its scratch",
+                            "a solve pass only for the delta rules, no fused kernel",
+                            format!("{stage:?}"),
                         ))
                     }
                     (Stage::States, None, _) => (
@@ -1394,7 +1599,7 @@ fn encode_chunk(
                     pass.set_pipeline(sp);
                     *grid
                 }
-                (Stage::Solve, _, _) => continue,
+                (Stage::Solve | Stage::Fused, _, _) => continue,
                 (Stage::States, _, _) => {
                     pass.set_pipeline(&states_pipe);
                     *states_grid
