@@ -824,9 +824,9 @@ pub fn fused_unsupported(s: &LinearShape, opts: &LinearOptions) -> Option<&'stat
 
 /// The fused chunk kernel's plan (`Mode::FusedChunk`), or why it cannot run these options.
 ///
-/// `Auto` takes it on CPU adapters (lavapipe: 1.6-1.9x faster than the two passes, 0.31
-/// against 1.09 ms for the recurrent kernel already at T = 4; one workgroup, H = 1, T = 1024:
-/// 1.47 against 2.85 ms for the two passes; simple GLA, K = V = 64, single runs). A GPU keeps
+/// `Auto` takes it on CPU adapters where it would run chunks (lavapipe, K = V = 64: 1.2-1.9x
+/// faster than the two passes from T = 1024 to 65536 at H = 8, benches/RESULTS.md; with one
+/// workgroup, simple GLA at H = 1, T = 1024: 1.47 against 2.85 ms, single runs). A GPU keeps
 /// the two passes: the fused kernel's one workgroup per sequence, head and 64 columns would
 /// leave most of its compute units idle (not measured: no GPU has run it).
 fn plan_fused(
