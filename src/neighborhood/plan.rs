@@ -50,6 +50,7 @@ pub fn sweep_key(
 ) -> FlashKey {
     let mut key = na_key(Strategy::Subgroup, dtype, d_bucket, dv_bucket, subgroup);
     key.strategy = Strategy::Sweep;
+    key.lanes = 0; // its own key loop stops at a partial group
     key.rows = slots;
     key.pins = if causal_x { 0 } else { slots / 2 };
     key

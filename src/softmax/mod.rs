@@ -86,10 +86,11 @@ pub fn kernel_key(
                 mods,
                 geometry,
                 pins: 0,
+                lanes: 0,
             }
         }
         Strategy::Subgroup | Strategy::Sweep => {
-            let (_min, max) = subgroup;
+            let (min, max) = subgroup;
             FlashKey {
                 strategy,
                 dtype,
@@ -105,6 +106,13 @@ pub fn kernel_key(
                 mods,
                 geometry,
                 pins: 0,
+                // (the Sweep kernel's own key loop stops at a partial group: it keeps the loop)
+                lanes: if strategy == Strategy::Subgroup && min == max && max == shader::FIXED_LANES
+                {
+                    max
+                } else {
+                    0
+                },
             }
         }
     }
