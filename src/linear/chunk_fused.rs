@@ -13,9 +13,9 @@
 //!
 //! Only the subgroup variant exists (8 lanes, lane `l` owns columns `4l ..` and `32 + 4l ..`,
 //! shuffles hand round rows and scores). Its parallelism is one workgroup per sequence, head
-//! and 64 columns, so the plan takes it only on CPU adapters (few cores, each a workgroup at a
+//! and 64 columns, so `Auto` takes it only on CPU adapters (few cores, each a workgroup at a
 //! time), where the two passes' extra loads cost more than the parallel output pass gains
-//! (benches/RESULTS.md).
+//! (benches/RESULTS.md); `Mode::FusedChunk` asks for it anywhere.
 
 use super::chunk::{emit_feat, emit_loaders4, header, ChunkKey, LD_STATE_WGSL};
 use super::shader::{emit_loaders, emit_sequence, Decay};
@@ -37,7 +37,7 @@ pub fn loops_per_chunk(key: &ChunkKey) -> u64 {
 pub const LOOPS_PER_DISPATCH: u64 = 2 * FUSED_ROWS as u64;
 
 /// The initial state (`F_INIT`) or the one carried from the last piece (`F_RESUME`) into the
-/// register tile `val(row, group)` (`rows` rows from 0, `groups` vec4s of columns `step` apart
+/// register tile `val(row, group)` (`rows` rows from `row0`, `groups` vec4s of columns `step` apart
 /// from `col0`), a row per loop iteration picked into place by selects. The same tile
 /// unrolled (a load per element, two for the choice of buffer) took lavapipe 44 s to compile
 /// for 64 rows; this takes about a second.
