@@ -946,7 +946,7 @@ fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResult<(
 fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
     use wgpu_attention::linear::LinearShape;
     // (rule, mode); a chunk row is also compared with its rule's recurrent row
-    let fused = ctx.caps.subgroups && ctx.caps.subgroup_min >= 8;
+    let fused = wgpu_attention::linear::subgroups_of_8(ctx);
     let mut variants = vec![
         (Rule::Linear, Mode::Chunk),
         (Rule::Linear, Mode::Recurrent),

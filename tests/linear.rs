@@ -196,11 +196,7 @@ fn run_seeded(c: &Lin, seed: u64) -> (Comparison, Comparison) {
 
 /// Whether the adapter runs the subgroup chunk kernels for these options.
 fn subgroup_chunks(c: &Lin) -> bool {
-    let caps = &ctx().caps;
-    caps.subgroups
-        && caps.subgroup_min >= 8
-        && c.opts.rule != Rule::Gla
-        && !LinearShape::normalized(&c.opts)
+    linear::subgroups_of_8(ctx()) && c.opts.rule != Rule::Gla && !LinearShape::normalized(&c.opts)
 }
 
 /// Whether the fused chunk kernel runs these options on this adapter; options it could run
@@ -209,7 +205,7 @@ fn fused_runs(c: &Lin) -> bool {
     if linear::fused_unsupported(&c.shape, &c.opts).is_some() || c.opts.subgroups == Some(false) {
         return false;
     }
-    if !linear::fused_adapter(ctx()) {
+    if !linear::subgroups_of_8(ctx()) {
         eprintln!("fused chunk kernel skipped (no subgroups of 8 on this adapter): {c:?}");
         return false;
     }
@@ -511,7 +507,7 @@ fn packed_sequences() {
 fn long_sequence_in_pieces() {
     let c = Lin::new(Rule::SimpleGla, 1, 70_000, 1, 1, 16, 16);
     let mut modes = vec![Mode::Recurrent, Mode::Chunk];
-    if linear::fused_adapter(ctx()) {
+    if linear::subgroups_of_8(ctx()) {
         modes.push(Mode::FusedChunk);
     }
     for mode in modes {
@@ -583,7 +579,7 @@ fn random_linear_case(seed: u64) -> Lin {
     }
     // the fused chunk kernel where it can run these options
     let fused =
-        linear::fused_adapter(ctx()) && linear::fused_unsupported(&c.shape, &c.opts).is_none();
+        linear::subgroups_of_8(ctx()) && linear::fused_unsupported(&c.shape, &c.opts).is_none();
     if r.random_bool(0.25) && fused && c.opts.subgroups != Some(false) {
         c.opts.mode = Mode::FusedChunk;
     }
@@ -756,7 +752,7 @@ fn strided_views_and_aliasing() {
         (Mode::Chunk, 1000),
         (Mode::Chunk, 1001),
     ];
-    if linear::fused_adapter(ctx) {
+    if linear::subgroups_of_8(ctx) {
         modes.extend([(Mode::FusedChunk, 1000), (Mode::FusedChunk, 1001)]);
     }
     for (mode, off) in modes {

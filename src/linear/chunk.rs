@@ -3,7 +3,8 @@
 //! their output pass is this one, reading `u` for `v`)
 //!
 //! - the **state pass** (`Stage::States`) walks the chunks of one (sequence, value head, tile of
-//!   64 state rows x 32 columns) in order, writes the state *before* each chunk to a buffer,
+//!   64 state rows x 32 columns, 64 x 64 with subgroups) in order, writes the state *before*
+//!   each chunk to a buffer,
 //!   and applies the chunk at once, `S <- exp(b_C) S + sum_s (k_s exp(b_C - b_s)) v_s^T`
 //!   (`b` the gates summed from the chunk's start): a register-tiled `K^T V`, not `C` rank-1
 //!   updates;
@@ -68,7 +69,7 @@ pub const SG_CHUNKS_PER_WG: u32 = 4;
 const SG_GROUPS: u32 = SG_TILE / (4 * SG_LANES);
 /// The subgroup state pass's tile: `32 SG_RG` rows, `32 SG_CG` columns. 64 x 64 ran the
 /// state pass 12-24% faster than 32 x 64 on lavapipe (T = 16384, K = V = 64) once its state
-/// load and store became row loops (`chunk_fused::emit_load_state`); unrolled, they took 44 s
+/// load and store became row loops (`emit_load_state`); unrolled, they took 44 s
 /// of its compile (benches/RESULTS.md).
 pub const SG_RG: u32 = 2;
 pub const SG_CG: u32 = 2;
@@ -459,6 +460,80 @@ pub(super) const LD_STATE_WGSL: &str = "fn ld_state(idx: u32, ok: bool, from_ini
     return select(0.0, select(s_out[i], s_in[i], from_init), ok);
 }
 ";
+
+/// Loop iterations once per dispatch of a kernel that holds a state tile in registers (its
+/// load and store below, a row per iteration, 64 rows at most), against lavapipe's count.
+pub const STATE_ROW_LOOPS: u64 = 2 * 64;
+
+/// The initial state (`F_INIT`) or the one carried from the last piece (`F_RESUME`) into the
+/// register tile `val(row, group)` (`rows` rows from `row0`, `groups` vec4s of columns `step` apart
+/// from `col0`), a row per loop iteration picked into place by selects. The same tile
+/// unrolled (a load per element, two for the choice of buffer) took lavapipe 44 s to compile
+/// for 64 rows; this takes about a second.
+pub(super) fn emit_load_state(
+    w: &mut Wgsl,
+    rows: u32,
+    groups: u32,
+    step: u32,
+    val: &dyn Fn(u32, u32) -> String,
+) {
+    w.line("let from_init = (p.flags & F_INIT) != 0u;");
+    w.open("if from_init || (p.flags & F_RESUME) != 0u {");
+    w.line("let off = select(p.state.y, p.state.x, from_init);");
+    w.open(&format!(
+        "for (var r = 0u; r < min(p.f - row0, {rows}u); r++) {{"
+    ));
+    w.line("let rb = off + (srow + r) * p.vs + col0;");
+    for j in 0..groups {
+        let comps: Vec<String> = (0..4)
+            .map(|cc| {
+                let col = j * step + cc;
+                format!("ld_state(rb + {col}u, col0 + {col}u < p.dv, from_init)")
+            })
+            .collect();
+        w.line(&format!("let x{j} = vec4<f32>({});", comps.join(", ")));
+    }
+    for r in 0..rows {
+        for j in 0..groups {
+            let v = val(r, j);
+            w.line(&format!("{v} = select({v}, x{j}, r == {r}u);"));
+        }
+    }
+    w.close();
+    w.close();
+}
+
+/// The final state (`F_WRITE_STATE`, `[N, HV, F, Vs]`) from the same register tile, a row
+/// per loop iteration.
+pub(super) fn emit_store_state(
+    w: &mut Wgsl,
+    rows: u32,
+    groups: u32,
+    step: u32,
+    val: &dyn Fn(u32, u32) -> String,
+) {
+    w.open("if (p.flags & F_WRITE_STATE) != 0u {");
+    w.open(&format!(
+        "for (var r = 0u; r < min(p.f - row0, {rows}u); r++) {{"
+    ));
+    for j in 0..groups {
+        w.line(&format!("var x{j} = {};", val(0, j)));
+        for r in 1..rows {
+            w.line(&format!("x{j} = select(x{j}, {}, r == {r}u);", val(r, j)));
+        }
+    }
+    w.line("let rb = p.state.y + (srow + r) * p.vs + col0;");
+    for j in 0..groups {
+        for cc in 0..4 {
+            let col = j * step + cc;
+            w.line(&format!(
+                "if col0 + {col}u < p.dv {{ s_out[rb + {col}u] = x{j}[{cc}]; }}"
+            ));
+        }
+    }
+    w.close();
+    w.close();
+}
 
 /// `ld4_q`/`ld4_k`/`ld4_v(b, t, h, i, ok)`: elements `i .. i + 4` of a row (zeros where they
 /// do not exist), one vec4 load when the key is aligned.
@@ -1107,7 +1182,7 @@ pub fn generate_states_sg(key: &ChunkKey) -> String {
         "var s = array<vec4<f32>, {}>(); // [row][group]: rows row0 .., this lane's columns",
         rows * cg
     ));
-    super::chunk_fused::emit_load_state(&mut w, rows, cg, 32, &|r, j| format!("s[{}]", idx(r, j)));
+    emit_load_state(&mut w, rows, cg, 32, &|r, j| format!("s[{}]", idx(r, j)));
     let store_chunk = |w: &mut Wgsl, cb: &str| {
         w.line(&format!("let cb = {cb} + row0 * W4 + col0 / 4u;"));
         for r in 0..rows {
@@ -1188,7 +1263,7 @@ pub fn generate_states_sg(key: &ChunkKey) -> String {
     w.open("if (p.flags & F_GLOBAL) != 0u {");
     store_chunk(&mut w, "(n * p.hv + hv) * p.chunk.z");
     w.close();
-    super::chunk_fused::emit_store_state(&mut w, rows, cg, 32, &|r, j| format!("s[{}]", idx(r, j)));
+    emit_store_state(&mut w, rows, cg, 32, &|r, j| format!("s[{}]", idx(r, j)));
     w.close(); // main
     w.finish()
 }

@@ -17,7 +17,9 @@
 //! time), where the two passes' extra loads cost more than the parallel output pass gains
 //! (benches/RESULTS.md); `Mode::FusedChunk` asks for it anywhere.
 
-use super::chunk::{emit_feat, emit_loaders4, header, ChunkKey, LD_STATE_WGSL};
+use super::chunk::{
+    emit_feat, emit_load_state, emit_loaders4, emit_store_state, header, ChunkKey, LD_STATE_WGSL,
+};
 use super::shader::{emit_loaders, emit_sequence, Decay};
 use crate::pipeline::Kernel;
 use crate::wgsl::Wgsl;
@@ -31,79 +33,6 @@ pub const FUSED_COLS: u32 = 64;
 /// lavapipe's count.
 pub fn loops_per_chunk(key: &ChunkKey) -> u64 {
     2 * u64::from(key.c()) + 1
-}
-
-/// Loop iterations once per dispatch (the state's load and store, a row per iteration).
-pub const LOOPS_PER_DISPATCH: u64 = 2 * FUSED_ROWS as u64;
-
-/// The initial state (`F_INIT`) or the one carried from the last piece (`F_RESUME`) into the
-/// register tile `val(row, group)` (`rows` rows from `row0`, `groups` vec4s of columns `step` apart
-/// from `col0`), a row per loop iteration picked into place by selects. The same tile
-/// unrolled (a load per element, two for the choice of buffer) took lavapipe 44 s to compile
-/// for 64 rows; this takes about a second.
-pub(super) fn emit_load_state(
-    w: &mut Wgsl,
-    rows: u32,
-    groups: u32,
-    step: u32,
-    val: &dyn Fn(u32, u32) -> String,
-) {
-    w.line("let from_init = (p.flags & F_INIT) != 0u;");
-    w.open("if from_init || (p.flags & F_RESUME) != 0u {");
-    w.line("let off = select(p.state.y, p.state.x, from_init);");
-    w.open(&format!(
-        "for (var r = 0u; r < min(p.f - row0, {rows}u); r++) {{"
-    ));
-    w.line("let rb = off + (srow + r) * p.vs + col0;");
-    for j in 0..groups {
-        let comps: Vec<String> = (0..4)
-            .map(|cc| {
-                let col = j * step + cc;
-                format!("ld_state(rb + {col}u, col0 + {col}u < p.dv, from_init)")
-            })
-            .collect();
-        w.line(&format!("let x{j} = vec4<f32>({});", comps.join(", ")));
-    }
-    for r in 0..rows {
-        for j in 0..groups {
-            let v = val(r, j);
-            w.line(&format!("{v} = select({v}, x{j}, r == {r}u);"));
-        }
-    }
-    w.close();
-    w.close();
-}
-
-/// The final state (`F_WRITE_STATE`, `[N, HV, F, Vs]`) from the same register tile, a row
-/// per loop iteration.
-pub(super) fn emit_store_state(
-    w: &mut Wgsl,
-    rows: u32,
-    groups: u32,
-    step: u32,
-    val: &dyn Fn(u32, u32) -> String,
-) {
-    w.open("if (p.flags & F_WRITE_STATE) != 0u {");
-    w.open(&format!(
-        "for (var r = 0u; r < min(p.f - row0, {rows}u); r++) {{"
-    ));
-    for j in 0..groups {
-        w.line(&format!("var x{j} = {};", val(0, j)));
-        for r in 1..rows {
-            w.line(&format!("x{j} = select(x{j}, {}, r == {r}u);", val(r, j)));
-        }
-    }
-    w.line("let rb = p.state.y + (srow + r) * p.vs + col0;");
-    for j in 0..groups {
-        for cc in 0..4 {
-            let col = j * step + cc;
-            w.line(&format!(
-                "if col0 + {col}u < p.dv {{ s_out[rb + {col}u] = x{j}[{cc}]; }}"
-            ));
-        }
-    }
-    w.close();
-    w.close();
 }
 
 pub fn generate(key: &ChunkKey) -> String {

@@ -632,7 +632,7 @@ pub fn plan(
             // (see plan_fused)
             let fused = cpu
                 && opts.subgroups != Some(false)
-                && fused_adapter(ctx)
+                && subgroups_of_8(ctx)
                 && fused_unsupported(s, opts).is_none();
             if fused {
                 return plan_fused(ctx, s, dtype, opts, longest);
@@ -652,7 +652,7 @@ pub fn plan(
 /// subgroup variants load each value once and shuffle.
 fn chunk_subgroups(ctx: &GpuContext, opts: &LinearOptions) -> Result<bool> {
     let (decay, normalize) = (opts.rule.decay(), LinearShape::normalized(opts));
-    let sg_ok = ctx.caps.subgroups && ctx.caps.subgroup_min >= chunk::SG_LANES;
+    let sg_ok = subgroups_of_8(ctx);
     match opts.subgroups {
         None => Ok(sg_ok && ChunkKey::sg_supported(decay, normalize)),
         Some(false) => Ok(false),
@@ -758,7 +758,7 @@ fn plan_chunk(
     let by_loops = match ctx.caps.loop_limit {
         None => u64::MAX,
         // (and the state's row-loop load and store)
-        Some(limit) => ((limit / 2).saturating_sub(chunk_fused::LOOPS_PER_DISPATCH) / loops).max(1),
+        Some(limit) => ((limit / 2).saturating_sub(chunk::STATE_ROW_LOOPS) / loops).max(1),
     };
     let nvt_o = (s.v as u64).div_ceil(u64::from(output.out_cols()));
     let max_dim = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
@@ -786,9 +786,7 @@ fn plan_chunk(
     check_grid(ctx, &output_grid)?;
     let per = u32_of(per_piece as usize, "chunks per piece")?;
     let total = u32_of(chunks as usize, "chunks")?;
-    let pieces = (0..total.div_ceil(per))
-        .map(|i| (i * per, (i * per).saturating_add(per).min(total)))
-        .collect();
+    let pieces = chunk_pieces(total, per);
     Ok(LinearPlan {
         kernel: LinearKernel::Chunk(ChunkPlan {
             solve: delta.then(|| (key(Stage::Solve), solve_grid.map(|g| g as u32))),
@@ -802,8 +800,9 @@ fn plan_chunk(
     })
 }
 
-/// Whether the adapter runs the fused chunk kernel (subgroups of 8 lanes or more).
-pub fn fused_adapter(ctx: &GpuContext) -> bool {
+/// Whether the adapter has subgroups of 8 lanes or more: what the subgroup chunk passes and
+/// the fused chunk kernel need.
+pub fn subgroups_of_8(ctx: &GpuContext) -> bool {
     ctx.caps.subgroups && ctx.caps.subgroup_min >= chunk::SG_LANES
 }
 
@@ -820,6 +819,13 @@ pub fn fused_unsupported(s: &LinearShape, opts: &LinearOptions) -> Option<&'stat
     } else {
         None
     }
+}
+
+/// `total` chunks in ranges of `per`.
+fn chunk_pieces(total: u32, per: u32) -> Vec<(u32, u32)> {
+    (0..total.div_ceil(per))
+        .map(|i| (i * per, (i * per).saturating_add(per).min(total)))
+        .collect()
 }
 
 /// The fused chunk kernel's plan (`Mode::FusedChunk`), or why it cannot run these options.
@@ -852,7 +858,7 @@ fn plan_fused(
             "false",
         ));
     }
-    if !fused_adapter(ctx) {
+    if !subgroups_of_8(ctx) {
         return Err(AttnError::MissingFeature {
             feature: "SUBGROUP (subgroups of 8 lanes or more)",
             adapter: ctx.adapter_info.name.clone(),
@@ -870,15 +876,13 @@ fn plan_fused(
     let chunks = (longest as u64).div_ceil(u64::from(key.c())).max(1);
     let per_piece = match ctx.caps.loop_limit {
         None => chunks,
-        Some(limit) => ((limit / 2).saturating_sub(chunk_fused::LOOPS_PER_DISPATCH)
+        Some(limit) => ((limit / 2).saturating_sub(chunk::STATE_ROW_LOOPS)
             / chunk_fused::loops_per_chunk(&key))
         .max(1),
     };
     let per = u32_of(per_piece.min(chunks) as usize, "chunks per piece")?;
     let total = u32_of(chunks as usize, "chunks")?;
-    let pieces = (0..total.div_ceil(per))
-        .map(|i| (i * per, (i * per).saturating_add(per).min(total)))
-        .collect();
+    let pieces = chunk_pieces(total, per);
     Ok(LinearPlan {
         kernel: LinearKernel::Fused {
             key,
@@ -1004,22 +1008,18 @@ pub fn encode_linear_attention(
             (out.shape(), out.dtype()),
         ));
     }
-    if let LinearKernel::Chunk(cp) = &mut plan.kernel {
-        // vec4 access needs every row to start on a vec4
-        let fours = |t: &Tensor| {
-            t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
-        };
-        if ![q, k, v, out].into_iter().all(fours) {
-            cp.states.aligned = false;
-            cp.output.aligned = false;
-        }
-    }
-    if let LinearKernel::Fused { key, .. } = &mut plan.kernel {
-        let fours = |t: &Tensor| {
-            t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
-        };
-        if ![q, k, v, out].into_iter().all(fours) {
-            key.aligned = false;
+    // vec4 access needs every row to start on a vec4
+    let fours = |t: &Tensor| {
+        t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
+    };
+    if ![q, k, v, out].into_iter().all(fours) {
+        match &mut plan.kernel {
+            LinearKernel::Chunk(cp) => {
+                cp.states.aligned = false;
+                cp.output.aligned = false;
+            }
+            LinearKernel::Fused { key, .. } => key.aligned = false,
+            LinearKernel::Recurrent { .. } => {}
         }
     }
     let state_shape = s.state_shape(opts);
