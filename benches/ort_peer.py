@@ -18,6 +18,10 @@ to benches/RESULTS.md.
 
     benches/ort_peer.py [--shapes 1024x8x64,1024x8x64c] [--rounds 5] [--n 3] [--ort-profile]
 
+With --causal-ratio 1024,4096 it times only our kernel instead: causal against non-causal at
+B = 1, H = 8, D = 64 and each length, in the same page, the order alternating between rounds,
+and prints the median of the per-round ratios of median GPU times (issue 12's browser target).
+
 Installs what it needs: onnxruntime-web 1.30 from npm into target/ort-peer, the `onnx` Python
 package into target/bench-venv, our page's wasm by web/build.sh where web/pkg is missing.
 Needs Debian's chromium and chromium-driver, as web/test.py does.
@@ -94,6 +98,40 @@ def stats(xs):
     return f"{min(xs):8.2f} {statistics.median(xs):8.2f} {max(xs):8.2f}"
 
 
+def causal_ratio(call, args):
+    """Our causal against our non-causal kernel per length, interleaved round by round."""
+    results = []
+    for l in (int(x) for x in args.causal_ratio.split(",")):
+        kernels = {}
+        for name, causal in (("full", False), ("causal", True)):
+            r = call(f"peer.prepareOurs({json.dumps(dict(name=name, L=l, H=8, D=64, causal=causal))})")
+            kernels[name] = r["kernel"]
+            adapter = r["adapter"]
+        print(f"\nB=1 L={l} H=8 D=64 f32 on {adapter.get('name') or '?'} ({adapter.get('backend')}, "
+              f"{adapter.get('device_type')}); non-causal: {kernels['full']}; causal: {kernels['causal']}", flush=True)
+        for name in kernels:  # warm-up
+            call(f"peer.oursGpu('{name}', 1)")
+        samples = {"full": [], "causal": []}
+        ratios = []
+        for r in range(args.rounds):
+            order = ["full", "causal"] if r % 2 == 0 else ["causal", "full"]
+            med = {}
+            for name in order:
+                got = call(f"peer.oursGpu('{name}', {args.n})")
+                samples[name] += got
+                med[name] = statistics.median(got)
+            ratios.append(med["causal"] / med["full"])
+            print(f"  round {r + 1}: non-causal {med['full']:.1f} ms, causal {med['causal']:.1f} ms: "
+                  f"{ratios[-1]:.3f}", flush=True)
+        print("                           min   median      max  (ms, GPU time)")
+        print(f"  non-causal           {stats(samples['full'])}")
+        print(f"  causal               {stats(samples['causal'])}")
+        print(f"  causal / non-causal, median of per-round ratios: {statistics.median(ratios):.3f} "
+              f"(rounds {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+        results.append(dict(L=l, kernels=kernels, adapter=adapter, samples=samples, ratios=ratios))
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="1024x8x64,1024x8x64c",
@@ -103,8 +141,11 @@ def main():
     ap.add_argument("--ort-profile", action="store_true",
                     help="also onnxruntime's kernel GPU time, from its profiler")
     ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--causal-ratio", help="lengths (comma-separated): only our causal against "
+                    "our non-causal kernel, B=1 H=8 D=64")
     args = ap.parse_args()
-    bench_venv.ensure("onnx")
+    if not args.causal_ratio:
+        bench_venv.ensure("onnx")
     ensure_ort()
     ensure_wasm()
     web = load_driver()
@@ -131,6 +172,11 @@ def main():
             return r
 
         driver.s("POST", "/timeouts", {"script": 1_800_000})
+        if args.causal_ratio:
+            results = causal_ratio(call, args)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+            return
         for shape in args.shapes.split(","):
             l, h, d, causal = parse_shape(shape)
             model = mha_model(h, d, causal)

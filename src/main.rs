@@ -715,7 +715,7 @@ fn run(a: &RunArgs) -> CliResult<()> {
                 flash::encode_flash_attention(&ctx, enc, &q, &k, &v, &out, lse.as_ref(), &opts, ts)?
             }
         };
-        label = plan.key.label();
+        label = plan.label();
         Ok(())
     })?;
     let got = out.to_vec_f32(&ctx)?;

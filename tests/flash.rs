@@ -277,6 +277,69 @@ fn every_tile_choice() {
     }
 }
 
+/// Causal Tiled calls on CPU adapters pair mirrored query tiles in one workgroup
+/// (`FlashPlan::pair_tiles`); windowed calls and GPUs do not. With the smallest tile (the one
+/// `every_tile_choice` compiles first): odd tile counts (the middle tile runs alone), even
+/// ones, Lq > Lk (rows that see no key), Lq < Lk, per-batch lengths and GQA, against the
+/// reference; then the untuned plan's own tile over three tiles.
+#[test]
+fn causal_tile_pairs() {
+    let ctx = ctx();
+    let causal = |c: Case| {
+        c.strategy(Strategy::Tiled).with(|o| {
+            o.causal = true;
+        })
+    };
+    let big = causal(Case::new(1, 1000, 1000, 4, 2, 40, 40));
+    let plan = flash::plan(ctx, &big.shape, DType::F32, &big.opts).unwrap();
+    let windowed = big.clone().with(|o| o.window = (Some(64), Some(0)));
+    let plan_w = flash::plan(ctx, &windowed.shape, DType::F32, &windowed.opts).unwrap();
+    assert!(
+        !plan_w.pair_tiles,
+        "a left window gives every tile the same keys"
+    );
+    if !ctx.caps.cpu {
+        assert!(!plan.pair_tiles, "GPUs keep one tile per workgroup");
+        eprintln!("not a CPU adapter: causal tiles are not paired here (plan checked only)");
+        return;
+    }
+    assert!(plan.pair_tiles, "{plan:?}");
+    let rpw = plan.key.rows_per_workgroup() as usize;
+    assert_eq!(plan.grid[0] as usize, 1000usize.div_ceil(rpw).div_ceil(2));
+    let tiles = flash::tile_choices(ctx, &big.shape, DType::F32, &big.opts).unwrap();
+    let small = tiles[0];
+    let n = (small.wg * small.rows) as usize;
+    let cases = [
+        (3 * n - 5, 3 * n + 30, None),
+        (
+            4 * n,
+            4 * n - 5,
+            Some((vec![4 * n - 7, 2 * n + 3], vec![4 * n - 5, n])),
+        ),
+        (5 * n + 1, 5 * n + 1, None),
+        (7 * n, 2 * n, None),
+    ];
+    for (lq, lk, lens) in cases {
+        check(&causal(Case::new(2, lq, lk, 4, 2, 40, 40)).with(|o| {
+            o.tile = Some(small);
+            if let Some((ql, kl)) = lens.clone() {
+                o.q_lens = Some(ql.into_iter().map(|x| x as u32).collect());
+                o.kv_lens = Some(kl.into_iter().map(|x| x as u32).collect());
+            }
+        }));
+    }
+    // three tiles of the untuned plan: tile 0 paired with tile 2, tile 1 alone
+    check(&causal(Case::new(
+        1,
+        2 * rpw + 100,
+        2 * rpw + 100,
+        2,
+        1,
+        40,
+        40,
+    )));
+}
+
 /// A tuned tile is what the plan picks for its class (and only for its class); an explicit
 /// tile still wins; forgetting the tuning brings back the heuristic.
 #[test]

@@ -28,6 +28,7 @@ const F_QLENS: u32 = 32u;
 const F_KVLENS: u32 = 64u;
 const F_WLEFT: u32 = 128u;
 const F_WRIGHT: u32 = 256u;
+const F_PAIR: u32 = 512u;
 
 const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
 const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
@@ -109,6 +110,7 @@ fn st_o(base: u32, c: u32, x: vec4<f32>) {
 }
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let qtile = wid.x;
     let b = wid.z;
     let h = wid.y;
     let hk = h / (p.hq / p.hkv);          // GQA: query head h reads kv head h / (Hq / Hkv)
@@ -116,7 +118,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var kvlen = p.lk;
     if (has(F_QLENS)) { qlen = min(lens_buf[b], p.lq); }
     if (has(F_KVLENS)) { kvlen = min(lens_buf[p.batch + b], p.lk); }
-    let tile0 = wid.x * 512u;            // first query row of this workgroup
+    let tile0 = qtile * 512u;            // first query row of this tile
     let row0 = tile0 + lid * 8u;       // this invocation's rows: row0 .. row0 + R
     // Keys this subgroup can see (uniform over the subgroup): tiles outside are never loaded.
     let first = i32(subgroupMin(row0));
@@ -320,7 +322,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc7: array<vec4<f32>, 16>;
     var kr: array<vec4<f32>, 16>;
     var vr: array<vec4<f32>, 16>;
-    for (var kpass = 0u; kpass < 2u; kpass++) {
+    for (var kpass = select(0u, 1u, p.sinks == 0u); kpass < 2u; kpass++) {
         let pass_lo = select(kv_lo, p.kv_start, kpass == 0u);
         let pass_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);
         range_lo = pass_lo;

@@ -29,6 +29,7 @@ const F_QLENS: u32 = 32u;
 const F_KVLENS: u32 = 64u;
 const F_WLEFT: u32 = 128u;
 const F_WRIGHT: u32 = 256u;
+const F_PAIR: u32 = 512u;
 
 const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
 const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax
@@ -163,6 +164,7 @@ fn st_o(base: u32, c: u32, x: vec4<f32>) {
 }
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_size) sg_size: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let qtile = wid.x;
     let b = wid.z;
     let h = wid.y;
     let hk = h / (p.hq / p.hkv);            // GQA: query head h reads kv head h / (Hq / Hkv)

@@ -32,6 +32,7 @@ const F_QLENS: u32 = 32u;
 const F_KVLENS: u32 = 64u;
 const F_WLEFT: u32 = 128u;
 const F_WRIGHT: u32 = 256u;
+const F_PAIR: u32 = 512u;
 
 const MASKED: f32 = -1.0e30;          // finite sentinel for masked scores (never inf: inf - inf is 0 on llvmpipe)
 const LOG2E: f32 = 1.4426950408889634; // scores move to base 2 so that exp2 does the softmax

@@ -109,6 +109,33 @@ pub struct AttentionOutput {
 pub struct FlashPlan {
     pub key: FlashKey,
     pub grid: [u32; 3],
+    /// Tiled causal calls on CPU adapters: each workgroup owns query tile `x` and its mirror
+    /// `ntiles - 1 - x` (the grid has half the tiles), so every workgroup sees the same number
+    /// of keys ([`pairs_tiles`]).
+    pub pair_tiles: bool,
+}
+
+impl FlashPlan {
+    /// The kernel's label, with ` (tile pairs)` when workgroups own mirrored tile pairs.
+    pub fn label(&self) -> String {
+        match self.pair_tiles {
+            true => format!("{} (tile pairs)", self.key.label()),
+            false => self.key.label(),
+        }
+    }
+}
+
+/// Whether a plan pairs mirrored query tiles: Tiled causal calls without a left window (whose
+/// tiles' key ranges grow with the tile) on CPU adapters. A CPU driver hands each thread a
+/// fixed share of the workgroups (SwiftShader: every 16th, in grid order), so uneven tiles
+/// leave one thread finishing alone; paired, every workgroup does the same work. On native
+/// SwiftShader (B = 1, H = 8, D = 64, L = 1024) pairing took causal from 0.61-0.67 of the
+/// non-causal time to 0.55-0.57 in alternating runs, about the cost of half the keys
+/// (benches/RESULTS.md). GPUs keep one tile per workgroup: their schedulers hand out
+/// workgroups as compute units free up, and pairing would halve a grid sized to fill them
+/// (not measured on a GPU).
+pub fn pairs_tiles(ctx: &GpuContext, strategy: Strategy, opts: &FlashOptions) -> bool {
+    ctx.caps.cpu && strategy == Strategy::Tiled && opts.causal && opts.window.0.is_none()
 }
 
 /// The dense kernel specialization (see [`kernel_key`]).
@@ -222,7 +249,8 @@ pub fn plan(
     let caps = &ctx.caps;
     let strategy = key.strategy;
     let masked = opts.causal || opts.window != (None, None);
-    let key = choose_tile(ctx, key, shape, masked, opts.tile)?;
+    let mut pair_tiles = pairs_tiles(ctx, strategy, opts);
+    let key = choose_tile(ctx, key, shape, masked, pair_tiles, opts.tile)?;
     // Trip count of the key loops in one invocation (everything else is unrolled): the window
     // pass, the sinks pass, and one partial block each.
     let block = match strategy {
@@ -230,11 +258,18 @@ pub fn plan(
         Strategy::Subgroup | Strategy::Sweep => caps.subgroup_min as u64,
     };
     let blocks = (shape.lk as u64).div_ceil(block) + (opts.sinks as u64).div_ceil(block) + 2;
-    crate::softmax::check_trips(ctx, blocks * (1 + block / key.group as u64), shape.lk)?;
-    let x = (shape.lq as u64).div_ceil(key.rows_per_workgroup() as u64);
+    let trips = blocks * (1 + block / key.group as u64);
+    // a pair of tiles runs the loops twice: pair only where that fits the driver's loop limit
+    pair_tiles &= crate::softmax::check_trips(ctx, 2 * trips, shape.lk).is_ok();
+    crate::softmax::check_trips(ctx, trips, shape.lk)?;
+    let mut x = (shape.lq as u64).div_ceil(key.rows_per_workgroup() as u64);
+    if pair_tiles {
+        x = x.div_ceil(2);
+    }
     Ok(FlashPlan {
         key,
         grid: crate::softmax::grid(ctx, x, shape)?,
+        pair_tiles,
     })
 }
 
@@ -265,6 +300,7 @@ fn choose_tile(
     key: FlashKey,
     shape: &AttnShape,
     masked: bool,
+    paired: bool,
     wanted: Option<Tile>,
 ) -> Result<FlashKey> {
     let candidates = candidates(&key);
@@ -274,7 +310,7 @@ fn choose_tile(
             let class = ShapeClass::new(key.strategy, key.dtype, key.d4 * 4, masked, shape.lq);
             ctx.tuned(&class)
                 .filter(|t| candidates.contains(t))
-                .unwrap_or_else(|| heuristic_tile(ctx, &key, &candidates, shape, masked))
+                .unwrap_or_else(|| heuristic_tile(ctx, &key, &candidates, shape, masked, paired))
         }
     };
     Ok(crate::softmax::with_tile(key, tile))
@@ -289,6 +325,10 @@ pub const GPU_TARGET_WORKGROUPS: u64 = 256;
 /// and addresses need the rest.
 pub const GPU_ROW_FLOATS: u32 = 160;
 
+/// Invocations per workgroup of an untuned paired causal plan on CPU adapters
+/// ([`heuristic_tile`]).
+pub const CPU_PAIRED_WG: u32 = 64;
+
 /// The tile an untuned plan takes (the `tune` command measures instead).
 /// - GPUs (not CPU adapters): the most rows per invocation whose q and accumulator fit
 ///   [`GPU_ROW_FLOATS`] (one row at D = 64: 128 floats), 64 invocations (two NVIDIA warps,
@@ -296,18 +336,21 @@ pub const GPU_ROW_FLOATS: u32 = 160;
 ///   [`GPU_TARGET_WORKGROUPS`]. Not measured on a GPU yet.
 /// - CPU adapters (lavapipe, SwiftShader, a browser's fallback adapter): a workgroup runs on
 ///   one thread in SIMD lanes, so there is no occupancy to win and more rows reuse each loaded
-///   key more: the most rows (8), and 128 invocations, or 16 where a causal or window mask
-///   bounds the keys (128-row tiles, so whole tiles past the diagonal are never loaded).
-///   Measured on SwiftShader (`tune --strategy tiled`, B = 1, H = 8, D = 64): 128 x 8 was the
-///   fastest of 16 tiles without a mask at L = 1024 and 2048 (1.4-1.5x the budget's 64 x 4);
-///   with a causal mask 16 x 8 was the fastest at L = 2048 and within 7% of 128 x 8 at 1024
-///   (benches/RESULTS.md).
+///   key more: the most rows (8), and 128 invocations without a mask; 64 for a causal call
+///   whose tiles are paired ([`pairs_tiles`]: 512-row tiles, a pair per head at L = 1024);
+///   16 where a window bounds the keys (128-row tiles, so whole tiles past the diagonal are
+///   never loaded). Measured on SwiftShader (`tune --strategy tiled`, B = 1, H = 8, D = 64):
+///   128 x 8 was the fastest of 16 tiles without a mask at L = 1024 and 2048 (1.4-1.5x the
+///   budget's 64 x 4); with a causal mask and no pairing 16 x 8 was the fastest at L = 2048
+///   and within 7% of 128 x 8 at 1024; paired, 64 x 8 beat 16 x 8 and 128 x 8 at L = 1024 and
+///   4096 (benches/RESULTS.md).
 pub fn heuristic_tile(
     ctx: &GpuContext,
     key: &FlashKey,
     candidates: &[Tile],
     shape: &AttnShape,
     masked: bool,
+    paired: bool,
 ) -> Tile {
     let default = key.tile();
     if candidates.len() <= 1 || key.strategy != Strategy::Tiled {
@@ -335,16 +378,18 @@ pub fn heuristic_tile(
             .or(fits.last())
             .map_or(default, |t| **t);
     }
-    // most rows; the largest workgroup, or the smallest where a mask bounds the keys
+    // most rows; the largest workgroup, 64 invocations for paired causal tiles, or the smallest
+    // where a window bounds the keys
     let rows = candidates
         .iter()
         .map(|t| t.rows)
         .max()
         .unwrap_or(default.rows);
     let same_rows = candidates.iter().copied().filter(|t| t.rows == rows);
-    match masked {
-        false => same_rows.max_by_key(|t| t.wg),
-        true => same_rows.min_by_key(|t| t.wg),
+    match (masked, paired) {
+        (_, true) => same_rows.min_by_key(|t| t.wg.abs_diff(CPU_PAIRED_WG)),
+        (false, false) => same_rows.max_by_key(|t| t.wg),
+        (true, false) => same_rows.min_by_key(|t| t.wg),
     }
     .unwrap_or(default)
 }
@@ -791,6 +836,9 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
         rb.as_ref().map_or(0, |r| r.elem_offset),
     ];
     let mut params = flash_params(&c, [q, k, v, out], offsets)?;
+    if plan.pair_tiles {
+        params.flags |= crate::softmax::shader::flags::PAIR_TILES;
+    }
     params.softcap = opts.softcap.unwrap_or(1.0);
     params.sinks = opts.sinks;
     if let Some(l) = lse {

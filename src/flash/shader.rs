@@ -57,7 +57,9 @@ impl Geometry for Sequence {
     /// (`[kv_start, min(sinks, kv_lo))`), then the window's own range `[kv_lo, kv_hi)`. Bounds
     /// are uniform, as barriers and shuffles need.
     fn open_passes(&self, w: &mut Wgsl, _key: &FlashKey) {
-        w.open("for (var kpass = 0u; kpass < 2u; kpass++) {");
+        // without sinks the first pass is empty: skip it (SwiftShader runs a loop's body at
+        // least once, so an empty pass still costs a tile load and a key group there)
+        w.open("for (var kpass = select(0u, 1u, p.sinks == 0u); kpass < 2u; kpass++) {");
         w.line("let pass_lo = select(kv_lo, p.kv_start, kpass == 0u);");
         w.line("let pass_hi = select(kv_hi, min(min(p.sinks, kv_lo), p.kv_end), kpass == 0u);");
         w.line("range_lo = pass_lo;");
@@ -70,6 +72,9 @@ impl Geometry for Sequence {
     /// prologue): a workgroup of 64 x R rows bounds its tiles by its last row, so without this
     /// most of its invocations would compute tiles right of their diagonal. Sinks are bounded by
     /// causality only, in either pass (the window pass may start left of the last sink).
+    fn pairs_tiles(&self) -> bool {
+        true
+    }
     fn tile_guard(&self, key: &FlashKey) -> Option<String> {
         (key.strategy == Strategy::Tiled).then(|| {
             format!(
@@ -158,7 +163,7 @@ pub(crate) fn seq_prologue(w: &mut Wgsl, key: &FlashKey) {
     var kvlen = p.lk;
     if (has(F_QLENS)) {{ qlen = min(lens_buf[b], p.lq); }}
     if (has(F_KVLENS)) {{ kvlen = min(lens_buf[p.batch + b], p.lk); }}
-    let tile0 = wid.x * {rpw}u;            // first query row of this workgroup
+    let tile0 = qtile * {rpw}u;            // first query row of this tile
     let row0 = tile0 + lid * {r_n}u;       // this invocation's rows: row0 .. row0 + R
 {bounds}
     let diag_off = i32(kvlen) - i32(qlen);

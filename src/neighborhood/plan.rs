@@ -310,6 +310,7 @@ pub fn plan(
         flash: FlashPlan {
             key,
             grid: crate::softmax::grid(ctx, x, shape)?,
+            pair_tiles: false,
         },
         spec,
         grid,

@@ -48,8 +48,9 @@ pub enum Strategy {
 /// shared generator calls. A family implements it once (a unit struct in a `static`) and puts it
 /// in its [`FlashKey`]s; the shared generator names no family.
 ///
-/// What the generated code may rely on: `p` (the shared [`FlashParams`]), `wid`, `lid` and on
-/// subgroup strategies `sg_size` and `lane`; the prologue must define `b`, `h`, `k_head`,
+/// What the generated code may rely on: `p` (the shared [`FlashParams`]), `wid`, `lid`, `qtile`
+/// (the query tile this pass of the workgroup owns: `wid.x`, or one of a pair, see
+/// [`Geometry::pairs_tiles`]) and on subgroup strategies `sg_size` and `lane`; the prologue must define `b`, `h`, `k_head`,
 /// `v_head` and for each row `r < key.rows` `tok{r}` (the row written) and `ok{r}` (whether
 /// it is written); `open_passes` opens one or more scopes (closed by the generator) that define
 /// `pass_lo`, `pass_hi` and set `range_lo`, `range_hi`. Keys `j` in `[pass_lo, pass_hi)` load
@@ -85,6 +86,13 @@ pub trait Geometry: Sync + Send + 'static {
     /// softmax.
     fn sigmoid_bias(&self) -> Option<&'static str> {
         None
+    }
+    /// Tiled strategy: whether a workgroup may own two query tiles, `wid.x` and its mirror
+    /// `ntiles - 1 - wid.x`, one after the other when the call sets `F_PAIR` (causal calls,
+    /// whose tiles' key ranges grow with the tile: every pair then does the same work). The
+    /// prologue must derive its rows from `qtile`. Default: no.
+    fn pairs_tiles(&self) -> bool {
+        false
     }
     /// Tiled strategy: a WGSL condition, false when none of this invocation's rows can see a
     /// key of the tile `[kb, kb + block)`, so it skips the tile's arithmetic (the tile is still
@@ -285,9 +293,11 @@ pub mod flags {
     pub const KV_LENS: u32 = 64;
     pub const WINDOW_LEFT: u32 = 128;
     pub const WINDOW_RIGHT: u32 = 256;
+    /// Tiled workgroups own a pair of mirrored query tiles ([`super::Geometry::pairs_tiles`]).
+    pub const PAIR_TILES: u32 = 512;
 
     /// Every flag with its WGSL name.
-    pub const ALL: [(&str, u32); 9] = [
+    pub const ALL: [(&str, u32); 10] = [
         ("F_CAUSAL", CAUSAL),
         ("F_SOFTCAP", SOFTCAP),
         ("F_ALIBI", ALIBI),
@@ -297,6 +307,7 @@ pub mod flags {
         ("F_KVLENS", KV_LENS),
         ("F_WLEFT", WINDOW_LEFT),
         ("F_WRIGHT", WINDOW_RIGHT),
+        ("F_PAIR", PAIR_TILES),
     ];
 
     /// The WGSL constants of [`ALL`].
@@ -493,6 +504,21 @@ pub fn generate(key: &FlashKey) -> String {
         w.close();
         return w.finish();
     }
+    // Causal balance: a workgroup may own query tile wid.x and its mirror, each a pass of the
+    // whole body (a uniform loop: the barriers inside stay uniform).
+    let paired = key.strategy == Strategy::Tiled && geo.pairs_tiles();
+    if paired {
+        w.line(&format!(
+            "let ntiles = (p.lq + {rpw}u - 1u) / {rpw}u;",
+            rpw = key.rows_per_workgroup()
+        ));
+        w.line("let mirror = ntiles - 1u - wid.x;");
+        w.line("let n_tiles_here = select(1u, 2u, has(F_PAIR) & (mirror > wid.x));");
+        w.open("for (var tile_pass = 0u; tile_pass < n_tiles_here; tile_pass++) {");
+        w.line("let qtile = select(wid.x, mirror, tile_pass == 1u);");
+    } else {
+        w.line("let qtile = wid.x;");
+    }
     geo.prologue(&mut w, key);
     // Query rows, pre-scaled; running max, sum, accumulator per row.
     for r in 0..r_n {
@@ -617,6 +643,9 @@ pub fn generate(key: &FlashKey) -> String {
             &format!("acc{r}"),
             geo.sigmoid_bias().is_some(),
         );
+        w.close();
+    }
+    if paired {
         w.close();
     }
     w.close();

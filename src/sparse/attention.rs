@@ -333,7 +333,7 @@ impl SparseLayout {
                 } else {
                     &inside
                 };
-                let t = flash::heuristic_tile(ctx, &key, from, s, true);
+                let t = flash::heuristic_tile(ctx, &key, from, s, true, false);
                 // the GPU heuristic falls back to the key's default tile when no candidate
                 // fits its register budget: take the largest tile that stays inside instead
                 match from.contains(&t) {
@@ -351,7 +351,11 @@ impl SparseLayout {
             key.block = pow2_dividing(bk, key.block);
             key.group = key.group.min(key.block);
         }
-        let plan = FlashPlan { key, grid: [0; 3] };
+        let plan = FlashPlan {
+            key,
+            grid: [0; 3],
+            pair_tiles: false,
+        };
         let g = Self::tile_rows(ctx, &plan);
         let (_, nk) = l.blocks();
         // Trips of the key loops: every key block, its steps and groups.
@@ -366,6 +370,7 @@ impl SparseLayout {
         let plan = FlashPlan {
             key,
             grid: crate::softmax::grid(ctx, x, s)?,
+            pair_tiles: false,
         };
         Ok((plan, g))
     }

@@ -504,7 +504,7 @@ impl Prepared {
             (None, Some(sp)) => encode_sparse_attention(ctx, enc, q, k, v, out, lse, sp, ts)?,
             (None, None) => encode_flash_attention(ctx, enc, q, k, v, out, lse, &self.p.flash, ts)?,
         };
-        Ok(plan.key.label())
+        Ok(plan.label())
     }
 
     /// One call, submitted alone; resolves when the device has finished it. The peer benchmark
