@@ -20,7 +20,8 @@ to benches/RESULTS.md.
 
 With --causal-ratio 1024,4096 it times only our kernel instead: causal against non-causal at
 B = 1, H = 8, D = 64 and each length, in the same page, the order alternating between rounds,
-and prints the median of the per-round ratios of median GPU times (issue 12's browser target).
+and prints the median of the per-round ratios of median GPU times (issue 12's browser target);
+--causal-tiles 16x8,32x8 adds the causal kernel with those query tiles to the same rounds.
 
 Installs what it needs: onnxruntime-web 1.30 from npm into target/ort-peer, the `onnx` Python
 package into target/bench-venv, our page's wasm by web/build.sh where web/pkg is missing.
@@ -99,35 +100,42 @@ def stats(xs):
 
 
 def causal_ratio(call, args):
-    """Our causal against our non-causal kernel per length, interleaved round by round."""
+    """Our causal against our non-causal kernel per length (and the causal kernel with each of
+    --causal-tiles), interleaved round by round."""
     results = []
+    tiles = [t for t in (args.causal_tiles or "").split(",") if t]
     for l in (int(x) for x in args.causal_ratio.split(",")):
         kernels = {}
-        for name, causal in (("full", False), ("causal", True)):
-            r = call(f"peer.prepareOurs({json.dumps(dict(name=name, L=l, H=8, D=64, causal=causal))})")
+        cases = [("full", False, None), ("causal", True, None)]
+        cases += [(f"causal {t}", True, [int(x) for x in t.split("x")]) for t in tiles]
+        for name, causal, tile in cases:
+            cfg = dict(name=name, L=l, H=8, D=64, causal=causal, tile=tile)
+            r = call(f"peer.prepareOurs({json.dumps(cfg)})")
             kernels[name] = r["kernel"]
             adapter = r["adapter"]
         print(f"\nB=1 L={l} H=8 D=64 f32 on {adapter.get('name') or '?'} ({adapter.get('backend')}, "
-              f"{adapter.get('device_type')}); non-causal: {kernels['full']}; causal: {kernels['causal']}", flush=True)
+              f"{adapter.get('device_type')}); " + "; ".join(f"{n}: {k}" for n, k in kernels.items()), flush=True)
         for name in kernels:  # warm-up
             call(f"peer.oursGpu('{name}', 1)")
-        samples = {"full": [], "causal": []}
-        ratios = []
+        samples = {name: [] for name in kernels}
+        ratios = {name: [] for name in kernels if name != "full"}
         for r in range(args.rounds):
-            order = ["full", "causal"] if r % 2 == 0 else ["causal", "full"]
+            order = list(kernels) if r % 2 == 0 else list(reversed(kernels))
             med = {}
             for name in order:
                 got = call(f"peer.oursGpu('{name}', {args.n})")
                 samples[name] += got
                 med[name] = statistics.median(got)
-            ratios.append(med["causal"] / med["full"])
-            print(f"  round {r + 1}: non-causal {med['full']:.1f} ms, causal {med['causal']:.1f} ms: "
-                  f"{ratios[-1]:.3f}", flush=True)
+            for name in ratios:
+                ratios[name].append(med[name] / med["full"])
+            print(f"  round {r + 1}: " + ", ".join(f"{n} {med[n]:.1f} ms" for n in kernels) + ": "
+                  + ", ".join(f"{ratios[n][-1]:.3f}" for n in ratios), flush=True)
         print("                           min   median      max  (ms, GPU time)")
-        print(f"  non-causal           {stats(samples['full'])}")
-        print(f"  causal               {stats(samples['causal'])}")
-        print(f"  causal / non-causal, median of per-round ratios: {statistics.median(ratios):.3f} "
-              f"(rounds {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+        for name in kernels:
+            print(f"  {name:<20} {stats(samples[name])}")
+        for name, rs in ratios.items():
+            print(f"  {name} / non-causal, median of per-round ratios: {statistics.median(rs):.3f} "
+                  f"(rounds {min(rs):.3f}-{max(rs):.3f})", flush=True)
         results.append(dict(L=l, kernels=kernels, adapter=adapter, samples=samples, ratios=ratios))
     return results
 
@@ -143,6 +151,8 @@ def main():
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--causal-ratio", help="lengths (comma-separated): only our causal against "
                     "our non-causal kernel, B=1 H=8 D=64")
+    ap.add_argument("--causal-tiles", help="with --causal-ratio: also the causal kernel with these "
+                    "tiles, WGxROWS comma-separated (e.g. 16x8,32x8)")
     args = ap.parse_args()
     if not args.causal_ratio:
         bench_venv.ensure("onnx")

@@ -78,6 +78,9 @@ pub struct Config {
     pub topk: usize,
     /// The query whose attention weights the page draws (batch 0, head 0).
     pub query: usize,
+    /// Dense and window: the query tile `[invocations, rows]` instead of the plan's (one of
+    /// the plan's candidates, else a typed error naming them), for measuring tiles here.
+    pub tile: Option<[u32; 2]>,
     /// Timed runs after one warm-up; the median is reported.
     pub repeats: usize,
     pub seed: u64,
@@ -111,6 +114,7 @@ impl Default for Config {
             density: 0.5,
             topk: 0,
             query: 0,
+            tile: None,
             repeats: 5,
             seed: 1,
         }
@@ -216,15 +220,20 @@ impl Problem {
             d: cfg.d,
             dv: cfg.d,
         };
+        let tile = cfg
+            .tile
+            .map(|[wg, rows]| wgpu_attention::softmax::Tile { wg, rows });
         let flash = match cfg.variant {
             Variant::Dense | Variant::Sparse => FlashOptions {
                 causal: cfg.causal,
+                tile: tile.filter(|_| cfg.variant == Variant::Dense),
                 ..Default::default()
             },
             Variant::Window => FlashOptions {
                 causal: cfg.causal,
                 window: (side(cfg.window[0]), side(cfg.window[1])),
                 sinks: cfg.sinks,
+                tile,
                 ..Default::default()
             },
             Variant::Neighborhood | Variant::Linear => FlashOptions::default(),
