@@ -129,9 +129,9 @@ impl FlashPlan {
 /// tiles' key ranges grow with the tile) on CPU adapters. A CPU driver hands each thread a
 /// fixed share of the workgroups (SwiftShader: every 16th, in grid order), so uneven tiles
 /// leave one thread finishing alone; paired, every workgroup does the same work. On native
-/// SwiftShader (B = 1, H = 8, D = 64, L = 1024) pairing took causal from 0.61-0.67 of the
-/// non-causal time to 0.55-0.57 in alternating runs, about the cost of half the keys
-/// (benches/RESULTS.md). GPUs keep one tile per workgroup: their schedulers hand out
+/// SwiftShader (B = 1, H = 8, D = 64, L = 1024, 128-row tiles) pairing took causal from
+/// 0.61-0.67 of the non-causal time to 0.55-0.57 in alternating runs, about the cost of half
+/// the keys; with the paired plan's 64 x 8 tiles, 0.515-0.548 (benches/RESULTS.md). GPUs keep one tile per workgroup: their schedulers hand out
 /// workgroups as compute units free up, and pairing would halve a grid sized to fill them
 /// (not measured on a GPU).
 pub fn pairs_tiles(ctx: &GpuContext, strategy: Strategy, opts: &FlashOptions) -> bool {

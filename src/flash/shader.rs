@@ -68,13 +68,14 @@ impl Geometry for Sequence {
     fn lane_key(&self, w: &mut Wgsl) {
         w.line("let kj = key_row(kb + lane);");
     }
+    /// The prologue's rows come from `qtile`, so causal Tiled calls may pair mirrored tiles.
+    fn pairs_tiles(&self) -> bool {
+        true
+    }
     /// Causal and window bounds of the invocation's own rows (`inv_lo`, `inv_hi`, from the
     /// prologue): a workgroup of 64 x R rows bounds its tiles by its last row, so without this
     /// most of its invocations would compute tiles right of their diagonal. Sinks are bounded by
     /// causality only, in either pass (the window pass may start left of the last sink).
-    fn pairs_tiles(&self) -> bool {
-        true
-    }
     fn tile_guard(&self, key: &FlashKey) -> Option<String> {
         (key.strategy == Strategy::Tiled).then(|| {
             format!(

@@ -48,10 +48,10 @@ pub enum Strategy {
 /// shared generator calls. A family implements it once (a unit struct in a `static`) and puts it
 /// in its [`FlashKey`]s; the shared generator names no family.
 ///
-/// What the generated code may rely on: `p` (the shared [`FlashParams`]), `wid`, `lid`, `qtile`
-/// (the query tile this pass of the workgroup owns: `wid.x`, or one of a pair, see
-/// [`Geometry::pairs_tiles`]) and on subgroup strategies `sg_size` and `lane`; the prologue must define `b`, `h`, `k_head`,
-/// `v_head` and for each row `r < key.rows` `tok{r}` (the row written) and `ok{r}` (whether
+/// What the generated code may rely on: `p` (the shared [`FlashParams`]), `wid`, `lid`,
+/// `qtile` (the query tile this pass of the workgroup owns: `wid.x`, or one of a pair, see
+/// [`Geometry::pairs_tiles`]) and on subgroup strategies `sg_size` and `lane`; the prologue
+/// must define `b`, `h`, `k_head`, `v_head` and for each row `r < key.rows` `tok{r}` (the row written) and `ok{r}` (whether
 /// it is written); `open_passes` opens one or more scopes (closed by the generator) that define
 /// `pass_lo`, `pass_hi` and set `range_lo`, `range_hi`. Keys `j` in `[pass_lo, pass_hi)` load
 /// through `key_row(j)` (Tiled) or [`Geometry::lane_key`] (subgroup strategies).
