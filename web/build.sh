@@ -13,7 +13,7 @@ TARGET=wasm32-unknown-unknown
 export CARGO_TARGET_DIR="$PWD/web/target"
 
 if rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
-  cargo build -p wgpu-attention-web --target "$TARGET" --release --locked
+  cargo build -p wgpu-attention-web --target "$TARGET" --profile web --locked
 else
   need=()
   for pkg in rustc-web cargo-web rust-web-src lld-19; do
@@ -28,7 +28,7 @@ else
   RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld-19 \
     /usr/bin/cargo build -Zbuild-std=std,panic_abort -p wgpu-attention-web \
-    --target "$TARGET" --release --locked
+    --target "$TARGET" --profile web --locked
 fi
 
 WBG=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
@@ -37,5 +37,5 @@ if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $WBG"; then
   cargo install wasm-bindgen-cli --version "$WBG"
 fi
 wasm-bindgen --target web --no-typescript --out-dir web/pkg \
-  "$CARGO_TARGET_DIR/$TARGET/release/wgpu_attention_web.wasm"
+  "$CARGO_TARGET_DIR/$TARGET/web/wgpu_attention_web.wasm"
 ls -l web/pkg
