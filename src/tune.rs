@@ -390,9 +390,9 @@ mod tests {
         t.classes.insert(
             class.name(),
             Entry {
-                tile: Tile { wg: 32, rows: 2 },
+                tile: Tile::new(32, 2),
                 kernel: "k".into(),
-                default_tile: Tile { wg: 64, rows: 4 },
+                default_tile: Tile::new(64, 4),
                 default_ms: 2.0,
                 best_ms: 1.5,
                 shape: [1, 4096, 4096, 8, 8, 64],

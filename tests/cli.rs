@@ -59,6 +59,33 @@ fn run_random_check_json() {
     assert_eq!(j["check"]["passed"], true, "{j}");
 }
 
+/// `--tile` takes a tile as `info` and `tune` print it, two K/V stages included.
+#[test]
+fn run_with_a_tile() {
+    let out = cli()
+        .args([
+            "run",
+            "--shape",
+            "2,33,47,4,2,40",
+            "--strategy",
+            "tiled",
+            "--tile",
+            "wg16xr1s2",
+            "--check",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_of(&out);
+    assert_eq!(j["check"]["passed"], true, "{j}");
+    assert!(j["kernel"].as_str().unwrap().ends_with("_wg16_s2"), "{j}");
+}
+
 #[test]
 fn run_from_files_with_every_file_option() {
     let (b, lq, lk, hq, hkv, d) = (2u64, 9u64, 12u64, 4u64, 2u64, 8u64);
@@ -115,6 +142,8 @@ fn bad_input_exits_2_with_a_message() {
         vec!["run", "--shape", "1,10,10,2,2,600"],
         vec!["run", "--q", "/nonexistent.npy", "--k", "/a", "--v", "/b"],
         vec!["run", "--shape", "1,4,4,1,1,8", "--window", "3"],
+        vec!["run", "--shape", "1,4,4,1,1,8", "--tile", "wg64"],
+        vec!["run", "--shape", "1,4,4,1,1,8", "--tile", "wg48xr3"],
         vec!["run"],
     ] {
         let out = cli().args(&args).output().unwrap();

@@ -260,7 +260,7 @@ fn every_tile_choice() {
             }));
             eprintln!("{st:?} {t}: {:.1} s", start.elapsed().as_secs_f64());
         }
-        let bad = Tile { wg: 48, rows: 3 };
+        let bad = Tile::new(48, 3);
         let q = Tensor::from_f32(ctx, &random(113 * 4 * 40, 1.0, 1), &[1, 113, 4, 40]).unwrap();
         let k = Tensor::from_f32(ctx, &random(203 * 2 * 40, 1.0, 2), &[1, 203, 2, 40]).unwrap();
         let opts = FlashOptions {
@@ -338,6 +338,69 @@ fn causal_tile_pairs() {
         40,
         40,
     )));
+}
+
+/// Two K/V stages (`Tile::stages`): the next tile's loads go out before this tile's arithmetic
+/// and land in the other stage after it. The untuned plan keeps one stage; a caller's (or
+/// `tune`'s) two-stage tile runs every pass shape: sinks and window passes (each pass primes its
+/// own first tile), paired causal tiles, a last partial key tile (the fetch past it is
+/// clamped), per-batch lengths, GQA, Lq = 1, D = 80 with 128 invocations (the last load step
+/// partial), and with `WGPU_ATTENTION_EXHAUSTIVE=1` D = 256 (8-key tiles; 80 s of cold
+/// compiling on lavapipe).
+#[test]
+fn two_stage_tiles() {
+    let ctx = ctx();
+    let tiled = |c: Case| c.strategy(Strategy::Tiled);
+    let staged = |c: &Case| {
+        let tiles = flash::tile_choices(ctx, &c.shape, DType::F32, &c.opts).unwrap();
+        let plan = flash::plan(ctx, &c.shape, DType::F32, &c.opts).unwrap();
+        assert_eq!(plan.key.stages, 1, "the untuned plan keeps one stage");
+        tiles.into_iter().find(|t| t.stages == 2)
+    };
+    let first = tiled(Case::new(2, 113, 1000, 4, 2, 40, 40));
+    let Some(two) = staged(&first) else {
+        let limit = ctx.limits.max_compute_workgroup_storage_size;
+        eprintln!("workgroup memory of {limit} bytes holds no two-stage tile: not tested here");
+        return;
+    };
+    let with = |c: Case, f: fn(&mut FlashOptions)| {
+        c.with(move |o| {
+            o.tile = Some(two);
+            f(o)
+        })
+    };
+    check(&with(first.clone(), |_| {}));
+    check(&with(first.clone(), |o| {
+        o.window = (Some(40), Some(3));
+        o.sinks = 5;
+    }));
+    check(&with(first.clone(), |o| {
+        o.causal = true;
+        o.kv_lens = Some(vec![999, 70]);
+        o.q_lens = Some(vec![113, 1]);
+    }));
+    check(&with(tiled(Case::new(1, 1000, 1000, 2, 1, 40, 40)), |o| {
+        o.causal = true
+    }));
+    check(&with(tiled(Case::new(1, 1, 37, 2, 2, 40, 40)), |_| {}));
+    let mut others = vec![(80, 128)];
+    if exhaustive() {
+        others.push((256, 16));
+    } else {
+        eprintln!("D = 256 left out (WGPU_ATTENTION_EXHAUSTIVE=1 runs it)");
+    }
+    for (d, wg) in others {
+        let c = tiled(Case::new(1, 70, 45, 2, 1, d, d));
+        let tiles = flash::tile_choices(ctx, &c.shape, DType::F32, &c.opts).unwrap();
+        let Some(t) = tiles.into_iter().find(|t| t.stages == 2 && t.wg == wg) else {
+            eprintln!("no two-stage tile of {wg} invocations at D = {d} here: not tested");
+            continue;
+        };
+        check(&c.with(|o| {
+            o.tile = Some(t);
+            o.causal = true;
+        }));
+    }
 }
 
 /// A tuned tile is what the plan picks for its class (and only for its class); an explicit

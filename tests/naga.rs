@@ -248,8 +248,8 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of nine generated kernels live in `shaders/<family>/` (the GPU plan and the
-/// lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64,
+/// Readable copies of ten generated kernels live in `shaders/<family>/` (the GPU plan, its
+/// two-stage variant and the lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64,
 /// the recurrent gated-DeltaNet kernel at K = 64, lavapipe's two chunk passes of simple GLA,
 /// and gated DeltaNet's solve and state passes at K = 64).
 /// They are outputs, never inputs: this test fails when the generator changes and the copies do
@@ -268,6 +268,17 @@ fn shader_snapshots_match_the_generator() {
                 64,
                 (0, 0),
                 false,
+            )),
+        ),
+        (
+            "flash",
+            Box::new(wgpu_attention::softmax::with_tile(
+                flash_key(Strategy::Tiled, DType::F32, 64, 64, (0, 0), false),
+                wgpu_attention::softmax::Tile {
+                    wg: 64,
+                    rows: 4,
+                    stages: 2,
+                },
             )),
         ),
         (

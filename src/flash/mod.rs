@@ -225,12 +225,17 @@ pub fn tile_choices(
     opts: &FlashOptions,
 ) -> Result<Vec<Tile>> {
     let key = base_key(ctx, shape, dtype, opts)?;
-    Ok(candidates(&key))
+    Ok(candidates(ctx, &key))
 }
 
-fn candidates(key: &FlashKey) -> Vec<Tile> {
+/// The key's tile candidates that fit this device's workgroup memory (two-stage tiles may not).
+fn candidates(ctx: &GpuContext, key: &FlashKey) -> Vec<Tile> {
     if tunable(key) {
+        let limit = ctx.limits.max_compute_workgroup_storage_size;
         crate::softmax::tile_candidates(key)
+            .into_iter()
+            .filter(|&t| crate::softmax::with_tile(*key, t).workgroup_bytes() <= limit)
+            .collect()
     } else {
         vec![key.tile()]
     }
@@ -303,7 +308,7 @@ fn choose_tile(
     paired: bool,
     wanted: Option<Tile>,
 ) -> Result<FlashKey> {
-    let candidates = candidates(&key);
+    let candidates = candidates(ctx, &key);
     let tile = match wanted {
         Some(t) => wanted_tile(&key, &candidates, t)?,
         None => {
@@ -344,6 +349,10 @@ pub const CPU_PAIRED_WG: u32 = 64;
 ///   budget's 64 x 4); with a causal mask and no pairing 16 x 8 was the fastest at L = 2048
 ///   and within 7% of 128 x 8 at 1024; paired, 64 x 8 beat 16 x 8 and 128 x 8 at L = 1024 and
 ///   4096 (benches/RESULTS.md).
+/// - One K/V stage everywhere: two stages (load the next tile while computing this one) did
+///   not pay on either CPU driver (L = 1024, D = 64, alternating runs; benches/RESULTS.md) and
+///   have not run on a GPU. `tune` measures them on every adapter whose workgroup memory holds
+///   them, so where they pay a tuned plan takes them.
 pub fn heuristic_tile(
     ctx: &GpuContext,
     key: &FlashKey,
@@ -356,6 +365,12 @@ pub fn heuristic_tile(
     if candidates.len() <= 1 || key.strategy != Strategy::Tiled {
         return default;
     }
+    let one_stage: Vec<Tile> = candidates
+        .iter()
+        .copied()
+        .filter(|t| t.stages == 1)
+        .collect();
+    let candidates = &one_stage[..];
     let width = 4 * (key.d4 + key.dv4);
     let workgroups = |t: &Tile| {
         (shape.lq as u64).div_ceil((t.wg * t.rows) as u64) * (shape.batch * shape.hq) as u64
@@ -1076,7 +1091,15 @@ mod tests {
     #[test]
     fn every_key_fits_the_webgpu_default_workgroup_memory_and_budgets() {
         for k in all_flash_keys() {
-            assert!(k.workgroup_bytes() <= TILE_BUDGET_BYTES, "{k:?}");
+            // one K/V stage fits the WebGPU default; two may take twice that, and the plan
+            // offers them only where the device's limit holds them (`candidates`)
+            let per_stage = k.workgroup_bytes() / k.stages;
+            assert!(per_stage <= TILE_BUDGET_BYTES, "{k:?}");
+            assert!(
+                k.workgroup_bytes() <= crate::softmax::STAGED_BUDGET_BYTES,
+                "{k:?}"
+            );
+            assert!(k.stages == 1 || k.strategy == Strategy::Tiled, "{k:?}");
             assert!(k.rows >= 1 && k.group >= 1, "{k:?}");
             let budget = crate::softmax::register_budget(k.strategy);
             // tile variants go up to twice the budget's rows (tune measures whether it pays)

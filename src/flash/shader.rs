@@ -72,6 +72,10 @@ impl Geometry for Sequence {
     fn pairs_tiles(&self) -> bool {
         true
     }
+    /// `key_row` clamps to the last key.
+    fn prefetches(&self) -> bool {
+        true
+    }
     /// Causal and window bounds of the invocation's own rows (`inv_lo`, `inv_hi`, from the
     /// prologue): a workgroup of 64 x R rows bounds its tiles by its last row, so without this
     /// most of its invocations would compute tiles right of their diagonal. Sinks are bounded by

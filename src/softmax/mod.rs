@@ -87,6 +87,7 @@ pub fn kernel_key(
                 geometry,
                 pins: 0,
                 lanes: 0,
+                stages: 1,
             }
         }
         Strategy::Subgroup | Strategy::Sweep => {
@@ -113,23 +114,48 @@ pub fn kernel_key(
                 } else {
                     0
                 },
+                stages: 1,
             }
         }
     }
 }
 
-/// A query tile: invocations per workgroup and query rows per invocation. Each kernel key has a
-/// default from the budgets ([`kernel_key`]); a family may offer others ([`tile_candidates`])
-/// for its plan to choose from by problem size and for `wgpu-attention tune` to measure.
+/// A query tile: invocations per workgroup, query rows per invocation and (Tiled) K/V stages in
+/// workgroup memory. Each kernel key has a default from the budgets ([`kernel_key`]); a family
+/// may offer others ([`tile_candidates`]) for its plan to choose from by problem size and for
+/// `wgpu-attention tune` to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Tile {
     pub wg: u32,
     pub rows: u32,
+    /// K/V tiles in workgroup memory (Tiled: 1, or 2 to load the next while computing this
+    /// one, [`FlashKey::stages`]); 1 for the other strategies.
+    #[serde(default = "one_stage")]
+    pub stages: u32,
+}
+
+fn one_stage() -> u32 {
+    1
+}
+
+impl Tile {
+    /// A one-stage tile.
+    pub fn new(wg: u32, rows: u32) -> Self {
+        Tile {
+            wg,
+            rows,
+            stages: 1,
+        }
+    }
 }
 
 impl std::fmt::Display for Tile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "wg{}xr{}", self.wg, self.rows)
+        write!(f, "wg{}xr{}", self.wg, self.rows)?;
+        if self.stages > 1 {
+            write!(f, "s{}", self.stages)?;
+        }
+        Ok(())
     }
 }
 
@@ -139,15 +165,23 @@ impl FlashKey {
         Tile {
             wg: self.wg,
             rows: self.rows,
+            stages: self.stages,
         }
     }
 }
+
+/// Workgroup memory a two-stage Tiled key may declare: twice the one-stage budget, the limit of
+/// most GPUs and of both CPU drivers here (WebGPU's default is 16 KiB; the plan offers two
+/// stages only where the device's limit holds them).
+pub const STAGED_BUDGET_BYTES: u32 = 2 * TILE_BUDGET_BYTES;
 
 /// The tiles a key may be rebuilt with, its default among them:
 /// - Tiled: 16, 32, 64 or 128 invocations, and rows from a quarter to twice the budget's
 ///   (at most 8), so a workgroup owns 16 to 1024 query rows. Fewer rows per workgroup make
 ///   more workgroups (a GPU needs several per compute unit) and skip more of a causal or
-///   windowed problem's tiles; more rows reuse each K/V tile more.
+///   windowed problem's tiles; more rows reuse each K/V tile more. Each also with two K/V
+///   stages ([`FlashKey::stages`]) where the geometry can prefetch and they fit
+///   [`STAGED_BUDGET_BYTES`].
 /// - Subgroup: half to twice the budget's rows (at most 16), same workgroup: on lavapipe
 ///   16 rows at D = 64 ran faster than 8 but compile three times longer (benches/RESULTS.md).
 /// - Sweep: none but the default (its rows are the window's slots).
@@ -161,17 +195,23 @@ pub fn tile_candidates(key: &FlashKey) -> Vec<Tile> {
     let mut out: Vec<Tile> = match key.strategy {
         Strategy::Tiled => [16, 32, 64, 128]
             .into_iter()
-            .flat_map(|wg| rows(r0 / 4, 8).map(move |rows| Tile { wg, rows }))
+            .flat_map(|wg| rows(r0 / 4, 8).map(move |rows| Tile::new(wg, rows)))
+            .flat_map(|t| {
+                let two = Tile { stages: 2, ..t };
+                let staged = key.geometry.0.prefetches()
+                    && with_tile(*key, two).workgroup_bytes() <= STAGED_BUDGET_BYTES;
+                std::iter::once(t).chain(staged.then_some(two))
+            })
             .collect(),
         Strategy::Subgroup => rows(r0 / 2, 16)
-            .map(|rows| Tile { wg: key.wg, rows })
+            .map(|rows| Tile::new(key.wg, rows))
             .collect(),
         Strategy::Sweep => vec![],
     };
     if !out.contains(&key.tile()) {
         out.push(key.tile());
     }
-    out.sort_by_key(|t| (t.wg * t.rows, t.rows));
+    out.sort_by_key(|t| (t.wg * t.rows, t.rows, t.stages));
     out.dedup();
     out
 }
@@ -182,6 +222,7 @@ pub fn with_tile(key: FlashKey, tile: Tile) -> FlashKey {
     let mut k = FlashKey {
         wg: tile.wg,
         rows: tile.rows,
+        stages: tile.stages,
         ..key
     };
     if k.strategy == Strategy::Tiled {

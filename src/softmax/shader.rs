@@ -94,6 +94,11 @@ pub trait Geometry: Sync + Send + 'static {
     fn pairs_tiles(&self) -> bool {
         false
     }
+    /// Tiled strategy: whether `key_row(j)` is in bounds for any `j`, so a two-stage key
+    /// ([`FlashKey::stages`]) may load the tile after a pass's last without a branch. Default: no.
+    fn prefetches(&self) -> bool {
+        false
+    }
     /// Tiled strategy: a WGSL condition, false when none of this invocation's rows can see a
     /// key of the tile `[kb, kb + block)`, so it skips the tile's arithmetic (the tile is still
     /// loaded: the workgroup shares it). `None`: every invocation computes every tile.
@@ -159,6 +164,12 @@ pub struct FlashKey {
     /// constant lane index (0: a loop over the runtime `sg_size`). Set where the adapter
     /// reports exactly one size, of 8 lanes ([`FIXED_LANES`]).
     pub lanes: u32,
+    /// Tiled: K/V tiles in workgroup memory, 1 or 2. With 2 each iteration issues the next
+    /// tile's loads into registers, computes this tile, then stores them into the other stage:
+    /// one barrier per tile instead of two, and a GPU overlaps the loads' latency with the
+    /// arithmetic. Only where the geometry's `key_row` clamps (the fetch past a pass's end
+    /// must stay in bounds: [`Geometry::prefetches`]).
+    pub stages: u32,
 }
 
 /// The one subgroup size whose shuffles the kernels unroll: lavapipe's. Mesa's gallivm lowers
@@ -172,7 +183,7 @@ pub const FIXED_LANES: u32 = 8;
 impl FlashKey {
     pub fn label(&self) -> String {
         format!(
-            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}{}{}{}",
+            "flash_{:?}_{}_d{}_dv{}_r{}_b{}_u{}_wg{}{}{}{}{}{}",
             self.strategy,
             self.dtype,
             self.d4 * 4,
@@ -183,6 +194,11 @@ impl FlashKey {
             self.wg,
             if self.lanes > 0 {
                 format!("_l{}", self.lanes)
+            } else {
+                String::new()
+            },
+            if self.stages > 1 {
+                format!("_s{}", self.stages)
             } else {
                 String::new()
             },
@@ -241,7 +257,7 @@ impl FlashKey {
     /// Bytes of workgroup memory the kernel declares.
     pub fn workgroup_bytes(&self) -> u32 {
         match self.strategy {
-            Strategy::Tiled => self.block * (self.d4 + self.dv4) * 16,
+            Strategy::Tiled => self.stages.max(1) * self.block * (self.d4 + self.dv4) * 16,
             Strategy::Subgroup | Strategy::Sweep => 0,
         }
     }
@@ -481,13 +497,18 @@ pub fn generate(key: &FlashKey) -> String {
     geo.helpers(&mut w, key);
     loaders(&mut w, t, key.strategy == Strategy::Sweep);
     if key.strategy == Strategy::Tiled {
+        let stages = if key.stages == 2 && geo.prefetches() {
+            2
+        } else {
+            1
+        };
         w.line(&format!(
-            "var<workgroup> k_tile: array<vec4<f32>, {}>; // [BC, D/4]",
-            key.block * d4
+            "var<workgroup> k_tile: array<vec4<f32>, {}>; // [stages, BC, D/4]",
+            stages * key.block * d4
         ));
         w.line(&format!(
-            "var<workgroup> v_tile: array<vec4<f32>, {}>; // [BC, Dv/4]",
-            key.block * dv4
+            "var<workgroup> v_tile: array<vec4<f32>, {}>; // [stages, BC, Dv/4]",
+            stages * key.block * dv4
         ));
     }
 
@@ -576,29 +597,69 @@ pub fn generate(key: &FlashKey) -> String {
         }
         Strategy::Tiled => {
             let bc = key.block;
+            let two = key.stages == 2 && geo.prefetches();
+            // Cooperative load of the K/V tile at key `at`: invocation `lid` takes vec4s
+            // `lid + s * wg`. `Now` stores them into the stage at `ko`/`vo`; `Fetch` only loads
+            // them into registers (`nk{s}`, `nv{s}`), `Store` puts those into the other stage.
+            #[derive(PartialEq)]
+            enum Load {
+                Now,
+                Fetch,
+                Store,
+            }
+            let load = |w: &mut Wgsl, at: &str, ko: &str, vo: &str, how: Load| {
+                for (tile, n4, ld, head, stride, off, reg) in [
+                    ("k_tile", d4, "ld_k", "k_head", "p.k.z", ko, "nk"),
+                    ("v_tile", dv4, "ld_v", "v_head", "p.v.z", vo, "nv"),
+                ] {
+                    let total = bc * n4;
+                    for step in 0..total.div_ceil(key.wg) {
+                        let o = step * key.wg;
+                        let guard = if (step + 1) * key.wg > total {
+                            format!("if (lid + {o}u < {total}u) ")
+                        } else {
+                            String::new()
+                        };
+                        let fetch = format!(
+                            "{ld}({head} + key_row({at} + (lid + {o}u) / {n4}u) * {stride}, ((lid + {o}u) % {n4}u) * 4u)"
+                        );
+                        w.line(&match how {
+                            Load::Now => format!(
+                                "{guard}{{ let x = lid + {o}u; let kj = key_row({at} + x / {n4}u); {tile}[{off}x] = {ld}({head} + kj * {stride}, (x % {n4}u) * 4u); }}"
+                            ),
+                            // key_row clamps: the fetch needs no guard, only the store
+                            Load::Fetch => format!("let {reg}{step} = {fetch};"),
+                            Load::Store => {
+                                format!("{guard}{{ {tile}[{off}lid + {o}u] = {reg}{step}; }}")
+                            }
+                        });
+                    }
+                }
+            };
             geo.open_passes(&mut w, key);
+            if two {
+                w.line("// two stages: the pass's first tile into stage 0; each iteration fetches the next tile");
+                w.line("// (rows clamped past the pass's end) and stores it into the other stage: one barrier");
+                load(&mut w, "pass_lo", "", "", Load::Now);
+                w.line("workgroupBarrier();");
+                w.line("var stage = 0u;");
+            }
             w.open(&format!(
                 "for (var kb = pass_lo; kb < pass_hi; kb += {bc}u) {{"
             ));
-            w.line("// cooperative load of a K/V tile into workgroup memory");
-            for (tile, n4, ld, head, stride) in [
-                ("k_tile", d4, "ld_k", "k_head", "p.k.z"),
-                ("v_tile", dv4, "ld_v", "v_head", "p.v.z"),
-            ] {
-                let total = bc * n4;
-                for step in 0..total.div_ceil(key.wg) {
-                    let guard = if (step + 1) * key.wg > total {
-                        format!("if (lid + {}u < {total}u) ", step * key.wg)
-                    } else {
-                        String::new()
-                    };
-                    w.line(&format!(
-                        "{guard}{{ let x = lid + {o}u; let kj = key_row(kb + x / {n4}u); {tile}[x] = {ld}({head} + kj * {stride}, (x % {n4}u) * 4u); }}",
-                        o = step * key.wg
-                    ));
-                }
-            }
-            w.line("workgroupBarrier();");
+            let (ko, vo) = if two {
+                w.line(&format!("let ko = stage * {}u;", bc * d4));
+                w.line(&format!("let vo = stage * {}u;", bc * dv4));
+                w.line("// the next tile's loads go out now and land in the other stage after this tile's");
+                w.line("// arithmetic, so a GPU overlaps their latency with it");
+                load(&mut w, &format!("kb + {bc}u"), "", "", Load::Fetch);
+                ("ko + ", "vo + ")
+            } else {
+                w.line("// cooperative load of a K/V tile into workgroup memory");
+                load(&mut w, "kb", "", "", Load::Now);
+                w.line("workgroupBarrier();");
+                ("", "")
+            };
             // the tile is the workgroup's; an invocation none of whose rows sees it skips the
             // arithmetic (no barrier inside, so the branch may be non-uniform)
             let guard = geo.tile_guard(key);
@@ -614,18 +675,30 @@ pub fn generate(key: &FlashKey) -> String {
             let keys = |w: &mut Wgsl| geo.group_keys(w, key);
             let score = |r: u32, u: u32| geo.score(key, r, u);
             group_body(&mut w, key, r_n, "", &keys, &score, |x, u, i| {
-                let (tile, n4) = if x == "kr" {
-                    ("k_tile", d4)
+                let (tile, n4, off) = if x == "kr" {
+                    ("k_tile", d4, ko)
                 } else {
-                    ("v_tile", dv4)
+                    ("v_tile", dv4, vo)
                 };
-                format!("{tile}[(g + {u}u) * {n4}u + {i}u]")
+                format!("{tile}[{off}(g + {u}u) * {n4}u + {i}u]")
             });
             w.close();
             if guard.is_some() {
                 w.close();
             }
+            if two {
+                load(
+                    &mut w,
+                    "",
+                    &format!("{}u - ko + ", bc * d4),
+                    &format!("{}u - vo + ", bc * dv4),
+                    Load::Store,
+                );
+            }
             w.line("workgroupBarrier();");
+            if two {
+                w.line("stage = 1u - stage;");
+            }
             w.close();
             w.close();
         }

@@ -222,7 +222,7 @@ impl Problem {
         };
         let tile = cfg
             .tile
-            .map(|[wg, rows]| wgpu_attention::softmax::Tile { wg, rows });
+            .map(|[wg, rows]| wgpu_attention::softmax::Tile::new(wg, rows));
         let flash = match cfg.variant {
             Variant::Dense | Variant::Sparse => FlashOptions {
                 causal: cfg.causal,
