@@ -61,8 +61,9 @@ pub struct FlashOptions {
     /// Also return the log-sum-exp `[B, Hq, Lq]`.
     pub return_lse: bool,
     pub strategy: StrategyChoice,
-    /// The query tile, where the caller wants a given one (one of
-    /// [`crate::softmax::tile_candidates`] of the planned key; `tune` measures them this way).
+    /// The query tile, where the caller wants a given one (one of [`tile_choices`]: the planned
+    /// key's [`crate::softmax::tile_candidates`] that fit the device's workgroup memory; `tune`
+    /// measures them this way).
     /// `None`: the tile `wgpu-attention tune` measured for this class on this adapter, else the
     /// plan's heuristic ([`heuristic_tile`]).
     pub tile: Option<Tile>,

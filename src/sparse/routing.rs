@@ -9,7 +9,7 @@
 //! element-level mask (causal etc.).
 //!
 //! Two ways to run it. [`route_blocks`] reads the pooled means back (`B x H x blocks x D`
-//! floats) and selects on the host in f64 ([`select`], shared with the f64 reference), returning
+//! floats) and selects on the host in f64 (`select`, shared with the f64 reference), returning
 //! the selection and a block mask: for inspection, the CLI and the tests. [`encode_route`]
 //! records everything into the caller's encoder with no readback: the pooling, the selection
 //! per query block ([`RouteKey`], scores in f32) and the attention kernel's block table for
