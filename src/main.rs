@@ -533,28 +533,6 @@ fn parse_window(s: &str) -> CliResult<(Option<u32>, Option<u32>)> {
     }
 }
 
-/// `wg64xr8` or `wg64xr8s2` (a [`Tile`]'s `Display`); whether the plan offers it is the
-/// library's check.
-fn parse_tile(s: &str) -> CliResult<wgpu_attention::softmax::Tile> {
-    let bad = || {
-        Failure::Input(format!(
-            "--tile: expected wgWxrR or wgWxrRs2 (e.g. wg64xr8), got '{s}'"
-        ))
-    };
-    let rest = s.strip_prefix("wg").ok_or_else(bad)?;
-    let (wg, rest) = rest.split_once("xr").ok_or_else(bad)?;
-    let (rows, stages) = match rest.split_once('s') {
-        Some((r, st)) => (r, st),
-        None => (rest, "1"),
-    };
-    let num = |x: &str| x.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(bad);
-    Ok(wgpu_attention::softmax::Tile {
-        wg: num(wg)?,
-        rows: num(rows)?,
-        stages: num(stages)?,
-    })
-}
-
 fn load_inputs(a: &RunArgs) -> CliResult<Inputs> {
     match (&a.q, &a.k, &a.v, &a.shape) {
         (Some(q), Some(k), Some(v), None) => {
@@ -635,7 +613,14 @@ fn run(a: &RunArgs) -> CliResult<()> {
         },
         sinks: a.sinks,
         strategy: a.strategy.choice(),
-        tile: a.tile.as_deref().map(parse_tile).transpose()?,
+        tile: a
+            .tile
+            .as_deref()
+            .map(|t| {
+                t.parse()
+                    .map_err(|e| Failure::Input(format!("--tile: {e}")))
+            })
+            .transpose()?,
         ..Default::default()
     };
     if let Some(p) = &a.alibi {

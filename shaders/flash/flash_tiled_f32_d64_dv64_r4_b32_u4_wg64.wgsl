@@ -251,22 +251,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             range_hi = pass_hi;
             for (var kb = pass_lo; kb < pass_hi; kb += 32u) {
                 // cooperative load of a K/V tile into workgroup memory
-                { let x = lid + 0u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 64u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 128u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 192u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 256u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 320u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 384u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 448u; let kj = key_row(kb + x / 16u); k_tile[x] = ld_k(k_head + kj * p.k.z, (x % 16u) * 4u); }
-                { let x = lid + 0u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 64u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 128u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 192u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 256u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 320u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 384u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
-                { let x = lid + 448u; let kj = key_row(kb + x / 16u); v_tile[x] = ld_v(v_head + kj * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 0u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 64u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 128u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 192u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 256u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 320u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 384u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 448u; k_tile[x] = ld_k(k_head + key_row(kb + x / 16u) * p.k.z, (x % 16u) * 4u); }
+                { let x = lid + 0u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 64u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 128u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 192u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 256u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 320u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 384u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
+                { let x = lid + 448u; v_tile[x] = ld_v(v_head + key_row(kb + x / 16u) * p.v.z, (x % 16u) * 4u); }
                 workgroupBarrier();
                 if ((i32(kb) < inv_hi) & ((kpass == 0u) | (i32(kb) + 32 > inv_lo) | (kb < p.sinks))) {
                     for (var g = 0u; g < 32u; g += 4u) {

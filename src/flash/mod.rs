@@ -1113,6 +1113,26 @@ mod tests {
     }
 
     #[test]
+    fn tiles_parse_back_from_their_display() {
+        for k in all_flash_keys() {
+            for t in crate::softmax::tile_candidates(&k) {
+                assert_eq!(t.to_string().parse::<Tile>(), Ok(t));
+            }
+        }
+        for bad in [
+            "wg64",
+            "wg64xr",
+            "64xr8",
+            "wg0xr8",
+            "wg64xr8s",
+            "wg64xr8s0",
+            "wgaxr8",
+        ] {
+            assert!(bad.parse::<Tile>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn head_dim_buckets_cover_every_d_up_to_512() {
         for d in 1..=MAX_HEAD_DIM {
             let b = head_dim_bucket(d).unwrap() as usize;

@@ -159,6 +159,24 @@ impl std::fmt::Display for Tile {
     }
 }
 
+/// The `Display` form back: `wg64xr8`, or `wg64xr8s2` for two stages. Whether a plan offers
+/// the tile is the plan's check (`FlashOptions::tile`).
+impl std::str::FromStr for Tile {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("expected wgWxrR or wgWxrRs2 (e.g. wg64xr8), got '{s}'");
+        let rest = s.strip_prefix("wg").ok_or_else(bad)?;
+        let (wg, rest) = rest.split_once("xr").ok_or_else(bad)?;
+        let (rows, stages) = rest.split_once('s').unwrap_or((rest, "1"));
+        let num = |x: &str| x.parse::<u32>().ok().filter(|&v| v > 0).ok_or_else(bad);
+        Ok(Tile {
+            wg: num(wg)?,
+            rows: num(rows)?,
+            stages: num(stages)?,
+        })
+    }
+}
+
 impl FlashKey {
     /// This key's tile.
     pub fn tile(&self) -> Tile {

@@ -496,12 +496,10 @@ pub fn generate(key: &FlashKey) -> String {
     w.raw(COMMON_WGSL);
     geo.helpers(&mut w, key);
     loaders(&mut w, t, key.strategy == Strategy::Sweep);
+    // two K/V stages in workgroup memory (Tiled keys of geometries that can prefetch)
+    let two = key.strategy == Strategy::Tiled && key.stages == 2 && geo.prefetches();
     if key.strategy == Strategy::Tiled {
-        let stages = if key.stages == 2 && geo.prefetches() {
-            2
-        } else {
-            1
-        };
+        let stages = if two { 2 } else { 1 };
         w.line(&format!(
             "var<workgroup> k_tile: array<vec4<f32>, {}>; // [stages, BC, D/4]",
             stages * key.block * d4
@@ -597,7 +595,6 @@ pub fn generate(key: &FlashKey) -> String {
         }
         Strategy::Tiled => {
             let bc = key.block;
-            let two = key.stages == 2 && geo.prefetches();
             // Cooperative load of the K/V tile at key `at`: invocation `lid` takes vec4s
             // `lid + s * wg`. `Now` stores them into the stage at `ko`/`vo`; `Fetch` only loads
             // them into registers (`nk{s}`, `nv{s}`), `Store` puts those into the other stage.
@@ -620,15 +617,19 @@ pub fn generate(key: &FlashKey) -> String {
                         } else {
                             String::new()
                         };
-                        let fetch = format!(
-                            "{ld}({head} + key_row({at} + (lid + {o}u) / {n4}u) * {stride}, ((lid + {o}u) % {n4}u) * 4u)"
-                        );
+                        // vec4 `x` of the tile: key `at + x / n4`, columns `(x % n4) * 4`
+                        let fetch = |x: &str| {
+                            format!("{ld}({head} + key_row({at} + {x} / {n4}u) * {stride}, ({x} % {n4}u) * 4u)")
+                        };
                         w.line(&match how {
                             Load::Now => format!(
-                                "{guard}{{ let x = lid + {o}u; let kj = key_row({at} + x / {n4}u); {tile}[{off}x] = {ld}({head} + kj * {stride}, (x % {n4}u) * 4u); }}"
+                                "{guard}{{ let x = lid + {o}u; {tile}[{off}x] = {}; }}",
+                                fetch("x")
                             ),
                             // key_row clamps: the fetch needs no guard, only the store
-                            Load::Fetch => format!("let {reg}{step} = {fetch};"),
+                            Load::Fetch => {
+                                format!("let {reg}{step} = {};", fetch(&format!("(lid + {o}u)")))
+                            }
                             Load::Store => {
                                 format!("{guard}{{ {tile}[{off}lid + {o}u] = {reg}{step}; }}")
                             }
