@@ -101,8 +101,8 @@ impl Kernel for BaselineKey {
 /// Every baseline specialization (for the host layer's registry).
 pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     let mut keys: Vec<Box<dyn Kernel>> = Vec::new();
-    for d in crate::flash::HEAD_DIM_BUCKETS {
-        for dv in crate::flash::HEAD_DIM_BUCKETS {
+    for d in crate::softmax::HEAD_DIM_BUCKETS {
+        for dv in crate::softmax::HEAD_DIM_BUCKETS {
             keys.push(Box::new(BaselineKey::NaiveAttention {
                 d4: d / 4,
                 dv4: dv / 4,
@@ -262,7 +262,7 @@ fn dispatch(
 pub fn encode_naive_attention(
     ctx: &GpuContext,
     encoder: &mut wgpu::CommandEncoder,
-    shape: &crate::flash::AttnShape,
+    shape: &crate::softmax::AttnShape,
     causal: bool,
     q: &wgpu::Buffer,
     k: &wgpu::Buffer,
@@ -270,7 +270,7 @@ pub fn encode_naive_attention(
     o: &wgpu::Buffer,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<()> {
-    let buckets = crate::flash::HEAD_DIM_BUCKETS;
+    let buckets = crate::softmax::HEAD_DIM_BUCKETS;
     if !buckets.contains(&(shape.d as u32)) || !buckets.contains(&(shape.dv as u32)) {
         return Err(AttnError::invalid(
             "naive baseline head dims",

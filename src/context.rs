@@ -44,7 +44,7 @@ pub struct GpuContext {
     /// this way, asynchronously): [`GpuContext::finished`] returns the first.
     pub(crate) uncaptured: Arc<Mutex<Vec<String>>>,
     /// Tiles `wgpu-attention tune` measured on this adapter ([`crate::tune`]); plans read it.
-    pub(crate) tuning: Mutex<Option<crate::tune::Tuning>>,
+    pub(crate) tuning: Mutex<Option<crate::tuning::Tuning>>,
     /// The tuning file of this adapter, and why it could not be used where it could not.
     pub tuning_file: Option<std::path::PathBuf>,
     pub tuning_problem: Option<String>,
@@ -267,15 +267,15 @@ impl GpuContext {
         }
     }
 
-    /// Reads this adapter's tuning file ([`crate::tune::file_for`]) where there is one, so that
+    /// Reads this adapter's tuning file ([`crate::tuning::file_for`]) where there is one, so that
     /// plans use its tiles. [`GpuContext::new`] does this; a context from
     /// [`GpuContext::from_device`] starts untuned until it is called. A file that cannot be used
     /// is ignored and its reason kept in `tuning_problem` (`info` prints it).
     pub fn load_tuning(&mut self) {
-        self.tuning_file = crate::tune::file_for(&self.adapter_info);
+        self.tuning_file = cache_dir().map(|d| crate::tuning::file_for(&d, &self.adapter_info));
         self.tuning_problem = None;
         let loaded = match &self.tuning_file {
-            Some(f) => crate::tune::load(f).unwrap_or_else(|e| {
+            Some(f) => crate::tuning::load(f).unwrap_or_else(|e| {
                 self.tuning_problem = Some(e);
                 None
             }),
@@ -411,5 +411,26 @@ impl GpuContext {
             });
         }
         Ok(())
+    }
+}
+
+impl GpuContext {
+    /// The tuned tile of a class, where `tune` measured one on this adapter.
+    pub fn tuned(&self, class: &crate::tuning::ShapeClass) -> Option<crate::tuning::Tile> {
+        let t = self.tuning.lock().ok()?;
+        t.as_ref()?.classes.get(&class.name()).map(|e| e.tile)
+    }
+
+    /// Replaces the tuning in use (what `tune` measured, or `None` to forget it); the file is
+    /// the caller's to write.
+    pub fn set_tuning(&self, t: Option<crate::tuning::Tuning>) {
+        if let Ok(mut cur) = self.tuning.lock() {
+            *cur = t;
+        }
+    }
+
+    /// The tuning in use.
+    pub fn tuning(&self) -> Option<crate::tuning::Tuning> {
+        self.tuning.lock().ok().and_then(|t| t.clone())
     }
 }

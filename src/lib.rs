@@ -20,15 +20,20 @@
 pub mod baseline;
 pub mod bench;
 pub mod context;
+pub mod dtype;
 pub mod error;
 pub mod flash;
 pub mod linear;
 pub mod neighborhood;
 pub mod pipeline;
+pub mod registry;
+pub mod resources;
 pub mod softmax;
 pub mod sparse;
 pub mod tensor;
+pub mod timing;
 pub mod tune;
+pub mod tuning;
 pub mod wgsl;
 
 pub use context::{Capabilities, GpuContext};

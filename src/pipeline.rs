@@ -128,20 +128,6 @@ pub trait Kernel: fmt::Debug + Send + Sync {
     fn uniforms(&self) -> Vec<UniformLayout>;
 }
 
-/// Every kernel the host can build, on any adapter, of every family: what `cargo test`
-/// validates with naga and translates to SPIR-V, MSL and HLSL. A new family adds its list here.
-pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
-    let mut all: Vec<Box<dyn Kernel>> = Vec::new();
-    all.extend(crate::flash::all_kernels());
-    all.extend(crate::neighborhood::plan::all_kernels());
-    all.extend(crate::linear::all_kernels());
-    all.extend(crate::sparse::snippet::example_kernels());
-    all.extend(crate::sparse::attention::all_kernels());
-    all.extend(crate::sparse::routing::all_kernels());
-    all.extend(crate::baseline::all_kernels());
-    all
-}
-
 /// Runs a one-off kernel and submits it: `params` bound as the uniform at binding 0, then
 /// `resources` at bindings 1, 2, .. in the order the kernel declares them, one dispatch of
 /// `grid` (the small helper kernels: block counts, snippet evaluation, pooling; their grids

@@ -2,7 +2,8 @@
 //! MSL and HLSL, so Vulkan, Metal and DX12 do not break unseen. No GPU needed.
 
 use naga::back::{hlsl, msl, spv};
-use wgpu_attention::pipeline::{all_kernels, validate_wgsl, Kernel};
+use wgpu_attention::pipeline::{validate_wgsl, Kernel};
+use wgpu_attention::registry::{all_kernels, representatives};
 use wgpu_attention::{DType, Strategy};
 
 fn translate(key: &dyn Kernel, source: &str) -> Result<(), String> {
@@ -149,16 +150,34 @@ fn record_file() -> Option<std::path::PathBuf> {
     }
 }
 
-/// Every kernel the host can build (`pipeline::all_kernels`) is valid WGSL for naga, its
-/// uniform structs match the Rust ones, and it translates to SPIR-V, MSL and HLSL. A kernel
-/// whose exact text (with naga's version, this file and its layouts) passed here before on this
+/// Whether to check every specialization (`WGPU_ATTENTION_EXHAUSTIVE=1`) or the registry's
+/// representatives.
+fn exhaustive() -> bool {
+    std::env::var("WGPU_ATTENTION_EXHAUSTIVE").is_ok_and(|v| v == "1")
+}
+
+/// Kernels the host can build (`registry::all_kernels`) are valid WGSL for naga, their uniform
+/// structs match the Rust ones, and they translate to SPIR-V, MSL and HLSL. By default the
+/// registry's representatives (every kind of kernel of every family, every value of every
+/// specialization axis at least once: a few hundred of the ~6700, well under a minute cold);
+/// all of them under `WGPU_ATTENTION_EXHAUSTIVE=1` (200-320 s cold on 2 cores). A kernel whose
+/// exact text (with naga's version, this file and its layouts) passed here before on this
 /// machine is found in a record instead of parsed again: parsing is 95% of the cost (2-5 MB/s
-/// of WGSL, 320 MB in all) and most kernels do not change between runs. The record holds only
-/// passes; a changed kernel, a new naga or a changed check is checked in full.
+/// of WGSL, 320 MB in all). The record holds only passes; a changed kernel, a new naga or a
+/// changed check is checked in full.
 #[test]
 fn every_specialization_validates_and_translates() {
-    let keys = all_kernels();
-    assert!(keys.len() > 100, "only {} keys", keys.len());
+    let all = all_kernels();
+    assert!(all.len() > 100, "only {} keys", all.len());
+    let total = all.len();
+    let keys = match exhaustive() {
+        true => all,
+        false => representatives(all),
+    };
+    eprintln!(
+        "{} of {total} specializations (WGPU_ATTENTION_EXHAUSTIVE=1: all of them)",
+        keys.len()
+    );
     // WGPU_ATTENTION_LABELS=linear_ checks only the labels starting so (while developing)
     let filtered = std::env::var("WGPU_ATTENTION_LABELS").is_ok();
     let keys: Vec<_> = match std::env::var("WGPU_ATTENTION_LABELS") {
@@ -352,4 +371,23 @@ fn shader_snapshots_match_the_generator() {
             path.display()
         );
     }
+}
+
+/// The default naga run stands for the exhaustive one: its representatives cover every kind
+/// and every axis value of every kernel, and are far fewer.
+#[test]
+fn representatives_cover_every_axis_of_every_kernel() {
+    use std::collections::BTreeSet;
+    use wgpu_attention::registry::features;
+    let all = all_kernels();
+    let total = all.len();
+    let want: BTreeSet<String> = all.iter().flat_map(|k| features(&k.label())).collect();
+    let reps = representatives(all);
+    let got: BTreeSet<String> = reps.iter().flat_map(|k| features(&k.label())).collect();
+    let missing: Vec<&String> = want.difference(&got).collect();
+    assert!(missing.is_empty(), "not represented: {missing:?}");
+    assert!(reps.len() * 10 < total, "{} of {total}", reps.len());
+    let labels: BTreeSet<String> = reps.iter().map(|k| k.label()).collect();
+    assert_eq!(labels.len(), reps.len(), "a kernel picked twice");
+    eprintln!("{} representatives of {total} specializations", reps.len());
 }

@@ -33,7 +33,7 @@ use wgpu::util::DeviceExt;
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::pipeline::Kernel;
-use crate::softmax::{check_no_alias, BoundRange};
+use crate::resources::{check_no_alias, BoundRange};
 use crate::tensor::{DType, Tensor};
 use chunk::{ChunkKey, Stage};
 use shader::{flags, Decay, LinearKey, LinearParams};

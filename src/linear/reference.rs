@@ -4,7 +4,7 @@
 
 use super::{FeatureMap, LinearOptions, LinearShape, Rule};
 use crate::error::{AttnError, Result};
-use crate::flash::reference::{compare, Comparison, RefOutput};
+use crate::softmax::reference::{compare, Comparison, RefOutput};
 
 /// Host copies of a call's inputs (row-major, the shapes of [`super::linear_attention`]).
 #[derive(Clone, Copy, Debug)]
@@ -250,7 +250,7 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
 }
 
 /// Compares a GPU run with the reference on the same inputs: O (f16 inputs: at most twice the
-/// error of [`linear_plain_f16`], see [`crate::flash::reference::compare`]) and the final state
+/// error of [`linear_plain_f16`], see [`crate::softmax::reference::compare`]) and the final state
 /// (f32 whatever the inputs: f32's tolerance). The tolerances the tests and `--check` share.
 pub fn compare_linear(
     inp: &LinearRefInputs,

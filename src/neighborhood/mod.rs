@@ -39,7 +39,8 @@ pub mod shader;
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::flash::{self, AttentionOutput, FlashPlan, StrategyChoice};
+use crate::softmax::call::{encode_with, Call};
+use crate::softmax::{AttentionOutput, FlashOptions, FlashPlan, StrategyChoice};
 use crate::tensor::{DType, Tensor};
 
 /// One spatial axis, checked: the definition above, with the axis length.
@@ -315,8 +316,8 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &NeighborhoodOptions) -> Resu
     })
 }
 
-fn flash_opts(opts: &NeighborhoodOptions) -> flash::FlashOptions {
-    flash::FlashOptions {
+fn flash_opts(opts: &NeighborhoodOptions) -> FlashOptions {
+    FlashOptions {
         scale: opts.scale,
         strategy: opts.strategy,
         ..Default::default()
@@ -391,7 +392,7 @@ pub fn encode_neighborhood_attention(
     let (_, of) = flatten(out, "out")?;
     let lf = lse.map(|l| flatten_lse(l, &f.spatial)).transpose()?;
     let fo = flash_opts(opts);
-    let call = flash::Call {
+    let call = Call {
         q: &f.q,
         k: &f.k,
         v: &f.v,
@@ -399,7 +400,7 @@ pub fn encode_neighborhood_attention(
         lse: lf.as_ref(),
         opts: &fo,
     };
-    flash::encode_with(ctx, encoder, &call, &plan::NaLayout(&f.spec), timestamps)
+    encode_with(ctx, encoder, &call, &plan::NaLayout(&f.spec), timestamps)
 }
 
 /// Runs neighborhood attention into caller-provided outputs and submits the work.

@@ -4,10 +4,11 @@
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::flash::{AttnShape, CallLayout, FamilyData, FlashOptions, FlashPlan, StrategyChoice};
 use crate::pipeline::Kernel;
+use crate::softmax::call::{CallLayout, FamilyData};
 use crate::softmax::shader::{FlashKey, Strategy};
 use crate::softmax::{kernel_key, subgroup_ranges, HEAD_DIM_BUCKETS};
+use crate::softmax::{AttnShape, FlashOptions, FlashPlan, StrategyChoice};
 use crate::tensor::DType;
 
 use super::shader::{NaParams, Neighborhood};

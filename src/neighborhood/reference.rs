@@ -4,10 +4,10 @@
 
 use super::NaSpec;
 use crate::error::{AttnError, Result};
-use crate::flash::reference::{
+use crate::softmax::reference::{
     attention_plain_f16_masked, attention_reference_masked, RefInputs, RefOutput,
 };
-use crate::flash::FlashOptions;
+use crate::softmax::FlashOptions;
 
 fn opts(scale: Option<f32>) -> FlashOptions {
     FlashOptions {
@@ -50,7 +50,7 @@ fn check_tokens(inp: &RefInputs, spec: &NaSpec) -> Result<()> {
     Ok(())
 }
 
-/// The plain f16 yardstick (see [`crate::flash::reference::attention_plain_f16`]).
+/// The plain f16 yardstick (see [`crate::softmax::reference::attention_plain_f16`]).
 pub fn neighborhood_plain_f16(
     inp: &RefInputs,
     spec: &NaSpec,
@@ -63,8 +63,8 @@ pub fn neighborhood_plain_f16(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flash::AttnShape;
     use crate::neighborhood::NaAxis;
+    use crate::softmax::AttnShape;
 
     /// With a kernel as large as the axis and no causality, neighborhood attention is dense.
     #[test]

@@ -29,20 +29,7 @@ use crate::pipeline::{declare_bindings, BindingDecl, Kernel, UniformLayout};
 use crate::tensor::DType;
 use crate::wgsl::Wgsl;
 
-/// How the kernel shares K/V between invocations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Strategy {
-    /// K/V tiles in workgroup memory (FlashAttention-2). No subgroup operations.
-    Tiled,
-    /// K/V rows in registers, handed round the subgroup with shuffles. Needs SUBGROUP.
-    Subgroup,
-    /// Neighborhood attention on CPU adapters: each lane owns one position of the inner axes
-    /// and the subgroup sweeps the outer axis (x) one key plane at a time, keeping `rows` query
-    /// slots (x's kernel size) live, so each loaded key plane serves every query whose window
-    /// holds it. Q, K and V are read through textures (bindings 9 to 11, copied from the
-    /// buffers in the same command encoder). Needs SUBGROUP.
-    Sweep,
-}
+pub use crate::tuning::Strategy;
 
 /// Where a family's query rows and keys come from and how a score is masked: the hooks the
 /// shared generator calls. A family implements it once (a unit struct in a `static`) and puts it
@@ -409,9 +396,7 @@ fn tanh_safe(x: f32) -> f32 {
 }
 ";
 
-/// Texels per row of the Sweep kernel's input textures (a power of two: the kernel splits a
-/// texel index with a mask and a shift).
-pub const TEXTURE_WIDTH: u32 = 4096;
+pub use crate::resources::TEXTURE_WIDTH;
 
 /// `ld_q`, `ld_k`, `ld_v` (vec4 `c` of the head dim at element `base`; elements past the head
 /// dim read as 0 so padded lanes add nothing) and `st_o`.

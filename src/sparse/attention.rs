@@ -14,14 +14,14 @@ use std::sync::Arc;
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::flash::reference::{
+use crate::resources::StorageData;
+use crate::softmax::call::{check_inputs, encode_with, Call, CallLayout, FamilyData};
+use crate::softmax::plan::{base_key, heuristic_tile, tunable, wanted_tile};
+use crate::softmax::reference::{
     attention_reference_hooked, raw_score, RefHooks, RefInputs, RefOutput,
 };
-use crate::flash::{
-    self, AttentionOutput, AttnShape, CallLayout, FamilyData, FlashOptions, FlashPlan,
-};
 use crate::softmax::shader::{Geo, Strategy};
-use crate::softmax::StorageData;
+use crate::softmax::{AttentionOutput, AttnShape, FlashOptions, FlashPlan, StrategyChoice};
 use crate::sparse::routing::{encode_route, DeviceRouting, TopK};
 use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
 use crate::sparse::snippet::{
@@ -301,10 +301,10 @@ impl SparseLayout {
         opts: &FlashOptions,
     ) -> Result<(FlashPlan, u32)> {
         // base_key refuses a forced Sweep (neighborhood calls only)
-        let mut key = flash::base_key(ctx, s, dtype, opts)?;
+        let mut key = base_key(ctx, s, dtype, opts, self.geo)?;
         if key.strategy == Strategy::Subgroup && key.wg > 64 {
             // subgroups over 64 lanes: GPUs, which take the Tiled kernel (see sparse_tiles)
-            if opts.strategy != flash::StrategyChoice::Auto {
+            if opts.strategy != StrategyChoice::Auto {
                 return Err(AttnError::invalid(
                     "strategy Subgroup",
                     "subgroups of at most 64 lanes for sparse attention",
@@ -312,15 +312,14 @@ impl SparseLayout {
                 ));
             }
             let mut o = opts.clone();
-            o.strategy = flash::StrategyChoice::Force(Strategy::Tiled);
-            key = flash::base_key(ctx, s, dtype, &o)?;
+            o.strategy = StrategyChoice::Force(Strategy::Tiled);
+            key = base_key(ctx, s, dtype, &o, self.geo)?;
         }
-        key.geometry = self.geo;
         let l = self.layout();
         let (bq, bk) = (l.q_block as u32, l.kv_block as u32);
         let candidates = sparse_tiles(&key);
         let tile = match opts.tile {
-            Some(t) => flash::wanted_tile(&key, &candidates, t)?,
+            Some(t) => wanted_tile(&key, &candidates, t)?,
             None => {
                 // tiles inside one query block, where there are any
                 let inside: Vec<_> = candidates
@@ -333,7 +332,7 @@ impl SparseLayout {
                 } else {
                     &inside
                 };
-                let t = flash::heuristic_tile(ctx, &key, from, s, true, false);
+                let t = heuristic_tile(ctx, &key, from, s, true, false);
                 // the GPU heuristic falls back to the key's default tile when no candidate
                 // fits its register budget: take the largest tile that stays inside instead
                 match from.contains(&t) {
@@ -454,13 +453,13 @@ impl CallLayout for SparseLayout {
 }
 
 /// The tiles a sparse key may take: the budgets' rows or more (up to twice, at most 8) with 16
-/// to 128 invocations (Tiled, where dense attention would offer tiles: [`flash::tunable`]),
+/// to 128 invocations (Tiled, where dense attention would offer tiles: [`tunable`]),
 /// else its default. Fewer than dense attention's (no fewer rows), to bound what naga checks;
 /// the workgroup size is what fits a tile inside a query block, and more rows per invocation
 /// keep a small workgroup's K/V tile loads paid by as many rows as a dense one's (on lavapipe
 /// 4 rows x 16 invocations ran blocks of 128 at half the speed per block of 8 x 128).
 pub fn sparse_tiles(key: &crate::softmax::shader::FlashKey) -> Vec<crate::softmax::Tile> {
-    if key.strategy != Strategy::Tiled || !flash::tunable(key) {
+    if key.strategy != Strategy::Tiled || !tunable(key) {
         return vec![key.tile()];
     }
     crate::softmax::tile_candidates(key)
@@ -527,7 +526,7 @@ pub fn encode_sparse_attention(
     opts: &SparseOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashPlan> {
-    let s = flash::check_inputs(q, k, v)?;
+    let s = check_inputs(q, k, v)?;
     if lse.is_some() && opts.normalizer != Normalizer::Softmax {
         return Err(AttnError::invalid(
             "lse",
@@ -550,7 +549,7 @@ pub fn encode_sparse_attention(
             sparse_layout(opts, TableSource::Host(mask), s.lk)
         }
     };
-    let call = flash::Call {
+    let call = Call {
         q,
         k,
         v,
@@ -558,7 +557,7 @@ pub fn encode_sparse_attention(
         lse,
         opts: &opts.flash,
     };
-    flash::encode_with(ctx, encoder, &call, &layout, timestamps)
+    encode_with(ctx, encoder, &call, &layout, timestamps)
 }
 
 /// The layout of a call: its geometry (the snippets, the normalizer) and its table's source.
@@ -600,7 +599,7 @@ pub fn sparse_attention(
     v: &Tensor,
     opts: &SparseOptions,
 ) -> Result<AttentionOutput> {
-    let s = flash::check_inputs(q, k, v)?;
+    let s = check_inputs(q, k, v)?;
     let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), 0.0)?;
     let lse = opts
         .flash
@@ -660,7 +659,7 @@ pub fn sparse_reference(
     };
     let mask_fn = |b: usize, h: usize, i: usize, j: usize| {
         let (qlen, kvlen) = lens(b);
-        if !crate::flash::reference::visible(fo, i, j, qlen, kvlen) {
+        if !crate::softmax::reference::visible(fo, i, j, qlen, kvlen) {
             return false;
         }
         let e = i * s.lk + j;

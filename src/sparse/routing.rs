@@ -18,12 +18,13 @@
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
-use crate::flash::reference::RefInputs;
-use crate::flash::{AttnShape, FlashOptions};
 use crate::pipeline::{
     declare_bindings, dispatch_grid, encode_once, folded_grid, BindingDecl, Kernel, UniformLayout,
 };
-use crate::softmax::BoundRange;
+use crate::resources::BoundRange;
+use crate::softmax::call::{check_inputs, check_lens};
+use crate::softmax::reference::RefInputs;
+use crate::softmax::{AttnShape, FlashOptions};
 use crate::sparse::snippet::u;
 use crate::sparse::{check_block_size, BlockLayout, BlockMask};
 use crate::tensor::{DType, Tensor};
@@ -343,10 +344,10 @@ fn scale_of(s: &AttnShape, opts: &FlashOptions) -> f64 {
 
 /// The shape of a routing of `q` against `k`: the inputs, the block size, the lengths.
 fn check_route(q: &Tensor, k: &Tensor, opts: &FlashOptions, topk: &TopK) -> Result<AttnShape> {
-    let s = crate::flash::check_inputs(q, k, k)?;
+    let s = check_inputs(q, k, k)?;
     topk.check(&s)?;
-    crate::flash::check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
-    crate::flash::check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
+    check_lens(&opts.q_lens, "q_lens", s.batch, s.lq)?;
+    check_lens(&opts.kv_lens, "kv_lens", s.batch, s.lk)?;
     Ok(s)
 }
 

@@ -15,8 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use crate::flash::shader::{modify_fn_with, seq_prologue, ModifyHooks, SEQ_WGSL};
 use crate::pipeline::{BindingDecl, UniformLayout};
+use crate::softmax::sequence::{modify_fn_with, seq_prologue, ModifyHooks, SEQ_WGSL};
 use crate::softmax::shader::{FlashKey, Geo, Geometry, Strategy};
 use crate::sparse::snippet::{Snippet, AUX_NAMES};
 use crate::wgsl::Wgsl;

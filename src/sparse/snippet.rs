@@ -21,7 +21,7 @@
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::pipeline::{declare_bindings, BindingDecl, Kernel, UniformLayout};
-use crate::softmax::StorageData;
+use crate::resources::StorageData;
 use crate::sparse::{BlockLayout, BlockMask};
 use crate::tensor::{DType, Tensor};
 use crate::wgsl::Wgsl;
