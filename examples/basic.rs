@@ -11,11 +11,7 @@ fn main() -> Result<()> {
     let q = Tensor::from_f32(&ctx, &data(b * l * hq * d, 0.37), &[b, l, hq, d])?;
     let k = Tensor::from_f32(&ctx, &data(b * l * hkv * d, 0.11), &[b, l, hkv, d])?;
     let v = Tensor::from_f32(&ctx, &data(b * l * hkv * d, 0.53), &[b, l, hkv, d])?;
-    let opts = FlashOptions {
-        causal: true,
-        return_lse: true,
-        ..Default::default()
-    };
+    let opts = FlashOptions::default().causal(true).return_lse(true);
     let res = flash_attention(&ctx, &q, &k, &v, &opts)?;
     let o = res.out.to_vec_f32(&ctx)?;
     println!("O[0, 0, 0, ..4] = {:?}", &o[..4]);

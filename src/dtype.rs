@@ -7,6 +7,7 @@ use crate::error::{AttnError, Result};
 /// Element type of a tensor. Attention's inputs and outputs are `F32` or `F16`; the integer
 /// types are for data that snippets read (the sparse family's aux buffers: document ids,
 /// tables).
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,

@@ -19,6 +19,7 @@
 
 pub mod baseline;
 pub mod bench;
+pub mod builder;
 pub mod context;
 pub mod dtype;
 pub mod error;
@@ -40,19 +41,25 @@ pub use context::{Capabilities, GpuContext};
 pub use error::{AttnError, Result};
 pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, RefOutput};
 pub use flash::{
-    encode_flash_attention, flash_attention, flash_attention_into, AttentionOutput, AttnShape,
-    FlashOptions, FlashPlan, StrategyChoice,
+    encode_flash_attention, flash_attention, flash_attention_into, FlashOptions, FlashPlan,
 };
 pub use linear::{
     encode_linear_attention, linear_attention, linear_attention_into, FeatureMap, LinearOptions,
-    LinearOutput, LinearShape, Mode, Rule,
+    LinearOutput, LinearPlan, LinearShape, Mode, Rule,
 };
 pub use neighborhood::{
     encode_neighborhood_attention, neighborhood_attention, neighborhood_attention_into, NaAxis,
-    NeighborhoodOptions,
+    NeighborhoodOptions, NeighborhoodPlan,
 };
-pub use softmax::shader::Strategy;
-pub use softmax::Tile;
+pub use softmax::{AttentionOutput, AttnShape, StrategyChoice, Tile};
+/// The sparse family's mask builders (FlexAttention's patterns, each with its WGSL twin).
+pub use sparse::masks;
+pub use sparse::routing::TopK;
+pub use sparse::{
+    encode_sparse_attention, sparse_attention, sparse_attention_into, BlockLayout, BlockMask,
+    MaskMod, Normalizer, SparseOptions, SparsePlan,
+};
 pub use tensor::{DType, Tensor};
+pub use tuning::Strategy;
 /// The `wgpu` this crate is built on (encoders and devices passed in must come from it).
 pub use wgpu;

@@ -406,12 +406,7 @@ fn info() -> CliResult<()> {
                 .delta()
                 .then(|| Tensor::filled(&ctx, &per_head, DType::F32, 0.5))
                 .transpose()?;
-            let opts = LinearOptions {
-                rule,
-                g: Some(g),
-                beta,
-                ..Default::default()
-            };
+            let opts = LinearOptions::default().rule(rule).g(Some(g)).beta(beta);
             linear::plan(&ctx, &s, DType::F32, &opts)
         });
         match plan {
@@ -603,26 +598,25 @@ fn run(a: &RunArgs) -> CliResult<()> {
         upload(&ctx, &inp.v)?,
     );
     let s = flash::check_inputs(&q, &k, &v)?;
-    let mut opts = FlashOptions {
-        causal: a.causal,
-        scale: a.scale,
-        softcap: a.softcap,
-        window: match &a.window {
+    let mut opts = FlashOptions::default()
+        .causal(a.causal)
+        .scale(a.scale)
+        .softcap(a.softcap)
+        .window(match &a.window {
             Some(w) => parse_window(w)?,
             None => (None, None),
-        },
-        sinks: a.sinks,
-        strategy: a.strategy.choice(),
-        tile: a
-            .tile
-            .as_deref()
-            .map(|t| {
-                t.parse()
-                    .map_err(|e| Failure::Input(format!("--tile: {e}")))
-            })
-            .transpose()?,
-        ..Default::default()
-    };
+        })
+        .sinks(a.sinks)
+        .strategy(a.strategy.choice())
+        .tile(
+            a.tile
+                .as_deref()
+                .map(|t| {
+                    t.parse()
+                        .map_err(|e| Failure::Input(format!("--tile: {e}")))
+                })
+                .transpose()?,
+        );
     if let Some(p) = &a.alibi {
         let arr = npy::read_float(p)?;
         if arr.shape != [s.hq] || arr.dtype != DType::F32 {
@@ -993,11 +987,7 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
         let mut records = Vec::new();
         let mut names = Vec::new();
         for &(rule, mode) in &variants {
-            let opts = LinearOptions {
-                rule,
-                mode,
-                ..Default::default()
-            };
+            let opts = LinearOptions::default().rule(rule).mode(mode);
             records.push(bench::linear_pass(ctx, shape, opts)?);
             names.push(format!("{} {}", rule.name(), mode_name(mode)));
         }
@@ -1014,10 +1004,7 @@ fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()
         let nv = variants.len();
         for (i, (label, tm)) in times.iter().enumerate() {
             let flops = match (variants.get(i), &dense) {
-                (Some(&(rule, _)), _) => shape.flops(&LinearOptions {
-                    rule,
-                    ..Default::default()
-                }),
+                (Some(&(rule, _)), _) => shape.flops(&LinearOptions::default().rule(rule)),
                 (None, Some(c)) => c.flops(),
                 (None, None) => f64::NAN,
             };

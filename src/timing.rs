@@ -6,6 +6,7 @@ use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 
 /// How a time was measured.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Clock {
     /// GPU timestamp queries around the compute pass.

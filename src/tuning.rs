@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::dtype::DType;
 
 /// How the kernel shares K/V between invocations.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
     /// K/V tiles in workgroup memory (FlashAttention-2). No subgroup operations.

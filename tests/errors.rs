@@ -163,28 +163,19 @@ fn buffers_over_the_adapter_limits() {
 #[test]
 fn lengths_longer_than_the_sequence() {
     let (q, k, v) = qkv();
-    let o = FlashOptions {
-        q_lens: Some(vec![5, 6]),
-        ..Default::default()
-    };
+    let o = FlashOptions::default().q_lens(Some(vec![5, 6]));
     let e = run(&q, &k, &v, &o);
     assert!(
         matches!(&e, AttnError::Invalid { what, .. } if what == "q_lens"),
         "{e}"
     );
-    let o = FlashOptions {
-        kv_lens: Some(vec![8, 1]),
-        ..Default::default()
-    };
+    let o = FlashOptions::default().kv_lens(Some(vec![8, 1]));
     let e = run(&q, &k, &v, &o);
     assert!(
         matches!(&e, AttnError::Invalid { what, .. } if what == "kv_lens"),
         "{e}"
     );
-    let o = FlashOptions {
-        kv_lens: Some(vec![1]),
-        ..Default::default()
-    };
+    let o = FlashOptions::default().kv_lens(Some(vec![1]));
     let e = run(&q, &k, &v, &o);
     assert!(
         matches!(&e, AttnError::Shape { what, .. } if what == "kv_lens"),
@@ -196,30 +187,15 @@ fn lengths_longer_than_the_sequence() {
 fn bad_options() {
     let (q, k, v) = qkv();
     for o in [
-        FlashOptions {
-            softcap: Some(0.0),
-            ..Default::default()
-        },
-        FlashOptions {
-            softcap: Some(f32::NAN),
-            ..Default::default()
-        },
-        FlashOptions {
-            scale: Some(f32::INFINITY),
-            ..Default::default()
-        },
+        FlashOptions::default().softcap(Some(0.0)),
+        FlashOptions::default().softcap(Some(f32::NAN)),
+        FlashOptions::default().scale(Some(f32::INFINITY)),
     ] {
         assert!(matches!(run(&q, &k, &v, &o), AttnError::Invalid { .. }));
     }
-    let o = FlashOptions {
-        alibi_slopes: Some(vec![0.5; 3]),
-        ..Default::default()
-    };
+    let o = FlashOptions::default().alibi_slopes(Some(vec![0.5; 3]));
     assert!(matches!(run(&q, &k, &v, &o), AttnError::Shape { .. }));
-    let o = FlashOptions {
-        bias: Some(t(&[2, 4, 5, 6])),
-        ..Default::default()
-    };
+    let o = FlashOptions::default().bias(Some(t(&[2, 4, 5, 6])));
     let e = run(&q, &k, &v, &o);
     assert!(
         matches!(&e, AttnError::Shape { what, .. } if what == "bias"),
@@ -258,10 +234,7 @@ fn lk_over_the_loop_limit_is_refused_not_truncated() {
         dv: 512,
     };
     for st in strategies() {
-        let o = FlashOptions {
-            strategy: StrategyChoice::Force(st),
-            ..Default::default()
-        };
+        let o = FlashOptions::default().strategy(StrategyChoice::Force(st));
         let e = flash::plan(c, &s, DType::F32, &o).unwrap_err();
         assert!(matches!(e, AttnError::Limit { .. }), "{e}");
     }
@@ -546,10 +519,7 @@ fn public_helpers_refuse_instead_of_panicking() {
         v: &full[..32],
         bias: None,
     };
-    let o = FlashOptions {
-        kv_lens: Some(vec![9]),
-        ..Default::default()
-    };
+    let o = FlashOptions::default().kv_lens(Some(vec![9]));
     assert!(attention_reference(&inp, &o).is_err());
     // a loop limit below the plan's margin refuses every plan, without underflow
     let (d, q) = (ctx().device.clone(), ctx().queue.clone());

@@ -263,10 +263,7 @@ fn every_tile_choice() {
         let bad = Tile::new(48, 3);
         let q = Tensor::from_f32(ctx, &random(113 * 4 * 40, 1.0, 1), &[1, 113, 4, 40]).unwrap();
         let k = Tensor::from_f32(ctx, &random(203 * 2 * 40, 1.0, 2), &[1, 203, 2, 40]).unwrap();
-        let opts = FlashOptions {
-            tile: Some(bad),
-            ..case.opts.clone()
-        };
+        let opts = case.opts.clone().tile(Some(bad));
         let Err(err) = flash_attention(ctx, &q, &k, &k, &opts) else {
             panic!("tile {bad} was accepted");
         };
@@ -410,16 +407,11 @@ fn plans_follow_the_tuning() {
     use wgpu_attention::tune::{Entry, ShapeClass, Tuning};
     let ctx = ctx();
     let shape = Case::new(1, 300, 300, 2, 2, 64, 64).shape;
-    let opts = FlashOptions {
-        strategy: StrategyChoice::Force(Strategy::Tiled),
-        causal: true,
-        ..Default::default()
-    };
+    let opts = FlashOptions::default()
+        .strategy(StrategyChoice::Force(Strategy::Tiled))
+        .causal(true);
     let untuned = flash::plan(ctx, &shape, DType::F32, &opts).unwrap().key;
-    let full = FlashOptions {
-        causal: false,
-        ..opts.clone()
-    };
+    let full = opts.clone().causal(false);
     let untuned_full = flash::plan(ctx, &shape, DType::F32, &full).unwrap().key;
     let tiles = flash::tile_choices(ctx, &shape, DType::F32, &opts).unwrap();
     let other = *tiles.iter().find(|&&t| t != untuned.tile()).unwrap();
@@ -440,10 +432,7 @@ fn plans_follow_the_tuning() {
     }));
     let tuned = flash::plan(ctx, &shape, DType::F32, &opts).unwrap().key;
     let other_class = flash::plan(ctx, &shape, DType::F32, &full).unwrap().key;
-    let explicit = FlashOptions {
-        tile: Some(untuned.tile()),
-        ..opts.clone()
-    };
+    let explicit = opts.clone().tile(Some(untuned.tile()));
     let forced = flash::plan(ctx, &shape, DType::F32, &explicit).unwrap().key;
     ctx.set_tuning(saved);
     assert_eq!(tuned.tile(), other, "{}", class.name());

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 const CORE: &[&str] = &[
+    "builder",
     "error",
     "wgsl",
     "dtype",

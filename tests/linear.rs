@@ -33,10 +33,7 @@ impl Lin {
                 v,
             },
             dtype: DType::F32,
-            opts: LinearOptions {
-                rule,
-                ..Default::default()
-            },
+            opts: LinearOptions::default().rule(rule),
             init: false,
             g_min: -1.0,
         }
@@ -103,6 +100,7 @@ fn host_inputs(c: &Lin, seed: u64) -> Host {
         Rule::Retention => c.opts.g.as_ref().map(|_| gate(s.hv)),
         Rule::SimpleGla | Rule::GatedDelta => Some(gate(s.batch * s.t * s.hv)),
         Rule::Gla => Some(gate(s.batch * s.t * s.hv * s.k)),
+        other => panic!("no gate for rule {other:?} in the random cases"),
     };
     let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 9);
     let beta = delta.then(|| {
@@ -512,7 +510,7 @@ fn long_sequence_in_pieces() {
     }
     for mode in modes {
         let opts = with_tensors(&c, &host_inputs(&c, 1));
-        let opts = LinearOptions { mode, ..opts };
+        let opts = opts.mode(mode);
         let plan = linear::plan(ctx(), &c.shape, DType::F32, &opts).unwrap();
         eprintln!("T = 70000, {mode:?}: {} piece(s)", plan.pieces.len());
         if ctx().caps.loop_limit.is_some() {
@@ -606,91 +604,59 @@ fn bad_input_is_a_typed_error() {
     let (q, v) = (t(&[1, 10, 2, 8]), t(&[1, 10, 2, 8]));
     let cases: Vec<(LinearOptions, &str)> = vec![
         (
-            LinearOptions {
-                rule: Rule::Gla,
-                g: Some(t(&[1, 10, 2])),
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .rule(Rule::Gla)
+                .g(Some(t(&[1, 10, 2]))),
             "g",
         ),
+        (LinearOptions::default().rule(Rule::SimpleGla), "g"),
+        (LinearOptions::default().rule(Rule::Delta), "beta"),
         (
-            LinearOptions {
-                rule: Rule::SimpleGla,
-                ..Default::default()
-            },
-            "g",
-        ),
-        (
-            LinearOptions {
-                rule: Rule::Delta,
-                ..Default::default()
-            },
-            "beta",
-        ),
-        (
-            LinearOptions {
-                rule: Rule::Retention,
-                feature_map: FeatureMap::Elu1,
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .rule(Rule::Retention)
+                .feature_map(FeatureMap::Elu1),
             "feature_map",
         ),
         (
-            LinearOptions {
-                rule: Rule::Gla,
-                g: Some(t(&[1, 10, 2, 8])),
-                mode: Mode::Chunk,
-                subgroups: Some(true),
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .rule(Rule::Gla)
+                .g(Some(t(&[1, 10, 2, 8])))
+                .mode(Mode::Chunk)
+                .subgroups(Some(true)),
             "subgroup",
         ),
         (
-            LinearOptions {
-                cu_seqlens: Some(vec![0, 4, 3, 10]),
-                ..Default::default()
-            },
+            LinearOptions::default().cu_seqlens(Some(vec![0, 4, 3, 10])),
             "cu_seqlens",
         ),
         (
-            LinearOptions {
-                rule: Rule::Gla,
-                g: Some(t(&[1, 10, 2, 8])),
-                mode: Mode::FusedChunk,
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .rule(Rule::Gla)
+                .g(Some(t(&[1, 10, 2, 8])))
+                .mode(Mode::FusedChunk),
             "fused-chunk",
         ),
         (
-            LinearOptions {
-                causal: false,
-                mode: Mode::FusedChunk,
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .causal(false)
+                .mode(Mode::FusedChunk),
             "fused-chunk",
         ),
         (
-            LinearOptions {
-                mode: Mode::FusedChunk,
-                subgroups: Some(false),
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .mode(Mode::FusedChunk)
+                .subgroups(Some(false)),
             "subgroups",
         ),
         (
-            LinearOptions {
-                initial_state: Some(t(&[1, 2, 8, 9])),
-                ..Default::default()
-            },
+            LinearOptions::default().initial_state(Some(t(&[1, 2, 8, 9]))),
             "initial_state",
         ),
         (
-            LinearOptions {
-                rule: Rule::Delta,
-                causal: false,
-                beta: Some(t(&[1, 10, 2])),
-                ..Default::default()
-            },
+            LinearOptions::default()
+                .rule(Rule::Delta)
+                .causal(false)
+                .beta(Some(t(&[1, 10, 2]))),
             "causal",
         ),
     ];
@@ -702,10 +668,7 @@ fn bad_input_is_a_typed_error() {
     let err = linear_attention(ctx, &q, &q, &t(&[1, 10, 3, 8]), &Default::default()).unwrap_err();
     assert!(matches!(err, AttnError::Shape { .. }), "{err}");
     let big = t(&[1, 4, 1, 17]);
-    let taylor = LinearOptions {
-        feature_map: FeatureMap::Taylor,
-        ..Default::default()
-    };
+    let taylor = LinearOptions::default().feature_map(FeatureMap::Taylor);
     let err = linear_attention(ctx, &big, &big, &t(&[1, 4, 1, 4]), &taylor).unwrap_err();
     assert!(matches!(err, AttnError::HeadDim { .. }), "{err}");
     let huge = t(&[1, 2, 1, 257]);
@@ -756,10 +719,7 @@ fn strided_views_and_aliasing() {
         modes.extend([(Mode::FusedChunk, 1000), (Mode::FusedChunk, 1001)]);
     }
     for (mode, off) in modes {
-        let opts = LinearOptions {
-            mode,
-            ..opts.clone()
-        };
+        let opts = opts.clone().mode(mode);
         let n = b * t * h * k;
         let pool = Tensor::filled(ctx, &[n + 2000], DType::F32, f32::NAN).unwrap();
         let strides = vec![t * h * k, h * k, k, 1];
@@ -775,10 +735,7 @@ fn strided_views_and_aliasing() {
     }
     // aliasing and dtypes
     let st = Tensor::filled(ctx, &[b, h, k, k], DType::F32, 0.0).unwrap();
-    let with_init = LinearOptions {
-        initial_state: Some(st.clone()),
-        ..opts.clone()
-    };
+    let with_init = opts.clone().initial_state(Some(st.clone()));
     let fresh = |shape: &[usize], dt| Tensor::filled(ctx, shape, dt, 0.0).unwrap();
     let o = fresh(&[b, t, h, k], DType::F32);
     // a state-shaped view of O's own buffer

@@ -47,7 +47,7 @@ impl NaCase {
         self
     }
     fn causal(mut self, c: &[bool]) -> Self {
-        self.opts.is_causal = c.to_vec();
+        self.opts.causal = c.to_vec();
         self
     }
 }
@@ -223,10 +223,7 @@ fn na_sweep_needs_texel_aligned_kv() {
         .unwrap()
         .with_layout(shape.to_vec(), strides, 2)
         .unwrap();
-    let opts = |st| NeighborhoodOptions {
-        strategy: st,
-        ..NeighborhoodOptions::new(&[5, 3])
-    };
+    let opts = |st| (NeighborhoodOptions::new(&[5, 3])).strategy(st);
     let run = |k: &Tensor, st| {
         let out = Tensor::filled(ctx, &shape, DType::F32, f32::NAN).unwrap();
         neighborhood_attention_into(ctx, &q, k, k, &out, None, &opts(st))

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use wgpu_attention::sparse::snippet::{
     create_block_mask, eval_snippet, Aux, Snippet, SnippetKind, EXAMPLES, SCORE_EXAMPLES,
 };
-use wgpu_attention::sparse::{patterns, BlockLayout, BlockMask, MaskMod};
+use wgpu_attention::sparse::{masks, BlockLayout, BlockMask, MaskMod};
 
 fn layout(batch: usize, heads: usize, lq: usize, lk: usize, bq: usize, bk: usize) -> BlockLayout {
     BlockLayout {
@@ -41,7 +41,7 @@ fn shipped_examples_equal_their_rust_twins() {
         same_mask(
             src,
             &[Aux::I32(vec![lk as i32 - lq as i32])],
-            &patterns::causal(lq, lk),
+            &masks::causal(lq, lk),
             l,
         );
         // prefix-LM with a prefix of 40
@@ -51,12 +51,12 @@ fn shipped_examples_equal_their_rust_twins() {
     }
     // document masking, self-attention over 4 documents
     let offsets = [0usize, 17, 90, 91, 150];
-    let ids = patterns::document_ids(&offsets, 150);
+    let ids = masks::document_ids(&offsets, 150);
     for (bq, bk) in [(16, 16), (32, 64)] {
         same_mask(
             EXAMPLES[1].1,
             &[Aux::U32(ids.clone())],
-            &patterns::document(ids.clone(), ids.clone()),
+            &masks::document(ids.clone(), ids.clone()),
             layout(1, 1, 150, 150, bq, bk),
         );
     }
@@ -67,38 +67,38 @@ fn shipped_examples_equal_their_rust_twins() {
 /// block mask on the GPU as the closure on the host, at awkward lengths and block sizes.
 #[test]
 fn builders_wgsl_twins_equal_their_closures() {
-    let docs = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
+    let docs = masks::document_ids(&[0, 17, 90, 91, 150], 150);
     let mut checked = 0;
     for (lq, lk) in [(150, 150), (37, 150), (150, 113)] {
         let mut masks = vec![
-            patterns::causal(lq, lk),
-            patterns::sliding_window(lq, lk, Some(20), Some(3)),
-            patterns::sliding_window(lq, lk, None, Some(0)),
-            patterns::sliding_window(lq, lk, Some(5), None),
-            patterns::prefix_lm(lq, lk, 40),
-            patterns::global_tokens(vec![0, 64, 149]).or(&patterns::sliding_window(
+            masks::causal(lq, lk),
+            masks::sliding_window(lq, lk, Some(20), Some(3)),
+            masks::sliding_window(lq, lk, None, Some(0)),
+            masks::sliding_window(lq, lk, Some(5), None),
+            masks::prefix_lm(lq, lk, 40),
+            masks::global_tokens(vec![0, 64, 149]).or(&masks::sliding_window(
                 lq,
                 lk,
                 Some(8),
                 Some(8),
             )),
-            patterns::document(docs[..lq].to_vec(), docs[..lk].to_vec())
-                .and(&patterns::causal(lq, lk)),
-            patterns::strided(lq, lk, 7).unwrap(),
-            patterns::fixed(lq, lk, 16, 3).unwrap(),
-            patterns::bigbird(lq, lk, 16, 1, 1, 2, 7).unwrap(),
-            patterns::bigbird(lq, lk, 32, 0, 0, 0, 7)
+            masks::document(docs[..lq].to_vec(), docs[..lk].to_vec())
+                .and(&masks::causal(lq, lk)),
+            masks::strided(lq, lk, 7).unwrap(),
+            masks::fixed(lq, lk, 16, 3).unwrap(),
+            masks::bigbird(lq, lk, 16, 1, 1, 2, 7).unwrap(),
+            masks::bigbird(lq, lk, 32, 0, 0, 0, 7)
                 .unwrap()
-                .and(&patterns::causal(lq, lk)),
+                .and(&masks::causal(lq, lk)),
         ];
         if lq == lk {
-            masks.push(patterns::longlora_shifted(lq, 4, 32, true).unwrap());
-            masks.push(patterns::longlora_shifted(lq, 4, 50, false).unwrap());
+            masks.push(masks::longlora_shifted(lq, 4, 32, true).unwrap());
+            masks.push(masks::longlora_shifted(lq, 4, 50, false).unwrap());
         }
         if lq == 150 && lk == 150 {
             // a 10 x 15 token grid
-            masks.push(patterns::maxvit_block(10, 15, 5).unwrap());
-            masks.push(patterns::maxvit_grid(10, 15, 5).unwrap());
+            masks.push(masks::maxvit_block(10, 15, 5).unwrap());
+            masks.push(masks::maxvit_grid(10, 15, 5).unwrap());
         }
         for m in &masks {
             let (sn, aux) = m.snippet().unwrap_or_else(|e| panic!("{m:?}: {e}"));
@@ -118,7 +118,7 @@ fn builders_wgsl_twins_equal_their_closures() {
     }
     assert_eq!(checked, 3 * 11 + 2 + 2);
     // the samples naga checks in tests/naga.rs all have their twin
-    let samples = patterns::samples();
+    let samples = masks::samples();
     assert_eq!(samples.len(), 11);
     for (m, ..) in &samples {
         assert!(m.snippet().is_ok(), "{m:?}");
@@ -126,7 +126,7 @@ fn builders_wgsl_twins_equal_their_closures() {
     // a closure has no twin, and a combination past four aux buffers is refused
     let own = MaskMod::new("own", |_, _, q, k| k <= q);
     assert!(matches!(own.snippet(), Err(AttnError::Invalid { .. })));
-    let d = patterns::document(docs.clone(), docs.clone());
+    let d = masks::document(docs.clone(), docs.clone());
     let err = d.and(&d).and(&d).snippet().unwrap_err().to_string();
     assert!(err.contains("at most 4"), "{err}");
 }
@@ -137,17 +137,17 @@ fn builders_wgsl_twins_equal_their_closures() {
 /// strategy; and a block mask with partial blocks but no mask_mod to evaluate there is refused.
 #[test]
 fn builders_through_the_kernel() {
-    for (m, lq, lk, heads) in patterns::samples() {
+    for (m, lq, lk, heads) in masks::samples() {
         let sp = SparseOptions::from_mask_mod(&m, Some((16, 32))).unwrap();
         let mut case = Case::new(1, lq, lk, heads, 1, 64, 64);
         case.amp = amp_for_logit_std(3.0, 1.0 / 8.0, 64);
         assert_sparse(&case, &sp, &format!("{m:?}"));
     }
     let (lq, lk) = (113, 150);
-    let docs = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
-    let m = patterns::document(docs[..lq].to_vec(), docs.clone())
-        .and(&patterns::causal(lq, lk))
-        .or(&patterns::sinks(3));
+    let docs = masks::document_ids(&[0, 17, 90, 91, 150], 150);
+    let m = masks::document(docs[..lq].to_vec(), docs.clone())
+        .and(&masks::causal(lq, lk))
+        .or(&masks::sinks(3));
     let sp = SparseOptions::from_mask_mod(&m, Some(BLOCKS[1])).unwrap();
     for st in snippet_strategies() {
         let mut case = Case::new(1, lq, lk, 2, 1, 64, 64);
@@ -329,7 +329,7 @@ fn causal_blocks_spelled_out() {
 fn evaluator_masks_equal_their_twins() {
     let (lq, lk) = (60, 100);
     let causal = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![40])]).unwrap();
-    let twin = patterns::causal(lq, lk);
+    let twin = masks::causal(lq, lk);
     let (q, k) = (3..50, 10..90);
     let got = eval_snippet(
         ctx(),
@@ -434,10 +434,7 @@ fn random_blocks(l: BlockLayout, density: f64, seed: u64) -> BlockMask {
 }
 
 fn sparse_with(mask: BlockMask) -> SparseOptions {
-    SparseOptions {
-        block_mask: Some(Arc::new(mask)),
-        ..Default::default()
-    }
+    SparseOptions::default().block_mask(Some(Arc::new(mask)))
 }
 
 fn assert_sparse(case: &Case, sp: &SparseOptions, what: &str) {
@@ -521,7 +518,7 @@ fn block_masks_compose_with_the_dense_options() {
 fn mask_mod_snippets_through_the_kernel() {
     let (lq, lk) = (113, 150);
     let offsets = [0usize, 17, 90, 91, 150];
-    let ids = patterns::document_ids(&offsets, 150);
+    let ids = masks::document_ids(&offsets, 150);
     let cases: Vec<(&str, Vec<Aux>)> = vec![
         (EXAMPLES[0].1, vec![Aux::I32(vec![lk as i32 - lq as i32])]),
         (EXAMPLES[1].1, vec![Aux::U32(ids)]),
@@ -529,12 +526,10 @@ fn mask_mod_snippets_through_the_kernel() {
     ];
     for st in snippet_strategies() {
         for (src, aux) in &cases {
-            let sp = SparseOptions {
-                mask_mod: Some(Snippet::new(SnippetKind::MaskMod, src, aux).unwrap()),
-                aux: aux.clone(),
-                block_size: Some(BLOCKS[1]),
-                ..Default::default()
-            };
+            let sp = SparseOptions::default()
+                .mask_mod(Some(Snippet::new(SnippetKind::MaskMod, src, aux).unwrap()))
+                .aux(aux.clone())
+                .block_size(Some(BLOCKS[1]));
             let mut case = Case::new(1, lq, lk, 2, 1, 64, 64);
             case.opts.strategy = st;
             assert_sparse(&case, &sp, src);
@@ -564,12 +559,12 @@ fn score_mod_snippets_through_the_kernel() {
             _ => vec![],
         };
         assert_eq!(aux.len(), types.len(), "{name}");
-        let sp = SparseOptions {
-            score_mod: Some(Snippet::new(SnippetKind::ScoreMod, src, &aux).unwrap()),
-            aux,
-            block_size: Some(BLOCKS[1]),
-            ..Default::default()
-        };
+        let sp = SparseOptions::default()
+            .score_mod(Some(
+                Snippet::new(SnippetKind::ScoreMod, src, &aux).unwrap(),
+            ))
+            .aux(aux)
+            .block_size(Some(BLOCKS[1]));
         for st in snippet_strategies() {
             let mut case = Case::new(1, lq, lk, 2, 2, 64, 64).with(|o| o.causal = true);
             case.opts.strategy = st;
@@ -593,28 +588,22 @@ fn sigmoid_normalizer() {
                 o.kv_lens = Some(vec![160, 97]);
             });
             let mask = random_blocks(layout(1, 4, 100, 160, bq, bk), 0.6, fresh_seed());
-            let sp = SparseOptions {
-                normalizer: Normalizer::Sigmoid { bias },
-                ..sparse_with(mask)
-            };
+            let sp = sparse_with(mask).normalizer(Normalizer::Sigmoid { bias });
             assert_sparse(&case, &sp, &format!("sigmoid bias {bias:?} {st:?}"));
         }
     }
-    let sp = SparseOptions {
-        normalizer: Normalizer::Sigmoid { bias: None },
-        score_mod: Some(Snippet::new(SnippetKind::ScoreMod, SCORE_EXAMPLES[0].1, &[]).unwrap()),
-        block_size: Some(BLOCKS[1]),
-        ..Default::default()
-    };
+    let sp = SparseOptions::default()
+        .normalizer(Normalizer::Sigmoid { bias: None })
+        .score_mod(Some(
+            Snippet::new(SnippetKind::ScoreMod, SCORE_EXAMPLES[0].1, &[]).unwrap(),
+        ))
+        .block_size(Some(BLOCKS[1]));
     let case = Case::new(1, 113, 90, 2, 1, 64, 64);
     assert_sparse(&case, &sp, "sigmoid with a score_mod");
     let mut f16 = Case::new(1, 113, 200, 2, 2, 64, 64).with(|o| o.causal = true);
     f16.dtype = DType::F16;
     if ctx().caps.f16 {
-        let sp = SparseOptions {
-            normalizer: Normalizer::Sigmoid { bias: None },
-            ..Default::default()
-        };
+        let sp = SparseOptions::default().normalizer(Normalizer::Sigmoid { bias: None });
         assert_sparse(&f16, &sp, "sigmoid f16");
     } else {
         eprintln!("sigmoid f16 skipped: this adapter has no SHADER_F16");
@@ -745,53 +734,33 @@ fn topk_routing() {
         let cmp = run_sparse(
             &case,
             seed,
-            &SparseOptions {
-                block_mask: Some(Arc::new(dev_mask.clone())),
-                ..Default::default()
-            },
+            &SparseOptions::default().block_mask(Some(Arc::new(dev_mask.clone()))),
         );
         assert!(
             cmp.passed,
             "device top-k case {i}: {case:?} seed {seed}: {cmp:?}"
         );
-        let sp = SparseOptions {
-            block_mask: Some(Arc::new(got.mask)),
-            ..Default::default()
-        };
+        let sp = SparseOptions::default().block_mask(Some(Arc::new(got.mask)));
         let cmp = run_sparse(&case, seed, &sp);
         assert!(cmp.passed, "top-k case {i}: {case:?} seed {seed}: {cmp:?}");
         // the same through sparse_attention's own routing
-        let sp = SparseOptions {
-            topk: Some(topk),
-            ..Default::default()
-        };
+        let sp = SparseOptions::default().topk(Some(topk));
         let mut o = case.opts.clone();
         o.return_lse = false;
         let vt = Tensor::from_f32(c, &v, &[s.batch, s.lk, s.hkv, s.dv]).unwrap();
-        let routed = sparse_attention(
-            c,
-            &qt,
-            &kt,
-            &vt,
-            &SparseOptions {
-                flash: o.clone(),
-                ..sp
-            },
-        )
-        .unwrap()
-        .out
-        .to_vec_f32(c)
-        .unwrap();
+        let routed = sparse_attention(c, &qt, &kt, &vt, &sp.flash(o.clone()))
+            .unwrap()
+            .out
+            .to_vec_f32(c)
+            .unwrap();
         let direct = sparse_attention(
             c,
             &qt,
             &kt,
             &vt,
-            &SparseOptions {
-                flash: o,
-                block_mask: Some(Arc::new(dev_mask)),
-                ..Default::default()
-            },
+            &SparseOptions::default()
+                .flash(o)
+                .block_mask(Some(Arc::new(dev_mask))),
         )
         .unwrap()
         .out
@@ -899,42 +868,32 @@ fn snippets_equal_the_built_ins() {
             SnippetKind::MaskMod,
             EXAMPLES[0].1,
             vec![Aux::I32(vec![0])],
-            FlashOptions {
-                causal: true,
-                ..Default::default()
-            },
+            FlashOptions::default().causal(true),
         ),
         (
             SnippetKind::ScoreMod,
             SCORE_EXAMPLES[0].1,
             vec![],
-            FlashOptions {
-                softcap: Some(30.0),
-                ..Default::default()
-            },
+            FlashOptions::default().softcap(Some(30.0)),
         ),
         (
             SnippetKind::ScoreMod,
             SCORE_EXAMPLES[1].1,
             vec![Aux::F32(slopes.clone())],
-            FlashOptions {
-                alibi_slopes: Some(slopes.clone()),
-                ..Default::default()
-            },
+            FlashOptions::default().alibi_slopes(Some(slopes.clone())),
         ),
     ];
     for st in snippet_strategies() {
         for (kind, src, aux, builtin) in &pairs {
             let sn = Snippet::new(*kind, src, aux).unwrap();
-            let mut sp = SparseOptions {
-                aux: aux.clone(),
-                block_size: Some(BLOCKS[1]),
-                ..Default::default()
-            };
+            let mut sp = SparseOptions::default()
+                .aux(aux.clone())
+                .block_size(Some(BLOCKS[1]));
             sp.flash.strategy = st;
             match kind {
                 SnippetKind::MaskMod => sp.mask_mod = Some(sn),
                 SnippetKind::ScoreMod => sp.score_mod = Some(sn),
+                other => panic!("no test for snippet kind {other:?}"),
             }
             let mut dense = builtin.clone();
             dense.strategy = st;
@@ -1028,18 +987,13 @@ fn bad_sparse_calls_are_refused() {
     assert!(e.to_string().contains("Lk = 80"), "{e}");
     // aux buffers other than the snippet was checked with
     let sn = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![0])]).unwrap();
-    let sp = SparseOptions {
-        mask_mod: Some(sn),
-        aux: vec![Aux::F32(vec![0.0])],
-        ..Default::default()
-    };
+    let sp = SparseOptions::default()
+        .mask_mod(Some(sn))
+        .aux(vec![Aux::F32(vec![0.0])]);
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("aux"), "{e}");
     // a block size that is not a multiple of 16
-    let sp = SparseOptions {
-        block_size: Some((24, 16)),
-        ..Default::default()
-    };
+    let sp = SparseOptions::default().block_size(Some((24, 16)));
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("multiple of 16"), "{e}");
     // top-k routing: blocks on the grid, and the only source of blocks
@@ -1050,36 +1004,25 @@ fn bad_sparse_calls_are_refused() {
         local: 0,
         sinks: 0,
     };
-    let sp = SparseOptions {
-        topk: Some(topk(24)),
-        ..Default::default()
-    };
+    let sp = SparseOptions::default().topk(Some(topk(24)));
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("multiple of 16"), "{e}");
-    let sp = SparseOptions {
-        topk: Some(topk(16)),
-        mask_mod: Some(
+    let sp = SparseOptions::default()
+        .topk(Some(topk(16)))
+        .mask_mod(Some(
             Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &[Aux::I32(vec![0])]).unwrap(),
-        ),
-        aux: vec![Aux::I32(vec![0])],
-        ..Default::default()
-    };
+        ))
+        .aux(vec![Aux::I32(vec![0])]);
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("top-k"), "{e}");
     // sigmoid attention has no LSE; its bias must be finite
-    let mut sp = SparseOptions {
-        normalizer: Normalizer::Sigmoid { bias: None },
-        ..Default::default()
-    };
+    let mut sp = SparseOptions::default().normalizer(Normalizer::Sigmoid { bias: None });
     sp.flash.return_lse = true;
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("sigmoid"), "{e}");
-    let sp = SparseOptions {
-        normalizer: Normalizer::Sigmoid {
-            bias: Some(f32::NAN),
-        },
-        ..Default::default()
-    };
+    let sp = SparseOptions::default().normalizer(Normalizer::Sigmoid {
+        bias: Some(f32::NAN),
+    });
     let e = sparse_attention(c, &q, &k, &k, &sp).err().unwrap();
     assert!(e.to_string().contains("finite"), "{e}");
 }
@@ -1096,7 +1039,7 @@ fn aux_tensors_equal_host_aux() {
     let t =
         |l: usize, s: u64| Tensor::from_f32(c, &random(l * h * d, amp, s), &[1, l, h, d]).unwrap();
     let (q, k, v) = (t(lq, seed), t(lk, seed ^ 1), t(lk, seed ^ 2));
-    let ids = patterns::document_ids(&[0, 17, 90, 91, 150], 150);
+    let ids = masks::document_ids(&[0, 17, 90, 91, 150], 150);
     let table = random(129, 1.0, seed ^ 3);
     // document masking (u32 ids), causal (an i32 offset), a relative bias table (f32)
     let host = [
@@ -1122,14 +1065,13 @@ fn aux_tensors_equal_host_aux() {
     for (src, kind, on_host, on_device) in host {
         let run = |aux: Aux| {
             let sn = Snippet::new(kind, src, std::slice::from_ref(&aux)).unwrap();
-            let mut sp = SparseOptions {
-                aux: vec![aux],
-                block_size: Some(BLOCKS[1]),
-                ..Default::default()
-            };
+            let mut sp = SparseOptions::default()
+                .aux(vec![aux])
+                .block_size(Some(BLOCKS[1]));
             match kind {
                 SnippetKind::MaskMod => sp.mask_mod = Some(sn),
                 SnippetKind::ScoreMod => sp.score_mod = Some(sn),
+                other => panic!("no test for snippet kind {other:?}"),
             }
             let o = sparse_attention(c, &q, &k, &v, &sp).unwrap();
             (o.out.to_vec_f32(c).unwrap(), sp)
@@ -1152,11 +1094,9 @@ fn aux_tensors_equal_host_aux() {
             SCORE_EXAMPLES[2].1,
             &[Aux::F32(vec![0.0])],
         );
-        let sp = SparseOptions {
-            score_mod: Some(sn.unwrap()),
-            aux: vec![aux],
-            ..Default::default()
-        };
+        let sp = SparseOptions::default()
+            .score_mod(Some(sn.unwrap()))
+            .aux(vec![aux]);
         let Err(e) = sparse_attention(c, &q, &k, &v, &sp) else {
             panic!("{want}: ran");
         };

@@ -138,11 +138,9 @@ fn random_inputs(a: &LinearArgs, rule: Rule, map: FeatureMap, s: &str) -> CliRes
     let id = |x: f32| x;
     let log_sigmoid = |x: f32| -(1.0 + (-4.0 * x).exp()).ln();
     let sigmoid = |x: f32| 1.0 / (1.0 + (-4.0 * x).exp());
-    let positive = LinearOptions {
-        feature_map: map,
-        normalize: a.normalize,
-        ..Default::default()
-    };
+    let positive = LinearOptions::default()
+        .feature_map(map)
+        .normalize(a.normalize);
     // normalizing identity features by q.z wants positive ones (signed ones cancel)
     let qk = |x: f32| {
         if LinearShape::normalized(&positive) && map == FeatureMap::Identity {
@@ -240,17 +238,15 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
         upload(&ctx, &host.k)?,
         upload(&ctx, &host.v)?,
     );
-    let mut opts = LinearOptions {
-        rule,
-        feature_map: map,
-        normalize: a.normalize,
-        qk_l2norm: a.qk_l2norm,
-        causal: !a.non_causal,
-        scale: a.scale,
-        mode,
-        cu_seqlens: a.cu_seqlens.clone(),
-        ..Default::default()
-    };
+    let mut opts = LinearOptions::default()
+        .rule(rule)
+        .feature_map(map)
+        .normalize(a.normalize)
+        .qk_l2norm(a.qk_l2norm)
+        .causal(!a.non_causal)
+        .scale(a.scale)
+        .mode(mode)
+        .cu_seqlens(a.cu_seqlens.clone());
     opts.g = host.g.as_ref().map(|x| upload(&ctx, x)).transpose()?;
     opts.beta = host.beta.as_ref().map(|x| upload(&ctx, x)).transpose()?;
     opts.initial_state = host.init.as_ref().map(|x| upload(&ctx, x)).transpose()?;

@@ -31,15 +31,14 @@ fn options(a: &RunArgs) -> CliResult<NeighborhoodOptions> {
             ))),
         })
         .collect::<CliResult<Vec<bool>>>()?;
-    Ok(NeighborhoodOptions {
-        kernel_size: list("na-kernel", &a.na_kernel)?,
-        dilation: list("na-dilation", &a.na_dilation)?,
-        stride: list("na-stride", &a.na_stride)?,
-        is_causal: causal,
-        scale: a.scale,
-        return_lse: false,
-        strategy: a.strategy.choice(),
-    })
+    Ok(NeighborhoodOptions::default()
+        .kernel_size(list("na-kernel", &a.na_kernel)?)
+        .dilation(list("na-dilation", &a.na_dilation)?)
+        .stride(list("na-stride", &a.na_stride)?)
+        .causal(causal)
+        .scale(a.scale)
+        .return_lse(false)
+        .strategy(a.strategy.choice()))
 }
 
 /// Random inputs come as `[B, L, H, D]` from `--shape`: `--na-grid` gives them their spatial axes.
@@ -164,7 +163,7 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
         opts.kernel_size,
         opts.dilation,
         opts.stride,
-        opts.is_causal,
+        opts.causal,
         q.dtype()
     );
     let mut shape = vec![b];

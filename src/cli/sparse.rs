@@ -157,16 +157,15 @@ pub fn options(a: &SparseArgs, s: &AttnShape, flash: FlashOptions) -> Result<Spa
         }
         None => None,
     };
-    Ok(SparseOptions {
-        flash,
-        block_mask,
-        mask_mod,
-        score_mod,
-        aux,
-        block_size,
-        normalizer,
-        topk,
-    })
+    Ok(SparseOptions::default()
+        .flash(flash)
+        .block_mask(block_mask)
+        .mask_mod(mask_mod)
+        .score_mod(score_mod)
+        .aux(aux)
+        .block_size(block_size)
+        .normalizer(normalizer)
+        .topk(topk))
 }
 
 /// `bench --sparse-sweep L`: block-sparse attention over random block masks at 5, 10, 25 and
@@ -217,18 +216,9 @@ pub fn sweep(
         &[Aux::I32(vec![0])], // Lk - Lq: bottom-right aligned, as the built-in flag
     )?;
     let mut records = vec![bench::flash_pass(ctx, &dense, strategy)?];
-    let base = SparseOptions {
-        flash: wgpu_attention::FlashOptions {
-            strategy,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let base = SparseOptions::default().flash(FlashOptions::default().strategy(strategy));
     for (_, _, m) in &masks {
-        let opts = SparseOptions {
-            block_mask: Some(m.clone()),
-            ..base.clone()
-        };
+        let opts = base.clone().block_mask(Some(m.clone()));
         records.push(bench::sparse_pass(ctx, &dense, opts)?);
     }
     records.push(bench::flash_pass(ctx, &causal, strategy)?);
@@ -237,12 +227,10 @@ pub fn sweep(
     records.push(bench::sparse_pass(
         ctx,
         &via_mod,
-        SparseOptions {
-            mask_mod: Some(causal_mod),
-            aux: vec![Aux::I32(vec![0])],
-            block_size: Some((block, block)),
-            ..base.clone()
-        },
+        base.clone()
+            .mask_mod(Some(causal_mod))
+            .aux(vec![Aux::I32(vec![0])])
+            .block_size(Some((block, block))),
     )?);
     // top-k: k = 8 key blocks per query block, routed from the case's own q and k
     let topk = TopK {
@@ -277,10 +265,7 @@ pub fn sweep(
     records.push(bench::sparse_pass(
         ctx,
         &dense,
-        SparseOptions {
-            block_mask: Some(routed),
-            ..base.clone()
-        },
+        base.clone().block_mask(Some(routed)),
     )?);
     let t = bench::time_interleaved(ctx, bench::WARMUP, rounds, &mut records)?;
     let dense_t = &t[0].1;

@@ -18,8 +18,11 @@ pub use crate::softmax::call::check_inputs;
 use crate::softmax::call::{encode_with, Call, CallLayout, FamilyData};
 use crate::softmax::kernel_key;
 pub use crate::softmax::options::{
-    AttentionOutput, AttnShape, FlashOptions, FlashPlan, StrategyChoice,
+    AttentionOutput, AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice,
 };
+
+/// A dense call's plan: the engine's [`SoftmaxPlan`] (kernel key, grid, tile pairs).
+pub type FlashPlan = SoftmaxPlan;
 use crate::softmax::plan::{candidates, choose_tile};
 pub use crate::softmax::plan::{heuristic_tile, pairs_tiles, tunable};
 use crate::softmax::shader::{FlashKey, Strategy};
@@ -123,7 +126,7 @@ pub fn plan(
     if pair_tiles {
         x = x.div_ceil(2);
     }
-    Ok(FlashPlan {
+    Ok(SoftmaxPlan {
         key,
         grid: crate::softmax::grid(ctx, x, shape)?,
         pair_tiles,

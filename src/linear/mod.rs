@@ -39,6 +39,7 @@ use chunk::{ChunkKey, Stage};
 use shader::{flags, Decay, LinearKey, LinearParams};
 
 /// The update rule (see the module docs).
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Rule {
     #[default]
@@ -89,6 +90,7 @@ impl Rule {
 }
 
 /// The feature map of the `Linear` rule, applied in the kernel to the raw q and k.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum FeatureMap {
     #[default]
@@ -124,6 +126,7 @@ impl FeatureMap {
 
 /// Which kernel. `Auto` takes `Chunk` where the longest sequence has [`auto_chunk_min_t`]
 /// tokens, else `Recurrent`.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     #[default]
@@ -197,6 +200,7 @@ impl Mode {
 }
 
 /// Options of a linear attention call. `Default` is causal `Linear` with the identity map.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct LinearOptions {
     pub rule: Rule,
@@ -228,6 +232,22 @@ pub struct LinearOptions {
     /// variant without subgroups (what a browser runs), `Some(true)` requires the subgroup one.
     pub subgroups: Option<bool>,
 }
+
+crate::setters!(LinearOptions {
+    rule: Rule,
+    feature_map: FeatureMap,
+    normalize: bool,
+    qk_l2norm: bool,
+    causal: bool,
+    scale: Option<f32>,
+    mode: Mode,
+    g: Option<Tensor>,
+    beta: Option<Tensor>,
+    initial_state: Option<Tensor>,
+    output_final_state: bool,
+    cu_seqlens: Option<Vec<u32>>,
+    subgroups: Option<bool>,
+});
 
 impl Default for LinearOptions {
     fn default() -> Self {
@@ -345,6 +365,7 @@ pub(crate) fn sequences(
 }
 
 /// Output of [`linear_attention`].
+#[non_exhaustive]
 #[derive(Debug)]
 pub struct LinearOutput {
     /// `[B, T, HV, V]`, v's dtype.
@@ -354,6 +375,7 @@ pub struct LinearOutput {
 }
 
 /// The kernels a plan runs.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub enum LinearKernel {
     Recurrent {
@@ -382,6 +404,7 @@ pub struct ChunkPlan {
 }
 
 /// What the plan chose.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct LinearPlan {
     pub kernel: LinearKernel,

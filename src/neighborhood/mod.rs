@@ -7,7 +7,7 @@
 //! # Which keys a query sees
 //!
 //! The mask is a product over axes: query `x` sees key `y` iff it does on every axis. On one
-//! axis of length `n` with `kernel_size k`, `dilation d`, `stride s` and `is_causal c`:
+//! axis of length `n` with `kernel_size k`, `dilation d`, `stride s` and `causal c`:
 //!
 //! 1. **Dilation** splits the axis into `d` interleaved groups (`x % d`); a query only sees keys
 //!    of its own group, and the window below lives in group coordinates `x / d`, on a group of
@@ -40,8 +40,9 @@ pub mod shader;
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::softmax::call::{encode_with, Call};
-use crate::softmax::{AttentionOutput, FlashOptions, FlashPlan, StrategyChoice};
+use crate::softmax::{AttentionOutput, FlashOptions, StrategyChoice};
 use crate::tensor::{DType, Tensor};
+pub use plan::NeighborhoodPlan;
 
 /// One spatial axis, checked: the definition above, with the axis length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -108,19 +109,31 @@ impl NaAxis {
 }
 
 /// Options of [`neighborhood_attention`]. Per-axis lists have one entry per spatial axis; an
-/// empty `dilation`, `stride` or `is_causal` means 1, 1, false on every axis.
+/// empty `dilation`, `stride` or `causal` means 1, 1, false on every axis.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct NeighborhoodOptions {
     pub kernel_size: Vec<usize>,
     pub dilation: Vec<usize>,
     pub stride: Vec<usize>,
-    pub is_causal: Vec<bool>,
+    /// Causal per axis (NATTEN's `is_causal`): a query sees only keys at or before it there.
+    pub causal: Vec<bool>,
     /// Softmax scale; `None` is `1 / sqrt(D)`.
     pub scale: Option<f32>,
     /// Also return the log-sum-exp `[B, X, (Y, (Z,)) Hq]`.
     pub return_lse: bool,
     pub strategy: StrategyChoice,
 }
+
+crate::setters!(NeighborhoodOptions {
+    kernel_size: Vec<usize>,
+    dilation: Vec<usize>,
+    stride: Vec<usize>,
+    causal: Vec<bool>,
+    scale: Option<f32>,
+    return_lse: bool,
+    strategy: StrategyChoice,
+});
 
 impl NeighborhoodOptions {
     /// Kernel sizes, one per spatial axis; dilation 1, stride 1, not causal.
@@ -161,12 +174,12 @@ impl NeighborhoodOptions {
         }
         let dil = per_axis(&self.dilation, "dilation", 1)?;
         let stride = per_axis(&self.stride, "stride", 1)?;
-        let causal = match self.is_causal.len() {
+        let causal = match self.causal.len() {
             0 => vec![false; rank],
-            l if l == rank => self.is_causal.clone(),
+            l if l == rank => self.causal.clone(),
             l => {
                 return Err(AttnError::invalid(
-                    "is_causal",
+                    "causal",
                     format!("{rank} values (one per spatial axis)"),
                     format!("{l} values"),
                 ))
@@ -387,7 +400,7 @@ pub fn encode_neighborhood_attention(
     lse: Option<&Tensor>,
     opts: &NeighborhoodOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
-) -> Result<FlashPlan> {
+) -> Result<NeighborhoodPlan> {
     let f = check(q, k, v, opts)?;
     let (_, of) = flatten(out, "out")?;
     let lf = lse.map(|l| flatten_lse(l, &f.spatial)).transpose()?;
@@ -412,7 +425,7 @@ pub fn neighborhood_attention_into(
     out: &Tensor,
     lse: Option<&Tensor>,
     opts: &NeighborhoodOptions,
-) -> Result<FlashPlan> {
+) -> Result<NeighborhoodPlan> {
     ctx.submit(|enc| encode_neighborhood_attention(ctx, enc, q, k, v, out, lse, opts, None))
 }
 

@@ -8,7 +8,10 @@ use crate::pipeline::Kernel;
 use crate::softmax::call::{CallLayout, FamilyData};
 use crate::softmax::shader::{FlashKey, Strategy};
 use crate::softmax::{kernel_key, subgroup_ranges, HEAD_DIM_BUCKETS};
-use crate::softmax::{AttnShape, FlashOptions, FlashPlan, StrategyChoice};
+use crate::softmax::{AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice};
+
+/// A neighborhood call's plan: the engine's [`SoftmaxPlan`] (kernel key, grid).
+pub type NeighborhoodPlan = SoftmaxPlan;
 use crate::tensor::DType;
 
 use super::shader::{NaParams, Neighborhood};
@@ -180,7 +183,7 @@ pub fn all_na_keys() -> Vec<FlashKey> {
 /// axes back) and the query tiling.
 #[derive(Clone, Copy, Debug)]
 pub struct NaPlan {
-    pub flash: FlashPlan,
+    pub flash: NeighborhoodPlan,
     pub spec: NaSpec,
     pub grid: NaGrid,
 }
@@ -308,7 +311,7 @@ pub fn plan(
         .product::<u64>()
         .saturating_mul(grid.per_group() as u64);
     Ok(NaPlan {
-        flash: FlashPlan {
+        flash: NeighborhoodPlan {
             key,
             grid: crate::softmax::grid(ctx, x, shape)?,
             pair_tiles: false,
@@ -343,7 +346,7 @@ impl CallLayout for NaLayout<'_> {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, FamilyData)> {
+    ) -> Result<(NeighborhoodPlan, FamilyData)> {
         let p = plan(ctx, s, dtype, opts, self.0)?;
         let family = FamilyData {
             uniform: bytemuck::bytes_of(&p.params()).to_vec(),

@@ -11,7 +11,7 @@ use crate::pipeline::BindingKind;
 use crate::resources::{
     check_no_alias, copy_to_texture, make_textures, texture_texels, BoundRange,
 };
-use crate::softmax::options::{AttnShape, FlashOptions, FlashPlan, StrategyChoice};
+use crate::softmax::options::{AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice};
 use crate::softmax::shader::{flags, FlashParams, Strategy};
 use crate::tensor::{DType, Tensor};
 
@@ -30,7 +30,7 @@ pub(crate) trait CallLayout {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, FamilyData)>;
+    ) -> Result<(SoftmaxPlan, FamilyData)>;
 }
 
 /// A family's own buffers for one planned call, bound after the shared bindings in the
@@ -147,7 +147,7 @@ pub(crate) fn check_lens(
 
 /// Everything a dispatch needs, checked.
 struct Prepared {
-    plan: FlashPlan,
+    plan: SoftmaxPlan,
     /// Sweep: Q, K and V textures with their texel counts, filled by copies before the pass.
     textures: Option<[(wgpu::Texture, u64); 3]>,
     bind_group: wgpu::BindGroup,
@@ -323,7 +323,7 @@ fn plan_call(
     c: &Checked,
     call: &Call,
     layout: &dyn CallLayout,
-) -> Result<(FlashPlan, FamilyData, Option<[u64; 3]>)> {
+) -> Result<(SoftmaxPlan, FamilyData, Option<[u64; 3]>)> {
     let dtype = call.q.dtype();
     let (plan, family) = layout.plan(ctx, &c.s, dtype, call.opts)?;
     if plan.key.strategy != Strategy::Sweep {
@@ -570,7 +570,7 @@ pub(crate) fn encode_with(
     call: &Call,
     layout: &dyn CallLayout,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
-) -> Result<FlashPlan> {
+) -> Result<SoftmaxPlan> {
     let q = call.q;
     let prep = prepare(ctx, call, layout)?;
     let copied = prep.textures.is_some();

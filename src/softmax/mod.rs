@@ -12,7 +12,7 @@ pub mod reference;
 pub mod sequence;
 pub mod shader;
 
-pub use options::{AttentionOutput, AttnShape, FlashOptions, FlashPlan, StrategyChoice};
+pub use options::{AttentionOutput, AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice};
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};

@@ -7,6 +7,7 @@ use crate::tensor::Tensor;
 use crate::tuning::{Strategy, Tile};
 
 /// Which strategy to use: chosen from the adapter unless forced.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StrategyChoice {
     /// Subgroup shuffles on CPU adapters that have subgroups; workgroup-memory tiles elsewhere.
@@ -16,6 +17,7 @@ pub enum StrategyChoice {
 }
 
 /// Optional knobs of a flash attention call. `Default` is plain softmax attention.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct FlashOptions {
     /// Bottom-right aligned causal mask.
@@ -48,6 +50,21 @@ pub struct FlashOptions {
     pub tile: Option<Tile>,
 }
 
+crate::setters!(FlashOptions {
+    causal: bool,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    alibi_slopes: Option<Vec<f32>>,
+    bias: Option<Tensor>,
+    q_lens: Option<Vec<u32>>,
+    kv_lens: Option<Vec<u32>>,
+    window: (Option<u32>, Option<u32>),
+    sinks: u32,
+    return_lse: bool,
+    strategy: StrategyChoice,
+    tile: Option<Tile>,
+});
+
 /// Problem sizes, read off the tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -78,15 +95,19 @@ impl AttnShape {
     }
 }
 
-/// What a flash call returns: O and, when asked for, LSE.
+/// What a call of a softmax family (dense, neighborhood, sparse) returns: O and, when asked
+/// for, LSE.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
 pub struct AttentionOutput {
     pub out: Tensor,
     pub lse: Option<Tensor>,
 }
 
 /// The decisions for one call: kernel specialization and grid.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug)]
-pub struct FlashPlan {
+pub struct SoftmaxPlan {
     pub key: FlashKey,
     pub grid: [u32; 3],
     /// Tiled causal calls on CPU adapters: each workgroup owns query tile `x` and its mirror
@@ -95,7 +116,7 @@ pub struct FlashPlan {
     pub pair_tiles: bool,
 }
 
-impl FlashPlan {
+impl SoftmaxPlan {
     /// The kernel's label, with ` (tile pairs)` when workgroups own mirrored tile pairs.
     pub fn label(&self) -> String {
         match self.pair_tiles {

@@ -21,7 +21,10 @@ use crate::softmax::reference::{
     attention_reference_hooked, raw_score, RefHooks, RefInputs, RefOutput,
 };
 use crate::softmax::shader::{Geo, Strategy};
-use crate::softmax::{AttentionOutput, AttnShape, FlashOptions, FlashPlan, StrategyChoice};
+use crate::softmax::{AttentionOutput, AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice};
+
+/// A sparse call's plan: the engine's [`SoftmaxPlan`] (kernel key, grid).
+pub type SparsePlan = SoftmaxPlan;
 use crate::sparse::routing::{encode_route, DeviceRouting, TopK};
 use crate::sparse::shader::{geometry, SparseParams, FULL, PARTIAL};
 use crate::sparse::snippet::{
@@ -34,6 +37,7 @@ use crate::tensor::{DType, Tensor};
 pub const DEFAULT_BLOCK: usize = 128;
 
 /// A sparse attention call's options: a dense call's, and what makes it sparse.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct SparseOptions {
     /// Every dense option applies (its masks are ANDed with the block mask).
@@ -57,9 +61,20 @@ pub struct SparseOptions {
     pub topk: Option<TopK>,
 }
 
+crate::setters!(SparseOptions {
+    flash: FlashOptions,
+    block_mask: Option<Arc<BlockMask>>,
+    mask_mod: Option<Snippet>,
+    score_mod: Option<Snippet>,
+    aux: Vec<Aux>,
+    block_size: Option<(usize, usize)>,
+    normalizer: Normalizer,
+    topk: Option<TopK>,
+});
+
 impl SparseOptions {
     /// FlexAttention's `create_block_mask(mask_mod, ..)` with a builder's mask
-    /// ([`crate::sparse::patterns`], combinators included): its WGSL twin
+    /// ([`crate::sparse::masks`], combinators included): its WGSL twin
     /// ([`MaskMod::snippet`]) as the `mask_mod` with its aux buffers, the block mask made from
     /// it on the GPU per call in blocks of `block_size` (`None`: 128 x 128).
     pub fn from_mask_mod(mask: &MaskMod, block_size: Option<(usize, usize)>) -> Result<Self> {
@@ -74,6 +89,7 @@ impl SparseOptions {
 }
 
 /// How a row's scores become the weights of its values.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Normalizer {
     /// `softmax(s)` over the row's visible keys.
@@ -283,7 +299,7 @@ impl SparseLayout {
 
     /// Query rows per row tile of this plan: a workgroup's (Tiled), a subgroup's of the
     /// largest size (Subgroup; smaller subgroups sit inside one such tile).
-    fn tile_rows(ctx: &GpuContext, plan: &FlashPlan) -> u32 {
+    fn tile_rows(ctx: &GpuContext, plan: &SparsePlan) -> u32 {
         match plan.key.strategy {
             Strategy::Tiled => plan.key.rows_per_workgroup(),
             Strategy::Subgroup | Strategy::Sweep => ctx.caps.subgroup_max.max(1) * plan.key.rows,
@@ -299,7 +315,7 @@ impl SparseLayout {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, u32)> {
+    ) -> Result<(SparsePlan, u32)> {
         // base_key refuses a forced Sweep (neighborhood calls only)
         let mut key = base_key(ctx, s, dtype, opts, self.geo)?;
         if key.strategy == Strategy::Subgroup && key.wg > 64 {
@@ -350,7 +366,7 @@ impl SparseLayout {
             key.block = pow2_dividing(bk, key.block);
             key.group = key.group.min(key.block);
         }
-        let plan = FlashPlan {
+        let plan = SparsePlan {
             key,
             grid: [0; 3],
             pair_tiles: false,
@@ -366,7 +382,7 @@ impl SparseLayout {
         let trips = nk as u64 * (1 + steps * (1 + step / key.group as u64));
         crate::softmax::check_trips(ctx, trips, s.lk)?;
         let x = (s.lq as u64).div_ceil(key.rows_per_workgroup() as u64);
-        let plan = FlashPlan {
+        let plan = SparsePlan {
             key,
             grid: crate::softmax::grid(ctx, x, s)?,
             pair_tiles: false,
@@ -393,7 +409,7 @@ impl CallLayout for SparseLayout {
         s: &AttnShape,
         dtype: DType,
         opts: &FlashOptions,
-    ) -> Result<(FlashPlan, FamilyData)> {
+    ) -> Result<(SparsePlan, FamilyData)> {
         let (plan, g) = self.plan_key(ctx, s, dtype, opts)?;
         let l = self.layout();
         let (bq, bk) = (l.q_block as u32, l.kv_block as u32);
@@ -525,7 +541,7 @@ pub fn encode_sparse_attention(
     lse: Option<&Tensor>,
     opts: &SparseOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
-) -> Result<FlashPlan> {
+) -> Result<SparsePlan> {
     let s = check_inputs(q, k, v)?;
     if lse.is_some() && opts.normalizer != Normalizer::Softmax {
         return Err(AttnError::invalid(
@@ -586,7 +602,7 @@ pub fn sparse_attention_into(
     out: &Tensor,
     lse: Option<&Tensor>,
     opts: &SparseOptions,
-) -> Result<FlashPlan> {
+) -> Result<SparsePlan> {
     ctx.submit(|enc| encode_sparse_attention(ctx, enc, q, k, v, out, lse, opts, None))
 }
 
@@ -733,7 +749,7 @@ pub fn all_kernels() -> Vec<Box<dyn crate::pipeline::Kernel>> {
         let values: Vec<Aux> = types.iter().map(|t| Aux::placeholder(t)).collect();
         Snippet::new(kind, src, &values).ok()
     });
-    let twins = crate::sparse::patterns::samples()
+    let twins = crate::sparse::masks::samples()
         .into_iter()
         .filter_map(|(m, ..)| m.snippet().ok().map(|(sn, _)| sn));
     for sn in examples.chain(twins) {

@@ -27,6 +27,7 @@ use crate::tensor::{DType, Tensor};
 use crate::wgsl::Wgsl;
 
 /// Which function a snippet defines.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SnippetKind {
     MaskMod,
@@ -61,6 +62,7 @@ impl SnippetKind {
 /// A read-only buffer a snippet reads as `aux0`..`aux3`, flattened: host data (uploaded per
 /// call), or a tensor already on the device (bound as it is, no copy: an embedder's own
 /// buffer) of dtype f32, i32 or u32, contiguous, starting at a storage-aligned offset.
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub enum Aux {
     F32(Vec<f32>),
@@ -703,7 +705,7 @@ pub fn example_kernels() -> Vec<Box<dyn Kernel>> {
         }
     }
     // the builders' WGSL twins (a broken one is reported by tests/sparse.rs)
-    for (snippet, _) in crate::sparse::patterns::samples()
+    for (snippet, _) in crate::sparse::masks::samples()
         .iter()
         .filter_map(|(m, ..)| m.snippet().ok())
     {

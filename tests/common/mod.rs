@@ -192,20 +192,14 @@ fn run_family(case: &Case, seed: u64, sparse: Option<&SparseOptions>) -> Compari
     // sigmoid attention has no LSE (refused): O alone is compared
     let with_lse = sparse.is_none_or(|sp| sp.normalizer == Normalizer::Softmax);
     let lse_out = with_lse.then_some(&lse);
-    let sparse = sparse.map(|sp| SparseOptions {
-        flash: opts.clone(),
-        ..sp.clone()
-    });
+    let sparse = sparse.map(|sp| sp.clone().flash(opts.clone()));
     let mask = sparse.as_ref().map(|sp| {
         wgpu_attention::sparse::attention::resolve_block_mask(ctx, &s, sp)
             .unwrap_or_else(|e| panic!("{case:?}: block mask failed: {e}"))
     });
     match (&sparse, &mask) {
         (Some(sp), Some(m)) => {
-            let sp = SparseOptions {
-                block_mask: Some(m.clone()),
-                ..sp.clone()
-            };
+            let sp = sp.clone().block_mask(Some(m.clone()));
             sparse_attention_into(ctx, &qt, &kt, &vt, &out, lse_out, &sp)
         }
         _ => flash_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts),

@@ -199,13 +199,11 @@ impl Problem {
         }
         let (lq, lk, na) = match cfg.variant {
             Variant::Neighborhood => {
-                let opts = NeighborhoodOptions {
-                    kernel_size: cfg.kernel.clone(),
-                    dilation: cfg.dilation.clone(),
-                    stride: cfg.stride.clone(),
-                    is_causal: cfg.grid_causal.clone(),
-                    ..Default::default()
-                };
+                let opts = NeighborhoodOptions::default()
+                    .kernel_size(cfg.kernel.clone())
+                    .dilation(cfg.dilation.clone())
+                    .stride(cfg.stride.clone())
+                    .causal(cfg.grid_causal.clone());
                 let spec = NaSpec::new(&opts.axes(&cfg.grid)?)?;
                 (spec.len(), spec.len(), Some((opts, spec)))
             }
@@ -224,18 +222,14 @@ impl Problem {
             .tile
             .map(|[wg, rows]| wgpu_attention::softmax::Tile::new(wg, rows));
         let flash = match cfg.variant {
-            Variant::Dense | Variant::Sparse => FlashOptions {
-                causal: cfg.causal,
-                tile: tile.filter(|_| cfg.variant == Variant::Dense),
-                ..Default::default()
-            },
-            Variant::Window => FlashOptions {
-                causal: cfg.causal,
-                window: (side(cfg.window[0]), side(cfg.window[1])),
-                sinks: cfg.sinks,
-                tile,
-                ..Default::default()
-            },
+            Variant::Dense | Variant::Sparse => FlashOptions::default()
+                .causal(cfg.causal)
+                .tile(tile.filter(|_| cfg.variant == Variant::Dense)),
+            Variant::Window => FlashOptions::default()
+                .causal(cfg.causal)
+                .window((side(cfg.window[0]), side(cfg.window[1])))
+                .sinks(cfg.sinks)
+                .tile(tile),
             Variant::Neighborhood | Variant::Linear => FlashOptions::default(),
         };
         // random in [-1, 1), rounded to f16 first where the kernel reads f16
@@ -280,23 +274,19 @@ impl Problem {
                     .collect();
                 let mask = Arc::new(BlockMask::from_dense(&on, layout)?);
                 let options = match cfg.topk {
-                    0 => SparseOptions {
-                        flash: flash.clone(),
-                        block_mask: Some(mask.clone()),
-                        ..Default::default()
-                    },
+                    0 => SparseOptions::default()
+                        .flash(flash.clone())
+                        .block_mask(Some(mask.clone())),
                     // routed on the device: the mask (every block) is the reference's
-                    k => SparseOptions {
-                        flash: flash.clone(),
-                        topk: Some(TopK {
+                    k => SparseOptions::default()
+                        .flash(flash.clone())
+                        .topk(Some(TopK {
                             k,
                             block: cfg.block[0],
                             local: 1,
                             sinks: 1,
-                        }),
-                        block_mask: None,
-                        ..Default::default()
-                    },
+                        }))
+                        .block_mask(None),
                 };
                 (Some(options), Some(mask))
             }

@@ -281,7 +281,7 @@ pub struct SelftestCase {
 /// builder's block mask.
 async fn sparse_block_mask_case(ctx: &GpuContext) -> SelftestCase {
     use wgpu_attention::sparse::snippet::{create_block_mask_async, Aux, Snippet, SnippetKind};
-    use wgpu_attention::sparse::{patterns, snippet::EXAMPLES, BlockLayout, BlockMask};
+    use wgpu_attention::sparse::{masks, snippet::EXAMPLES, BlockLayout, BlockMask};
     let (lq, lk) = (113, 200);
     let layout = BlockLayout {
         batch: 1,
@@ -295,7 +295,7 @@ async fn sparse_block_mask_case(ctx: &GpuContext) -> SelftestCase {
     let run = async {
         let snippet = Snippet::new(SnippetKind::MaskMod, EXAMPLES[0].1, &aux)?;
         let gpu = create_block_mask_async(ctx, &snippet, &aux, layout).await?;
-        let host = BlockMask::from_mask_mod(&patterns::causal(lq, lk), layout)?;
+        let host = BlockMask::from_mask_mod(&masks::causal(lq, lk), layout)?;
         Ok::<_, wgpu_attention::AttnError>((gpu == host, snippet.hash()))
     };
     let (passed, kernel, problem) = match run.await {
@@ -540,13 +540,11 @@ mod tests {
         };
         let r = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap();
         assert!(r.check.passed, "{:?}", r.check);
-        let axes = NeighborhoodOptions {
-            kernel_size: cfg.kernel.clone(),
-            dilation: cfg.dilation.clone(),
-            ..Default::default()
-        }
-        .axes(&cfg.grid)
-        .unwrap();
+        let axes = NeighborhoodOptions::default()
+            .kernel_size(cfg.kernel.clone())
+            .dilation(cfg.dilation.clone())
+            .axes(&cfg.grid)
+            .unwrap();
         let spec = wgpu_attention::neighborhood::NaSpec::new(&axes).unwrap();
         let w = &r.weights.values;
         assert_eq!(w.len(), 63);

@@ -90,13 +90,11 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
             .map(|x| 0.5 * (x + 1.0))
             .collect()
     });
-    let mut opts = LinearOptions {
-        rule,
-        feature_map: map,
-        normalize: map != FeatureMap::Identity && rule == Rule::Linear,
-        mode,
-        ..Default::default()
-    };
+    let mut opts = LinearOptions::default()
+        .rule(rule)
+        .feature_map(map)
+        .normalize(map != FeatureMap::Identity && rule == Rule::Linear)
+        .mode(mode);
     let qk_dims = [s.batch, s.t, s.h, s.k];
     let qt = Tensor::from_f32(ctx, &q, &qk_dims)?;
     let kt = Tensor::from_f32(ctx, &k, &qk_dims)?;
