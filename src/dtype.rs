@@ -46,6 +46,17 @@ impl DType {
             actual: self.to_string(),
         })
     }
+    /// A typed error ([`AttnError::DType`]) unless `self` is `want` (`what` names the tensor).
+    pub fn require(self, what: &str, want: DType) -> Result<()> {
+        if self == want {
+            return Ok(());
+        }
+        Err(AttnError::DType {
+            what: what.to_string(),
+            expected: want.to_string(),
+            actual: self.to_string(),
+        })
+    }
 }
 
 impl fmt::Display for DType {

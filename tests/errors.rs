@@ -52,10 +52,10 @@ fn heads_not_a_multiple() {
         &Default::default(),
     );
     assert!(
-        matches!(&e, AttnError::Invalid { what, .. } if what == "heads"),
+        matches!(&e, AttnError::Shape { what, .. } if what == "q heads"),
         "{e}"
     );
-    assert!(e.to_string().contains("Hq = 3"), "{e}");
+    assert!(e.to_string().contains("Hkv = 2"), "{e}");
 }
 
 #[test]
@@ -530,4 +530,65 @@ fn public_helpers_refuse_instead_of_panicking() {
         .err()
         .unwrap();
     assert!(matches!(e, AttnError::Limit { .. }), "{e}");
+}
+
+/// One kind of fault is one error variant in every family: a wrong dtype is `DType`, heads
+/// that do not divide are `Shape`, a zero-sized input is `Shape` (refused, never run as an
+/// empty call).
+#[test]
+fn one_variant_per_fault_across_families() {
+    let c = ctx();
+    let half = |dims: &[usize]| Tensor::filled(c, dims, DType::F16, 0.0).unwrap();
+    let zero = |dims: &[usize]| Tensor::filled(c, dims, DType::F32, 0.0).unwrap();
+    // dense: out, lse and bias of the wrong dtype
+    let (q, k, v) = qkv();
+    let e = into(&q, &k, &v, &half(&[2, 5, 4, 8]), None);
+    assert!(
+        matches!(&e, AttnError::DType { what, .. } if what == "out"),
+        "{e}"
+    );
+    let e = into(&q, &k, &v, &zero(&[2, 5, 4, 8]), Some(&half(&[2, 4, 5])));
+    assert!(
+        matches!(&e, AttnError::DType { what, .. } if what == "lse"),
+        "{e}"
+    );
+    let o = FlashOptions::default().bias(Some(half(&[2, 4, 5, 7])));
+    let e = run(&q, &k, &v, &o);
+    assert!(
+        matches!(&e, AttnError::DType { what, .. } if what == "bias"),
+        "{e}"
+    );
+    // linear: out of the wrong dtype, v heads that do not divide, T = 0
+    let (lq, lv) = (t(&[1, 6, 2, 8]), t(&[1, 6, 2, 8]));
+    let e = linear_attention_into(
+        c,
+        &lq,
+        &lq,
+        &lv,
+        &half(&[1, 6, 2, 8]),
+        None,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, AttnError::DType { what, .. } if what == "out"),
+        "{e}"
+    );
+    let e = linear_attention(c, &lq, &lq, &t(&[1, 6, 3, 8]), &Default::default()).unwrap_err();
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    let empty = zero(&[1, 0, 2, 8]);
+    let e = linear_attention(c, &empty, &empty, &empty, &Default::default()).unwrap_err();
+    assert!(
+        matches!(&e, AttnError::Shape { what, .. } if what == "q"),
+        "{e}"
+    );
+    // dense, neighborhood and sparse: zero lengths
+    let e = run(&zero(&[1, 0, 2, 8]), &k, &v, &Default::default());
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    let e = sparse_attention(c, &zero(&[2, 0, 4, 8]), &k, &v, &Default::default()).unwrap_err();
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    // sparse and dense: heads that do not divide
+    let q3 = t(&[2, 5, 3, 8]);
+    let e = sparse_attention(c, &q3, &k, &v, &Default::default()).unwrap_err();
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
 }

@@ -758,5 +758,5 @@ fn strided_views_and_aliasing() {
     let half_out = fresh(&[b, t, h, k], DType::F16);
     let err = linear_attention_into(ctx, &plain.0, &plain.1, &plain.2, &half_out, None, &opts)
         .unwrap_err();
-    assert!(matches!(err, AttnError::Shape { .. }), "{err}");
+    assert!(matches!(err, AttnError::DType { .. }), "{err}");
 }

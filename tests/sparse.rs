@@ -82,8 +82,7 @@ fn builders_wgsl_twins_equal_their_closures() {
                 Some(8),
                 Some(8),
             )),
-            masks::document(docs[..lq].to_vec(), docs[..lk].to_vec())
-                .and(&masks::causal(lq, lk)),
+            masks::document(docs[..lq].to_vec(), docs[..lk].to_vec()).and(&masks::causal(lq, lk)),
             masks::strided(lq, lk, 7).unwrap(),
             masks::fixed(lq, lk, 16, 3).unwrap(),
             masks::bigbird(lq, lk, 16, 1, 1, 2, 7).unwrap(),

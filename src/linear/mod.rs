@@ -464,8 +464,16 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<LinearShape> {
             kk,
         ));
     }
+    if [b, t, h].contains(&0) {
+        // as every family: zero-sized inputs are refused, not run as an empty call
+        return Err(AttnError::shape(
+            "q",
+            "non-zero batch, length and heads",
+            q.shape(),
+        ));
+    }
     let [vb, vt, hv, vd] = dims4(v, "v", "[B, T, HV, V]")?;
-    if vb != b || vt != t || hv == 0 || h == 0 || !hv.is_multiple_of(h) || vd == 0 {
+    if vb != b || vt != t || hv == 0 || !hv.is_multiple_of(h) || vd == 0 {
         return Err(AttnError::shape(
             "v",
             format!("[{b}, {t}, HV, V] with HV a multiple of H = {h} and V >= 1"),
@@ -619,12 +627,9 @@ pub fn unit_rows(x: &mut [f32], dim: usize) {
 }
 
 fn check_f32(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
-    if t.shape() != want || t.dtype() != DType::F32 {
-        return Err(AttnError::shape(
-            what,
-            format!("{want:?} f32"),
-            (t.shape(), t.dtype()),
-        ));
+    t.dtype().require(what, DType::F32)?;
+    if t.shape() != want {
+        return Err(AttnError::shape(what, format!("{want:?}"), t.shape()));
     }
     Ok(())
 }
@@ -1024,11 +1029,12 @@ pub fn encode_linear_attention(
     let s = check_inputs(q, k, v)?;
     let mut plan = plan(ctx, &s, q.dtype(), opts)?;
     let want_out = [s.batch, s.t, s.hv, s.v];
-    if out.shape() != want_out || out.dtype() != v.dtype() {
+    out.dtype().require("out", v.dtype())?;
+    if out.shape() != want_out {
         return Err(AttnError::shape(
             "out",
-            format!("{want_out:?} {}", v.dtype()),
-            (out.shape(), out.dtype()),
+            format!("{want_out:?}"),
+            out.shape(),
         ));
     }
     // vec4 access needs every row to start on a vec4

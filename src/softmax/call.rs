@@ -99,10 +99,10 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnShape> {
         ));
     }
     if hq % hkv != 0 {
-        return Err(AttnError::invalid(
-            "heads",
-            format!("Hq a multiple of Hkv = {hkv}"),
-            format!("Hq = {hq}"),
+        return Err(AttnError::shape(
+            "q heads",
+            format!("Hq a multiple of Hkv = {hkv} (GQA/MQA)"),
+            q.shape(),
         ));
     }
     q.dtype().require_float("q")?;
@@ -187,13 +187,7 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
             out.shape(),
         ));
     }
-    if out.dtype() != q.dtype() {
-        return Err(AttnError::DType {
-            what: "out".into(),
-            expected: q.dtype().to_string(),
-            actual: out.dtype().to_string(),
-        });
-    }
+    out.dtype().require("out", q.dtype())?;
     if q.dtype() == DType::F16 && !ctx.caps.f16 {
         return Err(AttnError::MissingFeature {
             feature: "SHADER_F16",
@@ -209,12 +203,9 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
             false => [s.batch, s.hq, s.lq],
             true => [s.batch, s.lq, s.hq],
         };
-        if l.shape() != expect || l.dtype() != DType::F32 {
-            return Err(AttnError::shape(
-                "lse",
-                format!("{expect:?} f32"),
-                (l.shape(), l.dtype()),
-            ));
+        l.dtype().require("lse", DType::F32)?;
+        if l.shape() != expect {
+            return Err(AttnError::shape("lse", format!("{expect:?}"), l.shape()));
         }
         fl |= flags::LSE;
     }
@@ -291,11 +282,12 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
             && (sh[1] == s.hq || sh[1] == 1)
             && sh[2] == s.lq
             && sh[3] == s.lk;
-        if !ok || bias.dtype() != DType::F32 {
+        bias.dtype().require("bias", DType::F32)?;
+        if !ok {
             return Err(AttnError::shape(
                 "bias",
-                format!("[{}|1, {}|1, {}, {}] f32", s.batch, s.hq, s.lq, s.lk),
-                (sh, bias.dtype()),
+                format!("[{}|1, {}|1, {}, {}]", s.batch, s.hq, s.lq, s.lk),
+                sh,
             ));
         }
         let st = strides_u32(bias)?;
