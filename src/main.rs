@@ -740,7 +740,7 @@ fn run(a: &RunArgs) -> CliResult<()> {
         _ if sparse.is_some() => {
             let m = sparse.as_ref().and_then(|sp| sp.block_mask.as_ref());
             m.map_or(0.0, |m| {
-                let l = &m.layout;
+                let l = m.layout();
                 let per_mask = (m.visited_blocks() * l.q_block * l.kv_block) as u64;
                 let copies = (s.batch * s.hq / (l.batch * l.heads)) as u64;
                 s.flops_for_pairs(per_mask * copies) / (s.batch * s.hq) as f64

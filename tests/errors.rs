@@ -592,3 +592,86 @@ fn one_variant_per_fault_across_families() {
     let e = sparse_attention(c, &q3, &k, &v, &Default::default()).unwrap_err();
     assert!(matches!(e, AttnError::Shape { .. }), "{e}");
 }
+
+/// Every public helper validates before it indexes or divides: bad values give a typed error
+/// (or a clamped, documented answer), never a panic or a wrap.
+#[test]
+fn helpers_refuse_bad_values() {
+    use wgpu_attention::neighborhood::NaSpec;
+    use wgpu_attention::sparse::attention::block_tables;
+    // neighborhood axes: size, kernel, dilation, stride, kernel * dilation over the size
+    for (n, k, d, s) in [
+        (0, 1, 1, 1),
+        (5, 0, 1, 1),
+        (5, 3, 0, 1),
+        (5, 3, 1, 0),
+        (5, 3, 1, 4),
+        (5, 3, 2, 1),
+    ] {
+        let e = NaAxis::new(n, k, d, s, false).unwrap_err();
+        assert!(
+            matches!(e, AttnError::Invalid { .. }),
+            "{n} {k} {d} {s}: {e}"
+        );
+    }
+    let a = NaAxis::new(5, 3, 1, 1, true).unwrap();
+    assert_eq!((a.n(), a.kernel(), a.causal()), (5, 3, true));
+    let big = NaAxis::new(1 << 20, 1, 1, 1, false).unwrap();
+    let e = NaSpec::new(&[big, big, big]).unwrap_err();
+    assert!(matches!(e, AttnError::Limit { .. }), "{e}");
+    // block layouts and masks: bad sizes, wrong list counts, unsorted or out-of-range blocks,
+    // a block both full and partial
+    assert!(BlockLayout::new(1, 1, (64, 64), (0, 16)).is_err());
+    assert!(BlockLayout::new(0, 1, (64, 64), (16, 16)).is_err());
+    let l = BlockLayout::new(1, 1, (32, 32), (16, 16)).unwrap();
+    let ok = BlockMask::new(l, vec![vec![0], vec![0, 1]], vec![vec![1], vec![]]).unwrap();
+    assert_eq!(ok.full()[1], vec![0, 1]);
+    for (full, partial) in [
+        (vec![vec![0]], vec![vec![1]]),
+        (vec![vec![1, 0], vec![]], vec![vec![], vec![]]),
+        (vec![vec![2], vec![]], vec![vec![], vec![]]),
+        (vec![vec![0], vec![]], vec![vec![0], vec![]]),
+    ] {
+        let e = BlockMask::new(l, full.clone(), partial.clone()).unwrap_err();
+        assert!(
+            matches!(e, AttnError::Invalid { .. }),
+            "{full:?} {partial:?}: {e}"
+        );
+    }
+    let e = block_tables(&ok, 0).unwrap_err();
+    assert!(matches!(e, AttnError::Invalid { .. }), "{e}");
+    // top-k slots with a zero block (refused by every call) or huge counts: no panic, no wrap
+    let s = AttnShape {
+        batch: 1,
+        lq: 64,
+        lk: 64,
+        hq: 1,
+        hkv: 1,
+        d: 8,
+        dv: 8,
+    };
+    let t = TopK {
+        k: usize::MAX,
+        block: 0,
+        local: usize::MAX,
+        sinks: 1,
+    };
+    assert_eq!(t.slots(&s), 64);
+    assert!(t.check(&s).is_err());
+    // a global token past u32 indices
+    let e = masks::global_tokens(vec![usize::MAX]).unwrap_err();
+    assert!(matches!(e, AttnError::Invalid { .. }), "{e}");
+    // the reference's score at an index past the shape
+    let x = vec![0.0f32; 64 * 8];
+    let inp = RefInputs {
+        shape: s,
+        q: &x,
+        k: &x,
+        v: &x,
+        bias: None,
+    };
+    let o = FlashOptions::default();
+    assert!(wgpu_attention::softmax::reference::raw_score(&inp, &o, (0, 0), (3, 5)).is_ok());
+    let e = wgpu_attention::softmax::reference::raw_score(&inp, &o, (0, 0), (64, 0)).unwrap_err();
+    assert!(matches!(e, AttnError::Invalid { .. }), "{e}");
+}

@@ -76,12 +76,9 @@ fn builders_wgsl_twins_equal_their_closures() {
             masks::sliding_window(lq, lk, None, Some(0)),
             masks::sliding_window(lq, lk, Some(5), None),
             masks::prefix_lm(lq, lk, 40),
-            masks::global_tokens(vec![0, 64, 149]).or(&masks::sliding_window(
-                lq,
-                lk,
-                Some(8),
-                Some(8),
-            )),
+            masks::global_tokens(vec![0, 64, 149])
+                .unwrap()
+                .or(&masks::sliding_window(lq, lk, Some(8), Some(8))),
             masks::document(docs[..lq].to_vec(), docs[..lk].to_vec()).and(&masks::causal(lq, lk)),
             masks::strided(lq, lk, 7).unwrap(),
             masks::fixed(lq, lk, 16, 3).unwrap(),
@@ -154,7 +151,7 @@ fn builders_through_the_kernel() {
         assert_sparse(&case, &sp, &format!("{m:?} {st:?}"));
     }
     let host = BlockMask::from_mask_mod(&m, layout(1, 1, lq, lk, 32, 32)).unwrap();
-    assert!(host.partial.iter().any(|p| !p.is_empty()));
+    assert!(host.partial().iter().any(|p| !p.is_empty()));
     let q = Tensor::from_f32(ctx(), &vec![0.5; lq * 2 * 64], &[1, lq, 2, 64]).unwrap();
     let kv = Tensor::from_f32(ctx(), &vec![0.5; lk * 64], &[1, lk, 1, 64]).unwrap();
     let Err(err) = sparse_attention(ctx(), &q, &kv, &kv, &sparse_with(host)) else {
@@ -308,8 +305,8 @@ fn causal_blocks_spelled_out() {
     )
     .unwrap();
     for i in 0..4u32 {
-        assert_eq!(bm.full[i as usize], (0..i).collect::<Vec<_>>(), "row {i}");
-        assert_eq!(bm.partial[i as usize], vec![i], "row {i}");
+        assert_eq!(bm.full()[i as usize], (0..i).collect::<Vec<_>>(), "row {i}");
+        assert_eq!(bm.partial()[i as usize], vec![i], "row {i}");
     }
     let bm = create_block_mask(
         ctx(),
@@ -318,9 +315,9 @@ fn causal_blocks_spelled_out() {
         layout(1, 1, 56, 56, 16, 16),
     )
     .unwrap();
-    assert_eq!(bm.full[3], Vec::<u32>::new());
-    assert_eq!(bm.partial[3], vec![0, 1, 2, 3]);
-    assert_eq!(bm.full[2], vec![0, 1]);
+    assert_eq!(bm.full()[3], Vec::<u32>::new());
+    assert_eq!(bm.partial()[3], vec![0, 1, 2, 3]);
+    assert_eq!(bm.full()[2], vec![0, 1]);
 }
 
 /// The reference's evaluator: mask_mods at every pair of a rectangle equal their Rust twins.
@@ -711,7 +708,7 @@ fn topk_routing() {
             "device",
         );
         let dev_mask = mask_of(&dev_sel, got.slots, topk.layout(&s));
-        let (lists, states) = block_tables(&dev_mask, tile_rows);
+        let (lists, states) = block_tables(&dev_mask, tile_rows).unwrap();
         let tab = dev.table.to_vec_u32(c).unwrap();
         let n_lists = s.batch * s.hq * s.lq.div_ceil(tile_rows);
         for li in 0..n_lists {

@@ -44,17 +44,87 @@ use crate::softmax::{AttentionOutput, FlashOptions, StrategyChoice};
 use crate::tensor::{DType, Tensor};
 pub use plan::NeighborhoodPlan;
 
-/// One spatial axis, checked: the definition above, with the axis length.
+/// One spatial axis, checked: the definition above, with the axis length. Made by
+/// [`NaAxis::new`] or [`NeighborhoodOptions::axes`], which refuse what the window maths cannot
+/// take (its fields are private, so an axis is always valid).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NaAxis {
-    pub n: usize,
-    pub kernel: usize,
-    pub dilation: usize,
-    pub stride: usize,
-    pub causal: bool,
+    n: usize,
+    kernel: usize,
+    dilation: usize,
+    stride: usize,
+    causal: bool,
 }
 
 impl NaAxis {
+    /// An axis of length `n` (>= 1) with kernel size `kernel` (>= 1), `dilation` (>= 1,
+    /// `kernel * dilation <= n`) and `stride` (1..=kernel), causal or not.
+    pub fn new(
+        n: usize,
+        kernel: usize,
+        dilation: usize,
+        stride: usize,
+        causal: bool,
+    ) -> Result<Self> {
+        let err = |what: &str, expected: String, got: String| {
+            Err(AttnError::invalid(what, expected, got))
+        };
+        if n == 0 {
+            return err("size", ">= 1".into(), n.to_string());
+        }
+        if kernel == 0 {
+            return err("kernel_size", ">= 1".into(), kernel.to_string());
+        }
+        if dilation == 0 {
+            return err("dilation", ">= 1".into(), dilation.to_string());
+        }
+        if stride == 0 || stride > kernel {
+            return err(
+                "stride",
+                format!("1..={kernel} (at most the kernel size)"),
+                stride.to_string(),
+            );
+        }
+        if kernel.saturating_mul(dilation) > n {
+            return err(
+                "kernel_size * dilation",
+                format!("<= the axis size {n}"),
+                format!(
+                    "{kernel} * {dilation} = {}",
+                    kernel.saturating_mul(dilation)
+                ),
+            );
+        }
+        Ok(NaAxis {
+            n,
+            kernel,
+            dilation,
+            stride,
+            causal,
+        })
+    }
+
+    /// The axis length.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// The kernel (window) size.
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+    /// The dilation.
+    pub fn dilation(&self) -> usize {
+        self.dilation
+    }
+    /// The stride.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+    /// Whether the axis is causal.
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
     /// An axis that does nothing (length 1): pads 1D and 2D problems to three axes.
     pub const UNIT: NaAxis = NaAxis {
         n: 1,
@@ -185,49 +255,30 @@ impl NeighborhoodOptions {
                 ))
             }
         };
-        let mut axes = Vec::with_capacity(rank);
-        for a in 0..rank {
-            let (n, k, d, s) = (spatial[a], self.kernel_size[a], dil[a], stride[a]);
-            let at = |what: &str| format!("{what} on axis {a}");
-            if n == 0 {
-                return Err(AttnError::invalid(at("size"), ">= 1", n));
-            }
-            if k == 0 {
-                return Err(AttnError::invalid(at("kernel_size"), ">= 1", k));
-            }
-            if d == 0 {
-                return Err(AttnError::invalid(at("dilation"), ">= 1", d));
-            }
-            if s == 0 || s > k {
-                return Err(AttnError::invalid(
-                    at("stride"),
-                    format!("1..={k} (at most the kernel size)"),
-                    s,
-                ));
-            }
-            if k.saturating_mul(d) > n {
-                return Err(AttnError::invalid(
-                    at("kernel_size * dilation"),
-                    format!("<= the axis size {n}"),
-                    format!("{k} * {d} = {}", k.saturating_mul(d)),
-                ));
-            }
-            axes.push(NaAxis {
-                n,
-                kernel: k,
-                dilation: d,
-                stride: s,
-                causal: causal[a],
-            });
-        }
-        Ok(axes)
+        (0..rank)
+            .map(|a| {
+                let (n, k, d, s) = (spatial[a], self.kernel_size[a], dil[a], stride[a]);
+                NaAxis::new(n, k, d, s, causal[a]).map_err(|e| match e {
+                    AttnError::Invalid {
+                        what,
+                        expected,
+                        actual,
+                    } => AttnError::Invalid {
+                        what: format!("{what} on axis {a}"),
+                        expected,
+                        actual,
+                    },
+                    e => e,
+                })
+            })
+            .collect()
     }
 }
 
 /// A neighborhood problem as the flash kernel sees it: three axes (unit axes pad 1D and 2D).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NaSpec {
-    pub axes: [NaAxis; 3],
+    axes: [NaAxis; 3],
 }
 
 impl NaSpec {
@@ -242,7 +293,23 @@ impl NaSpec {
         }
         let mut all = [NaAxis::UNIT; 3];
         all[3 - axes.len()..].copy_from_slice(axes);
+        let tokens = all.iter().try_fold(1usize, |t, a| t.checked_mul(a.n));
+        if tokens.is_none_or(|t| t > u32::MAX as usize) {
+            return Err(AttnError::Limit {
+                what: "neighborhood tokens (the product of the axis sizes)".into(),
+                needed: all
+                    .iter()
+                    .map(|a| a.n as u64)
+                    .fold(1u64, u64::saturating_mul),
+                limit: u32::MAX as u64,
+            });
+        }
         Ok(NaSpec { axes: all })
+    }
+
+    /// The three axes (leading unit axes pad 1D and 2D problems).
+    pub fn axes(&self) -> &[NaAxis; 3] {
+        &self.axes
     }
 
     /// Whether query token `i` sees key token `j` (row-major flattened spatial indices).

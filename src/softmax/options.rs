@@ -80,7 +80,7 @@ pub struct AttnShape {
 impl AttnShape {
     /// FLOPs of the dense problem: `4 * B * Hq * Lq * Lk * D` (for D = Dv; QK^T and PV).
     pub fn flops(&self, causal: bool) -> f64 {
-        let f = self.flops_for_pairs((self.lq * self.lk) as u64);
+        let f = self.flops_for_pairs(self.lq as u64 * self.lk as u64);
         if causal {
             f / 2.0
         } else {

@@ -38,9 +38,9 @@ impl RefInputs<'_> {
             Ok(())
         };
         if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
-            return Err(AttnError::invalid(
-                "heads",
-                "Hkv >= 1 dividing Hq",
+            return Err(AttnError::shape(
+                "q heads",
+                "Hkv >= 1 dividing Hq (GQA/MQA)",
                 format!("Hq = {}, Hkv = {}", s.hq, s.hkv),
             ));
         }
@@ -147,8 +147,35 @@ pub struct RefHooks<'a> {
 }
 
 /// The score of query `i` and key `j` of batch `b`, query head `h`: `scale * q . k`, then
-/// softcap, ALiBi and bias as `opts` asks (no mask), in f64.
+/// softcap, ALiBi and bias as `opts` asks (no mask), in f64. Checks the inputs
+/// ([`RefInputs::check`]) and the indices first: a typed error, never an out-of-bounds index.
 pub fn raw_score(
+    inp: &RefInputs,
+    opts: &FlashOptions,
+    (b, h): (usize, usize),
+    (i, j): (usize, usize),
+) -> Result<f64> {
+    inp.check(opts)?;
+    let s = inp.shape;
+    for (what, x, n) in [
+        ("batch", b, s.batch),
+        ("head", h, s.hq),
+        ("query", i, s.lq),
+        ("key", j, s.lk),
+    ] {
+        if x >= n {
+            return Err(AttnError::invalid(
+                format!("{what} index"),
+                format!("below {n}"),
+                x,
+            ));
+        }
+    }
+    Ok(score_of(inp, opts, b, h, i, j))
+}
+
+/// [`raw_score`] of checked inputs and indices (the reference loops check once).
+pub(crate) fn score_of(
     inp: &RefInputs,
     opts: &FlashOptions,
     b: usize,
@@ -211,7 +238,7 @@ pub fn attention_reference_hooked(
                     if !(hooks.mask)(b, h, i, j) {
                         continue;
                     }
-                    let x = (hooks.score)(b, h, i, j, raw_score(inp, opts, b, h, i, j));
+                    let x = (hooks.score)(b, h, i, j, score_of(inp, opts, b, h, i, j));
                     *sc = x;
                     max = max.max(x);
                 }

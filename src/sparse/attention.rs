@@ -18,7 +18,7 @@ use crate::resources::StorageData;
 use crate::softmax::call::{check_inputs, encode_with, Call, CallLayout, FamilyData};
 use crate::softmax::plan::{base_key, heuristic_tile, tunable, wanted_tile};
 use crate::softmax::reference::{
-    attention_reference_hooked, raw_score, RefHooks, RefInputs, RefOutput,
+    attention_reference_hooked, score_of, RefHooks, RefInputs, RefOutput,
 };
 use crate::softmax::shader::{Geo, Strategy};
 use crate::softmax::{AttentionOutput, AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice};
@@ -235,29 +235,10 @@ fn check_layout(l: &BlockLayout, s: &AttnShape) -> Result<()> {
     Ok(())
 }
 
-/// The block mask fits the problem: its layout ([`check_layout`]) and its lists.
+/// The block mask fits the problem: its layout ([`check_layout`]; its lists were checked when
+/// it was made, [`BlockMask::new`]).
 fn check_mask(m: &BlockMask, s: &AttnShape) -> Result<()> {
-    let l = &m.layout;
-    check_layout(l, s)?;
-    let (nq, nk) = l.blocks();
-    let rows = l.batch * l.heads * nq;
-    if m.full.len() != rows || m.partial.len() != rows {
-        return Err(AttnError::invalid(
-            "block mask",
-            format!("{rows} lists of full and of partial blocks"),
-            format!("{} and {}", m.full.len(), m.partial.len()),
-        ));
-    }
-    for list in m.full.iter().chain(&m.partial) {
-        if !list.windows(2).all(|w| w[0] < w[1]) || list.last().is_some_and(|&j| j as usize >= nk) {
-            return Err(AttnError::invalid(
-                "block mask",
-                format!("ascending key blocks below {nk}"),
-                format!("{list:?}"),
-            ));
-        }
-    }
-    Ok(())
+    check_layout(m.layout(), s)
 }
 
 /// Where a call's block table comes from.
@@ -417,7 +398,7 @@ impl CallLayout for SparseLayout {
         let tiles = s.lq.div_ceil(g as usize);
         let (table, state_base) = match &self.source {
             TableSource::Host(m) => {
-                let (mut tab, states) = block_tables(m, g as usize);
+                let (mut tab, states) = block_tables(m, g as usize)?;
                 let base = tab.len();
                 tab.extend(states);
                 (
@@ -488,7 +469,10 @@ pub fn sparse_tiles(key: &crate::softmax::shader::FlashKey) -> Vec<crate::softma
 /// (start, count) of its key blocks (the union of its query blocks' full and partial lists,
 /// ascending), then the lists; and the 2-bit block states, 16 to a u32 (bound after the lists,
 /// at `SparseParams::state_base`).
-pub fn block_tables(m: &BlockMask, g: usize) -> (Vec<u32>, Vec<u32>) {
+pub fn block_tables(m: &BlockMask, g: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    if g == 0 {
+        return Err(AttnError::invalid("row tile", "at least 1 query row", g));
+    }
     let l = &m.layout;
     let (nq, nk) = l.blocks();
     let tiles = l.lq.div_ceil(g);
@@ -523,7 +507,7 @@ pub fn block_tables(m: &BlockMask, g: usize) -> (Vec<u32>, Vec<u32>) {
             }
         }
     }
-    (lists, states)
+    Ok((lists, states))
 }
 
 /// Records sparse attention into `encoder` (for embedders that batch their own work). The
@@ -660,7 +644,7 @@ pub fn sparse_reference(
             let mut raw = Vec::with_capacity(s.lq * s.lk);
             for i in 0..s.lq {
                 for j in 0..s.lk {
-                    raw.push(raw_score(inp, fo, b, h, i, j) as f32);
+                    raw.push(score_of(inp, fo, b, h, i, j) as f32);
                 }
             }
             eval_snippet(ctx, sn, &opts.aux, (b, h), 0..s.lq, 0..s.lk, Some(&raw))

@@ -80,10 +80,22 @@ pub fn sinks(n: usize) -> MaskMod {
 
 /// Global tokens (Longformer, BigBird): these positions see every key and are seen by every
 /// query.
-pub fn global_tokens(positions: Vec<usize>) -> MaskMod {
+pub fn global_tokens(positions: Vec<usize>) -> Result<MaskMod> {
     let mut p = positions;
     p.sort_unstable();
     p.dedup();
+    if let Some(&last) = p.last().filter(|&&l| l >= u32::MAX as usize) {
+        return Err(AttnError::invalid(
+            "global token position",
+            format!("below {} (kernel indices are u32)", u32::MAX),
+            last,
+        ));
+    }
+    Ok(global_sorted(p))
+}
+
+/// [`global_tokens`] of sorted, distinct positions below `u32::MAX`.
+fn global_sorted(p: Vec<usize>) -> MaskMod {
     // a bitmap over positions 0..=max in aux0
     let wgsl = match p.last() {
         None => MaskWgsl::new("false", vec![]),
@@ -333,7 +345,7 @@ pub fn samples() -> Vec<(MaskMod, usize, usize, usize)> {
         causal(lq, l).or(&sinks(4)),
         sliding_window(lq, l, Some(8), Some(2)),
         prefix_lm(lq, l, 16),
-        global_tokens(vec![0, 50]),
+        global_sorted(vec![0, 50]),
         document(docs[..lq].to_vec(), docs).and(&causal(lq, l)),
     ]
     .into_iter()

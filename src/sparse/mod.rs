@@ -174,12 +174,39 @@ pub struct BlockLayout {
 }
 
 impl BlockLayout {
-    /// Query and key blocks.
+    /// A checked layout: batch, heads and lengths at least 1, block sizes multiples of 16 from
+    /// 16 to 256.
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        (lq, lk): (usize, usize),
+        (q_block, kv_block): (usize, usize),
+    ) -> Result<BlockLayout> {
+        let l = BlockLayout {
+            batch,
+            heads,
+            lq,
+            lk,
+            q_block,
+            kv_block,
+        };
+        l.check()?;
+        Ok(l)
+    }
+
+    /// Query and key blocks (a block size of 0, refused by every call, counts as 1 here).
     pub fn blocks(&self) -> (usize, usize) {
         (
-            self.lq.div_ceil(self.q_block),
-            self.lk.div_ceil(self.kv_block),
+            self.lq.div_ceil(self.q_block.max(1)),
+            self.lk.div_ceil(self.kv_block.max(1)),
         )
+    }
+
+    /// Query-block rows of the lists: `batch * heads * nQ`, `None` on overflow.
+    fn rows(&self) -> Option<usize> {
+        self.batch
+            .checked_mul(self.heads)?
+            .checked_mul(self.blocks().0)
     }
 
     pub(crate) fn check(&self) -> Result<()> {
@@ -197,14 +224,16 @@ impl BlockLayout {
 }
 
 /// FlexAttention's block mask: per (batch|1, head|1, query block), the ascending full and
-/// partial key blocks.
+/// partial key blocks. Its fields are private so that a mask is always well formed: made by
+/// [`BlockMask::new`] (checked), by a builder or on the GPU, and read through
+/// [`BlockMask::full`] and [`BlockMask::partial`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockMask {
-    pub layout: BlockLayout,
+    layout: BlockLayout,
     /// `full[(b * heads + h) * nq + i]`: the key blocks every pair of which is visible.
-    pub full: Vec<Vec<u32>>,
+    full: Vec<Vec<u32>>,
     /// The key blocks some pair of which is visible (the mask is evaluated there).
-    pub partial: Vec<Vec<u32>>,
+    partial: Vec<Vec<u32>>,
 }
 
 /// Block sizes accepted: multiples of 16 from 16 to 256 (FlexAttention's default is 128).
@@ -220,6 +249,73 @@ pub fn check_block_size(what: &str, n: usize) -> Result<()> {
 }
 
 impl BlockMask {
+    /// A block mask from its lists, checked: a valid layout, one full and one partial list
+    /// per query-block row `(b * heads + h) * nQ + i`, each ascending below nK, no block in
+    /// both.
+    pub fn new(layout: BlockLayout, full: Vec<Vec<u32>>, partial: Vec<Vec<u32>>) -> Result<Self> {
+        layout.check()?;
+        let (_, nk) = layout.blocks();
+        let rows = layout.rows().ok_or_else(|| {
+            AttnError::invalid(
+                "block layout",
+                "batch * heads * nQ within usize",
+                format!("{layout:?}"),
+            )
+        })?;
+        if full.len() != rows || partial.len() != rows {
+            return Err(AttnError::invalid(
+                "block mask",
+                format!("{rows} lists of full and of partial blocks"),
+                format!("{} and {}", full.len(), partial.len()),
+            ));
+        }
+        for list in full.iter().chain(&partial) {
+            if !list.windows(2).all(|w| w[0] < w[1])
+                || list.last().is_some_and(|&j| j as usize >= nk)
+            {
+                return Err(AttnError::invalid(
+                    "block mask",
+                    format!("ascending key blocks below {nk}"),
+                    format!("{list:?}"),
+                ));
+            }
+        }
+        for (r, (f, p)) in full.iter().zip(&partial).enumerate() {
+            if let Some(j) = f.iter().find(|j| p.binary_search(j).is_ok()) {
+                return Err(AttnError::invalid(
+                    "block mask",
+                    "a key block either full or partial in a row",
+                    format!("block {j} in both lists of row {r}"),
+                ));
+            }
+        }
+        Ok(BlockMask {
+            layout,
+            full,
+            partial,
+        })
+    }
+
+    /// The layout the lists are for.
+    pub fn layout(&self) -> &BlockLayout {
+        &self.layout
+    }
+
+    /// Full key blocks of each query-block row `(b * heads + h) * nQ + i`.
+    pub fn full(&self) -> &[Vec<u32>] {
+        &self.full
+    }
+
+    /// Partial key blocks of each query-block row.
+    pub fn partial(&self) -> &[Vec<u32>] {
+        &self.partial
+    }
+
+    /// The lists, taken out: (full, partial).
+    pub fn into_lists(self) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+        (self.full, self.partial)
+    }
+
     /// Query and key blocks.
     pub fn blocks(&self) -> (usize, usize) {
         self.layout.blocks()
@@ -425,7 +521,12 @@ mod tests {
                 sliding_window(lq, lk, Some(20), Some(3)),
                 sliding_window(lq, lk, None, Some(0)),
                 prefix_lm(lq, lk, 40),
-                global_tokens(vec![0, 64, 149]).or(&sliding_window(lq, lk, Some(8), Some(8))),
+                global_tokens(vec![0, 64, 149]).unwrap().or(&sliding_window(
+                    lq,
+                    lk,
+                    Some(8),
+                    Some(8),
+                )),
                 document(docs[..lq].to_vec(), docs[..lk].to_vec()).and(&causal(lq, lk)),
                 sinks(4).or(&sliding_window(lq, lk, Some(16), Some(0))),
             ] {

@@ -179,8 +179,10 @@ impl TopK {
     }
     /// `k + local + sinks`, at most the key blocks, at least 1.
     pub fn slots(&self, s: &AttnShape) -> usize {
-        let nk = s.lk.div_ceil(self.block);
-        (self.k + self.local + self.sinks).clamp(1, nk.max(1))
+        // a block size of 0 is refused by every call (`check`); counted as 1 here
+        let nk = s.lk.div_ceil(self.block.max(1));
+        let wanted = self.k.saturating_add(self.local).saturating_add(self.sinks);
+        wanted.clamp(1, nk.max(1))
     }
 }
 

@@ -632,7 +632,14 @@ pub fn eval_snippet(
     scores: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     check_aux(snippet, aux)?;
-    let n = q.len() * k.len();
+    let n = q
+        .len()
+        .checked_mul(k.len())
+        .ok_or_else(|| AttnError::Limit {
+            what: "pairs a snippet evaluation covers".into(),
+            needed: (q.len() as u64).saturating_mul(k.len() as u64),
+            limit: usize::MAX as u64,
+        })?;
     match (snippet.kind, scores) {
         (SnippetKind::ScoreMod, Some(s)) if s.len() != n => {
             return Err(AttnError::invalid(

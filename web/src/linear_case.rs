@@ -151,7 +151,7 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         ));
     }
     let flops = s.flops(&opts);
-    let pairs = (s.t * (s.t + 1) / 2) as u64;
+    let pairs = s.t as u64 * (s.t as u64 + 1) / 2;
     Ok(Report {
         name: cfg.name.clone(),
         variant: cfg.variant,

@@ -48,12 +48,14 @@ pub async fn block_mask(ctx: &GpuContext, cfg: &MaskConfig) -> Result<MaskReport
     };
     let bm = create_block_mask_async(ctx, &snippet, &aux, layout).await?;
     let (nq, nk) = bm.blocks();
+    let visited = bm.visited_blocks();
+    let (full, partial) = bm.into_lists();
     Ok(MaskReport {
         nq,
         nk,
-        visited: bm.visited_blocks(),
-        full: bm.full,
-        partial: bm.partial,
+        visited,
+        full,
+        partial,
         kernel: format!("sparse_block_count_{}", snippet.hash()),
     })
 }
