@@ -5,6 +5,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
+use crate::pipeline::Kernel;
 use crate::tensor::{DType, Tensor};
 
 /// Texels per row of the Sweep kernel's input textures (a power of two: the kernel splits a
@@ -282,4 +283,34 @@ pub(crate) fn make_textures(
         make("flash K texture", tk),
         make("flash V texture", tv),
     ]
+}
+
+/// A kernel's bind group entries in its declared binding order, each resource found by the
+/// declared name in `named` (a later entry of a name wins): families bind by the names their
+/// kernels declare, never by a hand-kept index. A declared name with nothing to bind is an
+/// error (a bug of the family's encoder, reported rather than bound wrong).
+pub(crate) fn entries_by_name<'a>(
+    kernel: &dyn Kernel,
+    named: &[(&str, wgpu::BindingResource<'a>)],
+) -> Result<Vec<wgpu::BindGroupEntry<'a>>> {
+    (0u32..)
+        .zip(kernel.bindings())
+        .map(|(binding, decl)| {
+            let (_, resource) = named
+                .iter()
+                .rev()
+                .find(|(n, _)| *n == decl.name)
+                .ok_or_else(|| {
+                    AttnError::Gpu(format!(
+                        "{}: nothing to bind to `{}`",
+                        kernel.label(),
+                        decl.name
+                    ))
+                })?;
+            Ok(wgpu::BindGroupEntry {
+                binding,
+                resource: resource.clone(),
+            })
+        })
+        .collect()
 }

@@ -1,0 +1,615 @@
+//! The linear family's encoders: bind the checked tensors (by the kernels' declared binding
+//! names) and record the plan's dispatches, piece by piece.
+
+use wgpu::util::DeviceExt;
+
+use super::check::{check_inputs, check_state, u32_of};
+use super::chunk::{self, ChunkKey, Stage};
+use super::plan::{chunk_state_vec4s, delta_row_vec4s, plan, ChunkPlan, LinearKernel, LinearPlan};
+use super::shader::{flags, LinearKey, LinearParams};
+use super::{retention_log_decay, FeatureMap, Mode};
+use super::{LinearOptions, LinearShape, Rule};
+use crate::context::GpuContext;
+use crate::error::{AttnError, Result};
+use crate::pipeline::Kernel;
+use crate::resources::{check_no_alias, entries_by_name, BoundRange};
+use crate::tensor::{DType, Tensor};
+
+/// `[off, batch, token, head]` element strides of a rank-3/4 tensor's first axes; broadcast
+/// axes get stride 0.
+pub(super) fn strides(t: &Tensor, bound: &BoundRange) -> Result<[u32; 4]> {
+    let st = t.strides();
+    let get = |i: usize| st.get(i).map_or(Ok(0), |&x| u32_of(x, "tensor stride"));
+    Ok([bound.elem_offset, get(0)?, get(1)?, get(2)?])
+}
+
+/// Records the linear attention into `encoder`. `final_state`, when given, receives the state
+/// after the last token (`[N, HV, F, Vs]` f32, contiguous). `timestamps` brackets all
+/// dispatches.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_linear_attention(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    final_state: Option<&Tensor>,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<LinearPlan> {
+    let s = check_inputs(q, k, v)?;
+    let mut plan = plan(ctx, &s, q.dtype(), opts)?;
+    let want_out = [s.batch, s.t, s.hv, s.v];
+    out.dtype().require("out", v.dtype())?;
+    if out.shape() != want_out {
+        return Err(AttnError::shape(
+            "out",
+            format!("{want_out:?}"),
+            out.shape(),
+        ));
+    }
+    // vec4 access needs every row to start on a vec4
+    let fours = |t: &Tensor| {
+        t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
+    };
+    if ![q, k, v, out].into_iter().all(fours) {
+        match &mut plan.kernel {
+            LinearKernel::Chunk(cp) => {
+                cp.states.aligned = false;
+                cp.output.aligned = false;
+            }
+            LinearKernel::Fused { key, .. } => key.aligned = false,
+            LinearKernel::Recurrent { .. } => {}
+        }
+    }
+    let state_shape = s.state_shape(opts);
+    if let Some(fs) = final_state {
+        check_state("final_state", fs, &state_shape)?;
+    }
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("q", q), ("k", k), ("v", v)];
+    for (name, t) in [
+        ("g", &opts.g),
+        ("beta", &opts.beta),
+        ("initial_state", &opts.initial_state),
+    ] {
+        if let Some(t) = t {
+            inputs.push((name, t));
+        }
+    }
+    let mut outputs: Vec<(&str, &Tensor)> = vec![("out", out)];
+    if let Some(fs) = final_state {
+        outputs.push(("final_state", fs));
+    }
+    check_no_alias(&inputs, &outputs)?;
+    // the state carried between pieces (and written at the end) needs a buffer
+    // (global attention in chunks reads the final state for every chunk's output)
+    let chunked = plan.mode() == Mode::Chunk;
+    let carry = plan.pieces.len() > 1 || (chunked && !opts.causal);
+    let scratch = if final_state.is_none() && carry {
+        Some(Tensor::filled(ctx, &state_shape, DType::F32, 0.0)?)
+    } else {
+        None
+    };
+    let state_out = final_state.or(scratch.as_ref());
+    // retention's default decays, one per head
+    let default_g = if opts.rule == Rule::Retention && opts.g.is_none() {
+        let g: Vec<f32> = (0..s.hv).map(|h| retention_log_decay(h) as f32).collect();
+        Some(Tensor::from_f32(ctx, &g, &[s.hv])?)
+    } else {
+        None
+    };
+    let g = opts.g.as_ref().or(default_g.as_ref());
+
+    let bq = BoundRange::new(ctx, q, "q")?;
+    let bk = BoundRange::new(ctx, k, "k")?;
+    let bv = BoundRange::new(ctx, v, "v")?;
+    let bo = BoundRange::new(ctx, out, "out")?;
+    let bg = g.map(|t| BoundRange::new(ctx, t, "g")).transpose()?;
+    let bb = opts
+        .beta
+        .as_ref()
+        .map(|t| BoundRange::new(ctx, t, "beta"))
+        .transpose()?;
+    let bi = opts
+        .initial_state
+        .as_ref()
+        .map(|t| BoundRange::new(ctx, t, "initial_state"))
+        .transpose()?;
+    let bs = state_out
+        .map(|t| BoundRange::new(ctx, t, "final_state"))
+        .transpose()?;
+    let g_st = match (g, &bg) {
+        // one decay per head, whatever the batch and token
+        (Some(t), Some(r)) if opts.rule == Rule::Retention => {
+            [r.elem_offset, 0, 0, u32_of(t.strides()[0], "g stride")?]
+        }
+        (Some(t), Some(r)) => strides(t, r)?,
+        _ => [0; 4],
+    };
+    let g_si = match g {
+        Some(t) if opts.rule == Rule::Gla => u32_of(t.strides()[3], "g stride")?,
+        _ => 0,
+    };
+    let scale = opts.scale.unwrap_or(1.0 / (s.k as f32).sqrt());
+    let mut fl = 0u32;
+    if opts.cu_seqlens.is_some() {
+        fl |= flags::VARLEN;
+    }
+    if state_out.is_some() {
+        fl |= flags::WRITE_STATE;
+    }
+    let base = LinearParams {
+        n_seq: u32_of(s.sequences(opts), "sequences")?,
+        t: u32_of(s.t, "T")?,
+        h: u32_of(s.h, "H")?,
+        hv: u32_of(s.hv, "HV")?,
+        dk: u32_of(s.k, "K")?,
+        dv: u32_of(s.v, "V")?,
+        f: u32_of(s.feature_dim(opts), "F")?,
+        vs: u32_of(s.state_cols(opts), "state columns")?,
+        flags: fl,
+        t_from: 0,
+        t_to: 0,
+        group: u32_of(s.hv / s.h, "HV / H")?,
+        scale: if opts.feature_map == FeatureMap::Taylor {
+            1.0
+        } else {
+            scale
+        },
+        eps: s.eps(opts) as f32,
+        feat_scale: if opts.feature_map == FeatureMap::Taylor {
+            scale.sqrt()
+        } else {
+            1.0
+        },
+        g_si,
+        q_st: strides(q, &bq)?,
+        k_st: strides(k, &bk)?,
+        v_st: strides(v, &bv)?,
+        o_st: strides(out, &bo)?,
+        g_st,
+        beta_st: match (&opts.beta, &bb) {
+            (Some(t), Some(r)) => strides(t, r)?,
+            _ => [0; 4],
+        },
+        state: [
+            bi.as_ref().map_or(0, |r| r.elem_offset),
+            bs.as_ref().map_or(0, |r| r.elem_offset),
+            0,
+            0,
+        ],
+        chunk: [0; 4],
+    };
+    let b = Bound {
+        q: &bq,
+        k: &bk,
+        v: &bv,
+        o: &bo,
+        g: bg.as_ref(),
+        beta: bb.as_ref(),
+        init: bi.as_ref(),
+        state: bs.as_ref(),
+    };
+    match &plan.kernel {
+        LinearKernel::Recurrent { key, grid } => {
+            encode_recurrent(ctx, encoder, key, grid, &plan, &base, &b, opts, timestamps)?
+        }
+        LinearKernel::Chunk(cp) => encode_chunk(
+            ctx,
+            encoder,
+            &s,
+            cp,
+            &plan.pieces,
+            &base,
+            &b,
+            opts,
+            timestamps,
+        )?,
+        LinearKernel::Fused { key, grid } => encode_fused(
+            ctx,
+            encoder,
+            key,
+            grid,
+            &plan.pieces,
+            &base,
+            &b,
+            opts,
+            timestamps,
+        )?,
+    }
+    Ok(plan)
+}
+
+/// The bound buffers of a call.
+pub(super) struct Bound<'a> {
+    q: &'a BoundRange<'a>,
+    k: &'a BoundRange<'a>,
+    v: &'a BoundRange<'a>,
+    o: &'a BoundRange<'a>,
+    g: Option<&'a BoundRange<'a>>,
+    beta: Option<&'a BoundRange<'a>>,
+    init: Option<&'a BoundRange<'a>>,
+    /// The state carried between pieces and written at the end (final state or scratch).
+    state: Option<&'a BoundRange<'a>>,
+}
+
+impl<'a> Bound<'a> {
+    /// The call's buffers under the names the linear kernels declare (absent optional ones as
+    /// the dummy buffers, read-only or writable as declared); `cu` is the offsets' buffer.
+    fn named(
+        &self,
+        cu: &BoundRange<'a>,
+        dummy: &BoundRange<'a>,
+        dummy_rw: &BoundRange<'a>,
+    ) -> Vec<(&'static str, wgpu::BindingResource<'a>)> {
+        vec![
+            ("q", self.q.resource()),
+            ("k", self.k.resource()),
+            ("v", self.v.resource()),
+            ("g", self.g.unwrap_or(dummy).resource()),
+            ("beta", self.beta.unwrap_or(dummy).resource()),
+            ("s_in", self.init.unwrap_or(dummy).resource()),
+            ("cu", cu.resource()),
+            ("o", self.o.resource()),
+            ("s_out", self.state.unwrap_or(dummy_rw).resource()),
+        ]
+    }
+}
+
+pub(super) fn cu_buffer(ctx: &GpuContext, opts: &LinearOptions) -> Option<wgpu::Buffer> {
+    // offsets only for packed sequences (the kernels read them under F_VARLEN)
+    opts.cu_seqlens.as_ref().map(|cu| {
+        ctx.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("linear cu_seqlens"),
+                contents: bytemuck::cast_slice(cu),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+    })
+}
+
+/// A compute pass, its start and end timestamped when asked.
+pub(super) fn begin_pass<'e>(
+    encoder: &'e mut wgpu::CommandEncoder,
+    label: &str,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> wgpu::ComputePass<'e> {
+    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: Some(i),
+            end_of_pass_write_index: Some(i + 1),
+        }),
+    })
+}
+
+pub(super) fn params_buffer(ctx: &GpuContext, p: &LinearParams) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("linear params"),
+            contents: bytemuck::bytes_of(p),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn encode_recurrent(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    key: &LinearKey,
+    grid: &[u32; 3],
+    plan: &LinearPlan,
+    base: &LinearParams,
+    bound: &Bound,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
+    // one dispatch per piece; global attention runs the update pieces, then the output ones
+    let mut steps: Vec<LinearParams> = Vec::new();
+    let phases: &[u32] = if opts.causal {
+        &[flags::UPDATE | flags::OUTPUT]
+    } else {
+        &[flags::UPDATE, flags::OUTPUT]
+    };
+    for (pi, &phase) in phases.iter().enumerate() {
+        for (i, &(from, to)) in plan.pieces.iter().enumerate() {
+            let mut p = *base;
+            p.t_from = from;
+            p.t_to = to;
+            p.flags |= phase;
+            let first = pi == 0 && i == 0;
+            if first {
+                if opts.initial_state.is_some() {
+                    p.flags |= flags::INIT;
+                }
+            } else {
+                p.flags |= flags::RESUME;
+            }
+            // a lone output phase of global attention reads the state and leaves it be
+            if phase == flags::OUTPUT {
+                p.flags &= !flags::WRITE_STATE;
+            }
+            steps.push(p);
+        }
+    }
+    let cu_buf = cu_buffer(ctx, opts);
+    let dummy = BoundRange::whole(&ctx.dummy);
+    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+    let cu = cu_buf
+        .as_ref()
+        .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
+    let named = bound.named(&cu, &dummy, &dummy_rw);
+    encode_steps(
+        ctx,
+        encoder,
+        key,
+        grid,
+        &steps,
+        &named,
+        "linear attention",
+        timestamps,
+    )
+}
+
+/// One kernel dispatched once per step: the same buffers (`named`, by the kernel's declared
+/// names) and the step's parameters as `p`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn encode_steps(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    kernel: &dyn Kernel,
+    grid: &[u32; 3],
+    steps: &[LinearParams],
+    named: &[(&str, wgpu::BindingResource)],
+    label: &str,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
+    ctx.scoped(|| {
+        let pipeline = ctx.pipeline(kernel)?;
+        let layout = pipeline.get_bind_group_layout(0);
+        let groups: Vec<wgpu::BindGroup> = steps
+            .iter()
+            .map(|p| {
+                let params = params_buffer(ctx, p);
+                let mut all = vec![("p", params.as_entire_binding())];
+                all.extend(named.iter().cloned());
+                let entries = entries_by_name(kernel, &all)?;
+                Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &layout,
+                    entries: &entries,
+                }))
+            })
+            .collect::<Result<_>>()?;
+        let mut pass = begin_pass(encoder, label, timestamps);
+        pass.set_pipeline(&pipeline);
+        let [x, y, z] = *grid;
+        for bg in &groups {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+        Ok(())
+    })
+}
+
+/// The fused chunk kernel: one dispatch per piece of chunks, the state carried through the
+/// final-state buffer.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn encode_fused(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    key: &ChunkKey,
+    grid: &[u32; 3],
+    pieces: &[(u32, u32)],
+    base: &LinearParams,
+    bound: &Bound,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
+    let steps: Vec<LinearParams> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, &(from, to))| {
+            let mut p = *base;
+            p.chunk = [from, to, 0, 0];
+            if i > 0 {
+                p.flags |= flags::RESUME;
+            } else if opts.initial_state.is_some() {
+                p.flags |= flags::INIT;
+            }
+            p
+        })
+        .collect();
+    let cu_buf = cu_buffer(ctx, opts);
+    let dummy = BoundRange::whole(&ctx.dummy);
+    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+    let cu = cu_buf
+        .as_ref()
+        .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
+    let named = bound.named(&cu, &dummy, &dummy_rw);
+    let label = "linear attention (fused chunks)";
+    encode_steps(ctx, encoder, key, grid, &steps, &named, label, timestamps)
+}
+
+/// The chunk passes: per piece the state pass (storing each chunk's starting state) and the
+/// output pass; global attention runs every state piece, then the output pieces against the
+/// final state.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn encode_chunk(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    s: &LinearShape,
+    cp: &ChunkPlan,
+    pieces: &[(u32, u32)],
+    base: &LinearParams,
+    bound: &Bound,
+    opts: &LinearOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
+) -> Result<()> {
+    let ChunkPlan {
+        solve,
+        states,
+        output,
+        states_grid,
+        output_grid,
+        chunks_per_piece,
+    } = cp;
+    // chunk states [N, HV, P, Fp, W4] (vec4s; global attention: one slot, the final state)
+    let slot = chunk_state_vec4s(s, opts);
+    let slots = if opts.causal {
+        u64::from(*chunks_per_piece)
+    } else {
+        1
+    };
+    let per_nh = slot * slots;
+    let total = per_nh * u64::from(base.n_seq) * u64::from(base.hv);
+    let (slot, per_nh) = (
+        u32_of(slot as usize, "chunk state")?,
+        u32_of(per_nh as usize, "chunk states")?,
+    );
+    // (pass, params) in order
+    let mut steps: Vec<(Stage, LinearParams)> = Vec::new();
+    for (i, &(from, to)) in pieces.iter().enumerate() {
+        let mut p = *base;
+        p.chunk = [from, to, per_nh, slot];
+        if i == 0 {
+            if opts.initial_state.is_some() {
+                p.flags |= flags::INIT;
+            }
+        } else {
+            p.flags |= flags::RESUME;
+        }
+        // (WRITE_STATE is in base whenever there is a state to carry or return)
+        p.flags |= if opts.causal {
+            flags::CHUNKS
+        } else {
+            flags::GLOBAL
+        };
+        if solve.is_some() {
+            steps.push((Stage::Solve, p));
+        }
+        steps.push((Stage::States, p));
+        if opts.causal {
+            let mut o = *base;
+            o.chunk = [from, to, per_nh, slot];
+            o.flags &= flags::VARLEN;
+            steps.push((Stage::Output, o));
+        }
+    }
+    if !opts.causal {
+        for &(from, to) in pieces {
+            let mut o = *base;
+            o.chunk = [from, to, per_nh, 0];
+            o.flags = (o.flags & flags::VARLEN) | flags::GLOBAL;
+            steps.push((Stage::Output, o));
+        }
+    }
+    ctx.scoped(|| {
+        let dev = &ctx.device;
+        let states_pipe = ctx.pipeline(states)?;
+        let output_pipe = ctx.pipeline(output)?;
+        let solve_pipe = solve.as_ref().map(|(k, _)| ctx.pipeline(k)).transpose()?;
+        let scratch = |label: &'static str, vec4s: u64| -> Result<wgpu::Buffer> {
+            let bytes = vec4s.saturating_mul(16);
+            ctx.check_binding(label, bytes)?;
+            Ok(dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }))
+        };
+        let chunk_states = scratch("linear chunk states", total)?;
+        // the delta rules' per-token scratch of a piece: (beta, b, 1/|k|, 1/|q|), W, U
+        let toks = u64::from(*chunks_per_piece)
+            * u64::from(chunk::C_DELTA)
+            * u64::from(base.n_seq)
+            * u64::from(base.hv);
+        let delta_bufs = match solve {
+            Some(_) => Some((
+                scratch("linear delta tokens", toks)?,
+                scratch("linear delta W", toks * delta_row_vec4s(s.k))?,
+                scratch("linear delta U", toks * delta_row_vec4s(s.v))?,
+            )),
+            None => None,
+        };
+        let delta_ranges = delta_bufs.as_ref().map(|(t, w, u)| {
+            (
+                BoundRange::whole(t),
+                BoundRange::whole(w),
+                BoundRange::whole(u),
+            )
+        });
+        let cu_buf = cu_buffer(ctx, opts);
+        let dummy = BoundRange::whole(&ctx.dummy);
+        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+        let cu = cu_buf
+            .as_ref()
+            .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
+        let cs = BoundRange::whole(&chunk_states);
+        let named = bound.named(&cu, &dummy, &dummy_rw);
+        let groups: Vec<(Stage, wgpu::BindGroup)> = steps
+            .iter()
+            .map(|(stage, p)| {
+                let params = params_buffer(ctx, p);
+                let pr = BoundRange::whole(&params);
+                let (key, pipe) = match (stage, solve, &solve_pipe) {
+                    (Stage::Solve, Some((k, _)), Some(sp)) => (k, sp),
+                    (Stage::States, _, _) => (states, &states_pipe),
+                    (Stage::Output, _, _) => (output, &output_pipe),
+                    (Stage::Solve | Stage::Fused, _, _) => {
+                        return Err(AttnError::invalid(
+                            "chunk plan",
+                            "a solve pass only for the delta rules, no fused kernel",
+                            format!("{stage:?}"),
+                        ))
+                    }
+                };
+                let layout = pipe.get_bind_group_layout(0);
+                let mut all = vec![("p", pr.resource()), ("states", cs.resource())];
+                all.extend(named.iter().cloned());
+                if let Some((tk, wr, ur)) = &delta_ranges {
+                    all.extend([
+                        ("tok", tk.resource()),
+                        ("wsc", wr.resource()),
+                        ("usc", ur.resource()),
+                    ]);
+                    if *stage == Stage::Output {
+                        // the delta rules' output pass reads U from the state pass as its `v`
+                        all.push(("v", ur.resource()));
+                    }
+                }
+                let entries = entries_by_name(key, &all)?;
+                let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("linear chunk bind group"),
+                    layout: &layout,
+                    entries: &entries,
+                });
+                Ok((*stage, bg))
+            })
+            .collect::<Result<_>>()?;
+        let mut pass = begin_pass(encoder, "linear attention (chunks)", timestamps);
+        for (stage, bg) in &groups {
+            let [x, y, z] = match (stage, &solve_pipe, solve) {
+                (Stage::Solve, Some(sp), Some((_, grid))) => {
+                    pass.set_pipeline(sp);
+                    *grid
+                }
+                (Stage::Solve | Stage::Fused, _, _) => continue,
+                (Stage::States, _, _) => {
+                    pass.set_pipeline(&states_pipe);
+                    *states_grid
+                }
+                (Stage::Output, _, _) => {
+                    pass.set_pipeline(&output_pipe);
+                    *output_grid
+                }
+            };
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+        Ok(())
+    })
+}
