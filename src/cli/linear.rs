@@ -8,7 +8,8 @@ use wgpu_attention::linear::reference::{compare_linear, LinearRefInputs};
 use wgpu_attention::*;
 
 use crate::cli::npy;
-use crate::{upload, CliResult, DTypeArg, Failure};
+use crate::cli::run::upload;
+use crate::cli::{CliResult, DTypeArg, Failure};
 
 #[derive(clap::Args)]
 pub struct LinearArgs {

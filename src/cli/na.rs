@@ -5,7 +5,8 @@ use wgpu_attention::neighborhood::reference::{neighborhood_plain_f16, neighborho
 use wgpu_attention::neighborhood::NaSpec;
 use wgpu_attention::*;
 
-use crate::{report, upload, CliResult, Failure, Inputs, RunArgs};
+use crate::cli::run::{report, upload, Inputs, RunArgs};
+use crate::cli::{CliResult, Failure};
 
 fn list(flag: &str, s: &Option<String>) -> CliResult<Vec<usize>> {
     let Some(s) = s else { return Ok(Vec::new()) };
@@ -126,10 +127,10 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
     let got = out.to_vec_f32(&ctx)?;
     let got_lse = lse.to_vec_f32(&ctx)?;
     if let Some(p) = &a.out {
-        crate::npy::write(p, out.shape(), out.dtype(), &got)?;
+        crate::cli::npy::write(p, out.shape(), out.dtype(), &got)?;
     }
     if let Some(p) = &a.lse {
-        crate::npy::write(p, lse.shape(), DType::F32, &got_lse)?;
+        crate::cli::npy::write(p, lse.shape(), DType::F32, &got_lse)?;
     }
     let shape = AttnShape {
         batch: b,
