@@ -26,6 +26,8 @@ mod check;
 pub mod chunk;
 pub mod chunk_delta;
 pub mod chunk_fused;
+mod chunk_output;
+mod chunk_states;
 mod encode;
 mod plan;
 pub mod reference;
