@@ -678,7 +678,7 @@ fn topk_routing() {
             bias: None,
         };
         let want = route_reference(&inp, &case.opts, &topk).unwrap();
-        let scores = reference_scores(&inp, &case.opts, &topk);
+        let scores = reference_scores(&inp, &case.opts, &topk).unwrap();
         let (nq, nk) = topk.layout(&s).blocks();
         assert_eq!(got.slots, want.slots, "seed {seed}");
         assert_eq!(got.selected.len(), s.batch * s.hq * nq * got.slots);

@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod masks;
 pub mod routing;
+mod routing_device;
 pub mod shader;
 pub mod snippet;
 
