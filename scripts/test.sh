@@ -24,10 +24,11 @@ phase() { # name, command...
 }
 phase "setup" scripts/setup.sh --swiftshader --browser --tests
 phase "build" cargo build --workspace --all-targets --quiet
-# the outer limits catch a hung runner; nextest's own per-test limits catch hung tests. They
-# are far above the 10-minute budget: on 2026-12-02 a run with a cold Mesa cache took 994 s on
-# lavapipe (warm: 224 s)
+# the outer limits catch a hung runner; nextest's own per-test limits catch hung tests
+# (README, "Tests": what a cold and a warm run cost)
 phase "tests on lavapipe" timeout 2400 cargo nextest run --workspace --all-targets
+# nextest runs no doctests: the crate docs' examples compile here (no GPU needed: no_run)
+phase "doc tests" cargo test --doc --quiet
 SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json
 if [ ! -e "$SWIFTSHADER" ]; then
   echo "SwiftShader ICD missing at $SWIFTSHADER: install chromium" >&2

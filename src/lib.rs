@@ -9,7 +9,7 @@
 //! let (b, l, h, d) = (1, 128, 4, 64);
 //! let x: Vec<f32> = (0..b * l * h * d).map(|i| (i as f32 * 0.37).sin()).collect();
 //! let q = Tensor::from_f32(&ctx, &x, &[b, l, h, d])?;  // [batch, seq, heads, dim]
-//! let opts = FlashOptions { causal: true, return_lse: true, ..Default::default() };
+//! let opts = FlashOptions::default().causal(true).return_lse(true);
 //! let res = flash_attention(&ctx, &q, &q, &q, &opts)?;
 //! let o: Vec<f32> = res.out.to_vec_f32(&ctx)?;         // [batch, seq, heads, dim]
 //! # Ok(()) }
