@@ -247,6 +247,31 @@ fn check(c: &Lin) {
     }
 }
 
+/// For the tests of one specialization axis (dtype, feature map and normalization, K and V
+/// sizes, global attention, decays): every case through one kernel, the kernels taken in turn
+/// (case i through the i-th of its variants, cycling), so each axis value and each kernel
+/// runs at least once without compiling their whole cross product cold; the rules times the
+/// kernels are `every_rule_over_awkward_lengths`'. `WGPU_ATTENTION_EXHAUSTIVE=1` runs every
+/// case through every kernel.
+fn check_axis(cases: &[Lin]) {
+    let mut turn = 0;
+    for c in cases {
+        let vs = variants(c);
+        if exhaustive() || vs.len() <= 1 {
+            vs.iter().for_each(check_one);
+            continue;
+        }
+        let v = &vs[turn % vs.len()];
+        eprintln!(
+            "{:?} kernel only (WGPU_ATTENTION_EXHAUSTIVE=1: all {}) for {c:?}",
+            v.opts.mode,
+            vs.len()
+        );
+        check_one(v);
+        turn += 1;
+    }
+}
+
 fn check_one(c: &Lin) {
     let seed = fresh_seed();
     if c.dtype == DType::F16 && !ctx().caps.f16 {
@@ -278,12 +303,14 @@ fn every_rule_over_awkward_lengths() {
 
 #[test]
 fn k_not_v_and_grouped_value_heads() {
+    let mut cases = Vec::new();
     for rule in Rule::ALL {
-        check(&Lin::new(rule, 1, 113, 2, 6, 40, 96));
-        check(&Lin::new(rule, 2, 37, 1, 2, 96, 20).init());
+        cases.push(Lin::new(rule, 1, 113, 2, 6, 40, 96));
+        cases.push(Lin::new(rule, 2, 37, 1, 2, 96, 20).init());
     }
     // K at the largest bucket, V past one workgroup of columns
-    check(&Lin::new(Rule::GatedDelta, 1, 50, 1, 1, 256, 130).with(|o| o.qk_l2norm = true));
+    cases.push(Lin::new(Rule::GatedDelta, 1, 50, 1, 1, 256, 130).with(|o| o.qk_l2norm = true));
+    check_axis(&cases);
 }
 
 #[test]
@@ -421,14 +448,16 @@ fn chunk_variants() {
 
 #[test]
 fn f16_inputs() {
-    for rule in Rule::ALL {
-        check(&Lin::new(rule, 1, 200, 2, 2, 64, 64).f16());
-    }
-    check(
-        &Lin::new(Rule::Linear, 1, 100, 2, 2, 16, 16)
+    let mut cases: Vec<Lin> = Rule::ALL
+        .iter()
+        .map(|&rule| Lin::new(rule, 1, 200, 2, 2, 64, 64).f16())
+        .collect();
+    cases.push(
+        Lin::new(Rule::Linear, 1, 100, 2, 2, 16, 16)
             .f16()
             .with(|o| o.feature_map = FeatureMap::Taylor),
     );
+    check_axis(&cases);
 }
 
 /// Gates down to -20 per token (exp(-20) = 2e-9): the state neither overflows nor is lost.
@@ -447,31 +476,36 @@ fn strong_decays() {
 
 #[test]
 fn feature_maps_and_normalization() {
+    let mut cases = Vec::new();
     for map in FeatureMap::ALL {
         for normalize in [false, true] {
             let k = if map == FeatureMap::Taylor { 16 } else { 40 };
-            check(&Lin::new(Rule::Linear, 2, 97, 2, 2, k, 24).with(|o| {
+            cases.push(Lin::new(Rule::Linear, 2, 97, 2, 2, k, 24).with(|o| {
                 o.feature_map = map;
                 o.normalize = normalize;
             }));
         }
     }
     // Taylor below its bucket (K = 5: F = 31 rows)
-    check(&Lin::new(Rule::Linear, 1, 64, 1, 2, 5, 8).with(|o| o.feature_map = FeatureMap::Taylor));
+    cases.push(
+        Lin::new(Rule::Linear, 1, 64, 1, 2, 5, 8).with(|o| o.feature_map = FeatureMap::Taylor),
+    );
     for l2 in [false, true] {
         for rule in [Rule::Delta, Rule::GatedDelta] {
-            check(&Lin::new(rule, 1, 129, 2, 2, 48, 32).with(|o| o.qk_l2norm = l2));
+            cases.push(Lin::new(rule, 1, 129, 2, 2, 48, 32).with(|o| o.qk_l2norm = l2));
         }
     }
+    check_axis(&cases);
 }
 
 #[test]
 fn global_attention() {
+    let mut cases = Vec::new();
     for map in [FeatureMap::Identity, FeatureMap::Elu1, FeatureMap::Taylor] {
         for normalize in [false, true] {
             let k = if map == FeatureMap::Taylor { 8 } else { 32 };
-            check(
-                &Lin::new(Rule::Linear, 2, 113, 2, 2, k, 32)
+            cases.push(
+                Lin::new(Rule::Linear, 2, 113, 2, 2, k, 32)
                     .init()
                     .with(|o| {
                         o.causal = false;
@@ -481,6 +515,7 @@ fn global_attention() {
             );
         }
     }
+    check_axis(&cases);
 }
 
 #[test]

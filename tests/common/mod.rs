@@ -308,6 +308,23 @@ pub fn check_all(case: &Case) {
     }
 }
 
+/// For a test of one specialization axis (head dims, ...): case i with the i-th strategy the
+/// adapter can run (cycling), so every axis value and every strategy runs at least once
+/// without compiling their cross product cold; `WGPU_ATTENTION_EXHAUSTIVE=1` checks every case
+/// with every strategy.
+pub fn check_axis(cases: &[Case]) {
+    let sts = strategies();
+    for (i, case) in cases.iter().enumerate() {
+        if exhaustive() || sts.len() <= 1 {
+            check_all(case);
+            continue;
+        }
+        let st = sts[i % sts.len()];
+        eprintln!("{st:?} only (WGPU_ATTENTION_EXHAUSTIVE=1: every strategy) for {case:?}");
+        check(&case.clone().strategy(st));
+    }
+}
+
 /// Input amplitude for logits with standard deviation `sigma`: `q.k * scale` of U(-a, a)
 /// entries has standard deviation `a^2 / 3 * scale * sqrt(D)`.
 pub fn amp_for_logit_std(sigma: f64, scale: f64, d: usize) -> f32 {
