@@ -181,6 +181,7 @@ pub fn encode_linear_attention(
         ],
         chunk: [0; 4],
     };
+    let cu_buf = cu_buffer(ctx, opts);
     let b = Bound {
         q: &bq,
         k: &bk,
@@ -190,6 +191,11 @@ pub fn encode_linear_attention(
         beta: bb.as_ref(),
         init: bi.as_ref(),
         state: bs.as_ref(),
+        cu: cu_buf
+            .as_ref()
+            .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole),
+        dummy: BoundRange::whole(&ctx.dummy),
+        dummy_rw: BoundRange::whole(&ctx.dummy_rw),
     };
     match &plan.kernel {
         LinearKernel::Recurrent { key, grid } => {
@@ -232,17 +238,18 @@ pub(super) struct Bound<'a> {
     init: Option<&'a BoundRange<'a>>,
     /// The state carried between pieces and written at the end (final state or scratch).
     state: Option<&'a BoundRange<'a>>,
+    /// `cu_seqlens` (packed sequences), else the dummy buffer.
+    cu: BoundRange<'a>,
+    /// What an absent read-only / writable binding gets.
+    dummy: BoundRange<'a>,
+    dummy_rw: BoundRange<'a>,
 }
 
 impl<'a> Bound<'a> {
     /// The call's buffers under the names the linear kernels declare (absent optional ones as
-    /// the dummy buffers, read-only or writable as declared); `cu` is the offsets' buffer.
-    fn named(
-        &self,
-        cu: &BoundRange<'a>,
-        dummy: &BoundRange<'a>,
-        dummy_rw: &BoundRange<'a>,
-    ) -> Vec<(&'static str, wgpu::BindingResource<'a>)> {
+    /// the dummy buffers, read-only or writable as declared).
+    fn named(&self) -> Vec<(&'static str, wgpu::BindingResource<'a>)> {
+        let (cu, dummy, dummy_rw) = (&self.cu, &self.dummy, &self.dummy_rw);
         vec![
             ("q", self.q.resource()),
             ("k", self.k.resource()),
@@ -334,13 +341,7 @@ pub(super) fn encode_recurrent(
             steps.push(p);
         }
     }
-    let cu_buf = cu_buffer(ctx, opts);
-    let dummy = BoundRange::whole(&ctx.dummy);
-    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
-    let cu = cu_buf
-        .as_ref()
-        .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
-    let named = bound.named(&cu, &dummy, &dummy_rw);
+    let named = bound.named();
     encode_steps(
         ctx,
         encoder,
@@ -422,13 +423,7 @@ pub(super) fn encode_fused(
             p
         })
         .collect();
-    let cu_buf = cu_buffer(ctx, opts);
-    let dummy = BoundRange::whole(&ctx.dummy);
-    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
-    let cu = cu_buf
-        .as_ref()
-        .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
-    let named = bound.named(&cu, &dummy, &dummy_rw);
+    let named = bound.named();
     let label = "linear attention (fused chunks)";
     encode_steps(ctx, encoder, key, grid, &steps, &named, label, timestamps)
 }
@@ -542,14 +537,8 @@ pub(super) fn encode_chunk(
                 BoundRange::whole(u),
             )
         });
-        let cu_buf = cu_buffer(ctx, opts);
-        let dummy = BoundRange::whole(&ctx.dummy);
-        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
-        let cu = cu_buf
-            .as_ref()
-            .map_or(BoundRange::whole(&ctx.dummy), BoundRange::whole);
         let cs = BoundRange::whole(&chunk_states);
-        let named = bound.named(&cu, &dummy, &dummy_rw);
+        let named = bound.named();
         let groups: Vec<(Stage, wgpu::BindGroup)> = steps
             .iter()
             .map(|(stage, p)| {
