@@ -26,7 +26,7 @@ phase "setup" scripts/setup.sh --swiftshader --browser --tests
 phase "build" cargo build --workspace --all-targets --quiet
 # the outer limits catch a hung runner; nextest's own per-test limits catch hung tests
 # (README, "Tests": what a cold and a warm run cost)
-phase "tests on lavapipe" timeout 2400 cargo nextest run --workspace --all-targets
+phase "tests on lavapipe" timeout 4500 cargo nextest run --workspace --all-targets
 # nextest runs no doctests: the crate docs' examples compile here (no GPU needed: no_run)
 phase "doc tests" cargo test --doc --quiet
 SWIFTSHADER=/usr/lib/chromium/vk_swiftshader_icd.json

@@ -442,8 +442,9 @@ fn plans_follow_the_tuning() {
     assert_eq!(forced.tile(), untuned.tile());
 }
 
-/// `tune` on a tiny plan: one entry per class, each a tile the plan offers, no slower than the
-/// untuned tile in the same rounds.
+/// `tune` on a tiny plan: one entry per class, each a tile the plan offers for that class's
+/// problem, its default the untuned plan's tile, its kernel the plan's with that tile, and
+/// both medians measured (finite, positive).
 #[test]
 fn tune_measures_every_class() {
     use wgpu_attention::tune::{tune, TunePlan};
@@ -464,10 +465,28 @@ fn tune_measures_every_class() {
     let t = tune(ctx, &plan, |_| ()).unwrap();
     assert_eq!(t.classes.len(), 4, "{:?}", t.classes.keys());
     for (class, e) in &t.classes {
-        assert!(e.best_ms <= e.default_ms, "{class}: {e:?}");
+        let [batch, lq, lk, hq, hkv, d] = e.shape;
+        let shape = AttnShape {
+            batch,
+            lq,
+            lk,
+            hq,
+            hkv,
+            d,
+            dv: d,
+        };
+        let opts = FlashOptions::default().causal(class.contains("causal"));
+        let choices = flash::tile_choices(ctx, &shape, DType::F32, &opts).unwrap();
         assert!(
-            e.kernel.contains(&format!("_r{}_", e.tile.rows)),
-            "{class}: {e:?}"
+            choices.contains(&e.tile),
+            "{class}: {e:?} not in {choices:?}"
         );
+        let untuned = flash::plan(ctx, &shape, DType::F32, &opts).unwrap().key;
+        assert_eq!(e.default_tile, untuned.tile(), "{class}: {e:?}");
+        let forced = flash::plan(ctx, &shape, DType::F32, &opts.clone().tile(Some(e.tile)));
+        assert_eq!(e.kernel, forced.unwrap().key.label(), "{class}: {e:?}");
+        for ms in [e.best_ms, e.default_ms] {
+            assert!(ms.is_finite() && ms > 0.0, "{class}: {e:?}");
+        }
     }
 }

@@ -421,6 +421,8 @@ use wgpu_attention::{flash_attention, AttnError, DType, FlashOptions, StrategyCh
 /// A random dense block mask of `density` over `l` (seeded), as FlexAttention's
 /// `BlockMask.from_kv_blocks` with every block full.
 fn random_blocks(l: BlockLayout, density: f64, seed: u64) -> BlockMask {
+    // printed, so a failing test's output names the mask it ran with
+    eprintln!("random block mask: seed {seed}, density {density:.2}, {l:?}");
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
     let (nq, nk) = l.blocks();
     let on: Vec<bool> = (0..l.batch * l.heads * nq * nk)

@@ -30,8 +30,12 @@ pub fn random(n: usize, amp: f32, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.random_range(-amp..amp)).collect()
 }
 
+/// A new seed, printed: whatever a test draws from it (inputs, block masks, aux data) can be
+/// replayed from a failing test's output.
 pub fn fresh_seed() -> u64 {
-    rand::rng().random()
+    let seed = rand::rng().random();
+    eprintln!("fresh seed {seed}");
+    seed
 }
 
 /// One attention case.
