@@ -1,7 +1,7 @@
 //! Resources (core): how a tensor is bound to a kernel. A view binds the sub-range of its buffer
-//! that it spans ([`BoundRange`]), outputs may not alias inputs or each other
-//! ([`check_no_alias`]), read-only storage data is uploaded or bound as it is ([`StorageData`]),
-//! and the Sweep kernel's Q/K/V reach it as textures ([`make_textures`]).
+//! that it spans (`BoundRange`), outputs may not alias inputs or each other
+//! (`check_no_alias`), read-only storage data is uploaded or bound as it is (`StorageData`),
+//! and the Sweep kernel's Q/K/V reach it as textures (`make_textures`).
 
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};

@@ -1,6 +1,6 @@
 //! The call path every softmax family climbs (engine): checks, plan (through the family's
-//! [`CallLayout`]), params, resources, encode. One call of any family reads top-down here:
-//! [`encode_with`] -> `prepare` -> `check_call` -> `plan_call` -> `flash_params` -> bind group
+//! `CallLayout`), params, resources, encode. One call of any family reads top-down here:
+//! `encode_with` -> `prepare` -> `check_call` -> `plan_call` -> `flash_params` -> bind group
 //! -> one compute pass.
 
 use wgpu::util::DeviceExt;

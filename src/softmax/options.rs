@@ -42,11 +42,11 @@ pub struct FlashOptions {
     /// Also return the log-sum-exp `[B, Hq, Lq]`.
     pub return_lse: bool,
     pub strategy: StrategyChoice,
-    /// The query tile, where the caller wants a given one (one of [`tile_choices`]: the planned
+    /// The query tile, where the caller wants a given one (one of [`crate::flash::tile_choices`]: the planned
     /// key's [`crate::softmax::tile_candidates`] that fit the device's workgroup memory; `tune`
     /// measures them this way).
     /// `None`: the tile `wgpu-attention tune` measured for this class on this adapter, else the
-    /// plan's heuristic ([`heuristic_tile`]).
+    /// plan's heuristic ([`crate::softmax::plan::heuristic_tile`]).
     pub tile: Option<Tile>,
 }
 
@@ -112,7 +112,7 @@ pub struct SoftmaxPlan {
     pub grid: [u32; 3],
     /// Tiled causal calls on CPU adapters: each workgroup owns query tile `x` and its mirror
     /// `ntiles - 1 - x` (the grid has half the tiles), so every workgroup sees the same number
-    /// of keys ([`pairs_tiles`]).
+    /// of keys ([`crate::softmax::plan::pairs_tiles`]).
     pub pair_tiles: bool,
 }
 

@@ -24,7 +24,7 @@ pub fn pairs_tiles(ctx: &GpuContext, strategy: Strategy, opts: &FlashOptions) ->
 }
 
 /// The key an untuned plan starts from: strategy, dtype, head-dim buckets and the budgets'
-/// default tile (see [`plan`]).
+/// default tile (see `crate::flash::plan`).
 pub fn base_key(
     ctx: &GpuContext,
     shape: &AttnShape,

@@ -1,5 +1,5 @@
 //! The mask builders: each gives the `mask_mod` of a pattern as a Rust closure (its block mask on the
-//! host from [`BlockMask::from_mask_mod`]) with its WGSL twin, the snippet the kernel evaluates
+//! host from [`super::BlockMask::from_mask_mod`]) with its WGSL twin, the snippet the kernel evaluates
 //! on partial blocks ([`MaskMod::snippet`]; `and`/`or` combine both, aux buffers renumbered).
 //! Data a pattern needs (document ids, global positions, BigBird's random blocks as a bitmap)
 //! travels as aux buffers; lengths and sizes are literals in the snippet.

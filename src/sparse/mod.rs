@@ -134,7 +134,7 @@ impl MaskMod {
     }
 
     /// The WGSL `mask_mod` snippet of a builder's mask (combinators included) and the aux
-    /// buffers it reads, for [`SparseOptions`](attention::SparseOptions)' `mask_mod` and
+    /// buffers it reads, for [`SparseOptions`]' `mask_mod` and
     /// `aux` ([`attention::SparseOptions::from_mask_mod`] sets both): the kernel evaluates it
     /// on partial blocks. Refused for a caller's closure (no twin) and past four aux buffers.
     pub fn snippet(&self) -> Result<(Snippet, Vec<Aux>)> {

@@ -329,7 +329,7 @@ impl DeviceRouting {
 
 /// Records top-k routing into `enc` with no readback: q and k pooled to block means, the
 /// selection per query block ([`RouteKey`]: scores in f32, so blocks whose scores tie within
-/// f32 rounding may be chosen otherwise than by the host's f64 [`route_blocks`]), and the block
+/// f32 rounding may be chosen otherwise than by the host's f64 [`super::routing::route_blocks`]), and the block
 /// table for row tiles of `tile_rows` ([`TableKey`]).
 pub fn encode_route(
     ctx: &GpuContext,
