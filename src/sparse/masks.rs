@@ -48,34 +48,35 @@ pub fn causal(lq: usize, lk: usize) -> MaskMod {
 }
 
 /// Sliding window around the (bottom-right aligned) diagonal: `q + off - left <= kv <=
-/// q + off + right`; `None` on a side is unbounded.
-pub fn sliding_window(lq: usize, lk: usize, left: Option<usize>, right: Option<usize>) -> MaskMod {
+/// q + off + right`; `None` on a side is unbounded (`u32`, as `FlashOptions::window`).
+pub fn sliding_window(lq: usize, lk: usize, left: Option<u32>, right: Option<u32>) -> MaskMod {
     let off = offset(lq, lk);
     let d = format!("(i32(kv_idx) - i32(q_idx) - {})", lit_i(off));
     let mut sides: Vec<String> = Vec::new();
     if let Some(l) = left {
         sides.push(format!(
             "{d} >= {}",
-            lit_i(-(l.min(i64::MAX as usize) as i64))
+            lit_i(-i64::from(l))
         ));
     }
     if let Some(r) = right {
-        sides.push(format!("{d} <= {}", lit_i(r.min(i64::MAX as usize) as i64)));
+        sides.push(format!("{d} <= {}", lit_i(i64::from(r))));
     }
     if sides.is_empty() {
         sides.push("true".into());
     }
     MaskMod::new(format!("window({left:?},{right:?})"), move |_, _, q, k| {
         let d = k as i64 - (q as i64 + off);
-        left.is_none_or(|l| d >= -(l as i64)) && right.is_none_or(|r| d <= r as i64)
+        left.is_none_or(|l| d >= -i64::from(l)) && right.is_none_or(|r| d <= i64::from(r))
     })
     .with_wgsl(MaskWgsl::new(sides.join(" && "), vec![]))
 }
 
-/// The first `n` keys (attention sinks, StreamingLLM), visible to every query.
-pub fn sinks(n: usize) -> MaskMod {
-    MaskMod::new(format!("sinks({n})"), move |_, _, _, k| k < n)
-        .with_wgsl(MaskWgsl::new(format!("kv_idx < {}", lit_u(n)), vec![]))
+/// The first `n` keys (attention sinks, StreamingLLM), visible to every query (`u32`, as
+/// `FlashOptions::sinks`).
+pub fn sinks(n: u32) -> MaskMod {
+    MaskMod::new(format!("sinks({n})"), move |_, _, _, k| k < n as usize)
+        .with_wgsl(MaskWgsl::new(format!("kv_idx < {}", lit_u(n as usize)), vec![]))
 }
 
 /// Global tokens (Longformer, BigBird): these positions see every key and are seen by every
@@ -116,7 +117,8 @@ fn global_sorted(p: Vec<usize>) -> MaskMod {
 
 /// Prefix-LM: the first `prefix` keys are visible to every query, the rest causally.
 pub fn prefix_lm(lq: usize, lk: usize, prefix: usize) -> MaskMod {
-    sinks(prefix).or(&causal(lq, lk))
+    // kernel indices are u32: a longer prefix covers every key as u32::MAX does
+    sinks(u32::try_from(prefix).unwrap_or(u32::MAX)).or(&causal(lq, lk))
 }
 
 /// Document masking from per-token document ids (queries and keys of one packed sequence):
