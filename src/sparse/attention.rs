@@ -624,6 +624,12 @@ pub fn sparse_reference(
     let s = inp.shape;
     let fo = &opts.flash;
     inp.check(fo)?;
+    // the snippets' values per (batch, head) hold one f32 per (query, key) pair
+    let pairs = s.lq.checked_mul(s.lk).ok_or_else(|| AttnError::Limit {
+        what: "(query, key) pairs the sparse reference evaluates".into(),
+        needed: (s.lq as u64).saturating_mul(s.lk as u64),
+        limit: usize::MAX as u64,
+    })?;
     let per_bh = |f: &mut dyn FnMut(usize, usize) -> Result<Vec<f32>>| -> Result<Vec<Vec<f32>>> {
         let mut all = Vec::with_capacity(s.batch * s.hq);
         for b in 0..s.batch {
@@ -641,7 +647,7 @@ pub fn sparse_reference(
     };
     let sm = match &opts.score_mod {
         Some(sn) => Some(per_bh(&mut |b, h| {
-            let mut raw = Vec::with_capacity(s.lq * s.lk);
+            let mut raw = Vec::with_capacity(pairs);
             for i in 0..s.lq {
                 for j in 0..s.lk {
                     raw.push(score_of(inp, fo, b, h, i, j) as f32);
