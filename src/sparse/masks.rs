@@ -54,10 +54,7 @@ pub fn sliding_window(lq: usize, lk: usize, left: Option<u32>, right: Option<u32
     let d = format!("(i32(kv_idx) - i32(q_idx) - {})", lit_i(off));
     let mut sides: Vec<String> = Vec::new();
     if let Some(l) = left {
-        sides.push(format!(
-            "{d} >= {}",
-            lit_i(-i64::from(l))
-        ));
+        sides.push(format!("{d} >= {}", lit_i(-i64::from(l))));
     }
     if let Some(r) = right {
         sides.push(format!("{d} <= {}", lit_i(i64::from(r))));
@@ -75,8 +72,10 @@ pub fn sliding_window(lq: usize, lk: usize, left: Option<u32>, right: Option<u32
 /// The first `n` keys (attention sinks, StreamingLLM), visible to every query (`u32`, as
 /// `FlashOptions::sinks`).
 pub fn sinks(n: u32) -> MaskMod {
-    MaskMod::new(format!("sinks({n})"), move |_, _, _, k| k < n as usize)
-        .with_wgsl(MaskWgsl::new(format!("kv_idx < {}", lit_u(n as usize)), vec![]))
+    MaskMod::new(format!("sinks({n})"), move |_, _, _, k| k < n as usize).with_wgsl(MaskWgsl::new(
+        format!("kv_idx < {}", lit_u(n as usize)),
+        vec![],
+    ))
 }
 
 /// Global tokens (Longformer, BigBird): these positions see every key and are seen by every
