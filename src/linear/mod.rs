@@ -29,6 +29,7 @@ pub mod chunk_fused;
 mod chunk_output;
 mod chunk_states;
 mod encode;
+mod encode_chunk;
 mod plan;
 pub mod reference;
 pub mod shader;
