@@ -16,6 +16,10 @@
 //! the plan's row tiles ([`TableKey`]); `sparse_attention` and `encode_sparse_attention` with
 //! `SparseOptions::topk` take this path (its kernels in `routing_device.rs`).
 
+/// The device path's kernels and encoder (`routing_device.rs`), reached from here.
+pub use super::routing_device::{
+    encode_route, DeviceRouting, RouteKey, RouteParams, TableKey, TableParams,
+};
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::pipeline::{
@@ -444,7 +448,3 @@ pub fn route_reference(inp: &RefInputs, opts: &FlashOptions, topk: &TopK) -> Res
         |b: usize, h: usize, qi: usize, kj: usize| scores[((b * s.hq + h) * nq + qi) * nk + kj];
     select(&s, opts, topk, &score)
 }
-
-pub use super::routing_device::{
-    encode_route, DeviceRouting, RouteKey, RouteParams, TableKey, TableParams,
-};
