@@ -48,7 +48,8 @@ swiftshader_tests() {
     "flash options_combined awkward_lengths" \
     "neighborhood na1d_borders_even_kernels_dilation_stride_causal na_bad_inputs" \
     "linear every_rule_over_awkward_lengths bad_input" \
-    "sparse block_masks_compose bad_sparse"; do
+    "sparse block_masks_compose bad_sparse" \
+    "decode"; do
     set -- $spec
     bin=$1
     shift

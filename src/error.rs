@@ -91,3 +91,13 @@ impl AttnError {
 }
 
 pub type Result<T> = std::result::Result<T, AttnError>;
+
+/// A size as the `u32` a kernel's uniform holds, or [`AttnError::Limit`] naming it: never a
+/// wrapped value.
+pub(crate) fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| AttnError::Limit {
+        what: what.into(),
+        needed: x as u64,
+        limit: u32::MAX as u64,
+    })
+}

@@ -21,6 +21,7 @@ pub mod baseline;
 pub mod bench;
 pub mod builder;
 pub mod context;
+pub mod decode;
 pub mod dtype;
 pub mod error;
 pub mod flash;
@@ -38,6 +39,10 @@ pub mod tuning;
 pub mod wgsl;
 
 pub use context::{Capabilities, GpuContext};
+pub use decode::{
+    decode_attention, decode_attention_into, encode_decode_attention, encode_merge_attention,
+    merge_attention, AttentionPart, DecodeOptions, DecodePlan, KvCache, KvFormat,
+};
 pub use error::{AttnError, Result};
 pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, RefOutput};
 pub use flash::{

@@ -15,6 +15,7 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     all.extend(crate::sparse::snippet::example_kernels());
     all.extend(crate::sparse::attention::all_kernels());
     all.extend(crate::sparse::routing::all_kernels());
+    all.extend(crate::decode::all_kernels());
     all.extend(crate::baseline::all_kernels());
     all
 }

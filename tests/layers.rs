@@ -21,7 +21,14 @@ const CORE: &[&str] = &[
     "tuning",
 ];
 const ENGINE: &[&str] = &["softmax"];
-const FAMILIES: &[&str] = &["flash", "neighborhood", "sparse", "linear", "baseline"];
+const FAMILIES: &[&str] = &[
+    "flash",
+    "neighborhood",
+    "sparse",
+    "linear",
+    "decode",
+    "baseline",
+];
 const DRIVERS: &[&str] = &["registry", "bench", "tune"];
 
 fn layer(module: &str) -> Option<usize> {

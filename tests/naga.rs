@@ -267,10 +267,11 @@ fn every_specialization_validates_and_translates() {
     );
 }
 
-/// Readable copies of ten generated kernels live in `shaders/<family>/` (the GPU plan, its
+/// Readable copies of twelve generated kernels live in `shaders/<family>/` (the GPU plan, its
 /// two-stage variant and the lavapipe plan of dense attention, the lavapipe neighborhood plans, box and sweep, at D = 64,
 /// the recurrent gated-DeltaNet kernel at K = 64, lavapipe's two chunk passes of simple GLA,
-/// and gated DeltaNet's solve and state passes at K = 64).
+/// gated DeltaNet's solve and state passes at K = 64, the q8_0 decode kernel of a GQA group of
+/// 4 at D = 128 and the merge of f32 parts).
 /// They are outputs, never inputs: this test fails when the generator changes and the copies do
 /// not; `WGPU_ATTENTION_BLESS=1 cargo test --test naga` rewrites them.
 #[test]
@@ -348,6 +349,23 @@ fn shader_snapshots_match_the_generator() {
             keys.push(("linear", Box::new(key)));
         }
     }
+    keys.push((
+        "decode",
+        Box::new(wgpu_attention::decode::shader::DecodeKey {
+            dtype: DType::F32,
+            kv: wgpu_attention::KvFormat::Q8_0,
+            d: 128,
+            dv: 128,
+            rows: 4,
+        }),
+    ));
+    keys.push((
+        "decode",
+        Box::new(wgpu_attention::decode::merge::MergeKey {
+            part: DType::F32,
+            out: DType::F32,
+        }),
+    ));
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     let bless = std::env::var("WGPU_ATTENTION_BLESS").is_ok_and(|v| v == "1");
     for (family, key) in keys {

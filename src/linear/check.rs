@@ -2,6 +2,7 @@
 //! the plan and the encoders never see a bad call.
 
 use super::{sequences, FeatureMap, LinearOptions, LinearShape, Rule, MAX_K, MAX_TAYLOR_K};
+pub(super) use crate::error::u32_of;
 use crate::error::{AttnError, Result};
 use crate::tensor::{DType, Tensor};
 
@@ -9,14 +10,6 @@ pub(super) fn dims4(t: &Tensor, what: &str, layout: &str) -> Result<[usize; 4]> 
     t.shape()
         .try_into()
         .map_err(|_| AttnError::shape(what, format!("rank 4 {layout}"), t.shape()))
-}
-
-pub(super) fn u32_of(x: usize, what: &str) -> Result<u32> {
-    u32::try_from(x).map_err(|_| AttnError::Limit {
-        what: what.into(),
-        needed: x as u64,
-        limit: u32::MAX as u64,
-    })
 }
 
 /// Checks q, k, v and returns the problem sizes.
