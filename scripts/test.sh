@@ -7,7 +7,8 @@
 # Tests run under cargo-nextest (.config/nextest.toml: two at a time, each in its own process, a
 # test killed after 5 minutes, every failure reported).
 #
-# Random cases: WGPU_ATTENTION_CASES=N runs N per family (default 24 flash, 16 neighborhood),
+# Random cases: WGPU_ATTENTION_CASES=N runs N per family (default 24 flash, 16 neighborhood,
+# linear and decode, 4 sparse),
 # WGPU_ATTENTION_SEED=S replays the case a failure printed; WGPU_ATTENTION_CASES=500 is the
 # thorough run.
 set -euo pipefail

@@ -17,6 +17,9 @@ pub enum BaselineKey {
     NaiveAttention { d4: u32, dv4: u32 },
     /// `C[M, N] = A[M, K] B[K, N]`, row-major f32, each invocation a 4x4 block of C.
     Matmul,
+    /// A plain buffer copy, one 16-byte vec4 per invocation: the memory floor a decode is
+    /// measured against (bytes of K and V over the bandwidth this kernel reaches).
+    Copy,
 }
 
 #[repr(C)]
@@ -30,6 +33,15 @@ struct NaiveParams {
     causal: u32,
     scale: f32,
     _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CopyParams {
+    n4: u32,
+    row: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 #[repr(C)]
@@ -48,6 +60,7 @@ impl BaselineKey {
                 format!("naive_attention_d{}_dv{}", d4 * 4, dv4 * 4)
             }
             BaselineKey::Matmul => "matmul_4x4".into(),
+            BaselineKey::Copy => "copy_vec4".into(),
         }
     }
 }
@@ -67,6 +80,9 @@ impl Kernel for BaselineKey {
             BaselineKey::NaiveAttention { .. } => crate::uniform_layout!(NaiveParams, "Params";
                 batch, heads, lq, lk, hkv, causal, scale, _pad),
             BaselineKey::Matmul => crate::uniform_layout!(MatmulParams, "Params"; m, n, k, _pad),
+            BaselineKey::Copy => {
+                crate::uniform_layout!(CopyParams, "Params"; n4, row, _pad0, _pad1)
+            }
         }]
     }
     fn bindings(&self) -> Vec<BindingDecl> {
@@ -85,6 +101,11 @@ impl Kernel for BaselineKey {
                 BindingDecl::read("b", v4, "[K, N/4]"),
                 BindingDecl::read_write("c", v4, "[M, N/4]"),
             ],
+            BaselineKey::Copy => vec![
+                BindingDecl::uniform("p", "Params"),
+                BindingDecl::read("src", "vec4<u32>", "n4 vec4s"),
+                BindingDecl::read_write("dst", "vec4<u32>", "n4 vec4s"),
+            ],
         }
     }
     fn source(&self) -> String {
@@ -92,6 +113,11 @@ impl Kernel for BaselineKey {
             BaselineKey::NaiveAttention { d4, dv4 } => naive_source(self, d4, dv4),
             BaselineKey::Matmul => format!(
                 "{MATMUL_HEAD}{}{MATMUL_BODY}",
+                declare_bindings(&self.bindings())
+            ),
+            BaselineKey::Copy => format!(
+                "// wgpu-attention baseline: a plain copy, one vec4 per invocation.\n\
+                 struct Params {{ n4: u32, row: u32, pad0: u32, pad1: u32 }}\n{}{COPY_BODY}",
                 declare_bindings(&self.bindings())
             ),
         }
@@ -110,6 +136,7 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
         }
     }
     keys.push(Box::new(BaselineKey::Matmul));
+    keys.push(Box::new(BaselineKey::Copy));
     keys
 }
 
@@ -167,6 +194,87 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     w.close();
     w.finish()
+}
+
+const COPY_BODY: &str = "@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.y * p.row * 64u + gid.x;
+    if (i < p.n4) {
+        dst[i] = src[i];
+    }
+}
+";
+
+/// Records a copy of `src` into `dst` (the first `bytes` bytes, a multiple of 16). With
+/// `timestamps` `(set, i, end)` the pass writes the start at `i` (`end` false) or the end at
+/// `i + 1` (`end` true), so two copies can share one pair.
+pub fn encode_copy(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    src: &wgpu::Buffer,
+    dst: &wgpu::Buffer,
+    bytes: u64,
+    timestamps: Option<(&wgpu::QuerySet, u32, bool)>,
+) -> Result<()> {
+    let n4 = bytes / 16;
+    let (grid, row) = crate::pipeline::folded_grid(ctx, "copied vec4s", n4 as usize, 64)?;
+    let prm = CopyParams {
+        n4: u32::try_from(n4).map_err(|_| AttnError::Limit {
+            what: "copied vec4s".into(),
+            needed: n4,
+            limit: u32::MAX as u64,
+        })?,
+        row,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let key = BaselineKey::Copy;
+    let pipeline = ctx.pipeline(&key)?;
+    let pbuf = ctx
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("copy params"),
+            contents: bytemuck::bytes_of(&prm),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+    let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("copy"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: pbuf.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: src,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(n4 * 16),
+                }),
+            },
+            wgpu::BindGroupEntry {
+                binding: 2,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: dst,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(n4 * 16),
+                }),
+            },
+        ],
+    });
+    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("copy"),
+        timestamp_writes: timestamps.map(|(set, i, end)| wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: (!end).then_some(i),
+            end_of_pass_write_index: end.then_some(i + 1),
+        }),
+    });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bg, &[]);
+    pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+    Ok(())
 }
 
 const MATMUL_HEAD: &str =

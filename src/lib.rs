@@ -41,7 +41,7 @@ pub mod wgsl;
 pub use context::{Capabilities, GpuContext};
 pub use decode::{
     decode_attention, decode_attention_into, encode_decode_attention, encode_merge_attention,
-    merge_attention, AttentionPart, DecodeOptions, DecodePlan, KvCache, KvFormat,
+    merge_attention, AttentionPart, DecodeOptions, DecodePlan, KvCache, KvFormat, PagePool,
 };
 pub use error::{AttnError, Result};
 pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, RefOutput};

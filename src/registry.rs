@@ -16,6 +16,11 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     all.extend(crate::sparse::attention::all_kernels());
     all.extend(crate::sparse::routing::all_kernels());
     all.extend(crate::decode::all_kernels());
+    all.extend(
+        crate::softmax::merge::all_keys()
+            .into_iter()
+            .map(|k| Box::new(k) as Box<dyn Kernel>),
+    );
     all.extend(crate::baseline::all_kernels());
     all
 }

@@ -352,8 +352,24 @@ impl Tensor {
         self.read_words(ctx, DType::U32)
     }
 
+    /// [`Tensor::to_vec_u32`] without blocking (the browser's form).
+    pub fn to_vec_u32_async(
+        &self,
+        ctx: &GpuContext,
+    ) -> impl std::future::Future<Output = Result<Vec<u32>>> {
+        self.read_words_async(ctx, DType::U32)
+    }
+
     /// The 4-byte elements of a tensor of dtype `want`, as raw words. Blocks.
     fn read_words(&self, ctx: &GpuContext, want: DType) -> Result<Vec<u32>> {
+        pollster::block_on(self.read_words_async(ctx, want))
+    }
+
+    fn read_words_async(
+        &self,
+        ctx: &GpuContext,
+        want: DType,
+    ) -> impl std::future::Future<Output = Result<Vec<u32>>> {
         let check = match self.dtype == want {
             true => Ok(()),
             false => Err(AttnError::DType {
@@ -363,7 +379,7 @@ impl Tensor {
             }),
         };
         let decode = |bytes: &[u8]| bytemuck::cast_slice::<u8, u32>(bytes).to_vec();
-        pollster::block_on(self.read_async(ctx, check, decode, 0))
+        self.read_async(ctx, check, decode, 0)
     }
 
     /// The readback shared by the `to_vec_*` calls: after `check`, the view's bytes copied out,

@@ -347,7 +347,7 @@ fn linear_random_and_from_files() {
         "gated-delta",
     ] {
         let out = cli()
-            .args(["linear", "--shape", "1,70,1,2,24,20", "--rule", rule])
+            .args(["linear", "--shape", "1,70,1,2,12,20", "--rule", rule])
             .args(["--check", "--json", "--repeat", "2"])
             .output()
             .unwrap();
@@ -470,7 +470,7 @@ fn run_sparse_with_snippets_and_block_masks() {
     for args in [
         vec![
             "--shape",
-            "1,150,150,2,1,64",
+            "1,150,150,2,1,16",
             "--mask-mod",
             &s(&doc),
             "--aux",
@@ -480,7 +480,7 @@ fn run_sparse_with_snippets_and_block_masks() {
         ],
         vec![
             "--shape",
-            "1,150,150,2,2,64",
+            "1,150,150,2,2,16",
             "--block-mask",
             &s(&blocks),
             "--block-size",
@@ -491,14 +491,14 @@ fn run_sparse_with_snippets_and_block_masks() {
         ],
         vec![
             "--shape",
-            "1,150,150,2,1,64",
+            "1,150,150,2,1,16",
             "--normalizer",
             "sigmoid:-3",
             "--causal",
         ],
         vec![
             "--shape",
-            "1,150,150,2,1,64",
+            "1,150,150,2,1,16",
             "--topk-blocks",
             "2",
             "--block-size",
@@ -573,12 +573,111 @@ fn run_sparse_with_snippets_and_block_masks() {
         ),
     ] {
         let out = cli()
-            .args(["run", "--shape", "1,150,150,2,2,64"])
+            .args(["run", "--shape", "1,150,150,2,2,16"])
             .args(&args)
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+/// Decode from the CLI: a random cache in each format, then a paged cache from files with new
+/// tokens appended, each checked against the reference; bad decode flags exit 2.
+#[test]
+fn run_decode_random_and_paged_from_files() {
+    for (format, splits) in [("q8_0", "auto"), ("q4_0", "3"), ("f32", "1")] {
+        let out = cli()
+            .args(["run", "--shape", "2,2,300,4,2,64", "--causal"])
+            .args([
+                "--kv-format",
+                format,
+                "--kv-splits",
+                splits,
+                "--check",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j = json_of(&out);
+        assert_eq!(j["check"]["passed"], true, "{j}");
+        assert!(j["kernel"].as_str().unwrap().starts_with("decode_"), "{j}");
+    }
+    let (b, pages, page, hkv, hq, d) = (2u64, 6u64, 16u64, 1u64, 2u64, 32u64);
+    let gen = |n: u64, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    let files = ["dq", "dkc", "dvc", "dbt", "dlens", "dkn", "dvn", "dout"]
+        .map(|n| tmp(&format!("{n}.npy")));
+    let [q, kc, vc, bt, lens, kn, vn, o] = &files;
+    write_npy(q, &[b, 1, hq, d], &gen(b * hq * d, 0.37));
+    write_npy(
+        kc,
+        &[pages, page, hkv, d],
+        &gen(pages * page * hkv * d, 0.11),
+    );
+    write_npy(
+        vc,
+        &[pages, page, hkv, d],
+        &gen(pages * page * hkv * d, 0.23),
+    );
+    write_npy(bt, &[b, 3], &[5i32, 0, 2, 1, 4, 3]);
+    write_npy(lens, &[b], &[15i32, 40]);
+    write_npy(kn, &[b, 2, hkv, d], &gen(b * 2 * hkv * d, 0.51));
+    write_npy(vn, &[b, 2, hkv, d], &gen(b * 2 * hkv * d, 0.61));
+    let out = cli()
+        .args([
+            "run",
+            "--q",
+            &p(q),
+            "--k-cache",
+            &p(kc),
+            "--v-cache",
+            &p(vc),
+        ])
+        .args(["--block-table", &p(bt), "--cache-seqlens", &p(lens)])
+        .args([
+            "--k",
+            &p(kn),
+            "--v",
+            &p(vn),
+            "--kv-format",
+            "q8_0",
+            "--out",
+            &p(o),
+        ])
+        .args(["--check", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json_of(&out);
+    assert_eq!(j["check"]["passed"], true, "{j}");
+    assert!(std::fs::metadata(o).unwrap().len() > 0);
+    for bad in [
+        vec!["--kv-splits", "0"],
+        vec!["--kv-format", "q5_1"],
+        vec!["--kv-format", "q8_0", "--bias", "x.npy"],
+    ] {
+        let out = cli()
+            .args(["run", "--shape", "1,1,64,2,1,64"])
+            .args(&bad)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty());
     }
 }

@@ -431,3 +431,170 @@ fn bad_decode_inputs_are_typed_errors() {
     .unwrap_err();
     assert!(matches!(e, AttnError::Shape { .. }), "{e}");
 }
+
+/// New tokens appended in place (crossing pages, into every format), then attended over in
+/// the same call; the rows around them untouched; a sequence without room refused before
+/// anything is written.
+#[test]
+fn append_then_attend() {
+    let ctx = ctx();
+    for_each_case("decode append", 6, |seed| {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut formats = vec![KvFormat::F32, KvFormat::Q8_0, KvFormat::Q4_0];
+        if ctx.caps.f16 {
+            formats.push(KvFormat::F16);
+        }
+        let format = formats[r.random_range(0..formats.len())];
+        let (b, hq, hkv, d) = (2, 4, 2, 64);
+        let page = [3, 16, 17][r.random_range(0..3)];
+        let mb = 40usize.div_ceil(page) + 1;
+        let pages = b * mb;
+        // every sequence its own pages, in a shuffled order
+        let mut order: Vec<i32> = (0..pages as i32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, r.random_range(0..=i));
+        }
+        let cap = mb * page;
+        let s_new = r.random_range(1..=5);
+        let lens: Vec<u32> = (0..b)
+            .map(|_| r.random_range(0..=(cap - s_new) as u32))
+            .collect();
+        let amp = amp_for_logit_std(r.random_range(1.0..4.0), 0.125, d);
+        let shape = [pages, page, hkv, d];
+        let n = pages * page * hkv * d;
+        let k = KvCache::upload(ctx, &random(n, amp, r.random()), shape, format).unwrap();
+        let v = KvCache::upload(ctx, &random(n, 1.0, r.random()), shape, format).unwrap();
+        let kn_host = random(b * s_new * hkv * d, amp, r.random());
+        let vn_host = random(b * s_new * hkv * d, 1.0, r.random());
+        let q_host = random(b * hq * d, amp, r.random());
+        let kb = k.to_vec_f32(ctx).unwrap();
+        let t = |x: &[f32]| Tensor::from_f32(ctx, x, &[b, s_new, hkv, d]).unwrap();
+        let table = Tensor::from_i32(ctx, &order, &[b, mb]).unwrap();
+        let q = Tensor::from_f32(ctx, &q_host, &[b, 1, hq, d]).unwrap();
+        let opts = DecodeOptions::default()
+            .causal(true)
+            .block_table(Some(table))
+            .cache_seqlens(Some(lens.clone()))
+            .k_new(Some(t(&kn_host)))
+            .v_new(Some(t(&vn_host)))
+            .return_lse(true);
+        // no room: refused, nothing written
+        let mut full = lens.clone();
+        full[1] = (cap - s_new + 1) as u32;
+        let e =
+            decode_attention(ctx, &q, &k, &v, &opts.clone().cache_seqlens(Some(full))).unwrap_err();
+        assert!(matches!(e, AttnError::Limit { .. }), "{e}");
+        assert_eq!(k.to_vec_f32(ctx).unwrap(), kb, "a refused append wrote");
+        let res = decode_attention(ctx, &q, &k, &v, &opts).unwrap();
+        let ka = k.to_vec_f32(ctx).unwrap();
+        let va = v.to_vec_f32(ctx).unwrap();
+        // the new rows hold the new tokens (as the format stores them), the others are as before
+        let row = hkv * d;
+        let step = |x: &[f32]| match format {
+            KvFormat::F32 => 0.0,
+            KvFormat::F16 => x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 1024.0,
+            KvFormat::Q8_0 => x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0,
+            _ => x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 8.0,
+        };
+        let mut written = vec![false; pages * page];
+        for bi in 0..b {
+            for s in 0..s_new {
+                let j = lens[bi] as usize + s;
+                let at = order[bi * mb + j / page] as usize * page + j % page;
+                written[at] = true;
+                let src = &kn_host[(bi * s_new + s) * row..][..row];
+                for (c, blk) in src.chunks(32).enumerate() {
+                    let tol = step(blk) * 1.01 + 1e-6;
+                    for (i, &x) in blk.iter().enumerate() {
+                        let got = ka[at * row + c * 32 + i];
+                        assert!((got - x).abs() <= tol, "{format} row {at}: {x} -> {got}");
+                    }
+                }
+            }
+        }
+        for (at, &w) in written.iter().enumerate() {
+            if !w {
+                assert_eq!(
+                    ka[at * row..][..row],
+                    kb[at * row..][..row],
+                    "row {at} changed"
+                );
+            }
+        }
+        let grown: Vec<u32> = lens.iter().map(|&l| l + s_new as u32).collect();
+        let ref_opts = DecodeOptions::default()
+            .causal(true)
+            .cache_seqlens(Some(grown));
+        let inp = DecodeInputs {
+            q: &q_host,
+            q_shape: [b, 1, hq, d],
+            k: HostCache { values: &ka, shape },
+            v: HostCache { values: &va, shape },
+            block_table: Some((&order, mb)),
+            bias: None,
+        };
+        let (want, _) = decode_reference(&inp, &ref_opts, false).unwrap();
+        let got = res.out.to_vec_f32(ctx).unwrap();
+        let got_lse = res.lse.unwrap().to_vec_f32(ctx).unwrap();
+        let c = compare(&got, Some(&got_lse), &want, None);
+        assert!(c.passed, "{c:?}");
+        format!(
+            "{format}, page {page}, lens {lens:?} + {s_new}, max rel {:.2e}",
+            c.max_rel
+        )
+    });
+}
+
+/// The page pool's tables drive the kernel: sequences grown token by token across pages,
+/// StreamingLLM eviction, against the reference over the pages the pool kept.
+#[test]
+fn page_pool_drives_decode() {
+    let ctx = ctx();
+    let seed = fresh_seed();
+    let (pages, page, hkv, hq, d) = (12, 16, 1, 2, 32);
+    let mut pool = PagePool::new(pages, page, 8).unwrap();
+    let a = pool.add_sequence();
+    let b = pool.add_sequence();
+    pool.append(a, 70).unwrap();
+    pool.append(b, 33).unwrap();
+    let kh = random(pages * page * hkv * d, 1.5, seed);
+    let vh = random(pages * page * hkv * d, 1.0, seed + 1);
+    let shape = [pages, page, hkv, d];
+    let k = KvCache::upload(ctx, &kh, shape, KvFormat::F32).unwrap();
+    let v = KvCache::upload(ctx, &vh, shape, KvFormat::F32).unwrap();
+    let qh = random(2 * hq * d, 1.5, seed + 2);
+    let q = Tensor::from_f32(ctx, &qh, &[2, 1, hq, d]).unwrap();
+    for step in 0..2 {
+        if step == 1 {
+            let gone = pool.evict_streaming(a, 4, 20).unwrap();
+            assert_eq!(
+                gone.len(),
+                2,
+                "70 tokens, sinks in page 0, window from token 50"
+            );
+        }
+        let (table, lens) = pool.tables();
+        let opts = DecodeOptions::default()
+            .block_table(Some(Tensor::from_i32(ctx, &table, &[2, 8]).unwrap()))
+            .cache_seqlens(Some(lens.clone()))
+            .return_lse(true);
+        let res = decode_attention(ctx, &q, &k, &v, &opts).unwrap();
+        let inp = DecodeInputs {
+            q: &qh,
+            q_shape: [2, 1, hq, d],
+            k: HostCache { values: &kh, shape },
+            v: HostCache { values: &vh, shape },
+            block_table: Some((&table, 8)),
+            bias: None,
+        };
+        let (want, _) = decode_reference(&inp, &opts, false).unwrap();
+        let got = res.out.to_vec_f32(ctx).unwrap();
+        let c = compare(
+            &got,
+            Some(&res.lse.unwrap().to_vec_f32(ctx).unwrap()),
+            &want,
+            None,
+        );
+        assert!(c.passed, "seed {seed}, step {step}, lens {lens:?}: {c:?}");
+    }
+}

@@ -450,7 +450,7 @@ fn chunk_variants() {
 fn f16_inputs() {
     let mut cases: Vec<Lin> = Rule::ALL
         .iter()
-        .map(|&rule| Lin::new(rule, 1, 200, 2, 2, 64, 64).f16())
+        .map(|&rule| Lin::new(rule, 1, 200, 2, 2, 32, 32).f16())
         .collect();
     cases.push(
         Lin::new(Rule::Linear, 1, 100, 2, 2, 16, 16)
@@ -570,11 +570,15 @@ fn random_linear_case(seed: u64) -> Lin {
     let k = if map == FeatureMap::Taylor {
         r.random_range(1..=16)
     } else {
+        // K up to 128 under WGPU_ATTENTION_EXHAUSTIVE=1; the default run draws K up to 32
+        // (larger K: `k_not_v_and_grouped_value_heads`, `chunk_variants`): cold compiles grow
+        // with K and are the suite's time
+        let buckets = if exhaustive() { 3 } else { 2 };
         [
             r.random_range(1..=16),
-            r.random_range(17..=64),
+            r.random_range(17..=if exhaustive() { 64 } else { 32 }),
             r.random_range(65..=128),
-        ][r.random_range(0..3)]
+        ][r.random_range(0..buckets)]
     };
     let v = r.random_range(1..=100);
     let batch = r.random_range(1..=3);
@@ -621,7 +625,7 @@ fn random_linear_case(seed: u64) -> Lin {
 
 #[test]
 fn random_cases() {
-    for_each_case("linear", 24, |seed| {
+    for_each_case("linear", 16, |seed| {
         let c = random_linear_case(seed);
         if c.dtype == DType::F16 && !ctx().caps.f16 {
             return format!("{c:?} (f16 skipped: no SHADER_F16 on this adapter)");

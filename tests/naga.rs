@@ -360,8 +360,8 @@ fn shader_snapshots_match_the_generator() {
         }),
     ));
     keys.push((
-        "decode",
-        Box::new(wgpu_attention::decode::merge::MergeKey {
+        "softmax",
+        Box::new(wgpu_attention::softmax::merge::MergeKey {
             part: DType::F32,
             out: DType::F32,
         }),

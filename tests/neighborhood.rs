@@ -378,3 +378,78 @@ fn random_cases() {
         format!("{c:?} {st:?}{}", if ran { "" } else { " (refused: typed)" })
     });
 }
+
+/// NATTEN's additional keys and values: every query attends to them besides its neighborhood
+/// (causal axes included), merged through the LSE; against the reference over each batch's
+/// tokens followed by the extra ones.
+#[test]
+fn na_additional_keys() {
+    let ctx = ctx();
+    let seed = fresh_seed();
+    for (spatial, kernel, causal, s_add) in [
+        (vec![37usize], vec![7usize], vec![true], 5usize),
+        (vec![9, 11], vec![3, 5], vec![false, true], 1),
+    ] {
+        let (b, hq, hkv, d) = (2, 4, 2, 32);
+        let l: usize = spatial.iter().product();
+        let amp = amp_for_logit_std(3.0, 1.0 / (d as f64).sqrt(), d);
+        let dims = |h: usize| {
+            let mut v = vec![b];
+            v.extend(&spatial);
+            v.extend([h, d]);
+            v
+        };
+        let (q, k, v) = (
+            random(b * l * hq * d, amp, seed),
+            random(b * l * hkv * d, amp, seed + 1),
+            random(b * l * hkv * d, 1.0, seed + 2),
+        );
+        let (xk, xv) = (
+            random(b * s_add * hkv * d, amp, seed + 3),
+            random(b * s_add * hkv * d, 1.0, seed + 4),
+        );
+        let t = |x: &[f32], s: &[usize]| Tensor::from_f32(ctx, x, s).unwrap();
+        let opts = NeighborhoodOptions::new(&kernel)
+            .causal(causal.clone())
+            .return_lse(true)
+            .additional_keys(Some(t(&xk, &[b, s_add, hkv, d])))
+            .additional_values(Some(t(&xv, &[b, s_add, hkv, d])));
+        let (qt, kt, vt) = (t(&q, &dims(hq)), t(&k, &dims(hkv)), t(&v, &dims(hkv)));
+        let out = Tensor::filled(ctx, &dims(hq), DType::F32, f32::NAN).unwrap();
+        let mut lse_shape = dims(hq);
+        lse_shape.pop();
+        let lse = Tensor::filled(ctx, &lse_shape, DType::F32, f32::NAN).unwrap();
+        neighborhood_attention_into(ctx, &qt, &kt, &vt, &out, Some(&lse), &opts).unwrap();
+        let spec = NaSpec::new(&opts.axes(&spatial).unwrap()).unwrap();
+        let inp = RefInputs {
+            shape: AttnShape {
+                batch: b,
+                lq: l,
+                lk: l,
+                hq,
+                hkv,
+                d,
+                dv: d,
+            },
+            q: &q,
+            k: &k,
+            v: &v,
+            bias: None,
+        };
+        let r = wgpu_attention::neighborhood::reference::neighborhood_reference_with_extra(
+            &inp, &spec, None, &xk, &xv,
+        )
+        .unwrap();
+        let got = out.to_vec_f32(ctx).unwrap();
+        let cmp = compare(&got, Some(&lse.to_vec_f32(ctx).unwrap()), &r, None);
+        assert!(cmp.passed, "{spatial:?} seed {seed}: {cmp:?}");
+        // only one of the two, or keys of the wrong shape: typed errors
+        let half = opts.clone().additional_values(None);
+        assert!(neighborhood_attention(ctx, &qt, &kt, &vt, &half).is_err());
+        let bad = opts
+            .clone()
+            .additional_keys(Some(t(&xk[..b * s_add * hkv * 16], &[b, s_add, hkv, 16])));
+        let e = neighborhood_attention(ctx, &qt, &kt, &vt, &bad).unwrap_err();
+        assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    }
+}

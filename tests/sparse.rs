@@ -135,8 +135,8 @@ fn builders_wgsl_twins_equal_their_closures() {
 fn builders_through_the_kernel() {
     for (m, lq, lk, heads) in masks::samples() {
         let sp = SparseOptions::from_mask_mod(&m, Some((16, 32))).unwrap();
-        let mut case = Case::new(1, lq, lk, heads, 1, 64, 64);
-        case.amp = amp_for_logit_std(3.0, 1.0 / 8.0, 64);
+        let mut case = Case::new(1, lq, lk, heads, 1, 16, 16);
+        case.amp = amp_for_logit_std(3.0, 1.0 / 4.0, 16);
         assert_sparse(&case, &sp, &format!("{m:?}"));
     }
     let (lq, lk) = (113, 150);
@@ -146,7 +146,7 @@ fn builders_through_the_kernel() {
         .or(&masks::sinks(3));
     let sp = SparseOptions::from_mask_mod(&m, Some(BLOCKS[1])).unwrap();
     for st in snippet_strategies() {
-        let mut case = Case::new(1, lq, lk, 2, 1, 64, 64);
+        let mut case = Case::new(1, lq, lk, 2, 1, 16, 16);
         case.opts.strategy = st;
         assert_sparse(&case, &sp, &format!("{m:?} {st:?}"));
     }
@@ -474,7 +474,7 @@ fn block_masks_at_densities() {
         .iter()
         .enumerate()
         {
-            let case = Case::new(2, 113, 200, 3, 1, 64, 64).strategy(st);
+            let case = Case::new(2, 113, 200, 3, 1, 16, 16).strategy(st);
             let l = layout(lb, lh, 113, 200, bq, bk);
             let mask = random_blocks(l, density, fresh_seed());
             assert_sparse(
@@ -491,7 +491,7 @@ fn block_masks_at_densities() {
 #[test]
 fn block_masks_compose_with_the_dense_options() {
     for st in strategies() {
-        let case = Case::new(2, 100, 160, 4, 2, 64, 64).strategy(st).with(|o| {
+        let case = Case::new(2, 100, 160, 4, 2, 16, 16).strategy(st).with(|o| {
             o.causal = true;
             o.window = (Some(50), None);
             o.sinks = 3;
@@ -500,7 +500,7 @@ fn block_masks_compose_with_the_dense_options() {
         let (bq, bk) = BLOCKS[1];
         let mask = random_blocks(layout(1, 4, 100, 160, bq, bk), 0.6, fresh_seed());
         assert_sparse(&case, &sparse_with(mask), &format!("composed {st:?}"));
-        let one = Case::new(1, 1, 1000, 2, 2, 64, 64).strategy(st);
+        let one = Case::new(1, 1, 1000, 2, 2, 16, 16).strategy(st);
         let mask = random_blocks(layout(1, 1, 1, 1000, bq, bk), 0.5, fresh_seed());
         assert_sparse(&one, &sparse_with(mask), &format!("Lq = 1 {st:?}"));
     }
@@ -528,7 +528,7 @@ fn mask_mod_snippets_through_the_kernel() {
                 .mask_mod(Some(Snippet::new(SnippetKind::MaskMod, src, aux).unwrap()))
                 .aux(aux.clone())
                 .block_size(Some(BLOCKS[1]));
-            let mut case = Case::new(1, lq, lk, 2, 1, 64, 64);
+            let mut case = Case::new(1, lq, lk, 2, 1, 16, 16);
             case.opts.strategy = st;
             assert_sparse(&case, &sp, src);
         }
@@ -564,7 +564,7 @@ fn score_mod_snippets_through_the_kernel() {
             .aux(aux)
             .block_size(Some(BLOCKS[1]));
         for st in snippet_strategies() {
-            let mut case = Case::new(1, lq, lk, 2, 2, 64, 64).with(|o| o.causal = true);
+            let mut case = Case::new(1, lq, lk, 2, 2, 16, 16).with(|o| o.causal = true);
             case.opts.strategy = st;
             assert_sparse(&case, &sp, name);
         }
@@ -579,7 +579,7 @@ fn sigmoid_normalizer() {
     let (bq, bk) = BLOCKS[1];
     for st in strategies() {
         for bias in [None, Some(1.5)] {
-            let case = Case::new(2, 100, 160, 4, 2, 64, 64).strategy(st).with(|o| {
+            let case = Case::new(2, 100, 160, 4, 2, 16, 16).strategy(st).with(|o| {
                 o.causal = true;
                 o.window = (Some(70), None);
                 o.sinks = 2;
@@ -596,9 +596,9 @@ fn sigmoid_normalizer() {
             Snippet::new(SnippetKind::ScoreMod, SCORE_EXAMPLES[0].1, &[]).unwrap(),
         ))
         .block_size(Some(BLOCKS[1]));
-    let case = Case::new(1, 113, 90, 2, 1, 64, 64);
+    let case = Case::new(1, 113, 90, 2, 1, 16, 16);
     assert_sparse(&case, &sp, "sigmoid with a score_mod");
-    let mut f16 = Case::new(1, 113, 200, 2, 2, 64, 64).with(|o| o.causal = true);
+    let mut f16 = Case::new(1, 113, 200, 2, 2, 16, 16).with(|o| o.causal = true);
     f16.dtype = DType::F16;
     if ctx().caps.f16 {
         let sp = SparseOptions::default().normalizer(Normalizer::Sigmoid { bias: None });
@@ -658,7 +658,7 @@ fn topk_routing() {
     .into_iter()
     .enumerate()
     {
-        let mut case = Case::new(2, lq, lk, 4, 2, 64, 64).with(|o| o.causal = causal);
+        let mut case = Case::new(2, lq, lk, 4, 2, 16, 16).with(|o| o.causal = causal);
         if i == 0 {
             case.opts.q_lens = Some(vec![200, 150]);
             case.opts.kv_lens = Some(vec![200, 170]);
@@ -855,7 +855,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
 #[test]
 fn snippets_equal_the_built_ins() {
     let c = ctx();
-    let (l, h, d) = (97, 2, 64);
+    let (l, h, d) = (97, 2, 16);
     let seed = fresh_seed();
     let amp = amp_for_logit_std(3.0, 1.0 / (d as f64).sqrt(), d);
     let t = |s: u64| Tensor::from_f32(c, &random(l * h * d, amp, s), &[1, l, h, d]).unwrap();
@@ -919,7 +919,8 @@ fn random_sparse_cases() {
         let lk = r.random_range(1..260);
         let hkv = r.random_range(1..=2);
         let hq = hkv * r.random_range(1..=2);
-        let d = 64;
+        // the head-dim bucket the fixed sparse tests compile (cold compiles are the suite's time)
+        let d = r.random_range(9..=16);
         let mut case = Case::new(batch, lq, lk, hq, hkv, d, d);
         case.amp = amp_for_logit_std(r.random_range(1.0..4.0), 1.0 / (d as f64).sqrt(), d);
         if r.random_bool(0.3) {
@@ -1031,7 +1032,7 @@ fn bad_sparse_calls_are_refused() {
 #[test]
 fn aux_tensors_equal_host_aux() {
     let c = ctx();
-    let (lq, lk, h, d) = (113, 150, 2, 64);
+    let (lq, lk, h, d) = (113, 150, 2, 16);
     let seed = fresh_seed();
     let amp = amp_for_logit_std(3.0, 1.0 / (d as f64).sqrt(), d);
     let t =

@@ -54,7 +54,8 @@ async function main() {
     for (const el of form.querySelectorAll("[data-for]")) {
       const f = el.dataset.for;
       el.hidden = !(f === "seq" ? v !== "neighborhood" : f === "window" ? v === "window" :
-        f === "linear" ? v === "linear" : f === "sparse" ? v === "sparse" : v === "neighborhood");
+        f === "linear" ? v === "linear" : f === "sparse" ? v === "sparse" :
+        f === "decode" ? v === "decode" : v === "neighborhood");
     }
   };
   form.variant.addEventListener("change", sync);
@@ -111,6 +112,7 @@ function config(form) {
     stride: list(form.stride.value), grid_causal: list(form.grid_causal.value).map((x) => x !== 0),
     rule: form.rule.value, feature_map: form.feature_map.value, value_heads: n("value_heads"),
     mode: form.mode.value, block: list(form.block.value), density: n("density"),
+    kv_format: form.kv_format.value, page_size: n("page_size"),
     query: n("query"), repeats: n("repeats"), seed: Math.floor(Math.random() * 1e9),
   };
 }

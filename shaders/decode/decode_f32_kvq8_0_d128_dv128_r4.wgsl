@@ -8,7 +8,7 @@ struct Params {
     v_off: u32, v_s0: u32, v_s1: u32, v_s2: u32,
     b_off: u32, b_sb: u32, b_sh: u32, b_sl: u32,
     scale: f32, softcap: f32, win_left: u32, win_right: u32, sinks: u32, slopes_at: u32,
-    pad0: u32, pad1: u32,
+    per_split: u32, pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;                  // [B, Lq, Hq, D]
@@ -151,8 +151,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     hi = max(hi, lo);
     let nsink = u32(min(i32(min(p.sinks, kvlen)), lo));
     let total = nsink + u32(hi - lo);
-    // this split's run of the list, in whole tiles
-    let per = ((total + p.splits - 1u) / p.splits + T - 1u) / T * T;
+    // this split's run of the list, in whole tiles: the same number of keys for every
+    // sequence (p.per_split), or this sequence's keys in p.splits runs
+    var per = ((total + p.splits - 1u) / p.splits + T - 1u) / T * T;
+    if (p.per_split > 0u) {
+        per = p.per_split;
+    }
     let u_start = min(split * per, total);
     let u_end = min(u_start + per, total);
     let rr = lid / C;

@@ -50,6 +50,22 @@ pub struct BenchArgs {
     /// Strategy of every kernel of the sparse sweep (dense and sparse alike).
     #[arg(long, value_enum, default_value = "auto")]
     pub strategy: StrategyArg,
+    /// Instead of the registry: split-KV decode (one query per sequence, GQA 32/8, D = 128)
+    /// over caches of these lengths in each of --decode-formats, interleaved with the memory
+    /// floor (a copy kernel's bandwidth), the same decode in one split, and the flash kernel
+    /// at Lq = 1 (float caches).
+    #[arg(long, value_delimiter = ',')]
+    pub decode: Option<Vec<usize>>,
+    /// Batch sizes of --decode.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub decode_batch: Vec<usize>,
+    /// With --decode: also the uneven batch (one sequence of LONG keys and 31 of SHORT, q8_0,
+    /// paged), balanced by key count against fixed splits, interleaved.
+    #[arg(long, value_delimiter = ',')]
+    pub decode_uneven: Option<Vec<usize>>,
+    /// Cache formats of --decode (f16 where the adapter has SHADER_F16).
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0")]
+    pub decode_formats: Vec<String>,
     /// The longest sequence the linear sweep also runs dense causal attention at.
     #[arg(long, default_value_t = 16384)]
     pub dense_max: usize,
@@ -63,6 +79,9 @@ pub fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     }
     if let Some(lens) = &a.linear_sweep {
         return linear_sweep(&ctx, a, lens);
+    }
+    if let Some(lens) = &a.decode {
+        return super::bench_decode::decode_sweep(&ctx, a, lens);
     }
     if let Some(lens) = &a.causal_sweep {
         return causal_sweep(&ctx, a, lens);

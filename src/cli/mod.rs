@@ -1,5 +1,7 @@
 //! Helpers of the command-line binary (not part of the library API).
 pub mod bench;
+pub mod bench_decode;
+pub mod decode;
 pub mod info;
 pub mod linear;
 pub mod na;

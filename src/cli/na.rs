@@ -1,7 +1,9 @@
 //! `run --na-kernel ...`: neighborhood attention from the command line.
 
 use wgpu_attention::flash::reference::{compare, RefInputs};
-use wgpu_attention::neighborhood::reference::{neighborhood_plain_f16, neighborhood_reference};
+use wgpu_attention::neighborhood::reference::{
+    neighborhood_plain_f16, neighborhood_reference, neighborhood_reference_with_extra,
+};
 use wgpu_attention::neighborhood::NaSpec;
 use wgpu_attention::*;
 
@@ -91,9 +93,26 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
             "{what} does not apply to neighborhood attention"
         )));
     }
-    let opts = options(a)?;
+    let mut opts = options(a)?;
     let inp = spatial_inputs(a, inp)?;
     let ctx = GpuContext::new()?;
+    let extra = match (&a.na_extra_k, &a.na_extra_v) {
+        (Some(k), Some(v)) => {
+            let (k, v) = (
+                crate::cli::npy::read_float(k)?,
+                crate::cli::npy::read_float(v)?,
+            );
+            opts.additional_keys = Some(upload(&ctx, &k)?);
+            opts.additional_values = Some(upload(&ctx, &v)?);
+            Some((k, v))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Failure::Input(
+                "--na-extra-k and --na-extra-v go together".into(),
+            ))
+        }
+    };
     let (q, k, v) = (
         upload(&ctx, &inp.q)?,
         upload(&ctx, &inp.k)?,
@@ -152,10 +171,29 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
                 v: &inp.v.data,
                 bias: None,
             };
-            let r = neighborhood_reference(&ri, &spec, opts.scale)?;
-            let plain = (q.dtype() == DType::F16)
-                .then(|| neighborhood_plain_f16(&ri, &spec, opts.scale))
-                .transpose()?;
+            let (r, plain) = match &extra {
+                Some((xk, xv)) => {
+                    let r = neighborhood_reference_with_extra(
+                        &ri, &spec, opts.scale, &xk.data, &xv.data,
+                    )?;
+                    // f16: the reference rounded to f16 (the neighborhood and extra passes
+                    // each round once more before the merge: within twice that)
+                    let plain = (q.dtype() == DType::F16).then(|| {
+                        r.out
+                            .iter()
+                            .map(|&x| wgpu_attention::flash::reference::round_f16(x))
+                            .collect::<Vec<f64>>()
+                    });
+                    (r, plain)
+                }
+                None => {
+                    let r = neighborhood_reference(&ri, &spec, opts.scale)?;
+                    let plain = (q.dtype() == DType::F16)
+                        .then(|| neighborhood_plain_f16(&ri, &spec, opts.scale))
+                        .transpose()?;
+                    (r, plain)
+                }
+            };
             Ok(compare(&got, Some(&got_lse), &r, plain.as_deref()))
         })
         .transpose()?;

@@ -77,6 +77,13 @@ pub struct RunArgs {
     /// Neighborhood stride per axis (default 1).
     #[arg(long)]
     pub na_stride: Option<String>,
+    /// Neighborhood: NATTEN's additional keys, .npy [B, S_add, Hkv, D] (every query attends to
+    /// them besides its neighborhood); with --na-extra-v.
+    #[arg(long)]
+    pub na_extra_k: Option<PathBuf>,
+    /// Neighborhood: NATTEN's additional values, .npy [B, S_add, Hkv, Dv].
+    #[arg(long)]
+    pub na_extra_v: Option<PathBuf>,
     /// Spatial grid X[,Y[,Z]] for random neighborhood inputs (--shape's LQ and LK = its product).
     #[arg(long)]
     pub na_grid: Option<String>,
@@ -118,6 +125,27 @@ pub struct RunArgs {
     /// [B, Hq, nQ, slots], ascending, padded with -1).
     #[arg(long)]
     pub selected: Option<PathBuf>,
+    /// Decode: the K cache, .npy [pages, page_size, Hkv, D] with --block-table, else
+    /// [B, Lk, Hkv, D] (f32 or f16); --q is then [B, Sq, Hq, D] and --k/--v, if given, are new
+    /// tokens [B, S_new, Hkv, D] appended at --cache-seqlens before attending.
+    #[arg(long)]
+    pub k_cache: Option<PathBuf>,
+    /// Decode: the V cache, .npy [pages|B, page_size|Lk, Hkv, Dv].
+    #[arg(long)]
+    pub v_cache: Option<PathBuf>,
+    /// Decode: the block table, .npy int32 [B, max_blocks] (page indices).
+    #[arg(long)]
+    pub block_table: Option<PathBuf>,
+    /// Decode: tokens already in the cache per sequence, .npy int32 [B].
+    #[arg(long)]
+    pub cache_seqlens: Option<PathBuf>,
+    /// Decode: key splits per (batch, KV head), N or auto.
+    #[arg(long)]
+    pub kv_splits: Option<String>,
+    /// Decode: how the cache is stored: f32, f16, q8_0 or q4_0 (ggml's blocks; float .npy
+    /// caches are quantized by the library's quantizer). Default: the cache file's dtype.
+    #[arg(long)]
+    pub kv_format: Option<String>,
     /// Kernel strategy.
     #[arg(long, value_enum, default_value = "auto")]
     pub strategy: StrategyArg,
@@ -245,6 +273,9 @@ pub fn run(a: &RunArgs) -> CliResult<()> {
         return Err(Failure::Input(
             "--repeat: expected at least 1, got 0".into(),
         ));
+    }
+    if super::decode::wanted(a) {
+        return super::decode::run(a);
     }
     let inp = load_inputs(a)?;
     if a.na_kernel.is_some() {

@@ -3,7 +3,8 @@
 //! `flash_attn_with_kvcache`, flash-decoding, vLLM's paged cache, ggml's quantized caches).
 //!
 //! - **Split-KV**: the visible keys of each (batch, KV head) are cut into splits, each a
-//!   workgroup that writes a partial O and LSE; [`merge`] combines them exactly. The query heads
+//!   workgroup that writes a partial O and LSE; the engine's merge (`softmax::merge`)
+//!   combines them exactly. The query heads
 //!   that share a KV head (GQA/MQA) are processed together.
 //! - **Paged caches**: `k`, `v` `[num_pages, page_size, Hkv, D]` and a block table
 //!   `[B, max_blocks]` (i32): logical key `j` of sequence `b` is row `j % page_size` of page
@@ -14,13 +15,17 @@
 //! The family imports the core and the softmax engine (its options' meaning, the output type,
 //! the f64 reference core), no other family.
 
-pub mod merge;
+mod append;
+pub mod pages;
 mod plan;
 pub mod quant;
 pub mod reference;
 pub mod shader;
 
-pub use merge::{encode_merge_attention, merge_attention, merge_reference, AttentionPart};
+pub use crate::softmax::merge::{
+    encode_merge_attention, merge_attention, merge_reference, AttentionPart,
+};
+pub use pages::PagePool;
 pub use plan::{plan, DecodePlan};
 pub use quant::{dequantize, quantize, KvFormat};
 
@@ -159,13 +164,18 @@ impl KvCache {
         &self.data
     }
 
-    /// The values, dequantized, row-major `shape` (what the reference reads).
+    /// The values, dequantized, row-major `shape` (what the reference reads). Blocks.
     pub fn to_vec_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        pollster::block_on(self.to_vec_f32_async(ctx))
+    }
+
+    /// [`KvCache::to_vec_f32`] without blocking (the browser's form).
+    pub async fn to_vec_f32_async(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         let n: usize = self.shape.iter().product();
         match self.format {
-            KvFormat::F32 | KvFormat::F16 => self.data.to_vec_f32(ctx),
+            KvFormat::F32 | KvFormat::F16 => self.data.to_vec_f32_async(ctx).await,
             _ => {
-                let words = self.data.to_vec_u32(ctx)?;
+                let words = self.data.to_vec_u32_async(ctx).await?;
                 let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
                 dequantize(&bytes, self.format, n)
             }
@@ -196,6 +206,13 @@ pub struct DecodeOptions {
     /// Paged cache: `[B, max_blocks]` i32 page indices (vLLM's block table). Entries past a
     /// sequence's length are never read; an entry outside `[0, num_pages)` is clamped.
     pub block_table: Option<Tensor>,
+    /// New tokens to append before attending (FlashAttention's `k`, `v`): `[B, S_new, Hkv, D]`
+    /// and `[B, S_new, Hkv, Dv]`, written in place into the caches at `cache_seqlens[b]..`
+    /// (through the block table where paged, quantized as ggml would); the attention then
+    /// runs over `cache_seqlens[b] + S_new` keys. A sequence without room is an error before
+    /// anything is written.
+    pub k_new: Option<Tensor>,
+    pub v_new: Option<Tensor>,
     /// Key splits per (batch, KV head); `None`: the plan picks from the key count, the grid and
     /// the adapter. Raised where needed to keep each split's loops within the adapter's limits.
     pub num_splits: Option<u32>,
@@ -213,6 +230,8 @@ crate::setters!(DecodeOptions {
     sinks: u32,
     cache_seqlens: Option<Vec<u32>>,
     block_table: Option<Tensor>,
+    k_new: Option<Tensor>,
+    v_new: Option<Tensor>,
     num_splits: Option<u32>,
     return_lse: bool,
 });
@@ -223,7 +242,7 @@ pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     for k in shader::all_keys() {
         all.push(Box::new(k));
     }
-    for k in merge::all_keys() {
+    for k in append::all_keys() {
         all.push(Box::new(k));
     }
     all

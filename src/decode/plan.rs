@@ -3,7 +3,6 @@
 
 use wgpu::util::DeviceExt;
 
-use super::merge::{encode_merge, MergeTarget, PartViews};
 use super::shader::{
     flags, DecodeKey, DecodeParams, DIM_BUCKETS, ROW_CHOICES, TILE, WORKGROUP_BUDGET,
 };
@@ -13,6 +12,7 @@ use crate::error::u32_of;
 use crate::error::{AttnError, Result};
 use crate::pipeline::Kernel;
 use crate::resources::{check_no_alias, entries_by_name, BoundRange};
+use crate::softmax::merge::{encode_merge, MergeTarget, PartViews};
 use crate::softmax::AttnShape;
 use crate::tensor::{DType, Tensor};
 
@@ -26,6 +26,9 @@ pub struct DecodePlan {
     pub grid: [u32; 3],
     /// Keys one workgroup may visit at most (the longest sequence).
     pub max_keys: u32,
+    /// Keys per split for every sequence (balanced by key count), or 0: each sequence's keys
+    /// in `splits` runs (a caller's `num_splits`).
+    pub per_split: u32,
 }
 
 impl DecodePlan {
@@ -110,6 +113,7 @@ pub(crate) fn check(
     }
     let lk = cache_length(b, n0, n1, k, opts)?;
     check_options(b, lq, hq, lk, opts)?;
+    check_new_tokens(b, lk, [hkv, d, dv], opts)?;
     Ok(AttnShape {
         batch: b,
         lq,
@@ -164,6 +168,56 @@ fn cache_length(
     };
     u32_of(lk, "cache length")?;
     Ok(lk)
+}
+
+/// New tokens `k_new` `[B, S_new, Hkv, D]` and `v_new` `[B, S_new, Hkv, Dv]` (float), both or
+/// neither, with the cached lengths they follow, and room for them in the cache: a sequence
+/// that would outgrow its pages is an error before anything is written.
+fn check_new_tokens(b: usize, lk: usize, hd: [usize; 3], opts: &DecodeOptions) -> Result<()> {
+    let [hkv, d, dv] = hd;
+    let (kn, vn) = match (&opts.k_new, &opts.v_new) {
+        (None, None) => return Ok(()),
+        (Some(kn), Some(vn)) => (kn, vn),
+        _ => {
+            return Err(AttnError::invalid(
+                "k_new, v_new",
+                "both new keys and new values, or neither",
+                "only one",
+            ))
+        }
+    };
+    let s_new = kn.shape().get(1).copied().unwrap_or(0);
+    for (what, t, dim) in [("k_new", kn, d), ("v_new", vn, dv)] {
+        t.dtype().require_float(what)?;
+        if t.shape() != [b, s_new, hkv, dim] || s_new == 0 || t.strides()[3] != 1 {
+            return Err(AttnError::shape(
+                what,
+                format!("[{b}, S_new >= 1, {hkv}, {dim}] with a contiguous last axis"),
+                t.shape(),
+            ));
+        }
+    }
+    let lens = opts.cache_seqlens.as_ref().ok_or_else(|| {
+        AttnError::invalid(
+            "cache_seqlens",
+            "the cached lengths the new tokens follow",
+            "none",
+        )
+    })?;
+    if let Some((i, &l)) = lens
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize + s_new > lk)
+    {
+        return Err(AttnError::Limit {
+            what: format!(
+                "cache room for {s_new} new tokens after {l} of sequence {i} (nothing written)"
+            ),
+            needed: l as u64 + s_new as u64,
+            limit: lk as u64,
+        });
+    }
+    Ok(())
 }
 
 /// The options against the problem: lengths within the cache, a slope per query head, a
@@ -227,10 +281,13 @@ fn bucket(x: usize) -> u32 {
 }
 
 /// The plan for a checked problem: the specialization (head-dim capacities, rows per
-/// workgroup: every row of a KV head's group where they fit, up to 16), then the splits: at
-/// least enough that no split takes more than [`DecodeKey::tiles_per_split_max`] tiles, else the caller's
-/// count, else enough workgroups to fill the adapter (64 on a CPU adapter, 1024 on a GPU) with
-/// at least 4 tiles each.
+/// workgroup: every row of a KV head's group where they fit, up to 16), then the splits.
+/// A caller's `num_splits` cuts each sequence into that many runs (raised where a run would
+/// take more than [`DecodeKey::tiles_per_split_max`] tiles). Otherwise the work is balanced by
+/// key count (Lean Attention's stream-K, at split granularity): every split takes the same
+/// number of keys, enough splits in all to fill the adapter (64 workgroups on a CPU adapter,
+/// 1024 on a GPU) with at least 4 tiles each, so a long sequence gets many splits and a short
+/// one few, and the grid is as wide as the longest sequence needs.
 pub fn plan(
     ctx: &GpuContext,
     s: &AttnShape,
@@ -266,19 +323,23 @@ pub fn plan(
         .unwrap_or(s.lk);
     let tiles = max_keys.div_ceil(TILE as usize).max(1);
     let min_splits = tiles.div_ceil(key.tiles_per_split_max() as usize);
-    let groups = s.batch * s.hkv * chunks;
-    let splits = match opts.num_splits {
-        Some(n) => (n as usize).max(min_splits).max(1),
+    let (splits, per_split) = match opts.num_splits {
+        Some(n) => ((n as usize).max(min_splits).max(1), 0),
         None => {
             let target: usize = match ctx.adapter_info.device_type {
                 wgpu::DeviceType::Cpu => 64,
                 _ => 1024,
             };
-            target
-                .div_ceil(groups)
-                .min(tiles.div_ceil(4))
-                .max(min_splits)
-                .max(1)
+            // tiles of every (sequence, KV head, row chunk), in all
+            let per_seq = |n: usize| n.div_ceil(TILE as usize).max(1);
+            let seq_tiles: usize = match &opts.cache_seqlens {
+                Some(l) => l.iter().map(|&n| per_seq(n as usize)).sum(),
+                None => s.batch * per_seq(s.lk),
+            };
+            let all = seq_tiles * s.hkv * chunks;
+            let cap = key.tiles_per_split_max() as usize;
+            let per = all.div_ceil(target).clamp(4, cap.max(4)).min(cap);
+            (tiles.div_ceil(per), per * TILE as usize)
         }
     };
     let grid = crate::pipeline::dispatch_grid(
@@ -294,12 +355,13 @@ pub fn plan(
         splits: grid[0],
         grid,
         max_keys: u32_of(max_keys, "keys")?,
+        per_split: u32_of(per_split, "keys per split")?,
     })
 }
 
 /// `[elem offset, s0, s1, s2]` of a cache for the kernel: element strides of a float cache,
 /// or (blocks) the byte offset and the bytes of one row of D values.
-fn cache_strides(c: &KvCache, r: &BoundRange) -> Result<[u32; 4]> {
+pub(super) fn cache_strides(c: &KvCache, r: &BoundRange) -> Result<[u32; 4]> {
     if c.format().is_quantized() {
         let row = c.format().bytes_for(c.shape()[3])?;
         return Ok([r.elem_offset * 4, u32_of(row, "cache row bytes")?, 0, 0]);
@@ -333,8 +395,12 @@ pub(crate) fn encode(
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<DecodePlan> {
     let s = check(ctx, q, k, v, opts)?;
-    let plan = plan(ctx, &s, q.dtype(), k.format(), opts)?;
     check_outputs(&s, q, k, v, out, lse, opts)?;
+    // new tokens go in first (checked to fit: nothing is written otherwise); the attention
+    // then sees the longer sequences
+    let after = append_new_tokens(ctx, enc, &s, k, v, opts)?;
+    let opts = after.as_ref().unwrap_or(opts);
+    let plan = plan(ctx, &s, q.dtype(), k.format(), opts)?;
     let splits = plan.splits as usize;
     let part_rows = s.batch * s.hq * s.lq * splits;
     let o_part = Tensor::filled(ctx, &[part_rows, s.dv], DType::F32, 0.0)?;
@@ -367,10 +433,73 @@ pub(crate) fn encode(
         lse_st: [0, c(hq * lq * splits)?, c(lq * splits)?, c(splits)?, 1],
         nparts: plan.splits,
     };
-    let target = MergeTarget::Out { out, lse };
+    let target = MergeTarget::Out {
+        out,
+        lse,
+        lse_heads_last: false,
+    };
     let end = timestamps.map(|(set, i)| (set, i + 1));
     encode_merge(ctx, enc, [s.batch, lq, hq, dv], &parts, None, target, end)?;
     Ok(plan)
+}
+
+/// Writes `opts.k_new` / `opts.v_new` into the caches at `cache_seqlens` and returns the
+/// options the attention then runs with (the lengths grown by `S_new`); `None` without new
+/// tokens.
+fn append_new_tokens(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    s: &AttnShape,
+    k: &KvCache,
+    v: &KvCache,
+    opts: &DecodeOptions,
+) -> Result<Option<DecodeOptions>> {
+    let (Some(kn), Some(vn)) = (&opts.k_new, &opts.v_new) else {
+        return Ok(None);
+    };
+    let lens = opts.cache_seqlens.as_ref().ok_or_else(|| {
+        AttnError::invalid(
+            "cache_seqlens",
+            "the cached lengths (where new tokens go)",
+            "none",
+        )
+    })?;
+    let s_new = kn.shape()[1];
+    let mut inputs = vec![("k_new", kn), ("v_new", vn)];
+    inputs.extend(opts.block_table.iter().map(|t| ("block_table", t)));
+    check_no_alias(&inputs, &[("k cache", k.data())])?;
+    check_no_alias(&inputs, &[("v cache", v.data())])?;
+    let dev_lens = Tensor::from_u32(ctx, lens, &[lens.len()])?;
+    let max_blocks = opts.block_table.as_ref().map_or(1, |t| t.shape()[1]);
+    super::append::encode_append(
+        ctx,
+        enc,
+        kn,
+        k,
+        opts.block_table.as_ref(),
+        &dev_lens,
+        max_blocks,
+    )?;
+    super::append::encode_append(
+        ctx,
+        enc,
+        vn,
+        v,
+        opts.block_table.as_ref(),
+        &dev_lens,
+        max_blocks,
+    )?;
+    let mut after = opts.clone();
+    after.k_new = None;
+    after.v_new = None;
+    // fits u32: checked against the cache length
+    after.cache_seqlens = Some(lens.iter().map(|&l| l + s_new as u32).collect());
+    debug_assert!(after
+        .cache_seqlens
+        .iter()
+        .flatten()
+        .all(|&l| l as usize <= s.lk));
+    Ok(Some(after))
 }
 
 /// The outputs' shapes and dtypes, and no output sharing a buffer with an input or another.
@@ -556,6 +685,7 @@ fn params(
         win_right: win(opts.window.1),
         sinks: opts.sinks.min(1 << 30),
         slopes_at: c(s.batch, "batch")?,
+        per_split: plan.per_split,
         ..Default::default()
     })
 }

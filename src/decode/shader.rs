@@ -2,7 +2,7 @@
 //! chunk, batch) scores a tile of 64 keys against the query rows of every query head that
 //! shares the KV head (GQA: each K/V element is read once per group, not once per head), runs
 //! the online softmax and writes a partial O (f32) and its LSE; the merge kernel
-//! (src/decode/merge.rs) combines the splits.
+//! (src/softmax/merge.rs) combines the splits.
 //!
 //! A workgroup's keys are the visible keys of its rows, in order: the sinks below the window,
 //! then the span `[lo, hi)` that the causal bound and the window leave; the splits cut that
@@ -98,7 +98,10 @@ pub struct DecodeParams {
     pub sinks: u32,
     /// Where the ALiBi slopes start in `aux` (after the per-batch lengths).
     pub slopes_at: u32,
-    pub _pad0: u32,
+    /// Keys per split, a multiple of the tile, the same for every sequence (work balanced by
+    /// key count: a long sequence gets more splits); 0: each sequence's keys in `splits`
+    /// equal runs.
+    pub per_split: u32,
     pub _pad1: u32,
 }
 
@@ -209,7 +212,7 @@ impl Kernel for DecodeKey {
             lq, hq, hkv, d, dv, lk, splits, rows, page_size, max_blocks, num_pages, flags,
             q_off, q_sb, q_sl, q_sh, k_off, k_s0, k_s1, k_s2, v_off, v_s0, v_s1, v_s2,
             b_off, b_sb, b_sh, b_sl, scale, softcap, win_left, win_right, sinks, slopes_at,
-            _pad0, _pad1)]
+            per_split, _pad1)]
     }
 }
 
@@ -221,7 +224,7 @@ const PARAMS: &str = "struct Params {
     v_off: u32, v_s0: u32, v_s1: u32, v_s2: u32,
     b_off: u32, b_sb: u32, b_sh: u32, b_sl: u32,
     scale: f32, softcap: f32, win_left: u32, win_right: u32, sinks: u32, slopes_at: u32,
-    pad0: u32, pad1: u32,
+    per_split: u32, pad1: u32,
 }
 ";
 
@@ -426,8 +429,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     hi = max(hi, lo);
     let nsink = u32(min(i32(min(p.sinks, kvlen)), lo));
     let total = nsink + u32(hi - lo);
-    // this split's run of the list, in whole tiles
-    let per = ((total + p.splits - 1u) / p.splits + T - 1u) / T * T;
+    // this split's run of the list, in whole tiles: the same number of keys for every
+    // sequence (p.per_split), or this sequence's keys in p.splits runs
+    var per = ((total + p.splits - 1u) / p.splits + T - 1u) / T * T;
+    if (p.per_split > 0u) {
+        per = p.per_split;
+    }
     let u_start = min(split * per, total);
     let u_end = min(u_start + per, total);
     let rr = lid / C;
@@ -545,16 +552,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_decode_and_merge_kernel_validates() {
+    fn every_decode_merge_and_append_kernel_validates() {
         let mut n = 0;
         for k in all_keys() {
             assert!(k.workgroup_bytes() <= WORKGROUP_BUDGET, "{k:?}");
             assert!(k.cols_per_lane() >= 1, "{k:?}");
-            crate::pipeline::validate_wgsl(&k.label(), &k.source(), k.capabilities())
-                .unwrap_or_else(|e| panic!("{e}"));
             n += 1;
         }
-        for k in super::super::merge::all_keys() {
+        for k in super::super::all_kernels() {
             crate::pipeline::validate_wgsl(&k.label(), &k.source(), k.capabilities())
                 .unwrap_or_else(|e| panic!("{e}"));
         }

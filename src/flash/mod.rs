@@ -15,7 +15,7 @@ use crate::context::GpuContext;
 use crate::error::Result;
 use crate::pipeline::Kernel;
 pub use crate::softmax::call::check_inputs;
-use crate::softmax::call::{encode_with, Call, CallLayout, FamilyData};
+use crate::softmax::call::Call;
 use crate::softmax::kernel_key;
 pub use crate::softmax::options::{
     AttentionOutput, AttnShape, FlashOptions, SoftmaxPlan, StrategyChoice,
@@ -23,7 +23,7 @@ pub use crate::softmax::options::{
 
 /// A dense call's plan: the engine's [`SoftmaxPlan`] (kernel key, grid, tile pairs).
 pub type FlashPlan = SoftmaxPlan;
-use crate::softmax::plan::{candidates, choose_tile};
+use crate::softmax::plan::candidates;
 pub use crate::softmax::plan::{heuristic_tile, pairs_tiles, tunable};
 use crate::softmax::shader::{FlashKey, Strategy};
 pub use crate::softmax::{
@@ -40,7 +40,7 @@ pub fn base_key(
     dtype: DType,
     opts: &FlashOptions,
 ) -> Result<FlashKey> {
-    crate::softmax::plan::base_key(ctx, shape, dtype, opts, Sequence::geo())
+    crate::softmax::dense::base_key(ctx, shape, dtype, opts)
 }
 
 /// The dense kernel specialization (see [`kernel_key`]).
@@ -97,61 +97,15 @@ pub fn tile_choices(
 }
 
 /// Picks the strategy and specialization for this adapter and problem: the Subgroup kernel on
-/// CPU adapters with usable subgroups, the Tiled kernel elsewhere (the Sweep strategy belongs
-/// to neighborhood calls).
+/// CPU adapters with usable subgroups, the Tiled kernel elsewhere (the engine's dense plan,
+/// [`crate::softmax::dense::plan`]).
 pub fn plan(
     ctx: &GpuContext,
     shape: &AttnShape,
     dtype: DType,
     opts: &FlashOptions,
 ) -> Result<FlashPlan> {
-    let key = base_key(ctx, shape, dtype, opts)?;
-    let caps = &ctx.caps;
-    let strategy = key.strategy;
-    let masked = opts.causal || opts.window != (None, None);
-    let mut pair_tiles = pairs_tiles(ctx, strategy, opts);
-    let key = choose_tile(ctx, key, shape, masked, pair_tiles, opts.tile)?;
-    // Trip count of the key loops in one invocation (everything else is unrolled): the window
-    // pass, the sinks pass, and one partial block each.
-    let block = match strategy {
-        Strategy::Tiled => key.block as u64,
-        Strategy::Subgroup | Strategy::Sweep => caps.subgroup_min as u64,
-    };
-    let blocks = (shape.lk as u64).div_ceil(block) + (opts.sinks as u64).div_ceil(block) + 2;
-    let trips = blocks * (1 + block / key.group as u64);
-    // a pair of tiles runs the loops twice: pair only where that fits the driver's loop limit
-    pair_tiles &= crate::softmax::check_trips(ctx, 2 * trips, shape.lk).is_ok();
-    crate::softmax::check_trips(ctx, trips, shape.lk)?;
-    let mut x = (shape.lq as u64).div_ceil(key.rows_per_workgroup() as u64);
-    if pair_tiles {
-        x = x.div_ceil(2);
-    }
-    Ok(SoftmaxPlan {
-        key,
-        grid: crate::softmax::grid(ctx, x, shape)?,
-        pair_tiles,
-    })
-}
-
-/// Dense calls: no extra checks, LSE `[B, Hq, Lq]`, [`plan`], no uniform of their own.
-struct Dense;
-
-impl CallLayout for Dense {
-    fn check(&self, _s: &AttnShape) -> Result<()> {
-        Ok(())
-    }
-    fn lse_heads_last(&self) -> bool {
-        false
-    }
-    fn plan(
-        &self,
-        ctx: &GpuContext,
-        s: &AttnShape,
-        dtype: DType,
-        opts: &FlashOptions,
-    ) -> Result<(FlashPlan, FamilyData)> {
-        Ok((plan(ctx, s, dtype, opts)?, FamilyData::default()))
-    }
+    crate::softmax::dense::plan(ctx, shape, dtype, opts)
 }
 
 /// Records the attention into `encoder` (for embedders that batch their own work).
@@ -176,7 +130,7 @@ pub fn encode_flash_attention(
         lse,
         opts,
     };
-    encode_with(ctx, encoder, &call, &Dense, timestamps)
+    crate::softmax::dense::encode(ctx, encoder, &call, timestamps)
 }
 
 /// Runs attention into caller-provided output tensors and submits the work.

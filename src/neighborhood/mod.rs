@@ -33,6 +33,7 @@
 //! `k * d <= n` on every axis and `1 <= s <= k`. NATTEN itself requires `k >= 2`; `k = 1` is
 //! accepted here (each query sees its leader only).
 
+mod extra;
 pub mod plan;
 pub mod reference;
 pub mod shader;
@@ -193,6 +194,11 @@ pub struct NeighborhoodOptions {
     /// Also return the log-sum-exp `[B, X, (Y, (Z,)) Hq]`.
     pub return_lse: bool,
     pub strategy: StrategyChoice,
+    /// NATTEN's `additional_keys`: `[B, S_add, Hkv, D]` tokens every query attends to besides
+    /// its neighborhood, never masked (causal axes included), merged through the LSE.
+    pub additional_keys: Option<Tensor>,
+    /// NATTEN's `additional_values`: `[B, S_add, Hkv, Dv]`, with `additional_keys`.
+    pub additional_values: Option<Tensor>,
 }
 
 crate::setters!(NeighborhoodOptions {
@@ -203,6 +209,8 @@ crate::setters!(NeighborhoodOptions {
     scale: Option<f32>,
     return_lse: bool,
     strategy: StrategyChoice,
+    additional_keys: Option<Tensor>,
+    additional_values: Option<Tensor>,
 });
 
 impl NeighborhoodOptions {
@@ -471,6 +479,10 @@ pub fn encode_neighborhood_attention(
     let f = check(q, k, v, opts)?;
     let (_, of) = flatten(out, "out")?;
     let lf = lse.map(|l| flatten_lse(l, &f.spatial)).transpose()?;
+    if let Some((xk, xv)) = extra::check(&f, opts)? {
+        let x = (&xk, &xv);
+        return extra::encode(ctx, encoder, &f, x, &of, lf.as_ref(), opts, timestamps);
+    }
     let fo = flash_opts(opts);
     let call = Call {
         q: &f.q,

@@ -27,15 +27,72 @@ pub fn neighborhood_reference(
     let r = attention_reference_masked(inp, &opts(scale), &|_, i, j| spec.sees(i, j), |p| p)?;
     let s = inp.shape;
     // the flash reference's LSE is [B, Hq, L]: NATTEN's is heads-last
-    let mut lse = vec![0.0; r.lse.len()];
+    Ok(RefOutput {
+        lse: heads_last(&r.lse, s),
+        out: r.out,
+    })
+}
+
+/// With NATTEN's additional tokens: `extra_k` `[B, S_add, Hkv, D]` and `extra_v`
+/// `[B, S_add, Hkv, Dv]`, seen by every query. The reference attends over each batch's tokens
+/// followed by its extra ones, the neighborhood mask on the first and none on the rest.
+pub fn neighborhood_reference_with_extra(
+    inp: &RefInputs,
+    spec: &NaSpec,
+    scale: Option<f32>,
+    extra_k: &[f32],
+    extra_v: &[f32],
+) -> Result<RefOutput> {
+    check_tokens(inp, spec)?;
+    let s = inp.shape;
+    let (rk, rv) = (s.hkv * s.d, s.hkv * s.dv);
+    let s_add = extra_k.len() / (s.batch * rk).max(1);
+    if extra_k.len() != s.batch * s_add * rk || extra_v.len() != s.batch * s_add * rv {
+        return Err(AttnError::shape(
+            "extra tokens",
+            format!("[{}, S_add, {}, D|Dv] values", s.batch, s.hkv),
+            (extra_k.len(), extra_v.len()),
+        ));
+    }
+    let cat = |base: &[f32], extra: &[f32], row: usize| -> Vec<f32> {
+        (0..s.batch)
+            .flat_map(|b| {
+                let own = &base[b * s.lk * row..(b + 1) * s.lk * row];
+                let add = &extra[b * s_add * row..(b + 1) * s_add * row];
+                own.iter().chain(add).copied()
+            })
+            .collect()
+    };
+    let (k, v) = (cat(inp.k, extra_k, rk), cat(inp.v, extra_v, rv));
+    let mut shape = s;
+    shape.lk = s.lk + s_add;
+    let all = RefInputs {
+        shape,
+        q: inp.q,
+        k: &k,
+        v: &v,
+        bias: None,
+    };
+    let l = s.lk;
+    let mask = |_: usize, i: usize, j: usize| j >= l || spec.sees(i, j);
+    let r = attention_reference_masked(&all, &opts(scale), &mask, |p| p)?;
+    Ok(RefOutput {
+        lse: heads_last(&r.lse, s),
+        out: r.out,
+    })
+}
+
+/// The flash reference's LSE `[B, Hq, L]` in NATTEN's heads-last order `[B, L, Hq]`.
+fn heads_last(lse: &[f64], s: crate::softmax::AttnShape) -> Vec<f64> {
+    let mut out = vec![0.0; lse.len()];
     for b in 0..s.batch {
         for h in 0..s.hq {
             for i in 0..s.lq {
-                lse[(b * s.lq + i) * s.hq + h] = r.lse[(b * s.hq + h) * s.lq + i];
+                out[(b * s.lq + i) * s.hq + h] = lse[(b * s.hq + h) * s.lq + i];
             }
         }
     }
-    Ok(RefOutput { out: r.out, lse })
+    out
 }
 
 fn check_tokens(inp: &RefInputs, spec: &NaSpec) -> Result<()> {

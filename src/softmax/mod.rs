@@ -6,6 +6,8 @@
 //! none of this.
 
 pub mod call;
+pub mod dense;
+pub mod merge;
 pub mod options;
 pub mod plan;
 pub mod reference;

@@ -386,7 +386,7 @@ pub fn random_flash_case(seed: u64) -> Case {
         bool,
         bool,
     ); 5] = [
-        (33..=48, 33..=48, true, true),
+        (17..=32, 17..=32, true, true),
         (49..=64, 49..=64, false, true),
         (1..=16, 81..=96, false, false),
         (1..=16, 1..=16, false, false),

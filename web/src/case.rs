@@ -35,6 +35,9 @@ pub enum Variant {
     /// Block-sparse attention (FlexAttention's block masks) over sequences: a seeded random
     /// block mask of `density`, blocks of `block` (query, key), with `causal`.
     Sparse,
+    /// Decode over a paged KV cache of `kv_format` in pages of `page_size`: `lk` cached tokens
+    /// per sequence, then `lq` steps of one new token each (appended in place, then attended).
+    Decode,
 }
 
 /// A case, as JSON from the page. Missing fields take the defaults below.
@@ -76,6 +79,9 @@ pub struct Config {
     /// `block[0]` per query block, routed on the device) instead of the random mask. The check
     /// needs `topk` at least the key blocks (every allowed block kept: the case's masks alone).
     pub topk: usize,
+    /// Decode: the cache's page size and format (`f32`, `f16`, `q8_0`, `q4_0`).
+    pub page_size: usize,
+    pub kv_format: String,
     /// The query whose attention weights the page draws (batch 0, head 0).
     pub query: usize,
     /// Dense and window: the query tile `[invocations, rows]` instead of the plan's (one of
@@ -113,6 +119,8 @@ impl Default for Config {
             block: [64, 64],
             density: 0.5,
             topk: 0,
+            page_size: 16,
+            kv_format: "f32".into(),
             query: 0,
             tile: None,
             repeats: 5,
@@ -190,11 +198,12 @@ impl Problem {
             "f16" => DType::F16,
             other => return Err(AttnError::invalid("dtype", "\"f32\" or \"f16\"", other)),
         };
-        if cfg.variant == Variant::Linear {
+        if matches!(cfg.variant, Variant::Linear | Variant::Decode) {
             return Err(AttnError::invalid(
                 "variant",
-                "a softmax variant (linear cases run through run_case)",
-                "linear",
+                "a dense, window, neighborhood or sparse variant (linear and decode cases run \
+                 through run_case)",
+                format!("{:?}", cfg.variant),
             ));
         }
         let (lq, lk, na) = match cfg.variant {
@@ -230,7 +239,7 @@ impl Problem {
                 .window((side(cfg.window[0]), side(cfg.window[1])))
                 .sinks(cfg.sinks)
                 .tile(tile),
-            Variant::Neighborhood | Variant::Linear => FlashOptions::default(),
+            Variant::Neighborhood | Variant::Linear | Variant::Decode => FlashOptions::default(),
         };
         // random in [-1, 1), rounded to f16 first where the kernel reads f16
         let round = |x: Vec<f32>| match dtype {
@@ -546,6 +555,9 @@ impl Prepared {
 pub async fn run_case(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
     if cfg.variant == Variant::Linear {
         return crate::linear_case::run(ctx, cfg).await;
+    }
+    if cfg.variant == Variant::Decode {
+        return crate::decode_case::run(ctx, cfg).await;
     }
     let prep = Prepared::new(ctx, cfg)?;
     let s = prep.p.shape;

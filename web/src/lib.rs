@@ -5,6 +5,7 @@
 //! JSON.parse(await attn.run(JSON.stringify(config))); JSON.parse(await attn.selftest())`.
 
 pub mod case;
+pub mod decode_case;
 pub mod linear_case;
 pub mod sparse_case;
 
@@ -234,7 +235,29 @@ pub fn selftest_cases() -> Vec<Config> {
                 96,
             )
         },
+        decode_case("decode paged f32, 3 steps, GQA 4/2", "f32", true),
+        decode_case("decode paged q8_0, 3 steps, GQA 4/2", "q8_0", false),
     ]
+}
+
+/// The decode self-test case: a paged cache (pages of 16), 40 tokens per sequence, three steps
+/// of a token each, GQA 4/2.
+fn decode_case(name: &str, kv_format: &str, causal: bool) -> Config {
+    Config {
+        name: name.into(),
+        variant: Variant::Decode,
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        d: 64,
+        lq: 3,
+        lk: 40,
+        causal,
+        page_size: 16,
+        kv_format: kv_format.into(),
+        repeats: 1,
+        ..Default::default()
+    }
 }
 
 /// A linear-attention self-test case.
