@@ -21,7 +21,6 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> lse_part: array<f32>;     // [B, Hq, Lq, splits]
 const RB: u32 = 4u;
 const T: u32 = 64u;
-const C: u32 = 16u;
 const DQ4: u32 = 32u;
 const DV4: u32 = 32u;
 const CAUSAL: u32 = 1u;
@@ -35,6 +34,7 @@ const WIN_RIGHT: u32 = 128u;
 var<workgroup> qs: array<vec4<f32>, RB * DQ4>;
 var<workgroup> sc: array<f32, RB * T>;
 var<workgroup> vrow: array<u32, T>;
+var<workgroup> rescale: array<f32, RB>;
 fn k_bytes4(o: u32) -> u32 {
     let i = o >> 2u;
     let sh = (o & 3u) * 8u;
@@ -159,16 +159,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let u_start = min(split * per, total);
     let u_end = min(u_start + per, total);
-    let rr = lid / C;
-    let lane = lid % C;
-    let row = r0 + rr;
-    let qi = min(row, p.rows - 1u) % p.lq;
-    let qh = hk * nrep + min(row, p.rows - 1u) / p.lq;
+    // row lid's softmax state (invocations lid < RB)
     var m = MASKED;
     var l = 0.0;
-    var acc: array<vec4<f32>, 2>;
-    acc[0] = vec4<f32>(0.0);
-    acc[1] = vec4<f32>(0.0);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    let col = min(lid, p.dv / 4u - 1u) * 4u;
     workgroupBarrier();
     for (var u0 = u_start; u0 < u_end; u0 += T) {
         // phase A: invocation lid scores key u0 + lid against every row
@@ -194,49 +192,93 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         sc[2u * T + lid] = score(2u + r0, j, s2, kvlen, b, hk, u0 + lid < u_end);
         sc[3u * T + lid] = score(3u + r0, j, s3, kvlen, b, hk, u0 + lid < u_end);
         workgroupBarrier();
-        // phase B: each row's invocations update its state over their value columns
-        var mt = MASKED;
-        for (var t = 0u; t < T; t++) {
-            mt = max(mt, sc[rr * T + t]);
+        // the softmax step: invocation r < RB turns row r's scores into weights in place
+        if (lid < RB) {
+            var mt = MASKED;
+            for (var t = 0u; t < T; t++) {
+                mt = max(mt, sc[lid * T + t]);
+            }
+            let mn = max(m, mt);
+            var sum = 0.0;
+            for (var t = 0u; t < T; t++) {
+                let st = sc[lid * T + t];
+                let pt = select(0.0, exp(st - mn), st > MASKED);
+                sc[lid * T + t] = pt;
+                sum += pt;
+            }
+            let alpha = exp(m - mn);
+            rescale[lid] = alpha;
+            l = l * alpha + sum;
+            m = mn;
         }
-        let mn = max(m, mt);
-        let alpha = exp(m - mn);
-        l *= alpha;
-        acc[0] *= alpha;
-        acc[1] *= alpha;
+        workgroupBarrier();
+        // phase B: each value vec4 read once, weighed into every row
+        acc0 *= rescale[0u];
+        acc1 *= rescale[1u];
+        acc2 *= rescale[2u];
+        acc3 *= rescale[3u];
         for (var t = 0u; t < T; t++) {
-            let st = sc[rr * T + t];
-            let pt = select(0.0, exp(st - mn), st > MASKED);
-            l += pt;
-            let vr = vrow[t];
-            acc[0] += pt * ld_v(vr, min(lane + 0u, DV4 - 1u) * 4u);
-            acc[1] += pt * ld_v(vr, min(lane + 16u, DV4 - 1u) * 4u);
+            let vv = ld_v(vrow[t], col);
+            acc0 += sc[0u * T + t] * vv;
+            acc1 += sc[1u * T + t] * vv;
+            acc2 += sc[2u * T + t] * vv;
+            acc3 += sc[3u * T + t] * vv;
         }
-        m = mn;
         workgroupBarrier();
     }
     // the partial O (normalized) and LSE of this split: l = 0 where no key was visible
-    if (row < p.rows) {
-        let g = ((b * p.hq + qh) * p.lq + qi) * p.splits + split;
-        let inv = select(0.0, 1.0 / l, l > 0.0);
-        if (lane + 0u < p.dv / 4u) {
-            let o = g * p.dv + (lane + 0u) * 4u;
-            let x = acc[0] * inv;
-            o_part[o] = x.x;
-            o_part[o + 1u] = x.y;
-            o_part[o + 2u] = x.z;
-            o_part[o + 3u] = x.w;
-        }
-        if (lane + 16u < p.dv / 4u) {
-            let o = g * p.dv + (lane + 16u) * 4u;
-            let x = acc[1] * inv;
-            o_part[o] = x.x;
-            o_part[o + 1u] = x.y;
-            o_part[o + 2u] = x.z;
-            o_part[o + 3u] = x.w;
-        }
-        if (lane == 0u) {
+    if (lid < RB) {
+        rescale[lid] = l;
+        let g = ((b * p.hq + hk * nrep + min(r0 + lid, p.rows - 1u) / p.lq) * p.lq + (min(r0 + lid, p.rows - 1u) % p.lq)) * p.splits + split;
+        if (r0 + lid < p.rows) {
             lse_part[g] = select(neg_inf(), m + log(l), l > 0.0);
+        }
+    }
+    workgroupBarrier();
+    if (lid < p.dv / 4u) {
+        if (r0 + 0u < p.rows) {
+            let row = r0 + 0u;
+            let g = ((b * p.hq + hk * nrep + row / p.lq) * p.lq + row % p.lq) * p.splits + split;
+            let lr = rescale[0u];
+            let x = acc0 * select(0.0, 1.0 / lr, lr > 0.0);
+            let o = g * p.dv + col;
+            o_part[o] = x.x;
+            o_part[o + 1u] = x.y;
+            o_part[o + 2u] = x.z;
+            o_part[o + 3u] = x.w;
+        }
+        if (r0 + 1u < p.rows) {
+            let row = r0 + 1u;
+            let g = ((b * p.hq + hk * nrep + row / p.lq) * p.lq + row % p.lq) * p.splits + split;
+            let lr = rescale[1u];
+            let x = acc1 * select(0.0, 1.0 / lr, lr > 0.0);
+            let o = g * p.dv + col;
+            o_part[o] = x.x;
+            o_part[o + 1u] = x.y;
+            o_part[o + 2u] = x.z;
+            o_part[o + 3u] = x.w;
+        }
+        if (r0 + 2u < p.rows) {
+            let row = r0 + 2u;
+            let g = ((b * p.hq + hk * nrep + row / p.lq) * p.lq + row % p.lq) * p.splits + split;
+            let lr = rescale[2u];
+            let x = acc2 * select(0.0, 1.0 / lr, lr > 0.0);
+            let o = g * p.dv + col;
+            o_part[o] = x.x;
+            o_part[o + 1u] = x.y;
+            o_part[o + 2u] = x.z;
+            o_part[o + 3u] = x.w;
+        }
+        if (r0 + 3u < p.rows) {
+            let row = r0 + 3u;
+            let g = ((b * p.hq + hk * nrep + row / p.lq) * p.lq + row % p.lq) * p.splits + split;
+            let lr = rescale[3u];
+            let x = acc3 * select(0.0, 1.0 / lr, lr > 0.0);
+            let o = g * p.dv + col;
+            o_part[o] = x.x;
+            o_part[o + 1u] = x.y;
+            o_part[o + 2u] = x.z;
+            o_part[o + 3u] = x.w;
         }
     }
 }

@@ -7,10 +7,11 @@
 //! A workgroup's keys are the visible keys of its rows, in order: the sinks below the window,
 //! then the span `[lo, hi)` that the causal bound and the window leave; the splits cut that
 //! list into equal runs of whole tiles. Within a tile, invocation `t` scores key `t` against
-//! every row (phase A: the rows' scores go to workgroup memory), then the invocations of each
-//! row update its softmax state and accumulate `P V` over their share of the value columns
-//! (phase B). Every loop that runs per tile has at most 64 iterations, and the host caps the
-//! tiles per split ([`DecodeKey::tiles_per_split_max`]: lavapipe stops loops silently after
+//! every row (phase A: the rows' scores go to workgroup memory), invocation `r` turns row `r`'s
+//! scores into weights and rescale factors (the online softmax), then invocation `c` reads
+//! value column `c` (a vec4) of each key once and weighs it into every row's accumulator
+//! (phase B: each V element is read once per workgroup). Every loop that runs per tile has at
+//! most 64 iterations, and the host caps the tiles per split ([`DecodeKey::tiles_per_split_max`]: lavapipe stops loops silently after
 //! ~65535 iterations per invocation).
 
 use crate::dtype::DType;
@@ -107,17 +108,9 @@ pub struct DecodeParams {
 
 impl DecodeKey {
     /// Tiles one split may take: per tile the key loop, the D/4 steps of the scores and the
-    /// two 64-step loops of phase B.
+    /// three 64-step loops of the softmax step and phase B.
     pub fn tiles_per_split_max(&self) -> u32 {
-        LOOP_BUDGET / (self.d / 4 + 2 * TILE + 1)
-    }
-    /// Invocations that share one row's value columns.
-    pub fn lanes_per_row(&self) -> u32 {
-        TILE / self.rows
-    }
-    /// vec4 columns of V each invocation accumulates.
-    pub fn cols_per_lane(&self) -> u32 {
-        (self.dv / 4).div_ceil(self.lanes_per_row())
+        LOOP_BUDGET / (self.d / 4 + 3 * TILE + 1)
     }
     fn needs_f16(&self) -> bool {
         self.dtype == DType::F16 || self.kv == KvFormat::F16
@@ -190,8 +183,9 @@ impl Kernel for DecodeKey {
     }
 
     fn workgroup_bytes(&self) -> u32 {
-        // the query rows (vec4s), the tile's scores, the tile's value row starts
-        self.rows * self.d * 4 + self.rows * TILE * 4 + TILE * 4
+        // the query rows (vec4s), the tile's scores, the tile's value row starts, the rows'
+        // rescale factors
+        self.rows * self.d * 4 + self.rows * TILE * 4 + TILE * 4 + self.rows * 4
     }
 
     fn capabilities(&self) -> naga::valid::Capabilities {
@@ -336,11 +330,9 @@ fn generate(key: &DecodeKey) -> String {
     }
     w.raw(PARAMS);
     w.raw(&declare_bindings(&key.bindings()));
-    let lanes = key.lanes_per_row();
     for (name, value) in [
         ("RB", key.rows),
         ("T", TILE),
-        ("C", lanes),
         ("DQ4", key.d / 4),
         ("DV4", key.dv / 4),
     ] {
@@ -361,6 +353,7 @@ fn generate(key: &DecodeKey) -> String {
     w.line("var<workgroup> qs: array<vec4<f32>, RB * DQ4>;");
     w.line("var<workgroup> sc: array<f32, RB * T>;");
     w.line("var<workgroup> vrow: array<u32, T>;");
+    w.line("var<workgroup> rescale: array<f32, RB>;");
     loader(&mut w, key, "k");
     loader(&mut w, key, "v");
     w.raw(ROWS);
@@ -383,7 +376,6 @@ fn row_fn(key: &DecodeKey, buf: &str) -> String {
 
 fn main_fn(w: &mut Wgsl, key: &DecodeKey) {
     let rb = key.rows;
-    let cols = key.cols_per_lane();
     w.raw(
         "@compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -437,20 +429,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let u_start = min(split * per, total);
     let u_end = min(u_start + per, total);
-    let rr = lid / C;
-    let lane = lid % C;
-    let row = r0 + rr;
-    let qi = min(row, p.rows - 1u) % p.lq;
-    let qh = hk * nrep + min(row, p.rows - 1u) / p.lq;
+    // row lid's softmax state (invocations lid < RB)
     var m = MASKED;
     var l = 0.0;
 ",
     );
     w.indent_in();
-    w.line(&format!("var acc: array<vec4<f32>, {cols}>;"));
-    for e in 0..cols {
-        w.line(&format!("acc[{e}] = vec4<f32>(0.0);"));
+    // invocation lid owns value column lid (a vec4) of every row: acc{r}
+    for r in 0..rb {
+        w.line(&format!("var acc{r} = vec4<f32>(0.0);"));
     }
+    w.line("let col = min(lid, p.dv / 4u - 1u) * 4u;");
     w.line("workgroupBarrier();");
     w.open("for (var u0 = u_start; u0 < u_end; u0 += T) {");
     w.line("// phase A: invocation lid scores key u0 + lid against every row");
@@ -475,50 +464,65 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         ));
     }
     w.line("workgroupBarrier();");
-    w.line("// phase B: each row's invocations update its state over their value columns");
+    w.line("// the softmax step: invocation r < RB turns row r's scores into weights in place");
+    w.open("if (lid < RB) {");
     w.line("var mt = MASKED;");
     w.open("for (var t = 0u; t < T; t++) {");
-    w.line("mt = max(mt, sc[rr * T + t]);");
+    w.line("mt = max(mt, sc[lid * T + t]);");
     w.close();
     w.line("let mn = max(m, mt);");
+    w.line("var sum = 0.0;");
+    w.open("for (var t = 0u; t < T; t++) {");
+    w.line("let st = sc[lid * T + t];");
+    w.line("let pt = select(0.0, exp(st - mn), st > MASKED);");
+    w.line("sc[lid * T + t] = pt;");
+    w.line("sum += pt;");
+    w.close();
     w.line("let alpha = exp(m - mn);");
-    w.line("l *= alpha;");
-    for e in 0..cols {
-        w.line(&format!("acc[{e}] *= alpha;"));
+    w.line("rescale[lid] = alpha;");
+    w.line("l = l * alpha + sum;");
+    w.line("m = mn;");
+    w.close();
+    w.line("workgroupBarrier();");
+    w.line("// phase B: each value vec4 read once, weighed into every row");
+    for r in 0..rb {
+        w.line(&format!("acc{r} *= rescale[{r}u];"));
     }
     w.open("for (var t = 0u; t < T; t++) {");
-    w.line("let st = sc[rr * T + t];");
-    w.line("let pt = select(0.0, exp(st - mn), st > MASKED);");
-    w.line("l += pt;");
-    w.line("let vr = vrow[t];");
-    for e in 0..cols {
-        w.line(&format!(
-            "acc[{e}] += pt * ld_v(vr, min(lane + {}u, DV4 - 1u) * 4u);",
-            e * key.lanes_per_row()
-        ));
+    w.line("let vv = ld_v(vrow[t], col);");
+    for r in 0..rb {
+        w.line(&format!("acc{r} += sc[{r}u * T + t] * vv;"));
     }
     w.close();
-    w.line("m = mn;");
     w.line("workgroupBarrier();");
     w.close();
     w.line("// the partial O (normalized) and LSE of this split: l = 0 where no key was visible");
-    w.open("if (row < p.rows) {");
-    w.line("let g = ((b * p.hq + qh) * p.lq + qi) * p.splits + split;");
-    w.line("let inv = select(0.0, 1.0 / l, l > 0.0);");
-    for e in 0..cols {
-        let col = format!("lane + {}u", e * key.lanes_per_row());
-        w.open(&format!("if ({col} < p.dv / 4u) {{"));
-        w.line(&format!("let o = g * p.dv + ({col}) * 4u;"));
-        w.line(&format!("let x = acc[{e}] * inv;"));
+    w.open("if (lid < RB) {");
+    w.line("rescale[lid] = l;");
+    w.line("let g = ((b * p.hq + hk * nrep + min(r0 + lid, p.rows - 1u) / p.lq) * p.lq + (min(r0 + lid, p.rows - 1u) % p.lq)) * p.splits + split;");
+    w.open("if (r0 + lid < p.rows) {");
+    w.line("lse_part[g] = select(neg_inf(), m + log(l), l > 0.0);");
+    w.close();
+    w.close();
+    w.line("workgroupBarrier();");
+    w.open("if (lid < p.dv / 4u) {");
+    for r in 0..rb {
+        w.open(&format!("if (r0 + {r}u < p.rows) {{"));
+        w.line(&format!("let row = r0 + {r}u;"));
+        w.line(
+            "let g = ((b * p.hq + hk * nrep + row / p.lq) * p.lq + row % p.lq) * p.splits + split;",
+        );
+        w.line(&format!("let lr = rescale[{r}u];"));
+        w.line(&format!(
+            "let x = acc{r} * select(0.0, 1.0 / lr, lr > 0.0);"
+        ));
+        w.line("let o = g * p.dv + col;");
         w.line("o_part[o] = x.x;");
         w.line("o_part[o + 1u] = x.y;");
         w.line("o_part[o + 2u] = x.z;");
         w.line("o_part[o + 3u] = x.w;");
         w.close();
     }
-    w.open("if (lane == 0u) {");
-    w.line("lse_part[g] = select(neg_inf(), m + log(l), l > 0.0);");
-    w.close();
     w.close();
     w.close();
     w.raw(SCORE);
@@ -556,7 +560,8 @@ mod tests {
         let mut n = 0;
         for k in all_keys() {
             assert!(k.workgroup_bytes() <= WORKGROUP_BUDGET, "{k:?}");
-            assert!(k.cols_per_lane() >= 1, "{k:?}");
+            // one value vec4 per invocation
+            assert!(k.dv / 4 <= TILE, "{k:?}");
             n += 1;
         }
         for k in super::super::all_kernels() {
