@@ -37,36 +37,37 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let po = p.po_off + b * p.po_sb + qi * p.po_sl + h * p.po_sh + c;
     let pl = p.pl_off + b * p.pl_sb + h * p.pl_sh + qi * p.pl_sl;
     let acc_in = (p.flags & 1u) != 0u;
-    // the largest finite LSE (an empty part's -inf never enters a difference)
-    var mx = -3.4028235e38;
+    // the largest LSE of a part that saw keys (an empty part's -inf never enters a
+    // difference); -1e30 is the floor, not f32's lowest: Tint refuses that literal
+    var mx = -1.0e30;
     var any = false;
-    if (acc_in && lse_in[row] > -3.4028235e38) {
+    if (acc_in && lse_in[row] > -1.0e30) {
         mx = lse_in[row];
         any = true;
     }
     for (var s = 0u; s < p.nparts; s++) {
         let x = part_lse[pl + s * p.pl_sp];
-        if (x > -3.4028235e38) {
+        if (x > -1.0e30) {
             mx = max(mx, x);
             any = true;
         }
     }
     var sum = 0.0;
-    if (acc_in && lse_in[row] > -3.4028235e38) {
+    if (acc_in && lse_in[row] > -1.0e30) {
         sum = exp(lse_in[row] - mx);
     }
     for (var s = 0u; s < p.nparts; s++) {
         let x = part_lse[pl + s * p.pl_sp];
-        sum += select(0.0, exp(x - mx), x > -3.4028235e38);
+        sum += select(0.0, exp(x - mx), x > -1.0e30);
     }
     let lse = mx + log(sum);
     var o = 0.0;
-    if (acc_in && lse_in[row] > -3.4028235e38) {
+    if (acc_in && lse_in[row] > -1.0e30) {
         o = acc[row * p.dv + c] * exp(lse_in[row] - lse);
     }
     for (var s = 0u; s < p.nparts; s++) {
         let x = part_lse[pl + s * p.pl_sp];
-        let w = select(0.0, exp(x - lse), x > -3.4028235e38);
+        let w = select(0.0, exp(x - lse), x > -1.0e30);
         o += w * f32(part_o[po + s * p.po_sp]);
     }
     let out_lse_v = select(neg_inf(), lse, any);

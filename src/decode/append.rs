@@ -248,7 +248,7 @@ pub(crate) fn encode_append(
     let bl = BoundRange::new(ctx, lens, "cache lengths")?;
     let st = new.strides();
     let [n0, n1, _, _] = cache.shape();
-    let [c_off, c_s0, c_s1, c_s2] = super::plan::cache_strides(cache, &bc)?;
+    let [c_off, c_s0, c_s1, c_s2] = super::encode::cache_strides(cache, &bc)?;
     let prm = AppendParams {
         items: u32_of(items, "appended values")?,
         row_groups,

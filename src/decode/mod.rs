@@ -16,6 +16,8 @@
 //! the f64 reference core), no other family.
 
 mod append;
+mod check;
+mod encode;
 pub mod pages;
 mod plan;
 pub mod quant;
@@ -263,7 +265,7 @@ pub fn encode_decode_attention(
     opts: &DecodeOptions,
     timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<DecodePlan> {
-    plan::encode(ctx, encoder, q, k, v, out, lse, opts, timestamps)
+    encode::encode(ctx, encoder, q, k, v, out, lse, opts, timestamps)
 }
 
 /// Runs the decode into caller-provided outputs and submits the work.
@@ -288,7 +290,7 @@ pub fn decode_attention(
     v: &KvCache,
     opts: &DecodeOptions,
 ) -> Result<AttentionOutput> {
-    let s = plan::check(ctx, q, k, v, opts)?;
+    let s = check::check(ctx, q, k, v, opts)?;
     let out = Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), 0.0)?;
     let lse = if opts.return_lse {
         Some(Tensor::filled(

@@ -170,6 +170,21 @@ struct Checked {
 
 /// Step 1 of a call: every check of the inputs, outputs and options, before anything is built.
 fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Checked> {
+    let s = check_inputs(call.q, call.k, call.v)?;
+    let out_flags = check_outputs(ctx, call, layout, &s)?;
+    let mut checked = check_options(call.opts, s)?;
+    checked.flags |= out_flags;
+    Ok(checked)
+}
+
+/// O and LSE against the problem (LSE heads-last where the layout says so), f16 against the
+/// adapter, no output sharing a buffer with an input or another output; the LSE flag.
+fn check_outputs(
+    ctx: &GpuContext,
+    call: &Call,
+    layout: &dyn CallLayout,
+    s: &AttnShape,
+) -> Result<u32> {
     let Call {
         q,
         k,
@@ -178,7 +193,6 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
         lse,
         opts,
     } = *call;
-    let s = check_inputs(q, k, v)?;
     let expect_o = [s.batch, s.lq, s.hq, s.dv];
     if out.shape() != expect_o {
         return Err(AttnError::shape(
@@ -196,7 +210,7 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
         });
     }
     let mut fl = 0;
-    layout.check(&s)?;
+    layout.check(s)?;
     if let Some(l) = lse {
         // [B, Hq, Lq]; neighborhood calls pass NATTEN's heads-last [B, L, Hq]
         let expect = match layout.lse_heads_last() {
@@ -216,6 +230,13 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
     let mut outputs = vec![("out", out)];
     outputs.extend(lse.map(|l| ("lse", l)));
     check_no_alias(&inputs, &outputs)?;
+    Ok(fl)
+}
+
+/// Every option against the problem: scale, softcap, slopes, lengths, window, bias; the flags
+/// and the values the params take from them.
+fn check_options(opts: &FlashOptions, s: AttnShape) -> Result<Checked> {
+    let mut fl = 0;
     let scale = opts.scale.unwrap_or(1.0 / (s.d as f32).sqrt());
     if !scale.is_finite() {
         return Err(AttnError::invalid("scale", "a finite number", scale));
@@ -256,54 +277,56 @@ fn check_call(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<
             v
         }
     };
-    let (wl, wr) = opts.window;
     let to_i32 = |x: u32, what: &str| {
         i32::try_from(x).map_err(|_| AttnError::invalid(what, "<= i32::MAX", x))
     };
-    let win_left = match wl {
-        Some(x) => {
-            fl |= flags::WINDOW_LEFT;
-            to_i32(x, "window left")?
-        }
-        None => 0,
-    };
-    let win_right = match wr {
-        Some(x) => {
-            fl |= flags::WINDOW_RIGHT;
-            to_i32(x, "window right")?
-        }
-        None => 0,
-    };
-    let mut bias_strides = [0u32; 3];
-    if let Some(bias) = &opts.bias {
-        let sh = bias.shape();
-        let ok = sh.len() == 4
-            && (sh[0] == s.batch || sh[0] == 1)
-            && (sh[1] == s.hq || sh[1] == 1)
-            && sh[2] == s.lq
-            && sh[3] == s.lk;
-        bias.dtype().require("bias", DType::F32)?;
-        if !ok {
-            return Err(AttnError::shape(
-                "bias",
-                format!("[{}|1, {}|1, {}, {}]", s.batch, s.hq, s.lq, s.lk),
-                sh,
-            ));
-        }
-        let st = strides_u32(bias)?;
-        let bcast = |n: usize, st: u32| if n == 1 { 0 } else { st };
-        bias_strides = [bcast(sh[0], st[1]), bcast(sh[1], st[2]), st[3]];
+    let (wl, wr) = opts.window;
+    let win_left = wl.map(|x| to_i32(x, "window left")).transpose()?;
+    let win_right = wr.map(|x| to_i32(x, "window right")).transpose()?;
+    if win_left.is_some() {
+        fl |= flags::WINDOW_LEFT;
+    }
+    if win_right.is_some() {
+        fl |= flags::WINDOW_RIGHT;
+    }
+    let bias_strides = bias_strides(opts, &s)?;
+    if bias_strides.is_some() {
         fl |= flags::BIAS;
     }
     Ok(Checked {
         s,
         flags: fl,
         scale,
-        win_left,
-        win_right,
-        bias_strides,
+        win_left: win_left.unwrap_or(0),
+        win_right: win_right.unwrap_or(0),
+        bias_strides: bias_strides.unwrap_or([0; 3]),
         lens,
     })
+}
+
+/// The bias's `[batch, head, query]` element strides, 0 on a broadcast axis; `None` without a
+/// bias.
+fn bias_strides(opts: &FlashOptions, s: &AttnShape) -> Result<Option<[u32; 3]>> {
+    let Some(bias) = &opts.bias else {
+        return Ok(None);
+    };
+    let sh = bias.shape();
+    let ok = sh.len() == 4
+        && (sh[0] == s.batch || sh[0] == 1)
+        && (sh[1] == s.hq || sh[1] == 1)
+        && sh[2] == s.lq
+        && sh[3] == s.lk;
+    bias.dtype().require("bias", DType::F32)?;
+    if !ok {
+        return Err(AttnError::shape(
+            "bias",
+            format!("[{}|1, {}|1, {}, {}]", s.batch, s.hq, s.lq, s.lk),
+            sh,
+        ));
+    }
+    let st = strides_u32(bias)?;
+    let bcast = |n: usize, st: u32| if n == 1 { 0 } else { st };
+    Ok(Some([bcast(sh[0], st[1]), bcast(sh[1], st[2]), st[3]]))
 }
 
 /// Step 2: the family's plan, re-made with the Subgroup kernel where the Sweep kernel cannot

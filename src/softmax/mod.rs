@@ -8,6 +8,7 @@
 pub mod call;
 pub mod dense;
 pub mod merge;
+mod merge_parts;
 pub mod options;
 pub mod plan;
 pub mod reference;

@@ -31,6 +31,103 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
             format!("{}, {}, {}", cfg.repeats, cfg.lq, cfg.page_size),
         ));
     }
+    let (b, hq, hkv, d) = (cfg.batch, cfg.heads, cfg.kv_heads, cfg.d);
+    let Steps {
+        pool,
+        k,
+        v,
+        shape,
+        max_blocks,
+        q,
+        table,
+        opts,
+    } = run_steps(ctx, cfg, format)?;
+    let qt = Tensor::from_f32(ctx, &q, &[b, 1, hq, d])?;
+    let out = Tensor::filled(ctx, &[b, 1, hq, d], DType::F32, f32::NAN)?;
+    let lse = Tensor::filled(ctx, &[b, hq, 1], DType::F32, f32::NAN)?;
+    let mut kernel = String::new();
+    let timing = if ctx.caps.timestamps {
+        let t = time_passes_async(ctx, 1, cfg.repeats, |enc, ts| {
+            let plan = encode_decode_attention(ctx, enc, &qt, &k, &v, &out, Some(&lse), &opts, ts)?;
+            kernel = plan.label();
+            Ok(())
+        });
+        Some(t.await?)
+    } else {
+        ctx.submit(|enc| {
+            let plan =
+                encode_decode_attention(ctx, enc, &qt, &k, &v, &out, Some(&lse), &opts, None)?;
+            kernel = plan.label();
+            Ok(())
+        })?;
+        None
+    };
+    ctx.finished().await?;
+    let got = out.to_vec_f32_async(ctx).await?;
+    let got_lse = lse.to_vec_f32_async(ctx).await?;
+    // the reference over the cache as the device holds it (the appended tokens in place)
+    let kh = k.to_vec_f32_async(ctx).await?;
+    let vh = v.to_vec_f32_async(ctx).await?;
+    let (_, lens) = pool.tables();
+    let inp = DecodeInputs {
+        q: &q,
+        q_shape: [b, 1, hq, d],
+        k: HostCache { values: &kh, shape },
+        v: HostCache { values: &vh, shape },
+        block_table: Some((&table, max_blocks)),
+        bias: None,
+    };
+    let ref_opts = DecodeOptions::default()
+        .causal(cfg.causal)
+        .cache_seqlens(Some(lens.clone()));
+    let (r, _) = decode_reference(&inp, &ref_opts, false)?;
+    let keys: u64 = lens.iter().map(|&l| l as u64).sum();
+    let flops = 4.0 * (hq * d) as f64 * keys as f64;
+    let lk = cfg.lk + cfg.lq;
+    Ok(Report {
+        name: cfg.name.clone(),
+        variant: cfg.variant,
+        kernel,
+        dtype: cfg.dtype.clone(),
+        shape: [b, 1, lk, hq, hkv, d],
+        gpu_ms: timing.as_ref().map(|t| t.median_ms),
+        samples_ms: timing.as_ref().map_or(vec![], |t| t.samples_ms.clone()),
+        clock: timing.as_ref().map(|t| t.clock),
+        gflops: timing.as_ref().map(|t| flops / (t.median_ms * 1e6)),
+        visible_pairs: keys / b as u64,
+        check: compare(&got, Some(&got_lse), &r, None),
+        pattern: Pattern {
+            rows: 1,
+            cols: 1,
+            cells: vec![255],
+        },
+        weights: weights(
+            &r.lse,
+            &q,
+            &kh,
+            &table,
+            lens[0] as usize,
+            [hq, hkv, d, cfg.page_size],
+            max_blocks,
+        ),
+    })
+}
+
+/// The cache after all steps but the last, and the last step's query, table and options.
+struct Steps {
+    pool: PagePool,
+    k: KvCache,
+    v: KvCache,
+    shape: [usize; 4],
+    max_blocks: usize,
+    q: Vec<f32>,
+    table: Vec<i32>,
+    opts: DecodeOptions,
+}
+
+/// Fills the paged cache with `cfg.lk` tokens per sequence and runs all decode steps but the
+/// last (each appends a token and attends), untimed.
+fn run_steps(ctx: &GpuContext, cfg: &Config, format: KvFormat) -> Result<Steps> {
     let (b, hq, hkv, d, page) = (cfg.batch, cfg.heads, cfg.kv_heads, cfg.d, cfg.page_size);
     let steps = cfg.lq;
     let max_blocks = (cfg.lk + steps).div_ceil(page);
@@ -81,74 +178,15 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         }
     }
     let (q, table, opts) = last.ok_or_else(|| AttnError::Gpu("no step".into()))?;
-    let qt = Tensor::from_f32(ctx, &q, &[b, 1, hq, d])?;
-    let out = Tensor::filled(ctx, &[b, 1, hq, d], DType::F32, f32::NAN)?;
-    let lse = Tensor::filled(ctx, &[b, hq, 1], DType::F32, f32::NAN)?;
-    let mut kernel = String::new();
-    let timing = if ctx.caps.timestamps {
-        let t = time_passes_async(ctx, 1, cfg.repeats, |enc, ts| {
-            let plan = encode_decode_attention(ctx, enc, &qt, &k, &v, &out, Some(&lse), &opts, ts)?;
-            kernel = plan.label();
-            Ok(())
-        });
-        Some(t.await?)
-    } else {
-        ctx.submit(|enc| {
-            let plan =
-                encode_decode_attention(ctx, enc, &qt, &k, &v, &out, Some(&lse), &opts, None)?;
-            kernel = plan.label();
-            Ok(())
-        })?;
-        None
-    };
-    ctx.finished().await?;
-    let got = out.to_vec_f32_async(ctx).await?;
-    let got_lse = lse.to_vec_f32_async(ctx).await?;
-    // the reference over the cache as the device holds it (the appended tokens in place)
-    let kh = k.to_vec_f32_async(ctx).await?;
-    let vh = v.to_vec_f32_async(ctx).await?;
-    let (_, lens) = pool.tables();
-    let inp = DecodeInputs {
-        q: &q,
-        q_shape: [b, 1, hq, d],
-        k: HostCache { values: &kh, shape },
-        v: HostCache { values: &vh, shape },
-        block_table: Some((&table, max_blocks)),
-        bias: None,
-    };
-    let ref_opts = DecodeOptions::default()
-        .causal(cfg.causal)
-        .cache_seqlens(Some(lens.clone()));
-    let (r, _) = decode_reference(&inp, &ref_opts, false)?;
-    let keys: u64 = lens.iter().map(|&l| l as u64).sum();
-    let flops = 4.0 * (hq * d) as f64 * keys as f64;
-    let lk = cfg.lk + steps;
-    Ok(Report {
-        name: cfg.name.clone(),
-        variant: cfg.variant,
-        kernel,
-        dtype: cfg.dtype.clone(),
-        shape: [b, 1, lk, hq, hkv, d],
-        gpu_ms: timing.as_ref().map(|t| t.median_ms),
-        samples_ms: timing.as_ref().map_or(vec![], |t| t.samples_ms.clone()),
-        clock: timing.as_ref().map(|t| t.clock),
-        gflops: timing.as_ref().map(|t| flops / (t.median_ms * 1e6)),
-        visible_pairs: keys / b as u64,
-        check: compare(&got, Some(&got_lse), &r, None),
-        pattern: Pattern {
-            rows: 1,
-            cols: 1,
-            cells: vec![255],
-        },
-        weights: weights(
-            &r.lse,
-            &q,
-            &kh,
-            &table,
-            lens[0] as usize,
-            [hq, hkv, d, page],
-            max_blocks,
-        ),
+    Ok(Steps {
+        pool,
+        k,
+        v,
+        shape,
+        max_blocks,
+        q,
+        table,
+        opts,
     })
 }
 
