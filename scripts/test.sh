@@ -41,7 +41,9 @@ sw() { VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader "$@"; }
 # runs the whole suite; here run the tests that cover each family on the paths SwiftShader
 # plans differently (subgroups of 4 lanes, no f16, 10 storage buffers per stage), at a
 # handful of kernels each. cargo test, not nextest: the tests of one binary share pipelines.
-# Linear attention runs its chunk kernels (the browser's variant, without subgroups).
+# Linear attention runs its chunk kernels (the browser's variant, without subgroups). Decode
+# runs its fixed tests, not its random cases: SwiftShader's compile of the 16-row decode
+# kernel grew past 14 GB of memory (2026-12-07), which is still to be found.
 swiftshader_tests() {
   local rc=0 spec bin
   for spec in \
@@ -50,7 +52,7 @@ swiftshader_tests() {
     "neighborhood na1d_borders_even_kernels_dilation_stride_causal na_bad_inputs" \
     "linear every_rule_over_awkward_lengths bad_input" \
     "sparse block_masks_compose bad_sparse" \
-    "decode"; do
+    "decode merge_matches long_cache append_then page_pool bad_decode"; do
     set -- $spec
     bin=$1
     shift
