@@ -42,8 +42,8 @@ sw() { VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader "$@"; }
 # plans differently (subgroups of 4 lanes, no f16, 10 storage buffers per stage), at a
 # handful of kernels each. cargo test, not nextest: the tests of one binary share pipelines.
 # Linear attention runs its chunk kernels (the browser's variant, without subgroups). Decode
-# runs its fixed tests, not its random cases: SwiftShader's compile of the 16-row decode
-# kernel grew past 14 GB of memory (2026-12-07), which is still to be found.
+# runs its fixed tests, not its random cases: on SwiftShader those grew past 14 GB of memory
+# in a CI run (2026-12-07); which case does it is still to be found.
 swiftshader_tests() {
   local rc=0 spec bin
   for spec in \
