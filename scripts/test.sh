@@ -43,7 +43,9 @@ sw() { VK_ICD_FILENAMES=$SWIFTSHADER WGPU_ATTENTION_ADAPTER=SwiftShader "$@"; }
 # handful of kernels each. cargo test, not nextest: the tests of one binary share pipelines.
 # Linear attention runs its chunk kernels (the browser's variant, without subgroups). Decode
 # runs its fixed tests, not its random cases: on SwiftShader those grew past 14 GB of memory
-# in a CI run (2026-12-07); which case does it is still to be found.
+# in a CI run (2026-12-07). A case with 16 query rows per workgroup (WGPU_ATTENTION_SEED=
+# 3499272226688694777: q8_0, rows unrolled 16 times) did not finish compiling in 40 s under an
+# 8 GB memory limit, where cases of 1 to 4 rows ran in seconds.
 swiftshader_tests() {
   local rc=0 spec bin
   for spec in \
