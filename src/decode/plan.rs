@@ -38,7 +38,7 @@ fn bucket(x: usize) -> u32 {
 }
 
 /// The plan for a checked problem: the specialization (head-dim capacities, rows per
-/// workgroup: every row of a KV head's group where they fit, up to 16), then the splits.
+/// workgroup: every row of a KV head's group where they fit, up to 8), then the splits.
 /// A caller's `num_splits` cuts each sequence into that many runs (raised where a run would
 /// take more than [`DecodeKey::tiles_per_split_max`] tiles). Otherwise the work is balanced by
 /// key count (Lean Attention's stream-K, at split granularity): every split takes the same
