@@ -1,8 +1,8 @@
 //! The split-KV decode kernel (flash-decoding): one workgroup per (key split, KV head and row
 //! chunk, batch) scores a tile of 64 keys against the query rows of every query head that
-//! shares the KV head (GQA: each K/V element is read once per group, not once per head), runs
-//! the online softmax and writes a partial O (f32) and its LSE; the merge kernel
-//! (src/softmax/merge.rs) combines the splits.
+//! shares the KV head (GQA: each K/V element is read once per chunk of up to 8 rows, not once
+//! per head), runs the online softmax and writes a partial O (f32) and its LSE; the merge
+//! kernel (src/softmax/merge.rs) combines the splits.
 //!
 //! A workgroup's keys are the visible keys of its rows, in order: the sinks below the window,
 //! then the span `[lo, hi)` that the causal bound and the window leave; the splits cut that

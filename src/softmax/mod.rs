@@ -6,6 +6,7 @@
 //! none of this.
 
 pub mod call;
+mod check;
 pub mod dense;
 pub mod merge;
 mod merge_parts;
