@@ -266,20 +266,14 @@ fn layout_entry(i: usize, b: &BindingDecl) -> wgpu::BindGroupLayoutEntry {
 }
 
 impl GpuContext {
-    /// Returns the pipeline for `kernel`, building (and validating) it on first use.
-    pub fn pipeline(&self, kernel: &dyn Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
-        let label = kernel.label();
-        let lock = || {
-            self.pipelines
-                .lock()
-                .map_err(|_| AttnError::Gpu("pipeline cache poisoned by an earlier panic".into()))
-        };
-        if let Some(p) = lock()?.get(&label) {
-            return Ok(p.clone());
-        }
-        // Built without holding the lock: driver compiles take seconds on CPU adapters and two
-        // threads may build different kernels at once (a rare duplicate build is harmless).
-        let bindings = kernel.bindings();
+    /// The kernel's workgroup memory and storage buffers are within the adapter's limits
+    /// (lavapipe does not refuse workgroup memory over its limit: it would run wrong).
+    fn check_kernel_limits(
+        &self,
+        kernel: &dyn Kernel,
+        label: &str,
+        bindings: &[BindingDecl],
+    ) -> Result<()> {
         let storage = bindings
             .iter()
             .filter(|b| matches!(b.kind, BindingKind::Read(_) | BindingKind::ReadWrite(_)))
@@ -304,13 +298,33 @@ impl GpuContext {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Returns the pipeline for `kernel`, building (and validating) it on first use.
+    pub fn pipeline(&self, kernel: &dyn Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
+        let label = kernel.label();
+        let lock = || {
+            self.pipelines
+                .lock()
+                .map_err(|_| AttnError::Gpu("pipeline cache poisoned by an earlier panic".into()))
+        };
+        if let Some(p) = lock()?.get(&label) {
+            return Ok(p.clone());
+        }
+        // Built without holding the lock: driver compiles take seconds on CPU adapters and two
+        // threads may build different kernels at once (a rare duplicate build is harmless).
+        let bindings = kernel.bindings();
+        self.check_kernel_limits(kernel, &label, &bindings)?;
         let source = kernel.source();
+        let source_len = source.len();
         validate_wgsl(&label, &source, kernel.capabilities())?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
             .iter()
             .enumerate()
             .map(|(i, b)| layout_entry(i, b))
             .collect();
+        let started = std::time::Instant::now();
         let pipeline = self
             .scoped(|| {
                 let module = self
@@ -347,8 +361,34 @@ impl GpuContext {
                 name: label.clone(),
                 message: e.to_string(),
             })?;
+        log_compile(&label, source_len, started.elapsed());
         self.save_pipeline_cache();
         let pipeline = Arc::new(pipeline);
         Ok(lock()?.entry(label).or_insert(pipeline).clone())
+    }
+}
+
+/// `WGPU_ATTENTION_COMPILE_LOG=FILE` appends one line per pipeline the driver builds: the
+/// kernel's label, the driver's build time in ms, the WGSL length and the process's arguments
+/// (under nextest, the test's name). It is how the suite's cold cost was traced to its kernels.
+fn log_compile(label: &str, source_len: usize, took: std::time::Duration) {
+    let Some(path) = std::env::var_os("WGPU_ATTENTION_COMPILE_LOG").filter(|p| !p.is_empty())
+    else {
+        return;
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let line = format!(
+        "{label}\t{}\t{source_len}\t{}\n",
+        took.as_millis(),
+        args.join(" ")
+    );
+    use std::io::Write;
+    // a diagnostic: a log that cannot be written must not fail the call
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }

@@ -126,25 +126,7 @@ pub fn write_results(dir: &Path, ctx: &GpuContext, rows: &[BenchRow]) -> CliResu
 /// causal attention at the same length where it is at most --dense-max.
 pub fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
     use wgpu_attention::linear::LinearShape;
-    // (rule, mode); a chunk row is also compared with its rule's recurrent row
-    let fused = wgpu_attention::linear::subgroups_of_8(ctx);
-    let mut variants = vec![
-        (Rule::Linear, Mode::Chunk),
-        (Rule::Linear, Mode::Recurrent),
-        (Rule::SimpleGla, Mode::Chunk),
-        (Rule::SimpleGla, Mode::Recurrent),
-        (Rule::GatedDelta, Mode::Chunk),
-        (Rule::GatedDelta, Mode::Recurrent),
-    ];
-    if fused {
-        variants.push((Rule::Linear, Mode::FusedChunk));
-        variants.push((Rule::SimpleGla, Mode::FusedChunk));
-    }
-    let mode_name = |m: Mode| match m {
-        Mode::Chunk => "chunk",
-        Mode::FusedChunk => "fused chunk",
-        _ => "recurrent",
-    };
+    let variants = linear_variants(ctx);
     println!(
         "{:<8} {:<22} {:>10} {:>16} {:>9} {:>12} {:>14}",
         "T", "kernel", "ms", "(min-max)", "GFLOP/s", "dense / this", "recurrent/this"
@@ -159,22 +141,7 @@ pub fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResul
             k: 64,
             v: 64,
         };
-        let mut records = Vec::new();
-        let mut names = Vec::new();
-        for &(rule, mode) in &variants {
-            let opts = LinearOptions::default().rule(rule).mode(mode);
-            records.push(bench::linear_pass(ctx, shape, opts)?);
-            names.push(format!("{} {}", rule.name(), mode_name(mode)));
-        }
-        let dense = (t <= a.dense_max).then(|| {
-            let mut c = bench::registry(true)[0].clone();
-            (c.lq, c.lk, c.name, c.causal) = (t, t, format!("L{t}-D64"), true);
-            c
-        });
-        if let Some(c) = &dense {
-            records.push(bench::flash_pass(ctx, c, StrategyChoice::Auto)?);
-            names.push("dense causal".into());
-        }
+        let (mut records, names, dense) = linear_records(ctx, a, shape, &variants)?;
         let times = bench::time_interleaved(ctx, bench::WARMUP, a.repeat, &mut records)?;
         let nv = variants.len();
         for (i, (label, tm)) in times.iter().enumerate() {
@@ -229,6 +196,61 @@ pub fn linear_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResul
     std::fs::write(a.out_dir.join("linear.json"), json.to_string()).map_err(io)?;
     println!("wrote {}/linear.json", a.out_dir.display());
     Ok(())
+}
+
+/// The sweep's (rule, mode) rows; a chunk row is also compared with its rule's recurrent row.
+fn linear_variants(ctx: &GpuContext) -> Vec<(Rule, Mode)> {
+    let mut variants = vec![
+        (Rule::Linear, Mode::Chunk),
+        (Rule::Linear, Mode::Recurrent),
+        (Rule::SimpleGla, Mode::Chunk),
+        (Rule::SimpleGla, Mode::Recurrent),
+        (Rule::GatedDelta, Mode::Chunk),
+        (Rule::GatedDelta, Mode::Recurrent),
+    ];
+    if wgpu_attention::linear::subgroups_of_8(ctx) {
+        variants.push((Rule::Linear, Mode::FusedChunk));
+        variants.push((Rule::SimpleGla, Mode::FusedChunk));
+    }
+    variants
+}
+
+/// One length's passes: each variant's, then dense causal attention where `--dense-max`
+/// allows; with their names and the dense case.
+#[allow(clippy::type_complexity)]
+fn linear_records<'a>(
+    ctx: &'a GpuContext,
+    a: &BenchArgs,
+    shape: wgpu_attention::linear::LinearShape,
+    variants: &[(Rule, Mode)],
+) -> CliResult<(
+    Vec<bench::Record<'a>>,
+    Vec<String>,
+    Option<bench::BenchCase>,
+)> {
+    let mode_name = |m: Mode| match m {
+        Mode::Chunk => "chunk",
+        Mode::FusedChunk => "fused chunk",
+        _ => "recurrent",
+    };
+    let t = shape.t;
+    let mut records = Vec::new();
+    let mut names = Vec::new();
+    for &(rule, mode) in variants {
+        let opts = LinearOptions::default().rule(rule).mode(mode);
+        records.push(bench::linear_pass(ctx, shape, opts)?);
+        names.push(format!("{} {}", rule.name(), mode_name(mode)));
+    }
+    let dense = (t <= a.dense_max).then(|| {
+        let mut c = bench::registry(true)[0].clone();
+        (c.lq, c.lk, c.name, c.causal) = (t, t, format!("L{t}-D64"), true);
+        c
+    });
+    if let Some(c) = &dense {
+        records.push(bench::flash_pass(ctx, c, StrategyChoice::Auto)?);
+        names.push("dense causal".into());
+    }
+    Ok((records, names, dense))
 }
 
 /// Causal against non-causal attention per length and strategy: each pair interleaved, the

@@ -40,6 +40,25 @@ pub fn info() -> CliResult<()> {
         l.max_compute_workgroups_per_dimension
     );
     println!("pipeline cache: {}", ctx.cache_description());
+    print_tuning(&ctx);
+    if let Some(n) = c.loop_limit {
+        println!("driver quirk: loops stop after {n} iterations per invocation (plans stay under)");
+    }
+    print_flash_plans(&ctx);
+    print_linear_plans(&ctx);
+    Ok(())
+}
+
+pub fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The tuning file and its classes, or why there is none or it is not used.
+fn print_tuning(ctx: &GpuContext) {
     match (&ctx.tuning_file, ctx.tuning(), &ctx.tuning_problem) {
         (None, _, _) => println!("tuning: none (no cache folder)"),
         (Some(f), _, Some(problem)) => println!("tuning: {} not used: {problem}", f.display()),
@@ -63,9 +82,10 @@ pub fn info() -> CliResult<()> {
             }
         }
     }
-    if let Some(n) = c.loop_limit {
-        println!("driver quirk: loops stop after {n} iterations per invocation (plans stay under)");
-    }
+}
+
+/// The dense plans the kernels pick for a few head dims and dtypes.
+fn print_flash_plans(ctx: &GpuContext) {
     println!("plans (B=1, H=8, L=2048):");
     for (d, dtype) in [
         (64, DType::F32),
@@ -82,11 +102,15 @@ pub fn info() -> CliResult<()> {
             d,
             dv: d,
         };
-        match flash::plan(&ctx, &s, dtype, &FlashOptions::default()) {
+        match flash::plan(ctx, &s, dtype, &FlashOptions::default()) {
             Ok(p) => println!("  D={d} {dtype}: {} grid {:?}", p.key.label(), p.grid),
             Err(e) => println!("  D={d} {dtype}: not available ({e})"),
         }
     }
+}
+
+/// The linear plans for a few lengths and rules.
+fn print_linear_plans(ctx: &GpuContext) {
     println!("linear attention plans (B=1, H=HV=8, K=V=64, f32, mode auto):");
     for (t, rule) in [
         (1, Rule::SimpleGla),
@@ -109,26 +133,17 @@ pub fn info() -> CliResult<()> {
         } else {
             per_head.clone()
         };
-        let plan = Tensor::filled(&ctx, &g_shape, DType::F32, -0.1).and_then(|g| {
+        let plan = Tensor::filled(ctx, &g_shape, DType::F32, -0.1).and_then(|g| {
             let beta = rule
                 .delta()
-                .then(|| Tensor::filled(&ctx, &per_head, DType::F32, 0.5))
+                .then(|| Tensor::filled(ctx, &per_head, DType::F32, 0.5))
                 .transpose()?;
             let opts = LinearOptions::default().rule(rule).g(Some(g)).beta(beta);
-            linear::plan(&ctx, &s, DType::F32, &opts)
+            linear::plan(ctx, &s, DType::F32, &opts)
         });
         match plan {
             Ok(p) => println!("  T={t} {}: {}", rule.name(), p.label()),
             Err(e) => println!("  T={t} {}: not available ({e})", rule.name()),
         }
-    }
-    Ok(())
-}
-
-pub fn yes(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
     }
 }

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use wgpu_attention::bench;
 use wgpu_attention::linear::reference::{compare_linear, LinearRefInputs};
+use wgpu_attention::softmax::reference::Comparison;
 use wgpu_attention::*;
 
 use crate::cli::npy;
+use crate::cli::report::print_time;
 use crate::cli::run::upload;
 use crate::cli::{CliResult, DTypeArg, Failure};
 
@@ -198,41 +200,7 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
         Mode::parse,
         "recurrent, chunk, fused-chunk, auto",
     )?;
-    let mut host = match (&a.q, &a.k, &a.v, &a.shape) {
-        (Some(q), Some(k), Some(v), None) => Host {
-            q: npy::read_float(q)?,
-            k: npy::read_float(k)?,
-            v: npy::read_float(v)?,
-            g: None,
-            beta: None,
-            init: None,
-        },
-        (None, None, None, Some(s)) => random_inputs(a, rule, map, s)?,
-        _ => {
-            return Err(Failure::Input(
-                "give either --q, --k and --v (.npy files) or --shape B,T,H,HV,K,V".into(),
-            ))
-        }
-    };
-    let read_f32 = |p: &PathBuf, what: &str| -> CliResult<npy::Array> {
-        let x = npy::read_float(p)?;
-        if x.dtype != DType::F32 {
-            return Err(Failure::Input(format!(
-                "--{what}: expected float32, got {}",
-                x.dtype
-            )));
-        }
-        Ok(x)
-    };
-    if let Some(p) = &a.g {
-        host.g = Some(read_f32(p, "g")?);
-    }
-    if let Some(p) = &a.beta {
-        host.beta = Some(read_f32(p, "beta")?);
-    }
-    if let Some(p) = &a.initial_state {
-        host.init = Some(read_f32(p, "initial-state")?);
-    }
+    let host = host_inputs(a, rule, map)?;
     let ctx = GpuContext::new()?;
     let (q, k, v) = (
         upload(&ctx, &host.q)?,
@@ -286,7 +254,89 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
         })
         .transpose()?;
     let shape = [s.batch, s.t, s.h, s.hv, s.k, s.v];
-    if a.json {
+    let run = Ran {
+        label: &label,
+        shape,
+        dtype: q.dtype(),
+        t: &t,
+        gflops,
+    };
+    report(&ctx, &opts, &run, a.json, cmp.as_ref());
+    match cmp {
+        Some((o, st)) if !(o.passed && st.passed) => Err(Failure::Run(
+            "check against the f64 reference failed".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `linear`'s inputs on the host: the .npy files given, or random ones of `--shape`, with
+/// the gate, beta and initial state files read as f32.
+fn host_inputs(a: &LinearArgs, rule: Rule, map: FeatureMap) -> CliResult<Host> {
+    let mut host = match (&a.q, &a.k, &a.v, &a.shape) {
+        (Some(q), Some(k), Some(v), None) => Host {
+            q: npy::read_float(q)?,
+            k: npy::read_float(k)?,
+            v: npy::read_float(v)?,
+            g: None,
+            beta: None,
+            init: None,
+        },
+        (None, None, None, Some(s)) => random_inputs(a, rule, map, s)?,
+        _ => {
+            return Err(Failure::Input(
+                "give either --q, --k and --v (.npy files) or --shape B,T,H,HV,K,V".into(),
+            ))
+        }
+    };
+    let read_f32 = |p: &PathBuf, what: &str| -> CliResult<npy::Array> {
+        let x = npy::read_float(p)?;
+        if x.dtype != DType::F32 {
+            return Err(Failure::Input(format!(
+                "--{what}: expected float32, got {}",
+                x.dtype
+            )));
+        }
+        Ok(x)
+    };
+    if let Some(p) = &a.g {
+        host.g = Some(read_f32(p, "g")?);
+    }
+    if let Some(p) = &a.beta {
+        host.beta = Some(read_f32(p, "beta")?);
+    }
+    if let Some(p) = &a.initial_state {
+        host.init = Some(read_f32(p, "initial-state")?);
+    }
+    Ok(host)
+}
+
+/// What one `linear` run measured.
+struct Ran<'a> {
+    label: &'a str,
+    shape: [usize; 6],
+    dtype: DType,
+    t: &'a bench::Timing,
+    gflops: f64,
+}
+
+/// Prints a `linear` run (text or `--json`) with its check of O and the final state.
+fn report(
+    ctx: &GpuContext,
+    opts: &LinearOptions,
+    run: &Ran,
+    json: bool,
+    cmp: Option<&(Comparison, Comparison)>,
+) {
+    let Ran {
+        label,
+        shape,
+        dtype,
+        t,
+        gflops,
+    } = *run;
+    let (rule, map) = (opts.rule, opts.feature_map);
+    if json {
         let j = serde_json::json!({
             "adapter": ctx.adapter_info.name,
             "backend": format!("{:?}", ctx.adapter_info.backend),
@@ -294,7 +344,7 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
             "rule": rule.name(),
             "feature_map": map.name(),
             "shape": shape,
-            "dtype": q.dtype().to_string(),
+            "dtype": dtype.to_string(),
             "causal": opts.causal,
             "gpu_ms": t.median_ms,
             "min_ms": t.min_ms,
@@ -302,8 +352,8 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
             "samples_ms": t.samples_ms,
             "clock": t.clock,
             "gflops": gflops,
-            "check": cmp.as_ref().map(|c| &c.0),
-            "check_state": cmp.as_ref().map(|c| &c.1),
+            "check": cmp.map(|c| &c.0),
+            "check_state": cmp.map(|c| &c.1),
         });
         println!("{j}");
     } else {
@@ -313,19 +363,11 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
             rule.name(),
             map.name(),
             if opts.causal { "causal" } else { "global" },
-            q.dtype()
+            dtype
         );
         println!("kernel: {label}");
-        println!(
-            "time: {:.3} ms ({:?}, median of {}; min {:.3}, max {:.3}), {:.2} GFLOP/s",
-            t.median_ms,
-            t.clock,
-            t.samples_ms.len(),
-            t.min_ms,
-            t.max_ms,
-            gflops
-        );
-        if let Some((o, st)) = &cmp {
+        print_time(t, gflops);
+        if let Some((o, st)) = cmp {
             for (what, c) in [("O", o), ("final state", st)] {
                 println!(
                     "check {what} vs f64 reference: max abs err {:.3e} (tolerance {:.3e}), relative to max|ref| {:.3e}: {}",
@@ -339,11 +381,5 @@ pub fn run(a: &LinearArgs) -> CliResult<()> {
                 }
             }
         }
-    }
-    match cmp {
-        Some((o, st)) if !(o.passed && st.passed) => Err(Failure::Run(
-            "check against the f64 reference failed".into(),
-        )),
-        _ => Ok(()),
     }
 }

@@ -6,6 +6,7 @@ pub mod info;
 pub mod linear;
 pub mod na;
 pub mod npy;
+pub mod report;
 pub mod run;
 pub mod sparse;
 pub mod svg;

@@ -7,8 +7,10 @@ use wgpu_attention::neighborhood::reference::{
 use wgpu_attention::neighborhood::NaSpec;
 use wgpu_attention::*;
 
+use crate::cli::npy;
 use crate::cli::run::{report, upload, Inputs, RunArgs};
 use crate::cli::{CliResult, Failure};
+use wgpu_attention::softmax::reference::Comparison;
 
 fn list(flag: &str, s: &Option<String>) -> CliResult<Vec<usize>> {
     let Some(s) = s else { return Ok(Vec::new()) };
@@ -96,23 +98,7 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
     let mut opts = options(a)?;
     let inp = spatial_inputs(a, inp)?;
     let ctx = GpuContext::new()?;
-    let extra = match (&a.na_extra_k, &a.na_extra_v) {
-        (Some(k), Some(v)) => {
-            let (k, v) = (
-                crate::cli::npy::read_float(k)?,
-                crate::cli::npy::read_float(v)?,
-            );
-            opts.additional_keys = Some(upload(&ctx, &k)?);
-            opts.additional_values = Some(upload(&ctx, &v)?);
-            Some((k, v))
-        }
-        (None, None) => None,
-        _ => {
-            return Err(Failure::Input(
-                "--na-extra-k and --na-extra-v go together".into(),
-            ))
-        }
-    };
+    let extra = extra_tokens(a, &ctx, &mut opts)?;
     let (q, k, v) = (
         upload(&ctx, &inp.q)?,
         upload(&ctx, &inp.k)?,
@@ -163,39 +149,7 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
     let gflops = shape.flops_for_pairs(spec.pairs()) / (t.median_ms * 1e6);
     let cmp = a
         .check
-        .then(|| -> wgpu_attention::Result<_> {
-            let ri = RefInputs {
-                shape,
-                q: &inp.q.data,
-                k: &inp.k.data,
-                v: &inp.v.data,
-                bias: None,
-            };
-            let (r, plain) = match &extra {
-                Some((xk, xv)) => {
-                    let r = neighborhood_reference_with_extra(
-                        &ri, &spec, opts.scale, &xk.data, &xv.data,
-                    )?;
-                    // f16: the reference rounded to f16 (the neighborhood and extra passes
-                    // each round once more before the merge: within twice that)
-                    let plain = (q.dtype() == DType::F16).then(|| {
-                        r.out
-                            .iter()
-                            .map(|&x| wgpu_attention::flash::reference::round_f16(x))
-                            .collect::<Vec<f64>>()
-                    });
-                    (r, plain)
-                }
-                None => {
-                    let r = neighborhood_reference(&ri, &spec, opts.scale)?;
-                    let plain = (q.dtype() == DType::F16)
-                        .then(|| neighborhood_plain_f16(&ri, &spec, opts.scale))
-                        .transpose()?;
-                    (r, plain)
-                }
-            };
-            Ok(compare(&got, Some(&got_lse), &r, plain.as_deref()))
-        })
+        .then(|| check_run(&inp, shape, &spec, &opts, extra.as_ref(), (&got, &got_lse)))
         .transpose()?;
     let desc = format!(
         "neighborhood {spatial:?} kernel {:?} dilation {:?} stride {:?} causal {:?}: B={b} Hq={hq} Hkv={hkv} D={d} Dv={dv} {}",
@@ -219,4 +173,71 @@ pub fn run(a: &RunArgs, inp: Inputs) -> CliResult<()> {
         gflops,
         cmp,
     )
+}
+
+/// NATTEN's additional tokens of `--na-extra-k/--na-extra-v`, uploaded into `opts`, as read.
+fn extra_tokens(
+    a: &RunArgs,
+    ctx: &GpuContext,
+    opts: &mut NeighborhoodOptions,
+) -> CliResult<Option<(npy::Array, npy::Array)>> {
+    Ok(match (&a.na_extra_k, &a.na_extra_v) {
+        (Some(k), Some(v)) => {
+            let (k, v) = (
+                crate::cli::npy::read_float(k)?,
+                crate::cli::npy::read_float(v)?,
+            );
+            opts.additional_keys = Some(upload(ctx, &k)?);
+            opts.additional_values = Some(upload(ctx, &v)?);
+            Some((k, v))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Failure::Input(
+                "--na-extra-k and --na-extra-v go together".into(),
+            ))
+        }
+    })
+}
+
+/// `--check`: the run against the f64 reference (with the additional tokens when given; f16
+/// inputs against twice the error of a plain f16 implementation).
+fn check_run(
+    inp: &Inputs,
+    shape: AttnShape,
+    spec: &NaSpec,
+    opts: &NeighborhoodOptions,
+    extra: Option<&(npy::Array, npy::Array)>,
+    (got, got_lse): (&[f32], &[f32]),
+) -> wgpu_attention::Result<Comparison> {
+    let f16 = inp.q.dtype == DType::F16;
+    let ri = RefInputs {
+        shape,
+        q: &inp.q.data,
+        k: &inp.k.data,
+        v: &inp.v.data,
+        bias: None,
+    };
+    let (r, plain) = match extra {
+        Some((xk, xv)) => {
+            let r = neighborhood_reference_with_extra(&ri, spec, opts.scale, &xk.data, &xv.data)?;
+            // f16: the reference rounded to f16 (the neighborhood and extra passes
+            // each round once more before the merge: within twice that)
+            let plain = f16.then(|| {
+                r.out
+                    .iter()
+                    .map(|&x| wgpu_attention::flash::reference::round_f16(x))
+                    .collect::<Vec<f64>>()
+            });
+            (r, plain)
+        }
+        None => {
+            let r = neighborhood_reference(&ri, spec, opts.scale)?;
+            let plain = f16
+                .then(|| neighborhood_plain_f16(&ri, spec, opts.scale))
+                .transpose()?;
+            (r, plain)
+        }
+    };
+    Ok(compare(got, Some(got_lse), &r, plain.as_deref()))
 }

@@ -5,12 +5,10 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use wgpu_attention::bench::{self};
-use wgpu_attention::flash::reference::{
-    attention_plain_f16, attention_reference, compare, Comparison, RefInputs,
-};
 use wgpu_attention::*;
 
 use super::npy;
+pub use super::report::{check, report};
 use super::{CliResult, DTypeArg, Failure, StrategyArg};
 
 #[derive(clap::Args)]
@@ -288,95 +286,9 @@ pub fn run(a: &RunArgs) -> CliResult<()> {
         upload(&ctx, &inp.v)?,
     );
     let s = flash::check_inputs(&q, &k, &v)?;
-    let mut opts = FlashOptions::default()
-        .causal(a.causal)
-        .scale(a.scale)
-        .softcap(a.softcap)
-        .window(match &a.window {
-            Some(w) => parse_window(w)?,
-            None => (None, None),
-        })
-        .sinks(a.sinks)
-        .strategy(a.strategy.choice())
-        .tile(
-            a.tile
-                .as_deref()
-                .map(|t| {
-                    t.parse()
-                        .map_err(|e| Failure::Input(format!("--tile: {e}")))
-                })
-                .transpose()?,
-        );
-    if let Some(p) = &a.alibi {
-        let arr = npy::read_float(p)?;
-        if arr.shape != [s.hq] || arr.dtype != DType::F32 {
-            return Err(Failure::Input(format!(
-                "{}: expected [{}] f32 (one slope per query head), got {:?} {}",
-                p.display(),
-                s.hq,
-                arr.shape,
-                arr.dtype
-            )));
-        }
-        opts.alibi_slopes = Some(arr.data);
-    }
-    let bias_host = match &a.bias {
-        Some(p) => {
-            let arr = npy::read_float(p)?;
-            if arr.shape.len() != 4 || arr.dtype != DType::F32 {
-                return Err(Failure::Input(format!(
-                    "{}: expected [B|1, Hq|1, Lq, Lk] f32, got {:?} {}",
-                    p.display(),
-                    arr.shape,
-                    arr.dtype
-                )));
-            }
-            opts.bias = Some(Tensor::from_f32(&ctx, &arr.data, &arr.shape)?);
-            Some(arr)
-        }
-        None => None,
-    };
-    if let Some(p) = &a.q_lens {
-        opts.q_lens = Some(npy::read_lens(p, s.batch)?);
-    }
-    if let Some(p) = &a.kv_lens {
-        opts.kv_lens = Some(npy::read_lens(p, s.batch)?);
-    }
-    let sparse_args = super::sparse::SparseArgs {
-        block_mask: a.block_mask.as_deref(),
-        block_size: a.block_size.as_deref(),
-        mask_mod: a.mask_mod.as_deref(),
-        score_mod: a.score_mod.as_deref(),
-        aux: &a.aux,
-        normalizer: a.normalizer.as_deref(),
-        topk: a.topk_blocks,
-        local_blocks: a.local_blocks,
-        sink_blocks: a.sink_blocks,
-    };
-    if a.selected.is_some() && a.topk_blocks.is_none() {
-        return Err(Failure::Input(
-            "--selected goes with --topk-blocks K".into(),
-        ));
-    }
+    let (opts, bias_host) = flash_options(a, &ctx, &s)?;
     // a sparse call: its block mask made once, before the timed runs
-    let sparse = if sparse_args.any() {
-        let mut sp = super::sparse::options(&sparse_args, &s, opts.clone())?;
-        // routing makes the block mask; with --block-mask or --mask-mod it is refused below
-        let route = sp.block_mask.is_none() && sp.mask_mod.is_none();
-        if let Some(t) = sp.topk.filter(|_| route) {
-            sp.topk = None;
-            let routing = sparse::routing::route_blocks(&ctx, &q, &k, &opts, &t)?;
-            if let Some(p) = &a.selected {
-                let (nq, _) = t.layout(&s).blocks();
-                npy::write_i32(p, &[s.batch, s.hq, nq, routing.slots], &routing.selected)?;
-            }
-            sp.block_mask = Some(std::sync::Arc::new(routing.mask));
-        }
-        sp.block_mask = Some(sparse::attention::resolve_block_mask(&ctx, &s, &sp)?);
-        Some(sp)
-    } else {
-        None
-    };
+    let sparse = sparse_options(a, &ctx, [&q, &k], &s, &opts)?;
     let out = Tensor::filled(&ctx, &[s.batch, s.lq, s.hq, s.dv], q.dtype(), f32::NAN)?;
     // sigmoid attention has no LSE: --check compares O alone (--lse is refused)
     let sigmoid = sparse
@@ -425,10 +337,163 @@ pub fn run(a: &RunArgs) -> CliResult<()> {
     if let (Some(p), Some(l)) = (&a.lse, &got_lse) {
         npy::write(p, &[s.batch, s.hq, s.lq], DType::F32, l)?;
     }
-    let flops = match opts.window {
+    let flops = run_flops(a, &s, &opts, sparse.as_ref(), q.dtype());
+    let gflops = flops / (t.median_ms * 1e6);
+    let cmp = if a.check {
+        Some(check(
+            &ctx,
+            &inp,
+            &s,
+            bias_host.as_ref(),
+            &opts,
+            sparse.as_ref(),
+            &got,
+            got_lse.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let desc = describe(&s, q.dtype(), a.causal);
+    let shape = serde_json::json!([s.batch, s.lq, s.lk, s.hq, s.hkv, s.d, s.dv]);
+    report(&ctx, a, &label, &desc, shape, q.dtype(), &t, gflops, cmp)
+}
+
+/// The problem as `run` prints it.
+fn describe(s: &AttnShape, dtype: DType, causal: bool) -> String {
+    format!(
+        "shape B={} Lq={} Lk={} Hq={} Hkv={} D={} Dv={} {dtype}{}",
+        s.batch,
+        s.lq,
+        s.lk,
+        s.hq,
+        s.hkv,
+        s.d,
+        s.dv,
+        if causal { " causal" } else { "" }
+    )
+}
+
+/// The dense options of `run`'s flags, with the bias as read (for `--check`).
+fn flash_options(
+    a: &RunArgs,
+    ctx: &GpuContext,
+    s: &AttnShape,
+) -> CliResult<(FlashOptions, Option<npy::Array>)> {
+    let mut opts = FlashOptions::default()
+        .causal(a.causal)
+        .scale(a.scale)
+        .softcap(a.softcap)
+        .window(match &a.window {
+            Some(w) => parse_window(w)?,
+            None => (None, None),
+        })
+        .sinks(a.sinks)
+        .strategy(a.strategy.choice())
+        .tile(
+            a.tile
+                .as_deref()
+                .map(|t| {
+                    t.parse()
+                        .map_err(|e| Failure::Input(format!("--tile: {e}")))
+                })
+                .transpose()?,
+        );
+    if let Some(p) = &a.alibi {
+        let arr = npy::read_float(p)?;
+        if arr.shape != [s.hq] || arr.dtype != DType::F32 {
+            return Err(Failure::Input(format!(
+                "{}: expected [{}] f32 (one slope per query head), got {:?} {}",
+                p.display(),
+                s.hq,
+                arr.shape,
+                arr.dtype
+            )));
+        }
+        opts.alibi_slopes = Some(arr.data);
+    }
+    let bias_host = match &a.bias {
+        Some(p) => {
+            let arr = npy::read_float(p)?;
+            if arr.shape.len() != 4 || arr.dtype != DType::F32 {
+                return Err(Failure::Input(format!(
+                    "{}: expected [B|1, Hq|1, Lq, Lk] f32, got {:?} {}",
+                    p.display(),
+                    arr.shape,
+                    arr.dtype
+                )));
+            }
+            opts.bias = Some(Tensor::from_f32(ctx, &arr.data, &arr.shape)?);
+            Some(arr)
+        }
+        None => None,
+    };
+    if let Some(p) = &a.q_lens {
+        opts.q_lens = Some(npy::read_lens(p, s.batch)?);
+    }
+    if let Some(p) = &a.kv_lens {
+        opts.kv_lens = Some(npy::read_lens(p, s.batch)?);
+    }
+    Ok((opts, bias_host))
+}
+
+/// The sparse options of `run`'s flags (none when no sparse flag is given), with the block
+/// mask resolved (routed once when `--topk-blocks` asks, `--selected` written).
+fn sparse_options(
+    a: &RunArgs,
+    ctx: &GpuContext,
+    [q, k]: [&Tensor; 2],
+    s: &AttnShape,
+    opts: &FlashOptions,
+) -> CliResult<Option<sparse::SparseOptions>> {
+    let sparse_args = super::sparse::SparseArgs {
+        block_mask: a.block_mask.as_deref(),
+        block_size: a.block_size.as_deref(),
+        mask_mod: a.mask_mod.as_deref(),
+        score_mod: a.score_mod.as_deref(),
+        aux: &a.aux,
+        normalizer: a.normalizer.as_deref(),
+        topk: a.topk_blocks,
+        local_blocks: a.local_blocks,
+        sink_blocks: a.sink_blocks,
+    };
+    if a.selected.is_some() && a.topk_blocks.is_none() {
+        return Err(Failure::Input(
+            "--selected goes with --topk-blocks K".into(),
+        ));
+    }
+    Ok(if sparse_args.any() {
+        let mut sp = super::sparse::options(&sparse_args, s, opts.clone())?;
+        // routing makes the block mask; with --block-mask or --mask-mod it is refused below
+        let route = sp.block_mask.is_none() && sp.mask_mod.is_none();
+        if let Some(t) = sp.topk.filter(|_| route) {
+            sp.topk = None;
+            let routing = sparse::routing::route_blocks(ctx, q, k, opts, &t)?;
+            if let Some(p) = &a.selected {
+                let (nq, _) = t.layout(s).blocks();
+                npy::write_i32(p, &[s.batch, s.hq, nq, routing.slots], &routing.selected)?;
+            }
+            sp.block_mask = Some(std::sync::Arc::new(routing.mask));
+        }
+        sp.block_mask = Some(sparse::attention::resolve_block_mask(ctx, s, &sp)?);
+        Some(sp)
+    } else {
+        None
+    })
+}
+
+/// The flops of one run: the pairs a block mask visits (dense masks inside them not
+/// counted), the window lets through (sinks aside), or the causal or full square.
+fn run_flops(
+    a: &RunArgs,
+    s: &AttnShape,
+    opts: &FlashOptions,
+    sparse: Option<&sparse::SparseOptions>,
+    dtype: DType,
+) -> f64 {
+    match opts.window {
         // the pairs the block mask visits (dense masks inside them not counted)
         _ if sparse.is_some() => {
-            let m = sparse.as_ref().and_then(|sp| sp.block_mask.as_ref());
+            let m = sparse.and_then(|sp| sp.block_mask.as_ref());
             m.map_or(0.0, |m| {
                 let l = m.layout();
                 let per_mask = (m.visited_blocks() * l.q_block * l.kv_block) as u64;
@@ -448,143 +513,10 @@ pub fn run(a: &RunArgs) -> CliResult<()> {
                 hkv: s.hkv,
                 d: s.d,
                 causal: a.causal,
-                dtype: q.dtype().to_string(),
+                dtype: dtype.to_string(),
                 window: Some((l.unwrap_or(s.lk as u32), r.unwrap_or(s.lk as u32))),
             };
             s.flops_for_pairs(case.visible_pairs())
         }
-    };
-    let gflops = flops / (t.median_ms * 1e6);
-    let cmp = if a.check {
-        Some(check(
-            &ctx,
-            &inp,
-            &s,
-            bias_host.as_ref(),
-            &opts,
-            sparse.as_ref(),
-            &got,
-            got_lse.as_deref(),
-        )?)
-    } else {
-        None
-    };
-    let desc = format!(
-        "shape B={} Lq={} Lk={} Hq={} Hkv={} D={} Dv={} {}{}",
-        s.batch,
-        s.lq,
-        s.lk,
-        s.hq,
-        s.hkv,
-        s.d,
-        s.dv,
-        q.dtype(),
-        if a.causal { " causal" } else { "" }
-    );
-    let shape = serde_json::json!([s.batch, s.lq, s.lk, s.hq, s.hkv, s.d, s.dv]);
-    report(&ctx, a, &label, &desc, shape, q.dtype(), &t, gflops, cmp)
-}
-
-/// Prints the result of `run` (text or `--json`); a failed check is exit code 1.
-#[allow(clippy::too_many_arguments)]
-pub fn report(
-    ctx: &GpuContext,
-    a: &RunArgs,
-    label: &str,
-    desc: &str,
-    shape: serde_json::Value,
-    dtype: DType,
-    t: &bench::Timing,
-    gflops: f64,
-    cmp: Option<Comparison>,
-) -> CliResult<()> {
-    if a.json {
-        let j = serde_json::json!({
-            "adapter": ctx.adapter_info.name,
-            "backend": format!("{:?}", ctx.adapter_info.backend),
-            "kernel": label,
-            "shape": shape,
-            "dtype": dtype.to_string(),
-            "causal": a.causal,
-            "gpu_ms": t.median_ms,
-            "min_ms": t.min_ms,
-            "max_ms": t.max_ms,
-            "samples_ms": t.samples_ms,
-            "clock": t.clock,
-            "gflops": gflops,
-            "check": cmp,
-        });
-        println!("{j}");
-    } else {
-        println!("adapter: {}", ctx.describe());
-        println!("{desc}");
-        println!("kernel: {label}");
-        println!(
-            "time: {:.3} ms ({:?}, median of {}; min {:.3}, max {:.3}), {:.2} GFLOP/s",
-            t.median_ms,
-            t.clock,
-            t.samples_ms.len(),
-            t.min_ms,
-            t.max_ms,
-            gflops
-        );
-        if let Some(c) = &cmp {
-            println!(
-                "check vs f64 reference: max abs err {:.3e} (tolerance {:.3e}), relative to max|ref| {:.3e}, \
-                 LSE rel err {:.3e}: {}",
-                c.max_abs,
-                c.tolerance_abs,
-                c.max_rel,
-                c.lse_max_rel,
-                if c.passed { "PASS" } else { "FAIL" }
-            );
-            if let Some(p) = &c.problem {
-                println!("  {p}");
-            }
-        }
     }
-    match cmp {
-        Some(c) if !c.passed => Err(Failure::Run(
-            "check against the f64 reference failed".into(),
-        )),
-        _ => Ok(()),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub fn check(
-    ctx: &GpuContext,
-    inp: &Inputs,
-    s: &AttnShape,
-    bias: Option<&npy::Array>,
-    opts: &FlashOptions,
-    sparse: Option<&sparse::attention::SparseOptions>,
-    got: &[f32],
-    got_lse: Option<&[f32]>,
-) -> wgpu_attention::Result<Comparison> {
-    let ri = RefInputs {
-        shape: *s,
-        q: &inp.q.data,
-        k: &inp.k.data,
-        v: &inp.v.data,
-        bias: bias.map(|b| (b.data.as_slice(), [b.shape[0], b.shape[1]])),
-    };
-    let f16 = inp.q.dtype == DType::F16;
-    let (r, plain) = match sparse.and_then(|sp| sp.block_mask.as_ref().map(|m| (sp, m))) {
-        Some((sp, m)) => {
-            use wgpu_attention::flash::reference::round_f16;
-            let r = sparse::attention::sparse_reference(ctx, &ri, sp, m, |p| p)?;
-            let plain = f16
-                .then(|| sparse::attention::sparse_reference(ctx, &ri, sp, m, round_f16))
-                .transpose()?
-                .map(|o| o.out.into_iter().map(round_f16).collect::<Vec<_>>());
-            (r, plain)
-        }
-        None => {
-            let r = attention_reference(&ri, opts)?;
-            let plain = f16.then(|| attention_plain_f16(&ri, opts)).transpose()?;
-            (r, plain)
-        }
-    };
-    Ok(compare(got, got_lse, &r, plain.as_deref()))
 }

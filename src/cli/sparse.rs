@@ -201,15 +201,7 @@ pub fn sweep(
         kv_block: block,
     };
     let (nq, nk) = layout.blocks();
-    let densities = [0.05, 0.10, 0.25, 0.50];
-    let mut masks = Vec::new();
-    for (i, &d) in densities.iter().enumerate() {
-        let r = bench::pseudo_random(heads * nq * nk, 100 + i as u64);
-        let on: Vec<bool> = r.iter().map(|x| (x + 1.0) * 0.5 < d as f32).collect();
-        let m = BlockMask::from_dense(&on, layout)?;
-        let share = m.visited_blocks() as f64 / (heads * nq * nk) as f64;
-        masks.push((d, share, Arc::new(m)));
-    }
+    let masks = random_masks(layout, &[0.05, 0.10, 0.25, 0.50])?;
     let causal_mod = Snippet::new(
         SnippetKind::MaskMod,
         EXAMPLES[0].1,
@@ -241,18 +233,7 @@ pub fn sweep(
     };
     let [q, k, _, _] = bench::case_tensors(ctx, &dense.shape())?;
     let fo = FlashOptions::default();
-    // wall-clock milliseconds of `f` over the rounds after one warm-up (the pipelines), sorted
-    let wall = |f: &mut dyn FnMut() -> wgpu_attention::Result<()>| -> Result<Vec<f64>> {
-        f()?;
-        let mut ms = Vec::new();
-        for _ in 0..rounds.max(1) {
-            let t0 = std::time::Instant::now();
-            f()?;
-            ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        ms.sort_by(f64::total_cmp);
-        Ok(ms)
-    };
+    let wall = |f: &mut dyn FnMut() -> wgpu_attention::Result<()>| wall_ms(rounds, f);
     let route_ms = wall(&mut || route_blocks(ctx, &q, &k, &fo, &topk).map(|_| ()))?;
     // the same routing on the device (selection and block table, no readback), submitted and
     // waited for, for rows of 64 queries
@@ -268,11 +249,70 @@ pub fn sweep(
         base.clone().block_mask(Some(routed)),
     )?);
     let t = bench::time_interleaved(ctx, bench::WARMUP, rounds, &mut records)?;
+    let topk_run = TopkRun {
+        k: topk.k,
+        nk,
+        share: topk_share,
+        route_ms,
+        device_ms,
+    };
+    let names = (dense.name.as_str(), block, rounds);
+    report_sweep(ctx, names, &masks, &t, &topk_run, out_dir)
+}
+
+/// Random block masks at each density (one per head), with the share of blocks each visits.
+fn random_masks(layout: BlockLayout, densities: &[f64]) -> Result<Vec<(f64, f64, Arc<BlockMask>)>> {
+    let (nq, nk) = layout.blocks();
+    let cells = layout.heads * nq * nk;
+    let mut masks = Vec::new();
+    for (i, &d) in densities.iter().enumerate() {
+        let r = wgpu_attention::bench::pseudo_random(cells, 100 + i as u64);
+        let on: Vec<bool> = r.iter().map(|x| (x + 1.0) * 0.5 < d as f32).collect();
+        let m = BlockMask::from_dense(&on, layout)?;
+        let share = m.visited_blocks() as f64 / cells as f64;
+        masks.push((d, share, Arc::new(m)));
+    }
+    Ok(masks)
+}
+
+/// Wall-clock milliseconds of `f` over `rounds` after one warm-up (the pipelines), sorted.
+fn wall_ms(rounds: usize, f: &mut dyn FnMut() -> wgpu_attention::Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    let mut ms = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let t0 = std::time::Instant::now();
+        f()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+/// The top-k part of the sweep: k of `nk` blocks, the share visited, the routing's wall times.
+struct TopkRun {
+    k: usize,
+    nk: usize,
+    share: f64,
+    route_ms: Vec<f64>,
+    device_ms: Vec<f64>,
+}
+
+/// Prints the sweep's table and writes `sparse.json`: `t` holds dense, the masks in order,
+/// causal built-in, causal through `mask_mod`, top-k.
+fn report_sweep(
+    ctx: &wgpu_attention::GpuContext,
+    (case, block, rounds): (&str, usize, usize),
+    masks: &[(f64, f64, Arc<BlockMask>)],
+    t: &[(String, wgpu_attention::bench::Timing)],
+    topk: &TopkRun,
+    out_dir: &Path,
+) -> Result<()> {
+    use wgpu_attention::bench;
     let dense_t = &t[0].1;
     let span = |x: &bench::Timing| format!("{:.1}-{:.1}", x.min_ms, x.max_ms);
     println!(
         "{} blocks of {block}x{block}, {rounds} interleaved rounds (medians; ratios are medians of per-round ratios)",
-        dense.name
+        case
     );
     println!(
         "{:<28} {:>8} {:>10} {:>14} {:>9} {:>9} {:>9}",
@@ -318,33 +358,35 @@ pub fn sweep(
     );
     let tk = &t[n + 2].1;
     let tk_up = bench::median_paired(dense_t, tk, |a, b| a / b);
-    let route_med = route_ms[route_ms.len() / 2];
+    let route_med = topk.route_ms[topk.route_ms.len() / 2];
     println!(
-        "top-k {} of {nk} blocks ({}): visited {topk_share:.3}, {:.1} ms ({}), {tk_up:.2}x dense (ideal {:.2}, {:.0}% of it); routing (wall clock: pooling, readback, host selection) {route_med:.1} ms ({:.1}-{:.1})",
+        "top-k {} of {} blocks ({}): visited {:.3}, {:.1} ms ({}), {tk_up:.2}x dense (ideal {:.2}, {:.0}% of it); routing (wall clock: pooling, readback, host selection) {route_med:.1} ms ({:.1}-{:.1})",
         topk.k,
+        topk.nk,
         t[n + 2].0,
+        topk.share,
         tk.median_ms,
         span(tk),
-        1.0 / topk_share,
-        100.0 * tk_up * topk_share,
-        route_ms[0],
-        route_ms[route_ms.len() - 1],
+        1.0 / topk.share,
+        100.0 * tk_up * topk.share,
+        topk.route_ms[0],
+        topk.route_ms[topk.route_ms.len() - 1],
     );
     println!(
         "routing on the device (pooling, selection and block table, submitted and waited for; wall clock): {:.1} ms ({:.1}-{:.1})",
-        device_ms[device_ms.len() / 2],
-        device_ms[0],
-        device_ms[device_ms.len() - 1],
+        topk.device_ms[topk.device_ms.len() / 2],
+        topk.device_ms[0],
+        topk.device_ms[topk.device_ms.len() - 1],
     );
     let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", out_dir.display()));
     std::fs::create_dir_all(out_dir).map_err(io)?;
     let json = serde_json::json!({
-        "adapter": ctx.describe(), "case": dense.name, "block": block, "rounds": rounds,
+        "adapter": ctx.describe(), "case": case, "block": block, "rounds": rounds,
         "dense": dense_t, "rows": rows,
         "causal": { "builtin": builtin, "mask_mod": via, "ratio": ratio },
-        "topk": { "k": topk.k, "blocks": nk, "visited": topk_share, "timing": tk,
-                  "speedup": tk_up, "routing_wall_ms": route_ms,
-                  "device_routing_wall_ms": device_ms },
+        "topk": { "k": topk.k, "blocks": topk.nk, "visited": topk.share, "timing": tk,
+                  "speedup": tk_up, "routing_wall_ms": topk.route_ms,
+                  "device_routing_wall_ms": topk.device_ms },
     });
     std::fs::write(out_dir.join("sparse.json"), json.to_string()).map_err(io)?;
     println!("wrote {}/sparse.json", out_dir.display());

@@ -114,7 +114,16 @@ pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
         }
     }
     sequences(s, opts)?;
-    // the gate
+    check_gate_and_beta(s, opts)?;
+    if let Some(st) = &opts.initial_state {
+        check_state("initial_state", st, &s.state_shape(opts))?;
+    }
+    Ok(())
+}
+
+/// The gate `g` and `beta`: present with the shape the rule reads, absent where it reads none.
+fn check_gate_and_beta(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
+    let rule = opts.rule;
     let g_shape: Option<Vec<usize>> = match rule {
         Rule::Linear | Rule::Delta => None,
         Rule::Retention => Some(vec![s.hv]),
@@ -156,9 +165,6 @@ pub fn check_options(s: &LinearShape, opts: &LinearOptions) -> Result<()> {
             ))
         }
         (false, None) => {}
-    }
-    if let Some(st) = &opts.initial_state {
-        check_state("initial_state", st, &s.state_shape(opts))?;
     }
     Ok(())
 }

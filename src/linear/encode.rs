@@ -9,7 +9,7 @@ use super::encode_chunk::encode_chunk;
 use super::plan::{plan, LinearKernel, LinearPlan};
 use super::shader::{flags, LinearKey, LinearParams};
 use super::{retention_log_decay, FeatureMap, Mode};
-use super::{LinearOptions, Rule};
+use super::{LinearOptions, LinearShape, Rule};
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::pipeline::Kernel;
@@ -41,54 +41,14 @@ pub fn encode_linear_attention(
 ) -> Result<LinearPlan> {
     let s = check_inputs(q, k, v)?;
     let mut plan = plan(ctx, &s, q.dtype(), opts)?;
-    let want_out = [s.batch, s.t, s.hv, s.v];
-    out.dtype().require("out", v.dtype())?;
-    if out.shape() != want_out {
-        return Err(AttnError::shape(
-            "out",
-            format!("{want_out:?}"),
-            out.shape(),
-        ));
-    }
-    // vec4 access needs every row to start on a vec4
-    let fours = |t: &Tensor| {
-        t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
-    };
-    if ![q, k, v, out].into_iter().all(fours) {
-        match &mut plan.kernel {
-            LinearKernel::Chunk(cp) => {
-                cp.states.aligned = false;
-                cp.output.aligned = false;
-            }
-            LinearKernel::Fused { key, .. } => key.aligned = false,
-            LinearKernel::Recurrent { .. } => {}
-        }
-    }
-    let state_shape = s.state_shape(opts);
-    if let Some(fs) = final_state {
-        check_state("final_state", fs, &state_shape)?;
-    }
-    let mut inputs: Vec<(&str, &Tensor)> = vec![("q", q), ("k", k), ("v", v)];
-    for (name, t) in [
-        ("g", &opts.g),
-        ("beta", &opts.beta),
-        ("initial_state", &opts.initial_state),
-    ] {
-        if let Some(t) = t {
-            inputs.push((name, t));
-        }
-    }
-    let mut outputs: Vec<(&str, &Tensor)> = vec![("out", out)];
-    if let Some(fs) = final_state {
-        outputs.push(("final_state", fs));
-    }
-    check_no_alias(&inputs, &outputs)?;
+    check_outputs(&s, [q, k, v, out], final_state, opts)?;
+    require_vec4_rows(&mut plan, [q, k, v, out]);
     // the state carried between pieces (and written at the end) needs a buffer
     // (global attention in chunks reads the final state for every chunk's output)
     let chunked = plan.mode() == Mode::Chunk;
     let carry = plan.pieces.len() > 1 || (chunked && !opts.causal);
     let scratch = if final_state.is_none() && carry {
-        Some(Tensor::filled(ctx, &state_shape, DType::F32, 0.0)?)
+        Some(Tensor::filled(ctx, &s.state_shape(opts), DType::F32, 0.0)?)
     } else {
         None
     };
@@ -101,87 +61,19 @@ pub fn encode_linear_attention(
         None
     };
     let g = opts.g.as_ref().or(default_g.as_ref());
-
-    let bq = BoundRange::new(ctx, q, "q")?;
-    let bk = BoundRange::new(ctx, k, "k")?;
-    let bv = BoundRange::new(ctx, v, "v")?;
-    let bo = BoundRange::new(ctx, out, "out")?;
-    let bg = g.map(|t| BoundRange::new(ctx, t, "g")).transpose()?;
-    let bb = opts
-        .beta
-        .as_ref()
-        .map(|t| BoundRange::new(ctx, t, "beta"))
+    let range = BoundRange::new;
+    let (bq, bk) = (range(ctx, q, "q")?, range(ctx, k, "k")?);
+    let (bv, bo) = (range(ctx, v, "v")?, range(ctx, out, "out")?);
+    let bg = g.map(|t| range(ctx, t, "g")).transpose()?;
+    let bb = (opts.beta.as_ref())
+        .map(|t| range(ctx, t, "beta"))
         .transpose()?;
-    let bi = opts
-        .initial_state
-        .as_ref()
-        .map(|t| BoundRange::new(ctx, t, "initial_state"))
+    let bi = (opts.initial_state.as_ref())
+        .map(|t| range(ctx, t, "initial_state"))
         .transpose()?;
     let bs = state_out
-        .map(|t| BoundRange::new(ctx, t, "final_state"))
+        .map(|t| range(ctx, t, "final_state"))
         .transpose()?;
-    let g_st = match (g, &bg) {
-        // one decay per head, whatever the batch and token
-        (Some(t), Some(r)) if opts.rule == Rule::Retention => {
-            [r.elem_offset, 0, 0, u32_of(t.strides()[0], "g stride")?]
-        }
-        (Some(t), Some(r)) => strides(t, r)?,
-        _ => [0; 4],
-    };
-    let g_si = match g {
-        Some(t) if opts.rule == Rule::Gla => u32_of(t.strides()[3], "g stride")?,
-        _ => 0,
-    };
-    let scale = opts.scale.unwrap_or(1.0 / (s.k as f32).sqrt());
-    let mut fl = 0u32;
-    if opts.cu_seqlens.is_some() {
-        fl |= flags::VARLEN;
-    }
-    if state_out.is_some() {
-        fl |= flags::WRITE_STATE;
-    }
-    let base = LinearParams {
-        n_seq: u32_of(s.sequences(opts), "sequences")?,
-        t: u32_of(s.t, "T")?,
-        h: u32_of(s.h, "H")?,
-        hv: u32_of(s.hv, "HV")?,
-        dk: u32_of(s.k, "K")?,
-        dv: u32_of(s.v, "V")?,
-        f: u32_of(s.feature_dim(opts), "F")?,
-        vs: u32_of(s.state_cols(opts), "state columns")?,
-        flags: fl,
-        t_from: 0,
-        t_to: 0,
-        group: u32_of(s.hv / s.h, "HV / H")?,
-        scale: if opts.feature_map == FeatureMap::Taylor {
-            1.0
-        } else {
-            scale
-        },
-        eps: s.eps(opts) as f32,
-        feat_scale: if opts.feature_map == FeatureMap::Taylor {
-            scale.sqrt()
-        } else {
-            1.0
-        },
-        g_si,
-        q_st: strides(q, &bq)?,
-        k_st: strides(k, &bk)?,
-        v_st: strides(v, &bv)?,
-        o_st: strides(out, &bo)?,
-        g_st,
-        beta_st: match (&opts.beta, &bb) {
-            (Some(t), Some(r)) => strides(t, r)?,
-            _ => [0; 4],
-        },
-        state: [
-            bi.as_ref().map_or(0, |r| r.elem_offset),
-            bs.as_ref().map_or(0, |r| r.elem_offset),
-            0,
-            0,
-        ],
-        chunk: [0; 4],
-    };
     let cu_buf = cu_buffer(ctx, opts);
     let b = Bound {
         q: &bq,
@@ -198,6 +90,7 @@ pub fn encode_linear_attention(
         dummy: BoundRange::whole(&ctx.dummy),
         dummy_rw: BoundRange::whole(&ctx.dummy_rw),
     };
+    let base = base_params(&s, opts, [q, k, v, out], g, &b)?;
     match &plan.kernel {
         LinearKernel::Recurrent { key, grid } => {
             encode_recurrent(ctx, encoder, key, grid, &plan, &base, &b, opts, timestamps)?
@@ -226,6 +119,126 @@ pub fn encode_linear_attention(
         )?,
     }
     Ok(plan)
+}
+
+/// `out` and `final_state` have the shapes the inputs imply, and no output aliases an input.
+fn check_outputs(
+    s: &LinearShape,
+    [q, k, v, out]: [&Tensor; 4],
+    final_state: Option<&Tensor>,
+    opts: &LinearOptions,
+) -> Result<()> {
+    let want_out = [s.batch, s.t, s.hv, s.v];
+    out.dtype().require("out", v.dtype())?;
+    if out.shape() != want_out {
+        return Err(AttnError::shape(
+            "out",
+            format!("{want_out:?}"),
+            out.shape(),
+        ));
+    }
+    if let Some(fs) = final_state {
+        check_state("final_state", fs, &s.state_shape(opts))?;
+    }
+    let mut inputs: Vec<(&str, &Tensor)> = vec![("q", q), ("k", k), ("v", v)];
+    for (name, t) in [
+        ("g", &opts.g),
+        ("beta", &opts.beta),
+        ("initial_state", &opts.initial_state),
+    ] {
+        if let Some(t) = t {
+            inputs.push((name, t));
+        }
+    }
+    let mut outputs: Vec<(&str, &Tensor)> = vec![("out", out)];
+    if let Some(fs) = final_state {
+        outputs.push(("final_state", fs));
+    }
+    check_no_alias(&inputs, &outputs)
+}
+
+/// The vec4 kernels need every row to start on a vec4; other views take the scalar paths.
+fn require_vec4_rows(plan: &mut LinearPlan, tensors: [&Tensor; 4]) {
+    let fours = |t: &Tensor| {
+        t.offset().is_multiple_of(4) && t.strides().iter().take(3).all(|x| x.is_multiple_of(4))
+    };
+    if tensors.into_iter().all(fours) {
+        return;
+    }
+    match &mut plan.kernel {
+        LinearKernel::Chunk(cp) => {
+            cp.states.aligned = false;
+            cp.output.aligned = false;
+        }
+        LinearKernel::Fused { key, .. } => key.aligned = false,
+        LinearKernel::Recurrent { .. } => {}
+    }
+}
+
+/// The uniforms every piece of a call starts from: sizes, flags, scales and the strides of
+/// the bound tensors (`g` may be retention's default decays).
+fn base_params(
+    s: &LinearShape,
+    opts: &LinearOptions,
+    [q, k, v, out]: [&Tensor; 4],
+    g: Option<&Tensor>,
+    b: &Bound,
+) -> Result<LinearParams> {
+    let g_st = match (g, b.g) {
+        // one decay per head, whatever the batch and token
+        (Some(t), Some(r)) if opts.rule == Rule::Retention => {
+            [r.elem_offset, 0, 0, u32_of(t.strides()[0], "g stride")?]
+        }
+        (Some(t), Some(r)) => strides(t, r)?,
+        _ => [0; 4],
+    };
+    let g_si = match g {
+        Some(t) if opts.rule == Rule::Gla => u32_of(t.strides()[3], "g stride")?,
+        _ => 0,
+    };
+    let scale = opts.scale.unwrap_or(1.0 / (s.k as f32).sqrt());
+    let taylor = opts.feature_map == FeatureMap::Taylor;
+    let mut fl = 0u32;
+    if opts.cu_seqlens.is_some() {
+        fl |= flags::VARLEN;
+    }
+    if b.state.is_some() {
+        fl |= flags::WRITE_STATE;
+    }
+    Ok(LinearParams {
+        n_seq: u32_of(s.sequences(opts), "sequences")?,
+        t: u32_of(s.t, "T")?,
+        h: u32_of(s.h, "H")?,
+        hv: u32_of(s.hv, "HV")?,
+        dk: u32_of(s.k, "K")?,
+        dv: u32_of(s.v, "V")?,
+        f: u32_of(s.feature_dim(opts), "F")?,
+        vs: u32_of(s.state_cols(opts), "state columns")?,
+        flags: fl,
+        t_from: 0,
+        t_to: 0,
+        group: u32_of(s.hv / s.h, "HV / H")?,
+        scale: if taylor { 1.0 } else { scale },
+        eps: s.eps(opts) as f32,
+        feat_scale: if taylor { scale.sqrt() } else { 1.0 },
+        g_si,
+        q_st: strides(q, b.q)?,
+        k_st: strides(k, b.k)?,
+        v_st: strides(v, b.v)?,
+        o_st: strides(out, b.o)?,
+        g_st,
+        beta_st: match (&opts.beta, b.beta) {
+            (Some(t), Some(r)) => strides(t, r)?,
+            _ => [0; 4],
+        },
+        state: [
+            b.init.map_or(0, |r| r.elem_offset),
+            b.state.map_or(0, |r| r.elem_offset),
+            0,
+            0,
+        ],
+        chunk: [0; 4],
+    })
 }
 
 /// The bound buffers of a call.

@@ -25,12 +25,15 @@
 mod check;
 pub mod chunk;
 pub mod chunk_delta;
+mod chunk_delta_states;
+mod chunk_emit;
 pub mod chunk_fused;
 mod chunk_output;
 mod chunk_states;
 mod encode;
 mod encode_chunk;
 mod plan;
+mod recurrent;
 pub mod reference;
 pub mod shader;
 

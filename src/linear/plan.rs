@@ -180,62 +180,13 @@ pub(super) fn plan_chunk(
     opts: &LinearOptions,
     longest: usize,
 ) -> Result<LinearPlan> {
-    let normalize = LinearShape::normalized(opts);
-    let decay = opts.rule.decay();
-    // vec4 loads where K and V allow (the call checks the tensors' offsets and strides)
-    // (Taylor's features are products of scalar loads)
-    let aligned =
-        s.k.is_multiple_of(4) && s.v.is_multiple_of(4) && opts.feature_map != FeatureMap::Taylor;
-    let sg = chunk_subgroups(ctx, opts)?;
     let delta = opts.rule.delta();
-    let k_u32 = u32_of(s.k, "K")?;
-    let key = |stage| {
-        let k = if delta {
-            let gated = decay == Decay::Scalar;
-            ChunkKey::delta(stage, dtype, gated, opts.qk_l2norm, aligned, k_u32)
-        } else {
-            ChunkKey::new(stage, dtype, opts.feature_map, decay, normalize, aligned)
-        };
-        // (the delta rules' state pass has one variant)
-        if sg && (!delta || stage != Stage::States) {
-            k.with_subgroups()
-        } else {
-            k
-        }
-    };
+    let key = chunk_key(ctx, s, dtype, opts)?;
     let (states, output) = (key(Stage::States), key(Stage::Output));
-    let c = u64::from(states.c());
-    let n = s.sequences(opts) as u64;
-    let hv = s.hv as u64;
-    let chunks = (longest as u64).div_ceil(c).max(1);
-    // one slot of chunk states: [N, HV, Fp, W4] vec4s, and the delta rules' per-token
-    // scratch of a chunk
-    let slot = n * hv * (chunk_state_vec4s(s, opts) + delta_scratch_vec4s(s, opts)) * 16;
-    let budget = CHUNK_STATES_BYTES.min(ctx.limits.max_storage_buffer_binding_size);
-    let by_memory = budget / slot.max(1);
-    if by_memory == 0 {
-        return Err(AttnError::Limit {
-            what: "bytes of one chunk's states (all sequences and heads)".into(),
-            needed: slot,
-            limit: budget,
-        });
-    }
-    // the state pass's loops per chunk (the serial gate sum, the keys, the tokens, the
-    // values), against lavapipe's count
-    let loops = if delta {
-        chunk_delta::state_loops_per_chunk(&states, k_u32)
-    } else {
-        4 * c + 8
-    };
-    let by_loops = match ctx.caps.loop_limit {
-        None => u64::MAX,
-        // (and the state's row-loop load and store)
-        Some(limit) => ((limit / 2).saturating_sub(chunk::STATE_ROW_LOOPS) / loops).max(1),
-    };
+    let chunks = (longest as u64).div_ceil(u64::from(states.c())).max(1);
+    let (n, hv) = (s.sequences(opts) as u64, s.hv as u64);
     let nvt_o = (s.v as u64).div_ceil(u64::from(output.out_cols()));
-    let max_dim = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
-    let by_grid = (max_dim / nvt_o).max(1);
-    let per_piece = chunks.min(by_memory).min(by_loops).min(by_grid);
+    let per_piece = chunks_per_piece(ctx, s, opts, &states, chunks, nvt_o)?;
     let (tile_rows, tile_cols) = if delta {
         // every row, 4 WG columns
         (s.k as u32, 4 * states.wg())
@@ -270,6 +221,80 @@ pub(super) fn plan_chunk(
         }),
         pieces,
     })
+}
+
+/// The chunk kernels' key for each stage of this call.
+fn chunk_key(
+    ctx: &GpuContext,
+    s: &LinearShape,
+    dtype: DType,
+    opts: &LinearOptions,
+) -> Result<impl Fn(Stage) -> ChunkKey> {
+    let normalize = LinearShape::normalized(opts);
+    let decay = opts.rule.decay();
+    // vec4 loads where K and V allow (the call checks the tensors' offsets and strides)
+    // (Taylor's features are products of scalar loads)
+    let aligned =
+        s.k.is_multiple_of(4) && s.v.is_multiple_of(4) && opts.feature_map != FeatureMap::Taylor;
+    let sg = chunk_subgroups(ctx, opts)?;
+    let delta = opts.rule.delta();
+    let k_u32 = u32_of(s.k, "K")?;
+    let (qk_l2norm, feature_map) = (opts.qk_l2norm, opts.feature_map);
+    Ok(move |stage| {
+        let k = if delta {
+            let gated = decay == Decay::Scalar;
+            ChunkKey::delta(stage, dtype, gated, qk_l2norm, aligned, k_u32)
+        } else {
+            ChunkKey::new(stage, dtype, feature_map, decay, normalize, aligned)
+        };
+        // (the delta rules' state pass has one variant)
+        if sg && (!delta || stage != Stage::States) {
+            k.with_subgroups()
+        } else {
+            k
+        }
+    })
+}
+
+/// Chunks per piece: as many as one piece's chunk states fit in memory, lavapipe's loop
+/// limit allows in the state pass and the grid's widest dimension holds.
+fn chunks_per_piece(
+    ctx: &GpuContext,
+    s: &LinearShape,
+    opts: &LinearOptions,
+    states: &ChunkKey,
+    chunks: u64,
+    nvt_o: u64,
+) -> Result<u64> {
+    let (delta, c) = (opts.rule.delta(), u64::from(states.c()));
+    let (n, hv) = (s.sequences(opts) as u64, s.hv as u64);
+    // one slot of chunk states: [N, HV, Fp, W4] vec4s, and the delta rules' per-token
+    // scratch of a chunk
+    let slot = n * hv * (chunk_state_vec4s(s, opts) + delta_scratch_vec4s(s, opts)) * 16;
+    let budget = CHUNK_STATES_BYTES.min(ctx.limits.max_storage_buffer_binding_size);
+    let by_memory = budget / slot.max(1);
+    if by_memory == 0 {
+        return Err(AttnError::Limit {
+            what: "bytes of one chunk's states (all sequences and heads)".into(),
+            needed: slot,
+            limit: budget,
+        });
+    }
+    // the state pass's loops per chunk (the serial gate sum, the keys, the tokens, the
+    // values), against lavapipe's count
+    let loops = if delta {
+        chunk_delta::state_loops_per_chunk(states, u32_of(s.k, "K")?)
+    } else {
+        4 * c + 8
+    };
+    let by_loops = match ctx.caps.loop_limit {
+        None => u64::MAX,
+        // (and the state's row-loop load and store)
+        Some(limit) => ((limit / 2).saturating_sub(chunk::STATE_ROW_LOOPS) / loops).max(1),
+    };
+    let max_dim = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
+    let by_grid = (max_dim / nvt_o).max(1);
+    Ok(chunks.min(by_memory).min(by_loops).min(by_grid))
 }
 
 /// Whether the adapter has subgroups of 8 lanes or more: what the subgroup chunk passes and

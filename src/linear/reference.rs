@@ -140,18 +140,19 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
     check_host(inp, opts)?;
     let s = inp.shape;
     let seqs = super::sequences(&s, opts)?;
-    // present where the rule reads them (check_host)
-    let g = inp.g.unwrap_or(&[]);
-    let beta_in = inp.beta.unwrap_or(&[]);
     let (f, vs) = (s.feature_dim(opts), s.state_cols(opts));
-    let group = s.hv / s.h;
-    let scale = opts.scale.map_or(1.0 / (s.k as f64).sqrt(), f64::from);
-    let eps = s.eps(opts);
     let mut out = vec![0.0; s.batch * s.t * s.hv * s.v];
     let mut fin = vec![0.0; seqs.len() * s.hv * f * vs];
     for (n, &(b, t0, len)) in seqs.iter().enumerate() {
         for hv in 0..s.hv {
-            let hq = hv / group;
+            let head = RefHead {
+                inp,
+                opts,
+                a,
+                b,
+                hv,
+                scale: opts.scale.map_or(1.0 / (s.k as f64).sqrt(), f64::from),
+            };
             let base = (n * s.hv + hv) * f * vs;
             // st[i][j]: row i of F, column j of Vs (the last is z when normalizing)
             let mut st: Vec<Vec<f64>> = (0..f)
@@ -164,76 +165,17 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
                         .collect()
                 })
                 .collect();
-            let tok = |t: usize, h: usize, d: usize| ((b * s.t + t) * h) * d;
-            let feat = |x: &[f32], t: usize, is_q: bool| {
-                let o = tok(t, s.h, s.k) + hq * s.k;
-                let raw: Vec<f64> = x[o..o + s.k].iter().map(|&v| v as f64).collect();
-                features(&raw, opts, scale, is_q, a)
-            };
-            let update = |st: &mut Vec<Vec<f64>>, t: usize| {
-                let kf = feat(inp.k, t, false);
-                let vrow = tok(t, s.hv, s.v) + hv * s.v;
-                let mut vt: Vec<f64> = inp.v[vrow..vrow + s.v].iter().map(|&x| x as f64).collect();
-                if vs > s.v {
-                    vt.push(1.0); // z accumulates k: the column whose v is 1
-                }
-                let gi = (b * s.t + t) * s.hv + hv;
-                // decay of each state row
-                let decay: Vec<f64> = match opts.rule {
-                    Rule::Linear | Rule::Delta => vec![1.0; f],
-                    Rule::Retention => {
-                        // the default decays reach the kernel as f32, as a caller's would
-                        let g = inp
-                            .g
-                            .map_or(super::retention_log_decay(hv) as f32, |g| g[hv]);
-                        let g = g as f64;
-                        vec![g.exp(); f]
-                    }
-                    Rule::SimpleGla | Rule::GatedDelta => {
-                        vec![a.r((g[gi] as f64).exp()); f]
-                    }
-                    Rule::Gla => (0..f)
-                        .map(|i| a.r((g[gi * s.k + i] as f64).exp()))
-                        .collect(),
-                };
-                for (row, d) in st.iter_mut().zip(&decay) {
-                    row.iter_mut().for_each(|x| *x = a.r(*x * d));
-                }
-                let delta = matches!(opts.rule, Rule::Delta | Rule::GatedDelta);
-                let beta = if delta { beta_in[gi] as f64 } else { 1.0 };
-                for j in 0..vs {
-                    // delta: subtract what the (decayed) state already predicts for k
-                    let pred = if delta {
-                        a.r((0..f).map(|i| kf[i] * st[i][j]).sum())
-                    } else {
-                        0.0
-                    };
-                    let u = a.r(beta * a.r(vt[j] - pred));
-                    for i in 0..f {
-                        st[i][j] = a.r(st[i][j] + a.r(kf[i] * u));
-                    }
-                }
-            };
-            let output = |st: &Vec<Vec<f64>>, t: usize, out: &mut Vec<f64>| {
-                let qf = feat(inp.q, t, true);
-                let dot = |j: usize| a.r((0..f).map(|i| qf[i] * st[i][j]).sum());
-                let den = if vs > s.v { a.r(dot(s.v) + eps) } else { 1.0 };
-                let o = tok(t, s.hv, s.v) + hv * s.v;
-                for j in 0..s.v {
-                    out[o + j] = a.r(dot(j) / den);
-                }
-            };
             if opts.causal {
                 for t in t0..t0 + len {
-                    update(&mut st, t);
-                    output(&st, t, &mut out);
+                    head.update(&mut st, t);
+                    head.output(&st, t, &mut out);
                 }
             } else {
                 for t in t0..t0 + len {
-                    update(&mut st, t);
+                    head.update(&mut st, t);
                 }
                 for t in t0..t0 + len {
-                    output(&st, t, &mut out);
+                    head.output(&st, t, &mut out);
                 }
             }
             for (i, row) in st.iter().enumerate() {
@@ -247,6 +189,111 @@ fn run(inp: &LinearRefInputs, opts: &LinearOptions, a: Arith) -> Result<LinearRe
         out,
         final_state: fin,
     })
+}
+
+/// One (sequence, value head) of the reference: its state update and output per token.
+struct RefHead<'a> {
+    inp: &'a LinearRefInputs<'a>,
+    opts: &'a LinearOptions,
+    a: Arith,
+    /// the sequence's batch row
+    b: usize,
+    hv: usize,
+    scale: f64,
+}
+
+impl RefHead<'_> {
+    /// Element offset of token `t`'s row of `[B, T, heads, dim]`.
+    fn tok(&self, t: usize, heads: usize, dim: usize) -> usize {
+        ((self.b * self.inp.shape.t + t) * heads) * dim
+    }
+
+    /// The feature map of q or k at token `t` (the query head of this value head's group).
+    fn feat(&self, x: &[f32], t: usize, is_q: bool) -> Vec<f64> {
+        let s = &self.inp.shape;
+        let hq = self.hv / (s.hv / s.h);
+        let o = self.tok(t, s.h, s.k) + hq * s.k;
+        let raw: Vec<f64> = x[o..o + s.k].iter().map(|&v| v as f64).collect();
+        features(&raw, self.opts, self.scale, is_q, self.a)
+    }
+
+    /// The decay of each state row at gate index `gi`.
+    fn decay(&self, gi: usize) -> Vec<f64> {
+        let (s, a, f) = (
+            &self.inp.shape,
+            self.a,
+            self.inp.shape.feature_dim(self.opts),
+        );
+        let g = self.inp.g.unwrap_or(&[]); // present where the rule reads it (check_host)
+        match self.opts.rule {
+            Rule::Linear | Rule::Delta => vec![1.0; f],
+            Rule::Retention => {
+                // the default decays reach the kernel as f32, as a caller's would
+                let g =
+                    (self.inp.g).map_or(super::retention_log_decay(self.hv) as f32, |g| g[self.hv]);
+                vec![(g as f64).exp(); f]
+            }
+            Rule::SimpleGla | Rule::GatedDelta => vec![a.r((g[gi] as f64).exp()); f],
+            Rule::Gla => (0..f)
+                .map(|i| a.r((g[gi * s.k + i] as f64).exp()))
+                .collect(),
+        }
+    }
+
+    /// Token `t`'s update of the state: decay, then (delta rules: the prediction's error
+    /// times beta) k's features times v added.
+    fn update(&self, st: &mut [Vec<f64>], t: usize) {
+        let (s, a, hv) = (&self.inp.shape, self.a, self.hv);
+        let (f, vs) = (s.feature_dim(self.opts), s.state_cols(self.opts));
+        let kf = self.feat(self.inp.k, t, false);
+        let vrow = self.tok(t, s.hv, s.v) + hv * s.v;
+        let mut vt: Vec<f64> = (self.inp.v[vrow..vrow + s.v].iter())
+            .map(|&x| x as f64)
+            .collect();
+        if vs > s.v {
+            vt.push(1.0); // z accumulates k: the column whose v is 1
+        }
+        let gi = (self.b * s.t + t) * s.hv + hv;
+        for (row, d) in st.iter_mut().zip(&self.decay(gi)) {
+            row.iter_mut().for_each(|x| *x = a.r(*x * d));
+        }
+        let delta = matches!(self.opts.rule, Rule::Delta | Rule::GatedDelta);
+        let beta = if delta {
+            self.inp.beta.unwrap_or(&[])[gi] as f64
+        } else {
+            1.0
+        };
+        for j in 0..vs {
+            // delta: subtract what the (decayed) state already predicts for k
+            let pred = if delta {
+                a.r((0..f).map(|i| kf[i] * st[i][j]).sum())
+            } else {
+                0.0
+            };
+            let u = a.r(beta * a.r(vt[j] - pred));
+            for i in 0..f {
+                st[i][j] = a.r(st[i][j] + a.r(kf[i] * u));
+            }
+        }
+    }
+
+    /// Token `t`'s output from the state: q's features times the state (normalized by the z
+    /// column when normalizing).
+    fn output(&self, st: &[Vec<f64>], t: usize, out: &mut [f64]) {
+        let (s, a) = (&self.inp.shape, self.a);
+        let (f, vs) = (s.feature_dim(self.opts), s.state_cols(self.opts));
+        let qf = self.feat(self.inp.q, t, true);
+        let dot = |j: usize| a.r((0..f).map(|i| qf[i] * st[i][j]).sum());
+        let den = if vs > s.v {
+            a.r(dot(s.v) + s.eps(self.opts))
+        } else {
+            1.0
+        };
+        let o = self.tok(t, s.hv, s.v) + self.hv * s.v;
+        for j in 0..s.v {
+            out[o + j] = a.r(dot(j) / den);
+        }
+    }
 }
 
 /// Compares a GPU run with the reference on the same inputs: O (f16 inputs: at most twice the

@@ -224,27 +224,8 @@ pub fn plan(
 ) -> Result<NaPlan> {
     let (d_bucket, dv_bucket) = crate::softmax::head_dims(shape)?;
     let caps = &ctx.caps;
-    let sg_ok = crate::softmax::subgroups_usable(ctx);
     let sweep = sweep_layout(spec, d_bucket, dv_bucket);
-    let strategy = match opts.strategy {
-        StrategyChoice::Auto if caps.cpu && sg_ok && sweep.is_ok() => Strategy::Sweep,
-        StrategyChoice::Auto if caps.cpu && sg_ok => Strategy::Subgroup,
-        StrategyChoice::Auto => Strategy::Tiled,
-        StrategyChoice::Force(s @ (Strategy::Subgroup | Strategy::Sweep)) if !sg_ok => {
-            return Err(crate::softmax::no_subgroups(ctx, s))
-        }
-        StrategyChoice::Force(Strategy::Sweep) => match &sweep {
-            Ok(_) => Strategy::Sweep,
-            Err(why) => {
-                return Err(AttnError::invalid(
-                    "strategy Sweep",
-                    why.clone(),
-                    "this problem",
-                ))
-            }
-        },
-        StrategyChoice::Force(s) => s,
-    };
+    let strategy = pick_strategy(ctx, opts, &sweep)?;
     let subgroup = (caps.subgroup_min, caps.subgroup_max);
     let (spec, key) = match (strategy, sweep) {
         (Strategy::Sweep, Ok(rotated)) => {
@@ -273,12 +254,69 @@ pub fn plan(
         Strategy::Tiled => NaGrid::new(&spec, key.rows_per_workgroup(), key.rows_per_workgroup()),
         Strategy::Sweep => NaGrid::sweep(&spec, caps.subgroup_max, key.wg),
     };
-    // Trip count of the key loops in one invocation (everything else is unrolled).
+    let trips = key_trips(ctx, strategy, &key, &spec, &grid);
+    crate::softmax::check_trips(ctx, trips, shape.lk)?;
+    let x = spec
+        .axes
+        .iter()
+        .map(|a| a.dilation as u64)
+        .product::<u64>()
+        .saturating_mul(grid.per_group() as u64);
+    Ok(NaPlan {
+        flash: NeighborhoodPlan {
+            key,
+            grid: crate::softmax::grid(ctx, x, shape)?,
+            pair_tiles: false,
+        },
+        spec,
+        grid,
+    })
+}
+
+/// The strategy of a neighborhood call: the Sweep kernel on CPU adapters where the problem's
+/// layout allows it, else Subgroup there; Tiled elsewhere; a forced one where it can run.
+fn pick_strategy(
+    ctx: &GpuContext,
+    opts: &FlashOptions,
+    sweep: &std::result::Result<NaSpec, String>,
+) -> Result<Strategy> {
+    let caps = &ctx.caps;
+    let sg_ok = crate::softmax::subgroups_usable(ctx);
+    Ok(match opts.strategy {
+        StrategyChoice::Auto if caps.cpu && sg_ok && sweep.is_ok() => Strategy::Sweep,
+        StrategyChoice::Auto if caps.cpu && sg_ok => Strategy::Subgroup,
+        StrategyChoice::Auto => Strategy::Tiled,
+        StrategyChoice::Force(s @ (Strategy::Subgroup | Strategy::Sweep)) if !sg_ok => {
+            return Err(crate::softmax::no_subgroups(ctx, s))
+        }
+        StrategyChoice::Force(Strategy::Sweep) => match &sweep {
+            Ok(_) => Strategy::Sweep,
+            Err(why) => {
+                return Err(AttnError::invalid(
+                    "strategy Sweep",
+                    why.clone(),
+                    "this problem",
+                ))
+            }
+        },
+        StrategyChoice::Force(s) => s,
+    })
+}
+
+/// Trip count of the key loops in one invocation (everything else is unrolled).
+fn key_trips(
+    ctx: &GpuContext,
+    strategy: Strategy,
+    key: &FlashKey,
+    spec: &NaSpec,
+    grid: &NaGrid,
+) -> u64 {
+    let caps = &ctx.caps;
     let (block, group) = match strategy {
         Strategy::Tiled => (key.block as u64, key.group as u64),
         Strategy::Subgroup | Strategy::Sweep => (caps.subgroup_min as u64, key.group as u64),
     };
-    let trips = if strategy == Strategy::Sweep {
+    if strategy == Strategy::Sweep {
         // x planes (the sweep, then the border queries' planes), each a pass over its union
         // box in blocks
         let box_keys: u64 = (1..3)
@@ -302,23 +340,7 @@ pub fn plan(
             })
             .product();
         (keys.div_ceil(block) + 1) * (1 + block / group) + 1
-    };
-    crate::softmax::check_trips(ctx, trips, shape.lk)?;
-    let x = spec
-        .axes
-        .iter()
-        .map(|a| a.dilation as u64)
-        .product::<u64>()
-        .saturating_mul(grid.per_group() as u64);
-    Ok(NaPlan {
-        flash: NeighborhoodPlan {
-            key,
-            grid: crate::softmax::grid(ctx, x, shape)?,
-            pair_tiles: false,
-        },
-        spec,
-        grid,
-    })
+    }
 }
 
 /// A neighborhood call on the flash call path: `q`, `k`, `v`, `out` flattened to

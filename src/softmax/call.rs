@@ -133,6 +133,72 @@ fn flash_params(c: &Checked, t: [&Tensor; 4], offsets: [u32; 6]) -> Result<Flash
 }
 
 fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Prepared> {
+    // 1. checks
+    let c = check_call(ctx, call, layout)?;
+    // 2. plan
+    let (plan, family, texels) = plan_call(ctx, &c, call, layout)?;
+    check_family_storage(ctx, &plan, &family)?;
+    // 3. params: each tensor binds the sub-range its view spans
+    let ranges = CallRanges::new(ctx, call)?;
+    let params = call_params(&c, call, layout, &plan, &ranges, texels.is_some())?;
+    // 4. resources
+    ctx.scoped(|| bind_call(ctx, call, &c, plan, family, texels, &ranges, &params))
+}
+
+/// A family's storage buffers fit one binding each.
+fn check_family_storage(ctx: &GpuContext, plan: &SoftmaxPlan, family: &FamilyData) -> Result<()> {
+    let limit = ctx.limits.max_storage_buffer_binding_size;
+    match family
+        .storage
+        .iter()
+        .map(crate::resources::StorageData::host_bytes)
+        .find(|&n| n > limit)
+    {
+        Some(b) => Err(AttnError::Limit {
+            what: format!("bytes of a storage buffer of {}", plan.key.label()),
+            needed: b,
+            limit,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The sub-range of its buffer that each tensor of a call binds.
+struct CallRanges<'a> {
+    q: BoundRange<'a>,
+    k: BoundRange<'a>,
+    v: BoundRange<'a>,
+    out: BoundRange<'a>,
+    lse: Option<BoundRange<'a>>,
+    bias: Option<BoundRange<'a>>,
+}
+
+impl<'a> CallRanges<'a> {
+    fn new(ctx: &GpuContext, call: &Call<'a>) -> Result<Self> {
+        let range = BoundRange::new;
+        Ok(Self {
+            q: range(ctx, call.q, "q")?,
+            k: range(ctx, call.k, "k")?,
+            v: range(ctx, call.v, "v")?,
+            out: range(ctx, call.out, "out")?,
+            lse: call.lse.map(|l| range(ctx, l, "lse")).transpose()?,
+            bias: (call.opts.bias.as_ref())
+                .map(|b| range(ctx, b, "bias"))
+                .transpose()?,
+        })
+    }
+}
+
+/// Step 3: the uniforms of one planned call. The Sweep kernel (`textures`) reads Q/K/V from
+/// textures holding their whole buffers, so its offsets are the views' own.
+fn call_params(
+    c: &Checked,
+    call: &Call,
+    layout: &dyn CallLayout,
+    plan: &SoftmaxPlan,
+    r: &CallRanges<'_>,
+    textures: bool,
+) -> Result<FlashParams> {
     let Call {
         q,
         k,
@@ -141,51 +207,22 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
         lse,
         opts,
     } = *call;
-    // 1. checks
-    let c = check_call(ctx, call, layout)?;
-    // 2. plan
-    let (plan, family, texels) = plan_call(ctx, &c, call, layout)?;
-    let limit = ctx.limits.max_storage_buffer_binding_size;
-    if let Some(b) = family
-        .storage
-        .iter()
-        .map(crate::resources::StorageData::host_bytes)
-        .find(|&n| n > limit)
-    {
-        return Err(AttnError::Limit {
-            what: format!("bytes of a storage buffer of {}", plan.key.label()),
-            needed: b,
-            limit,
-        });
-    }
-    // 3. params: each tensor binds the sub-range its view spans
-    let ranges =
-        [(q, "q"), (k, "k"), (v, "v"), (out, "out")].map(|(t, what)| BoundRange::new(ctx, t, what));
-    let [rq, rk, rv, ro] = ranges;
-    let (rq, rk, rv, ro) = (rq?, rk?, rv?, ro?);
-    let rl = lse.map(|l| BoundRange::new(ctx, l, "lse")).transpose()?;
-    let rb = opts
-        .bias
-        .as_ref()
-        .map(|b| BoundRange::new(ctx, b, "bias"))
-        .transpose()?;
-    // the Sweep kernel reads Q/K/V from textures holding their whole buffers
     let qkv_offset = |r: &BoundRange, t: &Tensor| {
-        if texels.is_some() {
+        if textures {
             t.offset() as u32 // < u32::MAX: with_layout bounds every index
         } else {
             r.elem_offset
         }
     };
     let offsets = [
-        qkv_offset(&rq, q),
-        qkv_offset(&rk, k),
-        qkv_offset(&rv, v),
-        ro.elem_offset,
-        rl.as_ref().map_or(0, |r| r.elem_offset),
-        rb.as_ref().map_or(0, |r| r.elem_offset),
+        qkv_offset(&r.q, q),
+        qkv_offset(&r.k, k),
+        qkv_offset(&r.v, v),
+        r.out.elem_offset,
+        r.lse.as_ref().map_or(0, |r| r.elem_offset),
+        r.bias.as_ref().map_or(0, |r| r.elem_offset),
     ];
-    let mut params = flash_params(&c, [q, k, v, out], offsets)?;
+    let mut params = flash_params(c, [q, k, v, out], offsets)?;
     if plan.pair_tiles {
         params.flags |= crate::softmax::shader::flags::PAIR_TILES;
     }
@@ -201,116 +238,141 @@ fn prepare(ctx: &GpuContext, call: &Call, layout: &dyn CallLayout) -> Result<Pre
             true => (conv(st[2]), conv(st[1])),
         };
     }
-    // 4. resources
-    ctx.scoped(|| {
-        let pipeline = ctx.pipeline(&plan.key)?;
-        let dev = &ctx.device;
+    Ok(params)
+}
+
+/// Step 4: the pipeline, the call's small buffers and textures, and the bind group.
+#[allow(clippy::too_many_arguments)]
+fn bind_call(
+    ctx: &GpuContext,
+    call: &Call,
+    c: &Checked,
+    plan: SoftmaxPlan,
+    family: FamilyData,
+    texels: Option<[u64; 3]>,
+    r: &CallRanges<'_>,
+    params: &FlashParams,
+) -> Result<Prepared> {
+    let pipeline = ctx.pipeline(&plan.key)?;
+    let bufs = CallBuffers::new(ctx, call, c, &family, params)?;
+    let textures = texels.map(|counts| make_textures(ctx, call.q.dtype(), counts));
+    let views = textures.as_ref().map(|ts| {
+        ts.each_ref()
+            .map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default()))
+    });
+    let storage_ranges = (bufs.family_storage.iter())
+        .map(|b| b.range(ctx, "family storage"))
+        .collect::<Result<Vec<_>>>()?;
+    let entries = call_entries(ctx, &plan, r, &bufs, views.as_ref(), &storage_ranges)?;
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("flash bind group"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    Ok(Prepared {
+        plan,
+        textures,
+        bind_group,
+        pipeline,
+    })
+}
+
+/// The small buffers of one call: uniforms, ALiBi slopes, sequence lengths, and the family's
+/// own uniform block and storage buffers.
+struct CallBuffers {
+    params: wgpu::Buffer,
+    alibi: Option<wgpu::Buffer>,
+    lens: Option<wgpu::Buffer>,
+    family_uniform: Option<wgpu::Buffer>,
+    family_storage: Vec<crate::resources::HeldStorage>,
+}
+
+impl CallBuffers {
+    fn new(
+        ctx: &GpuContext,
+        call: &Call,
+        c: &Checked,
+        family: &FamilyData,
+        params: &FlashParams,
+    ) -> Result<Self> {
         let init = |label: &str, contents: &[u8], usage| {
-            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            (ctx.device).create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
                 contents,
                 usage,
             })
         };
-        let params_buf = init(
-            "flash params",
-            bytemuck::bytes_of(&params),
-            wgpu::BufferUsages::UNIFORM,
-        );
-        let alibi_buf = opts.alibi_slopes.as_ref().map(|a| {
-            init(
-                "alibi slopes",
-                bytemuck::cast_slice(a),
-                wgpu::BufferUsages::STORAGE,
-            )
-        });
-        let lens_buf = (!c.lens.is_empty()).then(|| {
-            init(
-                "seq lens",
-                bytemuck::cast_slice(&c.lens),
-                wgpu::BufferUsages::STORAGE,
-            )
-        });
-        let textures = texels.map(|counts| make_textures(ctx, q.dtype(), counts));
-        let views = textures.as_ref().map(|ts| {
-            ts.each_ref()
-                .map(|(t, _)| t.create_view(&wgpu::TextureViewDescriptor::default()))
-        });
-        let dummy = BoundRange::whole(&ctx.dummy);
-        let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
-        let family_buf = (!family.uniform.is_empty()).then(|| {
-            init(
-                "family params",
-                &family.uniform,
-                wgpu::BufferUsages::UNIFORM,
-            )
-        });
-        let storage_bufs = family
-            .storage
-            .iter()
-            .map(|a| a.upload(ctx, "family storage"))
-            .collect::<Result<Vec<_>>>()?;
-        let storage_ranges = storage_bufs
-            .iter()
-            .map(|b| b.range(ctx, "family storage"))
-            .collect::<Result<Vec<_>>>()?;
-        // Entries in the key's declared order (optional ones are declared only where the key
-        // uses them): shared bindings by name, then the family's uniform and storage buffers.
-        let mut family = storage_ranges.iter();
-        let mut entries = Vec::new();
-        for (i, decl) in (0u32..).zip(plan.key.bindings()) {
-            let tex = |n: usize| {
-                views.as_ref().map(|v| wgpu::BindGroupEntry {
-                    binding: i,
-                    resource: wgpu::BindingResource::TextureView(&v[n]),
-                })
-            };
-            let entry = match decl.name {
-                "p" => Some(BoundRange::whole(&params_buf).entry(i)),
-                "q_buf" => Some(rq.entry(i)),
-                "k_buf" => Some(rk.entry(i)),
-                "v_buf" => Some(rv.entry(i)),
-                "o_buf" => Some(ro.entry(i)),
-                "lse_buf" => Some(rl.as_ref().unwrap_or(&dummy_rw).entry(i)),
-                "bias_buf" => Some(rb.as_ref().unwrap_or(&dummy).entry(i)),
-                "alibi_buf" => Some(
-                    alibi_buf
-                        .as_ref()
-                        .map_or(dummy.entry(i), |b| BoundRange::whole(b).entry(i)),
-                ),
-                "lens_buf" => Some(
-                    lens_buf
-                        .as_ref()
-                        .map_or(dummy.entry(i), |b| BoundRange::whole(b).entry(i)),
-                ),
-                "q_tex" => tex(0),
-                "k_tex" => tex(1),
-                "v_tex" => tex(2),
-                _ => match decl.kind {
-                    BindingKind::Uniform(_) => family_buf.as_ref().map(|b| BoundRange::whole(b).entry(i)),
-                    _ => family.next().map(|r| r.entry(i)),
-                },
-            };
-            entries.push(entry.ok_or_else(|| {
-                AttnError::Gpu(format!(
-                    "{}: nothing to bind to `{}` (a family's plan gave fewer buffers than its kernel declares)",
-                    plan.key.label(),
-                    decl.name
-                ))
-            })?);
-        }
-        let bind_group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("flash bind group"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        Ok(Prepared {
-            plan,
-            textures,
-            bind_group,
-            pipeline,
+        let (uniform, storage) = (wgpu::BufferUsages::UNIFORM, wgpu::BufferUsages::STORAGE);
+        Ok(Self {
+            params: init("flash params", bytemuck::bytes_of(params), uniform),
+            alibi: (call.opts.alibi_slopes.as_ref())
+                .map(|a| init("alibi slopes", bytemuck::cast_slice(a), storage)),
+            lens: (!c.lens.is_empty())
+                .then(|| init("seq lens", bytemuck::cast_slice(&c.lens), storage)),
+            family_uniform: (!family.uniform.is_empty())
+                .then(|| init("family params", &family.uniform, uniform)),
+            family_storage: (family.storage.iter())
+                .map(|a| a.upload(ctx, "family storage"))
+                .collect::<Result<Vec<_>>>()?,
         })
-    })
+    }
+}
+
+/// The bind group's entries in the key's declared order (optional ones are declared only
+/// where the key uses them): shared bindings by name, then the family's uniform and storage
+/// buffers; absent optional buffers bind the dummies.
+fn call_entries<'a>(
+    ctx: &'a GpuContext,
+    plan: &SoftmaxPlan,
+    r: &CallRanges<'a>,
+    bufs: &'a CallBuffers,
+    views: Option<&'a [wgpu::TextureView; 3]>,
+    storage_ranges: &'a [BoundRange<'a>],
+) -> Result<Vec<wgpu::BindGroupEntry<'a>>> {
+    let dummy = BoundRange::whole(&ctx.dummy);
+    let dummy_rw = BoundRange::whole(&ctx.dummy_rw);
+    let whole_or_dummy = |b: &'a Option<wgpu::Buffer>, i: u32| {
+        b.as_ref()
+            .map_or(dummy.entry(i), |b| BoundRange::whole(b).entry(i))
+    };
+    let mut family = storage_ranges.iter();
+    let mut entries = Vec::new();
+    for (i, decl) in (0u32..).zip(plan.key.bindings()) {
+        let tex = |n: usize| {
+            views.map(|v| wgpu::BindGroupEntry {
+                binding: i,
+                resource: wgpu::BindingResource::TextureView(&v[n]),
+            })
+        };
+        let entry = match decl.name {
+            "p" => Some(BoundRange::whole(&bufs.params).entry(i)),
+            "q_buf" => Some(r.q.entry(i)),
+            "k_buf" => Some(r.k.entry(i)),
+            "v_buf" => Some(r.v.entry(i)),
+            "o_buf" => Some(r.out.entry(i)),
+            "lse_buf" => Some(r.lse.as_ref().unwrap_or(&dummy_rw).entry(i)),
+            "bias_buf" => Some(r.bias.as_ref().unwrap_or(&dummy).entry(i)),
+            "alibi_buf" => Some(whole_or_dummy(&bufs.alibi, i)),
+            "lens_buf" => Some(whole_or_dummy(&bufs.lens, i)),
+            "q_tex" => tex(0),
+            "k_tex" => tex(1),
+            "v_tex" => tex(2),
+            _ => match decl.kind {
+                BindingKind::Uniform(_) => {
+                    (bufs.family_uniform.as_ref()).map(|b| BoundRange::whole(b).entry(i))
+                }
+                _ => family.next().map(|r| r.entry(i)),
+            },
+        };
+        entries.push(entry.ok_or_else(|| {
+            AttnError::Gpu(format!(
+                "{}: nothing to bind to `{}` (a family's plan gave fewer buffers than its kernel declares)",
+                plan.key.label(),
+                decl.name
+            ))
+        })?);
+    }
+    Ok(entries)
 }
 
 /// Records a call of a family on the flash call path (see [`CallLayout`]).

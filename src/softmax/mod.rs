@@ -8,6 +8,7 @@
 pub mod call;
 mod check;
 pub mod dense;
+mod generate;
 pub mod merge;
 mod merge_parts;
 pub mod options;

@@ -10,7 +10,7 @@ use crate::pipeline::{
     declare_bindings, dispatch_grid, encode_once, folded_grid, BindingDecl, Kernel, UniformLayout,
 };
 use crate::resources::BoundRange;
-use crate::softmax::FlashOptions;
+use crate::softmax::{AttnShape, FlashOptions};
 use crate::sparse::snippet::u;
 use crate::sparse::BlockLayout;
 use crate::tensor::{DType, Tensor};
@@ -345,9 +345,29 @@ pub fn encode_route(
         return Err(AttnError::invalid("tile rows", "at least 1", 0));
     }
     let layout = topk.layout(&s);
-    let (nq, nk) = layout.blocks();
-    let slots = topk.slots(&s);
-    // lavapipe's loop limit: the heaviest invocation's trips
+    check_route_trips(ctx, &s, topk, &layout, tile_rows)?;
+    ctx.scoped(|| {
+        let sel = encode_select(ctx, enc, [q, k], opts, topk, &s, &layout)?;
+        let table = encode_table(ctx, enc, &sel, &s, topk, &layout, tile_rows)?;
+        Ok(DeviceRouting {
+            table,
+            selected: sel.selected,
+            tile_rows,
+            layout,
+        })
+    })
+}
+
+/// lavapipe's loop limit: the heaviest invocation's trips in the selection and table kernels.
+fn check_route_trips(
+    ctx: &GpuContext,
+    s: &AttnShape,
+    topk: &TopK,
+    layout: &BlockLayout,
+    tile_rows: usize,
+) -> Result<()> {
+    let (_, nk) = layout.blocks();
+    let slots = topk.slots(s);
     let per_lane = nk.div_ceil(ROUTE_WG as usize) as u64;
     let route_trips = per_lane * (s.d as u64 + 2)
         + topk.k.min(nk) as u64 * (per_lane + 8)
@@ -355,143 +375,189 @@ pub fn encode_route(
         + slots as u64;
     crate::softmax::check_trips(ctx, route_trips, s.lk)?;
     let span = tile_rows.div_ceil(topk.block) as u64 + 1;
-    crate::softmax::check_trips(ctx, nk as u64 * (span + 1), s.lk)?;
-    ctx.scoped(|| {
-        let qm = encode_pool(ctx, enc, q, "q", topk.block, opts.q_lens.as_deref())?;
-        let km = encode_pool(ctx, enc, k, "k", topk.block, opts.kv_lens.as_deref())?;
-        let rows = s.batch * s.hq * nq;
-        let flags = rows.checked_mul(nk).ok_or_else(|| {
-            AttnError::invalid(
-                "top-k routing",
-                "blocks that fit usize",
-                format!("{rows} x {nk}"),
-            )
-        })?;
-        let lens: Vec<u32> = (0..s.batch)
-            .flat_map(|b| {
-                [
-                    opts.q_lens.as_ref().map_or(s.lq as u32, |l| l[b]),
-                    opts.kv_lens.as_ref().map_or(s.lk as u32, |l| l[b]),
-                ]
-            })
-            .collect();
-        let lens_buf = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("route lens"),
-                contents: bytemuck::cast_slice(&lens),
-                usage: wgpu::BufferUsages::STORAGE,
-            });
-        // buffers the kernels fill entirely (nothing uploaded)
-        let scratch = |what: &'static str, words: usize, usage| -> Result<wgpu::Buffer> {
-            let bytes = (words.max(1) as u64).saturating_mul(4);
-            ctx.check_binding(what, bytes)?;
-            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(what),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE | usage,
-                mapped_at_creation: false,
-            }))
-        };
-        let none = wgpu::BufferUsages::empty();
-        let readable = wgpu::BufferUsages::COPY_SRC;
-        let scores = scratch("route scores", flags, none)?;
-        let keep = scratch("route flags", flags, none)?;
-        let selected = Tensor::from_buffer(
-            scratch("route selection", rows * slots, readable)?,
-            vec![s.batch, s.hq, nq, slots],
-            vec![s.hq * nq * slots, nq * slots, slots, 1],
-            0,
-            DType::I32,
-        )?;
-        let grid = dispatch_grid(
-            ctx,
-            [
-                ("query blocks", nq),
-                ("query heads", s.hq),
-                ("batch", s.batch),
-            ],
-        )?;
-        let params = RouteParams {
-            hq: u(s.hq, "heads")?,
-            group: u(s.hq / s.hkv, "head group")?,
-            nq: u(nq, "query blocks")?,
-            nk: u(nk, "key blocks")?,
-            d: u(s.d, "head dim")?,
-            block: u(topk.block, "block")?,
-            k: u(topk.k.min(nk), "k")?,
-            local: u(topk.local.min(nk), "local blocks")?,
-            sinks: u(topk.sinks.min(nk), "sink blocks")?,
-            slots: u(slots, "slots")?,
-            causal: u32::from(opts.causal),
-            has_lens: u32::from(opts.q_lens.is_some() || opts.kv_lens.is_some()),
-            lq: u(s.lq, "Lq")?,
-            lk: u(s.lk, "Lk")?,
-            scale: scale_of(&s, opts) as f32,
-            hkv: u(s.hkv, "key heads")?,
-        };
-        let (qr, kr) = (
-            BoundRange::whole(qm.buffer()),
-            BoundRange::whole(km.buffer()),
-        );
-        let sel = BoundRange::new(ctx, &selected, "selected")?;
-        let resources = vec![
-            qr.resource(),
-            kr.resource(),
-            lens_buf.as_entire_binding(),
-            scores.as_entire_binding(),
-            keep.as_entire_binding(),
-            sel.resource(),
-        ];
-        encode_once(
-            ctx,
-            enc,
-            &RouteKey,
-            bytemuck::bytes_of(&params),
-            resources,
-            grid,
-        )?;
+    crate::softmax::check_trips(ctx, nk as u64 * (span + 1), s.lk)
+}
 
-        let (lists, state_base) = DeviceRouting::table_layout(&layout, tile_rows);
-        let words = flags.div_ceil(16).max(1);
-        let total = state_base + words;
-        let table = Tensor::from_buffer(
-            scratch("routed block table", total, readable)?,
-            vec![total],
-            vec![1],
-            0,
-            DType::U32,
-        )?;
-        let (grid, row) = folded_grid(ctx, "routed block table entries", lists + words, 64)?;
-        let params = TableParams {
-            lists: u(lists, "row tile lists")?,
-            words: u(words, "state words")?,
-            tiles: u(s.lq.div_ceil(tile_rows), "row tiles")?,
-            tile_rows: u(tile_rows, "tile rows")?,
-            block: u(topk.block, "block")?,
-            nq: u(nq, "query blocks")?,
-            nk: u(nk, "key blocks")?,
-            lq: u(s.lq, "Lq")?,
-            state_base: u(state_base, "block table words")?,
-            flags: u(flags, "block flags")?,
-            row: row * 64,
-            pad: 0,
-        };
-        let tr = BoundRange::new(ctx, &table, "routed block table")?;
-        let resources = vec![keep.as_entire_binding(), tr.resource()];
-        encode_once(
-            ctx,
-            enc,
-            &TableKey,
-            bytemuck::bytes_of(&params),
-            resources,
-            grid,
-        )?;
-        Ok(DeviceRouting {
-            table,
-            selected,
-            tile_rows,
-            layout,
+/// A storage buffer of `words` u32 that the kernels fill entirely (nothing uploaded).
+fn route_scratch(
+    ctx: &GpuContext,
+    what: &'static str,
+    words: usize,
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
+    let bytes = (words.max(1) as u64).saturating_mul(4);
+    ctx.check_binding(what, bytes)?;
+    Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(what),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | usage,
+        mapped_at_creation: false,
+    }))
+}
+
+/// What the selection pass leaves: the chosen blocks, and one flag word per (row, key block).
+struct Selection {
+    selected: Tensor,
+    keep: wgpu::Buffer,
+    flags: usize,
+}
+
+/// Records the pooling of q and k to block means and the selection per query block.
+fn encode_select(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    [q, k]: [&Tensor; 2],
+    opts: &FlashOptions,
+    topk: &TopK,
+    s: &AttnShape,
+    layout: &BlockLayout,
+) -> Result<Selection> {
+    let (nq, nk) = layout.blocks();
+    let slots = topk.slots(s);
+    let qm = encode_pool(ctx, enc, q, "q", topk.block, opts.q_lens.as_deref())?;
+    let km = encode_pool(ctx, enc, k, "k", topk.block, opts.kv_lens.as_deref())?;
+    let rows = s.batch * s.hq * nq;
+    let flags = rows.checked_mul(nk).ok_or_else(|| {
+        AttnError::invalid(
+            "top-k routing",
+            "blocks that fit usize",
+            format!("{rows} x {nk}"),
+        )
+    })?;
+    let lens: Vec<u32> = (0..s.batch)
+        .flat_map(|b| {
+            [
+                opts.q_lens.as_ref().map_or(s.lq as u32, |l| l[b]),
+                opts.kv_lens.as_ref().map_or(s.lk as u32, |l| l[b]),
+            ]
         })
+        .collect();
+    let lens_buf = ctx
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("route lens"),
+            contents: bytemuck::cast_slice(&lens),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+    let none = wgpu::BufferUsages::empty();
+    let scores = route_scratch(ctx, "route scores", flags, none)?;
+    let keep = route_scratch(ctx, "route flags", flags, none)?;
+    let selected = Tensor::from_buffer(
+        route_scratch(
+            ctx,
+            "route selection",
+            rows * slots,
+            wgpu::BufferUsages::COPY_SRC,
+        )?,
+        vec![s.batch, s.hq, nq, slots],
+        vec![s.hq * nq * slots, nq * slots, slots, 1],
+        0,
+        DType::I32,
+    )?;
+    let grid = dispatch_grid(
+        ctx,
+        [
+            ("query blocks", nq),
+            ("query heads", s.hq),
+            ("batch", s.batch),
+        ],
+    )?;
+    let params = route_params(s, opts, topk, layout)?;
+    let (qr, kr) = (
+        BoundRange::whole(qm.buffer()),
+        BoundRange::whole(km.buffer()),
+    );
+    let sel = BoundRange::new(ctx, &selected, "selected")?;
+    let resources = vec![
+        qr.resource(),
+        kr.resource(),
+        lens_buf.as_entire_binding(),
+        scores.as_entire_binding(),
+        keep.as_entire_binding(),
+        sel.resource(),
+    ];
+    let bytes = bytemuck::bytes_of(&params);
+    encode_once(ctx, enc, &RouteKey, bytes, resources, grid)?;
+    Ok(Selection {
+        selected,
+        keep,
+        flags,
     })
+}
+
+/// The selection kernel's uniforms.
+fn route_params(
+    s: &AttnShape,
+    opts: &FlashOptions,
+    topk: &TopK,
+    layout: &BlockLayout,
+) -> Result<RouteParams> {
+    let (nq, nk) = layout.blocks();
+    let slots = topk.slots(s);
+    Ok(RouteParams {
+        hq: u(s.hq, "heads")?,
+        group: u(s.hq / s.hkv, "head group")?,
+        nq: u(nq, "query blocks")?,
+        nk: u(nk, "key blocks")?,
+        d: u(s.d, "head dim")?,
+        block: u(topk.block, "block")?,
+        k: u(topk.k.min(nk), "k")?,
+        local: u(topk.local.min(nk), "local blocks")?,
+        sinks: u(topk.sinks.min(nk), "sink blocks")?,
+        slots: u(slots, "slots")?,
+        causal: u32::from(opts.causal),
+        has_lens: u32::from(opts.q_lens.is_some() || opts.kv_lens.is_some()),
+        lq: u(s.lq, "Lq")?,
+        lk: u(s.lk, "Lk")?,
+        scale: scale_of(s, opts) as f32,
+        hkv: u(s.hkv, "key heads")?,
+    })
+}
+
+/// Records the block table for row tiles of `tile_rows` from the selection's flags.
+fn encode_table(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    sel: &Selection,
+    s: &AttnShape,
+    topk: &TopK,
+    layout: &BlockLayout,
+    tile_rows: usize,
+) -> Result<Tensor> {
+    let (nq, nk) = layout.blocks();
+    let (lists, state_base) = DeviceRouting::table_layout(layout, tile_rows);
+    let words = sel.flags.div_ceil(16).max(1);
+    let total = state_base + words;
+    let table = Tensor::from_buffer(
+        route_scratch(
+            ctx,
+            "routed block table",
+            total,
+            wgpu::BufferUsages::COPY_SRC,
+        )?,
+        vec![total],
+        vec![1],
+        0,
+        DType::U32,
+    )?;
+    let (grid, row) = folded_grid(ctx, "routed block table entries", lists + words, 64)?;
+    let params = TableParams {
+        lists: u(lists, "row tile lists")?,
+        words: u(words, "state words")?,
+        tiles: u(s.lq.div_ceil(tile_rows), "row tiles")?,
+        tile_rows: u(tile_rows, "tile rows")?,
+        block: u(topk.block, "block")?,
+        nq: u(nq, "query blocks")?,
+        nk: u(nk, "key blocks")?,
+        lq: u(s.lq, "Lq")?,
+        state_base: u(state_base, "block table words")?,
+        flags: u(sel.flags, "block flags")?,
+        row: row * 64,
+        pad: 0,
+    };
+    let tr = BoundRange::new(ctx, &table, "routed block table")?;
+    let resources = vec![sel.keep.as_entire_binding(), tr.resource()];
+    let bytes = bytemuck::bytes_of(&params);
+    encode_once(ctx, enc, &TableKey, bytes, resources, grid)?;
+    Ok(table)
 }

@@ -2,9 +2,8 @@
 //! time it, check it against the f64 reference, and describe the pattern and one query's weights
 //! for the heat maps. Plain Rust (no wasm-bindgen), so it also runs natively in `cargo test`.
 
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use wgpu_attention::bench::{pseudo_random, time_passes_async, Clock, Timing};
+use wgpu_attention::bench::{pseudo_random, time_passes_async, Timing};
 use wgpu_attention::flash::reference::{
     attention_plain_f16, attention_reference, compare, round_f16, visible, Comparison, RefInputs,
 };
@@ -19,154 +18,7 @@ use wgpu_attention::{
     FlashOptions, GpuContext, NeighborhoodOptions, Result, Tensor,
 };
 
-/// Which kernel mode a case runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Variant {
-    /// Full (or causal) attention over sequences, with GQA when `kv_heads < heads`.
-    Dense,
-    /// Sliding window `(left, right)` plus attention sinks, over sequences.
-    Window,
-    /// NATTEN neighborhood attention over a 1D, 2D or 3D grid of tokens.
-    Neighborhood,
-    /// Linear attention (fla's rules) over `lq` tokens: `heads` q/k heads, `value_heads` value
-    /// heads, K = V = `d`.
-    Linear,
-    /// Block-sparse attention (FlexAttention's block masks) over sequences: a seeded random
-    /// block mask of `density`, blocks of `block` (query, key), with `causal`.
-    Sparse,
-    /// Decode over a paged KV cache of `kv_format` in pages of `page_size`: `lk` cached tokens
-    /// per sequence, then `lq` steps of one new token each (appended in place, then attended).
-    Decode,
-}
-
-/// A case, as JSON from the page. Missing fields take the defaults below.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub name: String,
-    pub variant: Variant,
-    pub batch: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    /// Query and key lengths (sequence variants; the grid decides them for neighborhoods).
-    pub lq: usize,
-    pub lk: usize,
-    pub d: usize,
-    /// `"f32"` or `"f16"` (f16 needs the adapter's `shader-f16`).
-    pub dtype: String,
-    pub causal: bool,
-    /// Window sides; a negative side is unbounded (as FlashAttention's -1).
-    pub window: [i64; 2],
-    pub sinks: u32,
-    /// Neighborhood: grid shape, then per-axis kernel, dilation, stride and causality.
-    pub grid: Vec<usize>,
-    pub kernel: Vec<usize>,
-    pub dilation: Vec<usize>,
-    pub stride: Vec<usize>,
-    pub grid_causal: Vec<bool>,
-    /// Linear: the rule (`linear`, `retention`, `simple-gla`, `gla`, `delta`, `gated-delta`),
-    /// the feature map, the mode (`auto`, `chunk`, `recurrent`) and the value heads (0: as
-    /// `heads`).
-    pub rule: String,
-    pub feature_map: String,
-    pub mode: String,
-    pub value_heads: usize,
-    /// Sparse: query and key block sizes, and the share of blocks listed.
-    pub block: [usize; 2],
-    pub density: f64,
-    /// Sparse: with `topk > 0`, content-routed blocks (the best `topk` key blocks of
-    /// `block[0]` per query block, routed on the device) instead of the random mask. The check
-    /// needs `topk` at least the key blocks (every allowed block kept: the case's masks alone).
-    pub topk: usize,
-    /// Decode: the cache's page size and format (`f32`, `f16`, `q8_0`, `q4_0`).
-    pub page_size: usize,
-    pub kv_format: String,
-    /// The query whose attention weights the page draws (batch 0, head 0).
-    pub query: usize,
-    /// Dense and window: the query tile `[invocations, rows]` instead of the plan's (one of
-    /// the plan's candidates, else a typed error naming them), for measuring tiles here.
-    pub tile: Option<[u32; 2]>,
-    /// Timed runs after one warm-up; the median is reported.
-    pub repeats: usize,
-    pub seed: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            name: String::new(),
-            variant: Variant::Dense,
-            batch: 1,
-            heads: 4,
-            kv_heads: 4,
-            lq: 256,
-            lk: 256,
-            d: 64,
-            dtype: "f32".into(),
-            causal: false,
-            window: [-1, -1],
-            sinks: 0,
-            grid: vec![16, 16],
-            kernel: vec![7, 7],
-            dilation: vec![],
-            stride: vec![],
-            grid_causal: vec![],
-            rule: "linear".into(),
-            feature_map: "identity".into(),
-            mode: "auto".into(),
-            value_heads: 0,
-            block: [64, 64],
-            density: 0.5,
-            topk: 0,
-            page_size: 16,
-            kv_format: "f32".into(),
-            query: 0,
-            tile: None,
-            repeats: 5,
-            seed: 1,
-        }
-    }
-}
-
-/// The pattern (which keys each query sees), pooled to at most `MAX_CELLS` x `MAX_CELLS` cells.
-#[derive(Clone, Debug, Serialize)]
-pub struct Pattern {
-    pub rows: usize,
-    pub cols: usize,
-    /// Fraction of visible (query, key) pairs per cell, 0..=255, row-major.
-    pub cells: Vec<u8>,
-}
-
-/// The attention weights of one query (batch 0, head 0) over all keys, from the f64 reference.
-#[derive(Clone, Debug, Serialize)]
-pub struct Weights {
-    pub query: usize,
-    pub values: Vec<f32>,
-    /// The key grid for neighborhoods (the page draws the weights in that shape).
-    pub grid: Vec<usize>,
-}
-
-/// What one run reports to the page.
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub name: String,
-    pub variant: Variant,
-    pub kernel: String,
-    pub dtype: String,
-    /// `[batch, lq, lk, heads, kv_heads, d]`.
-    pub shape: [usize; 6],
-    /// Median GPU time (timestamp queries); `None` where the adapter has no timestamps.
-    pub gpu_ms: Option<f64>,
-    pub samples_ms: Vec<f64>,
-    pub clock: Option<Clock>,
-    pub gflops: Option<f64>,
-    /// Visible (query, key) pairs per batch and head.
-    pub visible_pairs: u64,
-    pub check: Comparison,
-    pub pattern: Pattern,
-    pub weights: Weights,
-}
+pub use crate::config::{Config, Pattern, Report, Variant, Weights};
 
 const MAX_CELLS: usize = 128;
 
@@ -189,6 +41,74 @@ struct Problem {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+/// The dense options of a dense, window or sparse case (a tile forced where the case names
+/// one).
+fn flash_options(cfg: &Config) -> FlashOptions {
+    let tile = cfg
+        .tile
+        .map(|[wg, rows]| wgpu_attention::softmax::Tile::new(wg, rows));
+    match cfg.variant {
+        Variant::Dense | Variant::Sparse => FlashOptions::default()
+            .causal(cfg.causal)
+            .tile(tile.filter(|_| cfg.variant == Variant::Dense)),
+        Variant::Window => FlashOptions::default()
+            .causal(cfg.causal)
+            .window((side(cfg.window[0]), side(cfg.window[1])))
+            .sinks(cfg.sinks)
+            .tile(tile),
+        Variant::Neighborhood | Variant::Linear | Variant::Decode => FlashOptions::default(),
+    }
+}
+
+/// A sparse case's options and block mask: a seeded random mask at the case's density, or
+/// routing on the device that keeps every allowed block (the mask is then every block: the
+/// reference's).
+fn sparse_problem(
+    cfg: &Config,
+    lq: usize,
+    lk: usize,
+    flash: &FlashOptions,
+    seed: u64,
+) -> Result<(SparseOptions, Arc<BlockMask>)> {
+    let layout = BlockLayout {
+        batch: 1,
+        heads: 1,
+        lq,
+        lk,
+        q_block: cfg.block[0],
+        kv_block: cfg.block[1],
+    };
+    let (nq, nk) = layout.blocks();
+    if cfg.topk > 0 && cfg.topk < nk {
+        return Err(AttnError::invalid(
+            "topk",
+            format!("at least the {nk} key blocks (the page checks routing that keeps every allowed block)"),
+            cfg.topk,
+        ));
+    }
+    let on: Vec<bool> = pseudo_random(nq * nk, seed)
+        .iter()
+        .map(|x| f64::from(x + 1.0) * 0.5 < cfg.density || cfg.topk > 0)
+        .collect();
+    let mask = Arc::new(BlockMask::from_dense(&on, layout)?);
+    let options = match cfg.topk {
+        0 => SparseOptions::default()
+            .flash(flash.clone())
+            .block_mask(Some(mask.clone())),
+        // routed on the device: the mask (every block) is the reference's
+        k => SparseOptions::default()
+            .flash(flash.clone())
+            .topk(Some(TopK {
+                k,
+                block: cfg.block[0],
+                local: 1,
+                sinks: 1,
+            }))
+            .block_mask(None),
+    };
+    Ok((options, mask))
 }
 
 impl Problem {
@@ -227,20 +147,7 @@ impl Problem {
             d: cfg.d,
             dv: cfg.d,
         };
-        let tile = cfg
-            .tile
-            .map(|[wg, rows]| wgpu_attention::softmax::Tile::new(wg, rows));
-        let flash = match cfg.variant {
-            Variant::Dense | Variant::Sparse => FlashOptions::default()
-                .causal(cfg.causal)
-                .tile(tile.filter(|_| cfg.variant == Variant::Dense)),
-            Variant::Window => FlashOptions::default()
-                .causal(cfg.causal)
-                .window((side(cfg.window[0]), side(cfg.window[1])))
-                .sinks(cfg.sinks)
-                .tile(tile),
-            Variant::Neighborhood | Variant::Linear | Variant::Decode => FlashOptions::default(),
-        };
+        let flash = flash_options(cfg);
         // random in [-1, 1), rounded to f16 first where the kernel reads f16
         let round = |x: Vec<f32>| match dtype {
             DType::F16 => x
@@ -261,42 +168,7 @@ impl Problem {
         ));
         let (sparse, mask) = match cfg.variant {
             Variant::Sparse => {
-                let layout = BlockLayout {
-                    batch: 1,
-                    heads: 1,
-                    lq,
-                    lk,
-                    q_block: cfg.block[0],
-                    kv_block: cfg.block[1],
-                };
-                let (nq, nk) = layout.blocks();
-                if cfg.topk > 0 && cfg.topk < nk {
-                    return Err(AttnError::invalid(
-                        "topk",
-                        format!("at least the {nk} key blocks (the page checks routing that keeps every allowed block)"),
-                        cfg.topk,
-                    ));
-                }
-                let on: Vec<bool> = pseudo_random(nq * nk, seed + 3)
-                    .iter()
-                    .map(|x| f64::from(x + 1.0) * 0.5 < cfg.density || cfg.topk > 0)
-                    .collect();
-                let mask = Arc::new(BlockMask::from_dense(&on, layout)?);
-                let options = match cfg.topk {
-                    0 => SparseOptions::default()
-                        .flash(flash.clone())
-                        .block_mask(Some(mask.clone())),
-                    // routed on the device: the mask (every block) is the reference's
-                    k => SparseOptions::default()
-                        .flash(flash.clone())
-                        .topk(Some(TopK {
-                            k,
-                            block: cfg.block[0],
-                            local: 1,
-                            sinks: 1,
-                        }))
-                        .block_mask(None),
-                };
+                let (options, mask) = sparse_problem(cfg, lq, lk, &flash, seed + 3)?;
                 (Some(options), Some(mask))
             }
             _ => (None, None),

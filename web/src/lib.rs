@@ -5,6 +5,7 @@
 //! JSON.parse(await attn.run(JSON.stringify(config))); JSON.parse(await attn.selftest())`.
 
 pub mod case;
+pub mod config;
 pub mod decode_case;
 pub mod linear_case;
 pub mod sparse_case;
@@ -49,7 +50,27 @@ pub fn adapter_report(ctx: &GpuContext) -> AdapterReport {
 /// 96, GQA, bottom-right causal, windows with sinks, a random block mask, 1D/2D/3D
 /// neighborhoods with dilation, stride and causal axes).
 pub fn selftest_cases() -> Vec<Config> {
-    let seq = |name: &str, variant, lq, lk, heads, kv_heads, d| Config {
+    let mut cases = softmax_cases();
+    cases.extend(neighborhood_cases());
+    cases.extend(linear_cases());
+    cases.extend([
+        decode_case("decode paged f32, 3 steps, GQA 4/2", "f32", true),
+        decode_case("decode paged q8_0, 3 steps, GQA 4/2", "q8_0", false),
+    ]);
+    cases
+}
+
+/// A dense, window or sparse case of one head dim.
+fn seq(
+    name: &str,
+    variant: Variant,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Config {
+    Config {
         name: name.into(),
         variant,
         lq,
@@ -59,18 +80,11 @@ pub fn selftest_cases() -> Vec<Config> {
         d,
         repeats: 1,
         ..Default::default()
-    };
-    let na = |name: &str, grid: &[usize], kernel: &[usize]| Config {
-        name: name.into(),
-        variant: Variant::Neighborhood,
-        heads: 2,
-        kv_heads: 2,
-        d: 32,
-        grid: grid.to_vec(),
-        kernel: kernel.to_vec(),
-        repeats: 1,
-        ..Default::default()
-    };
+    }
+}
+
+/// The self-test's dense, window and sparse cases.
+fn softmax_cases() -> Vec<Config> {
     vec![
         seq("dense L=113 D=40", Variant::Dense, 113, 113, 2, 2, 40),
         Config {
@@ -150,6 +164,27 @@ pub fn selftest_cases() -> Vec<Config> {
                 64,
             )
         },
+    ]
+}
+
+/// A neighborhood case: 2 heads, D = 32.
+fn na(name: &str, grid: &[usize], kernel: &[usize]) -> Config {
+    Config {
+        name: name.into(),
+        variant: Variant::Neighborhood,
+        heads: 2,
+        kv_heads: 2,
+        d: 32,
+        grid: grid.to_vec(),
+        kernel: kernel.to_vec(),
+        repeats: 1,
+        ..Default::default()
+    }
+}
+
+/// The self-test's 1D/2D/3D neighborhood cases.
+fn neighborhood_cases() -> Vec<Config> {
+    vec![
         Config {
             dilation: vec![2],
             ..na("neighborhood 1D 97 kernel 7 dilation 2", &[97], &[7])
@@ -172,6 +207,12 @@ pub fn selftest_cases() -> Vec<Config> {
                 &[3, 3, 3],
             )
         },
+    ]
+}
+
+/// The self-test's linear cases: each rule and feature map, in chunks and recurrent.
+fn linear_cases() -> Vec<Config> {
+    vec![
         lin(
             "linear elu+1 normalized T=113 K=32",
             "linear",
@@ -235,8 +276,6 @@ pub fn selftest_cases() -> Vec<Config> {
                 96,
             )
         },
-        decode_case("decode paged f32, 3 steps, GQA 4/2", "f32", true),
-        decode_case("decode paged q8_0, 3 steps, GQA 4/2", "q8_0", false),
     ]
 }
 
@@ -507,107 +546,4 @@ mod bindings {
 }
 
 #[cfg(test)]
-mod tests {
-    use wgpu_attention::NeighborhoodOptions;
-
-    /// The page's self-test natively, on the default adapter (lavapipe in CI).
-    #[test]
-    fn sparse_panel_natively() {
-        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
-        let cfg = |source: &str| crate::sparse_case::MaskConfig {
-            source: source.into(),
-            lq: 100,
-            lk: 100,
-            q_block: 32,
-            kv_block: 16,
-            aux0: vec![],
-        };
-        let ok = "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    return kv_idx <= q_idx;\n}";
-        let r = pollster::block_on(crate::sparse_case::block_mask(&ctx, &cfg(ok))).unwrap();
-        assert_eq!((r.nq, r.nk), (4, 7));
-        // query block 1 (rows 32..64): key blocks 0 and 1 full, 2 and 3 partial
-        assert_eq!(
-            (r.full[1].clone(), r.partial[1].clone()),
-            (vec![0, 1], vec![2, 3])
-        );
-        let bad = "fn mask_mod(b: u32, h: u32, q_idx: u32, kv_idx: u32) -> bool {\n    return kv_idx <= ;\n}";
-        let err = pollster::block_on(crate::sparse_case::block_mask(&ctx, &cfg(bad))).unwrap_err();
-        assert!(err.to_string().contains("line 2"), "{err}");
-    }
-
-    #[test]
-    fn selftest_passes_natively() {
-        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
-        let r = pollster::block_on(super::selftest(&ctx));
-        let text = serde_json::to_string_pretty(&r).unwrap();
-        assert!(r.passed, "{text}");
-        // the configured cases and the sparse block-mask case
-        assert_eq!(r.cases.len(), super::selftest_cases().len() + 1);
-    }
-
-    use super::*;
-
-    /// The drawn weights are a softmax over exactly the visible keys, and the pattern pools the
-    /// same mask: checked against the neighborhood's own window arithmetic.
-    #[test]
-    fn weights_and_pattern_follow_the_mask() {
-        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
-        let cfg = Config {
-            variant: Variant::Neighborhood,
-            grid: vec![9, 7],
-            kernel: vec![3, 5],
-            dilation: vec![2, 1],
-            query: 40,
-            repeats: 1,
-            ..Default::default()
-        };
-        let r = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap();
-        assert!(r.check.passed, "{:?}", r.check);
-        let axes = NeighborhoodOptions::default()
-            .kernel_size(cfg.kernel.clone())
-            .dilation(cfg.dilation.clone())
-            .axes(&cfg.grid)
-            .unwrap();
-        let spec = wgpu_attention::neighborhood::NaSpec::new(&axes).unwrap();
-        let w = &r.weights.values;
-        assert_eq!(w.len(), 63);
-        let sum: f64 = w.iter().map(|&x| x as f64).sum();
-        assert!((sum - 1.0).abs() < 1e-5, "weights sum to {sum}");
-        for (j, &x) in w.iter().enumerate() {
-            assert_eq!(x > 0.0, spec.sees(40, j), "key {j}: weight {x}");
-        }
-        assert_eq!(r.visible_pairs, 63 * 15);
-        assert_eq!((r.pattern.rows, r.pattern.cols), (63, 63));
-        for i in 0..63 {
-            for j in 0..63 {
-                let want = if spec.sees(i, j) { 255 } else { 0 };
-                assert_eq!(r.pattern.cells[i * 63 + j], want, "cell ({i}, {j})");
-            }
-        }
-    }
-
-    /// A bad config is a typed error, not a panic.
-    #[test]
-    fn bad_config_is_an_error() {
-        let ctx = GpuContext::new().expect("no GPU adapter: install mesa-vulkan-drivers");
-        let cfg = Config {
-            dtype: "bf16".into(),
-            ..Default::default()
-        };
-        let e = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap_err();
-        assert!(e.to_string().contains("bf16"), "{e}");
-        let cfg = Config {
-            variant: Variant::Neighborhood,
-            grid: vec![5],
-            kernel: vec![7],
-            ..Default::default()
-        };
-        assert!(pollster::block_on(case::run_case(&ctx, &cfg)).is_err());
-        let cfg = Config {
-            query: 256,
-            ..Default::default()
-        };
-        let e = pollster::block_on(case::run_case(&ctx, &cfg)).unwrap_err();
-        assert!(e.to_string().contains("query"), "{e}");
-    }
-}
+mod tests;

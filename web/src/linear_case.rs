@@ -16,80 +16,8 @@ const MAX_CELLS: usize = 128;
 
 /// Runs a `Variant::Linear` case.
 pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
-    let rule = Rule::parse(&cfg.rule).ok_or_else(|| {
-        AttnError::invalid(
-            "rule",
-            "linear, retention, simple-gla, gla, delta or gated-delta",
-            &cfg.rule,
-        )
-    })?;
-    let map = FeatureMap::parse(&cfg.feature_map).ok_or_else(|| {
-        AttnError::invalid(
-            "feature_map",
-            "identity, elu1, relu or taylor",
-            &cfg.feature_map,
-        )
-    })?;
-    let mode = Mode::parse(&cfg.mode)
-        .ok_or_else(|| AttnError::invalid("mode", "auto, recurrent or chunk", &cfg.mode))?;
-    if cfg.dtype != "f32" {
-        return Err(AttnError::invalid(
-            "dtype",
-            "f32 (the page's linear variant)",
-            &cfg.dtype,
-        ));
-    }
-    if cfg.repeats == 0 {
-        return Err(AttnError::invalid("repeats", "at least 1", 0));
-    }
-    let hv = if cfg.value_heads == 0 {
-        cfg.heads
-    } else {
-        cfg.value_heads
-    };
-    let s = LinearShape {
-        batch: cfg.batch,
-        t: cfg.lq,
-        h: cfg.heads,
-        hv,
-        k: cfg.d,
-        v: cfg.d,
-    };
-    if cfg.query >= s.t {
-        return Err(AttnError::invalid(
-            "query",
-            format!("an index below T = {}", s.t),
-            cfg.query,
-        ));
-    }
-    let seed = cfg.seed.wrapping_mul(5);
-    let n_qk = s.batch * s.t * s.h * s.k;
-    let q = pseudo_random(n_qk, seed);
-    let mut k = pseudo_random(n_qk, seed + 1);
-    let delta = matches!(rule, Rule::Delta | Rule::GatedDelta);
-    if delta {
-        linear::unit_rows(&mut k, s.k);
-    }
-    let v = pseudo_random(s.batch * s.t * s.hv * s.v, seed + 2);
-    let per_head = s.batch * s.t * s.hv;
-    // gates in (-1, 0), beta in (0, 1)
-    let gate = |n: usize| -> Vec<f32> {
-        pseudo_random(n, seed + 3)
-            .iter()
-            .map(|x| -0.5 * (x.abs() + 1e-3))
-            .collect()
-    };
-    let g = match rule {
-        Rule::SimpleGla | Rule::GatedDelta => Some(gate(per_head)),
-        Rule::Gla => Some(gate(per_head * s.k)),
-        _ => None,
-    };
-    let beta: Option<Vec<f32>> = delta.then(|| {
-        pseudo_random(per_head, seed + 4)
-            .iter()
-            .map(|x| 0.5 * (x + 1.0))
-            .collect()
-    });
+    let (rule, map, mode, s) = parse_config(cfg)?;
+    let HostInputs { q, k, v, g, beta } = host_inputs(&s, rule, cfg.seed.wrapping_mul(5));
     let mut opts = LinearOptions::default()
         .rule(rule)
         .feature_map(map)
@@ -99,11 +27,13 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
     let qt = Tensor::from_f32(ctx, &q, &qk_dims)?;
     let kt = Tensor::from_f32(ctx, &k, &qk_dims)?;
     let vt = Tensor::from_f32(ctx, &v, &[s.batch, s.t, s.hv, s.v])?;
-    opts.g = match &g {
-        Some(x) if rule == Rule::Gla => Some(Tensor::from_f32(ctx, x, &[s.batch, s.t, s.hv, s.k])?),
-        Some(x) => Some(Tensor::from_f32(ctx, x, &[s.batch, s.t, s.hv])?),
-        None => None,
+    let gate_dims = match rule {
+        Rule::Gla => vec![s.batch, s.t, s.hv, s.k],
+        _ => vec![s.batch, s.t, s.hv],
     };
+    opts.g = (g.as_ref())
+        .map(|x| Tensor::from_f32(ctx, x, &gate_dims))
+        .transpose()?;
     opts.beta = beta
         .as_ref()
         .map(|x| Tensor::from_f32(ctx, x, &[s.batch, s.t, s.hv]))
@@ -167,6 +97,98 @@ pub async fn run(ctx: &GpuContext, cfg: &Config) -> Result<Report> {
         pattern: causal_pattern(s.t),
         weights: weights(&s, &q, &k, g.as_deref(), rule, cfg.query),
     })
+}
+
+/// The case's rule, feature map, mode and shape, checked.
+fn parse_config(cfg: &Config) -> Result<(Rule, FeatureMap, Mode, LinearShape)> {
+    let rule = Rule::parse(&cfg.rule).ok_or_else(|| {
+        AttnError::invalid(
+            "rule",
+            "linear, retention, simple-gla, gla, delta or gated-delta",
+            &cfg.rule,
+        )
+    })?;
+    let map = FeatureMap::parse(&cfg.feature_map).ok_or_else(|| {
+        AttnError::invalid(
+            "feature_map",
+            "identity, elu1, relu or taylor",
+            &cfg.feature_map,
+        )
+    })?;
+    let mode = Mode::parse(&cfg.mode)
+        .ok_or_else(|| AttnError::invalid("mode", "auto, recurrent or chunk", &cfg.mode))?;
+    if cfg.dtype != "f32" {
+        return Err(AttnError::invalid(
+            "dtype",
+            "f32 (the page's linear variant)",
+            &cfg.dtype,
+        ));
+    }
+    if cfg.repeats == 0 {
+        return Err(AttnError::invalid("repeats", "at least 1", 0));
+    }
+    let hv = if cfg.value_heads == 0 {
+        cfg.heads
+    } else {
+        cfg.value_heads
+    };
+    let s = LinearShape {
+        batch: cfg.batch,
+        t: cfg.lq,
+        h: cfg.heads,
+        hv,
+        k: cfg.d,
+        v: cfg.d,
+    };
+    if cfg.query >= s.t {
+        return Err(AttnError::invalid(
+            "query",
+            format!("an index below T = {}", s.t),
+            cfg.query,
+        ));
+    }
+    Ok((rule, map, mode, s))
+}
+
+/// A case's random inputs on the host: gates in (-1, 0) where the rule reads them, beta in
+/// (0, 1) for the delta rules (whose keys are unit rows).
+struct HostInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    g: Option<Vec<f32>>,
+    beta: Option<Vec<f32>>,
+}
+
+fn host_inputs(s: &LinearShape, rule: Rule, seed: u64) -> HostInputs {
+    let n_qk = s.batch * s.t * s.h * s.k;
+    let q = pseudo_random(n_qk, seed);
+    let mut k = pseudo_random(n_qk, seed + 1);
+    let delta = matches!(rule, Rule::Delta | Rule::GatedDelta);
+    if delta {
+        linear::unit_rows(&mut k, s.k);
+    }
+    let v = pseudo_random(s.batch * s.t * s.hv * s.v, seed + 2);
+    let per_head = s.batch * s.t * s.hv;
+    // gates in (-1, 0), beta in (0, 1)
+    let gate = |n: usize| -> Vec<f32> {
+        pseudo_random(n, seed + 3)
+            .iter()
+            .map(|x| -0.5 * (x.abs() + 1e-3))
+            .collect()
+    };
+    let g = match rule {
+        Rule::SimpleGla | Rule::GatedDelta => Some(gate(per_head)),
+        Rule::Gla => Some(gate(per_head * s.k)),
+        _ => None,
+    };
+    let beta: Option<Vec<f32>> = delta.then(|| {
+        pseudo_random(per_head, seed + 4)
+            .iter()
+            .map(|x| 0.5 * (x + 1.0))
+            .collect()
+    });
+    HostInputs { q, k, v, g, beta }
 }
 
 /// Token t reads tokens 0..=t (through the state): the causal triangle, pooled.
