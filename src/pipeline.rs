@@ -368,9 +368,10 @@ impl GpuContext {
     }
 }
 
-/// `WGPU_ATTENTION_COMPILE_LOG=FILE` appends one line per pipeline the driver builds: the
-/// kernel's label, the driver's build time in ms, the WGSL length and the process's arguments
-/// (under nextest, the test's name). It is how the suite's cold cost was traced to its kernels.
+/// `WGPU_ATTENTION_COMPILE_LOG=FILE` appends one line per pipeline built: the kernel's label,
+/// the milliseconds wgpu and the driver took to create it, the WGSL length and the process's
+/// arguments (under nextest, the test's name): which tests build which kernels. (Lavapipe
+/// runs LLVM at a kernel's first dispatch, not here: its compile time is in the dispatch.)
 fn log_compile(label: &str, source_len: usize, took: std::time::Duration) {
     let Some(path) = std::env::var_os("WGPU_ATTENTION_COMPILE_LOG").filter(|p| !p.is_empty())
     else {
