@@ -324,7 +324,7 @@ impl GpuContext {
             .enumerate()
             .map(|(i, b)| layout_entry(i, b))
             .collect();
-        let started = std::time::Instant::now();
+        let started = compile_log().map(|path| (path, std::time::Instant::now()));
         let pipeline = self
             .scoped(|| {
                 let module = self
@@ -361,7 +361,9 @@ impl GpuContext {
                 name: label.clone(),
                 message: e.to_string(),
             })?;
-        log_compile(&label, source_len, started.elapsed());
+        if let Some((path, t0)) = started {
+            log_compile(&path, &label, source_len, t0.elapsed());
+        }
         self.save_pipeline_cache();
         let pipeline = Arc::new(pipeline);
         Ok(lock()?.entry(label).or_insert(pipeline).clone())
@@ -372,11 +374,7 @@ impl GpuContext {
 /// the milliseconds wgpu and the driver took to create it, the WGSL length and the process's
 /// arguments (under nextest, the test's name): which tests build which kernels. (Lavapipe
 /// runs LLVM at a kernel's first dispatch, not here: its compile time is in the dispatch.)
-fn log_compile(label: &str, source_len: usize, took: std::time::Duration) {
-    let Some(path) = std::env::var_os("WGPU_ATTENTION_COMPILE_LOG").filter(|p| !p.is_empty())
-    else {
-        return;
-    };
+fn log_compile(path: &std::path::Path, label: &str, source_len: usize, took: std::time::Duration) {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let line = format!(
         "{label}\t{}\t{source_len}\t{}\n",
@@ -392,4 +390,15 @@ fn log_compile(label: &str, source_len: usize, took: std::time::Duration) {
     {
         let _ = f.write_all(line.as_bytes());
     }
+}
+
+/// Where `WGPU_ATTENTION_COMPILE_LOG` asks the compile log to go. Never on wasm32: the
+/// browser has no environment, and `Instant` panics on wasm32-unknown-unknown.
+fn compile_log() -> Option<std::path::PathBuf> {
+    if cfg!(target_arch = "wasm32") {
+        return None;
+    }
+    std::env::var_os("WGPU_ATTENTION_COMPILE_LOG")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
 }

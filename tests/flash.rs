@@ -204,7 +204,7 @@ impl Amp for Case {
 /// `WGPU_ATTENTION_SEED=S` to replay a failure.
 #[test]
 fn random_cases() {
-    for_each_case("flash", 24, |seed| {
+    for_each_case("flash", 16, |seed| {
         let c = random_flash_case(seed);
         if let Some(cmp) = check_seeded(&c, seed) {
             assert!(cmp.passed, "{c:?}: {cmp:?}");
