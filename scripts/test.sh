@@ -9,7 +9,7 @@
 #
 # Random cases: WGPU_ATTENTION_CASES=N runs N per family (default 16 flash, neighborhood and
 # decode, 10 linear, 4 sparse; fresh seeds every run, so the option space is covered across
-# runs: the linear cases are the suite's costliest compiles, 216 s of 1357 cold),
+# runs; the linear cases draw the kernels the fixed tests build: benches/RESULTS.md),
 # WGPU_ATTENTION_SEED=S replays the case a failure printed; WGPU_ATTENTION_CASES=500 is the
 # thorough run.
 set -euo pipefail
