@@ -58,7 +58,8 @@ swiftshader_tests() {
     "neighborhood na1d_borders_even_kernels_dilation_stride_causal na_bad_inputs" \
     "linear every_rule_over_awkward_lengths bad_input" \
     "sparse block_masks_compose bad_sparse" \
-    "decode"; do
+    "decode" \
+    "backward backward_every_option backward_bad_inputs"; do
     set -- $spec
     bin=$1
     shift

@@ -44,6 +44,10 @@ pub use decode::{
     merge_attention, AttentionPart, DecodeOptions, DecodePlan, KvCache, KvFormat, PagePool,
 };
 pub use error::{AttnError, Result};
+pub use flash::backward::{
+    encode_flash_attention_backward, flash_attention_backward, flash_attention_backward_into,
+    FlashBackwardPlan, FlashGrads,
+};
 pub use flash::reference::{attention_plain_f16, attention_reference, RefInputs, RefOutput};
 pub use flash::{
     encode_flash_attention, flash_attention, flash_attention_into, FlashOptions, FlashPlan,
@@ -55,6 +59,9 @@ pub use linear::{
 pub use neighborhood::{
     encode_neighborhood_attention, neighborhood_attention, neighborhood_attention_into, NaAxis,
     NeighborhoodOptions, NeighborhoodPlan,
+};
+pub use softmax::reference_grad::{
+    attention_backward_plain_f16, attention_backward_reference, RefGrads,
 };
 pub use softmax::{AttentionOutput, AttnShape, StrategyChoice, Tile};
 /// The sparse family's mask builders (FlexAttention's patterns, each with its WGSL twin).

@@ -10,6 +10,7 @@ use crate::pipeline::Kernel;
 pub fn all_kernels() -> Vec<Box<dyn Kernel>> {
     let mut all: Vec<Box<dyn Kernel>> = Vec::new();
     all.extend(crate::flash::all_kernels());
+    all.extend(crate::flash::backward::all_kernels());
     all.extend(crate::neighborhood::plan::all_kernels());
     all.extend(crate::linear::all_kernels());
     all.extend(crate::sparse::snippet::example_kernels());

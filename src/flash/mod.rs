@@ -8,6 +8,7 @@
 //! iff `j <= i + Lk - Lq`), per-batch lengths align at each sequence's own lengths, a row that sees
 //! no key gives O = 0 and LSE = -inf.
 
+pub mod backward;
 pub mod reference;
 pub mod shader;
 

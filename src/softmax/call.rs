@@ -5,9 +5,9 @@
 
 use wgpu::util::DeviceExt;
 
+use super::check::check_call;
 pub use super::check::check_inputs;
-pub(crate) use super::check::check_lens;
-use super::check::{check_call, strides_u32, Checked};
+pub(crate) use super::check::{check_lens, check_options, strides_u32, Checked};
 use crate::context::GpuContext;
 use crate::error::{AttnError, Result};
 use crate::pipeline::BindingKind;

@@ -15,7 +15,7 @@ fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
         .map_err(|_| AttnError::shape(what, "rank 4 [batch, seq, heads, dim]", t.shape()))
 }
 
-pub(super) fn strides_u32(t: &Tensor) -> Result<[u32; 4]> {
+pub(crate) fn strides_u32(t: &Tensor) -> Result<[u32; 4]> {
     let s = t.strides();
     let conv = |x: usize| {
         u32::try_from(x).map_err(|_| AttnError::Limit {
@@ -102,16 +102,16 @@ pub(crate) fn check_lens(
 
 /// What the checks of one call produce: sizes, flags and the values of the uniforms that do
 /// not depend on the plan.
-pub(super) struct Checked {
-    pub(super) s: AttnShape,
-    pub(super) flags: u32,
-    pub(super) scale: f32,
-    pub(super) win_left: i32,
-    pub(super) win_right: i32,
+pub(crate) struct Checked {
+    pub(crate) s: AttnShape,
+    pub(crate) flags: u32,
+    pub(crate) scale: f32,
+    pub(crate) win_left: i32,
+    pub(crate) win_right: i32,
     /// Bias strides (batch, head, query), broadcast axes at 0; the offset comes from its binding.
-    pub(super) bias_strides: [u32; 3],
+    pub(crate) bias_strides: [u32; 3],
     /// Per-batch q lengths then kv lengths, empty when neither is given.
-    pub(super) lens: Vec<u32>,
+    pub(crate) lens: Vec<u32>,
 }
 
 /// Step 1 of a call: every check of the inputs, outputs and options, before anything is built.
@@ -185,7 +185,7 @@ fn check_outputs(
 
 /// Every option against the problem: scale, softcap, slopes, lengths, window, bias; the flags
 /// and the values the params take from them.
-fn check_options(opts: &FlashOptions, s: AttnShape) -> Result<Checked> {
+pub(crate) fn check_options(opts: &FlashOptions, s: AttnShape) -> Result<Checked> {
     let mut fl = 0;
     let scale = opts.scale.unwrap_or(1.0 / (s.d as f32).sqrt());
     if !scale.is_finite() {

@@ -14,6 +14,7 @@ mod merge_parts;
 pub mod options;
 pub mod plan;
 pub mod reference;
+pub mod reference_grad;
 pub mod sequence;
 pub mod shader;
 

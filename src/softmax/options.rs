@@ -104,6 +104,13 @@ pub struct AttentionOutput {
     pub lse: Option<Tensor>,
 }
 
+impl AttentionOutput {
+    /// An output made elsewhere (the caller's own O and LSE, for a backward call).
+    pub fn new(out: Tensor, lse: Option<Tensor>) -> Self {
+        AttentionOutput { out, lse }
+    }
+}
+
 /// The decisions for one call: kernel specialization and grid.
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug)]

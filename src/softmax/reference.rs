@@ -188,17 +188,9 @@ pub(crate) fn score_of(
         .scale
         .map(f64::from)
         .unwrap_or(1.0 / (s.d as f64).sqrt());
-    let hk = h / (s.hq / s.hkv);
     let qlen = opts.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize);
     let kvlen = opts.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize);
-    let qrow = &inp.q[((b * s.lq + i) * s.hq + h) * s.d..][..s.d];
-    let krow = &inp.k[((b * s.lk + j) * s.hkv + hk) * s.d..][..s.d];
-    let mut x: f64 = qrow
-        .iter()
-        .zip(krow)
-        .map(|(&a, &c)| a as f64 * c as f64)
-        .sum::<f64>()
-        * scale;
+    let mut x = qk_of(inp, b, h, i, j) * scale;
     if let Some(c) = opts.softcap {
         let c = c as f64;
         x = c * (x / c).tanh();
@@ -213,6 +205,18 @@ pub(crate) fn score_of(
         x += bias[((bi * bh + hi) * s.lq + i) * s.lk + j] as f64;
     }
     x
+}
+
+/// `q_i . k_j` of batch `b`, query head `h` (its KV head's key), in f64; checked inputs.
+pub(crate) fn qk_of(inp: &RefInputs, b: usize, h: usize, i: usize, j: usize) -> f64 {
+    let s = inp.shape;
+    let hk = h / (s.hq / s.hkv);
+    let qrow = &inp.q[((b * s.lq + i) * s.hq + h) * s.d..][..s.d];
+    let krow = &inp.k[((b * s.lk + j) * s.hkv + hk) * s.d..][..s.d];
+    qrow.iter()
+        .zip(krow)
+        .map(|(&a, &c)| a as f64 * c as f64)
+        .sum()
 }
 
 /// The reference with another family's [`RefHooks`].
