@@ -31,7 +31,7 @@ enum Cmd {
     /// Runs one attention call; optionally checks it against the f64 reference.
     Run(Box<cli::run::RunArgs>),
     /// Sweeps the benchmark registry: flash attention against the naive and matmul baselines.
-    Bench(cli::bench::BenchArgs),
+    Bench(Box<cli::bench::BenchArgs>),
     /// Measures the tile candidates of dense attention on this adapter per shape class and
     /// stores the winners in a per-adapter file (`info` shows it) that plans then read.
     Tune(cli::tune::TuneArgs),

@@ -31,6 +31,12 @@ impl Wgsl {
             self.out.push('\n');
         }
     }
+    /// Appends lines of text, each at the current indentation.
+    pub fn raw_indented(&mut self, s: &str) {
+        for line in s.lines() {
+            self.line(line);
+        }
+    }
     /// Opens a block: the line, then one more level of indentation.
     pub fn open(&mut self, s: &str) {
         self.line(s);

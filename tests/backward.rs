@@ -94,11 +94,15 @@ fn run_backward(case: &Case, seed: u64) -> std::result::Result<String, String> {
     let dot = upload(&dout, &[s.batch, s.lq, s.hq, s.dv], dt);
     let fwd = flash_attention(ctx, &qt, &kt, &vt, &opts).map_err(|e| format!("forward: {e}"))?;
     let poisoned = |dims: &[usize]| Tensor::filled(ctx, dims, dt, f32::NAN).unwrap();
-    let g = FlashGrads::new(
-        poisoned(&[s.batch, s.lq, s.hq, s.d]),
-        poisoned(&[s.batch, s.lk, s.hkv, s.d]),
-        poisoned(&[s.batch, s.lk, s.hkv, s.dv]),
-    );
+    let g =
+        FlashGrads::new(
+            poisoned(&[s.batch, s.lq, s.hq, s.d]),
+            poisoned(&[s.batch, s.lk, s.hkv, s.d]),
+            poisoned(&[s.batch, s.lk, s.hkv, s.dv]),
+        )
+        .with_dbias(case.bias.map(|[bb, bh]| {
+            Tensor::filled(ctx, &[bb, bh, s.lq, s.lk], DType::F32, f32::NAN).unwrap()
+        }));
     flash_attention_backward_into(ctx, &qt, &kt, &vt, &fwd, &dot, &g, &opts)
         .map_err(|e| format!("backward: {e}"))?;
     let inp = RefInputs {
@@ -119,6 +123,11 @@ fn run_backward(case: &Case, seed: u64) -> std::result::Result<String, String> {
     ] {
         let got = t.to_vec_f32(ctx).unwrap();
         lines.push(compare_grad(name, &got, want, p.map(|x| x.as_slice()))?);
+    }
+    if let (Some(t), Some(want)) = (&g.dbias, &r.dbias) {
+        let got = t.to_vec_f32(ctx).unwrap();
+        let p = plain.as_ref().and_then(|p| p.dbias.as_deref());
+        lines.push(compare_grad("dbias", &got, want, p)?);
     }
     Ok(lines.join("; "))
 }
@@ -172,7 +181,8 @@ fn backward_awkward_lengths_and_bias() {
         check_backward(&base(lq, lk));
     }
     check_backward(&Case::new(1, 1000, 1000, 2, 1, 20, 28).with(|o| o.causal = true));
-    for (bb, bh) in [(1, 1), (2, 4)] {
+    // dBias: not broadcast, and summed over both broadcast axes
+    for (bb, bh) in [(1, 1), (2, 4), (2, 1)] {
         check_backward(&base(57, 83).bias(bb, bh).with(|o| o.causal = true));
     }
 }
@@ -282,7 +292,7 @@ fn backward_bad_inputs() {
         d: 20,
         dv: 20,
     };
-    let p = wgpu_attention::flash::backward::plan(ctx, &long, DType::F32, false);
+    let p = wgpu_attention::flash::backward::plan(ctx, &long, DType::F32, false, None);
     match ctx.caps.loop_limit {
         Some(_) => assert!(
             matches!(p, Err(AttnError::Limit { .. })),

@@ -10,7 +10,9 @@ fn cli() -> Command {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wgpu-attention-cli-{}", std::process::id()));
+    // under target/tmp (Cargo's folder for integration tests' files), not the system's /tmp:
+    // each nextest process has its own folder, and they would pile up there
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }

@@ -1,6 +1,7 @@
 //! The bench scenarios (a driver): a shape registry and runners for the attention kernels and
 //! the baselines, timed by [`crate::timing`]. Used by `cargo bench` and `wgpu-attention bench`.
 
+pub mod backward;
 pub mod decode;
 
 use crate::baseline::{encode_matmul, encode_naive_attention};

@@ -66,6 +66,13 @@ pub struct BenchArgs {
     /// Cache formats of --decode (f16 where the adapter has SHADER_F16).
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0")]
     pub decode_formats: Vec<String>,
+    /// Instead of the registry: the dense backward against the forward (B = 1, --heads heads,
+    /// D = each of --backward-dims, causal and not) at these lengths, interleaved.
+    #[arg(long, value_delimiter = ',')]
+    pub backward: Option<Vec<usize>>,
+    /// Head dims of --backward.
+    #[arg(long, value_delimiter = ',', default_value = "64,128")]
+    pub backward_dims: Vec<usize>,
     /// The longest sequence the linear sweep also runs dense causal attention at.
     #[arg(long, default_value_t = 16384)]
     pub dense_max: usize,
@@ -82,6 +89,9 @@ pub fn bench_cmd(a: &BenchArgs) -> CliResult<()> {
     }
     if let Some(lens) = &a.decode {
         return super::bench_decode::decode_sweep(&ctx, a, lens);
+    }
+    if let Some(lens) = &a.backward {
+        return backward_sweep(&ctx, a, lens);
     }
     if let Some(lens) = &a.causal_sweep {
         return causal_sweep(&ctx, a, lens);
@@ -386,5 +396,54 @@ pub fn local_sweep(ctx: &GpuContext, a: &BenchArgs) -> CliResult<()> {
     )
     .map_err(io)?;
     println!("wrote {}/local.json and local.svg", a.out_dir.display());
+    Ok(())
+}
+
+/// `bench --backward`: per (L, D, causal) the forward and the backward in one interleaved run;
+/// prints each median with min-max and the median of the per-round ratios, writes
+/// backward.json.
+fn backward_sweep(ctx: &GpuContext, a: &BenchArgs, lens: &[usize]) -> CliResult<()> {
+    use wgpu_attention::bench::backward::{records, BackwardPoint};
+    println!(
+        "{:<6} {:<4} {:<7} {:>11} {:>15} {:>12} {:>15} {:>9}",
+        "L", "D", "causal", "forward ms", "(min-max)", "backward ms", "(min-max)", "bwd/fwd"
+    );
+    let mut rows = Vec::new();
+    for &l in lens {
+        for &d in &a.backward_dims {
+            for causal in [false, true] {
+                let p = BackwardPoint {
+                    l,
+                    heads: a.heads,
+                    d,
+                    causal,
+                };
+                let mut recs = records(ctx, &p)?;
+                let t = bench::time_interleaved(ctx, bench::WARMUP, a.repeat, &mut recs)?;
+                let (f, b) = (&t[0].1, &t[1].1);
+                let ratio = bench::median_paired(b, f, |b, f| b / f);
+                println!(
+                    "{:<6} {:<4} {:<7} {:>11.2} {:>15} {:>12.2} {:>15} {:>9.2}",
+                    l,
+                    d,
+                    causal,
+                    f.median_ms,
+                    format!("{:.1}-{:.1}", f.min_ms, f.max_ms),
+                    b.median_ms,
+                    format!("{:.1}-{:.1}", b.min_ms, b.max_ms),
+                    ratio
+                );
+                rows.push(serde_json::json!({
+                    "point": p, "forward": f, "forward_kernel": t[0].0, "backward": b,
+                    "backward_kernel": t[1].0, "backward_over_forward": ratio,
+                }));
+            }
+        }
+    }
+    let io = |e: std::io::Error| Failure::Input(format!("{}: {e}", a.out_dir.display()));
+    std::fs::create_dir_all(&a.out_dir).map_err(io)?;
+    let json = serde_json::json!({"adapter": ctx.describe(), "rounds": a.repeat, "rows": rows});
+    std::fs::write(a.out_dir.join("backward.json"), json.to_string()).map_err(io)?;
+    println!("wrote {}/backward.json", a.out_dir.display());
     Ok(())
 }

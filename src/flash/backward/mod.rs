@@ -10,6 +10,7 @@
 //! (through the tanh), ALiBi and an additive bias (its values; no dBias yet). f16 storage
 //! computes in f32. Head dims up to 256. Rows that see no key get zero gradients.
 
+mod generate;
 pub mod shader;
 
 use wgpu::util::DeviceExt;
@@ -32,12 +33,25 @@ pub struct FlashGrads {
     pub dk: Tensor,
     /// `[B, Lk, Hkv, Dv]`
     pub dv: Tensor,
+    /// The bias's gradient, f32 in the bias's own shape `[B|1, Hq|1, Lq, Lk]` (summed over its
+    /// broadcast axes), contiguous; `None`: not computed.
+    pub dbias: Option<Tensor>,
 }
 
 impl FlashGrads {
     /// The caller's gradient tensors (for [`flash_attention_backward_into`]).
     pub fn new(dq: Tensor, dk: Tensor, dv: Tensor) -> Self {
-        FlashGrads { dq, dk, dv }
+        FlashGrads {
+            dq,
+            dk,
+            dv,
+            dbias: None,
+        }
+    }
+    /// Also computes the bias's gradient into `dbias`.
+    pub fn with_dbias(mut self, dbias: Option<Tensor>) -> Self {
+        self.dbias = dbias;
+        self
     }
 }
 
@@ -60,12 +74,15 @@ pub struct FlashBackwardPlan {
     /// (`[query tiles, Hq, B]`).
     pub dkdv_grid: [u32; 3],
     pub dq_grid: [u32; 3],
+    /// The dBias pass and its grid (`[query tiles, bias heads, bias batches]`), when asked.
+    pub dbias: Option<(BackwardKey, [u32; 3])>,
 }
 
 /// The gradients of [`crate::flash_attention`] for the upstream gradient `dout`
 /// (`[B, Lq, Hq, Dv]`, the dtype of q). `out` is what the forward returned with the same
 /// options and `return_lse: true` (the backward needs the LSE; an `out` without it is a typed
-/// error). `opts.strategy` and `opts.tile` choose forward kernels and are ignored here.
+/// error). With a bias, dBias is computed too (`FlashGrads::dbias`). `opts.strategy` and
+/// `opts.tile` choose forward kernels and are ignored here.
 pub fn flash_attention_backward(
     ctx: &GpuContext,
     q: &Tensor,
@@ -76,10 +93,15 @@ pub fn flash_attention_backward(
     opts: &FlashOptions,
 ) -> Result<FlashGrads> {
     let s = check_inputs(q, k, v)?;
+    let dbias = match &opts.bias {
+        Some(b) => Some(Tensor::filled(ctx, b.shape(), DType::F32, 0.0)?),
+        None => None,
+    };
     let g = FlashGrads {
         dq: Tensor::filled(ctx, &[s.batch, s.lq, s.hq, s.d], q.dtype(), 0.0)?,
         dk: Tensor::filled(ctx, &[s.batch, s.lk, s.hkv, s.d], q.dtype(), 0.0)?,
         dv: Tensor::filled(ctx, &[s.batch, s.lk, s.hkv, s.dv], q.dtype(), 0.0)?,
+        dbias,
     };
     flash_attention_backward_into(ctx, q, k, v, out, dout, &g, opts)?;
     Ok(g)
@@ -98,10 +120,14 @@ pub fn flash_attention_backward_into(
     grads: &FlashGrads,
     opts: &FlashOptions,
 ) -> Result<FlashBackwardPlan> {
-    ctx.submit(|enc| encode_flash_attention_backward(ctx, enc, q, k, v, out, dout, grads, opts))
+    ctx.submit(|enc| {
+        encode_flash_attention_backward(ctx, enc, q, k, v, out, dout, grads, opts, None)
+    })
 }
 
 /// Records the backward into `encoder` (for embedders that batch their own work).
+/// `timestamps` writes the first pass's begin and the last pass's end into a query set (at
+/// the index and the next, as [`crate::flash::encode_flash_attention`] does; see `bench`).
 #[allow(clippy::too_many_arguments)]
 pub fn encode_flash_attention_backward(
     ctx: &GpuContext,
@@ -113,11 +139,17 @@ pub fn encode_flash_attention_backward(
     dout: &Tensor,
     grads: &FlashGrads,
     opts: &FlashOptions,
+    timestamps: Option<(&wgpu::QuerySet, u32)>,
 ) -> Result<FlashBackwardPlan> {
     let s = check_inputs(q, k, v)?;
-    let lse = check_backward(ctx, &s, [q, k, v], out, dout, grads)?;
+    let lse = check_backward(ctx, &s, [q, k, v], out, dout, grads, opts.bias.as_ref())?;
     let c = check_options(opts, s)?;
-    let plan = plan(ctx, &s, q.dtype(), opts.bias.is_some())?;
+    let dbias_dims = grads
+        .dbias
+        .as_ref()
+        .and(opts.bias.as_ref())
+        .map(|b| [b.shape()[0], b.shape()[1]]);
+    let plan = plan(ctx, &s, q.dtype(), opts.bias.is_some(), dbias_dims)?;
     let stats = Tensor::filled(ctx, &[s.batch, s.hq, s.lq, 2], DType::F32, 0.0)?;
     let mut aux: Vec<u32> = c.lens.clone();
     if aux.is_empty() {
@@ -141,6 +173,11 @@ pub fn encode_flash_attention_backward(
             .as_ref()
             .map(|b| BoundRange::new(ctx, b, "bias"))
             .transpose()?,
+        dbias: grads
+            .dbias
+            .as_ref()
+            .map(|b| BoundRange::new(ctx, b, "dbias"))
+            .transpose()?,
         stats: BoundRange::new(ctx, &stats, "backward stats")?,
         aux: BoundRange::new(ctx, &aux, "backward aux")?,
     };
@@ -157,12 +194,24 @@ pub fn encode_flash_attention_backward(
     let lq_tiles = u32_of(s.lq.div_ceil(WG as usize), "query tiles")?;
     let hq = u32_of(s.hq, "Hq")?;
     let batch = u32_of(s.batch, "batch")?;
-    for (key, grid) in [
-        (&plan.stats, [lq_tiles, hq, batch]),
-        (&plan.dkdv, plan.dkdv_grid),
-        (&plan.dq, plan.dq_grid),
-    ] {
-        dispatch(ctx, encoder, key, &named, grid)?;
+    let mut passes = vec![
+        (plan.stats, [lq_tiles, hq, batch]),
+        (plan.dkdv, plan.dkdv_grid),
+        (plan.dq, plan.dq_grid),
+    ];
+    passes.extend(plan.dbias);
+    let last = passes.len() - 1;
+    for (n, (key, grid)) in passes.iter().enumerate() {
+        // the first pass's begin and the last pass's end
+        let ts = timestamps.map(|(set, i)| wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: (n == 0).then_some(i),
+            end_of_pass_write_index: (n == last).then_some(i + 1),
+        });
+        let ts = ts.filter(|t| {
+            t.beginning_of_pass_write_index.is_some() || t.end_of_pass_write_index.is_some()
+        });
+        dispatch(ctx, encoder, key, &named, *grid, ts)?;
     }
     Ok(plan)
 }
@@ -179,6 +228,7 @@ struct Bound<'a> {
     dk: BoundRange<'a>,
     dv: BoundRange<'a>,
     bias: Option<BoundRange<'a>>,
+    dbias: Option<BoundRange<'a>>,
     stats: BoundRange<'a>,
     aux: BoundRange<'a>,
 }
@@ -204,6 +254,7 @@ impl<'a> Bound<'a> {
             ("aux", self.aux.resource()),
         ];
         n.extend(self.bias.as_ref().map(|b| ("bias", b.resource())));
+        n.extend(self.dbias.as_ref().map(|b| ("dbias", b.resource())));
         n
     }
 }
@@ -214,6 +265,7 @@ fn dispatch(
     key: &BackwardKey,
     named: &[(&str, wgpu::BindingResource)],
     [x, y, z]: [u32; 3],
+    timestamp_writes: Option<wgpu::ComputePassTimestampWrites>,
 ) -> Result<()> {
     let pipeline = ctx.pipeline(key)?;
     let entries = entries_by_name(key, named)?;
@@ -224,7 +276,7 @@ fn dispatch(
     });
     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("flash backward"),
-        timestamp_writes: None,
+        timestamp_writes,
     });
     pass.set_pipeline(&pipeline);
     pass.set_bind_group(0, &bg, &[]);
@@ -233,12 +285,14 @@ fn dispatch(
 }
 
 /// Picks the specializations and grids; refuses (`Limit`) head dims past 256 and, on drivers
-/// that stop long loops (lavapipe), lengths whose loops would run past the limit.
+/// that stop long loops (lavapipe), lengths whose loops would run past the limit. `dbias`: the
+/// bias's `[batches, heads]` (1 on a broadcast axis) when its gradient is asked for.
 pub fn plan(
     ctx: &GpuContext,
     s: &AttnShape,
     dtype: DType,
     bias: bool,
+    dbias: Option<[usize; 2]>,
 ) -> Result<FlashBackwardPlan> {
     let bucket = |n: usize, what: &str| {
         shader::dim_bucket(n).ok_or_else(|| AttnError::Limit {
@@ -269,6 +323,17 @@ pub fn plan(
             u32_of(s.hq, "Hq")?,
             u32_of(s.batch, "batch")?,
         ],
+        dbias: match dbias {
+            Some([bb, bh]) => Some((
+                key(Pass::DBias),
+                [
+                    u32_of(s.lq.div_ceil(WG as usize), "query tiles")?,
+                    u32_of(bh, "bias heads")?,
+                    u32_of(bb, "bias batches")?,
+                ],
+            )),
+            None => None,
+        },
     };
     // loop trips of one invocation: dK/dV walks every query tile of every head of its group,
     // dQ every key tile
@@ -276,7 +341,11 @@ pub fn plan(
     let tiles = |n: usize, k: &BackwardKey| (n as u64).div_ceil(k.tile_rows() as u64);
     let dkdv = group * (tiles(s.lq, &plan.dkdv) * plan.dkdv.trips_per_tile() + 1);
     let dq = tiles(s.lk, &plan.dq) * plan.dq.trips_per_tile();
-    crate::softmax::check_trips(ctx, dkdv.max(dq), s.lk)?;
+    // dBias: its row zeroed, then dQ's walk for every batch and head it sums over
+    let dbias = dbias.map_or(0, |[bb, bh]| {
+        s.lk as u64 + ((s.batch / bb) * (s.hq / bh)) as u64 * dq
+    });
+    crate::softmax::check_trips(ctx, dkdv.max(dq).max(dbias), s.lk)?;
     Ok(plan)
 }
 
@@ -289,6 +358,7 @@ fn check_backward<'a>(
     out: &'a AttentionOutput,
     dout: &Tensor,
     g: &FlashGrads,
+    opts_bias: Option<&Tensor>,
 ) -> Result<&'a Tensor> {
     let dt = q.dtype();
     if dt == DType::F16 && !ctx.caps.f16 {
@@ -334,6 +404,23 @@ fn check_backward<'a>(
             ));
         }
     }
+    if let Some(db) = &g.dbias {
+        let bias = opts_bias.ok_or_else(|| {
+            AttnError::invalid(
+                "dbias",
+                "a bias in the options to take the gradient of",
+                "no bias",
+            )
+        })?;
+        db.dtype().require("dbias", DType::F32)?;
+        if db.shape() != bias.shape() || !db.is_contiguous() {
+            return Err(AttnError::shape(
+                "dbias",
+                format!("contiguous, the bias's shape {:?}", bias.shape()),
+                format!("shape {:?} strides {:?}", db.shape(), db.strides()),
+            ));
+        }
+    }
     lse.dtype().require("out.lse", DType::F32)?;
     let lse_shape = [s.batch, s.hq, s.lq];
     if lse.shape() != lse_shape {
@@ -351,7 +438,11 @@ fn check_backward<'a>(
         ("out.lse", lse),
         ("dout", dout),
     ];
-    check_no_alias(&inputs, &[("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)])?;
+    let mut outputs = vec![("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)];
+    outputs.extend(g.dbias.as_ref().map(|d| ("dbias", d)));
+    let mut inputs = inputs.to_vec();
+    inputs.extend(opts_bias.map(|b| ("bias", b)));
+    check_no_alias(&inputs, &outputs)?;
     Ok(lse)
 }
 
@@ -404,6 +495,15 @@ fn params(
             c32(lse_st[1])?,
             c32(lse_st[2])?,
         ],
+        dbias: match (&t.dbias, &opts.bias) {
+            (Some(d), Some(b)) => [
+                d.elem_offset,
+                u32_of(b.shape()[0], "bias batches")?,
+                u32_of(b.shape()[1], "bias heads")?,
+                0,
+            ],
+            _ => [0; 4],
+        },
         scale: c.scale,
         softcap: opts.softcap.unwrap_or(0.0),
         win_left: c.win_left,
