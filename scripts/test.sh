@@ -7,8 +7,8 @@
 # Tests run under cargo-nextest (.config/nextest.toml: two at a time, each in its own process, a
 # test killed after 15 minutes, every failure reported).
 #
-# Random cases: WGPU_ATTENTION_CASES=N runs N per family (default 16 flash, neighborhood and
-# decode, 10 linear, 4 sparse; fresh seeds every run, so the option space is covered across
+# Random cases: WGPU_ATTENTION_CASES=N runs N per family (default 12 flash, 16 neighborhood and
+# decode, 6 linear, 4 sparse and 4 backward; fresh seeds every run, so the option space is covered across
 # runs; the linear cases draw the kernels the fixed tests build: benches/RESULTS.md),
 # WGPU_ATTENTION_SEED=S replays the case a failure printed; WGPU_ATTENTION_CASES=500 is the
 # thorough run.

@@ -662,7 +662,7 @@ fn random_linear_case(seed: u64) -> Lin {
 
 #[test]
 fn random_cases() {
-    for_each_case("linear", 10, |seed| {
+    for_each_case("linear", 6, |seed| {
         let c = random_linear_case(seed);
         if c.dtype == DType::F16 && !ctx().caps.f16 {
             return format!("{c:?} (f16 skipped: no SHADER_F16 on this adapter)");
