@@ -4,6 +4,7 @@
 //! JS side (web/main.js): `const attn = await open(); JSON.parse(attn.adapter());
 //! JSON.parse(await attn.run(JSON.stringify(config))); JSON.parse(await attn.selftest())`.
 
+mod backward_case;
 pub mod case;
 pub mod config;
 pub mod decode_case;
@@ -406,6 +407,7 @@ pub async fn selftest(ctx: &GpuContext) -> SelftestReport {
         });
     }
     cases.push(sparse_block_mask_case(ctx).await);
+    cases.push(backward_case::backward_case(ctx).await);
     SelftestReport {
         adapter: adapter_report(ctx),
         passed: !cases.is_empty() && cases.iter().all(|c| c.passed),

@@ -34,8 +34,8 @@ fn selftest_passes_natively() {
     let r = pollster::block_on(super::selftest(&ctx));
     let text = serde_json::to_string_pretty(&r).unwrap();
     assert!(r.passed, "{text}");
-    // the configured cases and the sparse block-mask case
-    assert_eq!(r.cases.len(), super::selftest_cases().len() + 1);
+    // the configured cases, the sparse block-mask case and the backward case
+    assert_eq!(r.cases.len(), super::selftest_cases().len() + 2);
 }
 
 use super::*;
