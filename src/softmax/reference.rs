@@ -184,10 +184,7 @@ pub(crate) fn score_of(
     j: usize,
 ) -> f64 {
     let s = inp.shape;
-    let scale = opts
-        .scale
-        .map(f64::from)
-        .unwrap_or(1.0 / (s.d as f64).sqrt());
+    let scale = scale_of(inp, opts);
     let qlen = opts.q_lens.as_ref().map_or(s.lq, |l| l[b] as usize);
     let kvlen = opts.kv_lens.as_ref().map_or(s.lk, |l| l[b] as usize);
     let mut x = qk_of(inp, b, h, i, j) * scale;
@@ -205,6 +202,13 @@ pub(crate) fn score_of(
         x += bias[((bi * bh + hi) * s.lq + i) * s.lk + j] as f64;
     }
     x
+}
+
+/// The softmax scale: the caller's, else `1 / sqrt(D)`.
+pub(crate) fn scale_of(inp: &RefInputs, opts: &FlashOptions) -> f64 {
+    opts.scale
+        .map(f64::from)
+        .unwrap_or(1.0 / (inp.shape.d as f64).sqrt())
 }
 
 /// `q_i . k_j` of batch `b`, query head `h` (its KV head's key), in f64; checked inputs.

@@ -10,7 +10,7 @@
 //! softcap), and `dBias_ij = dS_ij` summed over the bias's broadcast axes. Query heads that
 //! share a KV head add into its dK and dV. Rows that see no key give zero gradients.
 
-use super::reference::{qk_of, score_of, RefHooks, RefInputs};
+use super::reference::{qk_of, scale_of, score_of, RefHooks, RefInputs};
 use super::FlashOptions;
 use crate::error::{AttnError, Result};
 
@@ -34,11 +34,7 @@ fn score_slope(
     i: usize,
     j: usize,
 ) -> f64 {
-    let s = inp.shape;
-    let scale = opts
-        .scale
-        .map(f64::from)
-        .unwrap_or(1.0 / (s.d as f64).sqrt());
+    let scale = scale_of(inp, opts);
     let Some(c) = opts.softcap else {
         return scale;
     };

@@ -1,13 +1,14 @@
 //! The backward pass of dense attention (FlashAttention-2's): from q, k, v, the forward's O and
-//! LSE, and the upstream gradient dO, the gradients dQ, dK and dV, in three passes
-//! ([`shader`]): `(LSE, Delta)` per query row, dK and dV per key, dQ per query row. P is
+//! LSE, and the upstream gradient dO, the gradients dQ, dK and dV in three passes
+//! ([`shader`]): `(LSE, Delta)` per query row, dK and dV per key, dQ per query row; a fourth
+//! gives dBias when it is asked for. P is
 //! recomputed tile by tile from the LSE, never stored: the extra memory is 8 bytes per query
 //! row and head. Deterministic: each gradient element is summed in a fixed order by one
 //! invocation (no atomics), so the same inputs give the same bits.
 //!
 //! Every option of the forward has its gradient: scale, bottom-right causal, window and sinks,
 //! GQA/MQA (dK and dV summed over the query heads of a group), per-batch lengths, softcap
-//! (through the tanh), ALiBi and an additive bias (its values; no dBias yet). f16 storage
+//! (through the tanh), ALiBi and an additive bias (dBias summed over its broadcast axes). f16 storage
 //! computes in f32. Head dims up to 256. Rows that see no key get zero gradients.
 
 mod generate;
@@ -380,14 +381,7 @@ fn check_backward<'a>(
             return Err(AttnError::shape(what, format!("{shape:?}"), t.shape()));
         }
         t.dtype().require(what, dt)?;
-        if t.strides()[3] != 1 {
-            return Err(AttnError::shape(
-                what,
-                "a contiguous last axis",
-                format!("strides {:?}", t.strides()),
-            ));
-        }
-        Ok(())
+        contiguous_last_axis(what, t)
     };
     let o_shape = [s.batch, s.lq, s.hq, s.dv];
     want("out.out", &out.out, o_shape)?;
@@ -396,13 +390,7 @@ fn check_backward<'a>(
     want("dk", &g.dk, [s.batch, s.lk, s.hkv, s.d])?;
     want("dv", &g.dv, [s.batch, s.lk, s.hkv, s.dv])?;
     for (what, t) in [("q", q), ("k", k), ("v", v)] {
-        if t.strides()[3] != 1 {
-            return Err(AttnError::shape(
-                what,
-                "a contiguous last axis",
-                format!("strides {:?}", t.strides()),
-            ));
-        }
+        contiguous_last_axis(what, t)?;
     }
     if let Some(db) = &g.dbias {
         let bias = opts_bias.ok_or_else(|| {
@@ -444,6 +432,18 @@ fn check_backward<'a>(
     inputs.extend(opts_bias.map(|b| ("bias", b)));
     check_no_alias(&inputs, &outputs)?;
     Ok(lse)
+}
+
+/// The kernels read rows of D (or Dv) consecutive elements.
+fn contiguous_last_axis(what: &str, t: &Tensor) -> Result<()> {
+    if t.strides()[3] != 1 {
+        return Err(AttnError::shape(
+            what,
+            "a contiguous last axis",
+            format!("strides {:?}", t.strides()),
+        ));
+    }
+    Ok(())
 }
 
 /// The uniform block: the checked options and every tensor's offset and strides.

@@ -1,4 +1,5 @@
-//! The backward kernels of dense attention (FlashAttention-2's backward, three passes):
+//! The backward kernels of dense attention (FlashAttention-2's backward, three passes and
+//! dBias's):
 //!
 //! - `Stats`: one invocation per query row writes `(LSE, Delta = dO . O)` of the row.
 //! - `DkDv`: a workgroup owns 64 keys of one KV head; invocation `lid` owns key `j` with its K
@@ -8,6 +9,8 @@
 //!   recomputes `P = exp(s - LSE)` from the forward's LSE: nothing of size L x L is stored.
 //! - `Dq`: a workgroup owns 64 query rows of one head; invocation `lid` owns row `i`, walks the
 //!   visible keys in tiles of `TK` rows of K and V and accumulates dQ.
+//! - `DBias` (with a bias whose gradient is asked for): the `Dq` walk, one invocation per row
+//!   of dBias, summing dS over the batches and heads the bias broadcasts over.
 //!
 //! Each gradient element is written by exactly one invocation, summing in a fixed order: the
 //! results are the same bit for bit from run to run (no atomics). Scores and sums are f32 for
@@ -25,7 +28,7 @@ pub const MAX_DIM: u32 = 256;
 /// Head-dim capacities (multiples of 4; D and Dv each pick the smallest that holds them).
 pub const DIM_BUCKETS: [u32; 7] = [16, 32, 48, 64, 96, 128, 256];
 
-/// Which of the three passes.
+/// Which pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pass {
     Stats,
@@ -70,7 +73,7 @@ impl BackwardKey {
     }
 }
 
-/// The uniform block of the three kernels (`struct Params` in the WGSL).
+/// The uniform block of the backward kernels (`struct Params` in the WGSL).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BackwardParams {
